@@ -1,0 +1,97 @@
+"""TrainSpec: every option of a compilation, validated in one place and recorded in the graph.
+
+The spec is what `fgcompile compile` flags set. It is written (as JSON) into the training graph's
+metadata_props so that `train`, `eval` and `export` need nothing but the compiled output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from fgcompile.errors import SpecError
+
+PERTURBATIONS = ("rademacher", "ternary", "gaussian")
+LOSSES = ("ce", "mse")
+ESTIMATORS = ("sign", "spsa")
+ROUNDINGS = ("nearest", "stochastic")
+# (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
+# lr 128 are a quarter and a half of an int8 step (measured on the shipped digits task).
+GRID_DEFAULTS = {16: (64, 128.0), 8: (1, 1.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """Options of one compilation. Units: eps in weight LSBs; lr in LSBs per unit of ĝ.
+
+    train: regexes on weight names (initializer or site name); empty means use `last`.
+    last: train the N weight sites nearest the output (default 1), each with its bias.
+    lr: learning rate η, stored as the integer numerator round(lr * 2**lr_shift).
+    """
+
+    train: tuple[str, ...] = ()
+    last: int = 1
+    include_bias: bool = True
+    m: int = 4
+    eps: int | None = None   # None: resolved by the training grid (see GRID_DEFAULTS)
+    lr: float | None = None
+    lr_shift: int = 8
+    perturbation: str = "rademacher"
+    density: float = 1.0
+    loss: str = "ce"
+    estimator: str = "sign"
+    spsa_gain: float = 64.0
+    rounding: str = "nearest"
+    bits: int = 16  # 16: widen int8 trainable weights to int16 for training; 8: keep int8
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "train", tuple(self.train))
+        self.validate()
+
+    def resolve(self, grid_bits: int) -> "TrainSpec":
+        """Fill eps/lr left unset with the defaults for a `grid_bits`-wide weight grid."""
+        eps, lr = GRID_DEFAULTS[16 if grid_bits >= 16 else 8]
+        return dataclasses.replace(self, eps=self.eps if self.eps is not None else eps,
+                                   lr=self.lr if self.lr is not None else lr)
+
+    @property
+    def lr_numerator(self) -> int:
+        return int(round(self.lr * (1 << self.lr_shift)))
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise SpecError(msg)
+
+        need(1 <= self.m <= 64, f"--m {self.m}: the number of perturbations must be 1..64.")
+        need(self.last >= 1, f"--last {self.last}: train at least one weight site (use --last 1 or more).")
+        if self.eps is None or self.lr is None:
+            return  # checked again once resolve() fills them
+        need(1 <= self.eps <= 4096, f"--eps {self.eps}: ε is in weight LSBs and must be 1..4096.")
+        need(0 <= self.lr_shift <= 16, f"lr_shift {self.lr_shift}: must be 0..16.")
+        need(math.isfinite(self.lr) and self.lr > 0,
+             f"--lr {self.lr}: the learning rate must be a positive number of LSBs per step.")
+        need(self.lr_numerator >= 1,
+             f"--lr {self.lr}: smaller than the fixed-point resolution 2**-{self.lr_shift}; raise --lr.")
+        need(self.lr_numerator < 2 ** 20,
+             f"--lr {self.lr}: too large for the int32 update (lr * 2**{self.lr_shift} must be < 2**20).")
+        need(self.perturbation in PERTURBATIONS,
+             f"--perturbation {self.perturbation!r}: choose one of {', '.join(PERTURBATIONS)}.")
+        need(0.0 < self.density <= 1.0, f"--density {self.density}: must be in (0, 1].")
+        need(self.density == 1.0 or self.perturbation == "ternary",
+             f"--density {self.density} applies to --perturbation ternary only.")
+        need(self.loss in LOSSES, f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
+        need(self.estimator in ESTIMATORS, f"--estimator {self.estimator!r}: choose {' or '.join(ESTIMATORS)}.")
+        need(self.rounding in ROUNDINGS, f"--rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}.")
+        need(self.bits in (8, 16), f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
+        need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
+        need(0 <= self.seed < 2 ** 63, f"--seed {self.seed}: must be a non-negative 63-bit integer.")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainSpec":
+        data = json.loads(text)
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})

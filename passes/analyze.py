@@ -1,0 +1,147 @@
+"""analyze: find the QDQ weight sites of an inference graph.
+
+A weight site is an integer initializer W feeding a DequantizeLinear whose output feeds a Conv, Gemm or
+MatMul as its weight (input 1). Its bias is the integer initializer that reaches the same node's input 2
+(Conv/Gemm) or, for MatMul, the other input of the single Add that consumes the MatMul's (requantized)
+output, through its own DequantizeLinear.
+
+Precondition: an ONNX graph (gs.Graph) of opset >= 13.
+Postcondition: the graph is unchanged; returns the sites in topological order of their consumers.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+INT_DTYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
+
+
+@dataclasses.dataclass
+class Tensor:
+    """One quantized initializer as the training graph sees it."""
+    name: str            # initializer name (the state input keeps it)
+    dq_node: str         # the DequantizeLinear that reads it
+    dtype: str
+    shape: tuple[int, ...]
+    axis: int | None     # per-channel axis, None when per-tensor
+    scale_name: str
+    zero_point_name: str | None
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+@dataclasses.dataclass
+class WeightSite:
+    name: str            # the consumer node's name
+    op: str              # Conv | Gemm | MatMul
+    weight: Tensor
+    bias: Tensor | None
+    order: int           # position of the consumer in topological order
+
+    @property
+    def params(self) -> int:
+        return self.weight.numel + (self.bias.numel if self.bias else 0)
+
+
+def _dq_initializer(tensor: gs.Tensor) -> tuple[gs.Node, gs.Constant] | None:
+    """(DequantizeLinear node, integer initializer) when `tensor` is DQ(initializer), else None."""
+    if not tensor.inputs:
+        return None
+    dq = tensor.inputs[0]
+    if dq.op != "DequantizeLinear" or not isinstance(dq.inputs[0], gs.Constant):
+        return None
+    if dq.inputs[0].values.dtype.type not in INT_DTYPES:
+        return None
+    return dq, dq.inputs[0]
+
+
+def _describe(dq: gs.Node, w: gs.Constant) -> Tensor:
+    scale = dq.inputs[1]
+    zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+    per_channel = isinstance(scale, gs.Constant) and scale.values.size > 1
+    axis = int(dq.attrs.get("axis", 1)) % max(w.values.ndim, 1) if per_channel else None
+    return Tensor(w.name, dq.name, str(w.values.dtype), tuple(int(d) for d in w.values.shape), axis,
+                  scale.name, zp.name if zp is not None else None)
+
+
+def _matmul_bias(node: gs.Node):
+    """The Add bias after a MatMul, skipping one Q/DQ pair on the way (quantize_static's pattern)."""
+    out = node.outputs[0]
+    for _ in range(2):
+        if len(out.outputs) != 1:
+            return None
+        nxt = out.outputs[0]
+        if nxt.op == "Add":
+            other = [t for t in nxt.inputs if t is not out]
+            return _dq_initializer(other[0]) if len(other) == 1 else None
+        if nxt.op not in ("QuantizeLinear", "DequantizeLinear"):
+            return None
+        out = nxt.outputs[0]
+    return None
+
+
+def find_weight_sites(graph: gs.Graph) -> list[WeightSite]:
+    graph.toposort()
+    sites = []
+    for order, node in enumerate(graph.nodes):
+        if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
+            continue
+        found = _dq_initializer(node.inputs[1])
+        if found is None:
+            continue
+        bias = None
+        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2:
+            bias = _dq_initializer(node.inputs[2])
+        elif node.op == "MatMul":
+            bias = _matmul_bias(node)
+        sites.append(WeightSite(node.name, node.op, _describe(*found),
+                                _describe(*bias) if bias else None, order))
+    return sites
+
+
+def is_quantized(graph: gs.Graph) -> bool:
+    return any(n.op in ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm") for n in graph.nodes)
+
+
+def loss_tap(output: gs.Tensor) -> str:
+    """The tensor the loss reads: the model output, or the float tensor before a trailing
+    QuantizeLinear -> DequantizeLinear on it. An 8-bit grid on the logits hides the loss change of a
+    ±ε·z step (every pair ties), so training reads the last layer's output before requantization."""
+    dq = output.inputs[0] if output.inputs else None
+    if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs:
+        q = dq.inputs[0].inputs[0]
+        if q.op == "QuantizeLinear" and len(dq.inputs[0].outputs) == 1:
+            return q.inputs[0].name
+    return output.name
+
+
+def run(graph: gs.Graph, ctx) -> gs.Graph:
+    """Fill ctx.sites, ctx.data_input and ctx.output, or raise on a graph fgcompile cannot train."""
+    from fgcompile.errors import CompileError, ModelError
+    if not is_quantized(graph):
+        raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "
+                         "inference graphs. Quantize it first, e.g. onnxruntime.quantization."
+                         "quantize_static(..., quant_format=QuantFormat.QDQ).")
+    data = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+    if len(data) != 1:
+        raise CompileError(f"the model has {len(data)} data inputs ({', '.join(t.name for t in data)}); "
+                           "fgcompile trains single-input classifiers.")
+    if not graph.outputs:
+        raise CompileError("the model has no outputs.")
+    ctx.data_input, ctx.output = data[0].name, graph.outputs[0].name
+    out_shape = graph.outputs[0].shape
+    if out_shape is not None and len(out_shape) != 2:
+        raise CompileError(f"output {ctx.output!r} has shape {out_shape}; fgcompile needs class scores "
+                           "shaped [batch, classes] for its loss.")
+    ctx.loss_tap = loss_tap(graph.outputs[0])
+    ctx.sites = find_weight_sites(graph)
+    if not ctx.sites:
+        raise CompileError("no weight sites: no integer initializer reaches a Conv, Gemm or MatMul weight "
+                           "through DequantizeLinear. Export with quantized weights (QDQ, weights as "
+                           "initializers).")
+    return graph

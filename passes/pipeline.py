@@ -1,0 +1,79 @@
+"""The one place that composes the passes from a TrainSpec.
+
+    analyze → select → widen → lift → [eval graph] → prng → pair → loss → estimate → update → finalize
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from fgcompile import __version__
+from fgcompile.errors import CompileError
+from fgcompile.spec import TrainSpec
+from . import analyze, estimate, finalize, lift, loss, pair, prng, select, update, widen
+from .context import Context
+
+TARGET_OPSET = 21
+TRAIN_FORMAT, EVAL_FORMAT = "fgcompile-train/1", "fgcompile-eval/1"
+
+
+@dataclasses.dataclass
+class Compiled:
+    train: onnx.ModelProto
+    eval: onnx.ModelProto
+    state: dict[str, np.ndarray]
+    contract: dict
+    context: Context
+
+
+def _opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Our integer ops (BitwiseXor, int16 DequantizeLinear) need opset 21; convert older models."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version >= TARGET_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as exc:
+        raise CompileError(f"the model is opset {version} and could not be converted to opset "
+                           f"{TARGET_OPSET} ({str(exc).splitlines()[0]}). Re-export it at opset 21.") from None
+
+
+def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
+    graph = gs.import_onnx(_opset(model))
+    ctx = Context(spec)
+    for p in (analyze, select, widen):
+        graph = p.run(graph, ctx)
+    grid = max(np.dtype(t.tensor.dtype).itemsize * 8 for t in ctx.trainables if t.role == "weight") \
+        if any(t.role == "weight" for t in ctx.trainables) else 16
+    ctx.spec = spec = spec.resolve(grid)
+    graph, state = lift.run(graph, ctx)
+    data = graph.tensors()[ctx.data_input]
+    state_in = [ctx.state_in[t.name] for t in ctx.trainables]
+
+    eval_graph = graph.copy()
+    eval_tensors = eval_graph.tensors()
+    eval_contract = {"format": EVAL_FORMAT, "version": __version__, "data": ctx.data_input,
+                     "output": ctx.output, "state": [t.name for t in ctx.trainables]}
+    eval_model = finalize.run(eval_graph, [eval_tensors[ctx.data_input]] + [eval_tensors[t.name] for t in
+                                                                            ctx.trainables],
+                              [eval_tensors[ctx.output]], eval_contract)
+
+    for p in (prng, pair, loss, estimate, update):
+        graph = p.run(graph, ctx)
+    contract = {
+        "format": TRAIN_FORMAT, "version": __version__, "spec": dataclasses.asdict(spec),
+        "inputs": {"data": ctx.data_input, "labels": "labels", "seed": "seed", "lr": "lr"},
+        "outputs": {"loss": "loss", "accuracy": "accuracy", "loss_plus": "loss_plus",
+                    "loss_minus": "loss_minus"},
+        "state": [t.contract() for t in ctx.trainables],
+        "lr": {"shift": spec.lr_shift, "default": spec.lr_numerator, "max": ctx.lr_max},
+        "model_output": ctx.output,
+        "loss_tap": ctx.loss_tap,
+    }
+    inputs = [data, ctx.labels, ctx.seed, ctx.lr] + state_in
+    outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]
+    train_model = finalize.run(graph, inputs, outputs, contract)
+    return Compiled(train_model, eval_model, state, contract, ctx)

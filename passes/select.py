@@ -1,0 +1,73 @@
+"""select: decide which quantized tensors train.
+
+--train REGEX (repeatable) matches site (consumer node), weight or bias names with re.search; a match on
+a site or weight trains the weight and, unless include_bias is off, its bias; a match on a bias name
+alone trains that bias. Without patterns, the `last` sites nearest the output train, with their biases.
+
+Precondition: ctx.sites filled by analyze.
+Postcondition: ctx.trainables lists the tensors in site order (weight before its bias); each is an
+initializer read by exactly one DequantizeLinear. The graph is unchanged.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from fgcompile.errors import CompileError, SpecError
+from .context import Context, Trainable
+
+INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
+             # int32 biases keep headroom so that W ± ε·z·step never wraps in int32
+             "int32": (-(2 ** 30), 2 ** 30)}
+
+
+def _chosen(ctx: Context) -> list[tuple[object, str]]:
+    spec = ctx.spec
+    if not spec.train:
+        return [(s, "weight+bias") for s in ctx.sites[-spec.last:]]
+    chosen = []
+    for site in ctx.sites:
+        hit = lambda name: name is not None and any(re.search(p, name) for p in spec.train)
+        if hit(site.name) or hit(site.weight.name):
+            chosen.append((site, "weight+bias"))
+        elif site.bias is not None and hit(site.bias.name):
+            chosen.append((site, "bias"))
+    if not chosen:
+        names = ", ".join(s.weight.name for s in ctx.sites)
+        raise SpecError(f"--train {' '.join(spec.train)!r} matches no weight site. Sites: {names}. "
+                        "Patterns are Python regexes searched in site, weight and bias names.")
+    return chosen
+
+
+def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    if ctx.spec.last > len(ctx.sites) and not ctx.spec.train:
+        raise SpecError(f"--last {ctx.spec.last}: the model has only {len(ctx.sites)} weight sites.")
+    tensors = {t.name: t for t in graph.tensors().values()}
+    for site, what in _chosen(ctx):
+        parts = []
+        if "weight" in what:
+            parts.append(("weight", site.weight))
+        if site.bias is not None and ("bias" == what or ctx.spec.include_bias):
+            parts.append(("bias", site.bias))
+        for role, tensor in parts:
+            consumers = tensors[tensor.name].outputs
+            if len(consumers) != 1:
+                users = ", ".join(n.name for n in consumers)
+                raise CompileError(f"tensor {tensor.name!r} is shared by {len(consumers)} nodes ({users}); "
+                                   "tied weights cannot train as one state tensor. Untie them in the "
+                                   "exported model or leave this site out of --train.")
+            qmin, qmax = INT_RANGE[tensor.dtype]
+            ctx.trainables.append(Trainable(tensor, role, site.name, qmin, qmax,
+                                            source_dtype=tensor.dtype))
+    return graph
+
+
+def bias_step(graph: gs.Graph, weight_scale: str, bias_scale: str) -> int:
+    """2**k with 2**k ≈ s_w / s_b = 1 / s_in: one step moves the output as one weight LSB on input 1.0."""
+    tensors = graph.tensors()
+    s_w = np.asarray(tensors[weight_scale].values, np.float64)
+    s_b = np.asarray(tensors[bias_scale].values, np.float64)
+    k = int(np.round(np.log2(np.median(s_w / s_b))))
+    return 1 << min(max(k, 0), 12)

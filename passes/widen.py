@@ -1,0 +1,75 @@
+"""widen: train int8 weights at 16-bit resolution (spec.bits == 16).
+
+    W16 = 256 · W8,  s16 = s8 / 256,  zp16 = 0        (so DQ(W16) == DQ(W8) exactly)
+    b' = 256 · b,    s_b' = s_b / 256                  (the site's int32 bias keeps s_b = s_in · s_w)
+
+Dividing a float32 scale by 256 is exact, so the widened graph computes the same function bit for bit.
+The trained range is [-32768, 32639]: every value narrows back to int8 as round(W16 / 256) without
+overflow (export).
+
+Precondition: ctx.trainables from select; graph opset >= 21 (int16 DequantizeLinear).
+Postcondition: each trainable int8 weight with zero point 0 is int16 with the scaled scale; the bias of
+its site is scaled with it; every trainable's qmin/qmax/step describe its new grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from fgcompile.errors import CompileError
+from .context import Context
+from .select import bias_step
+
+FACTOR = 256
+WIDE_RANGE = (-32768, 127 * FACTOR + FACTOR // 2 - 1)
+
+
+def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
+    node.inputs[index] = gs.Constant(name, values)
+
+
+def _scale(graph: gs.Graph, tensor, new_dtype) -> None:
+    """Multiply an initializer by 256 and divide its DQ scale by 256 (new constants; shared ones stay)."""
+    tensors = graph.tensors()
+    dq = next(n for n in graph.nodes if n.name == tensor.dq_node)
+    w = tensors[tensor.name].values.astype(np.int64) * FACTOR
+    info = np.iinfo(new_dtype)
+    if w.min() < info.min or w.max() > info.max:
+        raise CompileError(f"tensor {tensor.name!r}: widening by 256 overflows {np.dtype(new_dtype).name}; "
+                           "train it with --bits 8.")
+    _replace_input(dq, 0, w.astype(new_dtype), tensor.name)
+    scale = np.asarray(tensors[tensor.scale_name].values, np.float32) / np.float32(FACTOR)
+    _replace_input(dq, 1, scale, f"{tensor.scale_name}__w16")
+    if len(dq.inputs) > 2:
+        zp = np.asarray(dq.inputs[2].values).astype(new_dtype)
+        _replace_input(dq, 2, zp, f"{tensor.zero_point_name}__w16")
+    tensor.dtype = np.dtype(new_dtype).name
+    tensor.scale_name = f"{tensor.scale_name}__w16"
+    tensor.zero_point_name = f"{tensor.zero_point_name}__w16" if len(dq.inputs) > 2 else None
+
+
+def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    sites = {s.name: s for s in ctx.sites}
+    for t in ctx.trainables:
+        if ctx.spec.bits != 16 or t.role != "weight" or t.tensor.dtype != "int8":
+            continue
+        if graph.opset < 21:
+            raise CompileError(f"--bits 16 needs int16 DequantizeLinear (opset 21); the model is opset "
+                               f"{graph.opset}. Re-export at opset 21 or compile with --bits 8.")
+        dq = next(n for n in graph.nodes if n.name == t.tensor.dq_node)
+        zp = dq.inputs[2].values if len(dq.inputs) > 2 else np.zeros(1)
+        if np.any(zp != 0):
+            raise CompileError(f"tensor {t.name!r} has a nonzero zero point; only symmetric int8 weights "
+                               "widen to int16. Compile with --bits 8.")
+        site = sites[t.site]
+        _scale(graph, t.tensor, np.int16)
+        t.widened, (t.qmin, t.qmax) = True, WIDE_RANGE
+        if site.bias is not None and site.bias.dtype == "int32":
+            _scale(graph, site.bias, np.int32)
+    widened_sites = {t.site for t in ctx.trainables if t.widened}
+    for t in ctx.trainables:  # biases follow their weight's final scale
+        if t.role == "bias":
+            t.widened = t.site in widened_sites and t.tensor.dtype == "int32"
+            if t.tensor.dtype == "int32":
+                t.step = bias_step(graph, sites[t.site].weight.scale_name, t.tensor.scale_name)
+    return graph

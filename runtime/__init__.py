@@ -1,0 +1,1 @@
+"""fgcompile.runtime: drives compiled graphs on onnxruntime (training loop, state, checkpoints, export)."""
