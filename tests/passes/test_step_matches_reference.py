@@ -1,0 +1,75 @@
+"""The compiled graph, run by onnxruntime, matches the independent numpy reference bit for bit."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import shipped
+from fgcompile.spec import TrainSpec
+from fgcompile.passes.pipeline import compile_graph
+from reference import qzoff
+
+STEPS = 20
+BATCH = 32
+
+
+def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None):
+    source = shipped(model_file)
+    compiled = compile_graph(source, spec)
+    c = qzoff.contract(compiled.train)
+    oracle = qzoff.InferenceOracle(source, c)
+    # the reference widens the source itself: the compiler's initial state must agree
+    for name, value in compiled.state.items():
+        np.testing.assert_array_equal(value, oracle.initial[name])
+        assert value.dtype == oracle.initial[name].dtype
+    sess = ort.InferenceSession(compiled.train.SerializeToString(), qzoff.unfused(),
+                                providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    x, y = data
+    graph_state, ref_state = dict(compiled.state), dict(compiled.state)
+    changed = 0
+    for k in range(steps):
+        idx = np.arange(k * BATCH, (k + 1) * BATCH) % len(y)
+        seed = 1000 + k
+        lr = c["lr"]["default"] if lr_schedule is None else lr_schedule(k)
+        out = dict(zip(names, sess.run(None, {"x": x[idx], "labels": y[idx], "seed": np.array(seed, np.int64),
+                                              "lr": np.array(lr, np.int32), **graph_state})))
+        ref_state, diag = qzoff.step(oracle, c, ref_state, x[idx], y[idx], seed, lr)
+        np.testing.assert_allclose(out["loss_plus"], diag["loss_plus"], rtol=1e-4)
+        for s in c["state"]:
+            new = out[s["output"]]
+            assert new.dtype == ref_state[s["name"]].dtype
+            np.testing.assert_array_equal(new, ref_state[s["name"]], err_msg=f"step {k} tensor {s['name']}")
+            changed += int((new != graph_state[s["name"]]).sum())
+        graph_state = {s["name"]: out[s["output"]] for s in c["state"]}
+    assert changed > 0, "20 steps changed no weight: the comparison would be vacuous"
+    return graph_state
+
+
+@pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx"])
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("perturbation", ["rademacher", "ternary"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_chain_matches_reference(model_file, bits, perturbation, m, target_train):
+    density = 0.25 if perturbation == "ternary" else 1.0
+    run_chain(model_file, TrainSpec(m=m, bits=bits, perturbation=perturbation, density=density), target_train)
+
+
+@pytest.mark.parametrize("options", [
+    dict(rounding="stochastic", lr=0.3),
+    dict(perturbation="gaussian", m=2),
+    dict(estimator="spsa", loss="mse", spsa_gain=4000.0),
+    dict(last=2, m=2),
+    dict(lr_shift=0, lr=3.0),
+])
+def test_options_match_reference(options, target_train):
+    run_chain("digits_cnn/w8a8.onnx", TrainSpec(**options), target_train, steps=8)
+
+
+def test_native_int16_model_matches_reference(target_train):
+    run_chain("digits_cnn/w16a8.onnx", TrainSpec(m=2), target_train, steps=10)
+
+
+def test_lr_input_schedule_matches_reference(target_train):
+    # the lr input changes per step (a schedule), including 0 (no update) and above lr_max (clipped)
+    run_chain("digits_cnn/w8a8.onnx", TrainSpec(m=2), target_train, steps=6,
+              lr_schedule=lambda k: [512, 0, 64, 2 ** 31 - 1, 7, 128][k])

@@ -1,0 +1,153 @@
+"""An independent numpy reference of one QZO-FF step, written from the README's formulas.
+
+It does not import fgcompile's passes. It reads the compiled graph's documented contract (which tensors
+train, their grid, the spec) and evaluates losses by running the *original inference model* in
+onnxruntime with the perturbed integer weights substituted; everything else (hash, perturbation, sign
+estimate, fixed-point update, clipping, widening) is numpy.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+GOLDEN, M1, M2 = 0x9E3779B9, 0x21F0AAAD, 0x735A2D97
+
+
+def mix(x):
+    x = np.asarray(x, dtype=np.uint64) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * M1) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * M2) & 0xFFFFFFFF
+    x ^= x >> 15
+    return x
+
+
+def bits(seed: int, t: int, stream: int, numel: int) -> np.ndarray:
+    salt = mix(((65536 * t + stream + 1) * GOLDEN) % 2 ** 32)
+    key = mix(mix(seed % 2 ** 32) ^ salt)
+    j = np.arange(numel, dtype=np.uint64)
+    return mix((key + j * GOLDEN) % 2 ** 32)
+
+
+def perturbation(v: np.ndarray, kind: str, density: float) -> np.ndarray:
+    v = v.astype(np.int64)
+    if kind == "gaussian":
+        pop = lambda a: np.array([bin(int(k)).count("1") for k in a.ravel()]).reshape(a.shape)
+        return (pop(v & 0xF) - pop((v >> 4) & 0xF)).astype(np.int64)
+    z = 2 * (v >> 31) - 1
+    if kind == "ternary":
+        z = z * ((v & 0x7FFFFFFF) < min(round(density * 2 ** 31), 2 ** 31 - 1))
+    return z
+
+
+def unfused() -> ort.SessionOptions:
+    """Graph optimizations off: the oracle and the compiled graph then run the same float kernels, so a
+    pair whose logits are equal gives d = 0 in both (fusion may otherwise move a tie by one ULP)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+def contract(model: onnx.ModelProto) -> dict:
+    return json.loads({p.key: p.value for p in model.metadata_props}["fgcompile"])
+
+
+class InferenceOracle:
+    """The source model, widened where the contract says so, with trainables fed as inputs and the
+    loss tap as an output. Widening here is the README's formula, independently coded."""
+
+    def __init__(self, source: onnx.ModelProto, c: dict):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        inits = {i.name: i for i in model.graph.initializer}
+        dq_of = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        sites = {s["site"] for s in c["state"] if s["widened"] and s["role"] == "weight"}
+        consumers = {n.name: n for n in model.graph.node}
+        for site in sites:  # widen weight (and the site's int32 bias) by 256, scale / 256
+            node = consumers[site]
+            for k, inp in enumerate(node.input[1:3], start=1):
+                dq = next((n for n in model.graph.node if inp in n.output and n.op_type == "DequantizeLinear"), None)
+                if dq is None:
+                    continue
+                w = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64) * 256
+                dtype = np.int16 if k == 1 else np.int32
+                inits[dq.input[0]].CopyFrom(numpy_helper.from_array(w.astype(dtype), dq.input[0]))
+                s = numpy_helper.to_array(inits[dq.input[1]]) / np.float32(256)
+                new_scale = dq.input[1] + "_ref_w16"
+                model.graph.initializer.append(numpy_helper.from_array(s.astype(np.float32), new_scale))
+                dq.input[1] = new_scale
+                if len(dq.input) > 2:
+                    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(dtype)
+                    new_zp = dq.input[2] + "_ref_w16"
+                    model.graph.initializer.append(numpy_helper.from_array(zp, new_zp))
+                    dq.input[2] = new_zp
+        self.initial = {s["name"]: numpy_helper.to_array(inits[s["name"]]) for s in c["state"]}
+        self.names = [s["name"] for s in c["state"]]
+        self.data = c["inputs"]["data"]
+        for name, value in self.initial.items():  # an initializer that is also an input can be fed
+            model.graph.input.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+        model.graph.output.append(helper.make_tensor_value_info(c["loss_tap"], onnx.TensorProto.FLOAT, None))
+        self.sess = ort.InferenceSession(model.SerializeToString(), unfused(), providers=["CPUExecutionProvider"])
+        self.tap = c["loss_tap"]
+
+    def logits(self, x, weights: dict) -> np.ndarray:
+        return self.sess.run([self.tap], {self.data: x, **weights})[0]
+
+
+def loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.float32:
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    if kind == "ce":
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return np.float32(-logp[np.arange(len(y)), y].mean())
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    onehot = np.eye(logits.shape[1], dtype=np.float32)[y]
+    return np.float32(((p - onehot) ** 2).mean())
+
+
+def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, lr: int) -> tuple[dict, dict]:
+    """One QZO-FF step: returns (new state, diagnostics with the losses and coefficients)."""
+    spec = c["spec"]
+    m, eps, shift = spec["m"], spec["eps"], c["lr"]["shift"]
+    lr = int(np.clip(lr, 0, c["lr"]["max"]))
+    zs = {}
+    for t, s in enumerate(c["state"]):
+        n = int(np.prod(s["shape"])) if s["shape"] else 1
+        zs[s["name"]] = [perturbation(bits(seed, t, i, n), spec["perturbation"], spec["density"])
+                         .reshape(s["shape"]) for i in range(m)]
+    lp, lm = [], []
+    for i in range(m):
+        for sign, out in ((+1, lp), (-1, lm)):
+            w = {s["name"]: np.clip(state[s["name"]].astype(np.int64) + sign * eps * s["step"] * zs[s["name"]][i],
+                                    s["qmin"], s["qmax"]).astype(s["dtype"]) for s in c["state"]}
+            out.append(loss(oracle.logits(x, w), y, spec["loss"]))
+    d = np.array(lp, np.float32) - np.array(lm, np.float32)
+    d = np.where(np.isnan(d), np.float32(0), d)
+    if spec["estimator"] == "sign":
+        coef = np.sign(d).astype(np.int64)
+    else:
+        coef = np.clip(np.round(d * np.float32(spec["spsa_gain"])), -127, 127).astype(np.int64)
+    new = {}
+    for t, s in enumerate(c["state"]):
+        g = sum(coef[i] * zs[s["name"]][i] for i in range(m))
+        tt = lr * g
+        if shift == 0:
+            r = tt
+        else:
+            if spec["rounding"] == "stochastic":
+                n = int(np.prod(s["shape"])) if s["shape"] else 1
+                h = (bits(seed, t, m, n).astype(np.int64) & ((1 << shift) - 1)).reshape(s["shape"])
+            else:
+                h = 1 << (shift - 1)
+            r = np.sign(tt) * ((np.abs(tt) + h) // (1 << shift))
+        if s["step"] > 1:
+            bound = (2 ** 30 - 1) // s["step"]
+            r = np.clip(r, -bound, bound) * s["step"]
+        new[s["name"]] = np.clip(state[s["name"]].astype(np.int64) - r, s["qmin"], s["qmax"]).astype(s["dtype"])
+    return new, {"loss_plus": np.array(lp), "loss_minus": np.array(lm), "coef": coef}
