@@ -1,0 +1,175 @@
+"""The fgcompile command line: parse flags, call the API, print. No logic the API lacks."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from fgcompile import __version__
+from fgcompile.errors import FgcompileError
+from fgcompile.spec import ESTIMATORS, LOSSES, PERTURBATIONS, ROUNDINGS, TrainSpec
+
+
+class Group(click.Group):
+    """Turns FgcompileError into a one-paragraph message and exit status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FgcompileError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__)
+def main():
+    """Compile quantized ONNX inference graphs into forward-gradient training graphs (QZO-FF)."""
+
+
+def spec_options(f):
+    options = [
+        click.option("--train", "train", multiple=True, metavar="REGEX",
+                     help="Train weight sites whose site/weight/bias name matches (repeatable)."),
+        click.option("--last", default=1, show_default=True, help="Train the N weight sites nearest the output."),
+        click.option("--no-bias", is_flag=True, help="Do not train the biases of the chosen sites."),
+        click.option("--m", "m", default=4, show_default=True, help="Perturbations per step (2m forwards)."),
+        click.option("--eps", type=int, default=None, help="Perturbation size ε in LSBs [16-bit grid: 64, 8-bit: 1]."),
+        click.option("--lr", type=float, default=None, help="Learning rate η in LSBs per step [16-bit: 128, 8-bit: 1]."),
+        click.option("--lr-shift", default=8, show_default=True, help="η = lr_input / 2**shift (fixed point)."),
+        click.option("--perturbation", type=click.Choice(PERTURBATIONS), default="rademacher", show_default=True),
+        click.option("--density", default=1.0, show_default=True, help="Nonzero fraction of ternary z."),
+        click.option("--loss", type=click.Choice(LOSSES), default="ce", show_default=True),
+        click.option("--estimator", type=click.Choice(ESTIMATORS), default="sign", show_default=True,
+                     help="sign: Sign-m-SPSA; spsa: quantized m-SPSA."),
+        click.option("--spsa-gain", default=64.0, show_default=True, help="m-SPSA: c = round(gain·ΔL)."),
+        click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True),
+        click.option("--bits", type=click.Choice(["8", "16"]), default="16", show_default=True,
+                     help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
+        click.option("--seed", default=0, show_default=True, help="Base seed of perturbations and data order."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_spec(kw) -> TrainSpec:
+    return TrainSpec(train=kw.pop("train"), last=kw.pop("last"), include_bias=not kw.pop("no_bias"),
+                     m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"), lr_shift=kw.pop("lr_shift"),
+                     perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
+                     estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
+                     bits=int(kw.pop("bits")), seed=kw.pop("seed"))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--m", "m", default=4, show_default=True, help="Perturbations per step, for the memory estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
+def inspect(model, m, as_json):
+    """List the weight sites of a QDQ MODEL and the memory to train each."""
+    import dataclasses
+    from fgcompile.inspect import format_table, inspect_model
+    from fgcompile.modelio import load_model
+    rows = inspect_model(load_model(model), m=m)
+    click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if as_json else format_table(rows))
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
+@spec_options
+def compile_cmd(model, out, **kw):
+    """Compile MODEL into OUT/train.onnx, eval.onnx, state.npz (+ source.onnx)."""
+    import time
+    from fgcompile.compiler import compile_model, write_compiled
+    from fgcompile.modelio import load_model
+    spec = make_spec(kw)
+    t0 = time.perf_counter()
+    source = load_model(model)
+    compiled = compile_model(source, spec)
+    write_compiled(compiled, source, out)
+    c = compiled.contract
+    click.echo(f"compiled {model} -> {out} in {time.perf_counter() - t0:.2f}s")
+    for s in c["state"]:
+        click.echo(f"  trains {s['name']} ({s['role']}, {s['dtype']}{'x'.join(map(str, s['shape']))}"
+                   f"{', widened from ' + s['source_dtype'] if s['widened'] else ''})")
+    sp = c["spec"]
+    click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
+               f"{sp['perturbation']} {sp['estimator']} loss={sp['loss']} on {c['loss_tap']}")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Training .npz (x float32, y int64).")
+@click.option("--val", type=click.Path(), help="Validation .npz, evaluated each epoch.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch", default=32, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.npz.")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--max-bad-steps", type=int, default=None, help="Stop after this many NaN/Inf-loss steps.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(out, data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps, quiet):
+    """Train the compiled folder OUT on DATA; metrics go to OUT/train_log.jsonl."""
+    from fgcompile.runtime.trainer import Trainer
+    trainer = Trainer(out)
+    history = trainer.fit(data, val, epochs=epochs, batch=batch, resume=resume, checkpoint_every=checkpoint_every,
+                          schedule=schedule, max_bad_steps=max_bad_steps, progress=not quiet)
+    for h in history:
+        click.echo(json.dumps(h))
+    click.echo(f"state: {out}/checkpoint.npz (step {trainer.meta['step']}, bad steps {trainer.meta['bad_steps']})")
+
+
+@main.command("eval")
+@click.argument("model_or_out", type=click.Path())
+@click.option("--data", required=True, type=click.Path())
+def eval_cmd(model_or_out, data):
+    """Accuracy and mean cross-entropy of a model file or a compiled folder."""
+    from fgcompile.runtime.evaluate import evaluate
+    r = evaluate(model_or_out, data)
+    click.echo(f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  ({r['samples']} samples)")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Adapted .onnx to write.")
+def export(out, output):
+    """Write the trained weights of OUT into a plain QDQ inference model."""
+    from fgcompile.runtime.export import export_model
+    report = export_model(out, output)
+    for name, r in report.items():
+        detail = (f"narrowed {r['narrowed']}: {r['inexact_fraction']:.1%} rounded, max {r['max_rounding_lsb16']}"
+                  " of 256 LSBs") if r["narrowed"] else "written as trained"
+        click.echo(f"  {name}: {detail}")
+    click.echo(f"exported {output}")
+
+
+@main.command()
+@click.argument("in_dir", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="One compiled folder per model + summary.json.")
+@click.option("--jobs", default=2, show_default=True, help="Parallel processes.")
+@spec_options
+def batch(in_dir, out, jobs, **kw):
+    """Compile every .onnx in IN_DIR; exits 1 if any model failed."""
+    from fgcompile.batch import batch_compile, format_summary
+    rows = batch_compile(in_dir, out, make_spec(kw), jobs=jobs,
+                         on_done=lambda r: click.echo(f"  {r['status']:5s} {r['model']}", err=True))
+    click.echo(format_summary(rows))
+    click.echo(f"summary: {out}/summary.json")
+    if any(r["status"] != "ok" for r in rows):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("-o", "--out", default="fgcompile-demo", show_default=True, type=click.Path())
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def demo(out, epochs, quiet):
+    """The main job on the shipped default model: adapt it to the target domain on-device style."""
+    from fgcompile.demo import run_demo
+    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet)
+
+
+if __name__ == "__main__":
+    main()
