@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fgcompile import __version__
-from fgcompile.errors import CompileError
+from fgcompile.errors import CompileError, ModelError
 from fgcompile.spec import TrainSpec
 from . import analyze, estimate, finalize, lift, loss, pair, prng, select, update, widen
 from .context import Context
@@ -41,7 +41,16 @@ def _opset(model: onnx.ModelProto) -> onnx.ModelProto:
                            f"{TARGET_OPSET} ({str(exc).splitlines()[0]}). Re-export it at opset 21.") from None
 
 
+def _check_source(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelError(f"the input model fails onnx.checker ({str(exc).splitlines()[0]}); fix or re-export "
+                         "it before compiling.") from None
+
+
 def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
+    _check_source(model)
     graph = gs.import_onnx(_opset(model))
     ctx = Context(spec)
     for p in (analyze, select, widen):

@@ -25,7 +25,7 @@ WIDE_RANGE = (-32768, 127 * FACTOR + FACTOR // 2 - 1)
 
 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
-    node.inputs[index] = gs.Constant(name, values)
+    node.inputs[index] = gs.Constant(name, np.asarray(values))  # 0-d arithmetic yields numpy scalars
 
 
 def _scale(graph: gs.Graph, tensor, new_dtype) -> None:

@@ -62,7 +62,7 @@ class InferenceOracle:
     """The source model, widened where the contract says so, with trainables fed as inputs and the
     loss tap as an output. Widening here is the README's formula, independently coded."""
 
-    def __init__(self, source: onnx.ModelProto, c: dict):
+    def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False):
         model = onnx.ModelProto()
         model.CopyFrom(source)
         inits = {i.name: i for i in model.graph.initializer}
@@ -94,7 +94,8 @@ class InferenceOracle:
             model.graph.input.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
         model.graph.output.append(helper.make_tensor_value_info(c["loss_tap"], onnx.TensorProto.FLOAT, None))
-        self.sess = ort.InferenceSession(model.SerializeToString(), unfused(), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions() if optimized else unfused()
+        self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.tap = c["loss_tap"]
 
     def logits(self, x, weights: dict) -> np.ndarray:
