@@ -1,0 +1,62 @@
+"""`fgcompile inspect`: the listing matches the graph; bad files give one clear line and exit 2."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from conftest import MODELS
+from fgcompile.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", ["digits_cnn/w8a8.onnx", "digits_attn/w16a8.onnx"])
+def test_listing_matches_graph(name):
+    model = onnx.load(MODELS / name)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    expected = {}
+    for n in model.graph.node:  # independent of the analyze pass: walk the protos
+        if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in dq and dq[n.input[1]].input[0] in inits:
+            w = inits[dq[n.input[1]].input[0]]
+            expected[dq[n.input[1]].input[0]] = (n.op_type, list(w.shape), str(w.dtype))
+    result = run("inspect", MODELS / name, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {r["weight"]: (r["op"], list(r["shape"]), r["dtype"]) for r in rows} == expected
+    for r in rows:
+        assert r["params"] >= int(np.prod(r["shape"]))
+        assert r["train_bytes"] > r["params"]
+    table = run("inspect", MODELS / name)
+    assert f"{len(expected)} weight sites" in table.output
+
+
+def test_float_model(tmp_path):
+    r = run("inspect", MODELS / "digits_cnn" / "fp32.onnx")
+    assert r.exit_code == 2 and "not quantized" in r.output and "Traceback" not in r.output
+
+
+def test_missing_file(tmp_path):
+    r = run("inspect", tmp_path / "nope.onnx")
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+@pytest.mark.parametrize("content", [b"this is not onnx", b""])
+def test_corrupt_file(tmp_path, content):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    r = run("inspect", p)
+    assert r.exit_code == 2 and ("not a readable ONNX" in r.output or "truncated" in r.output)
+
+
+def test_truncated_file(tmp_path):
+    data = (MODELS / "digits_cnn" / "w8a8.onnx").read_bytes()
+    p = tmp_path / "cut.onnx"
+    p.write_bytes(data[: len(data) // 2])
+    r = run("inspect", p)
+    assert r.exit_code == 2 and "Traceback" not in r.output

@@ -1,0 +1,57 @@
+"""export: the original graph with the trained integer weights, narrowed back where widened."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from conftest import MODELS, shipped
+from fgcompile.cli import main
+from fgcompile.compiler import compile_model, write_compiled
+from fgcompile.runtime.export import export_model, narrow
+from fgcompile.runtime.trainer import Trainer, latest_state
+from fgcompile.spec import TrainSpec
+
+
+def test_narrow_rounds_half_away_and_saturates():
+    v = np.array([0, 127, 128, -128, -129, 383, 384, 32639, -32768, 32767], np.int16)
+    want = [0, 0, 1, -1, -1, 1, 2, 127, -128, 127]
+    assert narrow(v, "int8").tolist() == want
+
+
+def test_exported_model_has_the_same_graph_and_the_trained_accuracy(tmp_path, target_test):
+    source = shipped("digits_cnn/w8a8.onnx")
+    out = tmp_path / "c"
+    write_compiled(compile_model(source, TrainSpec(last=2)), source, out)
+    Trainer(out).fit(MODELS / "data" / "digits_target_train.npz", epochs=4, progress=False)
+    r = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "adapted.onnx")])
+    assert r.exit_code == 0, r.output
+    adapted = onnx.load(tmp_path / "adapted.onnx")
+    assert [(n.op_type, list(n.input), list(n.output)) for n in adapted.graph.node] == \
+           [(n.op_type, list(n.input), list(n.output)) for n in source.graph.node]
+    src = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
+    new = {i.name: numpy_helper.to_array(i) for i in adapted.graph.initializer}
+    assert src.keys() == new.keys()
+    state = latest_state(out)
+    changed = [k for k in src if not np.array_equal(src[k], new[k])]
+    assert set(changed) <= set(state) and changed
+    for k in state:  # every trained tensor was widened (bits 16): the export is its narrowed value
+        assert new[k].dtype == src[k].dtype
+        np.testing.assert_array_equal(new[k], narrow(state[k], str(src[k].dtype)))
+    x, y = target_test
+    acc = (ort.InferenceSession(str(tmp_path / "adapted.onnx")).run(None, {"x": x})[0].argmax(1) == y).mean()
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "adapted.onnx"), "--data",
+                                  str(MODELS / "data" / "digits_target_test.npz")])
+    assert f"accuracy {acc:.4f}" in r.output
+
+
+def test_export_of_int8_training_is_exact(tmp_path):
+    source = shipped("digits_attn/w8a8.onnx")
+    out = tmp_path / "c"
+    write_compiled(compile_model(source, TrainSpec(bits=8)), source, out)
+    Trainer(out).fit(MODELS / "data" / "digits_target_train.npz", epochs=1, progress=False)
+    report = export_model(out, tmp_path / "a.onnx")
+    new = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "a.onnx").graph.initializer}
+    for k, v in latest_state(out).items():
+        assert report[k]["narrowed"] is None
+        np.testing.assert_array_equal(new[k], v)
