@@ -34,7 +34,7 @@ def load_model(path) -> onnx.ModelProto:
                          "ONNX model. Re-export it.")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
-    except (FileNotFoundError, OSError) as exc:
+    except Exception as exc:  # FileNotFoundError, or onnx's ValidationError for a missing/odd file
         raise ModelError(f"{path}: its weights live in external data that is missing ({exc}). Keep the "
                          "external data file beside the model, or save the model with weights inside.") from None
     return model

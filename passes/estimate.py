@@ -1,6 +1,9 @@
 """estimate: the forward-gradient estimate ĝ, in int32.
 
     dᵢ = L⁺ᵢ − L⁻ᵢ                        (NaN → 0: a broken pair contributes nothing)
+    dᵢ = 0 where |dᵢ| <= 2^-19 · max(|L⁺ᵢ|, |L⁻ᵢ|)
+        (a tie: equal logits can still give losses a few ULPs apart, because the runtime reduces each
+        branch at a different memory offset; without the tolerance a tie would move W at random)
     sign (Sign-m-SPSA, default): cᵢ = sign(dᵢ) ∈ {−1, 0, +1}      (a tie dᵢ = 0 gives 0)
     spsa (m-SPSA):                cᵢ = clip(round(gain · dᵢ), −127, 127)
     ĝ = Σᵢ cᵢ · zᵢ
@@ -19,6 +22,7 @@ from .context import Context
 from .graph_ops import Builder
 
 SPSA_CLIP = 127
+TIE_TOLERANCE = 2.0 ** -19
 
 
 def coefficient_bound(spec) -> int:
@@ -30,6 +34,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec = ctx.spec
     d = b.op("Sub", [ctx.loss_plus, ctx.loss_minus], dtype=np.float32, hint="d")
     d = b.op("Where", [b.op("IsNaN", [d], dtype=bool), np.array(0, np.float32), d], dtype=np.float32)
+    scale = b.op("Max", [b.op("Abs", [ctx.loss_plus], dtype=np.float32), b.op("Abs", [ctx.loss_minus], dtype=np.float32)],
+                 dtype=np.float32)
+    tie = b.op("LessOrEqual", [b.op("Abs", [d], dtype=np.float32),
+                               b.op("Mul", [scale, np.array(TIE_TOLERANCE, np.float32)], dtype=np.float32)], dtype=bool)
+    d = b.op("Where", [tie, np.array(0, np.float32), d], dtype=np.float32, hint="d_untied")
     if spec.estimator == "sign":
         c = b.op("Sign", [d], dtype=np.float32)
     else:

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from fgcompile import __version__
 from fgcompile.errors import CompileError, ModelError
@@ -41,12 +42,36 @@ def _opset(model: onnx.ModelProto) -> onnx.ModelProto:
                            f"{TARGET_OPSET} ({str(exc).splitlines()[0]}). Re-export it at opset 21.") from None
 
 
+MIN_OPSET = 13  # per-channel QDQ (DequantizeLinear axis) arrived in opset 13
+
+
 def _check_source(model: onnx.ModelProto) -> None:
+    """Refuse what no pass should see: an opset outside what we and onnxruntime support, an invalid
+    graph, or one onnxruntime cannot load (the compiled graph would fail the same way)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version < MIN_OPSET:
+        raise ModelError(f"the model is opset {version}; QDQ quantization needs opset >= {MIN_OPSET}. "
+                         "Re-export it at opset 21.")
+    if version > onnx.defs.onnx_opset_version():
+        raise ModelError(f"the model is opset {version}, newer than this onnx supports "
+                         f"({onnx.defs.onnx_opset_version()}). Re-export it at opset 21.")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelError(f"the input model fails onnx.checker ({str(exc).splitlines()[0]}); fix or re-export "
                          "it before compiling.") from None
+    try:
+        ort.InferenceSession(model.SerializeToString(), _quiet(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        reason = str(exc).split(" : ")[-1].splitlines()[0][:300]
+        raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model ({reason}). Re-export "
+                         "it at opset 21 with ops onnxruntime supports.") from None
+
+
+def _quiet() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return opts
 
 
 def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
@@ -81,6 +106,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         "lr": {"shift": spec.lr_shift, "default": spec.lr_numerator, "max": ctx.lr_max},
         "model_output": ctx.output,
         "loss_tap": ctx.loss_tap,
+        "tie_tolerance": estimate.TIE_TOLERANCE,
     }
     inputs = [data, ctx.labels, ctx.seed, ctx.lr] + state_in
     outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]

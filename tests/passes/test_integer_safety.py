@@ -1,0 +1,54 @@
+"""Saturating integer arithmetic at the extremes: weights at the ends of their range, the largest ε,
+the widest perturbation, many perturbations and an lr input far above lr_max. The reference computes in
+int64 and clips, so any int32 wrap in the graph shows up as a mismatch."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import qdq_graphs
+from fgcompile.passes.pipeline import compile_graph
+from fgcompile.spec import TrainSpec
+from reference import qzoff
+
+
+def extreme_model(dtype, bits):
+    model = qdq_graphs.dense_chain(7, widths=(5, 6, 4), ops=("Gemm",), dtype=dtype)
+    info = np.iinfo(dtype)
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == dtype and a.ndim == 2:  # weights alternate between the two ends of the range
+            ends = np.where(np.indices(a.shape).sum(0) % 2 == 0, info.max, info.min).astype(dtype)
+            init.CopyFrom(numpy_helper.from_array(ends, init.name))
+        if a.dtype == np.int32 and a.ndim == 1:  # biases near the trainable int32 range (after widening)
+            top = 2 ** 30 // (256 if bits == 16 and dtype == np.int8 else 1) - 5
+            signs = np.where(np.arange(len(a)) % 2 == 0, 1, -1)
+            init.CopyFrom(numpy_helper.from_array((signs * top).astype(np.int32), init.name))
+    return model
+
+
+@pytest.mark.parametrize("dtype,bits", [(np.int8, 8), (np.int8, 16), (np.int16, 16)])
+@pytest.mark.parametrize("options", [
+    dict(m=64, perturbation="gaussian", eps=4096, estimator="spsa", spsa_gain=60000.0, lr=3.0),
+    dict(m=64, perturbation="rademacher", eps=4096, lr=2000.0, lr_shift=0),
+    dict(m=5, perturbation="gaussian", eps=4096, lr=8.0, rounding="stochastic", lr_shift=16),
+])
+def test_extremes_saturate_like_int64_reference(dtype, bits, options):
+    model = extreme_model(dtype, bits)
+    compiled = compile_graph(model, TrainSpec(last=2, bits=bits, **options))
+    c = qzoff.contract(compiled.train)
+    oracle = qzoff.InferenceOracle(model, c)
+    sess = ort.InferenceSession(compiled.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (8, 5)).astype(np.float32), rng.integers(0, 4, 8)
+    state = compiled.state
+    for k, lr in enumerate([2 ** 31 - 1, c["lr"]["max"], 1]):
+        out = dict(zip(names, sess.run(None, {"x": x, "labels": y, "seed": np.array(k, np.int64),
+                                              "lr": np.array(lr, np.int32), **state})))
+        want, _ = qzoff.step(oracle, c, state, x, y, k, lr)
+        for s in c["state"]:
+            np.testing.assert_array_equal(out[s["output"]], want[s["name"]])
+            assert out[s["output"]].min() >= s["qmin"] and out[s["output"]].max() <= s["qmax"]
+        state = {s["name"]: out[s["output"]] for s in c["state"]}
+    assert any((state[k] != compiled.state[k]).any() for k in state)

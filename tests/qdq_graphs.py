@@ -1,0 +1,109 @@
+"""Small hand-built QDQ graphs for tests: random chains of Conv/Gemm/MatMul(+Add bias)/Relu.
+
+Each layer: W (int8 or int16, per-tensor or per-channel, zero point 0) -> DequantizeLinear -> op, then
+the activation goes through QuantizeLinear -> DequantizeLinear (uint8), as quantize_static emits it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Chain:
+    def __init__(self, rng: np.random.Generator):
+        self.rng, self.nodes, self.inits, self.k = rng, [], [], 0
+
+    def name(self, hint):
+        self.k += 1
+        return f"{hint}{self.k}"
+
+    def init(self, name, array):
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def qdq(self, x, scale):
+        s, zp = self.init(self.name("as"), np.float32(scale)), self.init(self.name("azp"), np.uint8(0))
+        q = self.name("q")
+        self.nodes.append(helper.make_node("QuantizeLinear", [x, s, zp], [q], name=q))
+        d = self.name("d")
+        self.nodes.append(helper.make_node("DequantizeLinear", [q, s, zp], [d], name=d))
+        return d
+
+    def weight(self, shape, dtype, per_channel, axis):
+        info = np.iinfo(dtype)
+        lim = min(info.max, 100 if dtype == np.int8 else 20000)
+        w = self.rng.integers(-lim, lim + 1, size=shape).astype(dtype)
+        n = shape[axis] if per_channel else 1
+        fan_in = int(np.prod(shape)) // shape[axis]
+        scale = (self.rng.uniform(0.5, 1.5, n) / (lim * np.sqrt(fan_in))).astype(np.float32)
+        wn = self.name("W")
+        self.init(wn, w)
+        s = self.init(self.name("ws"), scale if per_channel else scale[0])
+        zp = self.init(self.name("wzp"), np.zeros(n, dtype) if per_channel else dtype(0))
+        out = self.name("wd")
+        attrs = {"axis": axis} if per_channel else {}
+        self.nodes.append(helper.make_node("DequantizeLinear", [wn, s, zp], [out], name=self.name("dqw"), **attrs))
+        return out, scale
+
+    def bias(self, n, in_scale, w_scale):
+        b = self.rng.integers(-200, 200, size=n).astype(np.int32)
+        bs = (np.float32(in_scale) * np.broadcast_to(w_scale, (n,))).astype(np.float32)
+        bn = self.name("B")
+        self.init(bn, b)
+        out = self.name("bd")
+        self.nodes.append(helper.make_node("DequantizeLinear", [bn, self.init(self.name("bs"), bs),
+                                                                self.init(self.name("bzp"), np.zeros(n, np.int32))],
+                                           [out], name=self.name("dqb"), axis=0))
+        return out
+
+    def op(self, op_type, inputs, **attrs):
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def dense_chain(seed: int, widths=(6, 8, 5), ops=("Gemm", "MatMul"), dtype=np.int8, per_channel=True,
+                relu=True, batch="batch") -> onnx.ModelProto:
+    """x [B, widths[0]] -> (Gemm | MatMul+Add) per layer -> logits [B, widths[-1]]."""
+    c = Chain(np.random.default_rng(seed))
+    h = c.qdq("x", 1 / 64)
+    act = 1 / 64
+    for i, (fin, fout) in enumerate(zip(widths[:-1], widths[1:])):
+        op = ops[i % len(ops)]
+        last = i == len(widths) - 2
+        if op == "Gemm":
+            w, ws = c.weight((fout, fin), dtype, per_channel, 0)
+            h = c.op("Gemm", [h, w, c.bias(fout, act, ws)], transB=1)
+        else:
+            w, ws = c.weight((fin, fout), dtype, per_channel, 1)
+            h = c.op("Add", [c.op("MatMul", [h, w]), c.bias(fout, act, ws)])
+        if relu and not last:
+            h = c.op("Relu", [h])
+        h = c.qdq(h, 1 / 16)
+        act = 1 / 16
+    return _model(c, "x", [batch, widths[0]], h, [batch, widths[-1]])
+
+
+def conv_chain(seed: int, channels=(1, 4, 3), hw=5, classes=4, dtype=np.int8, per_channel=True) -> onnx.ModelProto:
+    """x [B, C, H, W] -> (Conv 3x3 same + Relu)* -> Flatten -> Gemm -> logits [B, classes]."""
+    c = Chain(np.random.default_rng(seed))
+    h = c.qdq("x", 1 / 64)
+    act = 1 / 64
+    for cin, cout in zip(channels[:-1], channels[1:]):
+        w, ws = c.weight((cout, cin, 3, 3), dtype, per_channel, 0)
+        h = c.qdq(c.op("Relu", [c.op("Conv", [h, w, c.bias(cout, act, ws)], pads=[1, 1, 1, 1])]), 1 / 16)
+        act = 1 / 16
+    h = c.qdq(c.op("Flatten", [h], axis=1), 1 / 16)
+    w, ws = c.weight((classes, channels[-1] * hw * hw), dtype, per_channel, 0)
+    h = c.qdq(c.op("Gemm", [h, w, c.bias(classes, act, ws)], transB=1), 1 / 16)
+    return _model(c, "x", ["batch", channels[0], hw, hw], h, ["batch", classes])
+
+
+def _model(c: Chain, x, x_shape, out, out_shape) -> onnx.ModelProto:
+    g = helper.make_graph(c.nodes, "chain", [helper.make_tensor_value_info(x, TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], c.inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], producer_name="fgcompile-tests")
+    m.ir_version = 10
+    onnx.checker.check_model(m, full_check=True)
+    return m
