@@ -30,8 +30,8 @@ def load_model(path) -> onnx.ModelProto:
         raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc}). "
                          "The file is truncated, corrupt or not ONNX; re-export it.") from None
     if not model.graph.node:
-        raise ModelError(f"{path}: parsed as ONNX but has no nodes; the file is truncated or not an "
-                         "ONNX model. Re-export it.")
+        raise ModelError(f"{path}: not a readable ONNX model (it parses but holds no nodes). The file is "
+                         "truncated, corrupt or not ONNX; re-export it.")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:  # FileNotFoundError, or onnx's ValidationError for a missing/odd file

@@ -81,9 +81,10 @@ class Trainer:
         x, y = self.load_data(data) if not isinstance(data, tuple) else data
         xv, yv = (self.load_data(val) if not isinstance(val, tuple) else val) if val is not None else (None, None)
         fixed_batch = self.data_shape[0] if isinstance(self.data_shape[0], int) else None
-        batch = min(batch, len(y)) if fixed_batch is None else fixed_batch
-        if len(y) < batch:
-            raise DataError(f"the model's batch is fixed at {batch} but the data holds {len(y)} samples.")
+        if fixed_batch is not None and batch != fixed_batch:
+            raise DataError(f"--batch {batch}: the model's batch dimension is fixed at {fixed_batch}. Pass "
+                            f"--batch {fixed_batch}, or re-export the model with a dynamic batch axis.")
+        batch = min(batch, len(y))
         per_epoch = len(y) // batch
         total = epochs * per_epoch
         if resume and (self.out / CHECKPOINT).exists():

@@ -107,3 +107,37 @@ def _model(c: Chain, x, x_shape, out, out_shape) -> onnx.ModelProto:
     m.ir_version = 10
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def qdq_model(consumer="Gemm", extra_after=None, tie=False, float_residual=False):
+    """x -> Q/DQ -> consumer(DQ(W)) [-> extra_after] -> y; float_residual adds sum(x) to y unquantized,
+    a float path by which a NaN input reaches the loss."""
+    w = numpy_helper.from_array(np.arange(12, dtype=np.int8).reshape(4, 3) - 6, "W")
+    inits = [w, numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0, np.uint8), "xzp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xzp"], ["xq"], name="qx"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["W", "s", "zp"], ["Wd"], name="dqw")]
+    if consumer == "Gemm":
+        nodes.append(helper.make_node("Gemm", ["xd", "Wd"], ["h"], name="gemm", transB=1))
+    else:
+        nodes.append(helper.make_node(consumer, ["xd", "Wd"], ["h"], name="mm"))
+    out = "h"
+    if tie:
+        nodes.append(helper.make_node("DequantizeLinear", ["W", "s", "zp"], ["Wd2"], name="dqw2"))
+        nodes.append(helper.make_node("Gemm", ["h", "Wd2"], ["h2"], name="gemm2", transA=1))
+        out = "h2"
+    if extra_after:
+        nodes.append(helper.make_node(extra_after, [out], ["y"], name="bad_node"))
+        out = "y"
+    if float_residual:
+        nodes.append(helper.make_node("ReduceSum", ["x"], ["xs_sum"], name="xsum", keepdims=1))
+        nodes.append(helper.make_node("Add", [out, "xs_sum"], ["yr"], name="residual"))
+        out = "yr"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m

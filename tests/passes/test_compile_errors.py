@@ -1,10 +1,10 @@
 """Graphs the compiler cannot train give a clear error naming the node or tensor and the fix."""
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from conftest import MODELS, shipped
+from qdq_graphs import qdq_model
 from fgcompile.errors import CompileError, ModelError, SpecError
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.spec import TrainSpec
@@ -13,35 +13,6 @@ from fgcompile.spec import TrainSpec
 def test_float_model():
     with pytest.raises(ModelError, match="not quantized.*quantize_static"):
         compile_graph(onnx.load(MODELS / "digits_cnn" / "fp32.onnx"), TrainSpec())
-
-
-def qdq_model(consumer="Gemm", extra_after=None, tie=False):
-    """x -> Q/DQ -> consumer(DQ(W)) [-> extra_after] -> y"""
-    w = numpy_helper.from_array(np.arange(12, dtype=np.int8).reshape(4, 3) - 6, "W")
-    inits = [w, numpy_helper.from_array(np.array(0.1, np.float32), "s"),
-             numpy_helper.from_array(np.array(0, np.int8), "zp"),
-             numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
-             numpy_helper.from_array(np.array(0, np.uint8), "xzp")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xzp"], ["xq"], name="qx"),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xd"], name="dqx"),
-             helper.make_node("DequantizeLinear", ["W", "s", "zp"], ["Wd"], name="dqw")]
-    if consumer == "Gemm":
-        nodes.append(helper.make_node("Gemm", ["xd", "Wd"], ["h"], name="gemm", transB=1))
-    else:
-        nodes.append(helper.make_node(consumer, ["xd", "Wd"], ["h"], name="mm"))
-    out = "h"
-    if tie:
-        nodes.append(helper.make_node("DequantizeLinear", ["W", "s", "zp"], ["Wd2"], name="dqw2"))
-        nodes.append(helper.make_node("Gemm", ["h", "Wd2"], ["h2"], name="gemm2", transA=1))
-        out = "h2"
-    if extra_after:
-        nodes.append(helper.make_node(extra_after, [out], ["y"], name="bad_node"))
-        out = "y"
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])],
-                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", 4])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    m.ir_version = 10
-    return m
 
 
 def test_invalid_input_model_is_reported_as_such():

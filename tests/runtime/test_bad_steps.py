@@ -1,0 +1,49 @@
+"""A NaN or Inf loss never reaches the state: the graph gives c = 0, the trainer skips and counts.
+
+(In a QDQ model the input QuantizeLinear absorbs a NaN input, so these tests use a model with a float
+path from the input to the logits.)"""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fgcompile.compiler import compile_model, write_compiled
+from fgcompile.errors import FgcompileError
+from fgcompile.runtime.trainer import Trainer, latest_state
+from fgcompile.spec import TrainSpec
+from qdq_graphs import qdq_model
+
+RNG = np.random.default_rng(0)
+X, Y = RNG.uniform(0, 1, (64, 3)).astype(np.float32), RNG.integers(0, 4, 64)
+
+
+def test_graph_leaves_state_unchanged_on_nan():
+    compiled = compile_model(qdq_model(float_residual=True), TrainSpec(m=3))
+    sess = ort.InferenceSession(compiled.train.SerializeToString())
+    names = [o.name for o in sess.get_outputs()]
+    x = X[:16].copy()
+    x[3] = np.nan
+    out = dict(zip(names, sess.run(None, {"x": x, "labels": Y[:16], "seed": np.array(1, np.int64),
+                                          "lr": np.array(10000, np.int32), **compiled.state})))
+    assert np.isnan(out["loss"])
+    for s in compiled.contract["state"]:
+        np.testing.assert_array_equal(out[s["output"]], compiled.state[s["name"]])
+    out = dict(zip(names, sess.run(None, {"x": X[:16], "labels": Y[:16], "seed": np.array(1, np.int64),
+                                          "lr": np.array(10000, np.int32), **compiled.state})))
+    assert any((out[s["output"]] != compiled.state[s["name"]]).any() for s in compiled.contract["state"])
+
+
+def test_trainer_skips_and_counts_bad_steps(tmp_path):
+    source = qdq_model(float_residual=True)
+    compiled = compile_model(source, TrainSpec())
+    write_compiled(compiled, source, tmp_path / "o")
+    x = X.copy()
+    x[:32] = np.inf  # batch 64 = all the data: every step sees the bad samples
+    t = Trainer(tmp_path / "o")
+    t.fit((x, Y), epochs=3, batch=64, progress=False)
+    assert t.meta["bad_steps"] == 3
+    for k, v in latest_state(tmp_path / "o").items():
+        np.testing.assert_array_equal(v, compiled.state[k])
+    t2 = Trainer(tmp_path / "o")
+    with pytest.raises(FgcompileError, match="--max-bad-steps 1"):
+        t2.fit((x, Y), epochs=5, batch=64, progress=False, max_bad_steps=1)
+    assert t2.meta["bad_steps"] == 2
