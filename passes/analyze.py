@@ -120,6 +120,15 @@ def loss_tap(output: gs.Tensor) -> str:
     return output.name
 
 
+def bias_step(graph: gs.Graph, weight_scale: str, bias_scale: str) -> int:
+    """2**k with 2**k ≈ s_w / s_b = 1 / s_in: one step moves the output as one weight LSB on input 1.0."""
+    tensors = graph.tensors()
+    s_w = np.asarray(tensors[weight_scale].values, np.float64)
+    s_b = np.asarray(tensors[bias_scale].values, np.float64)
+    k = int(np.round(np.log2(np.median(s_w / s_b))))
+    return 1 << min(max(k, 0), 12)
+
+
 def run(graph: gs.Graph, ctx) -> gs.Graph:
     """Fill ctx.sites, ctx.data_input and ctx.output, or raise on a graph fgcompile cannot train."""
     from fgcompile.errors import CompileError, ModelError

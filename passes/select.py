@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError, SpecError
@@ -63,11 +62,3 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                                             source_dtype=tensor.dtype))
     return graph
 
-
-def bias_step(graph: gs.Graph, weight_scale: str, bias_scale: str) -> int:
-    """2**k with 2**k ≈ s_w / s_b = 1 / s_in: one step moves the output as one weight LSB on input 1.0."""
-    tensors = graph.tensors()
-    s_w = np.asarray(tensors[weight_scale].values, np.float64)
-    s_b = np.asarray(tensors[bias_scale].values, np.float64)
-    k = int(np.round(np.log2(np.median(s_w / s_b))))
-    return 1 << min(max(k, 0), 12)

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
 from .context import Context
-from .select import bias_step
+from .analyze import bias_step
 
 FACTOR = 256
 WIDE_RANGE = (-32768, 127 * FACTOR + FACTOR // 2 - 1)

@@ -6,6 +6,8 @@ dtypes as the input model. The report says how much rounding moved each tensor.
 """
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -27,7 +29,6 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def export_model(out_dir, path) -> dict:
-    import pathlib
     out = pathlib.Path(out_dir)
     if not (out / TRAIN).is_file() or not (out / SOURCE).is_file():
         raise ModelError(f"{out}: not a compiled folder (needs {TRAIN} and {SOURCE}). Run `fgcompile compile` first.")
