@@ -92,7 +92,7 @@ def compile_cmd(model, out, **kw):
     c = compiled.contract
     click.echo(f"compiled {model} -> {out} in {time.perf_counter() - t0:.2f}s")
     for s in c["state"]:
-        click.echo(f"  trains {s['name']} ({s['role']}, {s['dtype']}{'x'.join(map(str, s['shape']))}"
+        click.echo(f"  trains {s['name']} ({s['role']}, {s['dtype']} {'x'.join(map(str, s['shape']))}"
                    f"{', widened from ' + s['source_dtype'] if s['widened'] else ''})")
     sp = c["spec"]
     click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
