@@ -12,6 +12,11 @@ NP_DTYPE = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.
             "int32": np.int32, "uint32": np.uint32, "int64": np.int64, "float32": np.float32, "bool": bool}
 
 
+def onnx_dtype(np_dtype) -> int:
+    from onnx import helper
+    return helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
+
+
 class Builder:
     """Adds nodes to `graph` with unique names under `prefix`."""
 
@@ -34,9 +39,7 @@ class Builder:
         return outs[0] if outputs == 1 else outs
 
     def cast(self, x, np_dtype, hint="cast"):
-        from onnx import helper
-        to = helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
-        return self.op("Cast", [x], {"to": to}, dtype=np.dtype(np_dtype), hint=hint)
+        return self.op("Cast", [x], {"to": onnx_dtype(np_dtype)}, dtype=np.dtype(np_dtype), hint=hint)
 
     def clip_int32(self, x, lo: int, hi: int, hint="clip"):
         """Saturate an int32 tensor to [lo, hi] (int16 has no Clip in onnxruntime; int32 does)."""

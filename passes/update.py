@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from fgcompile.errors import SpecError
 from .context import Context
 from .estimate import coefficient_bound
-from .graph_ops import Builder
+from .graph_ops import Builder, onnx_dtype
 
 Z_MAX = {"rademacher": 1, "ternary": 1, "gaussian": 4}
 
@@ -55,11 +55,6 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         w32 = b.cast(ctx.state_in[tr.name], np.int32)
         new = b.clip_int32(b.op("Sub", [w32, r], dtype=np.int32), tr.qmin, tr.qmax)
         out = gs.Variable(tr.output_name, dtype=np.dtype(tr.tensor.dtype), shape=list(tr.tensor.shape))
-        graph.nodes.append(gs.Node("Cast", b.name("next"), {"to": _onnx_type(tr.tensor.dtype)}, [new], [out]))
+        graph.nodes.append(gs.Node("Cast", b.name("next"), {"to": onnx_dtype(tr.tensor.dtype)}, [new], [out]))
         ctx.state_out[tr.name] = out
     return graph
-
-
-def _onnx_type(dtype: str) -> int:
-    from onnx import helper
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
-
 from fgcompile import modelio
 from fgcompile.compiler import EVAL
 from fgcompile.errors import ModelError
 from .data import load_data
 from .session import class_count, make_session
-from .trainer import cross_entropy, latest_state
+from .metrics import score
+from .trainer import latest_state
 
 
 def evaluate(model_or_out, data, batch: int = 512) -> dict:
@@ -28,6 +27,4 @@ def evaluate(model_or_out, data, batch: int = 512) -> dict:
         state = {}
     data_input = sess.get_inputs()[0]
     x, y = data if isinstance(data, tuple) else load_data(data, data_input.shape, class_count(sess))
-    logits = np.concatenate([sess.run(None, {data_input.name: x[i:i + batch], **state})[0]
-                             for i in range(0, len(x), batch)])
-    return {"accuracy": float((logits.argmax(1) == y).mean()), "loss": cross_entropy(logits, y), "samples": len(y)}
+    return score(sess, data_input.name, x, y, state, batch)

@@ -22,15 +22,10 @@ from fgcompile.errors import DataError, FgcompileError, ModelError
 from fgcompile.spec import TrainSpec
 from . import checkpoint
 from .data import load_data
+from .metrics import score
 from .session import class_count, input_shape, make_session
 
 LOG = "train_log.jsonl"
-
-
-def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
 
 
 class Trainer:
@@ -58,9 +53,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
-        logits = np.concatenate([self.eval_sess.run(None, {self.io["data"]: x[i:i + batch], **self.state})[0]
-                                 for i in range(0, len(x), batch)])
-        return {"accuracy": float((logits.argmax(1) == y).mean()), "loss": cross_entropy(logits, y)}
+        return score(self.eval_sess, self.io["data"], x, y, self.state, batch)
 
     # ----------------------------------------------------------------------------------------- train
     def lr_at(self, step: int, total: int, schedule: str) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 
 from conftest import MODELS, shipped
 from fgcompile.compiler import compile_model, write_compiled
+from fgcompile.runtime import checkpoint
 from fgcompile.runtime.trainer import Trainer, latest_state
 from fgcompile.spec import TrainSpec
 
@@ -39,7 +40,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     mid = Trainer(killed)
-    mid_state, mid_meta = __import__("fgcompile.runtime.checkpoint", fromlist=["load"]).load(killed / "checkpoint.npz")
+    mid_state, mid_meta = checkpoint.load(killed / "checkpoint.npz")
     assert mid_meta["step"] == 14
     assert any((mid_state[k] != want[k]).any() for k in want), "the kill must land before the end"
     assert not [p for p in os.listdir(killed) if p.endswith(".tmp")], "no temp files left behind"
