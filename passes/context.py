@@ -58,7 +58,9 @@ class Context:
     labels: gs.Variable | None = None
     z: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)          # int32 [m, *shape]
     round_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape]
-    branch_logits: list[gs.Tensor] = dataclasses.field(default_factory=list)  # +0..+(m-1), -0..-(m-1)
+    w32: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)        # int32 view of state_in
+    branch_logits: gs.Tensor | None = None  # float [2m, B, C]: branches +0..+(m-1), -0..-(m-1)
+    stacked: bool = False                   # suffix run once on a branch axis (else cloned per branch)
     loss_plus: gs.Tensor | None = None
     loss_minus: gs.Tensor | None = None
     extra_outputs: list[gs.Tensor] = dataclasses.field(default_factory=list)  # loss, accuracy

@@ -2,11 +2,11 @@
 
     ce:  L = mean_b( −log_softmax(logits_b)[y_b] )
     mse: L = mean_{b,c}( (softmax(logits_b)_c − onehot(y_b)_c)² )      (Brier score)
-All 2m branches are stacked to [2m, B, C] and reduced at once; loss_plus = L[0:m], loss_minus = L[m:2m].
+All 2m branches arrive stacked as [2m, B, C] and are reduced at once; loss_plus = L[0:m], loss_minus = L[m:2m].
 Also reports loss (mean of all branch losses) and accuracy (mean of all branches' top-1 hits): cheap
 training metrics of the weights around W.
 
-Precondition: ctx.branch_logits from pair, each float [B, C].
+Precondition: ctx.branch_logits from pair, float [2m, B, C].
 Postcondition: inputs `labels` (int64 [B]); ctx.loss_plus, ctx.loss_minus float [m]; ctx.extra_outputs
 holds `loss` and `accuracy` (float scalars).
 """
@@ -26,8 +26,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     m = ctx.spec.m
     ctx.labels = gs.Variable("labels", dtype=np.int64, shape=["batch"])
     graph.inputs.append(ctx.labels)
-    logits = b.op("Concat", [b.op("Unsqueeze", [t, i64(0)], dtype=np.float32) for t in ctx.branch_logits],
-                  {"axis": 0}, dtype=np.float32, hint="logits_all")
+    logits = ctx.branch_logits
     if ctx.spec.loss == "ce":
         logp = b.op("LogSoftmax", [logits], {"axis": -1}, dtype=np.float32)
         idx = b.op("Unsqueeze", [ctx.labels, i64(0, 2)], dtype=np.int64)

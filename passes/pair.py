@@ -1,14 +1,17 @@
 """pair: the 2m perturbed forward passes, sharing every node upstream of the trained tensors.
 
-    W±ᵢ = clip(W ± ε·step·zᵢ, qmin, qmax)      computed in int32, cast back to W's dtype
+    W± = clip(W ± ε·step·zᵢ, qmin, qmax)   int32, cast back to W's dtype; one [2m, *shape] tensor with
+                                            branches +0, …, +(m−1), −0, …, −(m−1)
 
-The nodes that depend on a trained tensor (the trained suffix) are cloned once per branch, in the order
-+0, …, +(m−1), −0, …, −(m−1); the frozen prefix stays single. The unperturbed suffix is removed: a
-training step never needs it (the eval graph has it).
+The nodes that depend on a trained tensor (the trained suffix) run on all 2m branches at once, with the
+branches on a leading axis (passes/stack.py). Where some suffix op cannot carry that axis, the suffix is
+cloned once per branch instead and the branch outputs are stacked. The frozen prefix stays single. The
+unperturbed suffix is removed: a training step never needs it (the eval graph has it).
 
 Precondition: ctx.z from prng; the model output depends on every trained tensor; no node of the
 suffix holds a subgraph or draws random numbers.
-Postcondition: ctx.branch_logits holds the 2m branch outputs; the original suffix is gone.
+Postcondition: ctx.branch_logits is float [2m, *loss_tap shape]; ctx.w32[name] is the int32 view of
+each state input (update reuses it); ctx.stacked says which form was built; the original suffix is gone.
 """
 from __future__ import annotations
 
@@ -18,17 +21,35 @@ import onnx_graphsurgeon as gs
 from fgcompile.errors import CompileError
 from .context import Context
 from .graph_ops import Builder, clone_nodes, downstream_nodes
+from .stack import stack_suffix
 
 UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 
 
-def _perturbed(b: Builder, ctx: Context, tr, sign: int):
-    """[m, *shape] weights W + sign·ε·step·z, saturated to the trainable range."""
-    w32 = b.cast(ctx.state_in[tr.name], np.int32)
-    delta = b.op("Mul", [ctx.z[tr.name], np.array(ctx.spec.eps * tr.step, np.int32)], dtype=np.int32)
-    moved = b.op("Add" if sign > 0 else "Sub", [w32, delta], dtype=np.int32)
-    return b.cast(b.clip_int32(moved, tr.qmin, tr.qmax), np.dtype(tr.tensor.dtype))
+def _perturbed(b: Builder, ctx: Context, tr):
+    """[2m, *shape] weights W ± ε·step·z, saturated to the trainable range."""
+    rank = len(tr.tensor.shape)
+    ctx.w32[tr.name] = w32 = b.cast(ctx.state_in[tr.name], np.int32)
+    signed = np.array([1, -1], np.int32).reshape([2] + [1] * (rank + 1)) * np.int32(ctx.spec.eps * tr.step)
+    moved = b.op("Add", [w32, b.op("Mul", [ctx.z[tr.name], signed], dtype=np.int32)], dtype=np.int32)
+    both = b.op("Reshape", [b.clip_int32(moved, tr.qmin, tr.qmax), np.array([-1] + list(tr.tensor.shape),
+                                                                            np.int64)], dtype=np.int32)
+    out = b.cast(both, np.dtype(tr.tensor.dtype), hint=f"{tr.name}.perturbed")
+    out.shape = [2 * ctx.spec.m] + list(tr.tensor.shape)
+    return out
+
+
+def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed):
+    """Fallback: one copy of the suffix per branch, outputs stacked on a new leading axis."""
+    outs = []
+    for k in range(2 * ctx.spec.m):
+        tag = f"__{'p' if k < ctx.spec.m else 'n'}{k % ctx.spec.m}"
+        replace = {tr.name: b.op("Gather", [perturbed[tr.name], np.array(k, np.int64)], {"axis": 0},
+                                 dtype=np.dtype(tr.tensor.dtype), hint=f"w{tag}") for tr in ctx.trainables}
+        mapping = clone_nodes(graph, suffix, replace, tag)
+        outs.append(b.op("Unsqueeze", [mapping[ctx.loss_tap], np.array([0], np.int64)], dtype=np.float32))
+    return b.op("Concat", outs, {"axis": 0}, dtype=np.float32, hint="logits_all")
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -42,17 +63,25 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if not any(ctx.loss_tap in (t.name for t in n.outputs) for n in suffix):
         raise CompileError(f"the model output {ctx.output!r} does not depend on the trained tensors; "
                            "nothing would learn. Choose other tensors with --train.")
-    m = ctx.spec.m
-    stacked = {(tr.name, s): _perturbed(b, ctx, tr, s) for tr in ctx.trainables for s in (+1, -1)}
-    for sign in (+1, -1):
-        for i in range(m):
-            tag = f"__{'p' if sign > 0 else 'n'}{i}"
-            replace = {tr.name: b.op("Gather", [stacked[tr.name, sign], np.array(i, np.int64)], {"axis": 0},
-                                     dtype=np.dtype(tr.tensor.dtype), hint=f"w{tag}")
-                       for tr in ctx.trainables}
-            mapping = clone_nodes(graph, suffix, replace, tag)
-            ctx.branch_logits.append(mapping[ctx.loss_tap])
+    perturbed = {tr.name: _perturbed(b, ctx, tr) for tr in ctx.trainables}
+    # only the nodes the loss reads: the trailing requantization of the output is not needed per branch
+    needed = _needed(suffix, ctx.loss_tap)
+    mapping = stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m)
+    ctx.stacked = mapping is not None
+    ctx.branch_logits = mapping[ctx.loss_tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
     kept = {id(n) for n in suffix}
     graph.nodes = [n for n in graph.nodes if id(n) not in kept]
     graph.outputs = []
     return graph
+
+
+def _needed(suffix, tap: str):
+    """The suffix nodes that `tap` depends on, in graph order."""
+    by_output = {t.name: n for n in suffix for t in n.outputs}
+    need, stack = set(), [tap]
+    while stack:
+        node = by_output.get(stack.pop())
+        if node is not None and id(node) not in need:
+            need.add(id(node))
+            stack.extend(t.name for t in node.inputs if t is not None)
+    return [n for n in suffix if id(n) in need]

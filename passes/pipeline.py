@@ -74,9 +74,17 @@ def _quiet() -> ort.SessionOptions:
     return opts
 
 
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Intermediate ranks let pair stack the branches (passes/stack.py); without them it clones."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return model
+
+
 def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
     _check_source(model)
-    graph = gs.import_onnx(_opset(model))
+    graph = gs.import_onnx(_with_shapes(_opset(model)))
     ctx = Context(spec)
     for p in (analyze, select, widen):
         graph = p.run(graph, ctx)

@@ -8,7 +8,7 @@
 lr_max keeps lr·ĝ inside int32: |ĝ| <= m · c_max · z_max, so lr_max = (2^31 − 1 − 2^s) // (m · c_max · z_max).
 r is saturated to (2^30 − 1) // step before the step multiply, so W − step·r never wraps.
 
-Precondition: ctx.grad from estimate (and ctx.round_noise for stochastic rounding).
+Precondition: ctx.grad from estimate, ctx.w32 from pair (and ctx.round_noise for stochastic rounding).
 Postcondition: an `lr` input (int32 scalar); ctx.state_out[name] is the updated tensor named
 `<name>__next`, of the state's dtype and shape.
 """
@@ -52,8 +52,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         if tr.step > 1:
             bound = (2 ** 30 - 1) // tr.step
             r = b.op("Mul", [b.clip_int32(r, -bound, bound), i32(tr.step)], dtype=np.int32)
-        w32 = b.cast(ctx.state_in[tr.name], np.int32)
-        new = b.clip_int32(b.op("Sub", [w32, r], dtype=np.int32), tr.qmin, tr.qmax)
+        new = b.clip_int32(b.op("Sub", [ctx.w32[tr.name], r], dtype=np.int32), tr.qmin, tr.qmax)
         out = gs.Variable(tr.output_name, dtype=np.dtype(tr.tensor.dtype), shape=list(tr.tensor.shape))
         graph.nodes.append(gs.Node("Cast", b.name("next"), {"to": onnx_dtype(tr.tensor.dtype)}, [new], [out]))
         ctx.state_out[tr.name] = out

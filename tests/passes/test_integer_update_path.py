@@ -68,10 +68,14 @@ def test_update_path_is_integer(model_file, spec):
         vi = next(v for v in model.graph.value_info if v.name == node.output[0])
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
         assert types[node.output[0]] == onnx.TensorProto.INT32 and dims == [spec.m]
-    # the perturbed weights W±ᵢ fed to the branches, and everything that builds them, are integer
-    branch_weights = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
-                      and n.input[0].startswith("pair/")]
-    assert len(branch_weights) == 2 * spec.m * len(contract["state"])
+    # the perturbed weights W± (one [2m, *shape] tensor per trained tensor), and everything that builds
+    # them, are integer
+    branch_weights = [o for n in model.graph.node if n.name.startswith("pair/") and ".perturbed" in n.name
+                      for o in n.output]
+    assert len(branch_weights) == len(contract["state"])
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    assert sorted(shapes[w][0] for w in branch_weights) == [2 * spec.m] * len(contract["state"])
+    assert all(types[w] in INT_TYPES for w in branch_weights)
     perturbation_path = ancestors(model, branch_weights)
     assert any(n.op_type == "BitwiseXor" for n in perturbation_path.values())
     for node in perturbation_path.values():

@@ -27,22 +27,28 @@ def mix(x):
     return x
 
 
-def bits(seed: int, t: int, stream: int, numel: int) -> np.ndarray:
+WIDTH = {"rademacher": 1, "ternary": 8, "gaussian": 8}
+
+
+def chunks(seed: int, t: int, stream: int, numel: int, k: int) -> np.ndarray:
+    """c[j]: the k-bit chunk j mod (32/k) of hash word j div (32/k), lowest bits first."""
+    n = 32 // k
     salt = mix(((65536 * t + stream + 1) * GOLDEN) % 2 ** 32)
     key = mix(mix(seed % 2 ** 32) ^ salt)
     j = np.arange(numel, dtype=np.uint64)
-    return mix((key + j * GOLDEN) % 2 ** 32)
+    word = mix((key + (j // n) * GOLDEN) % 2 ** 32)
+    return ((word >> ((j % n) * k)) & ((1 << k) - 1)).astype(np.int64)
 
 
-def perturbation(v: np.ndarray, kind: str, density: float) -> np.ndarray:
-    v = v.astype(np.int64)
+def perturbation(seed: int, t: int, stream: int, numel: int, kind: str, density: float) -> np.ndarray:
+    c = chunks(seed, t, stream, numel, WIDTH[kind])
+    if kind == "rademacher":
+        return 2 * c - 1
     if kind == "gaussian":
         pop = lambda a: np.array([bin(int(k)).count("1") for k in a.ravel()]).reshape(a.shape)
-        return (pop(v & 0xF) - pop((v >> 4) & 0xF)).astype(np.int64)
-    z = 2 * (v >> 31) - 1
-    if kind == "ternary":
-        z = z * ((v & 0x7FFFFFFF) < min(round(density * 2 ** 31), 2 ** 31 - 1))
-    return z
+        return (pop(c & 0xF) - pop(c >> 4)).astype(np.int64)
+    keep = (c & 0x7F) < min(max(round(128 * density), 1), 128)
+    return (2 * (c >> 7) - 1) * keep
 
 
 def unfused() -> ort.SessionOptions:
@@ -124,8 +130,8 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, lr: int
     zs = {}
     for t, s in enumerate(c["state"]):
         n = int(np.prod(s["shape"])) if s["shape"] else 1
-        zs[s["name"]] = [perturbation(bits(seed, t, i, n), spec["perturbation"], spec["density"])
-                         .reshape(s["shape"]) for i in range(m)]
+        zs[s["name"]] = [perturbation(seed, t, i, n, spec["perturbation"], spec["density"]).reshape(s["shape"])
+                         for i in range(m)]
     lp, lm = [], []
     for i in range(m):
         for sign, out in ((+1, lp), (-1, lm)):
@@ -149,7 +155,7 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, lr: int
         else:
             if spec["rounding"] == "stochastic":
                 n = int(np.prod(s["shape"])) if s["shape"] else 1
-                h = (bits(seed, t, m, n).astype(np.int64) & ((1 << shift) - 1)).reshape(s["shape"])
+                h = (chunks(seed, t, m, n, 16) & ((1 << shift) - 1)).reshape(s["shape"])
             else:
                 h = 1 << (shift - 1)
             r = np.sign(tt) * ((np.abs(tt) + h) // (1 << shift))
