@@ -27,6 +27,7 @@ class TrainSpec:
     train: regexes on weight names (initializer or site name); empty means use `last`.
     last: train the N weight sites nearest the output (default 1), each with its bias.
     lr: learning rate η, stored as the integer numerator round(lr * 2**lr_shift).
+    density: share of nonzero ternary entries, applied in steps of 1/128 (rounded, at least 1/128).
     """
 
     train: tuple[str, ...] = ()

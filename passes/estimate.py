@@ -33,12 +33,13 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "estimate")
     spec = ctx.spec
     d = b.op("Sub", [ctx.loss_plus, ctx.loss_minus], dtype=np.float32, hint="d")
-    d = b.op("Where", [b.op("IsNaN", [d], dtype=bool), np.array(0, np.float32), d], dtype=np.float32)
     scale = b.op("Max", [b.op("Abs", [ctx.loss_plus], dtype=np.float32), b.op("Abs", [ctx.loss_minus], dtype=np.float32)],
                  dtype=np.float32)
-    tie = b.op("LessOrEqual", [b.op("Abs", [d], dtype=np.float32),
-                               b.op("Mul", [scale, np.array(TIE_TOLERANCE, np.float32)], dtype=np.float32)], dtype=bool)
-    d = b.op("Where", [tie, np.array(0, np.float32), d], dtype=np.float32, hint="d_untied")
+    # one comparison does both: a NaN d (or an Inf loss) compares false, like a tie, and gives 0
+    informative = b.op("Greater", [b.op("Abs", [d], dtype=np.float32),
+                                   b.op("Mul", [scale, np.array(TIE_TOLERANCE, np.float32)], dtype=np.float32)],
+                       dtype=bool)
+    d = b.op("Where", [informative, d, np.array(0, np.float32)], dtype=np.float32, hint="d_untied")
     if spec.estimator == "sign":
         c = b.op("Sign", [d], dtype=np.float32)
     else:

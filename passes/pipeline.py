@@ -114,6 +114,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         "lr": {"shift": spec.lr_shift, "default": spec.lr_numerator, "max": ctx.lr_max},
         "model_output": ctx.output,
         "loss_tap": ctx.loss_tap,
+        "branches": "stacked" if ctx.stacked else "cloned",
         "tie_tolerance": estimate.TIE_TOLERANCE,
     }
     inputs = [data, ctx.labels, ctx.seed, ctx.lr] + state_in

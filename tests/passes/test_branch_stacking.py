@@ -1,0 +1,58 @@
+"""The stacked suffix (one node per original node, branches on a leading axis) computes the same step
+as one clone of the suffix per branch, and is the form the shipped models' trained layers get."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import shipped
+from fgcompile.passes import pair
+from fgcompile.passes.pipeline import compile_graph
+from fgcompile.spec import TrainSpec
+from reference import qzoff
+
+
+def _cloned(monkeypatch, model, spec):
+    with monkeypatch.context() as mp:
+        mp.setattr(pair, "stack_suffix", lambda *a, **k: None)
+        return compile_graph(model, spec)
+
+
+@pytest.mark.parametrize("model_file, spec", [
+    ("digits_cnn/w8a8.onnx", TrainSpec(m=4)),                       # wide Gemm, bias folded in
+    ("digits_cnn/w8a8.onnx", TrainSpec(m=3, last=2, bits=8)),        # fc1 -> Relu -> Q/DQ -> fc2, int8
+    ("digits_attn/w16a8.onnx", TrainSpec(m=4, last=2)),              # MatMul, Q/DQ, Add, ReduceMean?
+    ("digits_attn/w8a8.onnx", TrainSpec(m=2, include_bias=False, perturbation="gaussian")),
+])
+def test_stacked_equals_cloned(monkeypatch, model_file, spec, target_train):
+    model = shipped(model_file)
+    stacked, cloned = compile_graph(model, spec), _cloned(monkeypatch, model, spec)
+    assert qzoff.contract(stacked.train)["branches"] == "stacked"
+    assert qzoff.contract(cloned.train)["branches"] == "cloned"
+    assert len(stacked.train.graph.node) < len(cloned.train.graph.node)
+    runs = [ort.InferenceSession(c.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
+            for c in (stacked, cloned)]
+    x, y = target_train
+    state = [dict(stacked.state), dict(cloned.state)]
+    changed = 0
+    for k in range(6):
+        idx = np.arange(k * 32, (k + 1) * 32)
+        outs = []
+        for i, sess in enumerate(runs):
+            names = [o.name for o in sess.get_outputs()]
+            outs.append(dict(zip(names, sess.run(None, {"x": x[idx], "labels": y[idx], "seed": np.array(k, np.int64),
+                                                        "lr": np.array(256, np.int32), **state[i]}))))
+        np.testing.assert_allclose(outs[0]["loss_plus"], outs[1]["loss_plus"], rtol=1e-6)
+        np.testing.assert_allclose(outs[0]["loss_minus"], outs[1]["loss_minus"], rtol=1e-6)
+        for s in qzoff.contract(stacked.train)["state"]:
+            np.testing.assert_array_equal(outs[0][s["output"]], outs[1][s["output"]], err_msg=f"step {k} {s['name']}")
+            changed += int((outs[0][s["output"]] != state[0][s["name"]]).sum())
+        state = [{s["name"]: o[s["output"]] for s in qzoff.contract(stacked.train)["state"]} for o in outs]
+    assert changed > 0
+
+
+def test_a_trained_conv_falls_back_to_clones():
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, last=3))
+    contract = qzoff.contract(compiled.train)
+    assert contract["branches"] == "cloned"
+    assert sum(n.op_type == "Conv" or n.op_type == "ConvInteger" for n in compiled.train.graph.node
+               if "__p" in n.name or "__n" in n.name) == 2 * 2
