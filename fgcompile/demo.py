@@ -69,9 +69,4 @@ def plot_history(history: list[dict], start_accuracy: float, path) -> pathlib.Pa
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    with modelio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return modelio.save_figure(fig, path, dpi=100)

@@ -78,3 +78,14 @@ def save_npz(path, arrays: dict) -> None:
 
 def save_json(path, obj) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_figure(fig, path, dpi: int = 100) -> pathlib.Path:
+    """A matplotlib figure as PNG, atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    path = pathlib.Path(path)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path

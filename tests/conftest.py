@@ -1,4 +1,5 @@
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ from fgcompile import models
 from fgcompile.modelio import load_model
 
 MODELS = models.ROOT
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))   # the benchmark modules are scripts, not an installed package
 
 
 @pytest.fixture(scope="session")

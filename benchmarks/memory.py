@@ -1,0 +1,128 @@
+"""Memory: peak resident set of a process that trains, against one that only infers and one that
+backpropagates, on the same model and batch. Each runs in its own fresh subprocess (this file run as
+a script), imports only what its job needs, does 20 iterations, and reports
+
+    baseline  VmRSS after its imports, before any model is loaded (interpreter + libraries)
+    peak      VmHWM at the end (the high-water mark of the whole process)
+so `peak − baseline` is what the model, its activations and its optimizer state cost.
+
+Jobs:  inference  onnxruntime session of the original model
+       training   onnxruntime session of train.onnx, state fed back each step (what a device runs)
+       trainer    fgcompile's Trainer.fit on the compiled folder (the CLI's path, fgcompile imported)
+       backprop   torch autograd over the fp32 model, the same tensors trainable, Adam
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ITERATIONS = 20
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def measure(job: str, **args) -> dict:
+    """Run one job in a fresh interpreter; returns {"baseline_mb", "peak_mb", "model_mb"}."""
+    proc = subprocess.run([sys.executable, str(HERE / "memory.py"), job, json.dumps(args)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory job {job} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_mb(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {key} (the memory benchmark needs Linux)")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _peak_mb() -> float:
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child would report its parent's peak
+    return _status_mb("VmHWM")
+
+
+def _batch(data: str, batch: int):
+    import numpy as np
+    d = np.load(data)
+    return d["x"][:batch], d["y"][:batch]
+
+
+def _session(path: str):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _inference(model: str, data: str, batch: int):
+    import numpy as np  # noqa: F401
+    import onnxruntime  # noqa: F401
+    base = _rss_mb()
+    x, _ = _batch(data, batch)
+    sess = _session(model)
+    name = sess.get_inputs()[0].name
+    for _ in range(ITERATIONS):
+        sess.run(None, {name: x})
+    return base
+
+
+def _training(compiled: str, data: str, batch: int):
+    import numpy as np
+    import onnxruntime  # noqa: F401
+    base = _rss_mb()
+    x, y = _batch(data, batch)
+    sess = _session(str(pathlib.Path(compiled) / "train.onnx"))
+    contract = json.loads(sess.get_modelmeta().custom_metadata_map["fgcompile"])
+    with np.load(pathlib.Path(compiled) / "state.npz") as f:
+        state = {s["name"]: f[s["name"]] for s in contract["state"]}
+    io, outputs = contract["inputs"], [o.name for o in sess.get_outputs()]
+    for k in range(ITERATIONS):
+        out = dict(zip(outputs, sess.run(outputs, {io["data"]: x, io["labels"]: y, io["seed"]: np.array(k, np.int64),
+                                                   io["lr"]: np.array(contract["lr"]["default"], np.int32), **state})))
+        state = {s["name"]: out[s["output"]] for s in contract["state"]}
+    return base
+
+
+def _trainer(compiled: str, data: str, batch: int):
+    from fgcompile.runtime.trainer import Trainer
+    base = _rss_mb()
+    x, y = _batch(data, batch)
+    trainer = Trainer(compiled, threads=1)
+    trainer.fit((x, y), epochs=ITERATIONS, batch=batch, progress=False, checkpoint_every=10 ** 9)
+    return base
+
+
+def _backprop(model: str, trained: list, data: str, batch: int):
+    import numpy as np  # noqa: F401
+    import onnx
+    import torch
+    sys.path.insert(0, str(HERE))
+    from backprop import OnnxTorch
+    torch.set_num_threads(1)
+    base = _rss_mb()
+    x, y = _batch(data, batch)
+    net = OnnxTorch(onnx.load(model), trained)
+    opt = torch.optim.Adam(list(net.params.values()), 1e-3)
+    xs, ys = torch.tensor(x), torch.tensor(y)
+    for _ in range(ITERATIONS):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xs), ys).backward()
+        opt.step()
+    return base
+
+
+JOBS = {"inference": _inference, "training": _training, "trainer": _trainer, "backprop": _backprop}
+
+if __name__ == "__main__":
+    job, args = sys.argv[1], json.loads(sys.argv[2])
+    baseline = JOBS[job](**args)
+    peak = _peak_mb()
+    print(json.dumps({"baseline_mb": round(baseline, 1), "peak_mb": round(peak, 1),
+                      "model_mb": round(peak - baseline, 1)}))

@@ -1,0 +1,192 @@
+"""Run every benchmark on every shipped model and write the results.
+
+    pip install -e '.[bench]'          # adds torch 2.13.0 (CPU) for the backprop baseline
+    python benchmarks/run.py           # about 15 minutes on 2 cores; --quick: about 2 minutes
+
+Writes benchmarks/results/latest.{json,md,png} (or --out DIR): accuracy (QZO-FF w8a8/w16a8 at
+m = 1, 4, 8 vs fp32 backprop vs untrained), step cost (vs one forward, vs the 2m-forward floor) and
+peak memory (training vs inference vs backprop processes), with the machine they ran on.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import accuracy  # noqa: E402
+import memory  # noqa: E402
+import report  # noqa: E402
+import step_cost  # noqa: E402
+from fgcompile import __version__, models, modelio  # noqa: E402
+from fgcompile.compiler import compile_model, write_compiled  # noqa: E402
+from fgcompile.spec import TrainSpec  # noqa: E402
+
+VARIANTS = {"w8a8": 8, "w16a8": 16}          # variant -> training grid bits (8: the int8 grid as shipped)
+MS = (1, 4, 8)
+QZO_LR = {16: [32.0, 64.0, 128.0, 256.0], 8: [0.5, 1.0, 2.0]}   # weight LSBs per unit of ĝ
+BACKPROP_LR = [1e-3, 3e-3, 1e-2]                                  # Adam
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    versions = {}
+    for pkg in ("onnxruntime", "onnx", "numpy", "torch"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except ImportError:
+            versions[pkg] = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "fgcompile": __version__, "packages": versions,
+            "commit": commit.stdout.strip() or None,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load(split: str):
+    d = np.load(models.path(models.manifest()["data"][split]))
+    return d["x"], d["y"]
+
+
+def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, quick: bool) -> dict:
+    import backprop  # torch: only this benchmark needs it
+    entry = models.manifest()["models"][name]["variants"]
+    train, test = load("target_train"), load("target_test")
+    fp32 = modelio.load_model(models.path(entry["fp32"]["file"]))
+    out = {"untrained": {v: accuracy.untrained(modelio.load_model(models.path(entry[v]["file"])), test)
+                         for v in ["fp32", *VARIANTS]}, "budgets": {}}
+    for epochs in budgets:
+        res = {"examples": epochs * (len(train[1]) // batch) * batch, "qzo_ff": {}, "backprop": {}}
+        for variant, bits in VARIANTS.items():
+            source = modelio.load_model(models.path(entry[variant]["file"]))
+            for m in MS:
+                t0 = time.perf_counter()
+                spec = lambda lr, seed: TrainSpec(m=m, bits=bits, lr=lr, seed=seed)
+                run = lambda lr, seed, tr, te, ep, b: accuracy.qzo_ff(source, spec(lr, seed), tr, te, ep, b)
+                grid = [None] if quick else QZO_LR[bits]
+                lr, val = (None, {}) if quick else accuracy.select(run, grid, seeds, train, epochs, batch)
+                final = [run(lr, s, train, test, epochs, batch) for s in seeds]
+                trained = [s["name"] for s in compile_model(source, spec(lr, 0)).contract["state"]]
+                res["qzo_ff"][f"{variant} m={m}"] = {"variant": variant, "m": m, "lr": lr or spec(None, 0).resolve(bits).lr,
+                                                     "validation": {str(k): round(v, 4) for k, v in val.items()},
+                                                     **accuracy.summary(final)}
+                log(f"  {name} {epochs} epochs QZO-FF {variant} m={m}: {np.mean(final):.2%} "
+                    f"(lr {lr}, {time.perf_counter() - t0:.0f} s)")
+        names = accuracy.fp32_names(source, fp32, trained)
+
+        def bp(lr, seed, tr, te, ep, b):
+            return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
+        t0 = time.perf_counter()
+        lr, val = (3e-3, {}) if quick else accuracy.select(bp, BACKPROP_LR, seeds, train, epochs, batch)
+        final = [bp(lr, s, train, test, epochs, batch) for s in seeds]
+        res["backprop"] = {"tensors": names, "optimizer": "adam", "lr": lr,
+                           "validation": {str(k): round(v, 4) for k, v in val.items()}, **accuracy.summary(final)}
+        log(f"  {name} {epochs} epochs backprop: {np.mean(final):.2%} (lr {lr}, {time.perf_counter() - t0:.0f} s)")
+        out["budgets"][str(epochs)] = res
+    return out
+
+
+def run_cost(name: str, batches: list[int], quick: bool) -> list[dict]:
+    entry = models.manifest()["models"][name]["variants"]
+    x, y = load("target_train")
+    rows = []
+    for variant, bits in VARIANTS.items():
+        source = modelio.load_model(models.path(entry[variant]["file"]))
+        for m in MS:
+            for b in batches:
+                r = step_cost.measure(source, TrainSpec(m=m, bits=bits), x[:b], y[:b],
+                                      repeats=3 if quick else 7, calls=30 if quick else 100)
+                rows.append({"variant": variant, **r})
+                log(f"  {name} {variant} m={m} batch {b}: step {r['us']['step']:.0f} us, "
+                    f"x{r['step_over_forward']:.2f} forward, x{r['step_over_floor']:.2f} floor")
+    return rows
+
+
+def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
+    entry = models.manifest()["models"][name]["variants"]
+    data = str(models.path(models.manifest()["data"]["target_train"]))
+    rows = []
+    for variant, bits in VARIANTS.items():
+        path = models.path(entry[variant]["file"])
+        source = modelio.load_model(path)
+        compiled = compile_model(source, TrainSpec(m=m, bits=bits))
+        fp32 = modelio.load_model(models.path(entry["fp32"]["file"]))
+        names = accuracy.fp32_names(source, fp32, [s["name"] for s in compiled.contract["state"]])
+        with tempfile.TemporaryDirectory() as tmp:
+            write_compiled(compiled, source, tmp)
+            for b in batches:
+                row = {"variant": variant, "m": m, "batch": b,
+                       "inference": memory.measure("inference", model=str(path), data=data, batch=b),
+                       "training": memory.measure("training", compiled=tmp, data=data, batch=b),
+                       "trainer": memory.measure("trainer", compiled=tmp, data=data, batch=b),
+                       "backprop": memory.measure("backprop", model=str(models.path(entry["fp32"]["file"])),
+                                                  trained=names, data=data, batch=b)}
+                row["training_over_inference"] = round(row["training"]["peak_mb"] / row["inference"]["peak_mb"], 3)
+                row["backprop_over_training"] = round(row["backprop"]["peak_mb"] / row["training"]["peak_mb"], 3)
+                rows.append(row)
+                log(f"  {name} {variant} batch {b}: peak MB inference {row['inference']['peak_mb']}, training "
+                    f"{row['training']['peak_mb']}, backprop {row['backprop']['peak_mb']}")
+    return rows
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False), default=str(HERE / "results"), show_default=True,
+              help="Folder for latest.json, latest.md and latest.png.")
+@click.option("--quick", is_flag=True, help="One seed, 30 epochs, default learning rates, short timings: a smoke run.")
+@click.option("--only", type=click.Choice(["accuracy", "cost", "memory"]), multiple=True,
+              help="Run only these benchmarks (repeatable). Default: all three.")
+@click.option("--model", "model_names", multiple=True, help="Only these shipped models (default: all).")
+def main(out, quick, only, model_names):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if not only or "accuracy" in only or "memory" in only:
+            raise click.ClickException("the backprop baseline needs torch: pip install -e '.[bench]' "
+                                       "(or run --only cost).")
+    only = set(only or ("accuracy", "cost", "memory"))
+    names = list(model_names or models.manifest()["models"])
+    unknown = [n for n in names if n not in models.manifest()["models"]]
+    if unknown:
+        raise click.ClickException(f"--model {unknown[0]}: not shipped; choose from {', '.join(models.manifest()['models'])}.")
+    results = {"machine": machine(), "quick": quick, "settings": {
+        "threads": 1, "batch": 32, "budgets_epochs": [30] if quick else [30, 300], "seeds": [0] if quick else [0, 1, 2],
+        "m": list(MS), "qzo_lr_grid": QZO_LR, "backprop_lr_grid": BACKPROP_LR, "cost_batches": [32, 256],
+        "memory_batches": [32, 256]}, "models": {}}
+    s = results["settings"]
+    sizes = {n: models.path(models.manifest()["models"][n]["variants"]["fp32"]["file"]).stat().st_size for n in names}
+    for name in names:
+        log(f"{name}:")
+        res = results["models"][name] = {"fp32_bytes": sizes[name]}
+        if "accuracy" in only:
+            res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick)
+        if "cost" in only:
+            res["step_cost"] = run_cost(name, s["cost_batches"], quick)
+        if "memory" in only:
+            res["memory"] = run_memory(name, s["memory_batches"])
+    results["largest_model"] = max(names, key=sizes.get)
+    out = pathlib.Path(out)
+    modelio.save_json(out / "latest.json", results)
+    text = report.markdown(results)
+    modelio.write_bytes(out / "latest.md", text.encode())
+    report.plot(results, out / "latest.png")
+    print(text)
+    log(f"wrote {out / 'latest.json'}, {out / 'latest.md'}, {out / 'latest.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The parts of the benchmarks whose numbers the README quotes: the model split behind the step-cost
+floor, the fp32 counterpart of the trained tensors, the memory probe, and the report's arithmetic.
+(The benchmarks themselves are scripts that print measurements; no timing is asserted here.)"""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import accuracy
+import memory
+import report
+from conftest import MODELS, shipped
+from split import split
+
+TRAINED = {"digits_cnn": ["fc2.weight_quantized", "fc2.bias_quantized"], "digits_attn": ["head.weight_quantized"]}
+
+
+def _run(model, feeds, outputs=None):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(outputs, feeds)
+
+
+@pytest.mark.parametrize("variant", ["w8a8", "w16a8"])
+@pytest.mark.parametrize("name", sorted(TRAINED))
+def test_prefix_then_suffix_is_the_model(name, variant, target_test):
+    model = shipped(f"{name}/{variant}.onnx")
+    prefix, suffix, boundary = split(model, TRAINED[name])
+    x = target_test[0][:64]
+    mid = _run(prefix, {"x": x}, boundary)
+    np.testing.assert_array_equal(_run(suffix, dict(zip(boundary, mid)))[0], _run(model, {"x": x})[0])
+    # the suffix holds the trained tensors and starts at quantized activations (so it fuses like the model)
+    assert set(TRAINED[name]) <= {i.name for i in suffix.graph.initializer}
+    assert not set(TRAINED[name]) & {i.name for i in prefix.graph.initializer}
+    assert all(m.dtype == np.uint8 for m in mid)
+
+
+def test_fp32_counterparts_of_the_trained_tensors():
+    for name, expected in (("digits_cnn", ["fc2.weight", "fc2.bias"]), ("digits_attn", ["head.weight"])):
+        names = accuracy.fp32_names(shipped(f"{name}/w8a8.onnx"), shipped(f"{name}/fp32.onnx"), TRAINED[name])
+        assert names == expected
+    with pytest.raises(ValueError, match="fp32 counterpart"):
+        accuracy.fp32_names(shipped("digits_cnn/w8a8.onnx"), shipped("digits_attn/fp32.onnx"), TRAINED["digits_cnn"])
+
+
+def test_memory_probe_reports_the_child_not_its_parent():
+    """ru_maxrss survives exec: a child measured that way reports the parent's peak. VmHWM does not."""
+    ballast = np.ones(400 * 2 ** 20 // 8)   # 400 MB resident in this (parent) process
+    result = memory.measure("inference", model=str(MODELS / "digits_cnn" / "w8a8.onnx"),
+                            data=str(MODELS / "data" / "digits_target_train.npz"), batch=32)
+    assert ballast.sum() > 0
+    assert 0 < result["baseline_mb"] < result["peak_mb"] < 300
+    assert result["model_mb"] == pytest.approx(result["peak_mb"] - result["baseline_mb"], abs=0.11)
+
+
+def test_holdout_is_disjoint_and_fixed(target_train):
+    (xa, ya), (xb, yb) = accuracy.holdout(*target_train)
+    assert len(yb) == accuracy.VALIDATION and len(ya) + len(yb) == len(target_train[1])
+    rows = {r.tobytes() for r in xa}
+    assert not any(r.tobytes() in rows for r in xb)
+    np.testing.assert_array_equal(accuracy.holdout(*target_train)[1][1], yb)
+
+
+def test_select_picks_the_best_validation_mean():
+    calls = []
+
+    def run(lr, seed, tr, va, epochs, batch):
+        calls.append((lr, seed))
+        return {1: 0.5, 2: 0.7, 3: 0.6}[lr] + 0.01 * seed
+    data = (np.zeros((150, 1, 8, 8), np.float32), np.zeros(150, np.int64))
+    best, scores = accuracy.select(run, [1, 2, 3], [0, 1], data, 1, 32)
+    assert best == 2 and scores[2] == pytest.approx(0.705)
+    assert sorted(calls) == [(lr, s) for lr in (1, 2, 3) for s in (0, 1)]
+
+
+def test_report_quotes_the_gap_to_backprop():
+    q = {"w16a8 m=4": {"mean": 0.80, "std": 0.01, "lr": 128.0}}
+    results = {"machine": {"cpu": "cpu", "cores": 2, "platform": "p", "python": "3", "packages": {"numpy": "2"},
+                           "fgcompile": "0", "commit": "c", "date": "d"}, "settings": {"threads": 1},
+               "models": {"toy": {"accuracy": {"untrained": {"fp32": 0.5, "w8a8": 0.5, "w16a8": 0.5},
+                                               "budgets": {"30": {"examples": 100, "qzo_ff": q,
+                                                                  "backprop": {"mean": 0.825, "std": 0.0, "lr": 0.003}}}}}}}
+    text = report.markdown(results)
+    assert "| QZO-FF w16a8 m=4 | 80.0 ± 1.0 (-2.5 vs bp; lr 128) |" in text
+    assert "| fp32 backprop (Adam) | 82.5 ± 0.0 (lr 0.003) |" in text
