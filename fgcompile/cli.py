@@ -48,6 +48,9 @@ def spec_options(f):
         click.option("--bits", type=click.Choice(["8", "16"]), default="16", show_default=True,
                      help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
         click.option("--seed", default=0, show_default=True, help="Base seed of perturbations and data order."),
+        click.option("--keep-requant", is_flag=True,
+                     help="Branches keep the activation requantization inside the trained layers (default: "
+                          "read as float, so ±ε steps do not vanish on the uint8 grid)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -59,7 +62,7 @@ def make_spec(kw) -> TrainSpec:
                      m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"), lr_shift=kw.pop("lr_shift"),
                      perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
                      estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
-                     bits=int(kw.pop("bits")), seed=kw.pop("seed"))
+                     bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"))
 
 
 @main.command()

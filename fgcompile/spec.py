@@ -45,6 +45,7 @@ class TrainSpec:
     rounding: str = "nearest"
     bits: int = 16  # 16: widen int8 trainable weights to int16 for training; 8: keep int8
     seed: int = 0
+    requant_bypass: bool = True   # the branches read activation Q→DQ pairs in the trained suffix as float
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))

@@ -66,6 +66,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     perturbed = {tr.name: _perturbed(b, ctx, tr) for tr in ctx.trainables}
     # only the nodes the loss reads: the trailing requantization of the output is not needed per branch
     needed = _needed(suffix, ctx.loss_tap)
+    if ctx.spec.requant_bypass:
+        needed = _needed(_bypass_requant(needed), ctx.loss_tap)
     mapping = stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m)
     ctx.stacked = mapping is not None
     ctx.branch_logits = mapping[ctx.loss_tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
@@ -85,3 +87,17 @@ def _needed(suffix, tap: str):
             need.add(id(node))
             stack.extend(t.name for t in node.inputs if t is not None)
     return [n for n in suffix if id(n) in need]
+
+
+def _bypass_requant(nodes):
+    """Read each activation Q→DQ pair inside the suffix as its float input. On a uint8 grid most ±ε
+    steps of a weight vanish in the rounding, so the losses would see a staircase; the deployed model
+    keeps its requantization (only the branches skip it). Mutates `nodes`, which pair removes anyway."""
+    made = {t.name: n for n in nodes for t in n.outputs}
+    for node in nodes:
+        for k, t in enumerate(node.inputs):
+            dq = made.get(t.name)
+            q = made.get(dq.inputs[0].name) if dq is not None and dq.op == "DequantizeLinear" else None
+            if q is not None and q.op == "QuantizeLinear" and not isinstance(q.inputs[0], gs.Constant):
+                node.inputs[k] = q.inputs[0]
+    return nodes
