@@ -41,6 +41,7 @@ def write_compiled(compiled: Compiled, source: onnx.ModelProto, out_dir) -> path
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        staging.chmod(modelio.default_mode(directory=True))
     except OSError as exc:
         raise OutputError(f"{out}: cannot write here ({exc.strerror}). Choose a writable folder with -o.") from None
     try:

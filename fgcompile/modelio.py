@@ -40,6 +40,14 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions open()/mkdir() would give under the current umask (mkstemp/mkdtemp give 0600/0700,
+    which would leave outputs unreadable to the rest of a team)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
@@ -47,6 +55,7 @@ def atomic_path(path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, default_mode())
         os.close(fd)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write here ({exc.strerror}). Choose a writable output "
