@@ -41,13 +41,17 @@ def markdown(r: dict) -> str:
         if cost:
             lines += ["Step cost, µs per call (median of interleaved blocks). floor = prefix + 2m × suffix, "
                       "the split original model run as separate calls.", "",
-                      "| variant | m | batch | forward | step | floor | step/forward | step/floor | step/(2m forwards) | nodes |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| variant | m | batch | forward | step | floor | step/forward | step/floor | step/(2m forwards) "
+                      "| nodes | same step, branches cloned |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for c in cost:
                 u = c["us"]
+                f = c.get("branch_forms")
+                cloned = f"{f['us']['cloned']:.0f} µs, {f['nodes']['cloned']} nodes (×{f['cloned_over_stacked']:.2f})" \
+                    if f else "–"
                 lines.append(f"| {c['variant']} | {c['m']} | {c['batch']} | {u['forward']:.0f} | {u['step']:.0f} | "
                              f"{u['floor']:.0f} | {c['step_over_forward']:.2f} | {c['step_over_floor']:.2f} | "
-                             f"{c['step_over_2m_forwards']:.2f} | {c['train_nodes']} ({c['branches']}) |")
+                             f"{c['step_over_2m_forwards']:.2f} | {c['train_nodes']} ({c['branches']}) | {cloned} |")
             lines.append("")
         mem = res.get("memory")
         if mem:
