@@ -100,6 +100,9 @@ def compile_cmd(model, out, **kw):
     sp = c["spec"]
     click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
                f"{sp['perturbation']} {sp['estimator']} loss={sp['loss']} on {c['loss_tap']}")
+    click.echo(f"  2m={2 * sp['m']} branches {c['branches']}"
+               + ("" if c["branches"] == "stacked" else " (a suffix op cannot carry a branch axis; one copy per branch)")
+               + ("; activation requantization in the trained layers read as float" if sp["requant_bypass"] else ""))
 
 
 @main.command()

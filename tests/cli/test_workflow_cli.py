@@ -3,6 +3,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 from click.testing import CliRunner
 
 from conftest import MODELS
@@ -29,6 +30,18 @@ def test_compile_train_eval_export(tmp_path):
     assert before.output != after.output  # the folder's eval follows its checkpoint
     r = run("export", out, "-o", tmp_path / "adapted.onnx")
     assert r.exit_code == 0 and "narrowed int16->int8" in r.output
+
+
+def test_compile_says_how_the_branches_run(tmp_path):
+    model = MODELS / "digits_cnn" / "w8a8.onnx"
+    r = run("compile", model, "-o", tmp_path / "a", "--m", 3)
+    assert "2m=6 branches stacked; activation requantization" in r.output
+    r = run("compile", model, "-o", tmp_path / "b", "--last", 3, "--keep-requant")
+    assert "branches cloned (a suffix op cannot carry a branch axis" in r.output
+    assert "requantization" not in r.output.splitlines()[-1]
+    props = {p.key: p.value for p in onnx.load(tmp_path / "b" / "train.onnx").metadata_props}
+    contract = json.loads(props["fgcompile"])
+    assert contract["branches"] == "cloned" and contract["spec"]["requant_bypass"] is False
 
 
 def test_bad_flags_and_inputs_exit_2_without_output(tmp_path):
