@@ -34,7 +34,7 @@ def spec_options(f):
                      help="Train weight sites whose site/weight/bias name matches (repeatable)."),
         click.option("--last", default=1, show_default=True, help="Train the N weight sites nearest the output."),
         click.option("--no-bias", is_flag=True, help="Do not train the biases of the chosen sites."),
-        click.option("--m", "m", default=4, show_default=True, help="Perturbations per step (2m forwards)."),
+        click.option("--m", "m", default=8, show_default=True, help="Perturbations per step (2m forwards)."),
         click.option("--eps", type=int, default=None, help="Perturbation size ε in LSBs [16-bit grid: 64, 8-bit: 1]."),
         click.option("--lr", type=float, default=None, help="Learning rate η in LSBs per step [16-bit: 128, 8-bit: 1]."),
         click.option("--lr-shift", default=8, show_default=True, help="η = lr_input / 2**shift (fixed point)."),
@@ -67,7 +67,7 @@ def make_spec(kw) -> TrainSpec:
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--m", "m", default=4, show_default=True, help="Perturbations per step, for the memory estimate.")
+@click.option("--m", "m", default=8, show_default=True, help="Perturbations per step, for the memory estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
 def inspect(model, m, as_json):
     """List the weight sites of a QDQ MODEL and the memory to train each."""

@@ -33,7 +33,7 @@ class SiteRow:
     train_bytes: int
 
 
-def inspect_model(model: onnx.ModelProto, m: int = 4, bits: int = 16) -> list[SiteRow]:
+def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> list[SiteRow]:
     graph = gs.import_onnx(model)
     if not is_quantized(graph):
         raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "

@@ -33,7 +33,7 @@ class TrainSpec:
     train: tuple[str, ...] = ()
     last: int = 1
     include_bias: bool = True
-    m: int = 4
+    m: int = 8
     eps: int | None = None   # None: resolved by the training grid (see GRID_DEFAULTS)
     lr: float | None = None
     lr_shift: int = 8
