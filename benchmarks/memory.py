@@ -62,7 +62,7 @@ def _session(path: str):
 
 
 def _inference(model: str, data: str, batch: int):
-    import numpy as np  # noqa: F401
+    import numpy  # noqa: F401  (the same imports as the training job, so the baselines compare)
     import onnxruntime  # noqa: F401
     base = _rss_mb()
     x, _ = _batch(data, batch)
@@ -100,7 +100,6 @@ def _trainer(compiled: str, data: str, batch: int):
 
 
 def _backprop(model: str, trained: list, data: str, batch: int):
-    import numpy as np  # noqa: F401
     import onnx
     import torch
     sys.path.insert(0, str(HERE))

@@ -26,7 +26,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     m = ctx.spec.m
     ctx.labels = gs.Variable("labels", dtype=np.int64, shape=["batch"])
     graph.inputs.append(ctx.labels)
-    logits, bx = _branch_major_or_not(ctx.branch_logits)
+    logits, bx = _logits_and_branch_axis(ctx.branch_logits)
     batch_axis = 1 - bx
     spread = [1, 1, 1]
     spread[bx] = 2 * m
@@ -64,7 +64,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     return graph
 
 
-def _branch_major_or_not(logits):
+def _logits_and_branch_axis(logits):
     """(tensor, branch axis). The wide product (passes/stack.py) ends in a Transpose [B, 2m, C] ->
     [2m, B, C]; the loss reduces over batch and classes either way, so it reads the Transpose's input
     and skips a copy of all 2m·B·C logits."""

@@ -12,8 +12,8 @@ One hash word feeds n elements (element j is the flat index), so the hash costs 
     rademacher: k = 1,  z = 2c − 1
     ternary:    k = 8,  z = (2·(c >> 7) − 1) · [(c & 0x7f) < D],  D = clamp(round(128·density), 1, 128)
     gaussian:   k = 8,  z = popcount(c & 0xf) − popcount(c >> 4)       (centred binomial, |z| <= 4)
-each a lookup of c in a small table. Streams i = 0..m−1 give z_i; stream i = m gives the
-stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16.
+(ternary and gaussian as a lookup of c in a 256-entry table). Streams i = 0..m−1 give z_i; stream
+i = m gives the stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16.
 
 Precondition: ctx.state_in from lift.
 Postcondition: a `seed` input (int64 scalar); ctx.z[name] int32 [m, *shape]; ctx.round_noise[name] int32
@@ -58,16 +58,17 @@ def _mix(b: Builder, x):
     return xor(x, shr(x, 15))
 
 
-def table(spec) -> tuple[int, np.ndarray]:
-    """(chunk width k, int32 lookup table c -> z) of the spec's perturbation."""
+CHUNK_BITS = {"rademacher": 1, "ternary": 8, "gaussian": 8}
+
+
+def _lookup(spec) -> np.ndarray:
+    """int32 table c -> z for the 8-bit chunk perturbations (ternary, gaussian)."""
     c = np.arange(256)
-    if spec.perturbation == "rademacher":
-        return 1, np.array([-1, 1], np.int32)
     if spec.perturbation == "ternary":
         keep = (c & 0x7F) < min(max(int(round(128 * spec.density)), 1), 128)
-        return 8, ((2 * (c >> 7) - 1) * keep).astype(np.int32)
+        return ((2 * (c >> 7) - 1) * keep).astype(np.int32)
     pop = np.array([bin(v).count("1") for v in range(16)])
-    return 8, (pop[c & 0xF] - pop[c >> 4]).astype(np.int32)
+    return (pop[c & 0xF] - pop[c >> 4]).astype(np.int32)
 
 
 def _chunks(b: Builder, seed_mixed, sizes: list[int], streams: range, k: int):
@@ -112,12 +113,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     seed_mixed = _mix(b, b.cast(ctx.seed, np.uint32))
     sizes = [tr.tensor.numel for tr in ctx.trainables]
     shapes = [list(tr.tensor.shape) for tr in ctx.trainables]
-    k, lookup = table(spec)
-    c, padded = _chunks(b, seed_mixed, sizes, range(spec.m), k)
+    c, padded = _chunks(b, seed_mixed, sizes, range(spec.m), CHUNK_BITS[spec.perturbation])
     if spec.perturbation == "rademacher":   # 2c − 1: onnxruntime's Gather costs ~10x an int32 Mul per element
         z = b.op("Sub", [b.op("Add", [c, c], dtype=np.int32), np.array(1, np.int32)], dtype=np.int32)
     else:
-        z = b.op("Gather", [b.const(lookup, "z_table"), c], {"axis": 0}, dtype=np.int32)
+        z = b.op("Gather", [b.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32)
     for tr, zt in zip(ctx.trainables, _split(b, z, sizes, padded, spec.m, shapes)):
         ctx.z[tr.name] = zt
     if spec.rounding == "stochastic":
