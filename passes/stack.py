@@ -52,17 +52,25 @@ def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Te
     for name, t in stacked.items():
         mapping[name] = t
         ranks[t.name] = _rank(t) - 1
+    perturbed = {t.name for t in stacked.values()}
+    weights = {}   # float output of a perturbed weight's dequantization -> (q, scale, zero point, axis)
     try:
-        weights = {t.name: None for t in stacked.values()}  # perturbed integer weights, then their DQs
         for node in nodes:
-            _stack_node(b, node, mapping, ranks, branches, weights)
+            _stack_node(b, node, mapping, ranks, branches, perturbed, weights)
     except Unstackable:
         del graph.nodes[mark:]
         return None
     return mapping
 
 
-def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches: int, weights: dict) -> None:
+def _per_axis(scale: gs.Tensor) -> bool:
+    """A 1-D scale of more than one element: per-channel quantization along the node's axis."""
+    shape = scale.values.shape if isinstance(scale, gs.Constant) else scale.shape
+    return shape is not None and len(shape) == 1 and shape[0] != 1
+
+
+def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches: int, perturbed: set,
+                weights: dict) -> None:
     ins = [mapping.get(t.name, t) if t is not None and t.name else t for t in node.inputs]
     is_stacked = [t is not None and t.name in ranks for t in ins]
     attrs = dict(node.attrs)
@@ -97,11 +105,10 @@ def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches:
             attrs[key] = axis + 1
 
     present = [t for t in ins if t is not None and t.name]
-    if op == "DequantizeLinear" and ins[0].name in weights:
+    if op == "DequantizeLinear" and ins[0].name in perturbed:
         if any(is_stacked[1:]) or attrs.get("block_size", 0):
             raise Unstackable("stacked or blocked quantization parameters")
-        per_axis = ins[1].shape is not None and len(ins[1].shape) == 1 and ins[1].shape[0] != 1
-        axis = attrs.get("axis", 1) if per_axis else None
+        axis = attrs.get("axis", 1) if _per_axis(ins[1]) else None
         y = _dequantized(b, ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis, orig_rank(ins[0]), out.dtype)
         weights[y.name] = (ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis)
         y.shape = [branches] + list(out.shape) if out.shape is not None else None
@@ -111,14 +118,11 @@ def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches:
         if op in ("QuantizeLinear", "DequantizeLinear"):
             if any(is_stacked[1:]) or attrs.get("block_size", 0):
                 raise Unstackable("stacked or blocked quantization parameters")
-            scale = ins[1]
-            per_axis = isinstance(scale, gs.Constant) and scale.values.size > 1 or \
-                (scale.shape is not None and len(scale.shape) == 1 and scale.shape[0] != 1)
-            if per_axis:
+            if _per_axis(ins[1]):
                 shift_axis("axis", 1)
         rank = max(orig_rank(t) for t in present)
         emit(op, aligned(ins, is_stacked, rank), attrs, rank)
-    elif op in ("MatMul", "Gemm") and not is_stacked[0] and weights.get(ins[1].name) is not None \
+    elif op in ("MatMul", "Gemm") and not is_stacked[0] and ins[1].name in weights \
             and _wide(b, node, ins, attrs, weights, ranks, mapping, branches):
         pass
     elif op == "MatMul":
@@ -263,7 +267,7 @@ def _transposed_weight(b: Builder, w: gs.Tensor, stacked: bool, ranks: dict, wei
     bytes, and no float Transpose after a DQ for onnxruntime's QDQ optimizer to wrap in a Q/DQ pair."""
     if not stacked:
         return b.op("Transpose", [w], {"perm": [1, 0]}, dtype=w.dtype)
-    if weights.get(w.name) is not None:
+    if w.name in weights:
         q, scale, zp, axis = weights[w.name]
         qt = b.op("Transpose", [q], {"perm": [0, 2, 1]}, dtype=q.dtype)
         if axis is not None:
