@@ -14,7 +14,7 @@ from fgcompile.compiler import compile_model
 from fgcompile.passes import pair
 from fgcompile.runtime.session import make_session
 from fgcompile.spec import TrainSpec
-from step_cost import _timed
+from step_cost import timed
 
 
 def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int = 1, repeats: int = 7,
@@ -29,7 +29,7 @@ def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int 
         feeds = {io["data"]: x, io["labels"]: y, io["seed"]: np.array(1, np.int64),
                  io["lr"]: np.array(c.contract["lr"]["default"], np.int32), **c.state}
         runs[name] = (lambda s=sess, o=outputs, f=feeds: s.run(o, f))
-    t = _timed(runs, repeats, calls)
+    t = timed(runs, repeats, calls)
     return {"m": spec.m, "batch": len(y), "us": {k: round(v, 1) for k, v in t.items()},
             "nodes": {"stacked": len(stacked.train.graph.node), "cloned": len(cloned.train.graph.node)},
             "cloned_over_stacked": round(t["cloned"] / t["stacked"], 3)}

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from step_cost import _timed
+from step_cost import timed
 
 
 def _chain(nodes: int, ios: int):
@@ -36,7 +36,7 @@ def _chain(nodes: int, ios: int):
 
 
 def measure(repeats: int = 7, calls: int = 1000) -> dict:
-    t = _timed({"1 node": _chain(1, 1), "101 nodes": _chain(101, 1), "1 input/output": _chain(1, 1),
+    t = timed({"1 node": _chain(1, 1), "101 nodes": _chain(101, 1), "1 input/output": _chain(1, 1),
                 "9 inputs/outputs": _chain(1, 9)}, repeats, calls)
     return {"us": {k: round(v, 2) for k, v in t.items()},
             "per_node_us": round((t["101 nodes"] - t["1 node"]) / 100, 3),

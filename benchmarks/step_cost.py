@@ -21,7 +21,7 @@ from fgcompile.spec import TrainSpec
 from split import split
 
 
-def _timed(fns: dict, repeats: int, calls: int) -> dict:
+def timed(fns: dict, repeats: int, calls: int) -> dict:
     for fn in fns.values():      # warm up: arenas, prepacked weights
         for _ in range(20):
             fn()
@@ -57,7 +57,7 @@ def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int 
                                                      **state})))
         state.update({s["name"]: out[s["output"]] for s in contract["state"]})
 
-    t = _timed({"forward": lambda: infer.run(None, {data: x}), "step": step,
+    t = timed({"forward": lambda: infer.run(None, {data: x}), "step": step,
                 "prefix": lambda: prefix.run(boundary, {data: x}), "suffix": lambda: suffix.run(None, mid)},
                repeats, calls)
     m = contract["spec"]["m"]
