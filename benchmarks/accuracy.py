@@ -33,12 +33,13 @@ def holdout(x: np.ndarray, y: np.ndarray):
     return (x[tr], y[tr]), (x[va], y[va])
 
 
-def qzo_ff(source: onnx.ModelProto, spec: TrainSpec, train, test, epochs: int, batch: int) -> float:
+def qzo_ff(source: onnx.ModelProto, spec: TrainSpec, train, test, epochs: int, batch: int,
+           schedule: str = "constant") -> float:
     compiled = compile_model(source, spec)
     with tempfile.TemporaryDirectory() as tmp:
         write_compiled(compiled, source, tmp)
         trainer = Trainer(tmp, threads=1)
-        trainer.fit(train, epochs=epochs, batch=batch, progress=False, checkpoint_every=10 ** 9)
+        trainer.fit(train, epochs=epochs, batch=batch, progress=False, checkpoint_every=10 ** 9, schedule=schedule)
         return trainer.evaluate(*test)["accuracy"]
 
 

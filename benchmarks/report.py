@@ -118,4 +118,7 @@ def plot(r: dict, path) -> pathlib.Path:
             ax.set_xticks([j + 0.4 - 0.4 / len(mem) for j in range(len(jobs))], jobs)
             ax.set(ylabel="peak RSS, MB", title=f"{name}: peak memory")
             ax.legend(fontsize=7)
+        for ax in row:              # --only runs leave panels empty: hide them rather than draw blank axes
+            if not ax.has_data():
+                ax.axis("off")
     return modelio.save_figure(fig, path, dpi=90)
