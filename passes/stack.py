@@ -63,6 +63,20 @@ def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Te
     return mapping
 
 
+def _stacked_shape(y: gs.Tensor, out: gs.Tensor, branches: int) -> None:
+    y.shape = [branches] + list(out.shape) if out.shape is not None else None
+
+
+def _times_beta(b: Builder, c: gs.Tensor, beta: float, ranks: dict, dtype) -> gs.Tensor:
+    """Gemm's β·C (C itself when β = 1), keeping C's branch rank if C is stacked."""
+    if beta == 1.0:
+        return c
+    y = b.op("Mul", [c, np.array(beta, np.float32)], dtype=dtype)
+    if c.name in ranks:
+        ranks[y.name] = ranks[c.name]
+    return y
+
+
 def _per_axis(scale: gs.Tensor) -> bool:
     """A 1-D scale of more than one element: per-channel quantization along the node's axis."""
     shape = scale.values.shape if isinstance(scale, gs.Constant) else scale.shape
@@ -94,7 +108,7 @@ def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches:
 
     def emit(op_type, inputs, attrs, rank):
         y = b.op(op_type, inputs, attrs, dtype=out.dtype, hint=f"{node.name}.stacked")
-        y.shape = [branches] + list(out.shape) if out.shape is not None else None
+        _stacked_shape(y, out, branches)
         ranks[y.name] = rank
         mapping[out.name] = y
         return y
@@ -111,7 +125,7 @@ def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches:
         axis = attrs.get("axis", 1) if _per_axis(ins[1]) else None
         y = _dequantized(b, ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis, orig_rank(ins[0]), out.dtype)
         weights[y.name] = (ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis)
-        y.shape = [branches] + list(out.shape) if out.shape is not None else None
+        _stacked_shape(y, out, branches)
         ranks[y.name] = orig_rank(ins[0])
         mapping[out.name] = y
     elif op in ELEMENTWISE:
@@ -147,13 +161,9 @@ def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches:
         c = ins[2] if len(ins) > 2 and ins[2] is not None and ins[2].name else None
         if c is None:
             mapping[out.name] = y
-            y.shape = [branches] + list(out.shape) if out.shape is not None else None
+            _stacked_shape(y, out, branches)
             return
-        if attrs.get("beta", 1.0) != 1.0:
-            beta = b.op("Mul", [c, np.array(attrs["beta"], np.float32)], dtype=out.dtype)
-            if c.name in ranks:
-                ranks[beta.name] = ranks[c.name]
-            c = beta
+        c = _times_beta(b, c, attrs.get("beta", 1.0), ranks, out.dtype)
         emit("Add", aligned([y, c], [True, c.name in ranks], 2), {}, 2)
     elif op in LAST_AXIS_OPS:
         if any(is_stacked[1:]):
@@ -218,15 +228,12 @@ def _wide(b: Builder, node: gs.Node, ins, attrs, weights, ranks, mapping, branch
              hint=f"{node.name}.stacked")
     ranks[y.name] = ra
     if c is not None:   # an unstacked (frozen) or unfoldable bias: added after, by broadcasting
-        if attrs.get("beta", 1.0) != 1.0:
-            c = b.op("Mul", [c, np.array(attrs["beta"], np.float32)], dtype=out.dtype)
-            if ins[2].name in ranks:
-                ranks[c.name] = ranks[ins[2].name]
+        c = _times_beta(b, c, attrs.get("beta", 1.0), ranks, out.dtype)
         if c.name in ranks and ranks[c.name] < ra:
             c = b.op("Unsqueeze", [c, np.arange(1, 1 + ra - ranks[c.name], dtype=np.int64)], dtype=c.dtype)
         y = b.op("Add", [y, c], dtype=out.dtype)
         ranks[y.name] = ra
-    y.shape = [branches] + list(out.shape) if out.shape is not None else None
+    _stacked_shape(y, out, branches)
     mapping[out.name] = y
     return True
 

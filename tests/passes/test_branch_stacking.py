@@ -1,6 +1,7 @@
 """The stacked suffix (one node per original node, branches on a leading axis) computes the same step
 as one clone of the suffix per branch, and is the form the shipped models' trained layers get."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -24,7 +25,23 @@ def _cloned(monkeypatch, model, spec):
     ("digits_attn/w8a8.onnx", TrainSpec(m=2, include_bias=False, perturbation="gaussian")),
 ])
 def test_stacked_equals_cloned(monkeypatch, model_file, spec, target_train):
-    model = shipped(model_file)
+    _assert_same_steps(monkeypatch, shipped(model_file), spec, target_train)
+
+
+@pytest.mark.parametrize("spec", [
+    TrainSpec(m=3, last=2, bits=8),             # fc2's A and bias stacked: Gemm -> MatMul, Mul(α), Add(β·C)
+    TrainSpec(m=2, include_bias=False),         # wide fc2, frozen bias added after as β·C
+])
+def test_gemm_alpha_beta_stack_like_clones(monkeypatch, spec, target_train):
+    model = shipped("digits_cnn/w8a8.onnx")
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            node.attribute.extend([onnx.helper.make_attribute("alpha", 1.5),
+                                   onnx.helper.make_attribute("beta", 0.5)])
+    _assert_same_steps(monkeypatch, model, spec, target_train)
+
+
+def _assert_same_steps(monkeypatch, model, spec, target_train):
     stacked, cloned = compile_graph(model, spec), _cloned(monkeypatch, model, spec)
     assert qzoff.contract(stacked.train)["branches"] == "stacked"
     assert qzoff.contract(cloned.train)["branches"] == "cloned"
