@@ -14,7 +14,7 @@ from fgcompile.compiler import compile_model
 from fgcompile.passes import pair
 from fgcompile.runtime.session import make_session
 from fgcompile.spec import TrainSpec
-from step_cost import timed
+from step_cost import step_feeds, timed
 
 
 def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int = 1, repeats: int = 7,
@@ -24,10 +24,9 @@ def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int 
         cloned = compile_model(source, spec)
     runs = {}
     for name, c in (("stacked", stacked), ("cloned", cloned)):
-        sess, io = make_session(c.train, threads), c.contract["inputs"]
+        sess = make_session(c.train, threads)
         outputs = [o.name for o in sess.get_outputs()]
-        feeds = {io["data"]: x, io["labels"]: y, io["seed"]: np.array(1, np.int64),
-                 io["lr"]: np.array(c.contract["lr"]["default"], np.int32), **c.state}
+        feeds = step_feeds(c.contract, x, y, 1, c.state)
         runs[name] = (lambda s=sess, o=outputs, f=feeds: s.run(o, f))
     t = timed(runs, repeats, calls)
     return {"m": spec.m, "batch": len(y), "us": {k: round(v, 1) for k, v in t.items()},

@@ -113,14 +113,13 @@ def run_cost(name: str, batches: list[int], quick: bool) -> list[dict]:
     entry = models.manifest()["models"][name]["variants"]
     x, y = load("target_train")
     rows = []
+    timing = {"repeats": 3, "calls": 30} if quick else {"repeats": 7, "calls": 100}
     for variant, bits in VARIANTS.items():
         source = modelio.load_model(models.path(entry[variant]["file"]))
         for m in MS:
             for b in batches:
-                r = step_cost.measure(source, TrainSpec(m=m, bits=bits), x[:b], y[:b],
-                                      repeats=3 if quick else 7, calls=30 if quick else 100)
-                forms = branch_forms.measure(source, TrainSpec(m=m, bits=bits), x[:b], y[:b],
-                                             repeats=3 if quick else 7, calls=30 if quick else 100)
+                r = step_cost.measure(source, TrainSpec(m=m, bits=bits), x[:b], y[:b], **timing)
+                forms = branch_forms.measure(source, TrainSpec(m=m, bits=bits), x[:b], y[:b], **timing)
                 rows.append({"variant": variant, **r, "branch_forms": forms})
                 log(f"  {name} {variant} m={m} batch {b}: step {r['us']['step']:.0f} us, "
                     f"x{r['step_over_forward']:.2f} forward, x{r['step_over_floor']:.2f} floor; cloned "
@@ -131,12 +130,13 @@ def run_cost(name: str, batches: list[int], quick: bool) -> list[dict]:
 def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
     entry = models.manifest()["models"][name]["variants"]
     data = str(models.path(models.manifest()["data"]["target_train"]))
+    fp32_path = models.path(entry["fp32"]["file"])
+    fp32 = modelio.load_model(fp32_path)
     rows = []
     for variant, bits in VARIANTS.items():
         path = models.path(entry[variant]["file"])
         source = modelio.load_model(path)
         compiled = compile_model(source, TrainSpec(m=m, bits=bits))
-        fp32 = modelio.load_model(models.path(entry["fp32"]["file"]))
         names = accuracy.fp32_names(source, fp32, [s["name"] for s in compiled.contract["state"]])
         with tempfile.TemporaryDirectory() as tmp:
             write_compiled(compiled, source, tmp)
@@ -145,7 +145,7 @@ def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
                        "inference": memory.measure("inference", model=str(path), data=data, batch=b),
                        "training": memory.measure("training", compiled=tmp, data=data, batch=b),
                        "trainer": memory.measure("trainer", compiled=tmp, data=data, batch=b),
-                       "backprop": memory.measure("backprop", model=str(models.path(entry["fp32"]["file"])),
+                       "backprop": memory.measure("backprop", model=str(fp32_path),
                                                   trained=names, data=data, batch=b)}
                 row["training_over_inference"] = round(row["training"]["peak_mb"] / row["inference"]["peak_mb"], 3)
                 row["backprop_over_training"] = round(row["backprop"]["peak_mb"] / row["training"]["peak_mb"], 3)

@@ -35,6 +35,13 @@ def timed(fns: dict, repeats: int, calls: int) -> dict:
     return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
 
 
+def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, seed: int, state: dict) -> dict:
+    """A training step's inputs, as the Trainer feeds them (the default lr)."""
+    io = contract["inputs"]
+    return {io["data"]: x, io["labels"]: y, io["seed"]: np.array(seed, np.int64),
+            io["lr"]: np.array(contract["lr"]["default"], np.int32), **state}
+
+
 def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int = 1, repeats: int = 7,
             calls: int = 100) -> dict:
     compiled = compile_model(source, spec)
@@ -47,14 +54,11 @@ def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int 
     mid = dict(zip(boundary, prefix.run(boundary, {data: x})))
     outputs = [o.name for o in train.get_outputs()]
     state = dict(compiled.state)
-    io = contract["inputs"]
-    feeds = {io["data"]: x, io["labels"]: y, io["lr"]: np.array(contract["lr"]["default"], np.int32)}
     step_no = [0]
 
     def step():   # as the Trainer runs it: a new seed, the previous step's state fed back
         step_no[0] += 1
-        out = dict(zip(outputs, train.run(outputs, {**feeds, io["seed"]: np.array(step_no[0], np.int64),
-                                                     **state})))
+        out = dict(zip(outputs, train.run(outputs, step_feeds(contract, x, y, step_no[0], state))))
         state.update({s["name"]: out[s["output"]] for s in contract["state"]})
 
     t = timed({"forward": lambda: infer.run(None, {data: x}), "step": step,
