@@ -37,7 +37,7 @@ def qzo_ff(source: onnx.ModelProto, spec: TrainSpec, train, test, epochs: int, b
            schedule: str = "constant") -> float:
     compiled = compile_model(source, spec)
     with tempfile.TemporaryDirectory() as tmp:
-        write_compiled(compiled, source, tmp)
+        write_compiled(compiled, tmp)
         trainer = Trainer(tmp, threads=1)
         trainer.fit(train, epochs=epochs, batch=batch, progress=False, checkpoint_every=10 ** 9, schedule=schedule)
         return trainer.evaluate(*test)["accuracy"]

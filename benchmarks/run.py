@@ -139,7 +139,7 @@ def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
         compiled = compile_model(source, TrainSpec(m=m, bits=bits))
         names = accuracy.fp32_names(source, fp32, [s["name"] for s in compiled.contract["state"]])
         with tempfile.TemporaryDirectory() as tmp:
-            write_compiled(compiled, source, tmp)
+            write_compiled(compiled, tmp)
             for b in batches:
                 row = {"variant": variant, "m": m, "batch": b,
                        "inference": memory.measure("inference", model=str(path), data=data, batch=b),

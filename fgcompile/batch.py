@@ -18,7 +18,7 @@ def compile_one(path: str, out_dir: str, spec: TrainSpec) -> dict:
     try:
         source = modelio.load_model(path)
         compiled = compile_model(source, spec)
-        dest = write_compiled(compiled, source, out_dir)
+        dest = write_compiled(compiled, out_dir)
         row["trainable_params"] = int(sum(v.size for v in compiled.state.values()))
         row["graph_bytes"] = (dest / TRAIN).stat().st_size
     except FgcompileError as exc:

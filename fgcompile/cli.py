@@ -91,7 +91,7 @@ def compile_cmd(model, out, **kw):
     t0 = time.perf_counter()
     source = load_model(model)
     compiled = compile_model(source, spec)
-    write_compiled(compiled, source, out)
+    write_compiled(compiled, out)
     c = compiled.contract
     click.echo(f"compiled {model} -> {out} in {time.perf_counter() - t0:.2f}s")
     for s in c["state"]:

@@ -3,7 +3,8 @@
 OUT/train.onnx   the training graph (its metadata_props hold the spec and the I/O contract)
 OUT/eval.onnx    the inference graph with the trained tensors as inputs (for eval during training)
 OUT/state.npz    the initial state: one array per trained tensor, named as the graph inputs
-OUT/source.onnx  the original inference model (export writes the trained weights into a copy)
+OUT/source.onnx  the inference model in canonical QDQ form (passes/canonicalize.py; the input model
+                 itself when it already is): export writes the trained weights into a copy
 Everything is built in memory first and the folder is swapped in whole, so a failed compile leaves
 nothing behind and never a mix of two compilations.
 """
@@ -32,7 +33,7 @@ def compile_model(model, spec: TrainSpec | None = None) -> Compiled:
     return compile_graph(model, spec or TrainSpec())
 
 
-def write_compiled(compiled: Compiled, source: onnx.ModelProto, out_dir) -> pathlib.Path:
+def write_compiled(compiled: Compiled, out_dir) -> pathlib.Path:
     """Write the folder as a whole: build it beside OUT, then swap it in, so OUT is either the old
     folder or the complete new one (an old checkpoint, which would not match the new graph, goes)."""
     out = pathlib.Path(out_dir)
@@ -48,7 +49,7 @@ def write_compiled(compiled: Compiled, source: onnx.ModelProto, out_dir) -> path
         modelio.save_model(compiled.train, staging / TRAIN)
         modelio.save_model(compiled.eval, staging / EVAL)
         modelio.save_npz(staging / STATE, compiled.state)
-        modelio.save_model(source, staging / SOURCE)
+        modelio.save_model(compiled.source, staging / SOURCE)
         if out.exists():
             retired = out.with_name(f".{out.name}.old.{os.getpid()}")
             os.replace(out, retired)

@@ -31,7 +31,7 @@ def run_demo(out_dir, epochs: int = 30, batch: int = 32, spec: TrainSpec | None 
     echo(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
     echo(format_table(inspect_model(source)) + "\n")
     compiled = compile_model(source, spec or TrainSpec())
-    write_compiled(compiled, source, out / "compiled")
+    write_compiled(compiled, out / "compiled")
     trained = ", ".join(s["name"] for s in compiled.contract["state"])
     echo(f"compiled: {out / 'compiled'} (training {trained}; m={compiled.contract['spec']['m']}, "
          f"eps={compiled.contract['spec']['eps']}, lr={compiled.contract['spec']['lr']})")

@@ -150,7 +150,6 @@ def run(graph: gs.Graph, ctx) -> gs.Graph:
     ctx.loss_tap = loss_tap(graph.outputs[0])
     ctx.sites = find_weight_sites(graph)
     if not ctx.sites:
-        raise CompileError("no weight sites: no integer initializer reaches a Conv, Gemm or MatMul weight "
-                           "through DequantizeLinear. Export with quantized weights (QDQ, weights as "
-                           "initializers).")
+        from .dialects.unsupported import explain
+        raise CompileError(explain(graph))
     return graph

@@ -1,6 +1,11 @@
 """The one place that composes the passes from a TrainSpec.
 
-    analyze → select → widen → lift → [eval graph] → prng → pair → loss → estimate → update → finalize
+    canonicalize → analyze → select → widen → lift → [eval graph] → prng → pair → loss → estimate → update
+    → finalize
+
+The model keeps its opset when it is at least BASE_OPSET (what the emitted ops need: BitwiseXor,
+ReduceMean with an axes input); it is converted to WIDE_OPSET only when widen emits int16
+DequantizeLinear.
 """
 from __future__ import annotations
 
@@ -14,10 +19,11 @@ import onnxruntime as ort
 from fgcompile import __version__
 from fgcompile.errors import CompileError, ModelError
 from fgcompile.spec import TrainSpec
-from . import analyze, estimate, finalize, lift, loss, pair, prng, select, update, widen
+from . import analyze, canonicalize, estimate, finalize, lift, loss, pair, prng, select, update, widen
 from .context import Context
 
-TARGET_OPSET = 21
+BASE_OPSET = 18   # BitwiseXor/BitwiseAnd (prng), ReduceMean with axes as an input (loss)
+WIDE_OPSET = 21   # int16 DequantizeLinear (widen)
 TRAIN_FORMAT, EVAL_FORMAT = "fgcompile-train/1", "fgcompile-eval/1"
 
 
@@ -28,18 +34,21 @@ class Compiled:
     state: dict[str, np.ndarray]
     contract: dict
     context: Context
+    source: onnx.ModelProto   # the canonical inference model: export writes the trained tensors into it
+    notes: list[str]          # what canonicalize rewrote
 
 
-def _opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Our integer ops (BitwiseXor, int16 DequantizeLinear) need opset 21; convert older models."""
+def _at_least(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """The model itself when its opset is >= target, else converted to target."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if version >= TARGET_OPSET:
+    if version >= target:
         return model
     try:
-        return onnx.version_converter.convert_version(model, TARGET_OPSET)
+        return onnx.version_converter.convert_version(model, target)
     except Exception as exc:
         raise CompileError(f"the model is opset {version} and could not be converted to opset "
-                           f"{TARGET_OPSET} ({str(exc).splitlines()[0]}). Re-export it at opset 21.") from None
+                           f"{target} ({str(exc).splitlines()[0]}). Re-export it at opset {target}"
+                           + (" or compile with --bits 8." if target == WIDE_OPSET else ".")) from None
 
 
 MIN_OPSET = 13  # per-channel QDQ (DequantizeLinear axis) arrived in opset 13
@@ -84,10 +93,14 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
     _check_source(model)
-    graph = gs.import_onnx(_with_shapes(_opset(model)))
+    source, notes = canonicalize.run(model)
+    graph = gs.import_onnx(_with_shapes(_at_least(source, BASE_OPSET)))
     ctx = Context(spec)
-    for p in (analyze, select, widen):
+    for p in (analyze, select):
         graph = p.run(graph, ctx)
+    if widen.needed(ctx) and graph.opset < WIDE_OPSET:
+        graph = gs.import_onnx(_with_shapes(_at_least(gs.export_onnx(graph), WIDE_OPSET)))
+    graph = widen.run(graph, ctx)
     grid = max(np.dtype(t.tensor.dtype).itemsize * 8 for t in ctx.trainables if t.role == "weight") \
         if any(t.role == "weight" for t in ctx.trainables) else 16
     ctx.spec = spec = spec.resolve(grid)
@@ -120,4 +133,4 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
     inputs = [data, ctx.labels, ctx.seed, ctx.lr] + state_in
     outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]
     train_model = finalize.run(graph, inputs, outputs, contract)
-    return Compiled(train_model, eval_model, state, contract, ctx)
+    return Compiled(train_model, eval_model, state, contract, ctx, source, notes)

@@ -48,10 +48,19 @@ def _scale(graph: gs.Graph, tensor, new_dtype) -> None:
     tensor.zero_point_name = f"{tensor.zero_point_name}__w16" if len(dq.inputs) > 2 else None
 
 
+def _widens(ctx: Context, t) -> bool:
+    return ctx.spec.bits == 16 and t.role == "weight" and t.tensor.dtype == "int8"
+
+
+def needed(ctx: Context) -> bool:
+    """Whether run() will emit int16 DequantizeLinear (the pipeline raises the opset only then)."""
+    return any(_widens(ctx, t) for t in ctx.trainables)
+
+
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     sites = {s.name: s for s in ctx.sites}
     for t in ctx.trainables:
-        if ctx.spec.bits != 16 or t.role != "weight" or t.tensor.dtype != "int8":
+        if not _widens(ctx, t):
             continue
         if graph.opset < 21:
             raise CompileError(f"--bits 16 needs int16 DequantizeLinear (opset 21); the model is opset "

@@ -13,10 +13,13 @@ BATCH = 32
 
 
 def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None):
-    source = shipped(model_file)
+    """model_file: a shipped model's path or a ModelProto. The reference runs the compiler's canonical
+    source (the input model itself unless canonicalize rewrote a dialect; test_dialects.py checks that
+    both compute the same function)."""
+    source = shipped(model_file) if isinstance(model_file, str) else model_file
     compiled = compile_graph(source, spec)
     c = qzoff.contract(compiled.train)
-    oracle = qzoff.InferenceOracle(source, c)
+    oracle = qzoff.InferenceOracle(compiled.source, c)
     # the reference widens the source itself: the compiler's initial state must agree
     for name, value in compiled.state.items():
         np.testing.assert_array_equal(value, oracle.initial[name])

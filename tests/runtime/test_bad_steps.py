@@ -35,7 +35,7 @@ def test_graph_leaves_state_unchanged_on_nan():
 def test_trainer_skips_and_counts_bad_steps(tmp_path):
     source = qdq_model(float_residual=True)
     compiled = compile_model(source, TrainSpec())
-    write_compiled(compiled, source, tmp_path / "o")
+    write_compiled(compiled, tmp_path / "o")
     x = X.copy()
     x[:32] = np.inf  # batch 64 = all the data: every step sees the bad samples
     t = Trainer(tmp_path / "o")

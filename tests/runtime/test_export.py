@@ -22,7 +22,7 @@ def test_narrow_rounds_half_away_and_saturates():
 def test_exported_model_has_the_same_graph_and_the_trained_accuracy(tmp_path, target_test):
     source = shipped("digits_cnn/w8a8.onnx")
     out = tmp_path / "c"
-    write_compiled(compile_model(source, TrainSpec(last=2)), source, out)
+    write_compiled(compile_model(source, TrainSpec(last=2)), out)
     Trainer(out).fit(MODELS / "data" / "digits_target_train.npz", epochs=4, progress=False)
     r = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "adapted.onnx")])
     assert r.exit_code == 0, r.output
@@ -48,7 +48,7 @@ def test_exported_model_has_the_same_graph_and_the_trained_accuracy(tmp_path, ta
 def test_export_of_int8_training_is_exact(tmp_path):
     source = shipped("digits_attn/w8a8.onnx")
     out = tmp_path / "c"
-    write_compiled(compile_model(source, TrainSpec(bits=8)), source, out)
+    write_compiled(compile_model(source, TrainSpec(bits=8)), out)
     Trainer(out).fit(MODELS / "data" / "digits_target_train.npz", epochs=1, progress=False)
     report = export_model(out, tmp_path / "a.onnx")
     new = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "a.onnx").graph.initializer}

@@ -15,7 +15,7 @@ def test_outputs_get_umask_permissions(tmp_path):
     old = os.umask(0o022)
     try:
         source = shipped("digits_cnn/w8a8.onnx")
-        out = write_compiled(compile_model(source, TrainSpec(m=1)), source, tmp_path / "out")
+        out = write_compiled(compile_model(source, TrainSpec(m=1)), tmp_path / "out")
         modelio.save_npz(tmp_path / "single.npz", {"a": np.zeros(2)})
     finally:
         os.umask(old)
