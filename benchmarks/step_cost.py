@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from fgcompile.compiler import compile_model
+from fgcompile.runtime import trainer
 from fgcompile.runtime.session import make_session
 from fgcompile.spec import TrainSpec
 from split import split
@@ -35,11 +36,9 @@ def timed(fns: dict, repeats: int, calls: int) -> dict:
     return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
 
 
-def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, seed: int, state: dict) -> dict:
-    """A training step's inputs, as the Trainer feeds them (the default lr)."""
-    io = contract["inputs"]
-    return {io["data"]: x, io["labels"]: y, io["seed"]: np.array(seed, np.int64),
-            io["lr"]: np.array(contract["lr"]["default"], np.int32), **state}
+def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, step: int, state: dict) -> dict:
+    """A training step's inputs, as the Trainer feeds them (seed 0, the default lr)."""
+    return trainer.step_feeds(contract, x, y, 0, step, contract["lr"]["default"], state)
 
 
 def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int = 1, repeats: int = 7,

@@ -47,7 +47,7 @@ def spec_options(f):
         click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True),
         click.option("--bits", type=click.Choice(["8", "16"]), default="16", show_default=True,
                      help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
-        click.option("--seed", default=0, show_default=True, help="Base seed of perturbations and data order."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the perturbations and the data order, in [0, 2**32)."),
         click.option("--keep-requant", is_flag=True,
                      help="Branches keep the activation requantization inside the trained layers (default: "
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),

@@ -88,7 +88,7 @@ class TrainSpec:
         need(self.rounding in ROUNDINGS, f"--rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}.")
         need(self.bits in (8, 16), f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
         need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
-        need(0 <= self.seed < 2 ** 63, f"--seed {self.seed}: must be a non-negative 63-bit integer.")
+        need(0 <= self.seed < 2 ** 32, f"--seed {self.seed}: must be in [0, 2**32) (the graph's seed input is 32-bit).")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -54,6 +54,7 @@ class Context:
     state_in: dict[str, gs.Variable] = dataclasses.field(default_factory=dict)
     state_out: dict[str, gs.Variable] = dataclasses.field(default_factory=dict)
     seed: gs.Variable | None = None
+    step: gs.Variable | None = None
     lr: gs.Variable | None = None
     labels: gs.Variable | None = None
     z: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)          # int32 [m, *shape]

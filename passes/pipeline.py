@@ -120,7 +120,8 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         graph = p.run(graph, ctx)
     contract = {
         "format": TRAIN_FORMAT, "version": __version__, "spec": dataclasses.asdict(spec),
-        "inputs": {"data": ctx.data_input, "labels": "labels", "seed": "seed", "lr": "lr"},
+        "inputs": {"data": ctx.data_input, "labels": "labels", "seed": "seed", "step": "step", "lr": "lr"},
+        "stream": prng.STREAM,
         "outputs": {"loss": "loss", "accuracy": "accuracy", "loss_plus": "loss_plus",
                     "loss_minus": "loss_minus"},
         "state": [t.contract() for t in ctx.trainables],
@@ -130,7 +131,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         "branches": "stacked" if ctx.stacked else "cloned",
         "tie_tolerance": estimate.TIE_TOLERANCE,
     }
-    inputs = [data, ctx.labels, ctx.seed, ctx.lr] + state_in
+    inputs = [data, ctx.labels, ctx.seed, ctx.step, ctx.lr] + state_in
     outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]
     train_model = finalize.run(graph, inputs, outputs, contract)
     return Compiled(train_model, eval_model, state, contract, ctx, source, notes)

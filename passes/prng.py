@@ -1,23 +1,32 @@
-"""prng: integer perturbations z generated in-graph from a seed input (counter-based hash).
+"""prng: integer perturbations z generated in-graph from a (seed, step) input pair (counter-based hash).
 
-Every runtime that implements uint32 Mul/Add/BitwiseXor/BitShift/BitwiseAnd and Gather reproduces
-these bits; onnxruntime's Random* ops would not (their seed is an attribute and they advance per run).
+Stream "fgc-int32/2". Every op is int32 with two's-complement wraparound (Mul, Add, BitwiseXor,
+BitwiseAnd, Equal, Where, Gather) plus Div by a power of two of a value that is a multiple of it, whose
+quotient has at most 24 significant bits: exact on a runtime that divides integers in float32, as
+OpenVINO's CPU plugin does. There are no uint32 tensors, no constants outside int32 and no BitShift
+(unsigned only in ONNX), so onnxruntime, the ONNX reference evaluator and OpenVINO (which computes
+integer ops in int32 and has no uint32) draw the same bits. onnxruntime's Random* ops would not (their
+seed is an attribute and they advance per run).
 
-    mix(x)       = lowbias32: x ^= x>>16; x *= 0x21f0aaad; x ^= x>>15; x *= 0x735a2d97; x ^= x>>15  (uint32)
-    salt[t, i]   = mix((65536·t + i + 1) · 0x9E3779B9)       t: trainable index, i: stream index
-    key[t, i]    = mix(mix(uint32(seed)) ^ salt[t, i])
-    word[t, i, w] = mix(key[t, i] + w · 0x9E3779B9)          w: word index within the tensor
-    c[t, i, j]   = (word[t, i, j div n] >> (k · (j mod n))) & (2^k − 1),   n = 32 / k
+The formulas, on 32-bit words (u32 arithmetic mod 2^32; the graph holds the same bits as int32):
+    mix(x)         = lowbias32: x ^= x>>16; x *= 0x21f0aaad; x ^= x>>15; x *= 0x735a2d97; x ^= x>>15
+    salt[t, i]     = mix((65536·t + i + 1) · 0x9E3779B9)         t: trainable index, i: stream index
+    key[t, i]      = mix(mix(seed ^ salt[t, i]) + step)          seed, step: the two int32 inputs
+    word[t, i, w]  = mix(key[t, i] + w · 0x9E3779B9)             w: word index within the tensor
+    c[t, i, j]     = (word[t, i, j div n] >> (k · (j mod n))) & (2^k − 1),   n = 32 / k
+The key is a bijection of step for a fixed seed and of seed for a fixed step, and the seed is mixed
+before the step is added, so seeds s and s+1 draw unrelated streams (not one stream shifted by a step).
 One hash word feeds n elements (element j is the flat index), so the hash costs 1/n of an element:
     rademacher: k = 1,  z = 2c − 1
     ternary:    k = 8,  z = (2·(c >> 7) − 1) · [(c & 0x7f) < D],  D = clamp(round(128·density), 1, 128)
     gaussian:   k = 8,  z = popcount(c & 0xf) − popcount(c >> 4)       (centred binomial, |z| <= 4)
 (ternary and gaussian as a lookup of c in a 256-entry table). Streams i = 0..m−1 give z_i; stream
 i = m gives the stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16.
+In int32, x >> k (logical) is ((x & −2^k) / 2^k) & (2^(32−k) − 1): the masked Div is exact.
 
 Precondition: ctx.state_in from lift.
-Postcondition: a `seed` input (int64 scalar); ctx.z[name] int32 [m, *shape]; ctx.round_noise[name] int32
-[*shape] when rounding is stochastic. No existing node changes.
+Postcondition: `seed` and `step` inputs (int32 scalars); ctx.z[name] int32 [m, *shape];
+ctx.round_noise[name] int32 [*shape] when rounding is stochastic. No existing node changes.
 """
 from __future__ import annotations
 
@@ -27,13 +36,19 @@ import onnx_graphsurgeon as gs
 from .context import Context
 from .graph_ops import Builder
 
+STREAM = "fgc-int32/2"
 GOLDEN = 0x9E3779B9
 M1, M2 = 0x21F0AAAD, 0x735A2D97
 NOISE_BITS = 16
 
 
+def int32(v) -> np.ndarray:
+    """The int32 holding the low 32 bits of v (two's complement)."""
+    return (np.asarray(v, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
 def mix_np(x: np.ndarray) -> np.ndarray:
-    """The same hash in numpy (compile-time salts)."""
+    """The same hash in numpy (compile-time salts), on uint32."""
     x = np.asarray(x, np.uint32)
     x = x ^ (x >> np.uint32(16))
     x = x * np.uint32(M1)
@@ -47,15 +62,26 @@ def salts(t: int, streams: np.ndarray) -> np.ndarray:
     return mix_np(((65536 * t + i + 1) * GOLDEN) % 2 ** 32)
 
 
+def _shr(b: Builder, x, k: int, lanes=None):
+    """Logical x >> k of int32 words: mask off the low k bits so the Div is exact, then drop the sign
+    extension. `lanes` instead gives one shift per trailing lane (k·lane), keeping k bits of each."""
+    if lanes is None:
+        masks, divisors, keep = -(1 << k), 1 << k, (1 << (32 - k)) - 1
+    else:
+        masks = int32(((1 << k) - 1) << (k * lanes))
+        divisors, keep = (1 << (k * lanes)).astype(np.int32), (1 << k) - 1
+    x = b.op("BitwiseAnd", [x, int32(masks)], dtype=np.int32)
+    x = b.op("Div", [x, np.asarray(divisors, np.int32)], dtype=np.int32)
+    return b.op("BitwiseAnd", [x, np.array(keep, np.int32)], dtype=np.int32)
+
+
 def _mix(b: Builder, x):
-    u32 = lambda v: np.array(v, np.uint32)
-    shr = lambda x, k: b.op("BitShift", [x, u32(k)], {"direction": "RIGHT"}, dtype=np.uint32)
-    xor = lambda x, y: b.op("BitwiseXor", [x, y], dtype=np.uint32)
-    x = xor(x, shr(x, 16))
-    x = b.op("Mul", [x, u32(M1)], dtype=np.uint32)
-    x = xor(x, shr(x, 15))
-    x = b.op("Mul", [x, u32(M2)], dtype=np.uint32)
-    return xor(x, shr(x, 15))
+    xor = lambda x, y: b.op("BitwiseXor", [x, y], dtype=np.int32)
+    x = xor(x, _shr(b, x, 16))
+    x = b.op("Mul", [x, int32(M1)], dtype=np.int32)
+    x = xor(x, _shr(b, x, 15))
+    x = b.op("Mul", [x, int32(M2)], dtype=np.int32)
+    return xor(x, _shr(b, x, 15))
 
 
 CHUNK_BITS = {"rademacher": 1, "ternary": 8, "gaussian": 8}
@@ -71,25 +97,43 @@ def _lookup(spec) -> np.ndarray:
     return (pop[c & 0xF] - pop[c >> 4]).astype(np.int32)
 
 
-def _chunks(b: Builder, seed_mixed, sizes: list[int], streams: range, k: int):
-    """c for `streams` of every trainable at once: int32 [len(streams), Σ padded numel], each tensor's
-    elements padded to whole words. One hash over all words (fewer, larger nodes than one per tensor)."""
-    n = 32 // k
+def _words(b: Builder, seed, step, sizes: list[int], streams: range, n: int):
+    """word for `streams` of every trainable at once: int32 [len(streams), Σ words]. One hash over all
+    words (fewer, larger nodes than one per tensor)."""
     words = [-(-size // n) for size in sizes]
     all_salts = np.concatenate([salts(t, np.array(streams)) for t in range(len(sizes))])
-    keys = _mix(b, b.op("BitwiseXor", [seed_mixed, all_salts], dtype=np.uint32))         # [T·S]
+    keys = _mix(b, b.op("BitwiseXor", [seed, int32(all_salts)], dtype=np.int32))          # [T·S]
+    keys = _mix(b, b.op("Add", [keys, step], dtype=np.int32))
     owner = np.repeat(np.arange(len(sizes)), words)
     pick = owner[None, :] * len(streams) + np.arange(len(streams))[:, None]               # [S, ΣW]
-    key = b.op("Gather", [keys, b.const(pick.astype(np.int64), "key_index")], {"axis": 0}, dtype=np.uint32)
-    counter = np.concatenate([np.arange(w, dtype=np.uint64) for w in words]) * GOLDEN % 2 ** 32
-    v = _mix(b, b.op("Add", [key, b.const(counter.astype(np.uint32), "counter")], dtype=np.uint32))
-    if n > 1:
-        v = b.op("Unsqueeze", [v, np.array([2], np.int64)], dtype=np.uint32)
-        v = b.op("BitShift", [v, (np.arange(n) * k).astype(np.uint32)], {"direction": "RIGHT"}, dtype=np.uint32)
-        v = b.op("Reshape", [v, np.array([len(streams), -1], np.int64)], dtype=np.uint32)
-    if k < 32:
-        v = b.op("BitwiseAnd", [v, np.array((1 << k) - 1, np.uint32)], dtype=np.uint32)
-    return b.cast(v, np.int32), [w * n for w in words]
+    key = b.op("Gather", [keys, b.const(pick.astype(np.int64), "key_index")], {"axis": 0}, dtype=np.int32)
+    counter = np.concatenate([np.arange(w, dtype=np.uint64) for w in words]) * GOLDEN
+    return _mix(b, b.op("Add", [key, b.const(int32(counter), "counter")], dtype=np.int32)), words
+
+
+def _per_lane(b: Builder, words, rows: int, n: int, lane_op):
+    """lane_op on [rows, W, n] (each word broadcast over its n lanes), flattened to [rows, W·n]."""
+    lanes = lane_op(b.op("Unsqueeze", [words, np.array([2], np.int64)], dtype=np.int32))
+    return b.op("Reshape", [lanes, np.array([rows, -1], np.int64)], dtype=np.int32)
+
+
+def _rademacher(b: Builder, seed, step, sizes: list[int], m: int):
+    """z = 2c − 1 with c bit j mod 32 of the word: a bit test then a select, no shift needed."""
+    def sign_of_bit(v):
+        bit = b.op("BitwiseAnd", [v, int32(1 << np.arange(32, dtype=np.int64))], dtype=np.int32)
+        zero = b.op("Equal", [bit, np.array(0, np.int32)], dtype=bool)
+        return b.op("Where", [zero, np.array(-1, np.int32), np.array(1, np.int32)], dtype=np.int32)
+    v, words = _words(b, seed, step, sizes, range(m), 32)
+    return _per_lane(b, v, m, 32, sign_of_bit), [w * 32 for w in words]
+
+
+def _chunks(b: Builder, seed, step, sizes: list[int], streams: range, k: int):
+    """c for `streams` of every trainable at once: int32 [len(streams), Σ padded numel], each tensor's
+    elements padded to whole words (k = 8 or 16)."""
+    n = 32 // k
+    v, words = _words(b, seed, step, sizes, streams, n)
+    return _per_lane(b, v, len(streams), n, lambda v: _shr(b, v, k, lanes=np.arange(n, dtype=np.int64))), \
+        [w * n for w in words]
 
 
 def _split(b: Builder, flat, sizes: list[int], padded: list[int], rows: int, shapes: list[list[int]]):
@@ -108,20 +152,20 @@ def _split(b: Builder, flat, sizes: list[int], padded: list[int], rows: int, sha
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec = ctx.spec
     b = Builder(graph, "prng")
-    ctx.seed = gs.Variable("seed", dtype=np.int64, shape=[])
-    graph.inputs.append(ctx.seed)
-    seed_mixed = _mix(b, b.cast(ctx.seed, np.uint32))
+    ctx.seed = gs.Variable("seed", dtype=np.int32, shape=[])
+    ctx.step = gs.Variable("step", dtype=np.int32, shape=[])
+    graph.inputs += [ctx.seed, ctx.step]
     sizes = [tr.tensor.numel for tr in ctx.trainables]
     shapes = [list(tr.tensor.shape) for tr in ctx.trainables]
-    c, padded = _chunks(b, seed_mixed, sizes, range(spec.m), CHUNK_BITS[spec.perturbation])
-    if spec.perturbation == "rademacher":   # 2c − 1: onnxruntime's Gather costs ~10x an int32 Mul per element
-        z = b.op("Sub", [b.op("Add", [c, c], dtype=np.int32), np.array(1, np.int32)], dtype=np.int32)
+    if spec.perturbation == "rademacher":
+        z, padded = _rademacher(b, ctx.seed, ctx.step, sizes, spec.m)
     else:
+        c, padded = _chunks(b, ctx.seed, ctx.step, sizes, range(spec.m), CHUNK_BITS[spec.perturbation])
         z = b.op("Gather", [b.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32)
     for tr, zt in zip(ctx.trainables, _split(b, z, sizes, padded, spec.m, shapes)):
         ctx.z[tr.name] = zt
     if spec.rounding == "stochastic":
-        u, padded = _chunks(b, seed_mixed, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
+        u, padded = _chunks(b, ctx.seed, ctx.step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
         u = b.op("BitwiseAnd", [u, np.array((1 << spec.lr_shift) - 1, np.int32)], dtype=np.int32)
         for tr, ut in zip(ctx.trainables, _split(b, u, sizes, padded, 0, shapes)):
             ctx.round_noise[tr.name] = ut

@@ -1,7 +1,7 @@
 """Trainer: drives a compiled training graph on onnxruntime.
 
 Everything a step uses derives from the step number k, so a resumed run replays the same steps:
-    seed_k  = spec.seed + k                 (the graph hashes it into the perturbations)
+    (seed, step) = (spec.seed, k)           (the graph hashes the pair into the perturbations)
     batch_k = permutation(rng(spec.seed, epoch))[pos·B : (pos+1)·B],  epoch, pos = divmod(k, steps/epoch)
     lr_k    = schedule(k) as the graph's integer lr input
 A step whose loss is NaN or Inf keeps the old state and is counted (bad_steps).
@@ -94,9 +94,8 @@ class Trainer:
             if epoch != perm_epoch:
                 perm, perm_epoch = np.random.default_rng([self.spec.seed, epoch]).permutation(len(y)), epoch
             idx = perm[pos * batch:(pos + 1) * batch]
-            feeds = {self.io["data"]: x[idx], self.io["labels"]: y[idx],
-                     self.io["seed"]: np.array(self.spec.seed + step, np.int64),
-                     self.io["lr"]: np.array(self.lr_at(step, total, schedule), np.int32), **self.state}
+            feeds = step_feeds(self.contract, x[idx], y[idx], self.spec.seed, step,
+                               self.lr_at(step, total, schedule), self.state)
             out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
             if np.isfinite(out["loss"]):
                 self.state = {s["name"]: out[s["output"]] for s in self.contract["state"]}
@@ -137,6 +136,14 @@ class Trainer:
     def _save(self, step: int) -> None:
         meta = dict(self.meta, step=step, spec=self.contract["spec"])
         checkpoint.save(self.out / CHECKPOINT, self.state, meta)
+
+
+def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, seed: int, step: int, lr: int, state: dict) -> dict:
+    """The inputs of one training step. seed (< 2^32) and step (< 2^31) are fed as int32, the seed's
+    two's-complement bits: the graph's arithmetic is int32 throughout."""
+    io = contract["inputs"]
+    return {io["data"]: x, io["labels"]: y, io["seed"]: np.array(seed % 2 ** 32, np.uint32).view(np.int32),
+            io["step"]: np.array(step, np.int32), io["lr"]: np.array(lr, np.int32), **state}
 
 
 def latest_state(out_dir) -> dict:

@@ -8,6 +8,7 @@ import pytest
 from conftest import shipped
 from fgcompile.passes import pair
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
 
@@ -50,14 +51,14 @@ def _assert_same_steps(monkeypatch, model, spec, target_train):
             for c in (stacked, cloned)]
     x, y = target_train
     state = [dict(stacked.state), dict(cloned.state)]
+    contracts = [stacked.contract, cloned.contract]
     changed = 0
     for k in range(6):
         idx = np.arange(k * 32, (k + 1) * 32)
         outs = []
         for i, sess in enumerate(runs):
             names = [o.name for o in sess.get_outputs()]
-            outs.append(dict(zip(names, sess.run(None, {"x": x[idx], "labels": y[idx], "seed": np.array(k, np.int64),
-                                                        "lr": np.array(256, np.int32), **state[i]}))))
+            outs.append(dict(zip(names, sess.run(None, step_feeds(contracts[i], x[idx], y[idx], 0, k, 256, state[i])))))
         np.testing.assert_allclose(outs[0]["loss_plus"], outs[1]["loss_plus"], rtol=1e-6)
         np.testing.assert_allclose(outs[0]["loss_minus"], outs[1]["loss_minus"], rtol=1e-6)
         for s in qzoff.contract(stacked.train)["state"]:

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import shipped
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
 
@@ -27,8 +28,7 @@ def test_step_descends_the_paired_loss(model_file, target_train):
     moved = 0
     for k in range(10):
         idx = np.arange(k * 32, (k + 1) * 32)
-        out = dict(zip(names, sess.run(None, {"x": x[idx], "labels": y[idx], "seed": np.array(k, np.int64),
-                                              "lr": np.array(c["lr"]["default"], np.int32), **compiled.state})))
+        out = dict(zip(names, sess.run(None, step_feeds(c, x[idx], y[idx], 0, k, c["lr"]["default"], compiled.state))))
         (s,) = c["state"]
         w = compiled.state[s["name"]].astype(np.int64)
         dw = out[s["output"]].astype(np.int64) - w

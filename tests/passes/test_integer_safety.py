@@ -8,6 +8,7 @@ from onnx import numpy_helper
 
 import qdq_graphs
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
 
@@ -46,9 +47,8 @@ def test_extremes_saturate_like_int64_reference(dtype, bits, options):
     x, y = rng.uniform(0, 1, (8, 5)).astype(np.float32), rng.integers(0, 4, 8)
     state = compiled.state
     for k, lr in enumerate([2 ** 31 - 1, c["lr"]["max"], 1]):
-        out = dict(zip(names, sess.run(None, {"x": x, "labels": y, "seed": np.array(k, np.int64),
-                                              "lr": np.array(lr, np.int32), **state})))
-        want, _ = qzoff.step(oracle, c, state, x, y, k, lr)
+        out = dict(zip(names, sess.run(None, step_feeds(c, x, y, 0, k, lr, state))))
+        want, _ = qzoff.step(oracle, c, state, x, y, 0, k, lr)
         for s in c["state"]:
             np.testing.assert_array_equal(out[s["output"]], want[s["name"]])
             assert out[s["output"]].min() >= s["qmin"] and out[s["output"]].max() <= s["qmax"]

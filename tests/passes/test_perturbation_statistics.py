@@ -10,7 +10,7 @@ N, SEEDS = 4096, 64
 
 
 def draws(kind, density=1.0):
-    return np.stack([perturbation(seed, 0, i, N, kind, density) for seed in range(SEEDS) for i in range(2)])
+    return np.stack([perturbation(seed, 0, 0, i, N, kind, density) for seed in range(SEEDS) for i in range(2)])
 
 
 def test_rademacher_is_balanced_and_uncorrelated():

@@ -6,6 +6,7 @@ import onnxruntime as ort
 
 from conftest import shipped
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
 
@@ -32,8 +33,7 @@ def _d(source, x, y, **spec):
     c = compile_graph(source, TrainSpec(m=8, **spec))
     sess = ort.InferenceSession(c.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
     out = dict(zip([o.name for o in sess.get_outputs()],
-                   sess.run(None, {"x": x, "labels": y, "seed": np.array(0, np.int64), "lr": np.array(0, np.int32),
-                                   **c.state})))
+                   sess.run(None, step_feeds(c.contract, x, y, 0, 0, 0, c.state))))
     return out["loss_plus"] - out["loss_minus"]
 
 

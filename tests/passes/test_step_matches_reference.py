@@ -6,10 +6,12 @@ import pytest
 from conftest import shipped
 from fgcompile.spec import TrainSpec
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime.trainer import step_feeds
 from reference import qzoff
 
 STEPS = 20
 BATCH = 32
+SEED = 1000
 
 
 def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None):
@@ -32,11 +34,9 @@ def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None):
     changed = 0
     for k in range(steps):
         idx = np.arange(k * BATCH, (k + 1) * BATCH) % len(y)
-        seed = 1000 + k
         lr = c["lr"]["default"] if lr_schedule is None else lr_schedule(k)
-        out = dict(zip(names, sess.run(None, {"x": x[idx], "labels": y[idx], "seed": np.array(seed, np.int64),
-                                              "lr": np.array(lr, np.int32), **graph_state})))
-        ref_state, diag = qzoff.step(oracle, c, ref_state, x[idx], y[idx], seed, lr)
+        out = dict(zip(names, sess.run(None, step_feeds(c, x[idx], y[idx], SEED, k, lr, graph_state))))
+        ref_state, diag = qzoff.step(oracle, c, ref_state, x[idx], y[idx], SEED, k, lr)
         np.testing.assert_allclose(out["loss_plus"], diag["loss_plus"], rtol=1e-4)
         for s in c["state"]:
             new = out[s["output"]]

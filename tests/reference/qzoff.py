@@ -15,33 +15,41 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 GOLDEN, M1, M2 = 0x9E3779B9, 0x21F0AAAD, 0x735A2D97
+STREAM = "fgc-int32/2"
+U32 = np.uint64(0xFFFFFFFF)
 
 
 def mix(x):
-    x = np.asarray(x, dtype=np.uint64) & 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * M1) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * M2) & 0xFFFFFFFF
-    x ^= x >> 15
+    """lowbias32 on unsigned 32-bit words, held in uint64 (numpy-scalar constants keep NumPy 1.x's
+    promotion of uint64 with a Python int from turning them into float64)."""
+    x = np.atleast_1d(np.asarray(x, dtype=np.uint64)) & U32
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(M1)) & U32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(M2)) & U32
+    x ^= x >> np.uint64(15)
     return x
 
 
 WIDTH = {"rademacher": 1, "ternary": 8, "gaussian": 8}
 
 
-def chunks(seed: int, t: int, stream: int, numel: int, k: int) -> np.ndarray:
+def key(seed: int, step: int, t: int, stream: int) -> int:
+    """The stream's key: the seed mixed with the tensor/stream salt, then the step added and mixed."""
+    salt = int(mix(((65536 * t + stream + 1) * GOLDEN) % 2 ** 32)[0])
+    return int(mix((int(mix((seed % 2 ** 32) ^ salt)[0]) + step) % 2 ** 32)[0])
+
+
+def chunks(seed: int, step: int, t: int, stream: int, numel: int, k: int) -> np.ndarray:
     """c[j]: the k-bit chunk j mod (32/k) of hash word j div (32/k), lowest bits first."""
     n = 32 // k
-    salt = mix(((65536 * t + stream + 1) * GOLDEN) % 2 ** 32)
-    key = mix(mix(seed % 2 ** 32) ^ salt)
     j = np.arange(numel, dtype=np.uint64)
-    word = mix((key + (j // n) * GOLDEN) % 2 ** 32)
-    return ((word >> ((j % n) * k)) & ((1 << k) - 1)).astype(np.int64)
+    word = mix(np.uint64(key(seed, step, t, stream)) + (j // np.uint64(n)) * np.uint64(GOLDEN))
+    return ((word >> ((j % np.uint64(n)) * np.uint64(k))) & np.uint64((1 << k) - 1)).astype(np.int64)
 
 
-def perturbation(seed: int, t: int, stream: int, numel: int, kind: str, density: float) -> np.ndarray:
-    c = chunks(seed, t, stream, numel, WIDTH[kind])
+def perturbation(seed: int, step: int, t: int, stream: int, numel: int, kind: str, density: float) -> np.ndarray:
+    c = chunks(seed, step, t, stream, numel, WIDTH[kind])
     if kind == "rademacher":
         return 2 * c - 1
     if kind == "gaussian":
@@ -141,15 +149,17 @@ def loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.float32:
     return np.float32(((p - onehot) ** 2).mean())
 
 
-def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, lr: int) -> tuple[dict, dict]:
-    """One QZO-FF step: returns (new state, diagnostics with the losses and coefficients)."""
+def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int) -> tuple[dict, dict]:
+    """One QZO-FF step (step number step_no of a run seeded `seed`): returns (new state, diagnostics
+    with the losses and coefficients)."""
+    assert c["stream"] == STREAM, c["stream"]
     spec = c["spec"]
     m, eps, shift = spec["m"], spec["eps"], c["lr"]["shift"]
     lr = int(np.clip(lr, 0, c["lr"]["max"]))
     zs = {}
     for t, s in enumerate(c["state"]):
         n = int(np.prod(s["shape"])) if s["shape"] else 1
-        zs[s["name"]] = [perturbation(seed, t, i, n, spec["perturbation"], spec["density"]).reshape(s["shape"])
+        zs[s["name"]] = [perturbation(seed, step_no, t, i, n, spec["perturbation"], spec["density"]).reshape(s["shape"])
                          for i in range(m)]
     lp, lm = [], []
     for i in range(m):
@@ -174,7 +184,7 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, lr: int
         else:
             if spec["rounding"] == "stochastic":
                 n = int(np.prod(s["shape"])) if s["shape"] else 1
-                h = (chunks(seed, t, m, n, 16) & ((1 << shift) - 1)).reshape(s["shape"])
+                h = (chunks(seed, step_no, t, m, n, 16) & ((1 << shift) - 1)).reshape(s["shape"])
             else:
                 h = 1 << (shift - 1)
             r = np.sign(tt) * ((np.abs(tt) + h) // (1 << shift))

@@ -8,7 +8,7 @@ import pytest
 
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.errors import FgcompileError
-from fgcompile.runtime.trainer import Trainer, latest_state
+from fgcompile.runtime.trainer import Trainer, latest_state, step_feeds
 from fgcompile.spec import TrainSpec
 from qdq_graphs import qdq_model
 
@@ -22,13 +22,11 @@ def test_graph_leaves_state_unchanged_on_nan():
     names = [o.name for o in sess.get_outputs()]
     x = X[:16].copy()
     x[3] = np.nan
-    out = dict(zip(names, sess.run(None, {"x": x, "labels": Y[:16], "seed": np.array(1, np.int64),
-                                          "lr": np.array(10000, np.int32), **compiled.state})))
+    out = dict(zip(names, sess.run(None, step_feeds(compiled.contract, x, Y[:16], 1, 0, 10000, compiled.state))))
     assert np.isnan(out["loss"])
     for s in compiled.contract["state"]:
         np.testing.assert_array_equal(out[s["output"]], compiled.state[s["name"]])
-    out = dict(zip(names, sess.run(None, {"x": X[:16], "labels": Y[:16], "seed": np.array(1, np.int64),
-                                          "lr": np.array(10000, np.int32), **compiled.state})))
+    out = dict(zip(names, sess.run(None, step_feeds(compiled.contract, X[:16], Y[:16], 1, 0, 10000, compiled.state))))
     assert any((out[s["output"]] != compiled.state[s["name"]]).any() for s in compiled.contract["state"])
 
 
