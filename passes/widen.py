@@ -1,14 +1,15 @@
-"""widen: train int8 weights at 16-bit resolution (spec.bits == 16).
+"""widen: train 8-bit weights at 16-bit resolution (spec.bits == 16).
 
-    W16 = 256 · W8,  s16 = s8 / 256,  zp16 = 0        (so DQ(W16) == DQ(W8) exactly)
+    W16 = 256 · W8,  s16 = s8 / 256,  zp16 = 256 · zp8   (so DQ(W16) = (W16 − zp16)·s16 == DQ(W8) exactly)
     b' = 256 · b,    s_b' = s_b / 256                  (the site's int32 bias keeps s_b = s_in · s_w)
 
 Dividing a float32 scale by 256 is exact, so the widened graph computes the same function bit for bit.
-The trained range is [-32768, 32639]: every value narrows back to int8 as round(W16 / 256) without
-overflow (export).
+int8 widens to int16, uint8 (asymmetric weights) to uint16. The trained range is [-32768, 32639]
+(uint16: [0, 65407]): every value narrows back to 8 bits as round(W16 / 256) without overflow (export);
+the source keeps zp8.
 
 Precondition: ctx.trainables from select; graph opset >= 21 (int16 DequantizeLinear).
-Postcondition: each trainable int8 weight with zero point 0 is int16 with the scaled scale; the bias of
+Postcondition: each trainable int8/uint8 weight is int16/uint16 with the scaled scale and zero point; the bias of
 its site is scaled with it; every trainable's qmin/qmax/step describe its new grid.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .context import Context
 from .analyze import bias_step
 
 FACTOR = 256
-WIDE_RANGE = (-32768, 127 * FACTOR + FACTOR // 2 - 1)
+WIDE = {"int8": (np.int16, (-32768, 127 * FACTOR + FACTOR // 2 - 1)),
+        "uint8": (np.uint16, (0, 255 * FACTOR + FACTOR // 2 - 1))}
 
 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
@@ -41,7 +43,7 @@ def _scale(graph: gs.Graph, tensor, new_dtype) -> None:
     scale = np.asarray(tensors[tensor.scale_name].values, np.float32) / np.float32(FACTOR)
     _replace_input(dq, 1, scale, f"{tensor.scale_name}__w16")
     if len(dq.inputs) > 2:
-        zp = np.asarray(dq.inputs[2].values).astype(new_dtype)
+        zp = (np.asarray(dq.inputs[2].values).astype(np.int64) * FACTOR).astype(new_dtype)
         _replace_input(dq, 2, zp, f"{tensor.zero_point_name}__w16")
     tensor.dtype = np.dtype(new_dtype).name
     tensor.scale_name = f"{tensor.scale_name}__w16"
@@ -49,7 +51,7 @@ def _scale(graph: gs.Graph, tensor, new_dtype) -> None:
 
 
 def _widens(ctx: Context, t) -> bool:
-    return ctx.spec.bits == 16 and t.role == "weight" and t.tensor.dtype == "int8"
+    return ctx.spec.bits == 16 and t.role == "weight" and t.tensor.dtype in WIDE
 
 
 def needed(ctx: Context) -> bool:
@@ -65,14 +67,10 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         if graph.opset < 21:
             raise CompileError(f"--bits 16 needs int16 DequantizeLinear (opset 21); the model is opset "
                                f"{graph.opset}. Re-export at opset 21 or compile with --bits 8.")
-        dq = next(n for n in graph.nodes if n.name == t.tensor.dq_node)
-        zp = dq.inputs[2].values if len(dq.inputs) > 2 else np.zeros(1)
-        if np.any(zp != 0):
-            raise CompileError(f"tensor {t.name!r} has a nonzero zero point; only symmetric int8 weights "
-                               "widen to int16. Compile with --bits 8.")
         site = sites[t.site]
-        _scale(graph, t.tensor, np.int16)
-        t.widened, (t.qmin, t.qmax) = True, WIDE_RANGE
+        wide_dtype, (t.qmin, t.qmax) = WIDE[t.tensor.dtype]
+        _scale(graph, t.tensor, wide_dtype)
+        t.widened = True
         if site.bias is not None and site.bias.dtype == "int32":
             _scale(graph, site.bias, np.int32)
     widened_sites = {t.site for t in ctx.trainables if t.widened}

@@ -4,7 +4,9 @@
 
 From each fp32 model (digits_cnn: a CNN, digits_attn: a transformer) it writes one model per dialect:
     qdq          quantize_static, QuantFormat.QDQ, int8 per-channel weights, uint8 activations
-    qdq_asym     the same with uint8 weights (nonzero weight zero points)
+    qdq_asym     per-tensor uint8 weights (asymmetric: zero points 120-142 here)
+    qdq_asym_s8  int8 weights with nonzero zero points: qdq_asym's uint8 weights and zero points shifted
+                 by −128 (the same function; quantize_static keeps int8 weights symmetric per channel)
     qoperator    quantize_static, QuantFormat.QOperator (QLinearConv, QGemm, QLinearMatMul, QLinearAdd, …)
     qoperator_u8 QOperator with per-tensor uint8 weights
     dynamic      quantize_dynamic, int8 weights (DynamicQuantizeLinear + MatMulInteger/ConvInteger)
@@ -30,7 +32,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCHS = ("digits_cnn", "digits_attn")
-DIALECTS = ("qdq", "qdq_asym", "qoperator", "qoperator_u8", "dynamic", "dynamic_u8", "fakequant", "int4",
+DIALECTS = ("qdq", "qdq_asym", "qdq_asym_s8", "qoperator", "qoperator_u8", "dynamic", "dynamic_u8", "fakequant", "int4",
             "unnamed")
 
 
@@ -46,6 +48,18 @@ class _Calibration(CalibrationDataReader):
 def _static(src, dst, fmt, weight_type, per_channel=True):
     quantize_static(str(src), str(dst), _Calibration(), quant_format=fmt, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=weight_type)
+
+
+def signed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """uint8 weights W, zp of a DequantizeLinear → int8 W − 128, zp − 128: (W − zp)·s is unchanged."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(n.input) > 2:
+            for name in (n.input[0], n.input[2]):
+                a = numpy_helper.to_array(inits[name])
+                if a.dtype == np.uint8:
+                    inits[name].CopyFrom(numpy_helper.from_array((a.astype(np.int16) - 128).astype(np.int8), name))
+    return model
 
 
 def fake_quant(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -84,8 +98,8 @@ def build(arch: str, dialect: str) -> onnx.ModelProto:
         dst = pathlib.Path(tmp) / "m.onnx"
         if dialect in ("qdq", "fakequant", "unnamed"):
             _static(src, dst, QuantFormat.QDQ, QuantType.QInt8)
-        elif dialect == "qdq_asym":
-            _static(src, dst, QuantFormat.QDQ, QuantType.QUInt8)
+        elif dialect in ("qdq_asym", "qdq_asym_s8"):
+            _static(src, dst, QuantFormat.QDQ, QuantType.QUInt8, per_channel=False)
         elif dialect == "qoperator":
             _static(src, dst, QuantFormat.QOperator, QuantType.QInt8)
         elif dialect == "qoperator_u8":
@@ -101,6 +115,8 @@ def build(arch: str, dialect: str) -> onnx.ModelProto:
         model = onnx.load(str(dst))
     if dialect == "fakequant":
         model = fake_quant(model)
+    if dialect == "qdq_asym_s8":
+        model = signed_weights(model)
     if dialect == "unnamed":
         for n in model.graph.node:
             n.name = ""

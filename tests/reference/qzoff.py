@@ -88,11 +88,12 @@ class InferenceOracle:
         todo = {}  # initializer -> dtype: a widened site's weight (int16) and its int32 bias
         for site in widened:
             node = consumers[site]
-            todo[dq_by_out[node.input[1]].input[0]] = np.int16
+            w_name = dq_by_out[node.input[1]].input[0]
+            todo[w_name] = np.uint16 if numpy_helper.to_array(inits[w_name]).dtype == np.uint8 else np.int16
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in dq_by_out:
                 todo[dq_by_out[node.input[2]].input[0]] = np.int32
         todo.update({s["name"]: np.int32 for s in c["state"] if s["role"] == "bias" and s["widened"]})
-        for name, dtype in todo.items():  # W' = 256·W, scale' = scale / 256
+        for name, dtype in todo.items():  # W' = 256·W, scale' = scale / 256, zp' = 256·zp
             dq = dq_by_init[name]
             w = numpy_helper.to_array(inits[name]).astype(np.int64) * 256
             inits[name].CopyFrom(numpy_helper.from_array(w.astype(dtype), name))
@@ -101,10 +102,12 @@ class InferenceOracle:
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(s, np.float32), new_scale))
             dq.input[1] = new_scale
             if len(dq.input) > 2:
-                zp = numpy_helper.to_array(inits[dq.input[2]]).astype(dtype)
+                zp = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64) * 256).astype(dtype)
                 new_zp = dq.input[2] + "_ref_w16"
                 model.graph.initializer.append(numpy_helper.from_array(np.asarray(zp), new_zp))
                 dq.input[2] = new_zp
+        if todo and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 21:  # int16 DequantizeLinear arrived in opset 21
+            model = onnx.version_converter.convert_version(model, 21)
         if c["spec"].get("requant_bypass"):
             _bypass_requant(model, [s["name"] for s in c["state"]])
         self.initial = {s["name"]: numpy_helper.to_array(inits[s["name"]]) for s in c["state"]}
