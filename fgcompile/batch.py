@@ -1,24 +1,37 @@
-"""batch: compile every .onnx in a folder in parallel processes; one bad model never stops the rest."""
+"""batch: compile every .onnx in a folder, one child process per model; one bad model never stops the rest.
+
+Each model runs in its own process (`python -m fgcompile.batch`), so a model that crashes the
+interpreter, is killed by the OOM killer or hangs past --timeout becomes one row of the summary, not the
+end of the run. Ctrl-C stops the running children promptly and still writes the summary of what finished.
+"""
 from __future__ import annotations
 
-import concurrent.futures
+import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 from fgcompile import modelio
 from fgcompile.compiler import TRAIN, compile_model, write_compiled
-from fgcompile.errors import FgcompileError
+from fgcompile.errors import FgcompileError, SpecError
 from fgcompile.spec import TrainSpec
 
+SUMMARY = "summary.json"
+POLL = 0.05  # seconds between looks at the children
 
-def compile_one(path: str, out_dir: str, spec: TrainSpec) -> dict:
+
+def compile_one(path: str, out_dir: str, spec: TrainSpec, force: bool = False) -> dict:
     t0 = time.perf_counter()
     row = {"model": pathlib.Path(path).name, "status": "ok", "trainable_params": None, "graph_bytes": None,
            "seconds": None, "error": None}
     try:
         source = modelio.load_model(path)
         compiled = compile_model(source, spec)
-        dest = write_compiled(compiled, out_dir)
+        dest = write_compiled(compiled, out_dir, force=force, source_path=path)
         row["trainable_params"] = int(sum(v.size for v in compiled.state.values()))
         row["graph_bytes"] = (dest / TRAIN).stat().st_size
     except FgcompileError as exc:
@@ -29,23 +42,96 @@ def compile_one(path: str, out_dir: str, spec: TrainSpec) -> dict:
     return row
 
 
-def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, on_done=None) -> list[dict]:
+def folder_name(model: pathlib.Path) -> str:
+    """The output folder of one model: its stem, unless that is the summary's own name."""
+    return model.stem if model.stem != SUMMARY else f"{model.stem}_model"
+
+
+def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: float = 600.0, force: bool = False,
+                  on_done=None) -> tuple[list[dict], bool]:
+    """(rows sorted by model, interrupted). At most min(jobs, models, CPUs) children run at once."""
     in_dir, out_dir = pathlib.Path(in_dir), pathlib.Path(out_dir)
     if not in_dir.is_dir():
         raise FgcompileError(f"{in_dir}: not a folder. Pass the folder that holds the .onnx models.")
+    if jobs < 1:
+        raise SpecError(f"--jobs {jobs}: must be at least 1.")
+    if not timeout > 0:
+        raise SpecError(f"--timeout {timeout}: must be a positive number of seconds.")
     models = sorted(in_dir.glob("*.onnx"))
     if not models:
         raise FgcompileError(f"{in_dir}: holds no .onnx files.")
-    rows = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(compile_one, str(p), str(out_dir / p.stem), spec): p for p in models}
-        for fut in concurrent.futures.as_completed(futures):
-            rows.append(fut.result())
-            if on_done:
-                on_done(rows[-1])
+    modelio.check_output_file(out_dir / SUMMARY, {p: "an input model" for p in models})
+    jobs = min(jobs, len(models), os.cpu_count() or 1)
+    pending, running, rows, interrupted = list(models), {}, [], False
+
+    def finish(row):
+        rows.append(row)
+        if on_done:
+            on_done(row)
+
+    with tempfile.TemporaryDirectory(prefix="fgcompile-batch-") as scratch:
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    model = pending.pop(0)
+                    running[model] = _start(model, out_dir / folder_name(model), spec, force, pathlib.Path(scratch))
+                for model, (proc, t0, result) in list(running.items()):
+                    if proc.poll() is None and time.monotonic() - t0 <= timeout:
+                        continue
+                    if proc.returncode is None:
+                        _stop(proc)
+                        row = _failed(model, t0, f"stopped after the --timeout of {timeout:g} s. Raise --timeout "
+                                                 "or compile this model on its own to see where it hangs.")
+                    else:
+                        row = _row(model, proc, t0, result)
+                    del running[model]
+                    finish(row)
+                time.sleep(POLL)
+        except KeyboardInterrupt:
+            interrupted = True
+            for model, (proc, t0, _) in running.items():
+                _stop(proc)
+                rows.append(_failed(model, t0, "stopped by Ctrl-C before it finished.", status="cancelled"))
     rows.sort(key=lambda r: r["model"])
-    modelio.save_json(out_dir / "summary.json", rows)
-    return rows
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modelio.save_json(out_dir / SUMMARY, rows)
+    return rows, interrupted
+
+
+def _start(model: pathlib.Path, out: pathlib.Path, spec: TrainSpec, force: bool, scratch: pathlib.Path):
+    result = scratch / f"{model.name}.json"
+    with open(result.with_suffix(".err"), "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fgcompile.batch", str(model), str(out), spec.to_json(),
+                                 "1" if force else "0", str(result)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    return proc, time.monotonic(), result
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _failed(model: pathlib.Path, t0: float, error: str, status: str = "error") -> dict:
+    return {"model": model.name, "status": status, "trainable_params": None, "graph_bytes": None,
+            "seconds": round(time.monotonic() - t0, 3), "error": error}
+
+
+def _row(model: pathlib.Path, proc: subprocess.Popen, t0: float, result: pathlib.Path) -> dict:
+    try:
+        return json.loads(result.read_text())
+    except (OSError, ValueError):
+        pass
+    rc = proc.returncode
+    how = (f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals()
+           else f"exited with status {rc}")
+    last = result.with_suffix(".err").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    return _failed(model, t0, f"the worker process {how} before reporting (out of memory? the system's OOM "
+                              f"killer sends SIGKILL). {last[0][:200]}".rstrip())
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -57,3 +143,9 @@ def format_summary(rows: list[dict]) -> str:
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     failed = sum(r["status"] != "ok" for r in rows)
     return "\n".join([line(head)] + [line(b) for b in body] + [f"{len(rows) - failed} compiled, {failed} failed"])
+
+
+if __name__ == "__main__":  # one model, in its own process: python -m fgcompile.batch MODEL OUT SPEC FORCE RESULT
+    model_path, out_path, spec_json, force_flag, result_path = sys.argv[1:6]
+    row = compile_one(model_path, out_path, TrainSpec.from_json(spec_json), force_flag == "1")
+    modelio.write_bytes(result_path, json.dumps(row).encode())

@@ -81,8 +81,9 @@ def inspect(model, m, as_json):
 @main.command("compile")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log).")
 @spec_options
-def compile_cmd(model, out, **kw):
+def compile_cmd(model, out, force, **kw):
     """Compile MODEL into OUT/train.onnx, eval.onnx, state.npz (+ source.onnx)."""
     import time
     from fgcompile.compiler import compile_model, write_compiled
@@ -91,7 +92,7 @@ def compile_cmd(model, out, **kw):
     t0 = time.perf_counter()
     source = load_model(model)
     compiled = compile_model(source, spec)
-    write_compiled(compiled, out)
+    write_compiled(compiled, out, force=force, source_path=model)
     c = compiled.contract
     click.echo(f"compiled {model} -> {out} in {time.perf_counter() - t0:.2f}s")
     for s in c["state"]:
@@ -112,16 +113,23 @@ def compile_cmd(model, out, **kw):
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--batch", default=32, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.npz.")
+@click.option("--restart", is_flag=True, help="Discard OUT/checkpoint.npz and the log; train from the start.")
+@click.option("--allow-changed-run", is_flag=True,
+              help="--resume even with other --data/--batch/--schedule (not bit-identical to one run).")
 @click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many NaN/Inf-loss steps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(out, data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps, quiet):
+def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, checkpoint_every, schedule,
+          max_bad_steps, quiet):
     """Train the compiled folder OUT on DATA; metrics go to OUT/train_log.jsonl."""
     from fgcompile.runtime.trainer import Trainer
     trainer = Trainer(out)
     history = trainer.fit(data, val, epochs=epochs, batch=batch, resume=resume, checkpoint_every=checkpoint_every,
-                          schedule=schedule, max_bad_steps=max_bad_steps, progress=not quiet)
+                          schedule=schedule, max_bad_steps=max_bad_steps, progress=not quiet, restart=restart,
+                          allow_changed_run=allow_changed_run)
+    for note in trainer.notes:
+        click.echo(f"note: {note}", err=True)
     for h in history:
         click.echo(json.dumps(h))
     click.echo(f"state: {out}/checkpoint.npz (step {trainer.meta['step']}, bad steps {trainer.meta['bad_steps']})")
@@ -154,15 +162,20 @@ def export(out, output):
 @main.command()
 @click.argument("in_dir", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="One compiled folder per model + summary.json.")
-@click.option("--jobs", default=2, show_default=True, help="Parallel processes.")
+@click.option("--jobs", default=2, show_default=True, help="Parallel processes (at most one per model and CPU).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds one model may take before it is stopped.")
+@click.option("--force", is_flag=True, help="Replace compiled folders in OUT that hold training.")
 @spec_options
-def batch(in_dir, out, jobs, **kw):
-    """Compile every .onnx in IN_DIR; exits 1 if any model failed."""
+def batch(in_dir, out, jobs, timeout, force, **kw):
+    """Compile every .onnx in IN_DIR, one process per model; exits 1 if any model failed."""
     from fgcompile.batch import batch_compile, format_summary
-    rows = batch_compile(in_dir, out, make_spec(kw), jobs=jobs,
-                         on_done=lambda r: click.echo(f"  {r['status']:5s} {r['model']}", err=True))
+    rows, interrupted = batch_compile(in_dir, out, make_spec(kw), jobs=jobs, timeout=timeout, force=force,
+                                      on_done=lambda r: click.echo(f"  {r['status']:9s} {r['model']}", err=True))
     click.echo(format_summary(rows))
     click.echo(f"summary: {out}/summary.json")
+    if interrupted:
+        click.echo("interrupted: stopped the running models; the summary lists what finished.", err=True)
+        sys.exit(130)
     if any(r["status"] != "ok" for r in rows):
         sys.exit(1)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pathlib
 
-from fgcompile import models, modelio
+from fgcompile import folder, models, modelio
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.inspect import format_table, inspect_model
 from fgcompile.runtime.evaluate import evaluate
 from fgcompile.runtime.export import export_model
 from fgcompile.runtime.trainer import Trainer
 from fgcompile.spec import TrainSpec
+from fgcompile.errors import SpecError
 
 
 def default_files() -> dict:
@@ -27,18 +28,25 @@ def run_demo(out_dir, epochs: int = 30, batch: int = 32, spec: TrainSpec | None 
              progress: bool = True) -> dict:
     files = default_files()
     out = pathlib.Path(out_dir)
+    if epochs < 1 or batch < 1:
+        raise SpecError(f"--epochs {epochs}: the demo trains at least one epoch.")
+    folder.recover(out)
+    folder.check_replaceable(out, [files["model"]], force=True, kind="demo")
+    if not (out / folder.MARKER).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        modelio.save_json(out / folder.MARKER, {"kind": "demo"})
     source = modelio.load_model(files["model"])
     echo(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
     echo(format_table(inspect_model(source)) + "\n")
     compiled = compile_model(source, spec or TrainSpec())
-    write_compiled(compiled, out / "compiled")
+    write_compiled(compiled, out / "compiled", force=True, source_path=files["model"])
     trained = ", ".join(s["name"] for s in compiled.contract["state"])
     echo(f"compiled: {out / 'compiled'} (training {trained}; m={compiled.contract['spec']['m']}, "
          f"eps={compiled.contract['spec']['eps']}, lr={compiled.contract['spec']['lr']})")
     before = {d: evaluate(files["model"], files[d]) for d in ("source_test", "target_test")}
     trainer = Trainer(out / "compiled")
     history = trainer.fit(files["target_train"], files["target_test"], epochs=epochs, batch=batch,
-                          progress=progress)
+                          progress=progress, restart=True)
     after = {d: evaluate(out / "compiled", files[d]) for d in ("source_test", "target_test")}
     report = export_model(out / "compiled", out / "adapted.onnx")
     exported = {d: evaluate(out / "adapted.onnx", files[d]) for d in ("source_test", "target_test")}

@@ -12,7 +12,7 @@ import dataclasses
 import onnx
 import onnx_graphsurgeon as gs
 
-from fgcompile.errors import ModelError
+from fgcompile.errors import ModelError, SpecError
 from fgcompile.passes.analyze import find_weight_sites, is_quantized
 
 
@@ -34,6 +34,8 @@ class SiteRow:
 
 
 def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> list[SiteRow]:
+    if not 1 <= m <= 64:
+        raise SpecError(f"--m {m}: the number of perturbations must be 1..64 (the memory estimate uses it).")
     graph = gs.import_onnx(model)
     if not is_quantized(graph):
         raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "

@@ -9,6 +9,8 @@ import io
 import json
 import os
 import pathlib
+import re
+import stat
 import tempfile
 
 import numpy as np
@@ -17,13 +19,39 @@ import onnx
 from fgcompile.errors import ModelError, OutputError
 
 
+PROTOBUF_LIMIT = 2 ** 31 - 1   # bytes: protobuf cannot parse a larger message
+
+
+def regular_file(path, what: str, error=ModelError) -> int:
+    """The size of PATH if it is a regular file (after symlinks); else `error` saying what it is. A FIFO
+    would block the reader forever and /dev/zero would fill memory, so neither is opened."""
+    path = pathlib.Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file. Check the path to the {what}.") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror}). Check the path to the {what}.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{path}: is a folder, not a {what}. Pass the file itself.")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: is a {_kind(st.st_mode)}, not a regular file; fgcompile reads the {what} only from "
+                    "a regular file. Copy the content to a file first.")
+    return st.st_size
+
+
+def _kind(mode: int) -> str:
+    return ("FIFO (named pipe)" if stat.S_ISFIFO(mode) else "character device" if stat.S_ISCHR(mode)
+            else "block device" if stat.S_ISBLK(mode) else "socket" if stat.S_ISSOCK(mode) else "special file")
+
+
 def load_model(path) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or raise ModelError saying what is wrong."""
     path = pathlib.Path(path)
-    if not path.exists():
-        raise ModelError(f"{path}: no such file. Check the path to the .onnx model.")
-    if path.is_dir():
-        raise ModelError(f"{path}: is a folder, not an .onnx file.")
+    size = regular_file(path, ".onnx model")
+    if size > PROTOBUF_LIMIT:
+        raise ModelError(f"{path}: {size / 2 ** 30:.1f} GiB, over the 2 GiB limit of an ONNX protobuf file. Save "
+                         "the weights as external data: onnx.save(model, path, save_as_external_data=True).")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...
@@ -33,11 +61,22 @@ def load_model(path) -> onnx.ModelProto:
         raise ModelError(f"{path}: not a readable ONNX model (it parses but holds no nodes). The file is "
                          "truncated, corrupt or not ONNX; re-export it.")
     try:
+        for location in _external_files(model):
+            if os.path.lexists(path.parent / location):
+                regular_file(path.parent / location, "external data file of the model")
         onnx.load_external_data_for_model(model, str(path.parent))
+    except ModelError:
+        raise
     except Exception as exc:  # FileNotFoundError, or onnx's ValidationError for a missing/odd file
         raise ModelError(f"{path}: its weights live in external data that is missing ({exc}). Keep the "
                          "external data file beside the model, or save the model with weights inside.") from None
     return model
+
+
+def _external_files(model: onnx.ModelProto) -> set:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    return {next((e.value for e in t.external_data if e.key == "location"), "")
+            for t in _get_all_tensors(model) if uses_external_data(t)} - {""}
 
 
 def default_mode(directory: bool = False) -> int:
@@ -48,13 +87,39 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+TEMP_TAG = "fgcompile"
+_TEMP = re.compile(rf"^\..+\.{TEMP_TAG}-(\d+)-\w+\.tmp$")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temps(folder) -> None:
+    """Remove the temp files of atomic writes whose process died before its rename (kill -9)."""
+    try:
+        entries = list(pathlib.Path(folder).iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _TEMP.match(p.name)
+        if m and not process_alive(int(m.group(1))) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     path = pathlib.Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{TEMP_TAG}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, default_mode())
         os.close(fd)
     except OSError as exc:
@@ -68,6 +133,26 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output_file(path, protected: dict) -> None:
+    """Raise OutputError unless PATH may be replaced by a regular file: it must not be a folder or a special
+    file (a FIFO, a device such as /dev/null), nor one of the `protected` files {path: what it is}."""
+    path = pathlib.Path(path)
+    real = path.resolve()
+    for other, what in protected.items():
+        other = pathlib.Path(other).resolve()
+        if real == other or other in real.parents:
+            raise OutputError(f"{path}: is {what}; writing there would destroy it. Choose another output "
+                              "file, e.g. -o adapted.onnx.")
+    if os.path.lexists(path):
+        mode = os.stat(path).st_mode if os.path.exists(path) else os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise OutputError(f"{path}: is a folder; -o takes the path of the .onnx file to write, e.g. "
+                              f"-o {path}/adapted.onnx.")
+        if not stat.S_ISREG(mode) and not stat.S_ISLNK(mode):
+            raise OutputError(f"{path}: is a {_kind(mode)}; fgcompile writes only regular files. Choose "
+                              "another output file.")
 
 
 def write_bytes(path, data: bytes) -> None:

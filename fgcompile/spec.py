@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 from fgcompile.errors import SpecError
 
@@ -68,6 +69,12 @@ class TrainSpec:
 
         need(1 <= self.m <= 64, f"--m {self.m}: the number of perturbations must be 1..64.")
         need(self.last >= 1, f"--last {self.last}: train at least one weight site (use --last 1 or more).")
+        for pattern in self.train:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise SpecError(f"--train {pattern!r}: not a valid regular expression ({exc}). Escape special "
+                                "characters, e.g. --train 'fc2\\.weight'.") from None
         if self.eps is None or self.lr is None:
             return  # checked again once resolve() fills them
         need(1 <= self.eps <= 4096, f"--eps {self.eps}: ε is in weight LSBs and must be 1..4096.")

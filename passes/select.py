@@ -46,6 +46,13 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     tensors = {t.name: t for t in graph.tensors().values()}
     for site, what in _chosen(ctx):
         parts = []
+        w, b = site.weight, site.bias
+        if b is not None and w.axis is not None and w.shape[w.axis] != b.numel:
+            raise CompileError(f"weight {w.name!r} of {site.op} {site.name!r} is quantized per channel on axis "
+                               f"{w.axis} ({w.shape[w.axis]} channels) but its bias {b.name!r} has {b.numel} "
+                               "entries: per-input-channel scales cannot match the bias's per-output scale. "
+                               "Quantize the weight per output channel (MatMul: the last axis) or per tensor, "
+                               "or leave this site out of --train.")
         if "weight" in what:
             parts.append(("weight", site.weight))
         if site.bias is not None and ("bias" == what or ctx.spec.include_bias):

@@ -1,7 +1,9 @@
 """Checkpoints: the training state plus where training stands, written atomically.
 
 A checkpoint is an .npz: one array per state tensor (named as the graph inputs) and `__meta__`, a JSON
-string with step, epoch, bad_steps and the spec, so `--resume` continues exactly where it stopped.
+string with step, epoch, bad_steps, the spec, the run (batch, epochs, schedule, data hash) and the
+sha256 of the train.onnx it belongs to, so `--resume` continues exactly where it stopped and a
+checkpoint of another compile is refused. Every load checks the arrays against the contract.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pathlib
 
 import numpy as np
 
-from fgcompile import modelio
+from fgcompile import modelio, npzfile, validate
 from fgcompile.errors import DataError
 
 META = "__meta__"
@@ -20,12 +22,25 @@ def save(path, state: dict, meta: dict) -> None:
     modelio.save_npz(path, {**state, META: np.array(json.dumps(meta, sort_keys=True))})
 
 
-def load(path) -> tuple[dict, dict]:
+def load(path, contract: dict | None = None, train_sha256: str | None = None) -> tuple[dict, dict]:
+    """(state, meta) of a checkpoint or state file; with `contract`, checked against it, and with
+    `train_sha256`, refused if the checkpoint records another train.onnx."""
     path = pathlib.Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as exc:
-        raise DataError(f"{path}: unreadable checkpoint ({exc}). Delete it and train without --resume.") from None
-    meta = json.loads(str(arrays.pop(META))) if META in arrays else {"step": 0}
+    fix = (f"Delete {path.name} and train again without --resume." if path.name != "state.npz"
+           else "Recompile the model into this folder (fgcompile compile MODEL.onnx -o FOLDER --force).")
+    names = [s["name"] for s in contract["state"]] if contract else []
+    arrays = npzfile.read_npz(path, [], "checkpoint", fix, error=validate.StateError,
+                              optional=[*names, META] if contract else None)
+    meta = {"step": 0}
+    if META in arrays:
+        try:
+            meta = json.loads(str(arrays.pop(META)))
+            assert isinstance(meta, dict) and isinstance(meta.get("step"), int) and meta["step"] >= 0
+        except (ValueError, AssertionError):
+            raise validate.StateError(f"{path}: its {META} record is unreadable. {fix}") from None
+    if train_sha256 and meta.get("train_sha256") not in (None, train_sha256):
+        raise validate.StateError(f"{path}: belongs to another compile (it records a different train.onnx); "
+                                  f"the folder was recompiled or the file copied from elsewhere. {fix}")
+    if contract is not None:
+        arrays = validate.check_state(arrays, contract, path, fix)
     return arrays, meta

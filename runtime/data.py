@@ -4,35 +4,31 @@ load_data validates against the model's input shape and class count and says wha
 """
 from __future__ import annotations
 
+import hashlib
 import pathlib
-import zipfile
 
 import numpy as np
 
+from fgcompile import npzfile
 from fgcompile.errors import DataError
+
+FIX = "Save it with numpy.savez(path, x=..., y=...)."
 
 
 def load_data(path, input_shape: list | None = None, classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file. Pass an .npz with arrays x and y.")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise DataError(f"{path}: not a readable .npz ({exc}). Save it with numpy.savez(path, x=..., y=...).") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DataError(f"{path}: missing array {key!r} (found {sorted(arrays) or 'none'}). "
-                            "Save inputs as x and integer class labels as y.")
+    arrays = npzfile.read_npz(path, ["x", "y"], "data file (.npz with arrays x and y)",
+                              "Save inputs as x and integer class labels as y: " + FIX)
     x, y = arrays["x"], arrays["y"]
+    if x.ndim == 0:
+        raise DataError(f"{path}: x is a single number (0-d); it must hold samples along its first axis. {FIX}")
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: x has dtype {x.dtype}; the model takes float32 inputs. Convert x to float32.")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integer class indices (int64).")
     x, y = x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
     if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{path}: y has shape {y.shape} but x holds {len(x)} samples; y must be [{len(x)}].")
+        raise DataError(f"{path}: y has shape {list(y.shape)} but x holds {len(x)} samples; y must be [{len(x)}].")
     if len(y) == 0:
         raise DataError(f"{path}: holds no samples.")
     if input_shape is not None:
@@ -47,3 +43,12 @@ def load_data(path, input_shape: list | None = None, classes: int | None = None)
         raise DataError(f"{path}: labels range over [{y.min()}, {y.max()}] but the model has {classes} "
                         f"classes (0..{classes - 1}). Fix y.")
     return x, y
+
+
+def data_digest(x: np.ndarray, y: np.ndarray) -> str:
+    """sha256 of the samples and labels: a resumed run checks it is fed the same data."""
+    h = hashlib.sha256()
+    for a in (x, y):
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()

@@ -3,28 +3,33 @@ from __future__ import annotations
 
 import pathlib
 
-from fgcompile import modelio
+from fgcompile import folder, modelio
 from fgcompile.compiler import EVAL
 from fgcompile.errors import ModelError
 from .data import load_data
-from .session import class_count, make_session
+from .session import class_count
 from .metrics import score
-from .trainer import latest_state
+from .trainer import latest_state, session_of
 
 
 def evaluate(model_or_out, data, batch: int = 512) -> dict:
     target = pathlib.Path(model_or_out)
+    folder.recover(target)   # a compiled folder lost in a crashed swap comes back first
     if target.is_dir():
         if not (target / EVAL).is_file():
             raise ModelError(f"{target}: no {EVAL} here; pass a model file or a folder from `fgcompile compile`.")
-        sess, state = make_session(modelio.load_model(target / EVAL)), latest_state(target)
+        sess, state = session_of(modelio.load_model(target / EVAL), target / EVAL), latest_state(target)
     else:
         model = modelio.load_model(target)
-        try:
-            sess = make_session(model)
-        except Exception as exc:
-            raise ModelError(f"{target}: onnxruntime cannot load it ({str(exc).splitlines()[0]}).") from None
-        state = {}
+        initialized = {i.name for i in model.graph.initializer}
+        inputs = [i.name for i in model.graph.input if i.name not in initialized]
+        if len(inputs) > 1:
+            hint = (f" {target.name} of a compiled folder takes its state as inputs: pass the folder instead "
+                    f"(fgcompile eval {target.parent} --data ...)." if target.name == EVAL else
+                    " Pass a model with one input, or a compiled folder.")
+            raise ModelError(f"{target}: the model takes {len(inputs)} inputs ({', '.join(inputs[:4])}"
+                             f"{', ...' if len(inputs) > 4 else ''}) but eval feeds only the data.{hint}")
+        sess, state = session_of(model, target), {}
     data_input = sess.get_inputs()[0]
     x, y = data if isinstance(data, tuple) else load_data(data, data_input.shape, class_count(sess))
     return score(sess, data_input.name, x, y, state, batch)

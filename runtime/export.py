@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fgcompile import modelio
-from fgcompile.compiler import SOURCE, TRAIN, read_contract
+from fgcompile import folder, modelio, validate
+from fgcompile.compiler import SOURCE, STATE, TRAIN
 from fgcompile.errors import ModelError
-from .session import make_session
-from .trainer import latest_state
+from . import checkpoint
+from .trainer import latest_state, open_train_graph, session_of
 
 FACTOR = 256
 
@@ -29,13 +29,22 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def export_model(out_dir, path) -> dict:
-    out = pathlib.Path(out_dir)
+    """Write OUT's latest state into a copy of its source model at PATH. PATH must be a regular file (or
+    new), not a file of OUT and not the model OUT was compiled from."""
+    out, path = pathlib.Path(out_dir), pathlib.Path(path)
+    folder.recover(out)
     if not (out / TRAIN).is_file() or not (out / SOURCE).is_file():
         raise ModelError(f"{out}: not a compiled folder (needs {TRAIN} and {SOURCE}). Run `fgcompile compile` first.")
-    contract = read_contract(modelio.load_model(out / TRAIN))
+    protected = {out: f"inside the compiled folder {out}"}
+    if folder.marker(out).get("source"):
+        protected[folder.marker(out)["source"]] = f"the model {out} was compiled from"
+    modelio.check_output_file(path, protected)
+    modelio.remove_stale_temps(path.parent)
+    _, contract, _ = open_train_graph(out)
     model = modelio.load_model(out / SOURCE)
-    state = latest_state(out)
-    inits = {i.name: i for i in model.graph.initializer}
+    initial, _ = checkpoint.load(out / STATE, contract)
+    inits = validate.check_source(model, initial, contract, out / SOURCE)
+    state = latest_state(out, contract)
     report = {}
     for s in contract["state"]:
         value = state[s["name"]]
@@ -50,7 +59,11 @@ def export_model(out_dir, path) -> dict:
             exported = value.astype(s["source_dtype"])
             report[s["name"]] = {"narrowed": None}
         inits[s["name"]].CopyFrom(numpy_helper.from_array(exported, s["name"]))
-    onnx.checker.check_model(model)
-    make_session(model)  # the exported file must load in stock onnxruntime
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{out / SOURCE}: the exported model fails onnx.checker ({str(exc).splitlines()[0]}). "
+                         "Recompile the model.") from None
+    session_of(model, path)  # the exported file must load in stock onnxruntime
     modelio.save_model(model, path)
     return report

@@ -13,7 +13,17 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
 
 def score(sess: ort.InferenceSession, data_input: str, x: np.ndarray, y: np.ndarray, state: dict,
           batch: int = 512) -> dict:
-    """Run `sess` over x in batches (state tensors fed alongside) and score its first output."""
-    logits = np.concatenate([sess.run(None, {data_input: x[i:i + batch], **state})[0]
-                             for i in range(0, len(x), batch)])
+    """Run `sess` over x in batches (state tensors fed alongside) and score its first output. A model
+    with a fixed batch N runs in chunks of N; the last chunk is padded with its first sample and the
+    padding's outputs dropped."""
+    fixed = next(i.shape[0] for i in sess.get_inputs() if i.name == data_input)
+    size = fixed if isinstance(fixed, int) and fixed > 0 else batch
+    chunks = []
+    for i in range(0, len(x), size):
+        xb = x[i:i + size]
+        pad = size - len(xb) if size == fixed else 0
+        if pad:
+            xb = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
+        chunks.append(sess.run(None, {data_input: xb, **state})[0][:size - pad])
+    logits = np.concatenate(chunks)
     return {"accuracy": float((logits.argmax(1) == y).mean()), "loss": cross_entropy(logits, y), "samples": len(y)}

@@ -10,34 +10,37 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
 
 import numpy as np
 import onnx
 
-from fgcompile import modelio
+from fgcompile import folder, modelio, validate
 from fgcompile.compiler import CHECKPOINT, EVAL, STATE, TRAIN, read_contract
-from fgcompile.errors import DataError, FgcompileError, ModelError
+from fgcompile.errors import DataError, FgcompileError, ModelError, OutputError, SpecError
 from fgcompile.spec import TrainSpec
 from . import checkpoint
-from .data import load_data
+from .data import data_digest, load_data
 from .metrics import score
 from .session import class_count, input_shape, make_session
 
-LOG = "train_log.jsonl"
+LOG = folder.LOG
+# run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
+RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs")
 
 
 class Trainer:
     def __init__(self, out_dir, threads: int = 0):
         self.out = pathlib.Path(out_dir)
+        folder.recover(self.out)
         if not (self.out / TRAIN).is_file():
             raise ModelError(f"{self.out}: no {TRAIN} here. Run `fgcompile compile MODEL.onnx -o {self.out}` first.")
-        train_model = modelio.load_model(self.out / TRAIN)
-        self.contract = read_contract(train_model)
+        train_model, self.contract, self.train_sha256 = open_train_graph(self.out)
         self.spec = TrainSpec(**self.contract["spec"])
-        self.sess = make_session(train_model, threads)
-        self.eval_sess = make_session(modelio.load_model(self.out / EVAL), threads)
+        self.sess = session_of(train_model, self.out / TRAIN, threads)
+        self.eval_sess = session_of(modelio.load_model(self.out / EVAL), self.out / EVAL, threads)
         self.io = self.contract["inputs"]
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.classes = class_count(self.eval_sess)
@@ -45,7 +48,7 @@ class Trainer:
         self.state, self.meta = self._initial()
 
     def _initial(self):
-        state, _ = checkpoint.load(self.out / STATE)
+        state, _ = checkpoint.load(self.out / STATE, self.contract)
         return state, {"step": 0, "bad_steps": 0}
 
     def load_data(self, path):
@@ -64,26 +67,58 @@ class Trainer:
 
     def fit(self, data, val=None, epochs: int = 10, batch: int = 32, resume: bool = False,
             checkpoint_every: int = 50, schedule: str = "constant", max_bad_steps: int | None = None,
-            progress: bool = True, stop_after: int | None = None) -> list[dict]:
+            progress: bool = True, stop_after: int | None = None, restart: bool = False,
+            allow_changed_run: bool = False) -> list[dict]:
         """Train; returns the per-epoch history (also appended to OUT/train_log.jsonl as JSON lines).
+        A folder that holds a checkpoint trains only with resume (continue it) or restart (discard it).
         stop_after: end after this many steps of the run (tests use it to stop mid-way)."""
         if schedule not in ("constant", "cosine"):
-            raise FgcompileError(f"--schedule {schedule!r}: choose constant or cosine.")
-        if epochs < 1 or batch < 1:
-            raise FgcompileError(f"--epochs {epochs} --batch {batch}: both must be at least 1.")
+            raise SpecError(f"--schedule {schedule!r}: choose constant or cosine.")
+        for flag, value in (("--epochs", epochs), ("--batch", batch), ("--checkpoint-every", checkpoint_every)):
+            if value < 1:
+                raise SpecError(f"{flag} {value}: must be at least 1.")
+        if resume and restart:
+            raise SpecError("--resume and --restart contradict each other: pass one.")
+        with folder.locked(self.out, "train"):
+            return self._fit(data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps,
+                             progress, stop_after, restart, allow_changed_run)
+
+    def _fit(self, data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps, progress,
+             stop_after, restart, allow_changed_run):
+        for name in (CHECKPOINT, LOG):
+            if os.path.lexists(self.out / name) and not (self.out / name).is_file():
+                raise OutputError(f"{self.out / name}: is not a regular file (a folder or special file); "
+                                  f"train writes its {name} there. Move it away.")
         x, y = self.load_data(data) if not isinstance(data, tuple) else data
         xv, yv = (self.load_data(val) if not isinstance(val, tuple) else val) if val is not None else (None, None)
         fixed_batch = self.data_shape[0] if isinstance(self.data_shape[0], int) else None
+        if fixed_batch is not None and len(y) < fixed_batch:
+            raise DataError(f"{data}: holds {len(y)} examples, fewer than the model's fixed batch of {fixed_batch}. "
+                            "Add examples, or re-export the model with a dynamic batch axis.")
         if fixed_batch is not None and batch != fixed_batch:
             raise DataError(f"--batch {batch}: the model's batch dimension is fixed at {fixed_batch}. Pass "
                             f"--batch {fixed_batch}, or re-export the model with a dynamic batch axis.")
         batch = min(batch, len(y))
         per_epoch = len(y) // batch
         total = epochs * per_epoch
-        if resume and (self.out / CHECKPOINT).exists():
-            self.state, self.meta = checkpoint.load(self.out / CHECKPOINT)
-        elif not resume:
+        run = {"batch": batch, "epochs": epochs, "schedule": schedule, "examples": len(y),
+               "data_sha256": data_digest(x, y)}
+        has_checkpoint = (self.out / CHECKPOINT).exists()
+        if has_checkpoint and not (resume or restart):
+            _, meta = checkpoint.load(self.out / CHECKPOINT)
+            raise OutputError(f"{self.out}: already holds a trained checkpoint (step {meta['step']}); training "
+                              "from the start would discard it. Pass --resume to continue it, or --restart to "
+                              "start over (the checkpoint and train_log.jsonl are replaced).")
+        self.notes = []
+        if resume and has_checkpoint:
+            self.state, self.meta = checkpoint.load(self.out / CHECKPOINT, self.contract, self.train_sha256)
+            self.meta.setdefault("bad_steps", 0)
+            self._check_run(self.meta.get("run"), run, allow_changed_run)
+            _truncate_log(self.out / LOG, self.meta["step"])
+        else:
             (self.out / LOG).unlink(missing_ok=True)
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
+        self.run = run
         start = self.meta["step"]
         history, perm, perm_epoch = [], None, -1
         bar = _progress(total, start, progress)
@@ -133,8 +168,23 @@ class Trainer:
             bar.close()
         return history
 
+    def _check_run(self, before: dict | None, now: dict, allow: bool) -> None:
+        """A resume replays steps bit for bit only with the same batch, data and schedule (and, for the
+        cosine schedule, epochs). Say what changed; refuse unless allowed."""
+        if not before:
+            return
+        changed = {k: (before.get(k), now[k]) for k in RESUME_KEYS if before.get(k) != now[k]}
+        shown = ", ".join(f"{k} {'changed' if k == 'data_sha256' else f'{a} -> {b}'}" for k, (a, b) in changed.items())
+        breaking = [k for k in changed if k != "epochs" or now["schedule"] == "cosine"]
+        if breaking and not allow:
+            raise SpecError(f"--resume: the run differs from the checkpoint's ({shown}), so the resumed steps "
+                            "would not match an uninterrupted run. Pass the original --data/--batch/--epochs/"
+                            "--schedule, --restart to start over, or --allow-changed-run to continue anyway.")
+        if changed:
+            self.notes.append(f"resuming with a changed run: {shown}")
+
     def _save(self, step: int) -> None:
-        meta = dict(self.meta, step=step, spec=self.contract["spec"])
+        meta = dict(self.meta, step=step, spec=self.contract["spec"], run=self.run, train_sha256=self.train_sha256)
         checkpoint.save(self.out / CHECKPOINT, self.state, meta)
 
 
@@ -146,11 +196,47 @@ def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, seed: int, step: in
             io["step"]: np.array(step, np.int32), io["lr"]: np.array(lr, np.int32), **state}
 
 
-def latest_state(out_dir) -> dict:
-    """The newest state of a compiled folder: its checkpoint if training ran, else the initial state."""
+def open_train_graph(out: pathlib.Path):
+    """(model, validated contract, sha256 of the file) of OUT/train.onnx."""
+    model = modelio.load_model(out / TRAIN)
+    return model, read_contract(model, out / TRAIN), validate.file_sha256(out / TRAIN)
+
+
+def session_of(model: onnx.ModelProto, path, threads: int = 0):
+    try:
+        return make_session(model, threads)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ModelError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]}). The file "
+                         "was edited or damaged; recompile the model.") from None
+
+
+def latest_state(out_dir, contract: dict | None = None) -> dict:
+    """The newest state of a compiled folder, checked against its contract: its checkpoint if training
+    ran, else the initial state."""
     out = pathlib.Path(out_dir)
+    folder.recover(out)
+    sha = None
+    if contract is None:
+        _, contract, sha = open_train_graph(out)
+    elif (out / TRAIN).is_file():
+        sha = validate.file_sha256(out / TRAIN)
     path = out / CHECKPOINT if (out / CHECKPOINT).exists() else out / STATE
-    return checkpoint.load(path)[0]
+    return checkpoint.load(path, contract, sha)[0]
+
+
+def _truncate_log(path: pathlib.Path, step: int) -> None:
+    """Keep the log records up to `step` (those after it will be replayed), and drop a torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    modelio.write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -135,3 +135,180 @@ def test_fixed_batch_model_with_another_batch(tmp_path):
     r = CliRunner().invoke(main, ["train", str(tmp_path / "o"), "--data", str(tmp_path / "d.npz"), "--batch", "4",
                                   "--quiet", "--epochs", "1"])
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Output safety: what compile, export and train may overwrite (issue #11)
+
+def invoke(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in r.output and not isinstance(r.exception, (AssertionError, TypeError, KeyError)), \
+        r.output
+    return r
+
+
+def refused(r, message):
+    assert r.exit_code == 2, r.output
+    assert message in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output  # one paragraph
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid():
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_compile_refuses_a_folder_it_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's work")
+    refused(invoke("compile", CNN, "-o", out), "was not written by fgcompile")
+    assert snapshot(out) == {"notes.txt": b"the user's work"}
+
+
+def test_compile_refuses_an_output_that_holds_the_input(tmp_path, monkeypatch):
+    shutil.copy(CNN, tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    for out in (".", str(tmp_path)):
+        refused(invoke("compile", "m.onnx", "-o", out), "holds the input m.onnx")
+    assert snapshot(tmp_path) == before
+    assert invoke("compile", "m.onnx", "-o", "out").exit_code == 0
+    shutil.copy(CNN, tmp_path / "out" / "again.onnx")  # a model kept inside a compiled folder
+    refused(invoke("compile", "out/again.onnx", "-o", "out", "--force"), "holds the input")
+
+
+def test_compile_replaces_a_compiled_folder_but_keeps_training_unless_forced(tmp_path):
+    out = tmp_path / "out"
+    assert invoke("compile", CNN, "-o", out, "--m", 1).exit_code == 0
+    assert invoke("compile", CNN, "-o", out, "--m", 2).exit_code == 0   # nothing of the user's in it
+    assert invoke("train", out, "--data", TRAIN, "--epochs", 1, "--quiet").exit_code == 0
+    kept = snapshot(out)
+    refused(invoke("compile", CNN, "-o", out, "--m", 3), "holds training (checkpoint.npz, train_log.jsonl)")
+    assert snapshot(out) == kept
+    assert invoke("compile", CNN, "-o", out, "--m", 3, "--force").exit_code == 0
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_compile_recovers_a_folder_lost_between_the_two_renames(tmp_path):
+    out = tmp_path / "out"
+    assert invoke("compile", CNN, "-o", out).exit_code == 0
+    want = snapshot(out)
+    pid = dead_pid()
+    os.replace(out, tmp_path / f".out.fgcompile-old-{pid}")          # the crash: out renamed away ...
+    (tmp_path / f".out.fgcompile-staging-{pid}-x1").mkdir()           # ... the new one never renamed in
+    (tmp_path / f".out.fgcompile-staging-{pid}-x1" / "train.onnx").write_bytes(b"half")
+    r = invoke("eval", out, "--data", TRAIN)
+    assert r.exit_code == 0, r.output
+    assert snapshot(out) == want and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_kill_9_leftovers_are_removed_and_live_ones_kept(tmp_path):
+    out = tmp_path / "out"
+    assert invoke("compile", CNN, "-o", out).exit_code == 0
+    stale = out / f".checkpoint.npz.fgcompile-{dead_pid()}-abc.tmp"
+    live = out / f".checkpoint.npz.fgcompile-{os.getpid()}-abc.tmp"
+    foreign = out / ".checkpoint.npz.other.tmp"
+    for p in (stale, live, foreign):
+        p.write_bytes(b"partial")
+    assert invoke("train", out, "--data", TRAIN, "--epochs", 1, "--quiet").exit_code == 0
+    assert not stale.exists() and live.exists() and foreign.exists()
+
+
+def test_demo_with_zero_epochs_writes_nothing(tmp_path):
+    refused(invoke("demo", "-o", tmp_path / "d", "--epochs", 0), "--epochs 0")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.fixture
+def trained(tmp_path, compiled):
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    r = invoke("train", out, "--data", TRAIN, "--epochs", 1, "--quiet", "--checkpoint-every", 7)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_export_writes_only_regular_files(tmp_path, trained):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "null").symlink_to("/dev/null")
+    (tmp_path / "dir").mkdir()
+    kept = snapshot(trained)
+    cases = {fifo: "is a FIFO", tmp_path / "null": "is a character device", tmp_path / "dir": "is a folder",
+             trained / "checkpoint.npz": "inside the compiled folder", trained / "train.onnx": "inside the compiled",
+             trained: "inside the compiled folder"}
+    for target, message in cases.items():
+        refused(invoke("export", trained, "-o", target), message)
+    assert snapshot(trained) == kept and os.path.islink(tmp_path / "null") and (tmp_path / "dir").is_dir()
+
+
+def test_export_never_overwrites_the_source_model(tmp_path):
+    shutil.copy(CNN, tmp_path / "m.onnx")
+    assert invoke("compile", tmp_path / "m.onnx", "-o", tmp_path / "out").exit_code == 0
+    refused(invoke("export", tmp_path / "out", "-o", tmp_path / "m.onnx"), "the model")
+    assert (tmp_path / "m.onnx").read_bytes() == CNN.read_bytes()
+
+
+def test_train_refuses_to_discard_a_checkpoint(trained):
+    kept = snapshot(trained)
+    refused(invoke("train", trained, "--data", TRAIN, "--quiet"), "already holds a trained checkpoint (step 15)")
+    assert snapshot(trained) == kept
+    r = invoke("train", trained, "--data", TRAIN, "--quiet", "--epochs", 1, "--restart")
+    assert r.exit_code == 0, r.output
+    assert len((trained / "train_log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_second_train_on_one_folder_exits_naming_the_first(trained):
+    from fgcompile import folder
+    kept = snapshot(trained)
+    with folder.locked(trained):     # as a running `train` holds it
+        r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2)
+        refused(r, f"another fgcompile process (pid {os.getpid()}) is using this folder")
+        refused(invoke("compile", CNN, "-o", trained, "--force"), f"(pid {os.getpid()})")
+    assert snapshot(trained) == {**kept, ".fgcompile.lock": (trained / ".fgcompile.lock").read_bytes()}
+    assert invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2).exit_code == 0
+
+
+def test_a_resumed_run_logs_each_epoch_once(tmp_path, compiled):
+    import json
+    from fgcompile.runtime.trainer import Trainer
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    # epoch 1 ends at step 15 and is logged; the last checkpoint is step 14, so a resume replays step 15
+    Trainer(out).fit(str(TRAIN), epochs=2, checkpoint_every=7, progress=False, stop_after=17)
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "st')   # a line torn by kill -9
+    r = invoke("train", out, "--data", TRAIN, "--epochs", 2, "--quiet", "--resume", "--checkpoint-every", 7)
+    assert r.exit_code == 0, r.output
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log] == [1, 2]
+
+
+def test_resume_with_another_run_says_what_changed(trained, tmp_path):
+    resume = ("train", trained, "--quiet", "--resume", "--epochs", 1)
+    refused(invoke(*resume, "--data", TRAIN, "--batch", 16), "the run differs from the checkpoint's (batch 32 -> 16)")
+    d = np.load(TRAIN)
+    np.savez(tmp_path / "other.npz", x=d["x"][::-1], y=d["y"][::-1])
+    refused(invoke(*resume, "--data", tmp_path / "other.npz"), "(data_sha256 changed)")
+    refused(invoke(*resume, "--data", TRAIN, "--schedule", "cosine"), "(schedule constant -> cosine)")
+    r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2)  # constant lr: extends
+    assert r.exit_code == 0 and "note: resuming with a changed run: epochs 1 -> 2" in r.output, r.output
+    r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 3, "--batch", 16,
+               "--allow-changed-run")
+    assert r.exit_code == 0 and "batch 32 -> 16, epochs 2 -> 3" in r.output, r.output
+
+
+def test_checkpoint_or_log_path_that_is_a_folder(compiled, tmp_path):
+    for name in ("checkpoint.npz", "train_log.jsonl"):
+        out = tmp_path / name
+        shutil.copytree(compiled, out)
+        (out / name).mkdir()
+        refused(invoke("train", out, "--data", TRAIN, "--quiet", "--resume"), "is not a regular file")

@@ -20,7 +20,7 @@ def test_compile_train_eval_export(tmp_path):
     out = tmp_path / "out"
     r = run("compile", MODELS / "digits_cnn" / "w8a8.onnx", "-o", out, "--m", 2, "--last", 1)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["eval.onnx", "source.onnx", "state.npz", "train.onnx"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["eval.onnx", "source.onnx", "state.npz", "train.onnx"]
     before = run("eval", out, "--data", TEST)
     r = run("train", out, "--data", TRAIN, "--val", TEST, "--epochs", 3, "--quiet", "--schedule", "cosine")
     assert r.exit_code == 0, r.output

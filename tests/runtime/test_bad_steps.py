@@ -43,5 +43,5 @@ def test_trainer_skips_and_counts_bad_steps(tmp_path):
         np.testing.assert_array_equal(v, compiled.state[k])
     t2 = Trainer(tmp_path / "o")
     with pytest.raises(FgcompileError, match="--max-bad-steps 1"):
-        t2.fit((x, Y), epochs=5, batch=64, progress=False, max_bad_steps=1)
+        t2.fit((x, Y), epochs=5, batch=64, progress=False, max_bad_steps=1, restart=True)
     assert t2.meta["bad_steps"] == 2

@@ -41,7 +41,7 @@ def test_not_an_npz(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="no such data file"):
+    with pytest.raises(DataError, match="no such file"):
         load_data(tmp_path / "none.npz", SHAPE, CLASSES)
 
 
