@@ -24,7 +24,9 @@ INT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32")
 STATE_FIELDS = {"name": str, "output": str, "role": str, "dtype": str, "shape": list, "qmin": int, "qmax": int,
                 "step": int, "source_dtype": str, "widened": bool}
 WIDEN = 256
-WIDE_QMAX = 127 * WIDEN + WIDEN // 2 - 1   # widened int8 weights stay where round(W16 / 256) fits int8
+# widenings fgcompile makes (source -> trained dtype), and the largest value that still narrows back
+WIDENINGS = {("int8", "int16"): 127 * WIDEN + WIDEN // 2 - 1, ("uint8", "uint16"): 255 * WIDEN + WIDEN // 2 - 1,
+             ("int32", "int32"): np.iinfo(np.int32).max}
 
 
 class StateError(FgcompileError):
@@ -77,8 +79,8 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
         if not info.min <= s["qmin"] < s["qmax"] <= info.max:
             return f"state {name!r}: [qmin, qmax] = [{s['qmin']}, {s['qmax']}] does not fit {dtype}"
         if s["widened"]:
-            ok = (dtype, s["source_dtype"]) in (("int16", "int8"), ("int32", "int32"))
-            if not ok or (s["role"] == "weight" and s["qmax"] > WIDE_QMAX):
+            qmax = WIDENINGS.get((s["source_dtype"], dtype))
+            if qmax is None or s["qmax"] > qmax:
                 return f"state {name!r}: widened from {s['source_dtype']} to {dtype} is not a widening fgcompile makes"
         elif dtype != s["source_dtype"]:
             return f"state {name!r}: dtype {dtype} differs from source_dtype {s['source_dtype']} but widened is false"
