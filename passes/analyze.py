@@ -70,9 +70,9 @@ def _describe(dq: gs.Node, w: gs.Constant) -> Tensor:
 
 
 def _matmul_bias(node: gs.Node):
-    """The Add bias after a MatMul, skipping one Q/DQ pair on the way (quantize_static's pattern)."""
+    """The Add bias after a MatMul, skipping one Q → DQ pair on the way (quantize_static's pattern)."""
     out = node.outputs[0]
-    for _ in range(2):
+    for _ in range(3):
         if len(out.outputs) != 1:
             return None
         nxt = out.outputs[0]

@@ -10,7 +10,8 @@ the source keeps zp8.
 
 Precondition: ctx.trainables from select; graph opset >= 21 (int16 DequantizeLinear).
 Postcondition: each trainable int8/uint8 weight is int16/uint16 with the scaled scale and zero point; the bias of
-its site is scaled with it; every trainable's qmin/qmax/step describe its new grid.
+its site is scaled with it; an 8-bit Add bias (MatMul + Add) widens the same way on its own grid;
+every trainable's qmin/qmax/step describe its new grid.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _scale(graph: gs.Graph, tensor, new_dtype) -> None:
 
 
 def _widens(ctx: Context, t) -> bool:
-    return ctx.spec.bits == 16 and t.role == "weight" and t.tensor.dtype in WIDE
+    return ctx.spec.bits == 16 and t.tensor.dtype in WIDE  # 8-bit weights and 8-bit Add biases
 
 
 def needed(ctx: Context) -> bool:
@@ -71,12 +72,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         wide_dtype, (t.qmin, t.qmax) = WIDE[t.tensor.dtype]
         _scale(graph, t.tensor, wide_dtype)
         t.widened = True
-        if site.bias is not None and site.bias.dtype == "int32":
+        if t.role == "weight" and site.bias is not None and site.bias.dtype == "int32":
             _scale(graph, site.bias, np.int32)
-    widened_sites = {t.site for t in ctx.trainables if t.widened}
-    for t in ctx.trainables:  # biases follow their weight's final scale
-        if t.role == "bias":
-            t.widened = t.site in widened_sites and t.tensor.dtype == "int32"
-            if t.tensor.dtype == "int32":
-                t.step = bias_step(graph, sites[t.site].weight.scale_name, t.tensor.scale_name)
+    widened_sites = {t.site for t in ctx.trainables if t.widened and t.role == "weight"}
+    for t in ctx.trainables:  # int32 biases follow their weight's final scale
+        if t.role == "bias" and t.tensor.dtype == "int32":
+            t.widened = t.site in widened_sites
+            t.step = bias_step(graph, sites[t.site].weight.scale_name, t.tensor.scale_name)
     return graph

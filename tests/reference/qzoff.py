@@ -92,7 +92,7 @@ class InferenceOracle:
             todo[w_name] = np.uint16 if numpy_helper.to_array(inits[w_name]).dtype == np.uint8 else np.int16
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in dq_by_out:
                 todo[dq_by_out[node.input[2]].input[0]] = np.int32
-        todo.update({s["name"]: np.int32 for s in c["state"] if s["role"] == "bias" and s["widened"]})
+        todo.update({s["name"]: np.dtype(s["dtype"]) for s in c["state"] if s["role"] == "bias" and s["widened"]})
         for name, dtype in todo.items():  # W' = 256·W, scale' = scale / 256, zp' = 256·zp
             dq = dq_by_init[name]
             w = numpy_helper.to_array(inits[name]).astype(np.int64) * 256
