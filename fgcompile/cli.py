@@ -160,6 +160,20 @@ def export(out, output):
 
 
 @main.command()
+@click.argument("out", type=click.Path())
+@click.option("--steps", default=20, show_default=True, help="Chained training steps per runtime.")
+@click.option("--data", type=click.Path(), help="Batches from this .npz (default: seeded random inputs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def verify(out, steps, data, as_json):
+    """Run STEPS chained steps of OUT on every runtime installed here and compare them bit for bit."""
+    from fgcompile.runtime.conformance import format_table, verify as run_verify
+    rows = run_verify(out, steps, data)
+    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+    if not all(r["identical"] and r["integer_part"] for r in rows):
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("in_dir", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="One compiled folder per model + summary.json.")
 @click.option("--jobs", default=2, show_default=True, help="Parallel processes (at most one per model and CPU).")

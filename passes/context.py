@@ -66,4 +66,5 @@ class Context:
     loss_minus: gs.Tensor | None = None
     extra_outputs: list[gs.Tensor] = dataclasses.field(default_factory=list)  # loss, accuracy
     grad: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)       # int32 ĝ [*shape]
+    coefficients: gs.Tensor | None = None   # int32 [m]: the cᵢ, the only values that cross from float
     lr_max: int = 0

@@ -11,7 +11,8 @@
 Only the m scalars cᵢ leave float; ĝ is integer arithmetic end to end.
 
 Precondition: ctx.loss_plus/minus from loss, ctx.z from prng.
-Postcondition: ctx.grad[name] is int32 [*shape] for each trainable.
+Postcondition: ctx.grad[name] is int32 [*shape] for each trainable; ctx.coefficients is the int32 [m]
+tensor of the cᵢ (where the step leaves float).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         c = b.op("Clip", [scaled, np.array(-SPSA_CLIP, np.float32), np.array(SPSA_CLIP, np.float32)],
                  dtype=np.float32)
     c = b.cast(c, np.int32, hint="c")
+    ctx.coefficients = c
     for tr in ctx.trainables:
         rank = len(tr.tensor.shape)
         ci = b.op("Reshape", [c, np.array([spec.m] + [1] * rank, np.int64)], dtype=np.int32)

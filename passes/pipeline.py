@@ -130,6 +130,8 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         "loss_tap": ctx.loss_tap,
         "branches": "stacked" if ctx.stacked else "cloned",
         "tie_tolerance": estimate.TIE_TOLERANCE,
+        # internal tensors a conformance check compares across runtimes (`fgcompile verify`)
+        "probes": {"coefficients": ctx.coefficients.name, "z": [ctx.z[t.name].name for t in ctx.trainables]},
     }
     inputs = [data, ctx.labels, ctx.seed, ctx.step, ctx.lr] + state_in
     outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]

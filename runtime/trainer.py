@@ -192,8 +192,13 @@ def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, seed: int, step: in
     """The inputs of one training step. seed (< 2^32) and step (< 2^31) are fed as int32, the seed's
     two's-complement bits: the graph's arithmetic is int32 throughout."""
     io = contract["inputs"]
-    return {io["data"]: x, io["labels"]: y, io["seed"]: np.array(seed % 2 ** 32, np.uint32).view(np.int32),
-            io["step"]: np.array(step, np.int32), io["lr"]: np.array(lr, np.int32), **state}
+    return {io["data"]: x, io["labels"]: y, **scalar_feeds(contract, seed, step, lr), **state}
+
+
+def scalar_feeds(contract: dict, seed: int, step: int, lr: int) -> dict:
+    io = contract["inputs"]
+    return {io["seed"]: np.array(seed % 2 ** 32, np.uint32).view(np.int32), io["step"]: np.array(step, np.int32),
+            io["lr"]: np.array(lr, np.int32)}
 
 
 def open_train_graph(out: pathlib.Path):

@@ -1,0 +1,267 @@
+"""conformance: the same chained training steps on every installed runtime, compared bit for bit.
+
+What fgcompile guarantees on any runtime that implements ONNX's integer ops exactly (int32 wraparound;
+Div of a power-of-two multiple by that power): z, ĝ and the update given the coefficients cᵢ. That
+part of the graph ("integer part": from the cᵢ, seed, step, lr and state to the next state) must agree
+bit for bit everywhere. The cᵢ = sign(L⁺ᵢ − L⁻ᵢ) come from the model's float forward, so the full step
+agrees only where the forward's rounding does (the requantizations of activations, the accumulation
+order of float ops). When a full step differs, `first_divergence` names the first op whose output
+differs from the baseline (onnxruntime with graph optimizations off, which runs the ONNX ops as written).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .trainer import scalar_feeds, step_feeds
+
+Runner = Callable[[list[str], dict], list[np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    name: str
+    config: str
+    make: Callable[[onnx.ModelProto], Runner]
+
+
+def _ort(level: str) -> Runtime:
+    def make(model):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return lambda outputs, feeds: sess.run(outputs, feeds)
+    return Runtime("onnxruntime", level, make)
+
+
+def _reference(model) -> Runner:
+    from onnx.reference import ReferenceEvaluator
+    evaluator = ReferenceEvaluator(model)
+    return lambda outputs, feeds: evaluator.run(outputs, feeds)
+
+
+def _openvino(model) -> Runner:
+    import openvino as ov
+    core = ov.Core()
+    # f32: the CPU plugin would otherwise run float ops in bf16 where the CPU has it
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def run(outputs, feeds):
+        result = compiled(feeds)
+        return [np.asarray(result[compiled.output(name)]) for name in outputs]
+    return run
+
+
+BASELINE = _ort("ORT_DISABLE_ALL")
+
+
+def installed() -> list[Runtime]:
+    """Every runtime configuration available here, the baseline first."""
+    found = [BASELINE, _ort("ORT_ENABLE_ALL"), Runtime("onnx.reference", "ReferenceEvaluator", _reference)]
+    try:
+        import openvino  # noqa: F401
+        found.append(Runtime("openvino", "CPU f32", _openvino))
+    except ImportError:
+        pass
+    return found
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the named intermediate tensors (types from shape inference)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {o.name for o in out.graph.output}
+    inferred = onnx.shape_inference.infer_shapes(out)
+    types = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name in names:
+        if name not in known and name in types:
+            out.graph.output.append(onnx.helper.make_value_info(name, types[name]))
+    return out
+
+
+@dataclasses.dataclass
+class StepRecord:
+    z: list[np.ndarray]
+    coefficients: np.ndarray
+    state: dict[str, np.ndarray]
+    losses: np.ndarray
+
+
+def chain(train: onnx.ModelProto, contract: dict, state: dict, batches: list, runtime: Runtime,
+          seed: int = 0) -> list[StepRecord]:
+    """len(batches) chained steps on `runtime`: each step's state is the previous step's output there."""
+    probes = contract["probes"]
+    model = with_outputs(train, probes["z"] + [probes["coefficients"]])
+    run = runtime.make(model)
+    names = probes["z"] + [probes["coefficients"], "loss_plus", "loss_minus"] + [s["output"] for s in contract["state"]]
+    records = []
+    for k, (x, y) in enumerate(batches):
+        out = run(names, step_feeds(contract, x, y, seed, k, contract["lr"]["default"], state))
+        zs, (c, lp, lm), new = out[:len(probes["z"])], out[len(probes["z"]):len(probes["z"]) + 3], out[len(probes["z"]) + 3:]
+        state = {s["name"]: v for s, v in zip(contract["state"], new)}
+        records.append(StepRecord(zs, c, state, np.stack([lp, lm])))
+    return records
+
+
+def integer_part(train: onnx.ModelProto, contract: dict) -> onnx.ModelProto:
+    """The graph from (cᵢ, seed, step, lr, state) to (z, next state): what fgcompile guarantees."""
+    probes = contract["probes"]
+    inputs = [probes["coefficients"], contract["inputs"]["seed"], contract["inputs"]["step"],
+              contract["inputs"]["lr"]] + [s["name"] for s in contract["state"]]
+    outputs = probes["z"] + [s["output"] for s in contract["state"]]
+    inferred = onnx.shape_inference.infer_shapes(train)
+    return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
+
+
+def chain_integer_part(part: onnx.ModelProto, contract: dict, state: dict, coefficients: list[np.ndarray],
+                       runtime: Runtime, seed: int = 0) -> list[StepRecord]:
+    """Chained steps of the integer part with the given cᵢ per step."""
+    run = runtime.make(part)
+    probes = contract["probes"]
+    names = probes["z"] + [s["output"] for s in contract["state"]]
+    records = []
+    for k, c in enumerate(coefficients):
+        feeds = {probes["coefficients"]: np.asarray(c, np.int32), **state,
+                 **scalar_feeds(contract, seed, k, contract["lr"]["default"])}
+        out = run(names, feeds)
+        state = {s["name"]: v for s, v in zip(contract["state"], out[len(probes["z"]):])}
+        records.append(StepRecord(out[:len(probes["z"])], np.asarray(c), state, np.zeros(0)))
+    return records
+
+
+def first_difference(base: list[StepRecord], other: list[StepRecord]) -> tuple[int, str] | None:
+    """(step, what) of the first step whose z, coefficients or state differ, else None."""
+    for k, (a, b) in enumerate(zip(base, other)):
+        if not all(np.array_equal(p, q) for p, q in zip(a.z, b.z)):
+            return k, "z"
+        if not np.array_equal(a.coefficients, b.coefficients):
+            return k, "coefficients"
+        if not all(np.array_equal(a.state[n], b.state[n]) for n in a.state):
+            return k, "state"
+    return None
+
+
+def first_divergence(model: onnx.ModelProto, feeds: dict, runtime: Runtime) -> str:
+    """The first op (in graph order) whose output on `runtime` differs from the baseline's, as text.
+    onnxruntime with optimizations runs its own optimized graph: that graph's nodes are compared (run
+    unoptimized), so a fused node (QLinearMatMul, QGemm, …) can be named."""
+    graph_model = _ort_optimized(model, runtime.config) if runtime.name == "onnxruntime" else model
+    names = [o for node in graph_model.graph.node for o in node.output if o]
+    base_values = _values(model, feeds, BASELINE, names)
+    runner = BASELINE if runtime.name == "onnxruntime" else runtime
+    values = _values(graph_model, feeds, runner, [n for n in names if n in base_values])
+    for node in graph_model.graph.node:
+        for name in node.output:
+            if name in values and name in base_values and not _same(values[name], base_values[name]):
+                a, b = np.asarray(values[name]), np.asarray(base_values[name])
+                diff = np.abs(a.astype(np.float64) - b.astype(np.float64)) if a.shape == b.shape else None
+                detail = (f"max |Δ| {np.nanmax(diff):.3g} on {int((diff != 0).sum())} of {diff.size} values"
+                          if diff is not None else f"shape {a.shape} vs {b.shape}")
+                domain = f"{node.domain}." if node.domain else ""
+                return f"{domain}{node.op_type} '{node.name}' → '{name}': {detail}"
+    return "no intermediate differs when exposed (exposing outputs changed how the runtime fused the graph)"
+
+
+def _same(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
+def _values(model, feeds, runtime: Runtime, names: list[str]) -> dict:
+    probed = with_outputs(model, names)
+    available = [o.name for o in probed.graph.output if o.name in set(names)]
+    return dict(zip(available, runtime.make(probed)(available, feeds)))
+
+
+def _ort_optimized(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        opts.optimized_model_filepath = path
+        opts.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(path)
+
+
+def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
+    """Run `steps` chained steps of the compiled folder on every installed runtime; one row each:
+    runtime, config, identical (z, coefficients and state of every step), integer_part (the same with
+    the baseline's cᵢ fed in), eval (eval.onnx outputs on the first batch), first_divergence."""
+    import pathlib
+
+    from fgcompile import modelio
+    from fgcompile.compiler import EVAL, TRAIN, read_contract
+    from fgcompile.errors import FgcompileError
+    from .data import load_data
+    from .session import class_count, input_shape, make_session
+    from .trainer import Trainer, latest_state
+
+    if steps < 1:
+        raise FgcompileError(f"--steps {steps}: must be at least 1.")
+    out = pathlib.Path(out_dir)
+    Trainer(out)                                    # the same checks and messages as `train`
+    train, eval_model = modelio.load_model(out / TRAIN), modelio.load_model(out / EVAL)
+    contract = read_contract(train)
+    if "probes" not in contract:
+        raise FgcompileError(f"{out}: compiled by an fgcompile without conformance probes. Compile it again.")
+    state = latest_state(out)
+    sess = make_session(eval_model)
+    shape = input_shape(sess, contract["inputs"]["data"])
+    x, y = load_data(data, shape, class_count(sess)) if data is not None else _synthetic(shape, class_count(sess), batch)
+    batch = shape[0] if isinstance(shape[0], int) else min(batch, len(y))
+    starts = [(k * batch) % max(len(y) - batch + 1, 1) for k in range(steps)]
+    batches = [(x[s:s + batch], y[s:s + batch]) for s in starts]
+    base = chain(train, contract, state, batches, BASELINE)
+    part = integer_part(train, contract)
+    coefficients = [r.coefficients for r in base]
+    base_part = chain_integer_part(part, contract, state, coefficients, BASELINE)
+    eval_feeds = {contract["inputs"]["data"]: batches[0][0], **state}
+    eval_out = [eval_model.graph.output[0].name]
+    base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
+    rows = []
+    for runtime in installed():
+        row = {"runtime": runtime.name, "config": runtime.config}
+        try:
+            got = chain(train, contract, state, batches, runtime)
+            diff = first_difference(base, got)
+            row["identical"] = diff is None
+            row["integer_part"] = first_difference(
+                base_part, chain_integer_part(part, contract, state, coefficients, runtime)) is None
+            row["eval"] = _same(runtime.make(eval_model)(eval_out, eval_feeds)[0], base_eval)
+            if diff is not None:
+                k, what = diff
+                feeds = step_feeds(contract, *batches[k], contract["spec"]["seed"], k, contract["lr"]["default"],
+                                   state if k == 0 else base[k - 1].state)
+                row["first_divergence"] = f"step {k}, {what}: {first_divergence(train, feeds, runtime)}"
+        except Exception as exc:            # a runtime that cannot run the graph is a result, not a crash
+            row.update(identical=False, integer_part=False, eval=False,
+                       first_divergence=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        rows.append(row)
+    return rows
+
+
+def _synthetic(shape: list, classes: int | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded uniform [0, 1) inputs of the model's input shape and random labels, when no data is given."""
+    rng = np.random.default_rng(0)
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
+    n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 4 * batch
+    return rng.uniform(0, 1, [n] + dims).astype(np.float32), rng.integers(0, classes or 2, n).astype(np.int64)
+
+
+def format_table(rows: list[dict]) -> str:
+    yes = lambda v: "yes" if v else "NO"
+    lines = [f"{'runtime':16s} {'config':20s} {'identical':9s} {'integer part':12s} {'eval':4s}  first divergence"]
+    for r in rows:
+        lines.append(f"{r['runtime']:16s} {r['config']:20s} {yes(r['identical']):9s} {yes(r['integer_part']):12s} "
+                     f"{yes(r['eval']):4s}  {r.get('first_divergence', '-')}")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""The same 20 chained training steps of each shipped model on every installed runtime: onnxruntime
+with graph optimizations off (the baseline) and on, the ONNX reference evaluator, and OpenVINO where the
+`openvino` test extra is installed. z, the coefficients cᵢ and the state must be bit-identical; on a
+mismatch the message names the first op whose output differs. The integer part of the step (cᵢ, seed,
+step, lr, state → z, next state) is what fgcompile guarantees on any runtime and is checked on its own."""
+import numpy as np
+import pytest
+
+from conftest import MODELS, shipped
+from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime import conformance
+from fgcompile.runtime.trainer import step_feeds
+from fgcompile.spec import TrainSpec
+
+STEPS, BATCH = 20, 32
+RUNTIMES = conformance.installed()
+MODEL_FILES = ["digits_cnn/w8a8.onnx", "digits_cnn/w16a8.onnx", "digits_attn/w8a8.onnx", "digits_attn/w16a8.onnx"]
+
+
+@pytest.fixture(scope="module")
+def batches():
+    d = np.load(MODELS / "data" / "digits_target_train.npz")
+    starts = [(k * BATCH) % (len(d["y"]) - BATCH) for k in range(STEPS)]
+    return [(d["x"][s:s + BATCH], d["y"][s:s + BATCH]) for s in starts]
+
+
+@pytest.fixture(scope="module", params=MODEL_FILES)
+def run(request, batches):
+    compiled = compile_graph(shipped(request.param), TrainSpec())
+    base = conformance.chain(compiled.train, compiled.contract, compiled.state, batches, conformance.BASELINE)
+    return compiled, base
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES[1:], ids=lambda r: f"{r.name}-{r.config}")
+def test_chained_steps_are_bit_identical(run, batches, runtime):
+    compiled, base = run
+    got = conformance.chain(compiled.train, compiled.contract, compiled.state, batches, runtime)
+    diff = conformance.first_difference(base, got)
+    if diff is not None:
+        k, what = diff
+        state = compiled.state if k == 0 else base[k - 1].state
+        feeds = step_feeds(compiled.contract, *batches[k], 0, k, compiled.contract["lr"]["default"], state)
+        pytest.fail(f"step {k}: {what} differ; first divergence: "
+                    f"{conformance.first_divergence(compiled.train, feeds, runtime)}")
+    assert any(not np.array_equal(base[-1].state[n], compiled.state[n]) for n in compiled.state), "training moved W"
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES[1:], ids=lambda r: f"{r.name}-{r.config}")
+def test_integer_part_is_bit_identical(run, runtime):
+    compiled, _ = run
+    part = conformance.integer_part(compiled.train, compiled.contract)
+    rng = np.random.default_rng(0)
+    coefficients = [rng.integers(-1, 2, compiled.contract["spec"]["m"]) for _ in range(STEPS)]
+    base = conformance.chain_integer_part(part, compiled.contract, compiled.state, coefficients, conformance.BASELINE)
+    got = conformance.chain_integer_part(part, compiled.contract, compiled.state, coefficients, runtime)
+    assert conformance.first_difference(base, got) is None
+
+
+def test_a_divergence_is_located():
+    """A graph whose forward differs on purpose: the report names the op."""
+    import onnx
+    from onnx import helper
+    node = helper.make_node("Softmax", ["x"], ["y"], name="the_softmax")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    shifted = conformance.Runtime("shifted", "test", lambda m: (lambda outs, feeds: [
+        conformance.BASELINE.make(m)(outs, feeds)[0] + np.float32(1e-3) * (np.arange(6).reshape(2, 3) == 4)]))
+    report = conformance.first_divergence(model, {"x": np.zeros([2, 3], np.float32)}, shifted)
+    assert "Softmax 'the_softmax'" in report and "1 of 6 values" in report
+
+
+def test_verify_command_prints_the_table(tmp_path):
+    from click.testing import CliRunner
+    from fgcompile.cli import main
+    from fgcompile.compiler import compile_model, write_compiled
+    source = shipped("digits_cnn/w8a8.onnx")
+    write_compiled(compile_model(source, TrainSpec(m=2)), tmp_path / "out")
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "out"), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 + len(RUNTIMES)
+    assert all(line.split()[2:5] == ["yes", "yes", "yes"] for line in lines[1:] if "ORT_" in line)
+    bad = CliRunner().invoke(main, ["verify", str(tmp_path / "out"), "--steps", "0"])
+    assert bad.exit_code == 2 and "--steps 0" in bad.output
