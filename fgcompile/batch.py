@@ -86,7 +86,7 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
                         row = _row(model, proc, t0, result)
                     del running[model]
                     finish(row)
-                time.sleep(POLL)
+                _pause()
         except KeyboardInterrupt:
             interrupted = True
             for model, (proc, t0, _) in running.items():
@@ -96,6 +96,10 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
     out_dir.mkdir(parents=True, exist_ok=True)
     modelio.save_json(out_dir / SUMMARY, rows)
     return rows, interrupted
+
+
+def _pause() -> None:
+    time.sleep(POLL)
 
 
 def _start(model: pathlib.Path, out: pathlib.Path, spec: TrainSpec, force: bool, scratch: pathlib.Path):
@@ -129,7 +133,10 @@ def _row(model: pathlib.Path, proc: subprocess.Popen, t0: float, result: pathlib
     rc = proc.returncode
     how = (f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals()
            else f"exited with status {rc}")
-    last = result.with_suffix(".err").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    try:
+        last = result.with_suffix(".err").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    except OSError:
+        last = [""]
     return _failed(model, t0, f"the worker process {how} before reporting (out of memory? the system's OOM "
                               f"killer sends SIGKILL). {last[0][:200]}".rstrip())
 

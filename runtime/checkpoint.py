@@ -38,9 +38,9 @@ def load(path, contract: dict | None = None, train_sha256: str | None = None) ->
             assert isinstance(meta, dict) and isinstance(meta.get("step"), int) and meta["step"] >= 0
         except (ValueError, AssertionError):
             raise validate.StateError(f"{path}: its {META} record is unreadable. {fix}") from None
+    if contract is not None:
+        arrays = validate.check_state(arrays, contract, path, fix)
     if train_sha256 and meta.get("train_sha256") not in (None, train_sha256):
         raise validate.StateError(f"{path}: belongs to another compile (it records a different train.onnx); "
                                   f"the folder was recompiled or the file copied from elsewhere. {fix}")
-    if contract is not None:
-        arrays = validate.check_state(arrays, contract, path, fix)
     return arrays, meta

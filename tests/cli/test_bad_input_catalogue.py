@@ -154,7 +154,9 @@ def refused(r, message):
 
 
 def snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under folder with its bytes (the lock file holds the pid of the last run: not content)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".fgcompile.lock"}
 
 
 def dead_pid():
@@ -273,7 +275,7 @@ def test_a_second_train_on_one_folder_exits_naming_the_first(trained):
         r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2)
         refused(r, f"another fgcompile process (pid {os.getpid()}) is using this folder")
         refused(invoke("compile", CNN, "-o", trained, "--force"), f"(pid {os.getpid()})")
-    assert snapshot(trained) == {**kept, ".fgcompile.lock": (trained / ".fgcompile.lock").read_bytes()}
+    assert snapshot(trained) == kept
     assert invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2).exit_code == 0
 
 
@@ -312,3 +314,384 @@ def test_checkpoint_or_log_path_that_is_a_folder(compiled, tmp_path):
         shutil.copytree(compiled, out)
         (out / name).mkdir()
         refused(invoke("train", out, "--data", TRAIN, "--quiet", "--resume"), "is not a regular file")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Silent corruption: state, checkpoints and the contract are checked against the graph on every load
+
+ATTN = MODELS / "digits_attn" / "w8a8.onnx"
+
+
+def set_contract(out, edit):
+    import json
+    model = onnx.load(out / "train.onnx")
+    prop = next(p for p in model.metadata_props if p.key == "fgcompile")
+    prop.value = edit(json.loads(prop.value))
+    onnx.save(model, out / "train.onnx")
+
+
+def all_commands_refuse(out, message, tmp_path):
+    kept = snapshot(out)
+    refused(invoke("export", out, "-o", tmp_path / "adapted.onnx"), message)
+    refused(invoke("eval", out, "--data", TRAIN), message)
+    refused(invoke("train", out, "--data", TRAIN, "--quiet", "--epochs", 1, "--resume"), message)
+    assert snapshot(out) == kept and not (tmp_path / "adapted.onnx").exists()
+
+
+def edited(**fields):
+    def edit(c):
+        import json
+        c["state"][0].update(fields)
+        return json.dumps(c)
+    return edit
+
+
+CONTRACT_EDITS = {
+    "bad JSON": (lambda c: "{not json", "is not valid JSON"),
+    "missing key": (lambda c: __import__("json").dumps({k: v for k, v in c.items() if k != "state"}),
+                    "missing or malformed key 'state'"),
+    "widened flipped": (edited(widened=False), "differs from source_dtype int8 but widened is false"),
+    "shape edited": (edited(shape=[64, 10]), "shape [64, 10] but the graph input is [10, 64]"),
+    "qmax edited": (edited(qmax=32767), "is not a widening fgcompile makes"),
+    "qmin beyond dtype": (edited(qmin=-40000), "does not fit int16"),
+    "dtype edited": (edited(dtype="int8"), "dtype int8 but the graph input is int16"),
+    "spec edited": (lambda c: __import__("json").dumps({**c, "spec": {**c["spec"], "m": 0}}), "its spec is invalid"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTRACT_EDITS))
+def test_edited_contract(tmp_path, compiled, case):
+    edit, message = CONTRACT_EDITS[case]
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    set_contract(out, edit)
+    all_commands_refuse(out, message, tmp_path)
+
+
+def test_bias_widening_flipped_is_caught_by_the_source_check(tmp_path, compiled):
+    import json
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    set_contract(out, lambda c: json.dumps({**c, "state": [c["state"][0], {**c["state"][1], "widened": False}]}))
+    refused(invoke("export", out, "-o", tmp_path / "a.onnx"), "does not match the contract")
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def checkpoint_from(tmp_path, *compile_args, name="other"):
+    other = tmp_path / name
+    assert invoke("compile", *compile_args, "-o", other).exit_code == 0
+    assert invoke("train", other, "--data", TRAIN, "--epochs", 1, "--quiet").exit_code == 0
+    return other / "checkpoint.npz"
+
+
+def test_checkpoint_of_a_bits_8_compile(tmp_path, trained):
+    shutil.copy(checkpoint_from(tmp_path, CNN, "--bits", "8"), trained / "checkpoint.npz")
+    all_commands_refuse(trained, "is int8 [10, 64] but the graph trains int16 [10, 64]", tmp_path)
+
+
+def test_checkpoint_of_the_same_model_compiled_again(tmp_path, trained):
+    shutil.copy(checkpoint_from(tmp_path, CNN, "--seed", "5"), trained / "checkpoint.npz")
+    all_commands_refuse(trained, "belongs to another compile (it records a different train.onnx)", tmp_path)
+
+
+def test_state_of_another_model(tmp_path, compiled):
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    assert invoke("compile", ATTN, "-o", tmp_path / "attn").exit_code == 0
+    shutil.copy(tmp_path / "attn" / "state.npz", out / "state.npz")
+    all_commands_refuse(out, "does not hold this compiled graph's state", tmp_path)
+
+
+def test_checkpoint_with_wrong_shapes_or_values(tmp_path, trained):
+    from fgcompile.runtime import checkpoint
+    state, meta = checkpoint.load(trained / "checkpoint.npz")
+    name = next(k for k in state if state[k].ndim == 2)
+    checkpoint.save(trained / "checkpoint.npz", {**state, name: state[name][:, :10]}, meta)
+    all_commands_refuse(trained, "but the graph trains int16 [10, 64]", tmp_path)
+    checkpoint.save(trained / "checkpoint.npz", {**state, name: np.full_like(state[name], 32767)}, meta)
+    all_commands_refuse(trained, "outside its grid [-32768, 32639]", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hangs and resources: only regular files, bounded sizes
+
+@pytest.fixture
+def no_hang():
+    import signal
+
+    def fail(*_):
+        raise AssertionError("blocked: a FIFO or device was read")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_fifo_and_device_inputs_are_refused(tmp_path, compiled, no_hang):
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.onnx").symlink_to("/dev/zero")
+    (tmp_path / "zero.npz").symlink_to("/dev/zero")
+    for model, kind in ((fifo, "is a FIFO"), (tmp_path / "zero.onnx", "is a character device")):
+        refused(invoke("compile", model, "-o", tmp_path / "out"), kind)
+        refused(invoke("inspect", model), kind)
+        refused(invoke("eval", model, "--data", TRAIN), kind)
+    refused(invoke("eval", CNN, "--data", tmp_path / "zero.npz"), "is a character device")
+    refused(invoke("train", compiled, "--data", fifo, "--quiet"), "is a FIFO")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_over_the_protobuf_limit(tmp_path):
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as f:
+        f.truncate(2 ** 31 + 10)   # sparse: no disk used
+    refused(invoke("compile", big, "-o", tmp_path / "out"), "over the 2 GiB limit of an ONNX protobuf file. Save "
+                                                            "the weights as external data")
+
+
+def npz_member(name, header_shape, dtype="<f4", payload=b"", compress=False):
+    """One .npy member with a hand-written header (the data need not match it)."""
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32))
+    header.update(shape=header_shape, descr=dtype)
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return name + ".npy", buf.getvalue() + payload
+
+
+def write_zip(path, members, compress=False):
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+def test_npz_declaring_64_gib(tmp_path, compiled):
+    bad = write_zip(tmp_path / "huge.npz", [npz_member("x", (2 ** 34, 1, 8, 8)), npz_member("y", (4,), "<i8")])
+    assert bad.stat().st_size < 2000
+    refused(invoke("train", compiled, "--data", bad, "--quiet"), "array 'x' declares shape [17179869184, 1, 8, 8]")
+
+
+def test_npz_zip_bomb(tmp_path, compiled, monkeypatch):
+    from fgcompile import npzfile
+    monkeypatch.setattr(npzfile, "RATIO_FLOOR", 2 ** 20)   # the real floor is 64 MiB; same rule, smaller file
+    n = 2 ** 21 // 256
+    x = np.zeros((n, 1, 8, 8), np.float32)
+    np.savez_compressed(tmp_path / "bomb.npz", x=x, y=np.zeros(n, np.int64))
+    refused(invoke("train", compiled, "--data", tmp_path / "bomb.npz", "--quiet"), "refusing a likely zip bomb")
+
+
+def test_npz_reads_only_x_and_y(tmp_path):
+    d = np.load(TRAIN)
+    import io
+    buf = io.BytesIO()
+    np.save(buf, d["x"])
+    xs = buf.getvalue()
+    buf = io.BytesIO()
+    np.save(buf, d["y"])
+    members = [("x.npy", xs), ("y.npy", buf.getvalue()), npz_member("junk", (2 ** 40,), payload=b"\0" * 8)]
+    r = invoke("eval", CNN, "--data", write_zip(tmp_path / "d.npz", members))
+    assert r.exit_code == 0 and "(500 samples)" in r.output, r.output
+
+
+def batch_inputs(tmp_path, names):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in names:
+        shutil.copy(CNN, src / name)
+    return src
+
+
+def test_batch_jobs_must_be_positive(tmp_path):
+    src = batch_inputs(tmp_path, ["a.onnx"])
+    for jobs in ("0", "-3"):
+        refused(invoke("batch", src, "-o", tmp_path / "out", "--jobs", jobs), f"--jobs {jobs}: must be at least 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_turns_crashes_hangs_and_odd_names_into_rows(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+    from fgcompile import batch
+    src = batch_inputs(tmp_path, ["good.onnx", "summary.json.onnx", "killed.onnx", "hangs.onnx"])
+    os.mkfifo(src / "pipe.onnx")
+    started, real_start = [], batch._start
+
+    def start(model, out, spec, force, scratch):   # two models stand in for an OOM kill and a hang
+        alive = sum(p.poll() is None for p in started)
+        assert alive < 2, "more children than CPUs/--jobs"
+        if model.name in ("killed.onnx", "hangs.onnx"):
+            code = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)" if model.name == "killed.onnx" else \
+                "import time; time.sleep(60)"
+            proc = subprocess.Popen([sys.executable, "-c", code])
+            started.append(proc)
+            return proc, __import__("time").monotonic(), scratch / f"{model.name}.json"
+        proc, t0, result = real_start(model, out, spec, force, scratch)
+        started.append(proc)
+        return proc, t0, result
+    monkeypatch.setattr(batch, "_start", start)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    r = invoke("batch", src, "-o", tmp_path / "out", "--jobs", 64, "--timeout", 8, "--m", 1)
+    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), (r.output, r.exception)
+    rows = {row["model"]: row for row in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    assert rows["good.onnx"]["status"] == rows["summary.json.onnx"]["status"] == "ok"
+    assert (tmp_path / "out" / "summary.json_model" / "train.onnx").is_file()
+    assert "killed by signal SIGKILL" in rows["killed.onnx"]["error"]
+    assert "stopped after the --timeout of 8 s" in rows["hangs.onnx"]["error"]
+    assert "is a FIFO" in rows["pipe.onnx"]["error"]
+    assert all(p.poll() is not None for p in started)
+
+
+def test_batch_ctrl_c_stops_and_writes_the_summary(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+    import time
+    from fgcompile import batch
+    src = batch_inputs(tmp_path, ["a_fast.onnx", "b_slow.onnx", "c_queued.onnx"])
+    started, real_start, done, real_sleep = [], batch._start, [], time.sleep
+
+    def start(model, out, spec, force, scratch):
+        if model.name == "b_slow.onnx":
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            started.append(proc)
+            return proc, time.monotonic(), scratch / "none.json"
+        return real_start(model, out, spec, force, scratch)
+
+    def pause():   # Ctrl-C arrives once the fast model has finished
+        if done:
+            raise KeyboardInterrupt
+        real_sleep(0.05)
+    monkeypatch.setattr(batch, "_start", start)
+    monkeypatch.setattr(batch, "_pause", pause)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    t0 = time.monotonic()
+    rows, interrupted = batch.batch_compile(src, tmp_path / "out", batch.TrainSpec(m=1), jobs=2,
+                                            on_done=done.append)
+    assert interrupted and time.monotonic() - t0 < 30
+    saved = {r["model"]: r["status"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    assert saved == {"a_fast.onnx": "ok", "b_slow.onnx": "cancelled"}
+    assert started[0].poll() is not None   # the running child was stopped
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Former tracebacks, now clear errors (exit 2) or working
+
+def data_file(tmp_path, **arrays):
+    np.savez(tmp_path / "d.npz", **arrays)
+    return tmp_path / "d.npz"
+
+
+def corrupt_compressed(tmp_path):
+    d = np.load(TRAIN)
+    np.savez_compressed(tmp_path / "c.npz", x=d["x"], y=d["y"])
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    for i in range(2000, 2400):
+        raw[i] ^= 0x5A
+    (tmp_path / "c.npz").write_bytes(bytes(raw))
+    return tmp_path / "c.npz"
+
+
+def npy_file(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))
+    return tmp_path / "x.npy"
+
+
+DATA_TRACEBACKS = {
+    "0-d x": (lambda t: data_file(t, x=np.float32(1), y=np.zeros(1, np.int64)), "x is a single number (0-d)"),
+    "corrupt compressed npz": (corrupt_compressed, "not a readable .npz"),
+    "npy as data": (npy_file, "is a .npy file (one array), not an .npz"),
+    "object array": (lambda t: write_zip(t / "o.npz", [npz_member("x", (1,), "|O"), npz_member("y", (1,), "<i8")]),
+                     "holds Python objects"),
+    "truncated member": (lambda t: write_zip(t / "t.npz", [npz_member("x", (4, 1, 8, 8), payload=b"\0" * 10),
+                                                           npz_member("y", (4,), "<i8", payload=b"\0" * 32)]),
+                         "the file is truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_TRACEBACKS))
+def test_data_tracebacks(tmp_path, compiled, case):
+    make, message = DATA_TRACEBACKS[case]
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    path = make(tmp_path)
+    refused(invoke("train", out, "--data", path, "--quiet"), message)
+    refused(invoke("eval", CNN, "--data", path), message)
+    assert snapshot(out) == snapshot(compiled)
+
+
+def fixed_batch_folder(tmp_path, n=12):
+    model = qdq_graphs.dense_chain(3, widths=(64, 10), batch=4)
+    x = np.random.default_rng(0).uniform(0, 1, (n, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(n) % 10)
+    onnx.save(model, tmp_path / "m.onnx")
+    assert invoke("compile", tmp_path / "m.onnx", "-o", tmp_path / "o").exit_code == 0
+    return tmp_path / "o"
+
+
+def test_fixed_batch_model_in_eval_and_val(tmp_path):
+    out = fixed_batch_folder(tmp_path, n=11)   # 11 = two full batches of 4 and a padded one
+    for target in (tmp_path / "m.onnx", out):
+        r = invoke("eval", target, "--data", tmp_path / "d.npz")
+        assert r.exit_code == 0 and "(11 samples)" in r.output, r.output
+    r = invoke("train", out, "--data", tmp_path / "d.npz", "--val", tmp_path / "d.npz", "--batch", 4, "--epochs", 1,
+               "--quiet")
+    assert r.exit_code == 0 and "val_accuracy" in r.output, r.output
+
+
+def test_fixed_batch_model_with_fewer_examples_than_its_batch(tmp_path):
+    out = fixed_batch_folder(tmp_path, n=12)
+    np.savez(tmp_path / "few.npz", x=np.zeros((3, 64), np.float32), y=np.zeros(3, np.int64))
+    refused(invoke("train", out, "--data", tmp_path / "few.npz", "--batch", 4, "--quiet"),
+            "holds 3 examples, fewer than the model's fixed batch of 4")
+
+
+def matmul_per_input_channel(tmp_path):
+    c = qdq_graphs.Chain(np.random.default_rng(0))
+    h = c.qdq("x", 1 / 64)
+    w, _ = c.weight((6, 5), np.int8, True, 0)
+    h = c.qdq(c.op("Add", [c.op("MatMul", [h, w]), c.bias(5, 1 / 64, np.float32(0.01))]), 1 / 16)
+    onnx.save(qdq_graphs._model(c, "x", ["batch", 6], h, ["batch", 5]), tmp_path / "m.onnx")
+    return tmp_path / "m.onnx"
+
+
+def token_id_model(tmp_path):
+    from onnx import TensorProto, helper
+    c = qdq_graphs.Chain(np.random.default_rng(0))
+    c.init("emb", np.random.default_rng(1).normal(size=(20, 6)).astype(np.float32))
+    g = c.op("ReduceMean", [c.op("Gather", ["emb", "ids"]), c.init("ax", np.array([1]))], keepdims=0)
+    w, _ = c.weight((6, 5), np.int8, True, 1)
+    h = c.qdq(c.op("MatMul", [c.qdq(g, 1 / 64), w]), 1 / 16)
+    graph = helper.make_graph(c.nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
+                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["batch", 5])], c.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "m.onnx")
+    return tmp_path / "m.onnx"
+
+
+FLAG_TRACEBACKS = {
+    "--checkpoint-every 0": (["train", "{out}", "--data", TRAIN, "--checkpoint-every", "0", "--quiet"],
+                             "--checkpoint-every 0: must be at least 1"),
+    "--train '('": (["compile", CNN, "-o", "{new}", "--train", "("], "--train '(': not a valid regular expression"),
+    "--seed 2**63-1": (["compile", CNN, "-o", "{new}", "--seed", str(2 ** 63 - 1)], "must be in [0, 2**32)"),
+    "inspect --m -5": (["inspect", CNN, "--m", "-5"], "--m -5: the number of perturbations must be 1..64"),
+    "eval OUT/eval.onnx": (["eval", "{out}/eval.onnx", "--data", TRAIN], "pass the folder instead"),
+    "MatMul per-channel on axis 0": (["compile", matmul_per_input_channel, "-o", "{new}"],
+                                     "is quantized per channel on axis 0 (6 channels) but its bias"),
+    "int64 token ids": (["compile", token_id_model, "-o", "{new}"], "input 'ids' is int64 (e.g. token ids)"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_TRACEBACKS))
+def test_former_tracebacks(tmp_path, compiled, case):
+    args, message = FLAG_TRACEBACKS[case]
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    args = [a(tmp_path) if callable(a) else str(a).format(out=out, new=tmp_path / "new") for a in args]
+    before = snapshot(tmp_path)
+    refused(invoke(*args), message)
+    assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
