@@ -150,24 +150,44 @@ def first_difference(base: list[StepRecord], other: list[StepRecord]) -> tuple[i
 
 
 def first_divergence(model: onnx.ModelProto, feeds: dict, runtime: Runtime) -> str:
-    """The first op (in graph order) whose output on `runtime` differs from the baseline's, as text.
-    onnxruntime with optimizations runs its own optimized graph: that graph's nodes are compared (run
-    unoptimized), so a fused node (QLinearMatMul, QGemm, …) can be named."""
+    """The first op (in graph order) whose output on `runtime` differs from the baseline's, and the first
+    whose output is integer (a requantization that rounded differently: float ops that only reorder a
+    sum differ by ULPs everywhere, an integer step is what moves the losses), as text. onnxruntime with
+    optimizations runs its own optimized graph: that graph's nodes are compared (run unoptimized), so a
+    fused node (QLinearSoftmax, QGemm, …) can be named."""
     graph_model = _ort_optimized(model, runtime.config) if runtime.name == "onnxruntime" else model
     names = [o for node in graph_model.graph.node for o in node.output if o]
     base_values = _values(model, feeds, BASELINE, names)
     runner = BASELINE if runtime.name == "onnxruntime" else runtime
     values = _values(graph_model, feeds, runner, [n for n in names if n in base_values])
+    found = []
     for node in graph_model.graph.node:
         for name in node.output:
             if name in values and name in base_values and not _same(values[name], base_values[name]):
-                a, b = np.asarray(values[name]), np.asarray(base_values[name])
-                diff = np.abs(a.astype(np.float64) - b.astype(np.float64)) if a.shape == b.shape else None
-                detail = (f"max |Δ| {np.nanmax(diff):.3g} on {int((diff != 0).sum())} of {diff.size} values"
-                          if diff is not None else f"shape {a.shape} vs {b.shape}")
-                domain = f"{node.domain}." if node.domain else ""
-                return f"{domain}{node.op_type} '{node.name}' → '{name}': {detail}"
-    return "no intermediate differs when exposed (exposing outputs changed how the runtime fused the graph)"
+                integer = np.asarray(values[name]).dtype.kind in "iub"
+                if not found or (integer and not any(f[0] for f in found)):
+                    found.append((integer, _describe(node, name, values[name], base_values[name])))
+        if any(f[0] for f in found):
+            break
+    if not found:
+        return "no intermediate differs when exposed (exposing outputs changed how the runtime fused the graph)"
+    text = found[0][1]
+    if len(found) > 1:
+        text += f"; first integer difference: {found[1][1]}"
+    elif not found[0][0]:
+        text += "; no integer tensor differs"
+    return text
+
+
+def _describe(node, name: str, value, base_value) -> str:
+    a, b = np.asarray(value), np.asarray(base_value)
+    if a.shape == b.shape:
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        detail = f"max |Δ| {np.nanmax(diff):.3g} on {int((diff != 0).sum())} of {diff.size} values"
+    else:
+        detail = f"shape {a.shape} vs {b.shape}"
+    domain = f"{node.domain}." if node.domain else ""
+    return f"{domain}{node.op_type} '{node.name}' → '{name}': {detail}"
 
 
 def _same(a, b) -> bool:

@@ -2,7 +2,10 @@
 with graph optimizations off (the baseline) and on, the ONNX reference evaluator, and OpenVINO where the
 `openvino` test extra is installed. z, the coefficients cᵢ and the state must be bit-identical; on a
 mismatch the message names the first op whose output differs. The integer part of the step (cᵢ, seed,
-step, lr, state → z, next state) is what fgcompile guarantees on any runtime and is checked on its own."""
+step, lr, state → z, next state) is what fgcompile guarantees on any runtime and is checked on its own.
+OpenVINO's float ops sum in another order, so where one requantization rounds a step apart and a loss
+difference sits near a tie, its full step may differ: that case is an expected failure that names the
+requantization; any other difference fails."""
 import numpy as np
 import pytest
 
@@ -40,8 +43,15 @@ def test_chained_steps_are_bit_identical(run, batches, runtime):
         k, what = diff
         state = compiled.state if k == 0 else base[k - 1].state
         feeds = step_feeds(compiled.contract, *batches[k], 0, k, compiled.contract["lr"]["default"], state)
-        pytest.fail(f"step {k}: {what} differ; first divergence: "
-                    f"{conformance.first_divergence(compiled.train, feeds, runtime)}")
+        where = conformance.first_divergence(compiled.train, feeds, runtime)
+        message = f"step {k}: {what} differ; first divergence: {where}"
+        # OpenVINO's float MatMul/Conv sum in another order than onnxruntime's: where that moves one
+        # requantized activation by a step and a loss difference sits near a tie, its cᵢ differs. That
+        # is the forward's rounding, which fgcompile does not control (README: what an integrator must
+        # match); anything else is a failure.
+        if runtime.name == "openvino" and what == "coefficients" and "first integer difference: QuantizeLinear" in where:
+            pytest.xfail(message)
+        pytest.fail(message)
     assert any(not np.array_equal(base[-1].state[n], compiled.state[n]) for n in compiled.state), "training moved W"
 
 
