@@ -70,12 +70,15 @@ def make_spec(kw) -> TrainSpec:
 @click.option("--m", "m", default=8, show_default=True, help="Perturbations per step, for the memory estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
 def inspect(model, m, as_json):
-    """List the weight sites of a QDQ MODEL and the memory to train each."""
+    """List the trainable parameters of a quantized MODEL, their grid and the memory to train each,
+    and the layers that stay float."""
     import dataclasses
-    from fgcompile.inspect import format_table, inspect_model
+    from fgcompile.inspect import format_table, inspect_graph
     from fgcompile.modelio import load_model
-    rows = inspect_model(load_model(model), m=m)
-    click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) if as_json else format_table(rows))
+    rows, floats = inspect_graph(load_model(model), m=m)
+    click.echo(json.dumps({"parameters": [dataclasses.asdict(r) for r in rows],
+                           "stays_float": [dataclasses.asdict(f) for f in floats]}, indent=2)
+               if as_json else format_table(rows, floats))
 
 
 @main.command("compile")

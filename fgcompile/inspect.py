@@ -1,19 +1,30 @@
-"""inspect: the weight sites of a QDQ model and what training each would cost in memory.
+"""inspect: every parameter fgcompile can train in a model, its training grid and what training it would
+cost in memory, and the layers whose weights stay float (with why).
 
-Memory estimate for training one tensor of n elements with m perturbations on a b-byte grid
-(b = 2 when int8 widens to int16):  n · (2b  state in/out  +  2m·b  branch weights  +  4·(m + 2)
-int32 perturbations, counter and ĝ). Activations of the 2m branch copies are not included: they depend
-on the batch, and the benchmarks measure them.
+The model is canonicalized first (passes/canonicalize.py), so QOperator, dynamic, fake-quant and int4
+exports list the sites they compile to. Parameter kinds: Conv/Gemm/MatMul weights, their biases (int32
+through DequantizeLinear, an 8-bit or float Add after MatMul), and LayerNormalization/BatchNormalization
+scale and bias (quantized or float). Grids: 8-bit weights and Add biases widen to 16 bits with
+--bits 16 (W·256, s/256); int32 biases move in steps of 2^k ≈ 1/s_in LSBs; float parameters train on
+passes/floatgrid.py's int32 grid (s = 2^(⌈log2 max|P|⌉−27), steps of 2^12).
+
+Memory estimate for training one tensor of n elements with m perturbations on a b-byte grid:
+n · (2b state in/out + 2m·b branch copies + 4·(m + 2) int32 perturbations, counter and ĝ). Activations
+of the 2m branches are not included: they depend on the batch, and the benchmarks measure them.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from fgcompile.errors import ModelError, SpecError
-from fgcompile.passes.analyze import find_weight_sites, is_quantized
+from fgcompile.errors import ModelError
+from fgcompile.passes import canonicalize, floatgrid, widen
+from fgcompile.passes.analyze import bias_step, find_weight_sites, is_quantized
+
+RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def train_bytes(numel: int, grid_bytes: int, m: int) -> int:
@@ -21,43 +32,94 @@ def train_bytes(numel: int, grid_bytes: int, m: int) -> int:
 
 
 @dataclasses.dataclass
-class SiteRow:
+class ParamRow:
     site: str
     op: str
-    weight: str
+    role: str            # weight | bias | scale
+    tensor: str
     shape: tuple
     dtype: str
     axis: int | None
     params: int
-    bias: str | None
+    grid: str            # the grid it trains on
     train_bytes: int
 
 
-def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> list[SiteRow]:
-    if not 1 <= m <= 64:
-        raise SpecError(f"--m {m}: the number of perturbations must be 1..64 (the memory estimate uses it).")
-    graph = gs.import_onnx(model)
+@dataclasses.dataclass
+class FloatLayer:
+    node: str
+    op: str
+    tensors: list[str]
+    why: str
+
+
+def _grid(graph: gs.Graph, site, tensor, role: str, bits: int) -> tuple[str, int]:
+    """(description, bytes per element) of the grid `tensor` trains on."""
+    if tensor.dtype == "float32":
+        values = graph.tensors()[tensor.name].values
+        e = int(np.log2(floatgrid.grid_scale(values))) + floatgrid.MANTISSA_SHIFT
+        return f"float → int32·2^{e - floatgrid.MANTISSA_SHIFT}, step 2^12", 4
+    if bits == 16 and tensor.dtype in widen.WIDE:
+        wide = np.dtype(widen.WIDE[tensor.dtype][0]).name
+        return f"{wide} (·256, s/256)", 2
+    if tensor.dtype == "int32" and role == "bias":
+        # a widened product weight scales its int32 bias with it (s_w/s_b stays); a norm scale does not
+        widening = widen.FACTOR if bits == 16 and site.kind == "norm" and site.weight.dtype in widen.WIDE else 1
+        return f"int32, step {bias_step(graph, site.weight.scale_name, tensor.scale_name, widening)}", 4
+    return tensor.dtype, np.dtype(tensor.dtype).itemsize
+
+
+def float_layers(graph: gs.Graph) -> list[FloatLayer]:
+    """Recurrent layers, whose weights no common quantizer quantizes, and products with float weights."""
+    rows = []
+    for node in graph.nodes:
+        consts = [t.name for t in node.inputs if isinstance(t, gs.Constant) and t.values.dtype == np.float32
+                  and t.values.ndim >= 2]
+        if node.op in RECURRENT and consts:
+            rows.append(FloatLayer(node.name, node.op, consts, "recurrent weights stay float: onnxruntime's "
+                                   "quantizers (static and dynamic) leave LSTM/GRU/RNN weights unquantized, and "
+                                   "fgcompile trains integer-grid parameters on products and normalizations only"))
+        elif node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and node.inputs[1].name in consts:
+            rows.append(FloatLayer(node.name, node.op, [node.inputs[1].name],
+                                   "float weight, not quantized: quantize this layer to train it"))
+    return rows
+
+
+def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> tuple[list[ParamRow], list[FloatLayer]]:
+    graph = gs.import_onnx(canonicalize.run(model)[0])
     if not is_quantized(graph):
         raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "
                          "inference graphs. Quantize it first with onnxruntime.quantization.quantize_static "
                          "(quant_format=QuantFormat.QDQ).")
     rows = []
     for s in find_weight_sites(graph):
-        grid = 2 if bits == 16 or s.weight.dtype == "int16" else 1
-        n = s.weight.numel + (s.bias.numel if s.bias else 0)
-        rows.append(SiteRow(s.name, s.op, s.weight.name, s.weight.shape, s.weight.dtype, s.weight.axis,
-                            s.params, s.bias.name if s.bias else None, train_bytes(n, grid, m)))
-    return rows
+        for role, t in (("weight" if s.kind == "product" else "scale", s.weight), ("bias", s.bias)):
+            if t is None:
+                continue
+            grid, size = _grid(graph, s, t, role, bits)
+            rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid,
+                                 train_bytes(t.numel, size, m)))
+    return rows, float_layers(graph)
 
 
-def format_table(rows: list[SiteRow]) -> str:
-    head = ("site", "op", "weight", "shape", "dtype", "axis", "params", "bias", "train mem")
-    body = [(r.site, r.op, r.weight, "x".join(map(str, r.shape)), r.dtype, "-" if r.axis is None else str(r.axis),
-             str(r.params), r.bias or "-", _human(r.train_bytes)) for r in rows]
+def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> list[ParamRow]:
+    return inspect_graph(model, m, bits)[0]
+
+
+def format_table(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> str:
+    head = ("site", "op", "role", "tensor", "shape", "dtype", "axis", "params", "trains on", "train mem")
+    body = [(r.site, r.op, r.role, r.tensor, "x".join(map(str, r.shape)) or "scalar", r.dtype,
+             "-" if r.axis is None else str(r.axis), str(r.params), r.grid, _human(r.train_bytes)) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    sites = {r.site for r in rows}
+    norms = {r.site for r in rows if r.role == "scale"}
     total = sum(r.params for r in rows)
-    return "\n".join([line(head)] + [line(b) for b in body] + [f"{len(rows)} weight sites, {total} parameters"])
+    out = [line(head)] + [line(b) for b in body]
+    out.append(f"{len(sites) - len(norms)} weight sites, {len(norms)} normalization sites, {total} parameters "
+               "(normalization sites train when named with --train)")
+    out += [f"stays float: {f.node} ({f.op}: {', '.join(f.tensors)}): {f.why}" for f in floats]
+    return "\n".join(out)
 
 
 def _human(n: int) -> str:

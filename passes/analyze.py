@@ -1,9 +1,13 @@
-"""analyze: find the QDQ weight sites of an inference graph.
+"""analyze: find the QDQ weight sites of an inference graph, and its normalization parameters.
 
-A weight site is an integer initializer W feeding a DequantizeLinear whose output feeds a Conv, Gemm or
-MatMul as its weight (input 1). Its bias is the integer initializer that reaches the same node's input 2
-(Conv/Gemm) or, for MatMul, the other input of the single Add that consumes the MatMul's (requantized)
-output, through its own DequantizeLinear.
+A weight site (kind "product") is an integer initializer W feeding a DequantizeLinear whose output feeds
+a Conv, Gemm or MatMul as its weight (input 1). Its bias is the integer initializer that reaches the
+same node's input 2 (Conv/Gemm) or, for MatMul, the other input of the single Add that consumes the
+MatMul's (requantized, or dynamically rescaled) output, through its own DequantizeLinear, or a float
+initializer there.
+A normalization site (kind "norm") is a LayerNormalization or BatchNormalization whose scale and bias
+are initializers, quantized (through DequantizeLinear) or float. Float parameters are put on an
+integer grid by passes/floatgrid.py when they train.
 
 Precondition: an ONNX graph (gs.Graph) of opset >= 13.
 Postcondition: the graph is unchanged; returns the sites in topological order of their consumers.
@@ -11,6 +15,7 @@ Postcondition: the graph is unchanged; returns the sites in topological order of
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -29,6 +34,7 @@ class Tensor:
     axis: int | None     # per-channel axis, None when per-tensor
     scale_name: str
     zero_point_name: str | None
+    float_grid: float | None = None  # for a float parameter put on an int32 grid: its scale (floatgrid)
 
     @property
     def numel(self) -> int:
@@ -38,10 +44,11 @@ class Tensor:
 @dataclasses.dataclass
 class WeightSite:
     name: str            # the consumer node's name
-    op: str              # Conv | Gemm | MatMul
-    weight: Tensor
+    op: str              # Conv | Gemm | MatMul | LayerNormalization | BatchNormalization
+    weight: Tensor       # a product's weight, or a normalization's scale
     bias: Tensor | None
     order: int           # position of the consumer in topological order
+    kind: Literal["product", "norm"] = "product"
 
     @property
     def params(self) -> int:
@@ -69,8 +76,19 @@ def _describe(dq: gs.Node, w: gs.Constant) -> Tensor:
                   scale.name, zp.name if zp is not None else None)
 
 
-def _matmul_bias(node: gs.Node):
-    """The Add bias after a MatMul, skipping one Q → DQ pair on the way (quantize_static's pattern)."""
+def _parameter(tensor: gs.Tensor) -> Tensor | None:
+    """A quantized parameter DQ(integer initializer), or a float32 initializer, else None."""
+    found = _dq_initializer(tensor)
+    if found:
+        return _describe(*found)
+    if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
+        return Tensor(tensor.name, "", "float32", tuple(int(d) for d in tensor.values.shape), None, "", None)
+    return None
+
+
+def _matmul_bias(node: gs.Node) -> Tensor | None:
+    """The Add bias after a MatMul, skipping a Q → DQ pair (quantize_static) or the Mul by s_a·s_W
+    (quantize_dynamic, after passes/dialects/dynamic.py) on the way."""
     out = node.outputs[0]
     for _ in range(3):
         if len(out.outputs) != 1:
@@ -78,29 +96,42 @@ def _matmul_bias(node: gs.Node):
         nxt = out.outputs[0]
         if nxt.op == "Add":
             other = [t for t in nxt.inputs if t is not out]
-            return _dq_initializer(other[0]) if len(other) == 1 else None
-        if nxt.op not in ("QuantizeLinear", "DequantizeLinear"):
+            return _parameter(other[0]) if len(other) == 1 else None
+        if nxt.op not in ("QuantizeLinear", "DequantizeLinear", "Mul"):
             return None
         out = nxt.outputs[0]
     return None
+
+
+NORM_OPS = ("LayerNormalization", "BatchNormalization")
+
+
+def _norm_site(node: gs.Node, order: int) -> WeightSite | None:
+    if node.op not in NORM_OPS or len(node.inputs) < 2:
+        return None
+    scale = _parameter(node.inputs[1])
+    bias = _parameter(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    return WeightSite(node.name, node.op, scale, bias, order, "norm") if scale else None
 
 
 def find_weight_sites(graph: gs.Graph) -> list[WeightSite]:
     graph.toposort()
     sites = []
     for order, node in enumerate(graph.nodes):
+        norm = _norm_site(node, order)
+        if norm:
+            sites.append(norm)
         if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
             continue
         found = _dq_initializer(node.inputs[1])
         if found is None:
             continue
         bias = None
-        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2:
-            bias = _dq_initializer(node.inputs[2])
+        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
+            bias = _parameter(node.inputs[2])
         elif node.op == "MatMul":
             bias = _matmul_bias(node)
-        sites.append(WeightSite(node.name, node.op, _describe(*found),
-                                _describe(*bias) if bias else None, order))
+        sites.append(WeightSite(node.name, node.op, _describe(*found), bias, order))
     return sites
 
 
@@ -120,10 +151,11 @@ def loss_tap(output: gs.Tensor) -> str:
     return output.name
 
 
-def bias_step(graph: gs.Graph, weight_scale: str, bias_scale: str) -> int:
-    """2**k with 2**k ≈ s_w / s_b = 1 / s_in: one step moves the output as one weight LSB on input 1.0."""
+def bias_step(graph: gs.Graph, weight_scale: str, bias_scale: str, widening: int = 1) -> int:
+    """2**k with 2**k ≈ s_w / s_b = 1 / s_in: one step moves the output as one weight LSB on input 1.0
+    (s_w / widening when the weight will be widened, for inspect's forecast)."""
     tensors = graph.tensors()
-    s_w = np.asarray(tensors[weight_scale].values, np.float64)
+    s_w = np.asarray(tensors[weight_scale].values, np.float64) / widening
     s_b = np.asarray(tensors[bias_scale].values, np.float64)
     k = int(np.round(np.log2(np.median(s_w / s_b))))
     return 1 << min(max(k, 0), 12)
@@ -153,7 +185,7 @@ def run(graph: gs.Graph, ctx) -> gs.Graph:
                            "shaped [batch, classes] for its loss.")
     ctx.loss_tap = loss_tap(graph.outputs[0])
     ctx.sites = find_weight_sites(graph)
-    if not ctx.sites:
+    if not any(s.kind == "product" for s in ctx.sites):
         from .dialects.unsupported import explain
         raise CompileError(explain(graph))
     return graph

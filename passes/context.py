@@ -19,7 +19,7 @@ class Trainable:
     step: grid units per perturbation/update unit (1 for weights; 2**k for int32 biases, so that one
     bias step moves the output about as much as one weight LSB on a unit input)."""
     tensor: Tensor
-    role: str            # "weight" | "bias"
+    role: str            # "weight" | "bias" | "scale" (a normalization's scale)
     site: str
     qmin: int
     qmax: int
@@ -39,7 +39,8 @@ class Trainable:
         return {"name": self.name, "output": self.output_name, "role": self.role, "site": self.site,
                 "dtype": self.tensor.dtype, "shape": list(self.tensor.shape), "axis": self.tensor.axis,
                 "qmin": self.qmin, "qmax": self.qmax, "step": self.step,
-                "source_dtype": self.source_dtype, "widened": self.widened}
+                "source_dtype": self.source_dtype, "widened": self.widened,
+                "float_grid": self.tensor.float_grid}
 
 
 @dataclasses.dataclass

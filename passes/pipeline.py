@@ -1,6 +1,6 @@
 """The one place that composes the passes from a TrainSpec.
 
-    canonicalize → analyze → select → widen → lift → [eval graph] → prng → pair → loss → estimate → update
+    canonicalize → analyze → select → floatgrid → widen → lift → [eval graph] → prng → pair → loss → estimate → update
     → finalize
 
 The model keeps its opset when it is at least BASE_OPSET (what the emitted ops need: BitwiseXor,
@@ -19,7 +19,7 @@ import onnxruntime as ort
 from fgcompile import __version__
 from fgcompile.errors import CompileError, ModelError
 from fgcompile.spec import TrainSpec
-from . import analyze, canonicalize, estimate, finalize, lift, loss, pair, prng, select, update, widen
+from . import analyze, canonicalize, estimate, finalize, floatgrid, lift, loss, pair, prng, select, update, widen
 from .context import Context
 
 BASE_OPSET = 18   # BitwiseXor/BitwiseAnd (prng), ReduceMean with axes as an input (loss)
@@ -96,8 +96,11 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
     source, notes = canonicalize.run(model)
     graph = gs.import_onnx(_with_shapes(_at_least(source, BASE_OPSET)))
     ctx = Context(spec)
-    for p in (analyze, select):
+    for p in (analyze, select, floatgrid):
         graph = p.run(graph, ctx)
+    gridded = [t.name for t in ctx.trainables if t.tensor.float_grid is not None]
+    if gridded:
+        source = floatgrid.apply(source, gridded)
     if widen.needed(ctx) and graph.opset < WIDE_OPSET:
         graph = gs.import_onnx(_with_shapes(_at_least(gs.export_onnx(graph), WIDE_OPSET)))
     graph = widen.run(graph, ctx)

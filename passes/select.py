@@ -1,12 +1,14 @@
 """select: decide which quantized tensors train.
 
 --train REGEX (repeatable) matches site (consumer node), weight or bias names with re.search; a match on
-a site or weight trains the weight and, unless include_bias is off, its bias; a match on a bias name
-alone trains that bias. Without patterns, the `last` sites nearest the output train, with their biases.
+a site or weight trains the weight (a normalization's scale) and, unless include_bias is off, its bias;
+a match on a bias name alone trains that bias. Without patterns, the `last` product sites (Conv, Gemm,
+MatMul) nearest the output train, with their biases; normalization sites train only when named.
 
 Precondition: ctx.sites filled by analyze.
 Postcondition: ctx.trainables lists the tensors in site order (weight before its bias); each is an
-initializer read by exactly one DequantizeLinear. The graph is unchanged.
+initializer read by exactly one node (its DequantizeLinear, or the consumer of a float parameter, which
+will train on the int32 grid of passes/floatgrid.py). The graph is unchanged.
 """
 from __future__ import annotations
 
@@ -22,10 +24,14 @@ INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "
              "int32": (-(2 ** 30), 2 ** 30)}
 
 
+def _products(ctx: Context) -> list:
+    return [s for s in ctx.sites if s.kind == "product"]
+
+
 def _chosen(ctx: Context) -> list[tuple[object, str]]:
     spec = ctx.spec
     if not spec.train:
-        return [(s, "weight+bias") for s in ctx.sites[-spec.last:]]
+        return [(s, "weight+bias") for s in _products(ctx)[-spec.last:]]
     chosen = []
     for site in ctx.sites:
         hit = lambda name: name is not None and any(re.search(p, name) for p in spec.train)
@@ -41,8 +47,8 @@ def _chosen(ctx: Context) -> list[tuple[object, str]]:
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
-    if ctx.spec.last > len(ctx.sites) and not ctx.spec.train:
-        raise SpecError(f"--last {ctx.spec.last}: the model has only {len(ctx.sites)} weight sites.")
+    if ctx.spec.last > len(_products(ctx)) and not ctx.spec.train:
+        raise SpecError(f"--last {ctx.spec.last}: the model has only {len(_products(ctx))} weight sites.")
     tensors = {t.name: t for t in graph.tensors().values()}
     for site, what in _chosen(ctx):
         parts = []
@@ -54,7 +60,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                                "Quantize the weight per output channel (MatMul: the last axis) or per tensor, "
                                "or leave this site out of --train.")
         if "weight" in what:
-            parts.append(("weight", site.weight))
+            parts.append(("weight" if site.kind == "product" else "scale", site.weight))
         if site.bias is not None and ("bias" == what or ctx.spec.include_bias):
             parts.append(("bias", site.bias))
         for role, tensor in parts:
@@ -64,8 +70,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                 raise CompileError(f"tensor {tensor.name!r} is shared by {len(consumers)} nodes ({users}); "
                                    "tied weights cannot train as one state tensor. Untie them in the "
                                    "exported model or leave this site out of --train.")
-            qmin, qmax = INT_RANGE[tensor.dtype]
-            ctx.trainables.append(Trainable(tensor, role, site.name, qmin, qmax,
-                                            source_dtype=tensor.dtype))
+            grid = "int32" if tensor.dtype == "float32" else tensor.dtype  # floatgrid's int32 grid
+            qmin, qmax = INT_RANGE[grid]
+            ctx.trainables.append(Trainable(tensor, role, site.name, qmin, qmax, source_dtype=grid))
     return graph
 

@@ -72,11 +72,12 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         wide_dtype, (t.qmin, t.qmax) = WIDE[t.tensor.dtype]
         _scale(graph, t.tensor, wide_dtype)
         t.widened = True
-        if t.role == "weight" and site.bias is not None and site.bias.dtype == "int32":
+        if t.role == "weight" and site.bias is not None and site.bias.dtype == "int32" \
+                and site.bias.float_grid is None:  # a float bias keeps its own grid
             _scale(graph, site.bias, np.int32)
     widened_sites = {t.site for t in ctx.trainables if t.widened and t.role == "weight"}
     for t in ctx.trainables:  # int32 biases follow their weight's final scale
-        if t.role == "bias" and t.tensor.dtype == "int32":
+        if t.role == "bias" and t.tensor.dtype == "int32" and t.tensor.float_grid is None:
             t.widened = t.site in widened_sites
             t.step = bias_step(graph, sites[t.site].weight.scale_name, t.tensor.scale_name)
     return graph

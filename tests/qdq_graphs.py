@@ -141,3 +141,22 @@ def qdq_model(consumer="Gemm", extra_after=None, tie=False, float_residual=False
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
     return m
+
+
+def conv_bn_chain(seed: int, channels=(1, 3), hw=8, classes=10) -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv -> BatchNormalization (float scale/bias/mean/var, not folded) -> Relu -> Q/DQ ->
+    Flatten -> Gemm -> logits."""
+    c = Chain(np.random.default_rng(seed))
+    h = c.qdq("x", 1 / 64)
+    cin, cout = channels
+    w, ws = c.weight((cout, cin, 3, 3), np.int8, True, 0)
+    h = c.op("Conv", [h, w, c.bias(cout, 1 / 64, ws)], pads=[1, 1, 1, 1])
+    rng = c.rng
+    bn = [c.init(c.name(k), v.astype(np.float32)) for k, v in (
+        ("gamma", rng.uniform(0.5, 1.5, cout)), ("beta", rng.normal(0, 0.2, cout)),
+        ("mean", rng.normal(0, 0.1, cout)), ("var", rng.uniform(0.5, 2, cout)))]
+    h = c.qdq(c.op("Relu", [c.op("BatchNormalization", [h] + bn)]), 1 / 16)
+    h = c.qdq(c.op("Flatten", [h], axis=1), 1 / 16)
+    w, ws = c.weight((classes, cout * hw * hw), np.int8, True, 0)
+    h = c.qdq(c.op("Gemm", [h, w, c.bias(classes, 1 / 16, ws)], transB=1), 1 / 16)
+    return _model(c, "x", ["batch", cin, hw, hw], h, ["batch", classes])

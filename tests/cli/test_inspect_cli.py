@@ -27,10 +27,11 @@ def test_listing_matches_graph(name):
             expected[dq[n.input[1]].input[0]] = (n.op_type, list(w.shape), str(w.dtype))
     result = run("inspect", MODELS / name, "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
-    assert {r["weight"]: (r["op"], list(r["shape"]), r["dtype"]) for r in rows} == expected
+    rows = json.loads(result.output)["parameters"]
+    weights = [r for r in rows if r["role"] == "weight"]
+    assert {r["tensor"]: (r["op"], list(r["shape"]), r["dtype"]) for r in weights} == expected
     for r in rows:
-        assert r["params"] >= int(np.prod(r["shape"]))
+        assert r["params"] == int(np.prod(r["shape"]))
         assert r["train_bytes"] > r["params"]
     table = run("inspect", MODELS / name)
     assert f"{len(expected)} weight sites" in table.output

@@ -85,14 +85,15 @@ class InferenceOracle:
         consumers = {n.name: n for n in model.graph.node}
         dq_by_init = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
         dq_by_out = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-        todo = {}  # initializer -> dtype: a widened site's weight (int16) and its int32 bias
+        # initializer -> dtype: each widened state tensor (a weight, an 8-bit bias or norm scale) and the
+        # int32 bias of a widened Conv/Gemm weight's site (its scale follows the weight's)
+        todo = {s["name"]: np.dtype(s["dtype"]) for s in c["state"] if s["widened"]}
         for site in widened:
             node = consumers[site]
-            w_name = dq_by_out[node.input[1]].input[0]
-            todo[w_name] = np.uint16 if numpy_helper.to_array(inits[w_name]).dtype == np.uint8 else np.int16
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in dq_by_out:
-                todo[dq_by_out[node.input[2]].input[0]] = np.int32
-        todo.update({s["name"]: np.dtype(s["dtype"]) for s in c["state"] if s["role"] == "bias" and s["widened"]})
+                bias = dq_by_out[node.input[2]].input[0]
+                if bias not in {s["name"] for s in c["state"]}:  # a trained bias says so itself
+                    todo[bias] = np.int32
         for name, dtype in todo.items():  # W' = 256·W, scale' = scale / 256, zp' = 256·zp
             dq = dq_by_init[name]
             w = numpy_helper.to_array(inits[name]).astype(np.int64) * 256
