@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from fgcompile.errors import ModelError, OutputError
 
@@ -60,6 +61,10 @@ def load_model(path) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"{path}: not a readable ONNX model (it parses but holds no nodes). The file is "
                          "truncated, corrupt or not ONNX; re-export it.")
+    bad = _invalid_string(model)
+    if bad is not None:
+        raise ModelError(f"{path}: not a readable ONNX model (a name or string is not valid UTF-8: {bad!r}). The "
+                         "file is corrupt; re-export it.")
     try:
         for location in _external_files(model):
             if os.path.lexists(path.parent / location):
@@ -70,7 +75,31 @@ def load_model(path) -> onnx.ModelProto:
     except Exception as exc:  # FileNotFoundError, or onnx's ValidationError for a missing/odd file
         raise ModelError(f"{path}: its weights live in external data that is missing ({exc}). Keep the "
                          "external data file beside the model, or save the model with weights inside.") from None
+    for t in model.graph.initializer:
+        try:
+            numpy_helper.to_array(t)
+        except Exception as exc:  # numpy's ValueError for a size mismatch, onnx's for an unknown dtype, ...
+            raise ModelError(f"{path}: initializer {t.name!r} is corrupt: its data does not match its dtype and "
+                             f"shape {list(t.dims)} ({exc}). Re-export the model.") from None
     return model
+
+
+def _invalid_string(message):
+    """The first string field of a protobuf message tree that did not decode as UTF-8 (protobuf hands those
+    back as bytes, and every later use of them raises), or None."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+    for field, value in message.ListFields():
+        many = field.is_repeated if hasattr(field, "is_repeated") else field.label == F.LABEL_REPEATED
+        if field.type == F.TYPE_STRING:
+            for v in (value if many else [value]):
+                if not isinstance(v, str):
+                    return v
+        elif field.type == F.TYPE_MESSAGE:
+            for v in (value if many else [value]):
+                bad = _invalid_string(v)
+                if bad is not None:
+                    return bad
+    return None
 
 
 def _external_files(model: onnx.ModelProto) -> set:

@@ -35,12 +35,19 @@ def load(path, contract: dict | None = None, train_sha256: str | None = None) ->
     if META in arrays:
         try:
             meta = json.loads(str(arrays.pop(META)))
-            assert isinstance(meta, dict) and isinstance(meta.get("step"), int) and meta["step"] >= 0
-        except (ValueError, AssertionError):
-            raise validate.StateError(f"{path}: its {META} record is unreadable. {fix}") from None
+        except ValueError:
+            meta = None
+        if not _meta_ok(meta):
+            raise validate.StateError(f"{path}: its {META} record is unreadable. {fix}")
     if contract is not None:
         arrays = validate.check_state(arrays, contract, path, fix)
     if train_sha256 and meta.get("train_sha256") not in (None, train_sha256):
         raise validate.StateError(f"{path}: belongs to another compile (it records a different train.onnx); "
                                   f"the folder was recompiled or the file copied from elsewhere. {fix}")
     return arrays, meta
+
+
+def _meta_ok(meta) -> bool:
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return (isinstance(meta, dict) and count(meta.get("step")) and count(meta.get("bad_steps", 0))
+            and isinstance(meta.get("run"), (dict, type(None))) and isinstance(meta.get("train_sha256"), (str, type(None))))

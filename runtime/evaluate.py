@@ -7,7 +7,7 @@ from fgcompile import folder, modelio
 from fgcompile.compiler import EVAL
 from fgcompile.errors import ModelError
 from .data import load_data
-from .session import class_count
+from .session import class_count, running
 from .metrics import score
 from .trainer import latest_state, session_of
 
@@ -32,4 +32,5 @@ def evaluate(model_or_out, data, batch: int = 512) -> dict:
         sess, state = session_of(model, target), {}
     data_input = sess.get_inputs()[0]
     x, y = data if isinstance(data, tuple) else load_data(data, data_input.shape, class_count(sess))
-    return score(sess, data_input.name, x, y, state, batch)
+    with running(target / EVAL if target.is_dir() else target):
+        return score(sess, data_input.name, x, y, state, batch)

@@ -1,8 +1,12 @@
 """onnxruntime sessions and the shape facts the runtime needs from a graph."""
 from __future__ import annotations
 
+import contextlib
+
 import onnx
 import onnxruntime as ort
+
+from fgcompile.errors import ModelError
 
 
 def make_session(model: onnx.ModelProto | str, threads: int = 0) -> ort.InferenceSession:
@@ -22,3 +26,16 @@ def input_shape(sess: ort.InferenceSession, name: str) -> list:
 def class_count(sess: ort.InferenceSession) -> int | None:
     shape = sess.get_outputs()[0].shape
     return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+@contextlib.contextmanager
+def running(path):
+    """Turn an onnxruntime failure while running the graph at PATH (a graph that loads but whose tensors
+    disagree, e.g. a scale of the wrong length) into a ModelError; other errors pass."""
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise ModelError(f"{path}: onnxruntime failed running it ({str(exc).strip().splitlines()[0][:300]}). The model "
+                         "is invalid or corrupt; re-export it (or recompile a compiled folder).") from None

@@ -24,7 +24,7 @@ from fgcompile.spec import TrainSpec
 from . import checkpoint
 from .data import data_digest, load_data
 from .metrics import score
-from .session import class_count, input_shape, make_session
+from .session import class_count, input_shape, make_session, running
 
 LOG = folder.LOG
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
@@ -56,7 +56,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
-        return score(self.eval_sess, self.io["data"], x, y, self.state, batch)
+        with running(self.out / EVAL):
+            return score(self.eval_sess, self.io["data"], x, y, self.state, batch)
 
     # ----------------------------------------------------------------------------------------- train
     def lr_at(self, step: int, total: int, schedule: str) -> int:
@@ -131,7 +132,8 @@ class Trainer:
             idx = perm[pos * batch:(pos + 1) * batch]
             feeds = step_feeds(self.contract, x[idx], y[idx], self.spec.seed, step,
                                self.lr_at(step, total, schedule), self.state)
-            out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
+            with running(self.out / TRAIN):
+                out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
             if np.isfinite(out["loss"]):
                 self.state = {s["name"]: out[s["output"]] for s in self.contract["state"]}
                 window.append((float(out["loss"]), float(out["accuracy"])))

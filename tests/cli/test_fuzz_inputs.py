@@ -1,0 +1,244 @@
+"""Fuzz: a seeded mutator edits the shipped models, a compiled folder's files, checkpoints and .npz data
+(byte flips, truncation, dtype/shape/metadata edits) and runs the CLI on each in-process.
+
+Every case must exit 0 or 2 without a traceback, change no file outside its output, and any output it
+writes must load in onnxruntime. FGCOMPILE_FUZZ_SEED picks another run (the default suite uses seed 0).
+"""
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import MODELS
+from fgcompile.cli import main
+from fgcompile.runtime import checkpoint
+from fgcompile.runtime.session import make_session
+
+SEED = int(os.environ.get("FGCOMPILE_FUZZ_SEED", "0"))
+SHIPPED = [MODELS / "digits_cnn" / "w8a8.onnx", MODELS / "digits_cnn" / "w16a8.onnx", MODELS / "digits_attn" / "w8a8.onnx"]
+DTYPES = [np.float16, np.float64, np.int8, np.uint8, np.int16, np.int32, np.int64, np.bool_, np.complex64]
+
+
+# ------------------------------------------------------------------------------------------------- mutators
+def flip_bytes(raw: bytes, rng) -> bytes:
+    b = bytearray(raw)
+    for i in rng.integers(0, len(b), rng.integers(1, 9)):
+        b[i] ^= int(rng.integers(1, 256))
+    return bytes(b)
+
+
+def truncate(raw: bytes, rng) -> bytes:
+    return raw[:int(rng.integers(0, len(raw)))]
+
+
+def splice(raw: bytes, rng) -> bytes:
+    i, j = sorted(rng.integers(0, len(raw), 2))
+    return raw[:i] + (raw[j:i + 2 * (j - i)] if rng.random() < 0.5 else b"") + raw[j:]
+
+
+BYTE_MUTATORS = [flip_bytes, truncate, splice]
+
+
+def edit_array(a: np.ndarray, rng) -> np.ndarray:
+    kind = rng.integers(0, 7)
+    if kind == 0:
+        return a.astype(DTYPES[rng.integers(len(DTYPES))])
+    if kind == 1 and a.ndim:
+        return a.reshape(-1) if a.ndim > 1 else a.reshape(1, -1)
+    if kind == 2 and a.ndim and a.shape[0] > 1:
+        return a[: int(rng.integers(0, a.shape[0]))]
+    if kind == 3:
+        return np.asarray(a.reshape(-1)[0] if a.size else 0)       # 0-d
+    if kind == 4 and a.size:
+        b = a.astype(np.float64) if not np.issubdtype(a.dtype, np.integer) else a.copy()
+        b.reshape(-1)[rng.integers(0, b.size)] = [np.nan, np.inf, -1, 10 ** 6, -(10 ** 9)][rng.integers(5)] \
+            if b.dtype.kind == "f" else np.iinfo(b.dtype).max
+        return b
+    if kind == 5 and a.ndim:
+        return np.swapaxes(a, 0, -1)
+    return np.zeros((0,) + a.shape[1:], a.dtype)
+
+
+def npz_bytes(arrays: dict, rng) -> bytes:
+    buf = io.BytesIO()
+    (np.savez_compressed if rng.random() < 0.5 else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def mutate_npz(raw: bytes, rng) -> bytes:
+    """Edit the arrays (dtype, shape, values, keys) or the bytes of an .npz."""
+    if rng.random() < 0.35:
+        return BYTE_MUTATORS[rng.integers(3)](raw, rng)
+    with np.load(io.BytesIO(raw)) as f:
+        arrays = {k: f[k] for k in f.files}
+    keys = sorted(arrays)
+    key = keys[rng.integers(len(keys))]
+    roll = rng.random()
+    if roll < 0.1:
+        del arrays[key]
+    elif roll < 0.15:
+        arrays["extra"] = np.zeros(3)
+    elif key == "__meta__":
+        meta = json.loads(str(arrays[key]))
+        field = ["step", "train_sha256", "run", "bad_steps"][rng.integers(4)]
+        meta[field] = [-5, "x", None, 2 ** 40, {"batch": 0}, [1]][rng.integers(6)]
+        arrays[key] = np.array(json.dumps(meta))
+    else:
+        arrays[key] = edit_array(arrays[key], rng)
+    return npz_bytes(arrays, rng)
+
+
+def mutate_model(raw: bytes, rng) -> bytes:
+    """Edit an ONNX model's structure (initializer dtype/shape, attributes, opset, inputs, metadata) or bytes."""
+    if rng.random() < 0.4:
+        return BYTE_MUTATORS[rng.integers(3)](raw, rng)
+    m = onnx.load_from_string(raw)
+    kind = rng.integers(0, 7)
+    inits = list(m.graph.initializer)
+    if kind == 0 and inits:
+        t = inits[rng.integers(len(inits))]
+        t.data_type = int(rng.choice([1, 2, 3, 5, 6, 7, 10, 11]))
+    elif kind == 1 and inits:
+        t = inits[rng.integers(len(inits))]
+        if t.dims:
+            t.dims[rng.integers(len(t.dims))] = int(rng.integers(0, 70))
+    elif kind == 2 and inits:
+        m.graph.initializer.remove(inits[rng.integers(len(inits))])
+    elif kind == 3:
+        nodes = [n for n in m.graph.node if n.attribute]
+        if nodes:
+            a = nodes[rng.integers(len(nodes))].attribute[0]
+            if a.type == onnx.AttributeProto.INT:
+                a.i = int(rng.integers(-4, 5))
+    elif kind == 4:
+        m.opset_import[0].version = int(rng.integers(1, 30))
+    elif kind == 5:
+        m.graph.input[0].type.tensor_type.elem_type = int(rng.choice([2, 6, 7, 10, 11]))
+    else:
+        props = [p for p in m.metadata_props if p.key == "fgcompile"]
+        if props:
+            props[0].value = mutate_contract(props[0].value, rng)
+        else:
+            m.graph.node.remove(m.graph.node[rng.integers(len(m.graph.node))])
+    return m.SerializeToString()
+
+
+def mutate_contract(text: str, rng) -> str:
+    c = json.loads(text)
+    roll = rng.random()
+    junk = [None, -1, 0, 2 ** 40, "int8", [3], {}, True, 1.5][rng.integers(9)]
+    if roll < 0.2:
+        c.pop(sorted(c)[rng.integers(len(c))])
+    elif roll < 0.7 and c.get("state"):
+        k = int(rng.integers(len(c["state"])))
+        if isinstance(c["state"][k], dict):      # train.onnx: one object per tensor
+            c["state"][k][sorted(c["state"][k])[rng.integers(len(c["state"][k]))]] = junk
+        else:                                    # eval.onnx: the state input names
+            c["state"][k] = junk
+    elif roll < 0.85:
+        key = ["spec", "inputs", "lr", "outputs"][rng.integers(4)]
+        if isinstance(c.get(key), dict) and c[key]:
+            c[key][sorted(c[key])[rng.integers(len(c[key]))]] = junk
+    else:
+        return text[: int(rng.integers(0, len(text)))]
+    return json.dumps(c)
+
+
+# ------------------------------------------------------------------------------------------------- harness
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Small data and, per shipped model, a compiled folder with a short training run behind it."""
+    root = tmp_path_factory.mktemp("fuzzbase")
+    d = np.load(MODELS / "data" / "digits_target_train.npz")
+    np.savez(root / "data.npz", x=d["x"][:64], y=d["y"][:64])
+    for i, model in enumerate(SHIPPED):
+        out = root / f"c{i}"
+        assert CliRunner().invoke(main, ["compile", str(model), "-o", str(out), "--m", "1"]).exit_code == 0
+        r = CliRunner().invoke(main, ["train", str(out), "--data", str(root / "data.npz"), "--epochs", "1", "--quiet"])
+        assert r.exit_code == 0, r.output
+    return root
+
+
+def files_under(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".fgcompile.lock"}
+
+
+def run_case(work, args, outputs, label):
+    """Run one CLI case in `work`; check exit status, traceback, untouched inputs and loadable outputs."""
+    before = files_under(work)
+    label = f"{label}, fgcompile {args[0]}"
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code in (0, 2), f"{label}: exit {r.exit_code}\n{r.output}\n{r.exception!r}"
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), \
+        f"{label}: {r.output}\n{r.exception!r}"
+    if r.exit_code == 2:
+        assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, f"{label}: {r.output}"
+    after = files_under(work)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert all(any(k == o or k.startswith(o + os.sep) for o in outputs) for k in changed), \
+        f"{label}: changed files outside the output: {sorted(changed)}"
+    if r.exit_code == 0:
+        for o in outputs:
+            for p in ([work / o] if (work / o).is_file() else sorted((work / o).glob("*.onnx"))):
+                if p.suffix == ".onnx":
+                    make_session(str(p))
+    return r
+
+
+def cases(category: int, n: int):
+    return [(i, np.random.default_rng([SEED, category, i])) for i in range(n)]
+
+
+@pytest.mark.parametrize("i,rng", cases(0, 60), ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_mutated_models(tmp_path, base, i, rng):
+    source = SHIPPED[rng.integers(len(SHIPPED))]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mutate_model(source.read_bytes(), rng))
+    shutil.copy(base / "data.npz", tmp_path / "data.npz")
+    label = f"seed {SEED} case {i}: mutated {source.name}"
+    run_case(tmp_path, ["compile", model, "-o", tmp_path / "out", "--m", "1"], ["out"], label)
+    run_case(tmp_path, ["inspect", model], [], label)
+    run_case(tmp_path, ["eval", model, "--data", tmp_path / "data.npz"], [], label)
+
+
+FOLDER_FILES = ["train.onnx", "eval.onnx", "source.onnx", "state.npz", "checkpoint.npz", ".fgcompile-folder"]
+
+
+@pytest.mark.parametrize("i,rng", cases(1, 80), ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_mutated_compiled_folders(tmp_path, base, i, rng):
+    src = base / f"c{rng.integers(len(SHIPPED))}"
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    name = FOLDER_FILES[rng.integers(len(FOLDER_FILES))]
+    raw = (out / name).read_bytes()
+    mutated = (mutate_model if name.endswith(".onnx") else mutate_npz if name.endswith(".npz") else flip_bytes)(raw, rng)
+    (out / name).write_bytes(mutated)
+    shutil.copy(base / "data.npz", tmp_path / "data.npz")
+    label = f"seed {SEED} case {i}: {src.name}/{name} mutated"
+    run_case(tmp_path, ["export", out, "-o", tmp_path / "adapted.onnx"], ["adapted.onnx"], label)
+    run_case(tmp_path, ["eval", out, "--data", tmp_path / "data.npz"], [], label)
+    if i % 4 == 0:
+        logs = [f"out{os.sep}checkpoint.npz", f"out{os.sep}train_log.jsonl"]
+        r = run_case(tmp_path, ["train", out, "--data", tmp_path / "data.npz", "--epochs", "2", "--resume", "--quiet",
+                                "--allow-changed-run"], logs, label)
+        if r.exit_code == 0:
+            checkpoint.load(out / "checkpoint.npz")   # what train wrote reads back
+
+
+@pytest.mark.parametrize("i,rng", cases(2, 60), ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_mutated_data(tmp_path, base, i, rng):
+    data = tmp_path / "d.npz"
+    data.write_bytes(mutate_npz((base / "data.npz").read_bytes(), rng))
+    label = f"seed {SEED} case {i}: data mutated"
+    run_case(tmp_path, ["eval", SHIPPED[i % len(SHIPPED)], "--data", data], [], label)
+    if i % 4 == 0:
+        out = tmp_path / "out"
+        shutil.copytree(base / f"c{i % len(SHIPPED)}", out)
+        run_case(tmp_path, ["train", out, "--data", data, "--epochs", "1", "--quiet", "--restart"],
+                 [f"out{os.sep}checkpoint.npz", f"out{os.sep}train_log.jsonl"], label)
