@@ -175,10 +175,10 @@ def run(graph: gs.Graph, ctx) -> gs.Graph:
     if not graph.outputs:
         raise CompileError("the model has no outputs.")
     ctx.data_input, ctx.output = data[0].name, graph.outputs[0].name
-    if data[0].dtype is not None and not np.issubdtype(np.dtype(data[0].dtype), np.floating):
-        raise CompileError(f"the model's input {ctx.data_input!r} is {np.dtype(data[0].dtype).name} (e.g. token ids); "
-                           "fgcompile trains models whose data input is float32, and train/eval feed float32 x. "
-                           "Compile a model that takes float features (e.g. the embeddings instead of the ids).")
+    kind = np.dtype(data[0].dtype) if data[0].dtype is not None else np.dtype(np.float32)
+    if not (np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)):
+        raise CompileError(f"the model's input {ctx.data_input!r} is {kind.name}; fgcompile feeds float or "
+                           "integer (e.g. token id) data. Export the model with a numeric input.")
     out_shape = graph.outputs[0].shape
     if out_shape is not None and len(out_shape) != 2:
         raise CompileError(f"output {ctx.output!r} has shape {out_shape}; fgcompile needs class scores "

@@ -223,7 +223,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     from fgcompile.compiler import EVAL, TRAIN, read_contract
     from fgcompile.errors import FgcompileError
     from .data import load_data
-    from .session import class_count, input_shape, make_session
+    from .session import class_count, input_dtype, input_shape, make_session
     from .trainer import Trainer, latest_state
 
     if steps < 1:
@@ -237,7 +237,9 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     state = latest_state(out)
     sess = make_session(eval_model)
     shape = input_shape(sess, contract["inputs"]["data"])
-    x, y = load_data(data, shape, class_count(sess)) if data is not None else _synthetic(shape, class_count(sess), batch)
+    dtype = input_dtype(sess, contract["inputs"]["data"])
+    x, y = load_data(data, shape, class_count(sess), dtype) if data is not None else \
+        _synthetic(shape, class_count(sess), batch, dtype)
     batch = shape[0] if isinstance(shape[0], int) else min(batch, len(y))
     starts = [(k * batch) % max(len(y) - batch + 1, 1) for k in range(steps)]
     batches = [(x[s:s + batch], y[s:s + batch]) for s in starts]
@@ -270,12 +272,14 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     return rows
 
 
-def _synthetic(shape: list, classes: int | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded uniform [0, 1) inputs of the model's input shape and random labels, when no data is given."""
+def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded uniform [0, 1) inputs of the model's input shape (integer inputs: ids 0 and 1, valid for any
+    vocabulary of two or more) and random labels, when no data is given."""
     rng = np.random.default_rng(0)
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
     n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 4 * batch
-    return rng.uniform(0, 1, [n] + dims).astype(np.float32), rng.integers(0, classes or 2, n).astype(np.int64)
+    x = rng.integers(0, 2, [n] + dims) if np.issubdtype(np.dtype(dtype), np.integer) else rng.uniform(0, 1, [n] + dims)
+    return x.astype(dtype), rng.integers(0, classes or 2, n).astype(np.int64)
 
 
 def format_table(rows: list[dict]) -> str:

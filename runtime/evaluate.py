@@ -7,7 +7,7 @@ from fgcompile import folder, modelio
 from fgcompile.compiler import EVAL
 from fgcompile.errors import ModelError
 from .data import load_data
-from .session import class_count, running
+from .session import class_count, input_dtype, running
 from .metrics import score
 from .trainer import latest_state, session_of
 
@@ -31,6 +31,7 @@ def evaluate(model_or_out, data, batch: int = 512) -> dict:
                              f"{', ...' if len(inputs) > 4 else ''}) but eval feeds only the data.{hint}")
         sess, state = session_of(model, target), {}
     data_input = sess.get_inputs()[0]
-    x, y = data if isinstance(data, tuple) else load_data(data, data_input.shape, class_count(sess))
+    x, y = data if isinstance(data, tuple) else load_data(data, data_input.shape, class_count(sess),
+                                                          input_dtype(sess, data_input.name))
     with running(target / EVAL if target.is_dir() else target):
         return score(sess, data_input.name, x, y, state, batch)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -21,6 +22,13 @@ def make_session(model: onnx.ModelProto | str, threads: int = 0) -> ort.Inferenc
 
 def input_shape(sess: ort.InferenceSession, name: str) -> list:
     return next(i.shape for i in sess.get_inputs() if i.name == name)
+
+
+def input_dtype(sess: ort.InferenceSession, name: str) -> np.dtype:
+    """The numpy dtype of input `name` (float32 images, int64 token ids, ...)."""
+    kind = next(i.type for i in sess.get_inputs() if i.name == name)   # e.g. "tensor(int64)"
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+        onnx.TensorProto.DataType.Value(kind[len("tensor("):-1].upper())))
 
 
 def class_count(sess: ort.InferenceSession) -> int | None:

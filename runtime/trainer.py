@@ -24,7 +24,7 @@ from fgcompile.spec import TrainSpec
 from . import checkpoint
 from .data import data_digest, load_data
 from .metrics import score
-from .session import class_count, input_shape, make_session, running
+from .session import class_count, input_dtype, input_shape, make_session, running
 
 LOG = folder.LOG
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
@@ -52,7 +52,7 @@ class Trainer:
         return state, {"step": 0, "bad_steps": 0}
 
     def load_data(self, path):
-        return load_data(path, self.data_shape, self.classes)
+        return load_data(path, self.data_shape, self.classes, input_dtype(self.eval_sess, self.io["data"]))
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:

@@ -160,3 +160,18 @@ def conv_bn_chain(seed: int, channels=(1, 3), hw=8, classes=10) -> onnx.ModelPro
     w, ws = c.weight((classes, cout * hw * hw), np.int8, True, 0)
     h = c.qdq(c.op("Gemm", [h, w, c.bias(classes, 1 / 16, ws)], transB=1), 1 / 16)
     return _model(c, "x", ["batch", cin, hw, hw], h, ["batch", classes])
+
+
+def token_id_model(seed: int = 0, vocab: int = 20, tokens: int = 4, classes: int = 5) -> onnx.ModelProto:
+    """ids int64 [B, T] -> Gather(float embedding) -> ReduceMean over T -> Q/DQ -> MatMul(DQ(W)) + Add(DQ(b))
+    -> Q/DQ -> logits: a model whose data input is integer token ids."""
+    c = Chain(np.random.default_rng(seed))
+    c.init("emb", np.random.default_rng(seed + 1).normal(size=(vocab, 6)).astype(np.float32))
+    g = c.op("ReduceMean", [c.op("Gather", ["emb", "ids"]), c.init("ax", np.array([1]))], keepdims=0)
+    w, ws = c.weight((6, classes), np.int8, True, 1)
+    h = c.qdq(c.op("Add", [c.op("MatMul", [c.qdq(g, 1 / 64), w]), c.bias(classes, 1 / 64, ws)]), 1 / 16)
+    graph = helper.make_graph(c.nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", tokens])],
+                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["batch", classes])], c.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model

@@ -658,21 +658,6 @@ def matmul_per_input_channel(tmp_path):
     return tmp_path / "m.onnx"
 
 
-def token_id_model(tmp_path):
-    from onnx import TensorProto, helper
-    c = qdq_graphs.Chain(np.random.default_rng(0))
-    c.init("emb", np.random.default_rng(1).normal(size=(20, 6)).astype(np.float32))
-    g = c.op("ReduceMean", [c.op("Gather", ["emb", "ids"]), c.init("ax", np.array([1]))], keepdims=0)
-    w, _ = c.weight((6, 5), np.int8, True, 1)
-    h = c.qdq(c.op("MatMul", [c.qdq(g, 1 / 64), w]), 1 / 16)
-    graph = helper.make_graph(c.nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
-                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["batch", 5])], c.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, tmp_path / "m.onnx")
-    return tmp_path / "m.onnx"
-
-
 FLAG_TRACEBACKS = {
     "--checkpoint-every 0": (["train", "{out}", "--data", TRAIN, "--checkpoint-every", "0", "--quiet"],
                              "--checkpoint-every 0: must be at least 1"),
@@ -682,7 +667,6 @@ FLAG_TRACEBACKS = {
     "eval OUT/eval.onnx": (["eval", "{out}/eval.onnx", "--data", TRAIN], "pass the folder instead"),
     "MatMul per-channel on axis 0": (["compile", matmul_per_input_channel, "-o", "{new}"],
                                      "is quantized per channel on axis 0 (6 channels) but its bias"),
-    "int64 token ids": (["compile", token_id_model, "-o", "{new}"], "input 'ids' is int64 (e.g. token ids)"),
 }
 
 
