@@ -8,7 +8,7 @@ import click
 
 from fgcompile import __version__
 from fgcompile.errors import FgcompileError
-from fgcompile.spec import ESTIMATORS, LOSSES, PERTURBATIONS, ROUNDINGS, TrainSpec
+from fgcompile.spec import BRANCH_FORMS, ESTIMATORS, LOSSES, PERTURBATIONS, ROUNDINGS, TrainSpec
 
 
 class Group(click.Group):
@@ -51,6 +51,9 @@ def spec_options(f):
         click.option("--keep-requant", is_flag=True,
                      help="Branches keep the activation requantization inside the trained layers (default: "
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
+        click.option("--branches", type=click.Choice(BRANCH_FORMS), default=TrainSpec.branches, show_default=True,
+                     help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one "
+                          "copy per branch), auto (stacked where every suffix op has a rule)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -62,7 +65,8 @@ def make_spec(kw) -> TrainSpec:
                      m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"), lr_shift=kw.pop("lr_shift"),
                      perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
                      estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
-                     bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"))
+                     bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),
+                     branches=kw.pop("branches"))
 
 
 @main.command()
@@ -105,8 +109,9 @@ def compile_cmd(model, out, force, **kw):
     click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
                f"{sp['perturbation']} {sp['estimator']} loss={sp['loss']} on {c['loss_tap']}")
     click.echo(f"  2m={2 * sp['m']} branches {c['branches']}"
-               + ("" if c["branches"] == "stacked" else " (a suffix op cannot carry a branch axis; one copy per branch)")
-               + ("; activation requantization in the trained layers read as float" if sp["requant_bypass"] else ""))
+               + ("" if c["branches"] == "stacked" else f" (one copy per branch: {c.get('branches_reason')})")
+               + ("; activation requantization after the last trained-path Conv/MatMul/Gemm read as float"
+                  if sp["requant_bypass"] else ""))
 
 
 @main.command()

@@ -16,6 +16,7 @@ PERTURBATIONS = ("rademacher", "ternary", "gaussian")
 LOSSES = ("ce", "mse")
 ESTIMATORS = ("sign", "spsa")
 ROUNDINGS = ("nearest", "stochastic")
+BRANCH_FORMS = ("auto", "stacked", "cloned")
 # (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
 # lr 128 are a quarter and a half of an int8 step (measured on the shipped digits task).
 GRID_DEFAULTS = {16: (64, 128.0), 8: (1, 1.0)}
@@ -46,7 +47,9 @@ class TrainSpec:
     rounding: str = "nearest"
     bits: int = 16  # 16: widen int8 trainable weights to int16 for training; 8: keep int8
     seed: int = 0
-    requant_bypass: bool = True   # the branches read activation Q→DQ pairs in the trained suffix as float
+    requant_bypass: bool = True   # the branches read the activation Q→DQ pairs after the suffix's last
+                                  # Conv/MatMul/Gemm as float (see passes/pair.py)
+    branches: str = "auto"        # auto: stacked where every suffix op has a rule, else cloned
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))
@@ -93,6 +96,8 @@ class TrainSpec:
         need(self.loss in LOSSES, f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
         need(self.estimator in ESTIMATORS, f"--estimator {self.estimator!r}: choose {' or '.join(ESTIMATORS)}.")
         need(self.rounding in ROUNDINGS, f"--rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}.")
+        need(self.branches in BRANCH_FORMS,
+             f"--branches {self.branches!r}: choose one of {', '.join(BRANCH_FORMS)}.")
         need(self.bits in (8, 16), f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
         need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
         need(0 <= self.seed < 2 ** 32, f"--seed {self.seed}: must be in [0, 2**32) (the graph's seed input is 32-bit).")

@@ -63,6 +63,7 @@ class Context:
     w32: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)        # int32 view of state_in
     branch_logits: gs.Tensor | None = None  # float [2m, B, C]: branches +0..+(m-1), -0..-(m-1)
     stacked: bool = False                   # suffix run once on a branch axis (else cloned per branch)
+    branches_reason: str | None = None      # why the branches were cloned (the op that has no rule)
     loss_plus: gs.Tensor | None = None
     loss_minus: gs.Tensor | None = None
     extra_outputs: list[gs.Tensor] = dataclasses.field(default_factory=list)  # loss, accuracy

@@ -68,7 +68,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     needed = _needed(suffix, ctx.loss_tap)
     if ctx.spec.requant_bypass:
         needed = _needed(_bypass_requant(needed), ctx.loss_tap)
-    mapping = stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m)
+    mapping, ctx.branches_reason = (None, "--branches cloned") if ctx.spec.branches == "cloned" else \
+        stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m, ctx.loss_tap)
+    if mapping is None and ctx.spec.branches == "stacked":
+        raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
+                           f"({ctx.branches_reason}). Use --branches auto or cloned, or train other tensors.")
     ctx.stacked = mapping is not None
     ctx.branch_logits = mapping[ctx.loss_tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
     kept = {id(n) for n in suffix}
@@ -89,12 +93,24 @@ def _needed(suffix, tap: str):
     return [n for n in suffix if id(n) in need]
 
 
+WEIGHTED = {"Conv", "ConvTranspose", "MatMul", "Gemm", "ConvInteger", "MatMulInteger"}
+
+
 def _bypass_requant(nodes):
-    """Read each activation Q→DQ pair inside the suffix as its float input. On a uint8 grid most ±ε
-    steps of a weight vanish in the rounding, so the losses would see a staircase; the deployed model
-    keeps its requantization (only the branches skip it). Mutates `nodes`, which pair removes anyway."""
+    """Read each activation Q→DQ pair after the suffix's last weighted op (Conv, MatMul, Gemm) as its
+    float input. There, on a uint8 grid, most ±ε steps of a weight vanish in the rounding and the losses
+    see a staircase (the transformer's classifier requantizes its MatMul output before the bias Add).
+    Before a weighted op the pair stays: it is what lets onnxruntime run that op as an int8 kernel, and
+    a mid-network step spent 1783 of 1885 ms in float Conv without it. The deployed model keeps its
+    requantization everywhere (only the branches skip it). Mutates `nodes`, which pair removes anyway."""
     made = {t.name: n for n in nodes for t in n.outputs}
+    before_weighted = set()   # ids of nodes with a weighted op downstream (or that are one)
+    for node in reversed(nodes):
+        if node.op in WEIGHTED or any(id(c) in before_weighted for t in node.outputs for c in t.outputs):
+            before_weighted.add(id(node))
     for node in nodes:
+        if id(node) in before_weighted:
+            continue
         for k, t in enumerate(node.inputs):
             dq = made.get(t.name)
             q = made.get(dq.inputs[0].name) if dq is not None and dq.op == "DequantizeLinear" else None

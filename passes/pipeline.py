@@ -132,6 +132,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         "model_output": ctx.output,
         "loss_tap": ctx.loss_tap,
         "branches": "stacked" if ctx.stacked else "cloned",
+        "branches_reason": ctx.branches_reason,
         "tie_tolerance": estimate.TIE_TOLERANCE,
         # internal tensors a conformance check compares across runtimes (`fgcompile verify`)
         "probes": {"coefficients": ctx.coefficients.name, "z": [ctx.z[t.name].name for t in ctx.trainables]},

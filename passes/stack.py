@@ -1,34 +1,53 @@
-"""stack: run the trained suffix once for all 2m branches, with the branches on a new leading axis.
+"""stack: run the trained suffix once for all 2m branches, with the branches folded into the batch.
 
 Cloning the suffix per branch (pair's fallback) costs 2m copies of every node; onnxruntime pays a fixed
 dispatch cost per node, and on small layers that cost is most of a training step. Stacking keeps one
-node per original node: a tensor that depends on the perturbed weights gets the shape [2m, *shape], and
-each op is rewritten so that numpy broadcasting carries the branch axis through it:
+node per original node. A tensor that depends on the perturbed weights takes one of two forms:
 
-    elementwise, Q/DQ      stacked inputs of lower rank get size-1 axes after the branch axis
-    MatMul                 the same rule on its batch axes (A [B, K] @ W [2m, K, N] -> [2m, B, N])
-    Gemm                   becomes Transpose? · MatMul · Mul(alpha)? · Add(beta·C)?
-    axis attributes        non-negative axes move by one (Softmax, LayerNormalization, Q/DQ, Transpose,
-                           reductions with constant axes)
-Any other op (or an unknown rank) makes stack_suffix return None, and pair clones instead.
+    folded   [2m·B, ...]   branch-major in the batch axis: batch-wise ops (Conv, pooling, Gemm, MatMul on
+                           frozen weights, Q/DQ) run unchanged, once, on 2m·B rows, and keep the QDQ
+                           patterns onnxruntime fuses to int8 kernels
+    leading  [2m, B, ...]  a new leading axis that numpy broadcasting carries (a per-branch weight or bias,
+                           an unstacked operand of another batch size)
+Converting between them is a Reshape (of the integer input when a per-tensor DequantizeLinear makes the
+tensor, so the DQ stays next to its consumer). Per-op rules, in RULES:
+
+    elementwise, Q/DQ      folded when every other operand broadcasts below the batch axis; else leading,
+                           with stacked inputs of lower rank padded after the branch axis
+    batch-wise             (Conv on frozen weights, pooling, Flatten, Resize, ...) folded
+    Reshape, Transpose,    folded when the batch axis stays the leading one; else leading (Reshape
+    Concat, Squeeze, ...   prepends 2m, axes move by one)
+    Softmax, LayerNorm,    folded when they do not reduce over the batch axis; else leading
+    reductions
+    MatMul / Gemm          frozen B: folded; a perturbed B: one wide product A·[W⁺₀ … W⁻ₘ₋₁]; two
+                           stacked operands: a batched MatMul on the leading axis
+    Conv, perturbed W      one Conv over the 2m kernels: an unstacked input meets [2m·Cout, Cin, k, k]
+                           (group 1); a stacked or depthwise input is laid out [B, 2m·Cin, H, W] for a
+                           grouped Conv (group = 2m·group)
+Any other op raises Unstackable with the reason, and pair clones instead (and records why).
 
 Precondition: `nodes` in graph order; `stacked` maps the names of the perturbed tensors to their
-[2m, *shape] replacements; tensor ranks are known (the pipeline runs shape inference first).
-Postcondition: new nodes appended to the graph computing, for every suffix tensor, its [2m, ...] stack;
-the original nodes are untouched (the caller removes them).
+[2m, *shape] replacements; tensor shapes are known (the pipeline runs shape inference first).
+Postcondition: new nodes appended to the graph computing, for every suffix tensor, its stack; the
+returned mapping gives the loss tap in the leading form [2m, B, ...]; the original nodes are untouched.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph_ops import Builder
+from .graph_ops import Builder, producer
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Relu", "LeakyRelu", "Sigmoid",
-               "Tanh", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Clip", "Cast", "Identity",
+               "Tanh", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Clip", "Cast", "Identity", "Gelu",
+               "HardSigmoid", "HardSwish", "Mish", "Softplus", "Elu", "Selu", "PRelu", "Reciprocal", "Floor",
+               "Ceil", "Round", "Sign", "Equal", "Less", "Greater", "Not", "And", "Or",
                "QuantizeLinear", "DequantizeLinear"}
-LAST_AXIS_OPS = {"Softmax", "LogSoftmax", "LayerNormalization"}
-REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
+BATCHWISE = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+             "Flatten", "Resize", "SpaceToDepth", "DepthToSpace", "BatchNormalization",
+             "InstanceNormalization", "LRN"}
+LAST_AXIS_OPS = {"Softmax", "LogSoftmax", "LayerNormalization", "Hardmax"}
+REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"}
 
 
 class Unstackable(Exception):
@@ -43,28 +62,360 @@ def _rank(t: gs.Tensor) -> int:
     return len(t.shape)
 
 
-def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Tensor], branches: int):
-    """Returns {original tensor name: stacked tensor}, or None when some node cannot be stacked."""
-    b = Builder(graph, "stack")
+def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Tensor], branches: int,
+                 tap: str):
+    """Returns ({original tensor name: stacked tensor}, None) with mapping[tap] in the leading form, or
+    (None, reason) when some node cannot be stacked."""
+    s = Stacker(graph, stacked, branches, {id(n) for n in nodes})
     mark = len(graph.nodes)
-    ranks = {}   # stacked tensor name -> rank of the original (unstacked) tensor
-    mapping = {}
-    for name, t in stacked.items():
-        mapping[name] = t
-        ranks[t.name] = _rank(t) - 1
-    perturbed = {t.name for t in stacked.values()}
-    weights = {}   # float output of a perturbed weight's dequantization -> (q, scale, zero point, axis)
     try:
         for node in nodes:
-            _stack_node(b, node, mapping, ranks, branches, perturbed, weights)
-    except Unstackable:
+            if node.outputs[0].name in s.mapping:     # made already (a Conv emitted its QuantizeLinear)
+                continue
+            if len(node.outputs) != 1:
+                raise Unstackable(f"{len(node.outputs)} outputs")
+            s.run(node)
+        s.mapping[tap] = s.lead(s.mapping[tap])
+    except Unstackable as exc:
         del graph.nodes[mark:]
-        return None
-    return mapping
+        return None, f"node {node.name!r} ({node.op}): {exc}" if "node" in locals() else str(exc)
+    return s.mapping, None
 
 
-def _stacked_shape(y: gs.Tensor, out: gs.Tensor, branches: int) -> None:
-    y.shape = [branches] + list(out.shape) if out.shape is not None else None
+class Stacker:
+    def __init__(self, graph, stacked: dict, branches: int, needed: set):
+        self.b, self.n, self.needed = Builder(graph, "stack"), branches, needed
+        self.mapping = dict(stacked)
+        self.ranks = {t.name: _rank(t) - 1 for t in stacked.values()}   # stacked name -> unstacked rank
+        self.shapes = {t.name: list(t.shape[1:]) for t in stacked.values()}
+        self.folded: set[str] = set()
+        self.views: dict = {}        # (name, folded?) -> converted tensor
+        self.perturbed = {t.name for t in stacked.values()}
+        self.weights = {}   # float output of a perturbed weight's dequantization -> (q, scale, zero point, axis)
+
+    # -- forms
+    def stacked(self, t) -> bool:
+        return t is not None and t.name in self.ranks
+
+    def rank(self, t) -> int:
+        return self.ranks[t.name] if t.name in self.ranks else _rank(t)
+
+    def register(self, y, orig_shape, folded: bool):
+        self.ranks[y.name] = len(orig_shape)
+        self.shapes[y.name] = list(orig_shape)
+        y.shape = list(orig_shape) if folded else [self.n] + list(orig_shape)
+        if folded:
+            y.shape[0] = self.n * y.shape[0] if isinstance(y.shape[0], int) else None
+            self.folded.add(y.name)
+        return y
+
+    def _static_tail(self, t) -> list[int]:
+        tail = self.shapes[t.name][1:]
+        if not all(isinstance(d, int) for d in tail):
+            raise Unstackable(f"{t.name} has non-static dims {tail}")
+        return tail
+
+    def lead(self, t):
+        """[2m, B, ...] view of a stacked tensor."""
+        if t.name not in self.folded:
+            return t
+        return self._view(t, [self.n, -1] + self._static_tail(t), folded=False)
+
+    def fold(self, t):
+        """[2m·B, ...] view of a stacked tensor."""
+        if t.name in self.folded:
+            return t
+        if self.ranks[t.name] == 0:
+            raise Unstackable("a scalar has no batch axis to fold into")
+        return self._view(t, [-1] + self._static_tail(t), folded=True)
+
+    def _view(self, t, shape, folded):
+        key = (t.name, folded)
+        if key not in self.views:
+            self.views[key] = self.register(self.on_integers(t, lambda x: self.b.op(
+                "Reshape", [x, np.array(shape, np.int64)], dtype=x.dtype)), self.shapes[t.name], folded)
+        return self.views[key]
+
+    def on_integers(self, t, layout):
+        """layout(t), applied before a per-tensor DequantizeLinear when one makes t: it moves a quarter of
+        the bytes, and the DQ stays next to its consumer, the QDQ pattern onnxruntime fuses."""
+        p = producer(t)
+        if p is not None and p.op == "DequantizeLinear" and all(
+                isinstance(q, gs.Constant) and q.values.size == 1 for q in p.inputs[1:]):
+            return self.b.op("DequantizeLinear", [layout(p.inputs[0])] + p.inputs[1:], dict(p.attrs), dtype=t.dtype)
+        return layout(t)
+
+    def emit(self, node, op_type, inputs, attrs, folded: bool, out_shape=None):
+        out = node.outputs[0]
+        y = self.b.op(op_type, inputs, attrs, dtype=out.dtype, hint=f"{node.name}.stacked")
+        shape = out_shape if out_shape is not None else out.shape
+        if shape is None:
+            raise Unstackable(f"unknown shape of {out.name}")
+        self.mapping[out.name] = self.register(y, shape, folded)
+        return y
+
+    def below_batch(self, t, out_rank: int) -> bool:
+        """An unstacked operand that broadcasts without touching the batch axis (rank below the output's,
+        or a size-1 batch axis)."""
+        if isinstance(t, gs.Constant):
+            shape = t.values.shape
+        elif t.shape is None:
+            return False
+        else:
+            shape = t.shape
+        return len(shape) < out_rank or shape[0] == 1
+
+    def run(self, node):
+        ins = [self.mapping.get(t.name, t) if t is not None and t.name else None for t in node.inputs]
+        if node.op == "DequantizeLinear" and ins[0].name in self.perturbed:
+            return _perturbed_weight(self, node, ins)
+        if node.op == "Conv" and self.stacked(ins[1]):
+            return _trained_conv(self, node, ins)
+        rule = RULES.get(node.op)
+        if rule is None:
+            raise Unstackable("no branch-axis rule for this op")
+        rule(self, node, ins, dict(node.attrs))
+
+
+def _normal_axes(axes, rank):
+    return [a + rank if a < 0 else a for a in axes]
+
+
+def _leading_elementwise(s: Stacker, node, ins, attrs):
+    rank = max(s.rank(t) for t in ins if t is not None)
+    ins = [s.lead(t) if s.stacked(t) else t for t in ins]
+    if node.op in ("QuantizeLinear", "DequantizeLinear") and _per_axis(ins[1]):
+        axis = attrs.get("axis", 1)
+        if axis >= 0:
+            attrs["axis"] = axis + 1
+    aligned = []
+    for t in ins:
+        if s.stacked(t) and s.ranks[t.name] < rank:
+            t = s.b.op("Unsqueeze", [t, np.arange(1, 1 + rank - s.ranks[t.name], dtype=np.int64)], dtype=t.dtype)
+        aligned.append(t)
+    s.emit(node, node.op, aligned, attrs, folded=False)
+
+
+def elementwise(s: Stacker, node, ins, attrs):
+    if node.op in ("QuantizeLinear", "DequantizeLinear") and (
+            any(s.stacked(t) for t in ins[1:]) or attrs.get("block_size", 0)):
+        raise Unstackable("stacked or blocked quantization parameters")
+    out_rank = max(s.rank(t) for t in ins if t is not None)
+    foldable = all((s.stacked(t) and t.name in s.folded and s.ranks[t.name] == out_rank) if s.stacked(t)
+                   else s.below_batch(t, out_rank) for t in ins if t is not None) and out_rank > 0
+    if foldable:
+        s.emit(node, node.op, ins, attrs, folded=True)
+    else:
+        _leading_elementwise(s, node, ins, attrs)
+
+
+def only_first_stacked(s: Stacker, ins, op):
+    if not s.stacked(ins[0]) or any(s.stacked(t) for t in ins[1:]):
+        raise Unstackable(f"{op} with a stacked parameter")
+
+
+def batchwise(s: Stacker, node, ins, attrs):
+    only_first_stacked(s, ins, node.op)
+    if node.op == "Flatten" and attrs.get("axis", 1) == 0:
+        raise Unstackable("Flatten(axis=0) merges the batch axis")
+    if node.op == "Resize" and len(ins) > 3 and ins[3] is not None:
+        raise Unstackable("Resize by sizes (batch size included)")
+    s.emit(node, node.op, [s.fold(ins[0])] + ins[1:], attrs, folded=True)
+
+
+def reshape(s: Stacker, node, ins, attrs):
+    only_first_stacked(s, ins, "Reshape")
+    if not isinstance(ins[1], gs.Constant):
+        raise Unstackable("Reshape to a computed shape")
+    shape = [int(v) for v in ins[1].values]
+    if attrs.get("allowzero", 0) and 0 in shape:
+        raise Unstackable("Reshape with allowzero")
+    if shape and (shape[0] == 0 or shape[0] == -1 or -1 not in shape[1:]):
+        shape[0] = 0 if shape[0] == 0 else -1      # the batch axis absorbs the 2m branches
+        s.emit(node, "Reshape", [s.fold(ins[0]), np.array(shape, np.int64)], attrs, folded=True)
+    else:   # on the leading form a 0 still copies the same (shifted) input axis
+        s.emit(node, "Reshape", [s.lead(ins[0]), np.array([s.n] + shape, np.int64)], attrs, folded=False)
+
+
+def transpose(s: Stacker, node, ins, attrs):
+    only_first_stacked(s, ins, "Transpose")
+    perm = attrs.get("perm", list(range(s.rank(ins[0])))[::-1])
+    if perm[0] == 0:
+        s.emit(node, "Transpose", [s.fold(ins[0])], {"perm": perm}, folded=True)
+    else:
+        s.emit(node, "Transpose", [s.lead(ins[0])], {"perm": [0] + [p + 1 for p in perm]}, folded=False)
+
+
+def axis_op(s: Stacker, node, ins, attrs):
+    """Ops with one `axis` attribute: Softmax, LayerNormalization, Concat, Gather."""
+    op = node.op
+    if op == "Concat":
+        whole = all(s.stacked(t) for t in ins)
+    else:
+        only_first_stacked(s, ins, op)
+        whole = True
+    axis = attrs.get("axis", 0 if op in ("Concat", "Gather") else -1)
+    rank = s.rank(ins[0])
+    axis = axis + rank if axis < 0 else axis
+    if whole and axis >= 1:
+        s.emit(node, op, [s.fold(t) if s.stacked(t) else t for t in ins], attrs, folded=True)
+        return
+    attrs["axis"] = axis + 1
+    if op == "Concat":     # an unstacked operand is repeated for every branch
+        ins = [s.lead(t) if s.stacked(t) else s.b.op("Expand", [
+            s.b.op("Unsqueeze", [t, np.array([0], np.int64)], dtype=t.dtype),
+            np.array([s.n] + [1] * _rank(t), np.int64)], dtype=t.dtype) for t in ins]
+    else:
+        ins = [s.lead(ins[0])] + ins[1:]
+    s.emit(node, op, ins, attrs, folded=False)
+
+
+def reduce(s: Stacker, node, ins, attrs):
+    if len(ins) < 2 or not isinstance(ins[1], gs.Constant) or ins[1].values.size == 0:
+        raise Unstackable("reduction without constant axes")
+    only_first_stacked(s, ins, node.op)
+    axes = _normal_axes([int(a) for a in ins[1].values], s.rank(ins[0]))
+    if 0 not in axes:
+        s.emit(node, node.op, [s.fold(ins[0])] + ins[1:], attrs, folded=True)
+    else:
+        s.emit(node, node.op, [s.lead(ins[0]), np.array([a + 1 for a in axes], np.int64)] + ins[2:], attrs,
+               folded=False)
+
+
+def squeeze(s: Stacker, node, ins, attrs):
+    only_first_stacked(s, ins, node.op)
+    if len(ins) < 2 or not isinstance(ins[1], gs.Constant):
+        raise Unstackable(f"{node.op} without constant axes")
+    out_rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+    if out_rank is None:
+        raise Unstackable("unknown rank")
+    rank = s.rank(ins[0]) if node.op == "Squeeze" else out_rank
+    axes = _normal_axes([int(a) for a in ins[1].values], rank)
+    if 0 not in axes:
+        s.emit(node, node.op, [s.fold(ins[0]), np.array(axes, np.int64)], attrs, folded=True)
+    else:
+        s.emit(node, node.op, [s.lead(ins[0]), np.array([a + 1 for a in axes], np.int64)], attrs, folded=False)
+
+
+def matmul(s: Stacker, node, ins, attrs):
+    a, w = ins[0], ins[1]
+    if not s.stacked(a) and w.name in s.weights and _wide(s, node, ins, attrs):
+        return
+    if s.stacked(a) and a.name in s.folded and not s.stacked(w) and _rank(w) <= 2 or \
+            s.stacked(a) and s.stacked(w) and a.name in s.folded and w.name in s.folded and s.rank(a) >= 3 \
+            and s.rank(a) == s.rank(w):
+        s.emit(node, "MatMul", ins, attrs, folded=True)
+        return
+    ra, rb = s.rank(a), s.rank(w)
+    if min(ra, rb) < 2:
+        raise Unstackable("MatMul with a vector operand")
+    _leading_elementwise(s, node, ins, attrs)
+
+
+def gemm(s: Stacker, node, ins, attrs):
+    a, w = ins[0], ins[1]
+    c = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    if not s.stacked(a) and w.name in s.weights and _wide(s, node, ins, attrs):
+        return
+    if s.stacked(a) and not attrs.get("transA", 0) and not s.stacked(w) and \
+            (c is None or not s.stacked(c) and s.below_batch(c, 2)):
+        s.emit(node, "Gemm", [s.fold(a)] + ins[1:], attrs, folded=True)
+        return
+    b = s.b
+    a = s.lead(a) if s.stacked(a) else a
+    if attrs.get("transA", 0):
+        a = b.op("Transpose", [a], {"perm": [0, 2, 1] if s.stacked(a) else [1, 0]}, dtype=a.dtype)
+        if s.stacked(ins[0]):
+            s.ranks[a.name] = 2
+    if attrs.get("transB", 0):
+        w = _transposed_weight(b, s.lead(w) if s.stacked(w) else w, s.stacked(w), s.ranks, s.weights)
+    elif s.stacked(w):
+        w = s.lead(w)
+    y = b.op("MatMul", [a, w], dtype=node.outputs[0].dtype)
+    s.ranks[y.name] = 2
+    if attrs.get("alpha", 1.0) != 1.0:
+        y = b.op("Mul", [y, np.array(attrs["alpha"], np.float32)], dtype=node.outputs[0].dtype)
+        s.ranks[y.name] = 2
+    if c is None:
+        s.mapping[node.outputs[0].name] = s.register(y, node.outputs[0].shape, folded=False)
+        return
+    c = _times_beta(b, s.lead(c) if s.stacked(c) else c, attrs.get("beta", 1.0), s.ranks, node.outputs[0].dtype)
+    if s.stacked(c):
+        if s.ranks[c.name] < 2:
+            c = b.op("Unsqueeze", [c, np.array([1], np.int64)], dtype=c.dtype)
+    s.emit(node, "Add", [y, c], {}, folded=False)
+
+
+RULES = {op: elementwise for op in ELEMENTWISE} | {op: batchwise for op in BATCHWISE} | \
+    {op: axis_op for op in LAST_AXIS_OPS | {"Concat", "Gather"}} | {op: reduce for op in REDUCE_OPS} | \
+    {"Reshape": reshape, "Transpose": transpose, "Squeeze": squeeze, "Unsqueeze": squeeze, "MatMul": matmul,
+     "Gemm": gemm}
+
+
+def _perturbed_weight(s: Stacker, node, ins):
+    """DQ of a perturbed [2m, *shape] weight: (float(q) − zp)·scale, kept lazy for the wide products."""
+    if any(s.stacked(t) for t in ins[1:]) or node.attrs.get("block_size", 0):
+        raise Unstackable("stacked or blocked quantization parameters")
+    axis = node.attrs.get("axis", 1) if _per_axis(ins[1]) else None
+    zp = ins[2] if len(ins) > 2 else None
+    y = _dequantized(s.b, ins[0], ins[1], zp, axis, s.rank(ins[0]), node.outputs[0].dtype)
+    s.weights[y.name] = (ins[0], ins[1], zp, axis)
+    s.register(y, s.shapes[ins[0].name], folded=False)
+    s.mapping[node.outputs[0].name] = y
+
+
+def _trained_conv(s: Stacker, node, ins):
+    """One Conv over the 2m perturbed kernels [2m·Cout, Cin/g, k, k] (per-channel DQ, scales tiled)."""
+    if ins[1].name not in s.weights:
+        raise Unstackable("a stacked Conv weight that is not a perturbed weight")
+    q, scale, zp, axis = s.weights[ins[1].name]
+    if axis not in (None, 0) or q.shape is None or not all(isinstance(d, int) for d in q.shape[1:]):
+        raise Unstackable("Conv weight quantized on an axis other than 0, or of unknown shape")
+    b, n, attrs = s.b, s.n, dict(node.attrs)
+    cout, group = q.shape[1], attrs.get("group", 1)
+    wq = b.op("Reshape", [q, np.array([n * cout] + list(q.shape[2:]), np.int64)], dtype=q.dtype,
+              shape=[n * cout] + list(q.shape[2:]))
+    w = _wide_dequantized(b, wq, scale, zp, axis, 0, n, np.float32)
+    bias = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    if bias is not None and bias.name in s.weights:
+        qb, sb, zb, ab = s.weights[bias.name]
+        qb = b.op("Reshape", [qb, np.array([-1], np.int64)], dtype=qb.dtype, shape=[n * cout])
+        bias = _wide_dequantized(b, qb, sb, zb, ab, 0, n, np.float32)
+    elif bias is not None and s.stacked(bias):
+        raise Unstackable("a stacked Conv bias that is not a perturbed bias")
+    elif bias is not None:
+        bias = b.op("Tile", [bias, np.array([n], np.int64)], dtype=bias.dtype)
+    x = ins[0]
+    out = node.outputs[0]
+    if out.shape is None or not all(isinstance(d, int) for d in out.shape[2:]):
+        raise Unstackable("Conv output of unknown spatial shape")
+    spatial = list(out.shape[2:])
+    if s.stacked(x):     # [2m, B, Cin, *sp] -> [B, 2m, Cin, *sp] -> [B, 2m·Cin, *sp]
+        x = s.lead(x)
+        rank = s.ranks[x.name]
+        x = s.on_integers(x, lambda t: b.op("Reshape", [
+            b.op("Transpose", [t], {"perm": [1, 0] + list(range(2, rank + 1))}, dtype=t.dtype),
+            np.array([0, -1] + list(s.shapes[x.name][2:]), np.int64)], dtype=t.dtype))
+        attrs["group"] = n * group
+    elif group != 1:
+        x = s.on_integers(x, lambda t: b.op("Tile", [t, np.array([1, n] + [1] * len(spatial), np.int64)],
+                                             dtype=t.dtype))
+        attrs["group"] = n * group
+    y = b.op("Conv", [x, w] + ([bias] if bias is not None else []), attrs, dtype=out.dtype,
+             hint=f"{node.name}.stacked")
+    # a per-tensor QuantizeLinear right after the Conv stays right after it (QLinearConv), and the
+    # branch layout below moves uint8 instead of float
+    consumers = [c for c in out.outputs if id(c) in s.needed]
+    requant = consumers[0] if len(consumers) == 1 and consumers[0].op == "QuantizeLinear" and all(
+        isinstance(t, gs.Constant) and t.values.size == 1 for t in consumers[0].inputs[1:]) else None
+    if requant is not None:
+        y = b.op("QuantizeLinear", [y] + requant.inputs[1:], dict(requant.attrs), dtype=requant.outputs[0].dtype)
+        out = requant.outputs[0]
+    # [B, 2m·Cout, *sp] -> [B, 2m, Cout, S] -> [2m, B, Cout, S] -> [2m·B, Cout, *sp]
+    y = b.op("Reshape", [y, np.array([0, n, cout, -1], np.int64)], dtype=out.dtype)
+    y = b.op("Transpose", [y], {"perm": [1, 0, 2, 3]}, dtype=out.dtype)
+    y = b.op("Reshape", [y, np.array([-1, cout] + spatial, np.int64)], dtype=out.dtype, hint=f"{node.name}.folded")
+    s.mapping[out.name] = s.register(y, out.shape if out.shape is not None else node.outputs[0].shape, folded=True)
 
 
 def _times_beta(b: Builder, c: gs.Tensor, beta: float, ranks: dict, dtype) -> gs.Tensor:
@@ -83,119 +434,16 @@ def _per_axis(scale: gs.Tensor) -> bool:
     return shape is not None and len(shape) == 1 and shape[0] != 1
 
 
-def _stack_node(b: Builder, node: gs.Node, mapping: dict, ranks: dict, branches: int, perturbed: set,
-                weights: dict) -> None:
-    ins = [mapping.get(t.name, t) if t is not None and t.name else t for t in node.inputs]
-    is_stacked = [t is not None and t.name in ranks for t in ins]
-    attrs = dict(node.attrs)
-    op = node.op
-    out = node.outputs[0]
-    if len(node.outputs) != 1:
-        raise Unstackable(op)
-
-    def orig_rank(t):
-        return ranks[t.name] if t.name in ranks else _rank(t)
-
-    def aligned(inputs, flags, rank):
-        """Stacked inputs padded to `rank`+1 so that broadcasting against unstacked ones stays right."""
-        res = []
-        for t, s in zip(inputs, flags):
-            if s and ranks[t.name] < rank:
-                axes = np.arange(1, 1 + rank - ranks[t.name], dtype=np.int64)
-                t = b.op("Unsqueeze", [t, axes], dtype=t.dtype)
-            res.append(t)
-        return res
-
-    def emit(op_type, inputs, attrs, rank):
-        y = b.op(op_type, inputs, attrs, dtype=out.dtype, hint=f"{node.name}.stacked")
-        _stacked_shape(y, out, branches)
-        ranks[y.name] = rank
-        mapping[out.name] = y
-        return y
-
-    def shift_axis(key, default=None):
-        axis = attrs.get(key, default)
-        if axis is not None and axis >= 0:
-            attrs[key] = axis + 1
-
-    present = [t for t in ins if t is not None and t.name]
-    if op == "DequantizeLinear" and ins[0].name in perturbed:
-        if any(is_stacked[1:]) or attrs.get("block_size", 0):
-            raise Unstackable("stacked or blocked quantization parameters")
-        axis = attrs.get("axis", 1) if _per_axis(ins[1]) else None
-        y = _dequantized(b, ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis, orig_rank(ins[0]), out.dtype)
-        weights[y.name] = (ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis)
-        _stacked_shape(y, out, branches)
-        ranks[y.name] = orig_rank(ins[0])
-        mapping[out.name] = y
-    elif op in ELEMENTWISE:
-        if op in ("QuantizeLinear", "DequantizeLinear"):
-            if any(is_stacked[1:]) or attrs.get("block_size", 0):
-                raise Unstackable("stacked or blocked quantization parameters")
-            if _per_axis(ins[1]):
-                shift_axis("axis", 1)
-        rank = max(orig_rank(t) for t in present)
-        emit(op, aligned(ins, is_stacked, rank), attrs, rank)
-    elif op in ("MatMul", "Gemm") and not is_stacked[0] and ins[1].name in weights \
-            and _wide(b, node, ins, attrs, weights, ranks, mapping, branches):
-        pass
-    elif op == "MatMul":
-        ra, rb = orig_rank(ins[0]), orig_rank(ins[1])
-        if min(ra, rb) < 2:
-            raise Unstackable("MatMul with a vector operand")
-        rank = max(ra, rb)
-        emit(op, aligned(ins, is_stacked, rank), attrs, rank)
-    elif op == "Gemm":
-        a, w = ins[0], ins[1]
-        if attrs.get("transA", 0):
-            a = b.op("Transpose", [a], {"perm": [0, 2, 1] if is_stacked[0] else [1, 0]}, dtype=a.dtype)
-            if is_stacked[0]:
-                ranks[a.name] = 2
-        if attrs.get("transB", 0):
-            w = _transposed_weight(b, w, is_stacked[1], ranks, weights)
-        y = b.op("MatMul", [a, w], dtype=out.dtype)
-        ranks[y.name] = 2
-        if attrs.get("alpha", 1.0) != 1.0:
-            y = b.op("Mul", [y, np.array(attrs["alpha"], np.float32)], dtype=out.dtype)
-            ranks[y.name] = 2
-        c = ins[2] if len(ins) > 2 and ins[2] is not None and ins[2].name else None
-        if c is None:
-            mapping[out.name] = y
-            _stacked_shape(y, out, branches)
-            return
-        c = _times_beta(b, c, attrs.get("beta", 1.0), ranks, out.dtype)
-        emit("Add", aligned([y, c], [True, c.name in ranks], 2), {}, 2)
-    elif op in LAST_AXIS_OPS:
-        if any(is_stacked[1:]):
-            raise Unstackable(f"stacked {op} parameters")
-        shift_axis("axis", -1)
-        emit(op, ins, attrs, orig_rank(ins[0]))
-    elif op == "Transpose":
-        if not is_stacked[0] or "perm" not in attrs:
-            raise Unstackable(op)
-        attrs["perm"] = [0] + [p + 1 for p in attrs["perm"]]
-        emit(op, ins, attrs, orig_rank(ins[0]))
-    elif op in REDUCE_OPS:
-        if len(ins) < 2 or not isinstance(ins[1], gs.Constant) or ins[1].values.size == 0:
-            raise Unstackable(f"{op} without constant axes")
-        axes = ins[1].values.astype(np.int64)
-        keep = attrs.get("keepdims", 1)
-        shifted = np.where(axes >= 0, axes + 1, axes)
-        rank = orig_rank(ins[0]) - (0 if keep else len(axes))
-        emit(op, [ins[0], shifted] + ins[2:], attrs, rank)
-    else:
-        raise Unstackable(op)
-
-
-def _wide(b: Builder, node: gs.Node, ins, attrs, weights, ranks, mapping, branches: int) -> bool:
+def _wide(s: Stacker, node: gs.Node, ins, attrs) -> bool:
     """A · W± as one wide product: the 2m weight copies side by side on the output-feature axis,
     A [.., M, K] @ W [K, 2m·N] -> [.., M, 2m·N] -> [2m, .., M, N]. One large GEMM instead of 2m small
     ones, and the perturbed weights keep a plain 2-D DequantizeLinear (per-channel scales tiled), the
     form onnxruntime's QDQ fusion (QGemm, MatMulIntegerToFloat) already handles.
     Returns False (nothing emitted) where the shapes are not known."""
+    b, weights, ranks, branches = s.b, s.weights, s.ranks, s.n
     q, scale, zp, axis = weights[ins[1].name]
     out = node.outputs[0]
-    if q.shape is None or len(q.shape) != 3 or not all(isinstance(d, int) for d in q.shape[1:]):
+    if out.shape is None or q.shape is None or len(q.shape) != 3 or not all(isinstance(d, int) for d in q.shape[1:]):
         return False
     a = ins[0]
     ra = _rank(a)
@@ -228,13 +476,12 @@ def _wide(b: Builder, node: gs.Node, ins, attrs, weights, ranks, mapping, branch
              hint=f"{node.name}.stacked")
     ranks[y.name] = ra
     if c is not None:   # an unstacked (frozen) or unfoldable bias: added after, by broadcasting
-        c = _times_beta(b, c, attrs.get("beta", 1.0), ranks, out.dtype)
+        c = _times_beta(b, s.lead(c) if s.stacked(c) else c, attrs.get("beta", 1.0), ranks, out.dtype)
         if c.name in ranks and ranks[c.name] < ra:
             c = b.op("Unsqueeze", [c, np.arange(1, 1 + ra - ranks[c.name], dtype=np.int64)], dtype=c.dtype)
         y = b.op("Add", [y, c], dtype=out.dtype)
         ranks[y.name] = ra
-    _stacked_shape(y, out, branches)
-    mapping[out.name] = y
+    s.mapping[out.name] = s.register(y, out.shape, folded=False)
     return True
 
 

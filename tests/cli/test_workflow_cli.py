@@ -36,8 +36,8 @@ def test_compile_says_how_the_branches_run(tmp_path):
     model = MODELS / "digits_cnn" / "w8a8.onnx"
     r = run("compile", model, "-o", tmp_path / "a", "--m", 3)
     assert "2m=6 branches stacked; activation requantization" in r.output
-    r = run("compile", model, "-o", tmp_path / "b", "--last", 3, "--keep-requant")
-    assert "branches cloned (a suffix op cannot carry a branch axis" in r.output
+    r = run("compile", model, "-o", tmp_path / "b", "--last", 3, "--keep-requant", "--branches", "cloned")
+    assert "branches cloned (one copy per branch: --branches cloned)" in r.output
     assert "requantization" not in r.output.splitlines()[-1]
     props = {p.key: p.value for p in onnx.load(tmp_path / "b" / "train.onnx").metadata_props}
     contract = json.loads(props["fgcompile"])

@@ -68,6 +68,16 @@ def test_options_match_reference(options, target_train):
     run_chain("digits_cnn/w8a8.onnx", TrainSpec(**options), target_train, steps=8)
 
 
+@pytest.mark.parametrize("model_file, options", [
+    ("digits_cnn/w8a8.onnx", dict(last=3, m=2, bits=8)),                 # stacked: one wide trained Conv
+    ("digits_cnn/w16a8.onnx", dict(last=4, m=2)),                        # grouped Conv over stacked input
+    ("digits_attn/w16a8.onnx", dict(last=8, m=2)),                       # the whole transformer block
+    ("digits_attn/w8a8.onnx", dict(train=("k.weight",), m=3)),           # one mid-block MatMul
+])
+def test_deep_suffixes_match_reference(model_file, options, target_train):
+    run_chain(model_file, TrainSpec(**options), target_train, steps=6)
+
+
 def test_native_int16_model_matches_reference(target_train):
     run_chain("digits_cnn/w16a8.onnx", TrainSpec(m=2), target_train, steps=10)
 

@@ -127,13 +127,21 @@ class InferenceOracle:
 
 
 def _bypass_requant(model: onnx.ModelProto, trained: list[str]) -> None:
-    """Downstream of the trained tensors, a node reading DQ(Q(a)) of an activation reads a instead."""
+    """Downstream of the trained tensors, a node reading DQ(Q(a)) of an activation reads a instead, unless
+    a Conv/MatMul/Gemm is that node or lies downstream of it (there the requantization stays)."""
     reached = set(trained)
     for node in model.graph.node:            # topological order
         if any(i in reached for i in node.input):
             reached.update(node.output)
+    weighted = {"Conv", "ConvTranspose", "MatMul", "Gemm", "ConvInteger", "MatMulInteger"}
+    feeds_weighted = set()                   # tensors from which a weighted op is reachable
+    for node in reversed(model.graph.node):
+        if node.op_type in weighted or any(o in feeds_weighted for o in node.output):
+            feeds_weighted.update(node.input)
     producer = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
+        if node.op_type in weighted or any(o in feeds_weighted for o in node.output):
+            continue
         for k, name in enumerate(node.input):
             dq = producer.get(name)
             if dq is None or dq.op_type != "DequantizeLinear" or name not in reached:
