@@ -39,6 +39,11 @@ OPS = {
     "Mul": lambda a, b: a * b,
     "Div": lambda a, b: a / b,
     "Relu": lambda x: torch.relu(x),
+    "Clip": lambda x, lo=None, hi=None: torch.clamp(x, lo, hi),
+    "Gelu": lambda x, approximate="none": F.gelu(x, approximate=approximate),
+    "GlobalAveragePool": lambda x: x.mean(dim=(2, 3), keepdim=True),
+    "MaxPool": lambda x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), **_: F.max_pool2d(
+        x, tuple(kernel_shape), tuple(strides), tuple(pads[:2])),
     "Flatten": lambda x, axis=1: x.flatten(axis) if axis > 0 else x.reshape(1, -1),
     "Reshape": lambda x, s, allowzero=0: x.reshape([x.shape[i] if (d == 0 and not allowzero) else d
                                                      for i, d in enumerate(s.long().tolist())]),

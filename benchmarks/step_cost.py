@@ -22,9 +22,9 @@ from fgcompile.spec import TrainSpec
 from split import split
 
 
-def timed(fns: dict, repeats: int, calls: int) -> dict:
+def timed(fns: dict, repeats: int, calls: int, warmup: int = 20) -> dict:
     for fn in fns.values():      # warm up: arenas, prepacked weights
-        for _ in range(20):
+        for _ in range(warmup):
             fn()
     samples = {k: [] for k in fns}
     for _ in range(repeats):

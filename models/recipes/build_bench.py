@@ -51,12 +51,13 @@ class Net:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
-    def conv(self, x, cin, cout, k, stride=1, group=1, gain=1.0, hint="conv"):
+    def conv(self, x, cin, cout, k, stride=1, group=1, gain=1.0, hint="conv", pads=None):
         kh, kw = (k, k) if isinstance(k, int) else k
         fan_in = cin // group * kh * kw
         w = (self.rng.standard_normal((cout, cin // group, kh, kw)) * gain * np.sqrt(2.0 / fan_in)).astype(np.float32)
         b = (self.rng.standard_normal(cout) * 0.01).astype(np.float32)
-        pads = [(kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2] if stride == 1 else [(kh - 1) // 2, (kw - 1) // 2] * 2
+        if pads is None:
+            pads = [(kh - 1) // 2, (kw - 1) // 2] * 2
         return self.op("Conv", [x, self.init(f"{hint}.weight", w), self.init(f"{hint}.bias", b)], hint,
                        kernel_shape=[kh, kw], strides=[stride, stride], pads=pads, group=group)
 
@@ -144,7 +145,7 @@ def vit(size: int = 96, patch: int = 16, d: int = 192, heads: int = 3, depth: in
     g = Net(4)
     tokens = (size // patch) ** 2
     i64 = lambda *v: np.array(v, np.int64)
-    h = g.conv("x", 3, d, patch, patch, hint="patch")
+    h = g.conv("x", 3, d, patch, patch, hint="patch", pads=[0, 0, 0, 0])
     h = g.op("Transpose", [g.op("Reshape", [h, g.init("shape", i64(0, d, -1))])], perm=[0, 2, 1])
     h = g.op("Add", [h, g.init("pos", (g.rng.standard_normal((1, tokens, d)) * 0.02).astype(np.float32))])
 

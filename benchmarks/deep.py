@@ -1,0 +1,177 @@
+"""Deep training on architecture-faithful models: step cost against its floor and one forward, and peak
+memory against inference and torch fp32 backprop of the same tensors.
+
+    python models/recipes/build_bench.py        # once: ResNet-18, MobileNetV2, DS-CNN, ViT-tiny (+ ResNet-50)
+    python benchmarks/deep.py                   # writes benchmarks/results/deep.{json,md}
+    python benchmarks/deep.py --branches cloned --out benchmarks/results/deep-cloned   # the fallback form
+
+Per model (w8a8) and trained depth (last 1 / last 2 / the last block / one mid-network site), m and batch:
+    step      one training step (onnxruntime session of train.onnx, state fed back)
+    floor     t(prefix) + 2m · t(suffix): the model split at the trained tensors, each part its own call
+    forward   one forward of the inference model on the same batch
+    memory    VmHWM of fresh processes (benchmarks/memory.py): inference, training, torch backprop
+Timings interleave the candidates and take the median of repeated blocks, one thread each. The grid is
+cut to what 2 shared cores finish (--quick cuts more); the rows say what ran.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import click
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "models" / "recipes"))
+
+import accuracy  # noqa: E402
+import memory  # noqa: E402
+from build_bench import CACHE  # noqa: E402
+from fgcompile import modelio  # noqa: E402
+from fgcompile.compiler import compile_model, write_compiled  # noqa: E402
+from fgcompile.inspect import inspect_model  # noqa: E402
+from fgcompile.runtime.session import make_session  # noqa: E402
+from fgcompile.spec import TrainSpec  # noqa: E402
+from run import machine  # noqa: E402
+from split import split  # noqa: E402
+from step_cost import step_feeds, timed  # noqa: E402
+
+MODELS = ("dscnn", "mobilenetv2", "resnet18", "vit")
+BLOCK = {"resnet18": 3, "mobilenetv2": 5, "dscnn": 3, "vit": 7}   # weight sites of the last block + head
+
+
+def depths(name: str, source) -> dict:
+    sites = inspect_model(source)
+    mid = sites[len(sites) // 2]
+    return {"last 1": {"last": 1}, "last 2": {"last": 2}, "last block": {"last": BLOCK[name]},
+            f"mid {mid.op} ({mid.site})": {"train": (f"^{mid.weight}$",)}}
+
+
+def data(source, batch: int):
+    shape = [d.dim_value for d in source.graph.input[0].type.tensor_type.shape.dim[1:]]
+    classes = source.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch, *shape)).astype(np.float32), rng.integers(0, classes, batch).astype(np.int64)
+
+
+def cost(source, compiled, x, y, repeats: int) -> dict:
+    contract = compiled.contract
+    name = contract["inputs"]["data"]
+    infer, train = make_session(source, 1), make_session(compiled.train, 1)
+    prefix_model, suffix_model, boundary = split(source, [s["name"] for s in contract["state"]])
+    prefix, suffix = make_session(prefix_model, 1), make_session(suffix_model, 1)
+    mid = dict(zip(boundary, prefix.run(boundary, {name: x})))
+    outputs = [o.name for o in train.get_outputs()]
+    feeds = step_feeds(contract, x, y, 1, compiled.state)
+    t0 = time.perf_counter()
+    train.run(outputs, feeds)
+    calls = max(1, min(20, int(0.2 / (time.perf_counter() - t0))))   # blocks of >= ~0.2 s of steps
+    t = timed({"forward": lambda: infer.run(None, {name: x}), "step": lambda: train.run(outputs, feeds),
+               "prefix": lambda: prefix.run(boundary, {name: x}), "suffix": lambda: suffix.run(None, mid)},
+              repeats, calls, warmup=2)
+    m = contract["spec"]["m"]
+    floor = t["prefix"] + 2 * m * t["suffix"]
+    return {"ms": {k: round(v / 1e3, 2) for k, v in (t | {"floor": floor}).items()},
+            "step_over_floor": round(t["step"] / floor, 3), "step_over_forward": round(t["step"] / t["forward"], 3)}
+
+
+def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathlib.Path) -> dict:
+    x, y = data(source, batch)
+    npz = work / f"data{batch}.npz"
+    np.savez(npz, x=x, y=y)
+    folder = work / "compiled"
+    write_compiled(compiled, folder)
+    names = accuracy.fp32_names(source, fp32, [s["name"] for s in compiled.contract["state"]])
+    res = {"inference": memory.measure("inference", model=str(path), data=str(npz), batch=batch),
+           "training": memory.measure("training", compiled=str(folder), data=str(npz), batch=batch)}
+    try:
+        res["backprop"] = memory.measure("backprop", model=str(fp32_path), trained=names, data=str(npz), batch=batch)
+    except RuntimeError as exc:
+        res["backprop"] = {"error": str(exc).splitlines()[-1][:200]}
+    return res
+
+
+@click.command()
+@click.option("--models", "names", default=",".join(MODELS), show_default=True)
+@click.option("--ms", default="1,4,8", show_default=True)
+@click.option("--batches", default="8,32", show_default=True)
+@click.option("--memory-at", default="8:32", show_default=True, help="m:batch rows that also measure memory")
+@click.option("--branches", default="auto", show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--only-depth", default=None, help="Substring of the depth labels to run.")
+@click.option("--out", default=str(HERE / "results" / "deep"), show_default=True)
+def main(names, ms, batches, memory_at, branches, repeats, only_depth, out):
+    ms, batches = [int(v) for v in ms.split(",")], [int(v) for v in batches.split(",")]
+    mem_rows = {tuple(int(v) for v in r.split(":")) for r in memory_at.split(",") if r}
+    rows = []
+    for name in names.split(","):
+        path, fp32_path = CACHE / name / "w8a8.onnx", CACHE / name / "fp32.onnx"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run python models/recipes/build_bench.py first")
+        source, fp32 = modelio.load_model(path), modelio.load_model(fp32_path)
+        for label, options in depths(name, source).items():
+            if only_depth and only_depth not in label:
+                continue
+            for m in ms:
+                t0 = time.perf_counter()
+                compiled = compile_model(source, TrainSpec(m=m, branches=branches, **options))
+                seconds = time.perf_counter() - t0
+                for batch in batches:
+                    row = {"model": name, "trained": label, "m": m, "batch": batch,
+                           "branches": compiled.contract["branches"], "compile_s": round(seconds, 2),
+                           "params": sum(int(np.prod(s["shape"])) for s in compiled.contract["state"])}
+                    row |= cost(source, compiled, *data(source, batch), repeats)
+                    if (m, batch) in mem_rows:
+                        with tempfile.TemporaryDirectory() as tmp:
+                            row["memory"] = peak_memory(path, fp32_path, source, fp32, compiled, batch, pathlib.Path(tmp))
+                    rows.append(row)
+                    print(_line(row), flush=True)
+    result = {"machine": machine(), "branches": branches, "rows": rows}
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(report(result))
+    print(f"wrote {out}.json and {out}.md")
+
+
+def _mem(row, key):
+    mem = row.get("memory", {}).get(key, {})
+    return mem.get("peak_mb")
+
+
+def _line(r) -> str:
+    ms = r["ms"]
+    text = (f"{r['model']:12s} {r['trained']:28s} m={r['m']:<2d} B={r['batch']:<3d} {r['branches']:7s} "
+            f"step {ms['step']:9.2f} ms  floor {ms['floor']:9.2f}  fwd {ms['forward']:8.2f}  "
+            f"step/floor {r['step_over_floor']:.2f}  step/fwd {r['step_over_forward']:.2f}")
+    if "memory" in r:
+        i, t, b = _mem(r, "inference"), _mem(r, "training"), _mem(r, "backprop")
+        text += f"  peak MB infer {i} train {t} ({t / i:.2f}x) backprop {b}" + (f" ({b / t:.2f}x train)" if b else "")
+    return text
+
+
+def report(result) -> str:
+    m = result["machine"]
+    head = [f"# Deep training cost and memory (`benchmarks/deep.py`, branches={result['branches']})", "",
+            f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['packages']['onnxruntime']}, torch "
+            f"{m['packages']['torch']}, commit {m['commit']}, {m.get('date', '')}; one thread per session.", "",
+            "| model | trained | params | m | batch | form | step ms | floor ms | forward ms | step/floor | step/forward "
+            "| peak MB infer / train / backprop | train/infer | backprop/train |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ms = r["ms"]
+        i, t, b = _mem(r, "inference"), _mem(r, "training"), _mem(r, "backprop")
+        mem = f"{i} / {t} / {b if b else '-'}" if t else ""
+        head.append(f"| {r['model']} | {r['trained']} | {r['params']} | {r['m']} | {r['batch']} | {r['branches']} | "
+                    f"{ms['step']:.1f} | {ms['floor']:.1f} | {ms['forward']:.1f} | {r['step_over_floor']:.2f} | "
+                    f"{r['step_over_forward']:.2f} | {mem} | {f'{t / i:.2f}' if t else ''} | "
+                    f"{f'{b / t:.2f}' if t and b else ''} |")
+    return "\n".join(head) + "\n"
+
+
+if __name__ == "__main__":
+    main()
