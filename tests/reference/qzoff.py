@@ -206,5 +206,8 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
         new[s["name"]] = np.clip(state[s["name"]].astype(np.int64) - r, s["qmin"], s["qmax"]).astype(s["dtype"])
     # |d| / (τ·max|L|): between 1/2 and 2 a runtime's few-ULP rounding can land on either side of a tie
     ratio = np.abs(np.array(lp, np.float32) - np.array(lm, np.float32)) / (scale * c["tie_tolerance"] + 1e-30)
+    near = (ratio > 0.5) & (ratio < 2.0)
+    if spec["estimator"] != "sign":   # gain·d within float noise of a rounding edge (k + 1/2) of cᵢ
+        near |= np.abs(np.abs(d * np.float32(spec["spsa_gain"])) % 1 - 0.5) < 1e-3
     return new, {"loss_plus": np.array(lp), "loss_minus": np.array(lm), "coef": coef,
-                 "near_tie": bool(((ratio > 0.5) & (ratio < 2.0)).any())}
+                 "near_tie": bool(near.any())}
