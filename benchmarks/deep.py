@@ -45,10 +45,10 @@ BLOCK = {"resnet18": 3, "mobilenetv2": 5, "dscnn": 3, "vit": 7}   # weight sites
 
 
 def depths(name: str, source) -> dict:
-    sites = inspect_model(source)
-    mid = sites[len(sites) // 2]
+    weights = [r for r in inspect_model(source) if r.role == "weight" and r.op in ("Conv", "MatMul", "Gemm")]
+    mid = weights[len(weights) // 2]
     return {"last 1": {"last": 1}, "last 2": {"last": 2}, "last block": {"last": BLOCK[name]},
-            f"mid {mid.op} ({mid.site})": {"train": (f"^{mid.weight}$",)}}
+            f"mid {mid.op} ({mid.site})": {"train": (f"^{mid.tensor}$",)}}
 
 
 def data(source, batch: int):

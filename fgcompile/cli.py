@@ -53,7 +53,8 @@ def spec_options(f):
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
         click.option("--branches", type=click.Choice(BRANCH_FORMS), default=TrainSpec.branches, show_default=True,
                      help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one "
-                          "copy per branch), auto (stacked where every suffix op has a rule)."),
+                          "copy per branch), loop (a Loop over the m pairs, memory near inference), auto "
+                          "(stacked where every suffix op has a rule)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -109,7 +110,8 @@ def compile_cmd(model, out, force, **kw):
     click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
                f"{sp['perturbation']} {sp['estimator']} loss={sp['loss']} on {c['loss_tap']}")
     click.echo(f"  2m={2 * sp['m']} branches {c['branches']}"
-               + ("" if c["branches"] == "stacked" else f" (one copy per branch: {c.get('branches_reason')})")
+               + {"stacked": "", "loop": " (an ONNX Loop over the m pairs: one pair's activations at a time)"}.get(
+                   c["branches"], f" (one copy per branch: {c.get('branches_reason')})")
                + ("; activation requantization after the last trained-path Conv/MatMul/Gemm read as float"
                   if sp["requant_bypass"] else ""))
 

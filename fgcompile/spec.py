@@ -16,7 +16,7 @@ PERTURBATIONS = ("rademacher", "ternary", "gaussian")
 LOSSES = ("ce", "mse")
 ESTIMATORS = ("sign", "spsa")
 ROUNDINGS = ("nearest", "stochastic")
-BRANCH_FORMS = ("auto", "stacked", "cloned")
+BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 # (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
 # lr 128 are a quarter and a half of an int8 step (measured on the shipped digits task).
 GRID_DEFAULTS = {16: (64, 128.0), 8: (1, 1.0)}

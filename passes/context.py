@@ -62,7 +62,7 @@ class Context:
     round_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape]
     w32: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)        # int32 view of state_in
     branch_logits: gs.Tensor | None = None  # float [2m, B, C]: branches +0..+(m-1), -0..-(m-1)
-    stacked: bool = False                   # suffix run once on a branch axis (else cloned per branch)
+    branches: str = ""                      # stacked (one suffix for all branches) | cloned | loop
     branches_reason: str | None = None      # why the branches were cloned (the op that has no rule)
     loss_plus: gs.Tensor | None = None
     loss_minus: gs.Tensor | None = None

@@ -27,17 +27,45 @@ UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNorm
               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 
 
-def _perturbed(b: Builder, ctx: Context, tr):
-    """[2m, *shape] weights W ± ε·step·z, saturated to the trainable range."""
+def _perturbed(b: Builder, ctx: Context, tr, z, count: int):
+    """[2·count, *shape] weights W ± ε·step·z for z [count, *shape], saturated to the trainable range."""
     rank = len(tr.tensor.shape)
-    ctx.w32[tr.name] = w32 = b.cast(ctx.state_in[tr.name], np.int32)
     signed = np.array([1, -1], np.int32).reshape([2] + [1] * (rank + 1)) * np.int32(ctx.spec.eps * tr.step)
-    moved = b.op("Add", [w32, b.op("Mul", [ctx.z[tr.name], signed], dtype=np.int32)], dtype=np.int32)
+    moved = b.op("Add", [ctx.w32[tr.name], b.op("Mul", [z, signed], dtype=np.int32)], dtype=np.int32)
     both = b.op("Reshape", [b.clip_int32(moved, tr.qmin, tr.qmax), np.array([-1] + list(tr.tensor.shape),
                                                                             np.int64)], dtype=np.int32)
     out = b.cast(both, np.dtype(tr.tensor.dtype), hint=f"{tr.name}.perturbed")
-    out.shape = [2 * ctx.spec.m] + list(tr.tensor.shape)
+    out.shape = [2 * count] + list(tr.tensor.shape)
     return out
+
+
+def _looped(graph: gs.Graph, ctx: Context, needed):
+    """Memory-bounded form: an ONNX Loop over the m perturbation pairs. Iteration i builds W ± ε·zᵢ and
+    runs the suffix stacked on 2 branches; its [2, B, C] logits leave as a scan output [m, 2, B, C], so
+    only one pair's activations are alive at a time (peak memory near inference)."""
+    m = ctx.spec.m
+    body = gs.Graph(name="branch_pair")
+    i = gs.Variable("pair_loop/i", dtype=np.int64, shape=[])
+    cond = gs.Variable("pair_loop/cond", dtype=bool, shape=[])
+    body.inputs = [i, cond]
+    bb = Builder(body, "pair_loop")
+    index = bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64)
+    perturbed = {tr.name: _perturbed(bb, ctx, tr, bb.op("Gather", [ctx.z[tr.name], index], {"axis": 0},
+                                                         dtype=np.int32), 1) for tr in ctx.trainables}
+    mapping, reason = stack_suffix(body, needed, perturbed, 2, ctx.loss_tap)
+    if mapping is None:
+        raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({reason}). "
+                           "Use --branches cloned, or train other tensors.")
+    pair = mapping[ctx.loss_tap]
+    body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [pair], dtype=np.float32)]
+    tail = list(pair.shape[2:])     # after [2, B]: static (stack folds and unfolds with them)
+    b = Builder(graph, "pair")
+    pairs = gs.Variable("pair/logits_pairs", dtype=np.float32)
+    graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
+                               [b.const(np.array(m, np.int64)), b.const(np.array(True))], [pairs]))
+    # [m, 2, B, ...] -> [2, m, B, ...] -> [2m, B, ...]: branches +0..+(m-1), -0..-(m-1)
+    both = b.op("Transpose", [pairs], {"perm": [1, 0] + list(range(2, 2 + len(pair.shape) - 1))}, dtype=np.float32)
+    return b.op("Reshape", [both, np.array([2 * m, -1] + tail, np.int64)], dtype=np.float32, hint="logits_all")
 
 
 def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed):
@@ -63,18 +91,23 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if not any(ctx.loss_tap in (t.name for t in n.outputs) for n in suffix):
         raise CompileError(f"the model output {ctx.output!r} does not depend on the trained tensors; "
                            "nothing would learn. Choose other tensors with --train.")
-    perturbed = {tr.name: _perturbed(b, ctx, tr) for tr in ctx.trainables}
+    for tr in ctx.trainables:
+        ctx.w32[tr.name] = b.cast(ctx.state_in[tr.name], np.int32)
     # only the nodes the loss reads: the trailing requantization of the output is not needed per branch
     needed = _needed(suffix, ctx.loss_tap)
     if ctx.spec.requant_bypass:
         needed = _needed(_bypass_requant(needed), ctx.loss_tap)
-    mapping, ctx.branches_reason = (None, "--branches cloned") if ctx.spec.branches == "cloned" else \
-        stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m, ctx.loss_tap)
-    if mapping is None and ctx.spec.branches == "stacked":
-        raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
-                           f"({ctx.branches_reason}). Use --branches auto or cloned, or train other tensors.")
-    ctx.stacked = mapping is not None
-    ctx.branch_logits = mapping[ctx.loss_tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
+    if ctx.spec.branches == "loop":
+        ctx.branches, ctx.branch_logits = "loop", _looped(graph, ctx, needed)
+    else:
+        perturbed = {tr.name: _perturbed(b, ctx, tr, ctx.z[tr.name], ctx.spec.m) for tr in ctx.trainables}
+        mapping, ctx.branches_reason = (None, "--branches cloned") if ctx.spec.branches == "cloned" else \
+            stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m, ctx.loss_tap)
+        if mapping is None and ctx.spec.branches == "stacked":
+            raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
+                               f"({ctx.branches_reason}). Use --branches auto or cloned, or train other tensors.")
+        ctx.branches = "stacked" if mapping is not None else "cloned"
+        ctx.branch_logits = mapping[ctx.loss_tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
     kept = {id(n) for n in suffix}
     graph.nodes = [n for n in graph.nodes if id(n) not in kept]
     graph.outputs = []

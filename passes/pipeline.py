@@ -131,7 +131,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         "lr": {"shift": spec.lr_shift, "default": spec.lr_numerator, "max": ctx.lr_max},
         "model_output": ctx.output,
         "loss_tap": ctx.loss_tap,
-        "branches": "stacked" if ctx.stacked else "cloned",
+        "branches": ctx.branches,
         "branches_reason": ctx.branches_reason,
         "tie_tolerance": estimate.TIE_TOLERANCE,
         # internal tensors a conformance check compares across runtimes (`fgcompile verify`)

@@ -15,7 +15,7 @@ from fgcompile.spec import TrainSpec
 from reference import qzoff
 
 
-def _cloned(monkeypatch, model, spec):
+def _cloned(model, spec):
     return compile_graph(model, dataclasses.replace(spec, branches="cloned"))
 
 
@@ -29,26 +29,34 @@ def _cloned(monkeypatch, model, spec):
     ("digits_attn/w16a8.onnx", TrainSpec(m=2, last=8)),              # the whole block: attention, LayerNorm
     ("digits_attn/w8a8.onnx", TrainSpec(m=2, train=("q.weight",))),  # one mid-block MatMul, frozen rest folded
 ])
-def test_stacked_equals_cloned(monkeypatch, model_file, spec, target_train):
-    _assert_same_steps(monkeypatch, shipped(model_file), spec, target_train)
+def test_stacked_equals_cloned(model_file, spec, target_train):
+    _assert_same_steps(shipped(model_file), spec, target_train)
+
+
+@pytest.mark.parametrize("model_file, spec", [
+    ("digits_cnn/w8a8.onnx", TrainSpec(m=3, last=3, bits=8)),        # a trained Conv inside the Loop body
+    ("digits_attn/w16a8.onnx", TrainSpec(m=2, last=8)),              # the transformer block
+])
+def test_loop_equals_cloned(model_file, spec, target_train):
+    _assert_same_steps(shipped(model_file), dataclasses.replace(spec, branches="loop"), target_train)
 
 
 @pytest.mark.parametrize("spec", [
     TrainSpec(m=3, last=2, bits=8),             # fc2's A and bias stacked: Gemm -> MatMul, Mul(α), Add(β·C)
     TrainSpec(m=2, include_bias=False),         # wide fc2, frozen bias added after as β·C
 ])
-def test_gemm_alpha_beta_stack_like_clones(monkeypatch, spec, target_train):
+def test_gemm_alpha_beta_stack_like_clones(spec, target_train):
     model = shipped("digits_cnn/w8a8.onnx")
     for node in model.graph.node:
         if node.op_type == "Gemm":
             node.attribute.extend([onnx.helper.make_attribute("alpha", 1.5),
                                    onnx.helper.make_attribute("beta", 0.5)])
-    _assert_same_steps(monkeypatch, model, spec, target_train)
+    _assert_same_steps(model, spec, target_train)
 
 
-def _assert_same_steps(monkeypatch, model, spec, target_train):
-    stacked, cloned = compile_graph(model, spec), _cloned(monkeypatch, model, spec)
-    assert qzoff.contract(stacked.train)["branches"] == "stacked"
+def _assert_same_steps(model, spec, target_train):
+    stacked, cloned = compile_graph(model, spec), _cloned(model, spec)
+    assert qzoff.contract(stacked.train)["branches"] == ("loop" if spec.branches == "loop" else "stacked")
     assert qzoff.contract(cloned.train)["branches"] == "cloned"
     assert len(stacked.train.graph.node) < len(cloned.train.graph.node)
     runs = [ort.InferenceSession(c.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
