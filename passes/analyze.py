@@ -169,16 +169,17 @@ def run(graph: gs.Graph, ctx) -> gs.Graph:
                          "inference graphs. Quantize it first, e.g. onnxruntime.quantization."
                          "quantize_static(..., quant_format=QuantFormat.QDQ).")
     data = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
-    if len(data) != 1:
-        raise CompileError(f"the model has {len(data)} data inputs ({', '.join(t.name for t in data)}); "
-                           "fgcompile trains single-input classifiers.")
+    if not data:
+        raise CompileError("the model has no data input.")
     if not graph.outputs:
         raise CompileError("the model has no outputs.")
+    ctx.data_inputs = [t.name for t in data]   # several: train/eval read one .npz array per input
     ctx.data_input, ctx.output = data[0].name, graph.outputs[0].name
-    kind = np.dtype(data[0].dtype) if data[0].dtype is not None else np.dtype(np.float32)
-    if not (np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)):
-        raise CompileError(f"the model's input {ctx.data_input!r} is {kind.name}; fgcompile feeds float or "
-                           "integer (e.g. token id) data. Export the model with a numeric input.")
+    for t in data:
+        kind = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+        if not (np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)):
+            raise CompileError(f"the model's input {t.name!r} is {kind.name}; fgcompile feeds float or "
+                               "integer (e.g. token id) data. Export the model with numeric inputs.")
     out_shape = graph.outputs[0].shape
     if out_shape is not None and len(out_shape) != 2:
         raise CompileError(f"output {ctx.output!r} has shape {out_shape}; fgcompile needs class scores "

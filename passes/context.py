@@ -46,7 +46,8 @@ class Trainable:
 @dataclasses.dataclass
 class Context:
     spec: TrainSpec
-    data_input: str = ""
+    data_input: str = ""    # the first data input (the contract's inputs.data)
+    data_inputs: list[str] = dataclasses.field(default_factory=list)  # all of them, in graph order
     output: str = ""
     loss_tap: str = ""  # what the loss reads: the output, or its float input before a trailing Q/DQ
     sites: list[WeightSite] = dataclasses.field(default_factory=list)

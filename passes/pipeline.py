@@ -108,15 +108,16 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         if any(t.role == "weight" for t in ctx.trainables) else 16
     ctx.spec = spec = spec.resolve(grid)
     graph, state = lift.run(graph, ctx)
-    data = graph.tensors()[ctx.data_input]
+    data = [graph.tensors()[name] for name in ctx.data_inputs]
     state_in = [ctx.state_in[t.name] for t in ctx.trainables]
 
     eval_graph = graph.copy()
     eval_tensors = eval_graph.tensors()
     eval_contract = {"format": EVAL_FORMAT, "version": __version__, "data": ctx.data_input,
-                     "output": ctx.output, "state": [t.name for t in ctx.trainables]}
-    eval_model = finalize.run(eval_graph, [eval_tensors[ctx.data_input]] + [eval_tensors[t.name] for t in
-                                                                            ctx.trainables],
+                     "data_inputs": ctx.data_inputs, "output": ctx.output,
+                     "state": [t.name for t in ctx.trainables]}
+    eval_model = finalize.run(eval_graph, [eval_tensors[n] for n in ctx.data_inputs] + [eval_tensors[t.name] for t in
+                                                                                     ctx.trainables],
                               [eval_tensors[ctx.output]], eval_contract)
 
     for p in (prng, pair, loss, estimate, update):
@@ -124,6 +125,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
     contract = {
         "format": TRAIN_FORMAT, "version": __version__, "spec": dataclasses.asdict(spec),
         "inputs": {"data": ctx.data_input, "labels": "labels", "seed": "seed", "step": "step", "lr": "lr"},
+        "data_inputs": ctx.data_inputs,   # every data input; inputs.data is the first
         "stream": prng.STREAM,
         "outputs": {"loss": "loss", "accuracy": "accuracy", "loss_plus": "loss_plus",
                     "loss_minus": "loss_minus"},
@@ -137,7 +139,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         # internal tensors a conformance check compares across runtimes (`fgcompile verify`)
         "probes": {"coefficients": ctx.coefficients.name, "z": [ctx.z[t.name].name for t in ctx.trainables]},
     }
-    inputs = [data, ctx.labels, ctx.seed, ctx.step, ctx.lr] + state_in
+    inputs = data + [ctx.labels, ctx.seed, ctx.step, ctx.lr] + state_in
     outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]
     train_model = finalize.run(graph, inputs, outputs, contract)
     return Compiled(train_model, eval_model, state, contract, ctx, source, notes)

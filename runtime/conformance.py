@@ -222,14 +222,14 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     from fgcompile import modelio
     from fgcompile.compiler import EVAL, TRAIN, read_contract
     from fgcompile.errors import FgcompileError
-    from .data import load_data
+    from .data import Inputs, feeds
     from .session import class_count, input_dtype, input_shape, make_session
     from .trainer import Trainer, latest_state
 
     if steps < 1:
         raise FgcompileError(f"--steps {steps}: must be at least 1.")
     out = pathlib.Path(out_dir)
-    Trainer(out)                                    # the same checks and messages as `train`
+    trainer = Trainer(out)                          # the same checks and messages as `train`
     train, eval_model = modelio.load_model(out / TRAIN), modelio.load_model(out / EVAL)
     contract = read_contract(train)
     if "probes" not in contract:
@@ -237,9 +237,13 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     state = latest_state(out)
     sess = make_session(eval_model)
     shape = input_shape(sess, contract["inputs"]["data"])
-    dtype = input_dtype(sess, contract["inputs"]["data"])
-    x, y = load_data(data, shape, class_count(sess), dtype) if data is not None else \
-        _synthetic(shape, class_count(sess), batch, dtype)
+    if data is not None:
+        x, y = trainer.load_data(data)
+    else:
+        names = contract.get("data_inputs", [contract["inputs"]["data"]])
+        arrays = {n: _synthetic(input_shape(sess, n), class_count(sess), batch, input_dtype(sess, n)) for n in names}
+        x, y = arrays[names[0]] if len(names) == 1 else (Inputs({n: a[0] for n, a in arrays.items()}),
+                                                          arrays[names[0]][1])
     batch = shape[0] if isinstance(shape[0], int) else min(batch, len(y))
     starts = [(k * batch) % max(len(y) - batch + 1, 1) for k in range(steps)]
     batches = [(x[s:s + batch], y[s:s + batch]) for s in starts]
@@ -247,7 +251,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     part = integer_part(train, contract)
     coefficients = [r.coefficients for r in base]
     base_part = chain_integer_part(part, contract, state, coefficients, BASELINE)
-    eval_feeds = {contract["inputs"]["data"]: batches[0][0], **state}
+    eval_feeds = {**feeds(contract["inputs"]["data"], batches[0][0]), **state}
     eval_out = [eval_model.graph.output[0].name]
     base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
     rows = []

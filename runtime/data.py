@@ -1,5 +1,6 @@
 """Data files: .npz with `x` (shaped like the model input: float32, or integers such as token ids for a
-model whose input is integer) and `y` (int64 class labels).
+model whose input is integer) and `y` (int64 class labels). A model with several data inputs reads one
+array per input, named as the input (e.g. input_ids, attention_mask), plus `y` (load_inputs → Inputs).
 
 load_data validates against the model's input shape and class count and says what to fix.
 """
@@ -22,44 +23,83 @@ def load_data(path, input_shape: list | None = None, classes: int | None = None,
     path = pathlib.Path(path)
     arrays = npzfile.read_npz(path, ["x", "y"], "data file (.npz with arrays x and y)",
                               "Save inputs as x and integer class labels as y: " + FIX)
+    return _checked(path, arrays, input_shape, classes, dtype, "x")
+
+
+def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = arrays["x"], arrays["y"]
     if x.ndim == 0:
-        raise DataError(f"{path}: x is a single number (0-d); it must hold samples along its first axis. {FIX}")
+        raise DataError(f"{path}: {x_name} is a single number (0-d); it must hold samples along its first axis. {FIX}")
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         if not np.issubdtype(x.dtype, np.integer):
-            raise DataError(f"{path}: x has dtype {x.dtype}; the model takes {dtype.name} inputs (e.g. token ids). "
-                            f"Save x as integers.")
+            raise DataError(f"{path}: {x_name} has dtype {x.dtype}; the model takes {dtype.name} inputs (e.g. token ids). "
+                            f"Save {x_name} as integers.")
         info = np.iinfo(dtype)
         if x.size and (x.min() < info.min or x.max() > info.max):
-            raise DataError(f"{path}: x ranges over [{x.min()}, {x.max()}], outside {dtype.name}. Fix x.")
+            raise DataError(f"{path}: {x_name} ranges over [{x.min()}, {x.max()}], outside {dtype.name}. Fix {x_name}.")
     elif not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"{path}: x has dtype {x.dtype}; the model takes float32 inputs. Convert x to float32.")
+        raise DataError(f"{path}: {x_name} has dtype {x.dtype}; the model takes float32 inputs. Convert {x_name} to float32.")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integer class indices (int64).")
     x, y = x.astype(dtype, copy=False), y.astype(np.int64, copy=False)
     if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{path}: y has shape {list(y.shape)} but x holds {len(x)} samples; y must be [{len(x)}].")
+        raise DataError(f"{path}: y has shape {list(y.shape)} but {x_name} holds {len(x)} samples; y must be [{len(x)}].")
     if len(y) == 0:
         raise DataError(f"{path}: holds no samples.")
     if input_shape is not None:
         fixed = [(i, d) for i, d in enumerate(input_shape[1:], start=1) if isinstance(d, int) and d > 0]
         if x.ndim != len(input_shape) or any(x.shape[i] != d for i, d in fixed):
-            raise DataError(f"{path}: x has shape {list(x.shape)} but the model input is {input_shape} "
-                            "(first axis: batch). Reshape x to match.")
+            raise DataError(f"{path}: {x_name} has shape {list(x.shape)} but the model input is {input_shape} "
+                            f"(first axis: batch). Reshape {x_name} to match.")
     if np.issubdtype(dtype, np.floating) and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
-        raise DataError(f"{path}: x holds NaN or Inf in {bad} samples. Clean or drop them.")
+        raise DataError(f"{path}: {x_name} holds NaN or Inf in {bad} samples. Clean or drop them.")
     if classes is not None and (y.min() < 0 or y.max() >= classes):
         raise DataError(f"{path}: labels range over [{y.min()}, {y.max()}] but the model has {classes} "
                         f"classes (0..{classes - 1}). Fix y.")
     return x, y
 
 
-def data_digest(x: np.ndarray, y: np.ndarray) -> str:
+class Inputs:
+    """Several named model inputs, sliced together along the batch axis like one array."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, idx) -> "Inputs":
+        return Inputs({k: v[idx] for k, v in self.arrays.items()})
+
+    def padded(self, pad: int) -> "Inputs":
+        return Inputs({k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in self.arrays.items()})
+
+
+def feeds(name: str, x) -> dict:
+    """The data feeds of a batch: {name: x} for one input, the named arrays for several."""
+    return dict(x.arrays) if isinstance(x, Inputs) else {name: x}
+
+
+def load_inputs(path, inputs: dict, classes: int | None = None) -> tuple[Inputs, np.ndarray]:
+    """inputs: name -> (shape, dtype) of each data input; the .npz holds one array per name, plus y."""
+    path = pathlib.Path(path)
+    names = list(inputs)
+    arrays = npzfile.read_npz(path, names + ["y"], f"data file (.npz with arrays {', '.join(names)} and y)",
+                              f"Save one array per model input, named as the input, and the labels as y: "
+                              f"numpy.savez(path, {'=..., '.join(names)}=..., y=...).")
+    checked = {}
+    for name, (shape, dtype) in inputs.items():
+        x, y = _checked(path, {"x": arrays[name], "y": arrays["y"]}, shape, classes, dtype, name)
+        checked[name] = x
+    return Inputs(checked), y
+
+
+def data_digest(x, y: np.ndarray) -> str:
     """sha256 of the samples and labels: a resumed run checks it is fed the same data."""
     h = hashlib.sha256()
-    for a in (x, y):
+    for a in (list(x.arrays.values()) if isinstance(x, Inputs) else [x]) + [y]:
         h.update(str((a.dtype.str, a.shape)).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()

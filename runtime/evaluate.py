@@ -6,8 +6,8 @@ import pathlib
 from fgcompile import folder, modelio
 from fgcompile.compiler import EVAL
 from fgcompile.errors import ModelError
-from .data import load_data
-from .session import class_count, input_dtype, running
+from .data import load_data, load_inputs
+from .session import class_count, input_dtype, input_shape, running
 from .metrics import score
 from .trainer import latest_state, session_of
 
@@ -23,15 +23,19 @@ def evaluate(model_or_out, data, batch: int = 512) -> dict:
         model = modelio.load_model(target)
         initialized = {i.name for i in model.graph.initializer}
         inputs = [i.name for i in model.graph.input if i.name not in initialized]
-        if len(inputs) > 1:
+        if len(inputs) > 1 and target.name == EVAL:
             hint = (f" {target.name} of a compiled folder takes its state as inputs: pass the folder instead "
-                    f"(fgcompile eval {target.parent} --data ...)." if target.name == EVAL else
-                    " Pass a model with one input, or a compiled folder.")
+                    f"(fgcompile eval {target.parent} --data ...).")
             raise ModelError(f"{target}: the model takes {len(inputs)} inputs ({', '.join(inputs[:4])}"
                              f"{', ...' if len(inputs) > 4 else ''}) but eval feeds only the data.{hint}")
         sess, state = session_of(model, target), {}
+    names = [i.name for i in sess.get_inputs() if i.name not in state]
     data_input = sess.get_inputs()[0]
-    x, y = data if isinstance(data, tuple) else load_data(data, data_input.shape, class_count(sess),
-                                                          input_dtype(sess, data_input.name))
+    if isinstance(data, tuple):
+        x, y = data
+    elif len(names) > 1:   # one .npz array per data input
+        x, y = load_inputs(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess))
+    else:
+        x, y = load_data(data, data_input.shape, class_count(sess), input_dtype(sess, data_input.name))
     with running(target / EVAL if target.is_dir() else target):
         return score(sess, data_input.name, x, y, state, batch)

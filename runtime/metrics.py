@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from .data import Inputs, feeds
+
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
@@ -13,9 +15,9 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
 
 def score(sess: ort.InferenceSession, data_input: str, x: np.ndarray, y: np.ndarray, state: dict,
           batch: int = 512) -> dict:
-    """Run `sess` over x in batches (state tensors fed alongside) and score its first output. A model
-    with a fixed batch N runs in chunks of N; the last chunk is padded with its first sample and the
-    padding's outputs dropped."""
+    """Run `sess` over x (an array, or Inputs for several data inputs) in batches (state tensors fed
+    alongside) and score its first output. A model with a fixed batch N runs in chunks of N; the last
+    chunk is padded with its first sample and the padding's outputs dropped."""
     fixed = next(i.shape[0] for i in sess.get_inputs() if i.name == data_input)
     size = fixed if isinstance(fixed, int) and fixed > 0 else batch
     chunks = []
@@ -23,7 +25,7 @@ def score(sess: ort.InferenceSession, data_input: str, x: np.ndarray, y: np.ndar
         xb = x[i:i + size]
         pad = size - len(xb) if size == fixed else 0
         if pad:
-            xb = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
-        chunks.append(sess.run(None, {data_input: xb, **state})[0][:size - pad])
+            xb = xb.padded(pad) if isinstance(xb, Inputs) else np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
+        chunks.append(sess.run(None, {**feeds(data_input, xb), **state})[0][:size - pad])
     logits = np.concatenate(chunks)
     return {"accuracy": float((logits.argmax(1) == y).mean()), "loss": cross_entropy(logits, y), "samples": len(y)}

@@ -22,7 +22,7 @@ from fgcompile.compiler import CHECKPOINT, EVAL, STATE, TRAIN, read_contract
 from fgcompile.errors import DataError, FgcompileError, ModelError, OutputError, SpecError
 from fgcompile.spec import TrainSpec
 from . import checkpoint
-from .data import data_digest, load_data
+from .data import data_digest, feeds, load_data, load_inputs
 from .metrics import score
 from .session import class_count, input_dtype, input_shape, make_session, running
 
@@ -52,6 +52,10 @@ class Trainer:
         return state, {"step": 0, "bad_steps": 0}
 
     def load_data(self, path):
+        names = self.contract.get("data_inputs", [self.io["data"]])
+        if len(names) > 1:
+            return load_inputs(path, {n: (input_shape(self.eval_sess, n), input_dtype(self.eval_sess, n))
+                                      for n in names}, self.classes)
         return load_data(path, self.data_shape, self.classes, input_dtype(self.eval_sess, self.io["data"]))
 
     # ------------------------------------------------------------------------------------------ eval
@@ -194,7 +198,7 @@ def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, seed: int, step: in
     """The inputs of one training step. seed (< 2^32) and step (< 2^31) are fed as int32, the seed's
     two's-complement bits: the graph's arithmetic is int32 throughout."""
     io = contract["inputs"]
-    return {io["data"]: x, io["labels"]: y, **scalar_feeds(contract, seed, step, lr), **state}
+    return {**feeds(io["data"], x), io["labels"]: y, **scalar_feeds(contract, seed, step, lr), **state}
 
 
 def scalar_feeds(contract: dict, seed: int, step: int, lr: int) -> dict:

@@ -175,3 +175,20 @@ def token_id_model(seed: int = 0, vocab: int = 20, tokens: int = 4, classes: int
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     return model
+
+
+def two_input_model(seed: int = 0, vocab: int = 20, classes: int = 5) -> onnx.ModelProto:
+    """An image-plus-metadata style model: x float [B, 4] and ids int64 [B, 3] (embedded, averaged) ->
+    Concat -> Q/DQ -> MatMul(DQ(W)) + Add(DQ(b)) -> Q/DQ -> logits."""
+    c = Chain(np.random.default_rng(seed))
+    c.init("emb", np.random.default_rng(seed + 1).normal(size=(vocab, 2)).astype(np.float32))
+    e = c.op("ReduceMean", [c.op("Gather", ["emb", "ids"]), c.init("ax", np.array([1]))], keepdims=0)
+    h = c.qdq(c.op("Concat", ["x", e], axis=1), 1 / 64)
+    w, ws = c.weight((6, classes), np.int8, True, 1)
+    h = c.qdq(c.op("Add", [c.op("MatMul", [h, w]), c.bias(classes, 1 / 64, ws)]), 1 / 16)
+    graph = helper.make_graph(c.nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                                               helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3])],
+                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["batch", classes])], c.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model

@@ -123,7 +123,8 @@ class InferenceOracle:
         self.tap = c["loss_tap"]
 
     def logits(self, x, weights: dict) -> np.ndarray:
-        return self.sess.run([self.tap], {self.data: x, **weights})[0]
+        """x: the data array, or a dict of arrays for a model with several data inputs."""
+        return self.sess.run([self.tap], {**(x if isinstance(x, dict) else {self.data: x}), **weights})[0]
 
 
 def _bypass_requant(model: onnx.ModelProto, trained: list[str]) -> None:
