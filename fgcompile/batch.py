@@ -148,8 +148,11 @@ def format_summary(rows: list[dict]) -> str:
              (r["error"] or "")[:90]) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    failed = sum(r["status"] != "ok" for r in rows)
-    return "\n".join([line(head)] + [line(b) for b in body] + [f"{len(rows) - failed} compiled, {failed} failed"])
+    failed = sum(r["status"] == "error" for r in rows)
+    cancelled = sum(r["status"] == "cancelled" for r in rows)
+    total = f"{len(rows) - failed - cancelled} compiled, {failed} failed"
+    total += f", {cancelled} cancelled" if cancelled else ""
+    return "\n".join([line(head)] + [line(b) for b in body] + [total])
 
 
 if __name__ == "__main__":  # one model, in its own process: python -m fgcompile.batch MODEL OUT SPEC FORCE RESULT

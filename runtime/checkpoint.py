@@ -50,4 +50,5 @@ def load(path, contract: dict | None = None, train_sha256: str | None = None) ->
 def _meta_ok(meta) -> bool:
     count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
     return (isinstance(meta, dict) and count(meta.get("step")) and count(meta.get("bad_steps", 0))
-            and isinstance(meta.get("run"), (dict, type(None))) and isinstance(meta.get("train_sha256"), (str, type(None))))
+            and isinstance(meta.get("run"), (dict, type(None)))
+            and isinstance(meta.get("train_sha256"), (str, type(None))))

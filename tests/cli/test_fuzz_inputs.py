@@ -20,7 +20,8 @@ from fgcompile.runtime import checkpoint
 from fgcompile.runtime.session import make_session
 
 SEED = int(os.environ.get("FGCOMPILE_FUZZ_SEED", "0"))
-SHIPPED = [MODELS / "digits_cnn" / "w8a8.onnx", MODELS / "digits_cnn" / "w16a8.onnx", MODELS / "digits_attn" / "w8a8.onnx"]
+SHIPPED = [MODELS / "digits_cnn" / "w8a8.onnx", MODELS / "digits_cnn" / "w16a8.onnx",
+           MODELS / "digits_attn" / "w8a8.onnx"]
 DTYPES = [np.float16, np.float64, np.int8, np.uint8, np.int16, np.int32, np.int64, np.bool_, np.complex64]
 
 
@@ -217,8 +218,8 @@ def test_mutated_compiled_folders(tmp_path, base, i, rng):
     shutil.copytree(src, out)
     name = FOLDER_FILES[rng.integers(len(FOLDER_FILES))]
     raw = (out / name).read_bytes()
-    mutated = (mutate_model if name.endswith(".onnx") else mutate_npz if name.endswith(".npz") else flip_bytes)(raw, rng)
-    (out / name).write_bytes(mutated)
+    mutate = mutate_model if name.endswith(".onnx") else mutate_npz if name.endswith(".npz") else flip_bytes
+    (out / name).write_bytes(mutate(raw, rng))
     shutil.copy(base / "data.npz", tmp_path / "data.npz")
     label = f"seed {SEED} case {i}: {src.name}/{name} mutated"
     run_case(tmp_path, ["export", out, "-o", tmp_path / "adapted.onnx"], ["adapted.onnx"], label)
