@@ -135,8 +135,13 @@ def find_weight_sites(graph: gs.Graph) -> list[WeightSite]:
     return sites
 
 
+QUANTIZED_OPS = ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
+                 "DynamicQuantizeLinear")
+
+
 def is_quantized(graph: gs.Graph) -> bool:
-    return any(n.op in ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm") for n in graph.nodes)
+    """Any quantized op at all (a dialect analyze cannot train still gets its pattern named)."""
+    return any(n.op in QUANTIZED_OPS for n in graph.nodes)
 
 
 def loss_tap(output: gs.Tensor) -> str:

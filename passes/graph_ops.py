@@ -46,6 +46,11 @@ class Builder:
         return self.op("Clip", [x, np.array(lo, np.int32), np.array(hi, np.int32)], dtype=np.int32, hint=hint)
 
 
+def optional_input(node: gs.Node, k: int):
+    """Input k, or None when absent (past the end, or the empty name of an omitted optional input)."""
+    return node.inputs[k] if k < len(node.inputs) and node.inputs[k].name else None
+
+
 def producer(tensor: gs.Tensor):
     return tensor.inputs[0] if tensor.inputs else None
 

@@ -20,13 +20,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph_ops import Builder
+from ..graph_ops import Builder, optional_input as _given
 
 FLOAT_OP = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}
-
-
-def _given(node: gs.Node, k: int):
-    return node.inputs[k] if k < len(node.inputs) and node.inputs[k].name else None
 
 
 def _unit_dq(b: Builder, x, zp, axis: int):

@@ -42,7 +42,7 @@ def _foldable(node: gs.Node) -> bool:
 
 
 def run(graph: gs.Graph) -> int:
-    folded = 0
+    folded, taken = 0, set(graph.tensors())
     for node in list(graph.nodes):
         if not _foldable(node):
             continue
@@ -50,7 +50,11 @@ def run(graph: gs.Graph) -> int:
         zp = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else None
         values = quantize(w.values, np.asarray(scale.values), None if zp is None else np.asarray(zp),
                           int(node.attrs.get("axis", 1)))
-        q = gs.Constant(f"{w.name}_quantized", values)
+        name = f"{w.name}_quantized"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        q = gs.Constant(name, values)
         for dq in list(node.outputs[0].outputs):
             dq.inputs[0] = q
         node.outputs = []

@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph_ops import Builder
+from ..graph_ops import Builder, optional_input as _given
 
 
 @dataclasses.dataclass
@@ -46,11 +46,6 @@ RULES = {
     "QLinearGlobalAveragePool": Rule("GlobalAveragePool", (0,), (3, 4)),
     "QLinearAveragePool": Rule("AveragePool", (0,), (3, 4), _POOL_ATTRS),
 }
-
-
-def _given(node: gs.Node, k: int):
-    """Input k, or None when absent (past the end or the empty name of an omitted optional input)."""
-    return node.inputs[k] if k < len(node.inputs) and node.inputs[k].name else None
 
 
 def _weight_axis(node: gs.Node, rule: Rule) -> int:

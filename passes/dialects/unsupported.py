@@ -18,7 +18,8 @@ QDQ_FIX = ("Quantize the weights: onnxruntime.quantization.quantize_static(..., 
            "DequantizeLinear (or a float initializer followed by QuantizeLinear → DequantizeLinear).")
 PATTERNS = {
     "float": "weights are float initializers with no QuantizeLinear (activations only are quantized)",
-    "through": "weights pass through another op between DequantizeLinear and the product",
+    "through": "weights pass through other ops between DequantizeLinear and the product (export the "
+               "weight already transposed/reshaped, so that DequantizeLinear feeds the product directly)",
     "computed": "weights are computed in the graph, not stored as initializers",
     "integer": "weights are integers consumed by MatMulInteger/ConvInteger without the Cast to float "
                "that quantize_dynamic writes",

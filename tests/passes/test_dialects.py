@@ -148,3 +148,27 @@ def test_untrained_export_computes_the_source_function(corpus, arch, dialect, tm
     export_model(tmp_path / "out", tmp_path / "adapted.onnx")
     x = np.random.default_rng(3).uniform(0, 1, (32, 1, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(outputs(onnx.load(str(tmp_path / "adapted.onnx")), x), outputs(source, x))
+
+
+def _one_product(nodes, inits, x_type=TensorProto.FLOAT):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", x_type, ["b", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def test_weights_through_transpose_and_integer_products_are_named():
+    w = numpy_helper.from_array(np.ones((3, 4), np.int8), "W")
+    s, zp = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.int8(0), "zp")
+    through = _one_product([helper.make_node("DequantizeLinear", ["W", "s", "zp"], ["wd"], name="dq"),
+                            helper.make_node("Transpose", ["wd"], ["wt"], name="t"),
+                            helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm")], [w, s, zp])
+    _refuse(through, r"weights pass through other ops between DequantizeLinear and the product \(.*\) "
+                     r"\(1 nodes, e\.g\. 'mm'\)")
+    wt = numpy_helper.from_array(np.ones((4, 3), np.int8), "W")
+    integer = _one_product([helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"),
+                            helper.make_node("MatMulInteger", ["xq", "W", "xz"], ["acc"], name="mmi"),
+                            helper.make_node("Cast", ["acc"], ["accd"], name="c", to=TensorProto.DOUBLE),
+                            helper.make_node("Cast", ["accd"], ["y"], name="c2", to=TensorProto.FLOAT)], [wt])
+    _refuse(integer, "weights are integers consumed by MatMulInteger/ConvInteger without the Cast to float")
