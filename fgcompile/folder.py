@@ -58,11 +58,22 @@ def recover(out) -> None:
         modelio.remove_stale_temps(out)
 
 
+LAYOUT = {"train.onnx", "eval.onnx", "state.npz", "source.onnx", CHECKPOINT, LOG, MARKER, LOCK}
+
+
 def is_owned(folder, kind: str = "compiled") -> bool:
+    """Whether fgcompile wrote FOLDER as a `kind` folder: its marker says so, or (a compiled folder from
+    before markers) it holds train.onnx and nothing but the compiled layout's own file names."""
+    folder = pathlib.Path(folder)
     try:
-        return json.loads((pathlib.Path(folder) / MARKER).read_text()).get("kind") == kind
+        return json.loads((folder / MARKER).read_text()).get("kind") == kind
     except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
         return False
+    return kind == "compiled" and "train.onnx" in names and names <= LAYOUT
 
 
 def marker(folder) -> dict:

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from fgcompile.errors import ModelError, SpecError
 from fgcompile.passes import canonicalize, floatgrid, widen
 from fgcompile.passes.analyze import bias_step, find_weight_sites, is_quantized
+from fgcompile.passes.pipeline import check_source
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 
@@ -88,6 +89,7 @@ def float_layers(graph: gs.Graph) -> list[FloatLayer]:
 def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> tuple[list[ParamRow], list[FloatLayer]]:
     if not 1 <= m <= 64:
         raise SpecError(f"--m {m}: the number of perturbations must be 1..64 (the memory estimate uses it).")
+    check_source(model)   # what compile refuses first (an invalid graph, opset), inspect refuses too
     graph = gs.import_onnx(canonicalize.run(model)[0])
     if not is_quantized(graph):
         raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "

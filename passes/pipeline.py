@@ -54,7 +54,7 @@ def _at_least(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
 MIN_OPSET = 13  # per-channel QDQ (DequantizeLinear axis) arrived in opset 13
 
 
-def _check_source(model: onnx.ModelProto) -> None:
+def check_source(model: onnx.ModelProto) -> None:
     """Refuse what no pass should see: an opset outside what we and onnxruntime support, an invalid
     graph, or one onnxruntime cannot load (the compiled graph would fail the same way)."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -92,7 +92,7 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
-    _check_source(model)
+    check_source(model)
     source, notes = canonicalize.run(model)
     graph = gs.import_onnx(_with_shapes(_at_least(source, BASE_OPSET)))
     ctx = Context(spec)

@@ -679,3 +679,37 @@ def test_former_tracebacks(tmp_path, compiled, case):
     before = snapshot(tmp_path)
     refused(invoke(*args), message)
     assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+def test_a_compiled_folder_from_before_markers_is_still_replaceable(tmp_path, compiled):
+    out = tmp_path / "old"
+    shutil.copytree(compiled, out)
+    for hidden in (".fgcompile-folder", ".fgcompile.lock"):
+        (out / hidden).unlink()
+    assert invoke("compile", CNN, "-o", out, "--m", 2).exit_code == 0
+    (out / ".fgcompile-folder").unlink()
+    (out / "mine.txt").write_text("not a compiled layout")
+    refused(invoke("compile", CNN, "-o", out), "was not written by fgcompile")
+
+
+def test_the_lock_holder_is_another_process(tmp_path, compiled):
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from fgcompile import folder
+with folder.locked({str(out)!r}):
+    print("locked", flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused(invoke("train", out, "--data", TRAIN, "--quiet", "--epochs", 1),
+                f"another fgcompile process (pid {holder.pid}) is using this folder")
+        assert not (out / "checkpoint.npz").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert invoke("train", out, "--data", TRAIN, "--quiet", "--epochs", 1).exit_code == 0   # released on exit
