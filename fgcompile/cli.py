@@ -55,6 +55,8 @@ def spec_options(f):
                      help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one "
                           "copy per branch), loop (a Loop over the m pairs, memory near inference), auto "
                           "(stacked where every suffix op has a rule)."),
+        click.option("--memory-budget", "memory_budget_mb", type=float, default=None, metavar="MB",
+                     help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -67,7 +69,7 @@ def make_spec(kw) -> TrainSpec:
                      perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
                      estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),
-                     branches=kw.pop("branches"))
+                     branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"))
 
 
 @main.command()

@@ -8,9 +8,15 @@ scale and bias (quantized or float). Grids: 8-bit weights and Add biases widen t
 --bits 16 (W·256, s/256); int32 biases move in steps of 2^k ≈ 1/s_in LSBs; float parameters train on
 passes/floatgrid.py's int32 grid (s = 2^(⌈log2 max|P|⌉−27), steps of 2^12).
 
-Memory estimate for training one tensor of n elements with m perturbations on a b-byte grid:
-n · (2b state in/out + 2m·b branch copies + 4·(m + 2) int32 perturbations, counter and ĝ). Activations
-of the 2m branches are not included: they depend on the batch, and the benchmarks measure them.
+Memory estimate for training one tensor of n elements with m perturbations on a b-byte grid, per branch
+form (what the step holds beyond inference):
+    n · (2b state in/out + 16m int32 perturbations z [m, n] and the hash words alive beside them
+         + 8 ĝ and update + copies · (12 + b) perturbed weights: int32 W ± εz, its clip, the b-byte
+         cast and the float dequantization)
+with copies = 2m when the branches are stacked or cloned and 2 for --branches loop. (ResNet-18's
+layer4 conv, 2.4M weights at m = 8: 820 MiB stacked, measured 785 MiB above inference.) Activations of
+the branches are not included: they depend on the batch (stacked: 2m·B rows through the suffix; loop:
+2·B), and benchmarks/deep.py measures them.
 """
 from __future__ import annotations
 
@@ -21,15 +27,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import ModelError, SpecError
-from fgcompile.passes import canonicalize, floatgrid, widen
+from fgcompile.passes import canonicalize, floatgrid, pair, widen
 from fgcompile.passes.analyze import bias_step, find_weight_sites, is_quantized
 from fgcompile.passes.pipeline import check_source
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 
 
-def train_bytes(numel: int, grid_bytes: int, m: int) -> int:
-    return numel * (2 * grid_bytes + 2 * m * grid_bytes + 4 * (m + 2))
+def train_bytes(numel: int, grid_bytes: int, m: int, copies: int | None = None) -> int:
+    return pair.train_bytes(numel, grid_bytes, m, 2 * m if copies is None else copies)
 
 
 @dataclasses.dataclass
@@ -43,7 +49,8 @@ class ParamRow:
     axis: int | None
     params: int
     grid: str            # the grid it trains on
-    train_bytes: int
+    train_bytes: int     # stacked (or cloned) branches
+    loop_bytes: int      # --branches loop
 
 
 @dataclasses.dataclass
@@ -102,7 +109,7 @@ def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> tuple[l
                 continue
             grid, size = _grid(graph, s, t, role, bits)
             rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid,
-                                 train_bytes(t.numel, size, m)))
+                                 train_bytes(t.numel, size, m), train_bytes(t.numel, size, m, copies=2)))
     return rows, float_layers(graph)
 
 
@@ -111,9 +118,11 @@ def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> list[Pa
 
 
 def format_table(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> str:
-    head = ("site", "op", "role", "tensor", "shape", "dtype", "axis", "params", "trains on", "train mem")
+    head = ("site", "op", "role", "tensor", "shape", "dtype", "axis", "params", "trains on", "train mem",
+            "loop mem")
     body = [(r.site, r.op, r.role, r.tensor, "x".join(map(str, r.shape)) or "scalar", r.dtype,
-             "-" if r.axis is None else str(r.axis), str(r.params), r.grid, _human(r.train_bytes)) for r in rows]
+             "-" if r.axis is None else str(r.axis), str(r.params), r.grid, _human(r.train_bytes),
+             _human(r.loop_bytes)) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     sites = {r.site for r in rows}

@@ -50,6 +50,7 @@ class TrainSpec:
     requant_bypass: bool = True   # the branches read the activation Q→DQ pairs after the suffix's last
                                   # Conv/MatMul/Gemm as float (see passes/pair.py)
     branches: str = "auto"        # auto: stacked where every suffix op has a rule, else cloned
+    memory_budget_mb: float | None = None   # auto picks the loop when stacked weights would exceed it
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))
@@ -98,6 +99,8 @@ class TrainSpec:
         need(self.rounding in ROUNDINGS, f"--rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}.")
         need(self.branches in BRANCH_FORMS,
              f"--branches {self.branches!r}: choose one of {', '.join(BRANCH_FORMS)}.")
+        need(self.memory_budget_mb is None or self.memory_budget_mb > 0,
+             f"--memory-budget {self.memory_budget_mb}: must be a positive number of MB.")
         need(self.bits in (8, 16), f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
         need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
         need(0 <= self.seed < 2 ** 32, f"--seed {self.seed}: must be in [0, 2**32) (the graph's seed input is 32-bit).")

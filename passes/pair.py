@@ -27,6 +27,24 @@ UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNorm
               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 
 
+def train_bytes(numel: int, grid_bytes: int, m: int, copies: int) -> int:
+    """Bytes a step holds for one trained tensor beyond inference (fgcompile/inspect.py explains the
+    terms); copies = 2m stacked or cloned, 2 in the loop."""
+    return numel * (2 * grid_bytes + 16 * m + 8 + copies * (12 + grid_bytes))
+
+
+def _form(ctx: Context) -> str:
+    """auto: stacked, unless the stacked weights alone would exceed --memory-budget (then the loop)."""
+    if ctx.spec.branches != "auto" or ctx.spec.memory_budget_mb is None:
+        return ctx.spec.branches
+    need = sum(train_bytes(int(np.prod(tr.tensor.shape)), np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m,
+                           2 * ctx.spec.m) for tr in ctx.trainables)
+    if need > ctx.spec.memory_budget_mb * 2 ** 20:
+        ctx.branches_reason = f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
+        return "loop"
+    return "auto"
+
+
 def _perturbed(b: Builder, ctx: Context, tr, z, count: int):
     """[2·count, *shape] weights W ± ε·step·z for z [count, *shape], saturated to the trainable range."""
     rank = len(tr.tensor.shape)
@@ -97,13 +115,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     needed = _needed(suffix, ctx.loss_tap)
     if ctx.spec.requant_bypass:
         needed = _needed(_bypass_requant(needed), ctx.loss_tap)
-    if ctx.spec.branches == "loop":
+    form = _form(ctx)
+    if form == "loop":
         ctx.branches, ctx.branch_logits = "loop", _looped(graph, ctx, needed)
     else:
         perturbed = {tr.name: _perturbed(b, ctx, tr, ctx.z[tr.name], ctx.spec.m) for tr in ctx.trainables}
-        mapping, ctx.branches_reason = (None, "--branches cloned") if ctx.spec.branches == "cloned" else \
+        mapping, ctx.branches_reason = (None, "--branches cloned") if form == "cloned" else \
             stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m, ctx.loss_tap)
-        if mapping is None and ctx.spec.branches == "stacked":
+        if mapping is None and form == "stacked":
             raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
                                f"({ctx.branches_reason}). Use --branches auto or cloned, or train other tensors.")
         ctx.branches = "stacked" if mapping is not None else "cloned"

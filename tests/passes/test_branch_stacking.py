@@ -106,3 +106,12 @@ def test_an_op_without_a_rule_falls_back_to_clones_and_says_why():
     assert sum(n.op_type == "Einsum" for n in compiled.train.graph.node) == 2 * 2
     with pytest.raises(CompileError, match="--branches stacked.*Einsum"):
         compile_graph(model, TrainSpec(m=2, last=2, branches="stacked"))
+
+
+def test_memory_budget_makes_auto_pick_the_loop():
+    model = shipped("digits_cnn/w8a8.onnx")
+    roomy = compile_graph(model, TrainSpec(m=4, last=3, memory_budget_mb=1000))
+    tight = compile_graph(model, TrainSpec(m=4, last=3, memory_budget_mb=0.05))
+    assert roomy.contract["branches"] == "stacked"
+    assert tight.contract["branches"] == "loop" and "--memory-budget" in tight.contract["branches_reason"]
+    assert any(n.op_type == "Loop" for n in tight.train.graph.node)
