@@ -57,6 +57,10 @@ def spec_options(f):
                           "(stacked where every suffix op has a rule)."),
         click.option("--memory-budget", "memory_budget_mb", type=float, default=None, metavar="MB",
                      help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
+        click.option("--prompts", default=0, show_default=True,
+                     help="Append N trainable tokens at a transformer block's input (trained with the sites)."),
+        click.option("--prompt-at", default="", metavar="NODE",
+                     help="The LayerNormalization whose input gets the prompts [the first over tokens]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -69,7 +73,8 @@ def make_spec(kw) -> TrainSpec:
                      perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
                      estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),
-                     branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"))
+                     branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"),
+                     prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"))
 
 
 @main.command()

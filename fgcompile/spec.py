@@ -51,6 +51,8 @@ class TrainSpec:
                                   # Conv/MatMul/Gemm as float (see passes/pair.py)
     branches: str = "auto"        # auto: stacked where every suffix op has a rule, else cloned
     memory_budget_mb: float | None = None   # auto picks the loop when stacked weights would exceed it
+    prompts: int = 0              # trainable tokens appended at a transformer block's input (passes/prompts.py)
+    prompt_at: str = ""           # that block's LayerNormalization (default: the first over [B, T, D])
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))
@@ -72,6 +74,7 @@ class TrainSpec:
                 raise SpecError(msg)
 
         need(1 <= self.m <= 64, f"--m {self.m}: the number of perturbations must be 1..64.")
+        need(0 <= self.prompts <= 1024, f"--prompts {self.prompts}: the number of prompt tokens must be 0..1024.")
         need(self.last >= 1, f"--last {self.last}: train at least one weight site (use --last 1 or more).")
         for pattern in self.train:
             try:

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+PROMPT_NODE = "fgcompile/prompt/expand"   # passes/prompts.py's Expand of the prompt tokens
 INT_DTYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
 
 
@@ -48,7 +49,7 @@ class WeightSite:
     weight: Tensor       # a product's weight, or a normalization's scale
     bias: Tensor | None
     order: int           # position of the consumer in topological order
-    kind: Literal["product", "norm"] = "product"
+    kind: Literal["product", "norm", "prompt"] = "product"
 
     @property
     def params(self) -> int:
@@ -121,6 +122,8 @@ def find_weight_sites(graph: gs.Graph) -> list[WeightSite]:
         norm = _norm_site(node, order)
         if norm:
             sites.append(norm)
+        if node.name == PROMPT_NODE and isinstance(node.inputs[0], gs.Constant):
+            sites.append(WeightSite(node.name, node.op, _parameter(node.inputs[0]), None, order, "prompt"))
         if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
             continue
         found = _dq_initializer(node.inputs[1])

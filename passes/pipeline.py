@@ -19,7 +19,7 @@ import onnxruntime as ort
 from fgcompile import __version__
 from fgcompile.errors import CompileError, ModelError
 from fgcompile.spec import TrainSpec
-from . import analyze, canonicalize, estimate, finalize, floatgrid, lift, loss, pair, prng, select, update, widen
+from . import analyze, canonicalize, estimate, finalize, floatgrid, lift, prompts, loss, pair, prng, select, update, widen
 from .context import Context
 
 BASE_OPSET = 18   # BitwiseXor/BitwiseAnd (prng), ReduceMean with axes as an input (loss)
@@ -94,6 +94,9 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
     check_source(model)
     source, notes = canonicalize.run(model)
+    if spec.prompts:
+        source = prompts.run(source, spec.prompts, spec.prompt_at, spec.seed)
+        notes.append(f"{spec.prompts} prompt tokens appended (initializer {prompts.PROMPT!r})")
     graph = gs.import_onnx(_with_shapes(_at_least(source, BASE_OPSET)))
     ctx = Context(spec)
     for p in (analyze, select, floatgrid):

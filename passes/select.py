@@ -29,11 +29,16 @@ def _products(ctx: Context) -> list:
 
 
 def _chosen(ctx: Context) -> list[tuple[object, str]]:
+    prompts = [(s, "weight") for s in ctx.sites if s.kind == "prompt"]   # --prompts always train
+    return prompts + _patterned(ctx)
+
+
+def _patterned(ctx: Context) -> list[tuple[object, str]]:
     spec = ctx.spec
     if not spec.train:
         return [(s, "weight+bias") for s in _products(ctx)[-spec.last:]]
     chosen = []
-    for site in ctx.sites:
+    for site in (s for s in ctx.sites if s.kind != "prompt"):
         hit = lambda name: name is not None and any(re.search(p, name) for p in spec.train)
         if hit(site.name) or hit(site.weight.name):
             chosen.append((site, "weight+bias"))
@@ -60,7 +65,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                                "Quantize the weight per output channel (MatMul: the last axis) or per tensor, "
                                "or leave this site out of --train.")
         if "weight" in what:
-            parts.append(("weight" if site.kind == "product" else "scale", site.weight))
+            parts.append(({"product": "weight", "norm": "scale"}.get(site.kind, site.kind), site.weight))
         if site.bias is not None and ("bias" == what or ctx.spec.include_bias):
             parts.append(("bias", site.bias))
         for role, tensor in parts:

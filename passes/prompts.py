@@ -1,0 +1,65 @@
+"""prompts: append N trainable tokens to a transformer's sequence at the input of a block (deep visual
+prompt tuning, one block), as a float parameter that passes/floatgrid.py puts on its int32 grid.
+
+    h [B, T, D]  →  Concat(h, Expand(P, [B, N, D]), axis 1)  [B, T + N, D]   for every consumer of h
+
+h is the input of the chosen LayerNormalization (`--prompt-at NAME`, default the first one whose input
+has rank 3: [batch, tokens, features]); its other readers (the residual) read the same extended
+sequence. Tokens are appended, so a class token at index 0 keeps its place. P starts as seeded N(0, 1)
+values: at a LayerNormalization input only their direction matters.
+
+Precondition: a canonical ModelProto; spec.prompts > 0.
+Postcondition: the model computes on T + N tokens from block `at` on; initializer PROMPT [N, D] float32
+read only by the Expand named PROMPT_NODE; else CompileError names what is missing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from fgcompile.errors import CompileError
+
+PROMPT, PROMPT_NODE = "prompt", "fgcompile/prompt/expand"
+
+
+def _block_input(graph: gs.Graph, at: str) -> gs.Variable:
+    norms = [n for n in graph.nodes if n.op == "LayerNormalization"]
+    if at:
+        norms = [n for n in norms if n.name == at]
+    for n in norms:
+        h = n.inputs[0]
+        if h.shape is not None and len(h.shape) == 3 and isinstance(h.shape[2], int):
+            return h
+    where = f"LayerNormalization {at!r}" if at else "any LayerNormalization"
+    raise CompileError(f"--prompts: no sequence axis found: {where} with an input shaped [batch, tokens, features] "
+                       "(static features). Prompts need a transformer block; name one with --prompt-at "
+                       "(a LayerNormalization node), or train without --prompts.")
+
+
+def run(model: onnx.ModelProto, count: int, at: str, seed: int) -> onnx.ModelProto:
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    h = _block_input(graph, at)
+    dim = int(h.shape[2])
+    readers = list(h.outputs)
+    p = gs.Constant(PROMPT, np.random.default_rng([seed, count]).normal(0, 1, (count, dim)).astype(np.float32))
+    shape = gs.Variable("fgcompile/prompt/shape", dtype=np.int64, shape=[3])
+    batch = gs.Variable("fgcompile/prompt/batch", dtype=np.int64, shape=[1])
+    tokens = gs.Variable("fgcompile/prompt/tokens", dtype=np.float32, shape=[h.shape[0], count, dim])
+    joined = gs.Variable("fgcompile/prompt/joined", dtype=np.float32, shape=[h.shape[0], None, dim])
+    graph.nodes += [
+        gs.Node("Shape", "fgcompile/prompt/shape_of", {"start": 0, "end": 1}, [h], [batch]),
+        gs.Node("Concat", "fgcompile/prompt/target", {"axis": 0},
+                [batch, gs.Constant("fgcompile/prompt/nd", np.array([count, dim], np.int64))], [shape]),
+        gs.Node("Expand", PROMPT_NODE, {}, [p, shape], [tokens]),
+        gs.Node("Concat", "fgcompile/prompt/append", {"axis": 1}, [h, tokens], [joined])]
+    for node in readers:
+        node.inputs = [joined if t is h else t for t in node.inputs]
+    io = {t.name for t in graph.inputs + graph.outputs}
+    for t in graph.tensors().values():   # sequence lengths changed downstream: shape inference redoes them
+        if isinstance(t, gs.Variable) and t.name not in io and not t.name.startswith("fgcompile/prompt/"):
+            t.shape = None
+    out = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
+    out.ir_version = model.ir_version
+    out.metadata_props.extend(model.metadata_props)
+    return out
