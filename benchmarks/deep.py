@@ -102,9 +102,10 @@ def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathl
 @click.option("--memory-at", default="8:32", show_default=True, help="m:batch rows that also measure memory")
 @click.option("--branches", default="auto", show_default=True)
 @click.option("--repeats", default=3, show_default=True)
+@click.option("--bits", default=16, show_default=True, help="Training grid (TrainSpec.bits): 8 keeps int8 kernels.")
 @click.option("--only-depth", default=None, help="Substring of the depth labels to run.")
 @click.option("--out", default=str(HERE / "results" / "deep"), show_default=True)
-def main(names, ms, batches, memory_at, branches, repeats, only_depth, out):
+def main(names, ms, batches, memory_at, branches, repeats, bits, only_depth, out):
     ms, batches = [int(v) for v in ms.split(",")], [int(v) for v in batches.split(",")]
     mem_rows = {tuple(int(v) for v in r.split(":")) for r in memory_at.split(",") if r}
     rows = []
@@ -118,7 +119,7 @@ def main(names, ms, batches, memory_at, branches, repeats, only_depth, out):
                 continue
             for m in ms:
                 t0 = time.perf_counter()
-                compiled = compile_model(source, TrainSpec(m=m, branches=branches, **options))
+                compiled = compile_model(source, TrainSpec(m=m, branches=branches, bits=bits, **options))
                 seconds = time.perf_counter() - t0
                 for batch in batches:
                     row = {"model": name, "trained": label, "m": m, "batch": batch,
@@ -130,7 +131,7 @@ def main(names, ms, batches, memory_at, branches, repeats, only_depth, out):
                             row["memory"] = peak_memory(path, fp32_path, source, fp32, compiled, batch, pathlib.Path(tmp))
                     rows.append(row)
                     print(_line(row), flush=True)
-    result = {"machine": machine(), "branches": branches, "rows": rows}
+    result = {"machine": machine(), "branches": branches, "bits": bits, "rows": rows}
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

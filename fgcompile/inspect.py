@@ -10,11 +10,12 @@ passes/floatgrid.py's int32 grid (s = 2^(⌈log2 max|P|⌉−27), steps of 2^12)
 
 Memory estimate for training one tensor of n elements with m perturbations on a b-byte grid, per branch
 form (what the step holds beyond inference):
-    n · (2b state in/out + 16m int32 perturbations z [m, n] and the hash words alive beside them
+    n · (2b state in/out + 18m int32 perturbations z [m, n] and the hash words alive beside them
          + 8 ĝ and update + copies · (12 + b) perturbed weights: int32 W ± εz, its clip, the b-byte
          cast and the float dequantization)
 with copies = 2m when the branches are stacked or cloned and 2 for --branches loop. (ResNet-18's
-layer4 conv, 2.4M weights at m = 8: 820 MiB stacked, measured 785 MiB above inference.) Activations of
+layer4 conv, 2.4M weights at m = 8: 855 MiB stacked and 414 MiB loop; measured 758 and 391 MiB
+above inference.) Activations of
 the branches are not included: they depend on the batch (stacked: 2m·B rows through the suffix; loop:
 2·B), and benchmarks/deep.py measures them.
 """

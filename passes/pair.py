@@ -30,7 +30,7 @@ UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNorm
 def train_bytes(numel: int, grid_bytes: int, m: int, copies: int) -> int:
     """Bytes a step holds for one trained tensor beyond inference (fgcompile/inspect.py explains the
     terms); copies = 2m stacked or cloned, 2 in the loop."""
-    return numel * (2 * grid_bytes + 16 * m + 8 + copies * (12 + grid_bytes))
+    return numel * (2 * grid_bytes + 18 * m + 8 + copies * (12 + grid_bytes))
 
 
 def _form(ctx: Context) -> str:
