@@ -7,18 +7,19 @@ from fgcompile import folder, modelio
 from fgcompile.compiler import EVAL
 from fgcompile.errors import ModelError
 from .data import load_data, load_inputs
-from .session import class_count, input_dtype, input_shape, running
+from .session import SessionSettings, class_count, input_dtype, input_shape, running
 from .metrics import score
 from .trainer import latest_state, session_of
 
 
-def evaluate(model_or_out, data, batch: int = 512) -> dict:
+def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | None = None) -> dict:
     target = pathlib.Path(model_or_out)
     folder.recover(target)   # a compiled folder lost in a crashed swap comes back first
     if target.is_dir():
         if not (target / EVAL).is_file():
             raise ModelError(f"{target}: no {EVAL} here; pass a model file or a folder from `fgcompile compile`.")
-        sess, state = session_of(modelio.load_model(target / EVAL), target / EVAL), latest_state(target)
+        sess = session_of(modelio.load_model(target / EVAL), target / EVAL, session=session)
+        state = latest_state(target)
     else:
         model = modelio.load_model(target)
         initialized = {i.name for i in model.graph.initializer}
@@ -28,7 +29,7 @@ def evaluate(model_or_out, data, batch: int = 512) -> dict:
                     f"(fgcompile eval {target.parent} --data ...).")
             raise ModelError(f"{target}: the model takes {len(inputs)} inputs ({', '.join(inputs[:4])}"
                              f"{', ...' if len(inputs) > 4 else ''}) but eval feeds only the data.{hint}")
-        sess, state = session_of(model, target), {}
+        sess, state = session_of(model, target, session=session), {}
     names = [i.name for i in sess.get_inputs() if i.name not in state]
     data_input = sess.get_inputs()[0]
     if isinstance(data, tuple):

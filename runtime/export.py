@@ -44,7 +44,31 @@ def export_model(out_dir, path) -> dict:
     model = modelio.load_model(out / SOURCE)
     initial, _ = checkpoint.load(out / STATE, contract)
     inits = validate.check_source(model, initial, contract, out / SOURCE)
-    state = latest_state(out, contract)
+    report = write_state(inits, contract, latest_state(out, contract))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{out / SOURCE}: the exported model fails onnx.checker ({str(exc).splitlines()[0]}). "
+                         "Recompile the model.") from None
+    session_of(model, path)  # the exported file must load in stock onnxruntime
+    modelio.save_model(model, path)
+    return report
+
+
+def export_state(source: onnx.ModelProto, contract: dict, state: dict) -> tuple[onnx.ModelProto, dict]:
+    """In memory: a copy of the source model with `state` written in, and the rounding report."""
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    inits = {i.name: i for i in model.graph.initializer}
+    missing = [s["name"] for s in contract["state"] if s["name"] not in inits]
+    if missing:
+        raise ModelError(f"the source model has no initializer {missing[0]!r}: pass the model this training "
+                         "graph was compiled from.")
+    return model, write_state(inits, contract, state)
+
+
+def write_state(inits: dict, contract: dict, state: dict) -> dict:
+    """Write each trained tensor into its initializer (narrowed to the source dtype where widened)."""
     report = {}
     for s in contract["state"]:
         value = state[s["name"]]
@@ -59,11 +83,4 @@ def export_model(out_dir, path) -> dict:
             exported = value.astype(s["source_dtype"])
             report[s["name"]] = {"narrowed": None}
         inits[s["name"]].CopyFrom(numpy_helper.from_array(exported, s["name"]))
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ModelError(f"{out / SOURCE}: the exported model fails onnx.checker ({str(exc).splitlines()[0]}). "
-                         "Recompile the model.") from None
-    session_of(model, path)  # the exported file must load in stock onnxruntime
-    modelio.save_model(model, path)
     return report

@@ -2,22 +2,48 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fgcompile.errors import ModelError
+from fgcompile.errors import ModelError, SpecError
+
+OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}
 
 
-def make_session(model: onnx.ModelProto | str, threads: int = 0) -> ort.InferenceSession:
+@dataclasses.dataclass(frozen=True)
+class SessionSettings:
+    """How train and eval run their graphs (`--threads`, `--optimization`, `--provider`). The defaults
+    are onnxruntime's own; `disable` runs the ONNX ops as written (the conformance baseline)."""
+    threads: int = 0                       # 0: onnxruntime's default
+    optimization: str = "all"
+    provider: str = "CPUExecutionProvider"
+
+    def __post_init__(self):
+        if self.threads < 0:
+            raise SpecError(f"--threads {self.threads}: must be 0 (onnxruntime's default) or more.")
+        if self.optimization not in OPTIMIZATION:
+            raise SpecError(f"--optimization {self.optimization!r}: choose one of {', '.join(OPTIMIZATION)}.")
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            raise SpecError(f"--provider {self.provider!r}: not available in this onnxruntime build. "
+                            f"Available: {', '.join(available)}.")
+
+
+def make_session(model: onnx.ModelProto | str, threads: int = 0,
+                 settings: SessionSettings | None = None) -> ort.InferenceSession:
+    settings = settings or SessionSettings(threads=threads)
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[settings.optimization])
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    if settings.threads:
+        opts.intra_op_num_threads = settings.threads
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    providers = [settings.provider] + (["CPUExecutionProvider"] if settings.provider != "CPUExecutionProvider" else [])
+    return ort.InferenceSession(data, opts, providers=providers)
 
 
 def input_shape(sess: ort.InferenceSession, name: str) -> list:

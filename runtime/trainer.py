@@ -24,7 +24,7 @@ from fgcompile.spec import TrainSpec
 from . import checkpoint
 from .data import data_digest, feeds, load_data, load_inputs
 from .metrics import score
-from .session import class_count, input_dtype, input_shape, make_session, running
+from .session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
 
 LOG = folder.LOG
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
@@ -32,20 +32,43 @@ RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs")
 
 
 class Trainer:
-    def __init__(self, out_dir, threads: int = 0):
+    """Trains a compiled folder (checkpoints and train_log.jsonl in it), or an in-memory result of
+    compile_model (nothing written; `state` holds the weights, `export_model` takes the trainer)."""
+
+    def __init__(self, out_dir, threads: int = 0, session: SessionSettings | None = None):
+        session = session or SessionSettings(threads=threads)
+        self.compiled = None if isinstance(out_dir, (str, os.PathLike)) else out_dir
+        if self.compiled is not None:
+            self._init_in_memory(self.compiled, session)
+            return
         self.out = pathlib.Path(out_dir)
         folder.recover(self.out)
         if not (self.out / TRAIN).is_file():
             raise ModelError(f"{self.out}: no {TRAIN} here. Run `fgcompile compile MODEL.onnx -o {self.out}` first.")
         train_model, self.contract, self.train_sha256 = open_train_graph(self.out)
         self.spec = TrainSpec(**self.contract["spec"])
-        self.sess = session_of(train_model, self.out / TRAIN, threads)
-        self.eval_sess = session_of(modelio.load_model(self.out / EVAL), self.out / EVAL, threads)
+        self.sess = session_of(train_model, self.out / TRAIN, session=session)
+        self.eval_sess = session_of(modelio.load_model(self.out / EVAL), self.out / EVAL, session=session)
+        self._init_io()
+        self.state, self.meta = self._initial()
+
+    def _init_in_memory(self, compiled, session: SessionSettings) -> None:
+        self.out, self.train_sha256 = None, None
+        self.contract = read_contract(compiled.train, "the in-memory training graph")
+        self.spec = TrainSpec(**self.contract["spec"])
+        self.sess = session_of(compiled.train, "the in-memory training graph", session=session)
+        self.eval_sess = session_of(compiled.eval, "the in-memory eval graph", session=session)
+        self._init_io()
+        self.state, self.meta = dict(compiled.state), {"step": 0, "bad_steps": 0}
+
+    def _init_io(self) -> None:
         self.io = self.contract["inputs"]
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.classes = class_count(self.eval_sess)
         self.data_shape = input_shape(self.eval_sess, self.io["data"])
-        self.state, self.meta = self._initial()
+
+    def _path(self, name: str):
+        return self.out / name if self.out is not None else f"the in-memory {name}"
 
     def _initial(self):
         state, _ = checkpoint.load(self.out / STATE, self.contract)
@@ -60,7 +83,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
-        with running(self.out / EVAL):
+        with running(self._path(EVAL)):
             return score(self.eval_sess, self.io["data"], x, y, self.state, batch)
 
     # ----------------------------------------------------------------------------------------- train
@@ -84,13 +107,18 @@ class Trainer:
                 raise SpecError(f"{flag} {value}: must be at least 1.")
         if resume and restart:
             raise SpecError("--resume and --restart contradict each other: pass one.")
+        if self.out is None:                   # in memory: no folder, no checkpoint, nothing to resume
+            if resume or restart:
+                raise SpecError("resume/restart need a compiled folder; an in-memory Trainer keeps its state.")
+            return self._fit(data, val, epochs, batch, False, checkpoint_every, schedule, max_bad_steps,
+                             progress, stop_after, False, allow_changed_run)
         with folder.locked(self.out, "train"):
             return self._fit(data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps,
                              progress, stop_after, restart, allow_changed_run)
 
     def _fit(self, data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps, progress,
              stop_after, restart, allow_changed_run):
-        for name in (CHECKPOINT, LOG):
+        for name in (CHECKPOINT, LOG) if self.out is not None else ():
             if os.path.lexists(self.out / name) and not (self.out / name).is_file():
                 raise OutputError(f"{self.out / name}: is not a regular file (a folder or special file); "
                                   f"train writes its {name} there. Move it away.")
@@ -108,7 +136,7 @@ class Trainer:
         total = epochs * per_epoch
         run = {"batch": batch, "epochs": epochs, "schedule": schedule, "examples": len(y),
                "data_sha256": data_digest(x, y)}
-        has_checkpoint = (self.out / CHECKPOINT).exists()
+        has_checkpoint = self.out is not None and (self.out / CHECKPOINT).exists()
         if has_checkpoint and not (resume or restart):
             _, meta = checkpoint.load(self.out / CHECKPOINT)
             raise OutputError(f"{self.out}: already holds a trained checkpoint (step {meta['step']}); training "
@@ -120,7 +148,7 @@ class Trainer:
             self.meta.setdefault("bad_steps", 0)
             self._check_run(self.meta.get("run"), run, allow_changed_run)
             _truncate_log(self.out / LOG, self.meta["step"])
-        else:
+        elif self.out is not None:
             (self.out / LOG).unlink(missing_ok=True)
             (self.out / CHECKPOINT).unlink(missing_ok=True)
         self.run = run
@@ -136,7 +164,7 @@ class Trainer:
             idx = perm[pos * batch:(pos + 1) * batch]
             feeds = step_feeds(self.contract, x[idx], y[idx], self.spec.seed, step,
                                self.lr_at(step, total, schedule), self.state)
-            with running(self.out / TRAIN):
+            with running(self._path(TRAIN)):
                 out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
             if np.isfinite(out["loss"]):
                 self.state = {s["name"]: out[s["output"]] for s in self.contract["state"]}
@@ -166,8 +194,9 @@ class Trainer:
                     record.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
                 window = []
                 history.append(record)
-                with open(self.out / LOG, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if self.out is not None:
+                    with open(self.out / LOG, "a") as f:
+                        f.write(json.dumps(record) + "\n")
             if stop_after is not None and step + 1 - start >= stop_after:
                 break
         if bar is not None:
@@ -190,6 +219,8 @@ class Trainer:
             self.notes.append(f"resuming with a changed run: {shown}")
 
     def _save(self, step: int) -> None:
+        if self.out is None:
+            return
         meta = dict(self.meta, step=step, spec=self.contract["spec"], run=self.run, train_sha256=self.train_sha256)
         checkpoint.save(self.out / CHECKPOINT, self.state, meta)
 
@@ -213,9 +244,9 @@ def open_train_graph(out: pathlib.Path):
     return model, read_contract(model, out / TRAIN), validate.file_sha256(out / TRAIN)
 
 
-def session_of(model: onnx.ModelProto, path, threads: int = 0):
+def session_of(model: onnx.ModelProto, path, threads: int = 0, session: SessionSettings | None = None):
     try:
-        return make_session(model, threads)
+        return make_session(model, threads, session)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]}). The file "
                          "was edited or damaged; recompile the model.") from None

@@ -1,0 +1,44 @@
+"""The public API, importable from the top level: fgcompile.compile_model, fgcompile.Trainer,
+fgcompile.export_model, fgcompile.evaluate. Each works on a compiled folder or in memory:
+
+    compiled = fgcompile.compile_model(model_proto, fgcompile.TrainSpec(m=8))   # a ModelProto or a path
+    trainer = fgcompile.Trainer(compiled)                   # or Trainer("OUT/") for a compiled folder
+    trainer.fit((x, y), epochs=5)
+    adapted, report = fgcompile.export_model(trainer)       # a ModelProto; or export_model("OUT/", "a.onnx")
+"""
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from fgcompile import modelio
+from fgcompile.compiler import compile_model, write_compiled
+from fgcompile.errors import ModelError, SpecError
+from fgcompile.runtime import export as _export
+from fgcompile.runtime.evaluate import evaluate
+from fgcompile.runtime.session import SessionSettings
+from fgcompile.runtime.trainer import Trainer
+from fgcompile.spec import TrainSpec
+
+__all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evaluate", "TrainSpec", "SessionSettings"]
+
+
+def export_model(trained, path=None):
+    """A compiled folder (and the .onnx path to write): writes it and returns the rounding report, as
+    `fgcompile export`. An in-memory Trainer, or compile_model's result: returns (ModelProto, report),
+    and also writes `path` when given."""
+    if isinstance(trained, (str, os.PathLike)) or (isinstance(trained, Trainer) and trained.compiled is None):
+        folder = trained if not isinstance(trained, Trainer) else trained.out
+        if path is None:
+            raise SpecError("export_model(folder, path): pass the .onnx path to write.")
+        return _export.export_model(folder, path)
+    compiled = trained.compiled if isinstance(trained, Trainer) else trained
+    model, report = _export.export_state(compiled.source, compiled.contract, trained.state)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"the exported model fails onnx.checker ({str(exc).splitlines()[0]}).") from None
+    if path is not None:
+        modelio.save_model(model, path)
+    return model, report

@@ -1,0 +1,39 @@
+"""The top-level API works in memory: compile a ModelProto, train it without a folder, export a
+ModelProto, and matches the folder workflow bit for bit."""
+import numpy as np
+import onnxruntime as ort
+
+import fgcompile
+from conftest import MODELS, shipped
+
+DATA = MODELS / "data" / "digits_target_train.npz"
+
+
+def test_in_memory_matches_the_folder_workflow(tmp_path, target_train):
+    source = shipped("digits_cnn/w8a8.onnx")
+    spec = fgcompile.TrainSpec(m=2)
+    compiled = fgcompile.compile_model(source, spec)
+    trainer = fgcompile.Trainer(compiled, session=fgcompile.SessionSettings(threads=1, optimization="disable"))
+    history = trainer.fit(target_train, epochs=1, batch=64, progress=False)
+    assert len(history) == 1 and not list(tmp_path.iterdir())
+    adapted, report = fgcompile.export_model(trainer)
+    assert set(report) == {s["name"] for s in compiled.contract["state"]}
+
+    fgcompile.write_compiled(fgcompile.compile_model(source, spec), tmp_path / "out")
+    on_disk = fgcompile.Trainer(tmp_path / "out", session=fgcompile.SessionSettings(optimization="disable"))
+    on_disk.fit(str(DATA), epochs=1, batch=64, progress=False)
+    for name, value in on_disk.state.items():
+        np.testing.assert_array_equal(trainer.state[name], value)
+    assert any((trainer.state[n] != compiled.state[n]).any() for n in compiled.state), "training moved W"
+    fgcompile.export_model(tmp_path / "out", tmp_path / "adapted.onnx")
+    x = target_train[0][:64]
+    run = lambda m: ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(),
+                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(run(adapted), run(str(tmp_path / "adapted.onnx")))
+
+
+def test_session_settings_refuse_unknown_values():
+    import pytest
+    for bad in (dict(optimization="max"), dict(provider="NoSuchExecutionProvider"), dict(threads=-1)):
+        with pytest.raises(fgcompile.api.SpecError):
+            fgcompile.SessionSettings(**bad)
