@@ -15,6 +15,11 @@ def markdown(r: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in mc["packages"].items() if v)
              + f"; fgcompile {mc['fgcompile']} at {mc['commit']}; {mc['date']}. "
              f"onnxruntime and torch on {r['settings']['threads']} thread.", ""]
+    if r.get("reused"):
+        u = r["reused"]
+        lines += [f"Reused from the run of {u['commit']} ({u['date']}): the fp32 backprop rows (they do not depend "
+                  "on fgcompile; same data, seeds, order and lr grid)"
+                  + (f" and the {', '.join(u['sections'])} sections, not re-run" if u["sections"] else "") + ".", ""]
     for name, res in r["models"].items():
         lines += [f"## {name}", ""]
         acc = res.get("accuracy")

@@ -70,7 +70,8 @@ def load(split: str):
     return d["x"], d["y"]
 
 
-def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, quick: bool) -> dict:
+def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, quick: bool,
+                 reused_backprop: dict | None = None) -> dict:
     import backprop  # torch: only this benchmark needs it
     entry = models.manifest()["models"][name]["variants"]
     train, test = load("target_train"), load("target_test")
@@ -96,6 +97,12 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
             log(f"  {name} {epochs} epochs QZO-FF {label}: {np.mean(final):.2%} "
                 f"(lr {lr}, {time.perf_counter() - t0:.0f} s)")
         names = accuracy.fp32_names(source, fp32, trained)
+        previous = (reused_backprop or {}).get(str(epochs))
+        if previous is not None and previous["tensors"] == names:
+            res["backprop"] = dict(previous, reused=True)
+            log(f"  {name} {epochs} epochs backprop: {previous['mean']:.2%} (reused)")
+            out["budgets"][str(epochs)] = res
+            continue
 
         def bp(lr, seed, tr, te, ep, b):
             return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
@@ -162,7 +169,11 @@ def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
 @click.option("--only", type=click.Choice(["accuracy", "cost", "memory"]), multiple=True,
               help="Run only these benchmarks (repeatable). Default: all three.")
 @click.option("--model", "model_names", multiple=True, help="Only these shipped models (default: all).")
-def main(out, quick, only, model_names):
+@click.option("--reuse", type=click.Path(dir_okay=False, exists=True),
+              help="A previous latest.json with the same settings: its fp32 backprop rows are reused (they do not "
+                   "depend on fgcompile) and the benchmarks not run now are copied from it, marked as such.")
+@click.option("--budgets", type=int, multiple=True, help="Training budgets in epochs (default: 30 and 300; --quick: 30).")
+def main(out, quick, only, model_names, reuse, budgets):
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -175,16 +186,25 @@ def main(out, quick, only, model_names):
     if unknown:
         raise click.ClickException(f"--model {unknown[0]}: not shipped; choose from {', '.join(models.manifest()['models'])}.")
     results = {"machine": machine(), "quick": quick, "settings": {
-        "threads": 1, "batch": 32, "budgets_epochs": [30] if quick else [30, 300], "seeds": [0] if quick else [0, 1, 2],
+        "threads": 1, "batch": 32, "budgets_epochs": list(budgets) or ([30] if quick else [30, 300]), "seeds": [0] if quick else [0, 1, 2],
         "m": list(MS), "qzo_lr_grid": QZO_LR, "backprop_lr_grid": BACKPROP_LR, "cost_batches": [32, 256],
         "memory_batches": [32, 256]}, "models": {}}
     s = results["settings"]
     sizes = {n: models.path(models.manifest()["models"][n]["variants"]["fp32"]["file"]).stat().st_size for n in names}
+    previous = _reusable(reuse, s) if reuse else None
+    if previous is not None:
+        results["reused"] = {"commit": previous["machine"]["commit"], "date": previous["machine"]["date"],
+                             "sections": sorted({"accuracy", "cost", "memory"} - only), "backprop_rows": True}
     for name in names:
         log(f"{name}:")
         res = results["models"][name] = {"fp32_bytes": sizes[name]}
+        old = previous["models"].get(name, {}) if previous is not None else {}
+        for section, key in (("cost", "step_cost"), ("memory", "memory")):
+            if section not in only and key in old:
+                res[key] = old[key]
         if "accuracy" in only:
-            res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick)
+            bp_rows = {b: r["backprop"] for b, r in old.get("accuracy", {}).get("budgets", {}).items()}
+            res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick, bp_rows)
         if "cost" in only:
             res["step_cost"] = run_cost(name, s["cost_batches"], quick)
         if "memory" in only:
@@ -197,6 +217,17 @@ def main(out, quick, only, model_names):
     report.plot(results, out / "latest.png")
     print(text)
     log(f"wrote {out / 'latest.json'}, {out / 'latest.md'}, {out / 'latest.png'}")
+
+
+def _reusable(path, settings: dict) -> dict:
+    import json
+    previous = json.loads(pathlib.Path(path).read_text())
+    keys = ("batch", "seeds", "backprop_lr_grid", "threads")
+    changed = [k for k in keys if previous["settings"].get(k) != settings[k]]
+    changed += [] if set(settings["budgets_epochs"]) <= set(previous["settings"]["budgets_epochs"]) else ["budgets"]
+    if changed:
+        raise click.ClickException(f"--reuse {path}: its settings differ ({', '.join(changed)}); run without --reuse.")
+    return previous
 
 
 if __name__ == "__main__":

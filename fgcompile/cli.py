@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
 
-from fgcompile import __version__
+from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
 from fgcompile.spec import BRANCH_FORMS, ESTIMATORS, LOSSES, PERTURBATIONS, ROUNDINGS, TrainSpec
 
@@ -18,14 +19,45 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except FgcompileError as exc:
+            logging.getLogger("fgcompile").debug("the error's traceback", exc_info=True)
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
 
 @click.group(cls=Group)
 @click.version_option(__version__)
-def main():
-    """Compile quantized ONNX inference graphs into forward-gradient training graphs (QZO-FF)."""
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
+              show_default=True, help="Python logging level of fgcompile's messages (on stderr).")
+def main(log_level):
+    """Compile quantized ONNX inference graphs into forward-gradient training graphs (QZO-FF).
+
+    Shell completion (bash): eval "$(_FGCOMPILE_COMPLETE=bash_source fgcompile)"
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")(f)
+
+
+def session_options(f):
+    from fgcompile.runtime.session import OPTIMIZATION
+    options = [
+        click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: its default)."),
+        click.option("--optimization", type=click.Choice(list(OPTIMIZATION)), default="all", show_default=True,
+                     help="onnxruntime graph optimization level (disable: the ONNX ops as written)."),
+        click.option("--provider", default="CPUExecutionProvider", show_default=True,
+                     help="onnxruntime execution provider (falls back to CPU for what it cannot run)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_session_settings(kw):
+    from fgcompile.runtime.session import SessionSettings
+    return SessionSettings(threads=kw.pop("threads"), optimization=kw.pop("optimization"), provider=kw.pop("provider"))
 
 
 def spec_options(f):
@@ -98,7 +130,9 @@ def inspect(model, m, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log).")
 @spec_options
-def compile_cmd(model, out, force, **kw):
+@json_option
+@config.option("compile")
+def compile_cmd(model, out, force, as_json, **kw):
     """Compile MODEL into OUT/train.onnx, eval.onnx, state.npz (+ source.onnx)."""
     import time
     from fgcompile.compiler import compile_model, write_compiled
@@ -109,7 +143,12 @@ def compile_cmd(model, out, force, **kw):
     compiled = compile_model(source, spec)
     write_compiled(compiled, out, force=force, source_path=model)
     c = compiled.contract
-    click.echo(f"compiled {model} -> {out} in {time.perf_counter() - t0:.2f}s")
+    seconds = time.perf_counter() - t0
+    logging.getLogger("fgcompile.compile").info("compiled %s -> %s in %.2fs", model, out, seconds)
+    if as_json:
+        click.echo(json.dumps({"model": model, "out": out, "seconds": round(seconds, 3), "contract": c}))
+        return
+    click.echo(f"compiled {model} -> {out} in {seconds:.2f}s")
     for s in c["state"]:
         click.echo(f"  trains {s['name']} ({s['role']}, {s['dtype']} {'x'.join(map(str, s['shape']))}"
                    f"{', widened from ' + s['source_dtype'] if s['widened'] else ''})")
@@ -137,16 +176,24 @@ def compile_cmd(model, out, force, **kw):
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many NaN/Inf-loss steps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@session_options
+@json_option
+@config.option("train")
 def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, checkpoint_every, schedule,
-          max_bad_steps, quiet):
+          max_bad_steps, quiet, as_json, **kw):
     """Train the compiled folder OUT on DATA; metrics go to OUT/train_log.jsonl."""
     from fgcompile.runtime.trainer import Trainer
-    trainer = Trainer(out)
+    trainer = Trainer(out, session=make_session_settings(kw))
     history = trainer.fit(data, val, epochs=epochs, batch=batch, resume=resume, checkpoint_every=checkpoint_every,
-                          schedule=schedule, max_bad_steps=max_bad_steps, progress=not quiet, restart=restart,
-                          allow_changed_run=allow_changed_run)
+                          schedule=schedule, max_bad_steps=max_bad_steps, progress=not (quiet or as_json),
+                          restart=restart, allow_changed_run=allow_changed_run)
     for note in trainer.notes:
         click.echo(f"note: {note}", err=True)
+    result = {"out": out, "checkpoint": f"{out}/checkpoint.npz", "step": trainer.meta["step"],
+              "bad_steps": trainer.meta["bad_steps"], "history": history}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
     for h in history:
         click.echo(json.dumps(h))
     click.echo(f"state: {out}/checkpoint.npz (step {trainer.meta['step']}, bad steps {trainer.meta['bad_steps']})")
@@ -155,20 +202,33 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @main.command("eval")
 @click.argument("model_or_out", type=click.Path())
 @click.option("--data", required=True, type=click.Path())
-def eval_cmd(model_or_out, data):
+@session_options
+@json_option
+def eval_cmd(model_or_out, data, as_json, **kw):
     """Accuracy and mean cross-entropy of a model file or a compiled folder."""
     from fgcompile.runtime.evaluate import evaluate
-    r = evaluate(model_or_out, data)
+    r = evaluate(model_or_out, data, session=make_session_settings(kw))
+    if as_json:
+        click.echo(json.dumps(r))
+        return
     click.echo(f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  ({r['samples']} samples)")
 
 
 @main.command()
-@click.argument("out", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Adapted .onnx to write.")
-def export(out, output):
+@click.argument("folder", metavar="OUT", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), help="Adapted .onnx to write.")
+@click.option("--output", "output_alias", type=click.Path(), hidden=True)   # its name before -o/--out
+@json_option
+def export(folder, out, output_alias, as_json):
     """Write the trained weights of OUT into a plain QDQ inference model."""
     from fgcompile.runtime.export import export_model
-    report = export_model(out, output)
+    output = out or output_alias
+    if output is None:
+        raise click.UsageError("Missing option '-o' / '--out'.")
+    report = export_model(folder, output)
+    if as_json:
+        click.echo(json.dumps({"out": output, "tensors": report}))
+        return
     for name, r in report.items():
         detail = (f"narrowed {r['narrowed']}: {r['inexact_fraction']:.1%} rounded, max {r['max_rounding_lsb16']}"
                   " of 256 LSBs") if r["narrowed"] else "written as trained"
@@ -197,6 +257,7 @@ def verify(out, steps, data, as_json):
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds one model may take before it is stopped.")
 @click.option("--force", is_flag=True, help="Replace compiled folders in OUT that hold training.")
 @spec_options
+@config.option("compile")
 def batch(in_dir, out, jobs, timeout, force, **kw):
     """Compile every .onnx in IN_DIR, one process per model; exits 1 if any model failed."""
     from fgcompile.batch import batch_compile, format_summary

@@ -11,6 +11,7 @@ differs from the baseline (onnxruntime with graph optimizations off, which runs 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from typing import Callable
@@ -272,6 +273,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
         except Exception as exc:            # a runtime that cannot run the graph is a result, not a crash
             row.update(identical=False, integer_part=False, eval=False,
                        first_divergence=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        logging.getLogger("fgcompile.verify").info("%s %s: %s", runtime.name, runtime.config, row)
         rows.append(row)
     return rows
 

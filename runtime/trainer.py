@@ -9,6 +9,7 @@ A step whose loss is NaN or Inf keeps the old state and is counted (bad_steps).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -27,6 +28,7 @@ from .metrics import score
 from .session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
 
 LOG = folder.LOG
+LOGGER = logging.getLogger("fgcompile.train")
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
 RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs")
 
@@ -194,6 +196,7 @@ class Trainer:
                     record.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
                 window = []
                 history.append(record)
+                LOGGER.info("epoch %s", json.dumps(record))
                 if self.out is not None:
                     with open(self.out / LOG, "a") as f:
                         f.write(json.dumps(record) + "\n")
