@@ -21,9 +21,8 @@ tensor, so the DQ stays next to its consumer). Per-op rules, in RULES:
     reductions
     MatMul / Gemm          frozen B: folded; a perturbed B: one wide product A·[W⁺₀ … W⁻ₘ₋₁]; two
                            stacked operands: a batched MatMul on the leading axis
-    Conv, perturbed W      one Conv over the 2m kernels: an unstacked input meets [2m·Cout, Cin, k, k]
-                           (group 1); a stacked or depthwise input is laid out [B, 2m·Cin, H, W] for a
-                           grouped Conv (group = 2m·group)
+    Conv, perturbed W      one Conv per branch kernel on that branch's rows of the folded batch (or on
+                           the shared unstacked input), concatenated on the batch axis
 Any other op raises Unstackable with the reason, and pair clones instead (and records why).
 
 Precondition: `nodes` in graph order; `stacked` maps the names of the perturbed tensors to their
