@@ -19,7 +19,8 @@ def markdown(r: dict) -> str:
         u = r["reused"]
         lines += [f"Reused from the run of {u['commit']} ({u['date']}): the fp32 backprop rows (they do not depend "
                   "on fgcompile; same data, seeds, order and lr grid)"
-                  + (f" and the {', '.join(u['sections'])} sections, not re-run" if u["sections"] else "") + ".", ""]
+                  + (f" and the {', '.join(u['sections'])} sections, not re-run" if u["sections"] else "") + "."
+                  + (f" {u['note']}." if u.get("note") else ""), ""]
     for name, res in r["models"].items():
         lines += [f"## {name}", ""]
         acc = res.get("accuracy")
