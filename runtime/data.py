@@ -2,6 +2,9 @@
 model whose input is integer) and `y` (int64 class labels). A model with several data inputs reads one
 array per input, named as the input (e.g. input_ids, attention_mask), plus `y` (load_inputs → Inputs).
 
+Compact files may store `x` as integer codes with a float `x_scale` (and optional `x_offset`): the input
+is then x_offset + x_scale * x in float32 (the shipped keyword-spotting features are uint8 this way).
+
 load_data validates against the model's input shape and class count and says what to fix.
 """
 from __future__ import annotations
@@ -22,12 +25,12 @@ def load_data(path, input_shape: list | None = None, classes: int | None = None,
     """x as the model's input dtype (`dtype`: float32, or an integer type for token ids) and y as int64."""
     path = pathlib.Path(path)
     arrays = npzfile.read_npz(path, ["x", "y"], "data file (.npz with arrays x and y)",
-                              "Save inputs as x and integer class labels as y: " + FIX)
+                              "Save inputs as x and integer class labels as y: " + FIX, optional=("x_scale", "x_offset"))
     return _checked(path, arrays, input_shape, classes, dtype, "x")
 
 
 def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tuple[np.ndarray, np.ndarray]:
-    x, y = arrays["x"], arrays["y"]
+    x, y = decode_x(path, arrays), arrays["y"]
     if x.ndim == 0:
         raise DataError(f"{path}: {x_name} is a single number (0-d); it must hold samples along its first axis. {FIX}")
     dtype = np.dtype(dtype)
@@ -39,7 +42,8 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
         if x.size and (x.min() < info.min or x.max() > info.max):
             raise DataError(f"{path}: {x_name} ranges over [{x.min()}, {x.max()}], outside {dtype.name}. Fix {x_name}.")
     elif not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"{path}: {x_name} has dtype {x.dtype}; the model takes float32 inputs. Convert {x_name} to float32.")
+        raise DataError(f"{path}: {x_name} has dtype {x.dtype}; the model takes float32 inputs. Convert {x_name} to float32, "
+                        "or store integer codes with a scalar x_scale (and x_offset) beside them.")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integer class indices (int64).")
     x, y = x.astype(dtype, copy=False), y.astype(np.int64, copy=False)
@@ -103,3 +107,17 @@ def data_digest(x, y: np.ndarray) -> str:
         h.update(str((a.dtype.str, a.shape)).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+def decode_x(path, arrays: dict) -> np.ndarray:
+    """x itself, or x_offset + x_scale * x (float32) when the file stores integer codes and their scale."""
+    x = arrays["x"]
+    if "x_scale" not in arrays and "x_offset" not in arrays:
+        return x
+    scale, offset = arrays.get("x_scale", np.float32(1)), arrays.get("x_offset", np.float32(0))
+    scalars = all(np.ndim(a) == 0 and np.issubdtype(np.asarray(a).dtype, np.floating) for a in (scale, offset))
+    if not np.issubdtype(x.dtype, np.integer) or not scalars:
+        raise DataError(f"{path}: x_scale/x_offset need integer codes in x (found {x.dtype}) and float scalars "
+                        f"(found shapes {np.shape(scale)} and {np.shape(offset)}). Store x as uint8 or int16 codes "
+                        "with x_scale and x_offset as float32 scalars, or store x as float32 alone.")
+    return (np.float32(offset) + np.float32(scale) * x.astype(np.float32)).astype(np.float32)

@@ -48,3 +48,17 @@ def test_missing_file(tmp_path):
 def test_shipped_data_loads():
     x, y = load_data(MODELS / "data" / "digits_target_train.npz", SHAPE, CLASSES)
     assert x.dtype == np.float32 and y.dtype == np.int64 and len(x) == 500
+
+
+def test_compact_codes_decode_to_float32(tmp_path):
+    codes = np.array([0, 1, 255, 128], np.uint8).reshape(4, 1, 1, 1) * np.ones((1, 1, 8, 8), np.uint8)
+    x, _ = load_data(save(tmp_path, x=codes, y=GOOD_Y, x_scale=np.float32(0.5), x_offset=np.float32(-1)),
+                     SHAPE, CLASSES)
+    assert x.dtype == np.float32 and x[:, 0, 0, 0].tolist() == [-1.0, -0.5, 126.5, 63.0]
+
+
+@pytest.mark.parametrize("arrays", [dict(x=GOOD_X, x_scale=np.float32(2)),                 # float x
+                                    dict(x=GOOD_X.astype(np.uint8), x_scale=np.ones(3, np.float32))])
+def test_compact_codes_need_integer_x_and_scalar_scale(tmp_path, arrays):
+    with pytest.raises(DataError, match="x_scale/x_offset need integer codes"):
+        load_data(save(tmp_path, y=GOOD_Y, **arrays), SHAPE, CLASSES)
