@@ -181,10 +181,15 @@ def main(out, quick, only, model_names, reuse, budgets):
             raise click.ClickException("the backprop baseline needs torch: pip install -e '.[bench]' "
                                        "(or run --only cost).")
     only = set(only or ("accuracy", "cost", "memory"))
-    names = list(model_names or models.manifest()["models"])
+    # default: the digits models; kws_dscnn has its own data splits and benchmark (benchmarks/kws.py)
+    names = list(model_names or [n for n, e in models.manifest()["models"].items() if "splits" not in e])
     unknown = [n for n in names if n not in models.manifest()["models"]]
     if unknown:
         raise click.ClickException(f"--model {unknown[0]}: not shipped; choose from {', '.join(models.manifest()['models'])}.")
+    own = [n for n in names if "splits" in models.manifest()["models"][n]]
+    if own:
+        raise click.ClickException(f"--model {own[0]}: it has its own data splits; benchmark it with "
+                                   "python benchmarks/kws.py.")
     results = {"machine": machine(), "quick": quick, "settings": {
         "threads": 1, "batch": 32, "budgets_epochs": list(budgets) or ([30] if quick else [30, 300]), "seeds": [0] if quick else [0, 1, 2],
         "m": list(MS), "qzo_lr_grid": QZO_LR, "backprop_lr_grid": BACKPROP_LR, "cost_batches": [32, 256],

@@ -5,9 +5,15 @@ import onnxruntime as ort
 import pytest
 
 from fgcompile import models
+from fgcompile.runtime.data import load_data
 
 MAN = models.manifest()
 VARIANTS = [(name, v) for name, entry in MAN["models"].items() for v in entry["variants"]]
+
+
+def splits(name: str) -> dict:
+    """A model's data files: its own `splits` (kws_dscnn), else the manifest's default `data` (digits)."""
+    return MAN["models"][name].get("splits", MAN["data"])
 
 
 @pytest.mark.parametrize("name,variant", VARIANTS)
@@ -17,8 +23,8 @@ def test_manifest_accuracy(name, variant):
     assert path.stat().st_size == entry["bytes"] and entry["bytes"] < 3 * 2 ** 20
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for split in ("source_test", "target_test"):
-        d = np.load(models.path(MAN["data"][split]))
-        acc = (sess.run(None, {"x": d["x"]})[0].argmax(1) == d["y"]).mean()
+        x, y = load_data(models.path(splits(name)[split]))
+        acc = (sess.run(None, {"x": x})[0].argmax(1) == y).mean()
         assert abs(acc - entry[f"{split}_accuracy"]) <= 0.005, (split, acc)
 
 
@@ -37,8 +43,18 @@ def test_default_model_has_a_last_mile_gap():
     assert v["source_test_accuracy"] - v["target_test_accuracy"] >= 0.10
 
 
-def test_data_files_match_the_contract():
-    for split, rel in MAN["data"].items():
-        d = np.load(models.path(rel))
-        assert d["x"].dtype == np.float32 and d["y"].dtype == np.int64
-        assert d["x"].shape[1:] == (1, 8, 8) and len(d["x"]) == len(d["y"])
+def test_kws_model_has_a_device_gap():
+    """The issue's bar for the keyword-spotting task: >= 20 points lost to the target microphone."""
+    v = MAN["models"]["kws_dscnn"]["variants"]["w8a8"]
+    assert v["source_test_accuracy"] >= 0.90 and v["source_test_accuracy"] - v["target_test_accuracy"] >= 0.20
+
+
+@pytest.mark.parametrize("name", list(MAN["models"]))
+def test_data_files_match_the_contract(name):
+    """Each model's splits load as float32 inputs shaped like its input, with labels in its 10 classes."""
+    shape = [d.dim_value for d in onnx.load(models.path(MAN["models"][name]["variants"]["fp32"]["file"]))
+             .graph.input[0].type.tensor_type.shape.dim]
+    for split, rel in splits(name).items():
+        x, y = load_data(models.path(rel), ["batch", *shape[1:]], 10)
+        assert x.dtype == np.float32 and y.dtype == np.int64 and len(x) == len(y)
+        assert np.bincount(y, minlength=10).min() > 0, split

@@ -253,6 +253,9 @@ def main():
             }
         manifest["models"][name] = entry
         print(name, json.dumps(entry["variants"], indent=1))
+    # keep the entries other recipes wrote (kws_model.py adds kws_dscnn)
+    previous = json.loads((ROOT / "manifest.json").read_text())["models"] if (ROOT / "manifest.json").exists() else {}
+    manifest["models"].update({k: v for k, v in previous.items() if k not in manifest["models"]})
     (ROOT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
