@@ -274,12 +274,15 @@ def batch(in_dir, out, jobs, timeout, force, **kw):
 
 @main.command()
 @click.option("-o", "--out", default="fgcompile-demo", show_default=True, type=click.Path())
-@click.option("--epochs", default=30, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: 30 for digits, 10 for kws).")
+@click.option("--task", type=click.Choice(["digits", "kws"]), default="digits", show_default=True,
+              help="digits: the default model (8x8 digits, a rotated sensor); kws: keyword spotting on "
+                   "synthesized speech, heard through a cheap microphone.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo(out, epochs, quiet):
-    """The main job on the shipped default model: adapt it to the target domain on-device style."""
+def demo(out, epochs, task, quiet):
+    """The main job on a shipped model: adapt it to the target domain on-device style."""
     from fgcompile.demo import run_demo
-    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet)
+    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet, task=task)
 
 
 if __name__ == "__main__":

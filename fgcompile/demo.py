@@ -1,4 +1,7 @@
-"""demo: the main job on the shipped default model and data, end to end.
+"""demo: the main job on a shipped model and its data, end to end.
+
+Tasks: `digits` (the default model, digits_cnn) and `kws` (keyword spotting, kws_dscnn, adapted to a
+cheap microphone).
 
 inspect → compile (w16a8 training of the last layer) → eval before → train on the target-domain train
 split → eval after → export → eval the exported model in stock onnxruntime; prints a before/after table
@@ -18,15 +21,24 @@ from fgcompile.spec import TrainSpec
 from fgcompile.errors import SpecError
 
 
-def default_files() -> dict:
+TASKS = {"digits": None, "kws": "kws_dscnn"}   # task -> shipped model (None: the manifest's default)
+# per task: (epochs, TrainSpec) the demo uses when not given (kws: measured, see models/README.md)
+DEFAULTS = {"digits": (30, TrainSpec()), "kws": (10, TrainSpec())}
+
+
+def task_files(task: str = "digits") -> dict:
+    """The task's w8a8 model and its data splits (a model's own `splits`, else the manifest's `data`)."""
     man = models.manifest()
-    return {"model": models.path(man["models"][man["default"]]["variants"]["w8a8"]["file"]),
-            **{k: models.path(v) for k, v in man["data"].items()}}
+    entry = man["models"][TASKS[task] or man["default"]]
+    return {"model": models.path(entry["variants"]["w8a8"]["file"]),
+            **{k: models.path(v) for k, v in entry.get("splits", man["data"]).items()}}
 
 
-def run_demo(out_dir, epochs: int = 30, batch: int = 32, spec: TrainSpec | None = None, echo=print,
-             progress: bool = True) -> dict:
-    files = default_files()
+def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpec | None = None, echo=print,
+             progress: bool = True, task: str = "digits") -> dict:
+    files = task_files(task)
+    epochs = DEFAULTS[task][0] if epochs is None else epochs
+    spec = spec or DEFAULTS[task][1]
     out = pathlib.Path(out_dir)
     if epochs < 1 or batch < 1:
         raise SpecError(f"--epochs {epochs}: the demo trains at least one epoch.")
@@ -38,7 +50,7 @@ def run_demo(out_dir, epochs: int = 30, batch: int = 32, spec: TrainSpec | None 
     source = modelio.load_model(files["model"])
     echo(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
     echo(format_table(inspect_model(source)) + "\n")
-    compiled = compile_model(source, spec or TrainSpec())
+    compiled = compile_model(source, spec)
     write_compiled(compiled, out / "compiled", force=True, source_path=files["model"])
     trained = ", ".join(s["name"] for s in compiled.contract["state"])
     echo(f"compiled: {out / 'compiled'} (training {trained}; m={compiled.contract['spec']['m']}, "
@@ -58,9 +70,13 @@ def run_demo(out_dir, epochs: int = 30, batch: int = 32, spec: TrainSpec | None 
         if r["narrowed"]:
             echo(f"export: {name} narrowed {r['narrowed']}, {r['inexact_fraction']:.1%} of weights rounded "
                  f"(max {r['max_rounding_lsb16']} of 256 LSBs)")
+    adapted = modelio.load_model(out / "adapted.onnx")
+    same = [n.op_type for n in source.graph.node] == [n.op_type for n in adapted.graph.node]
+    echo(f"export: {'the same' if same else 'NOT the same'} {len(source.graph.node)} nodes (op types, in order) "
+         "as the input model")
     plot = plot_history(history, before["target_test"]["accuracy"], out / "training.png")
     echo(f"\nexported: {out / 'adapted.onnx'}\nplot: {plot}")
-    return {"before": before, "after": after, "exported": exported, "history": history}
+    return {"before": before, "after": after, "exported": exported, "history": history, "same_structure": same}
 
 
 def plot_history(history: list[dict], start_accuracy: float, path) -> pathlib.Path:

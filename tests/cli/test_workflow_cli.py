@@ -86,3 +86,19 @@ def test_demo_improves_target_accuracy_by_ten_points(tmp_path):
     assert abs(result["exported"]["target_test"]["accuracy"] - after) <= 0.005
     assert (tmp_path / "demo" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("target_test" in l for l in lines)
+
+
+def test_kws_demo_recovers_ten_points_and_keeps_the_structure(tmp_path):
+    """`fgcompile demo --task kws`: last-layer QZO-FF on the keyword spotter heard through the target
+    microphone gains >= 10 points on target test; the exported model has the input's nodes."""
+    r = run("demo", "--task", "kws", "-o", tmp_path / "kws", "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = {l.split()[0]: [float(v.rstrip("%")) for v in l.split()[1:]] for l in r.output.splitlines()
+            if l.startswith(("target_test", "source_test"))}
+    (before, after, exported), source = rows["target_test"], rows["source_test"]
+    assert after - before >= 10.0 and abs(exported - after) <= 0.5, rows
+    assert source[0] >= 90.0, rows
+    assert "kws_dscnn/w8a8.onnx" in r.output and "export: the same" in r.output
+    src = onnx.load(MODELS / "kws_dscnn" / "w8a8.onnx")
+    out = onnx.load(tmp_path / "kws" / "adapted.onnx")
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in src.graph.node]
