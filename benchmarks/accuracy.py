@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from fgcompile.compiler import compile_model, write_compiled
+from fgcompile.runtime.export import export_model
 from fgcompile.runtime.metrics import score
 from fgcompile.runtime.session import make_session
 from fgcompile.runtime.trainer import Trainer
@@ -34,13 +35,19 @@ def holdout(x: np.ndarray, y: np.ndarray):
 
 
 def qzo_ff(source: onnx.ModelProto, spec: TrainSpec, train, test, epochs: int, batch: int,
-           schedule: str = "constant") -> float:
-    compiled = compile_model(source, spec)
+           schedule: str = "constant", exported: bool = False):
+    """Test accuracy of the trained state; with `exported`, (trained, exported model's) accuracies.
+    Preconditioning calibrates on the inputs of `train` only (never on `test`)."""
+    compiled = compile_model(source, spec, calibration=train[0])
     with tempfile.TemporaryDirectory() as tmp:
         write_compiled(compiled, tmp)
         trainer = Trainer(tmp, threads=1)
         trainer.fit(train, epochs=epochs, batch=batch, progress=False, checkpoint_every=10 ** 9, schedule=schedule)
-        return trainer.evaluate(*test)["accuracy"]
+        trained = trainer.evaluate(*test)["accuracy"]
+        if not exported:
+            return trained
+        export_model(tmp, f"{tmp}/adapted.onnx")
+        return trained, untrained(onnx.load(f"{tmp}/adapted.onnx"), test)
 
 
 def untrained(source: onnx.ModelProto, test) -> float:

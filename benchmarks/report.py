@@ -38,7 +38,9 @@ def markdown(r: dict) -> str:
                 for b in budgets:
                     q = acc["budgets"][b]["qzo_ff"][k]
                     gap = 100 * (q["mean"] - acc["budgets"][b]["backprop"]["mean"])
-                    cells.append(f"{_pct(q['mean'])} ± {_pct(q['std'])} ({gap:+.1f} vs bp; lr {q['lr']:g})")
+                    ex = q.get("exported")
+                    gap_ex = f", exported {_pct(ex['mean'])} ({100 * (ex['mean'] - acc['budgets'][b]['backprop']['mean']):+.1f})" if ex else ""
+                    cells.append(f"{_pct(q['mean'])} ± {_pct(q['std'])} ({gap:+.1f} vs bp; lr {q['lr']:g}){gap_ex}")
                 lines.append(f"| QZO-FF {k} | " + " | ".join(cells) + " |")
             cells = [f"{_pct(acc['budgets'][b]['backprop']['mean'])} ± {_pct(acc['budgets'][b]['backprop']['std'])} "
                      f"(lr {acc['budgets'][b]['backprop']['lr']:g})" for b in budgets]

@@ -13,6 +13,7 @@ import datetime
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,9 +41,22 @@ BACKPROP_LR = [1e-3, 3e-3, 1e-2]                                  # Adam
 # (label, variant, grid bits, m, options: TrainSpec fields, and "schedule" for the Trainer); the extra
 # rows measure requant_bypass by turning it off (--keep-requant) and the cosine lr schedule (whose mean
 # rate is half the peak, so its grid reaches one step higher)
-QZO_CONFIGS = [(f"{v} m={m}", v, bits, m, {}) for v, bits in VARIANTS.items() for m in MS] + \
-    [("w16a8 m=4 --keep-requant", "w16a8", 16, 4, {"requant_bypass": False})] + \
-    [(f"{v} m=8 --schedule cosine", v, bits, 8, {"schedule": "cosine"}) for v, bits in VARIANTS.items()]
+# headroom 1 and no preconditioning reproduce the rows before them (#15); the last rows measure headroom
+# and whitening (--precondition whiten, calibrated on the training split) apart and together
+OLD = {"headroom": 1, "precondition": "none"}
+QZO_CONFIGS = [(f"{v} m={m} H=1", v, bits, m, OLD) for v, bits in VARIANTS.items() for m in MS] + \
+    [("w16a8 m=4 H=1 --keep-requant", "w16a8", 16, 4, {"requant_bypass": False, **OLD})] + \
+    [(f"{v} m=8 H=1 --schedule cosine", v, bits, 8, {"schedule": "cosine", **OLD}) for v, bits in VARIANTS.items()] + \
+    [(f"{v} m={m} H={h}{' whiten' if w else ''}", v, bits, m, {"headroom": h, "precondition": "whiten" if w else "none"})
+     for v, bits in VARIANTS.items() for m in (8, 32) for h in (1, 4) for w in (False, True) if h > 1 or w]
+# lr grids in LSBs of the training grid, by its bits of resolution (a grid with headroom H has log2(H) fewer)
+LR_BY_RESOLUTION = {16: QZO_LR[16], 14: [4.0, 8.0, 16.0, 32.0, 64.0, 128.0], 8: QZO_LR[8]}
+
+
+def lr_grid(bits: int, options: dict) -> list[float]:
+    resolution = 8 if bits == 8 else 16 - int(np.log2(options.get("headroom", 1)))
+    grid = LR_BY_RESOLUTION[resolution]
+    return grid + ([2 * grid[-1]] if options.get("schedule") == "cosine" else [])
 
 
 def machine() -> dict:
@@ -71,7 +85,7 @@ def load(split: str):
 
 
 def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, quick: bool,
-                 reused_backprop: dict | None = None) -> dict:
+                 reused_backprop: dict | None = None, rows: str | None = None) -> dict:
     import backprop  # torch: only this benchmark needs it
     entry = models.manifest()["models"][name]["variants"]
     train, test = load("target_train"), load("target_test")
@@ -81,20 +95,26 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
     for epochs in budgets:
         res = {"examples": epochs * (len(train[1]) // batch) * batch, "qzo_ff": {}, "backprop": {}}
         for label, variant, bits, m, extra in QZO_CONFIGS:
+            if rows and not re.search(rows, label):
+                continue
             source = modelio.load_model(models.path(entry[variant]["file"]))
             t0 = time.perf_counter()
             options = {k: v for k, v in extra.items() if k != "schedule"}
             schedule = extra.get("schedule", "constant")
             spec = lambda lr, seed: TrainSpec(m=m, bits=bits, lr=lr, seed=seed, **options)
             run = lambda lr, seed, tr, te, ep, b: accuracy.qzo_ff(source, spec(lr, seed), tr, te, ep, b, schedule)
-            grid = [None] if quick else QZO_LR[bits] + ([2 * QZO_LR[bits][-1]] if schedule == "cosine" else [])
+            grid = [None] if quick else lr_grid(bits, extra)
             lr, val = (None, {}) if quick else accuracy.select(run, grid, seeds, train, epochs, batch)
-            final = [run(lr, s, train, test, epochs, batch) for s in seeds]
-            trained = [s["name"] for s in compile_model(source, spec(lr, 0)).contract["state"]]
-            res["qzo_ff"][label] = {"variant": variant, "m": m, "lr": lr or spec(None, 0).resolve(bits).lr,
-                                    "options": extra, "validation": {str(k): round(v, 4) for k, v in val.items()},
-                                    **accuracy.summary(final)}
-            log(f"  {name} {epochs} epochs QZO-FF {label}: {np.mean(final):.2%} "
+            both = [accuracy.qzo_ff(source, spec(lr, s), train, test, epochs, batch, schedule, exported=True)
+                    for s in seeds]
+            final, exported = [t for t, _ in both], [e for _, e in both]
+            contract = compile_model(source, spec(lr, 0), calibration=train[0]).contract
+            trained = [s["name"] for s in contract["state"]]
+            res["qzo_ff"][label] = {"variant": variant, "m": m, "lr": lr or contract["spec"]["lr"],
+                                    "eps": contract["spec"]["eps"], "options": extra,
+                                    "validation": {str(k): round(v, 4) for k, v in val.items()},
+                                    **accuracy.summary(final), "exported": accuracy.summary(exported)}
+            log(f"  {name} {epochs} epochs QZO-FF {label}: {np.mean(final):.2%} exported {np.mean(exported):.2%} "
                 f"(lr {lr}, {time.perf_counter() - t0:.0f} s)")
         names = accuracy.fp32_names(source, fp32, trained)
         previous = (reused_backprop or {}).get(str(epochs))
@@ -172,8 +192,10 @@ def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
 @click.option("--reuse", type=click.Path(dir_okay=False, exists=True),
               help="A previous latest.json with the same settings: its fp32 backprop rows are reused (they do not "
                    "depend on fgcompile) and the benchmarks not run now are copied from it, marked as such.")
-@click.option("--budgets", type=int, multiple=True, help="Training budgets in epochs (default: 30 and 300; --quick: 30).")
-def main(out, quick, only, model_names, reuse, budgets):
+@click.option("--budgets", "--epochs", "budgets", type=int, multiple=True,
+              help="Training budgets in epochs (default: 30 and 300; --quick: 30).")
+@click.option("--rows", default=None, help="Only the QZO-FF accuracy rows whose label matches this regex.")
+def main(out, quick, only, model_names, reuse, budgets, rows):
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -209,7 +231,7 @@ def main(out, quick, only, model_names, reuse, budgets):
                 res[key] = old[key]
         if "accuracy" in only:
             bp_rows = {b: r["backprop"] for b, r in old.get("accuracy", {}).get("budgets", {}).items()}
-            res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick, bp_rows)
+            res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick, bp_rows, rows)
         if "cost" in only:
             res["step_cost"] = run_cost(name, s["cost_batches"], quick)
         if "memory" in only:

@@ -9,7 +9,7 @@ import click
 
 from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
-from fgcompile.spec import BRANCH_FORMS, ESTIMATORS, LOSSES, PERTURBATIONS, ROUNDINGS, TrainSpec
+from fgcompile.spec import BRANCH_FORMS, ESTIMATORS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS, ROUNDINGS, TrainSpec
 
 
 class Group(click.Group):
@@ -66,7 +66,7 @@ def spec_options(f):
                      help="Train weight sites whose site/weight/bias name matches (repeatable)."),
         click.option("--last", default=1, show_default=True, help="Train the N weight sites nearest the output."),
         click.option("--no-bias", is_flag=True, help="Do not train the biases of the chosen sites."),
-        click.option("--m", "m", default=8, show_default=True, help="Perturbations per step (2m forwards)."),
+        click.option("--m", "m", default=TrainSpec.m, show_default=True, help="Perturbations per step (2m forwards)."),
         click.option("--eps", type=int, default=None, help="Perturbation size ε in LSBs [16-bit grid: 64, 8-bit: 1]."),
         click.option("--lr", type=float, default=None, help="Learning rate η in LSBs per step [16-bit: 128, 8-bit: 1]."),
         click.option("--lr-shift", default=8, show_default=True, help="η = lr_input / 2**shift (fixed point)."),
@@ -80,6 +80,12 @@ def spec_options(f):
         click.option("--bits", type=click.Choice(["8", "16"]), default="16", show_default=True,
                      help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
         click.option("--seed", default=0, show_default=True, help="Seed of the perturbations and the data order, in [0, 2**32)."),
+        click.option("--headroom", type=click.Choice([str(h) for h in HEADROOMS]), default=str(TrainSpec.headroom),
+                     show_default=True, help="Train on a grid with H x the pretrained weight range; export "
+                                             "re-quantizes to the deployed grid."),
+        click.option("--precondition", type=click.Choice(PRECONDITIONS), default=TrainSpec.precondition,
+                     show_default=True, help="Whiten the trained layer's input (frozen, folded back on export); "
+                                             "auto: when --calibration is given."),
         click.option("--keep-requant", is_flag=True,
                      help="Branches keep the activation requantization inside the trained layers (default: "
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
@@ -106,7 +112,8 @@ def make_spec(kw) -> TrainSpec:
                      estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),
                      branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"),
-                     prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"))
+                     prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"), headroom=int(kw.pop("headroom")),
+                     precondition=kw.pop("precondition"))
 
 
 @main.command()
@@ -129,18 +136,22 @@ def inspect(model, m, as_json):
 @click.argument("model", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log).")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="Inputs (.npz with x, y; e.g. the training data) for --precondition, frozen at compile time.")
 @spec_options
 @json_option
 @config.option("compile")
-def compile_cmd(model, out, force, as_json, **kw):
+def compile_cmd(model, out, force, as_json, calibration, **kw):
     """Compile MODEL into OUT/train.onnx, eval.onnx, state.npz (+ source.onnx)."""
     import time
     from fgcompile.compiler import compile_model, write_compiled
     from fgcompile.modelio import load_model
+    from fgcompile.runtime.data import load_data
     spec = make_spec(kw)
     t0 = time.perf_counter()
     source = load_model(model)
-    compiled = compile_model(source, spec)
+    x = load_data(calibration)[0] if calibration else None
+    compiled = compile_model(source, spec, calibration=x)
     write_compiled(compiled, out, force=force, source_path=model)
     c = compiled.contract
     seconds = time.perf_counter() - t0
@@ -151,7 +162,9 @@ def compile_cmd(model, out, force, as_json, **kw):
     click.echo(f"compiled {model} -> {out} in {seconds:.2f}s")
     for s in c["state"]:
         click.echo(f"  trains {s['name']} ({s['role']}, {s['dtype']} {'x'.join(map(str, s['shape']))}"
-                   f"{', widened from ' + s['source_dtype'] if s['widened'] else ''})")
+                   f"{', widened from ' + s['source_dtype'] + ' x' + format(s['factor'], 'g') if s['widened'] else ''})")
+    for p in c["precondition"]:
+        click.echo(f"  {p['site']} reads its input whitened (frozen {p['matrix']}, folded back on export)")
     sp = c["spec"]
     click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
                f"{sp['perturbation']} {sp['estimator']} loss={sp['loss']} on {c['loss_tap']}")
@@ -221,7 +234,7 @@ def eval_cmd(model_or_out, data, as_json, **kw):
 @json_option
 def export(folder, out, output_alias, as_json):
     """Write the trained weights of OUT into a plain QDQ inference model."""
-    from fgcompile.runtime.export import export_model
+    from fgcompile.runtime.export import describe_export, export_model
     output = out or output_alias
     if output is None:
         raise click.UsageError("Missing option '-o' / '--out'.")
@@ -230,9 +243,7 @@ def export(folder, out, output_alias, as_json):
         click.echo(json.dumps({"out": output, "tensors": report}))
         return
     for name, r in report.items():
-        detail = (f"narrowed {r['narrowed']}: {r['inexact_fraction']:.1%} rounded, max {r['max_rounding_lsb16']}"
-                  " of 256 LSBs") if r["narrowed"] else "written as trained"
-        click.echo(f"  {name}: {detail}")
+        click.echo(f"  {name}: {describe_export(r)}")
     click.echo(f"exported {output}")
 
 

@@ -22,11 +22,12 @@ from fgcompile.spec import TrainSpec
 TRAIN, EVAL, STATE, SOURCE, CHECKPOINT = "train.onnx", "eval.onnx", "state.npz", "source.onnx", "checkpoint.npz"
 
 
-def compile_model(model, spec: TrainSpec | None = None) -> Compiled:
-    """Compile a QDQ inference model (path or ModelProto) into a training graph and its initial state."""
+def compile_model(model, spec: TrainSpec | None = None, calibration=None) -> Compiled:
+    """Compile a QDQ inference model (path or ModelProto) into a training graph and its initial state.
+    `calibration`: float32 model inputs (e.g. the training data's x) for --precondition."""
     if not isinstance(model, onnx.ModelProto):
         model = modelio.load_model(model)
-    return compile_graph(model, spec or TrainSpec())
+    return compile_graph(model, spec or TrainSpec(), calibration)
 
 
 def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path=None) -> pathlib.Path:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
+
 from fgcompile import folder, models, modelio
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.inspect import format_table, inspect_model
 from fgcompile.runtime.evaluate import evaluate
-from fgcompile.runtime.export import export_model
+from fgcompile.runtime.export import describe_export, export_model
 from fgcompile.runtime.trainer import Trainer
 from fgcompile.spec import TrainSpec
 from fgcompile.errors import SpecError
@@ -50,7 +52,9 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     source = modelio.load_model(files["model"])
     echo(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
     echo(format_table(inspect_model(source)) + "\n")
-    compiled = compile_model(source, spec)
+    from fgcompile.runtime.data import load_data
+    train_x = load_data(files["target_train"])[0]   # whitening calibrates on the training inputs only
+    compiled = compile_model(source, spec, calibration=train_x)
     write_compiled(compiled, out / "compiled", force=True, source_path=files["model"])
     trained = ", ".join(s["name"] for s in compiled.contract["state"])
     echo(f"compiled: {out / 'compiled'} (training {trained}; m={compiled.contract['spec']['m']}, "
@@ -67,9 +71,7 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     for d in ("target_test", "source_test"):
         echo(f"{d:12s}  {before[d]['accuracy']:8.2%}  {after[d]['accuracy']:8.2%}  {exported[d]['accuracy']:8.2%}")
     for name, r in report.items():
-        if r["narrowed"]:
-            echo(f"export: {name} narrowed {r['narrowed']}, {r['inexact_fraction']:.1%} of weights rounded "
-                 f"(max {r['max_rounding_lsb16']} of 256 LSBs)")
+        echo(f"export: {name} {describe_export(r)}")
     adapted = modelio.load_model(out / "adapted.onnx")
     same = [n.op_type for n in source.graph.node] == [n.op_type for n in adapted.graph.node]
     echo(f"export: {'the same' if same else 'NOT the same'} {len(source.graph.node)} nodes (op types, in order) "

@@ -17,8 +17,11 @@ LOSSES = ("ce", "mse")
 ESTIMATORS = ("sign", "spsa")
 ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
+PRECONDITIONS = ("auto", "whiten", "none")
+HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
-# lr 128 are a quarter and a half of an int8 step (measured on the shipped digits task).
+# lr 128 are a quarter and a half of an int8 step (measured on the shipped digits task). A grid with
+# headroom H has 16 − log2(H) bits of resolution per int8 step; its defaults are the same fractions.
 GRID_DEFAULTS = {16: (64, 128.0), 8: (1, 1.0)}
 
 
@@ -53,14 +56,20 @@ class TrainSpec:
     memory_budget_mb: float | None = None   # auto picks the loop when stacked weights would exceed it
     prompts: int = 0              # trainable tokens appended at a transformer block's input (passes/prompts.py)
     prompt_at: str = ""           # that block's LayerNormalization (default: the first over [B, T, D])
+    headroom: int = 4             # the training grid spans H x the pretrained range (fgcompile/grid.py)
+    precondition: str = "auto"    # whiten the trained layer's input (auto: when calibration data is given)
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))
         self.validate()
 
     def resolve(self, grid_bits: int) -> "TrainSpec":
-        """Fill eps/lr left unset with the defaults for a `grid_bits`-wide weight grid."""
-        eps, lr = GRID_DEFAULTS[16 if grid_bits >= 16 else 8]
+        """Fill eps/lr left unset with the defaults for a grid of `grid_bits` bits of resolution (source
+        bits + log2 of the widening factor: 16 for int8 x 256, 14 with headroom 4, 8 on the int8 grid)."""
+        if 8 < grid_bits < 16:
+            eps, lr = (max(1, GRID_DEFAULTS[16][0] >> (16 - grid_bits)), GRID_DEFAULTS[16][1] / 2 ** (16 - grid_bits))
+        else:
+            eps, lr = GRID_DEFAULTS[16 if grid_bits >= 16 else 8]
         return dataclasses.replace(self, eps=self.eps if self.eps is not None else eps,
                                    lr=self.lr if self.lr is not None else lr)
 
@@ -82,6 +91,9 @@ class TrainSpec:
             except re.error as exc:
                 raise SpecError(f"--train {pattern!r}: not a valid regular expression ({exc}). Escape special "
                                 "characters, e.g. --train 'fc2\\.weight'.") from None
+        need(self.headroom in HEADROOMS, f"--headroom {self.headroom}: choose a power of two 1..256.")
+        need(self.precondition in PRECONDITIONS,
+             f"--precondition {self.precondition!r}: choose one of {', '.join(PRECONDITIONS)}.")
         if self.eps is None or self.lr is None:
             return  # checked again once resolve() fills them
         need(1 <= self.eps <= 4096, f"--eps {self.eps}: ε is in weight LSBs and must be 1..4096.")

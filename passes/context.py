@@ -26,6 +26,7 @@ class Trainable:
     step: int = 1
     source_dtype: str = ""
     widened: bool = False
+    factor: float = 1    # training LSBs per source LSB (fgcompile/grid.py)
 
     @property
     def name(self) -> str:
@@ -39,7 +40,7 @@ class Trainable:
         return {"name": self.name, "output": self.output_name, "role": self.role, "site": self.site,
                 "dtype": self.tensor.dtype, "shape": list(self.tensor.shape), "axis": self.tensor.axis,
                 "qmin": self.qmin, "qmax": self.qmax, "step": self.step,
-                "source_dtype": self.source_dtype, "widened": self.widened,
+                "source_dtype": self.source_dtype, "widened": self.widened, "factor": self.factor,
                 "float_grid": self.tensor.float_grid}
 
 
@@ -71,3 +72,5 @@ class Context:
     grad: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)       # int32 ĝ [*shape]
     coefficients: gs.Tensor | None = None   # int32 [m]: the cᵢ, the only values that cross from float
     lr_max: int = 0
+    calibration: object = None   # float32 inputs [N, ...] for precondition (None: no preconditioning)
+    preconditioned: list[dict] = dataclasses.field(default_factory=list)  # contract entries, one per site

@@ -1,7 +1,7 @@
 """The one place that composes the passes from a TrainSpec.
 
-    canonicalize → analyze → select → floatgrid → widen → lift → [eval graph] → prng → pair → loss → estimate → update
-    → finalize
+    canonicalize → analyze → select → floatgrid → widen → precondition → lift → [eval graph] → prng → pair
+    → loss → estimate → update → finalize
 
 The model keeps its opset when it is at least BASE_OPSET (what the emitted ops need: BitwiseXor,
 ReduceMean with an axes input); it is converted to WIDE_OPSET only when widen emits int16
@@ -19,7 +19,7 @@ import onnxruntime as ort
 from fgcompile import __version__
 from fgcompile.errors import CompileError, ModelError
 from fgcompile.spec import TrainSpec
-from . import analyze, canonicalize, estimate, finalize, floatgrid, lift, prompts, loss, pair, prng, select, update, widen
+from . import analyze, canonicalize, estimate, finalize, floatgrid, lift, prompts, loss, pair, precondition, prng, select, update, widen
 from .context import Context
 
 BASE_OPSET = 18   # BitwiseXor/BitwiseAnd (prng), ReduceMean with axes as an input (loss)
@@ -91,14 +91,29 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
+def _resolution_bits(ctx: Context) -> int:
+    """Bits of the training grid per source range: source bits + log2(widening factor) (16 without weights)."""
+    bits = [np.dtype(t.source_dtype).itemsize * 8 + int(np.log2(t.factor)) for t in ctx.trainables
+            if t.role == "weight"]
+    return max(bits) if bits else 16
+
+
+def _calibration(spec: TrainSpec, calibration) -> np.ndarray | None:
+    if spec.precondition == "whiten" and calibration is None:
+        raise CompileError("--precondition whiten needs calibration inputs: pass --calibration DATA.npz "
+                           "(e.g. the training data), or --precondition none.")
+    return None if spec.precondition == "none" or calibration is None else np.asarray(calibration, np.float32)
+
+
+def compile_graph(model: onnx.ModelProto, spec: TrainSpec, calibration=None) -> Compiled:
+    """`calibration`: float32 inputs [N, ...] (no labels) for preconditioning; frozen at compile time."""
     check_source(model)
     source, notes = canonicalize.run(model)
     if spec.prompts:
         source = prompts.run(source, spec.prompts, spec.prompt_at, spec.seed)
         notes.append(f"{spec.prompts} prompt tokens appended (initializer {prompts.PROMPT!r})")
     graph = gs.import_onnx(_with_shapes(_at_least(source, BASE_OPSET)))
-    ctx = Context(spec)
+    ctx = Context(spec, calibration=_calibration(spec, calibration))
     for p in (analyze, select, floatgrid):
         graph = p.run(graph, ctx)
     gridded = [t.name for t in ctx.trainables if t.tensor.float_grid is not None]
@@ -106,10 +121,10 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         source = floatgrid.apply(source, gridded)
     if widen.needed(ctx) and graph.opset < WIDE_OPSET:
         graph = gs.import_onnx(_with_shapes(_at_least(gs.export_onnx(graph), WIDE_OPSET)))
-    graph = widen.run(graph, ctx)
-    grid = max(np.dtype(t.tensor.dtype).itemsize * 8 for t in ctx.trainables if t.role == "weight") \
-        if any(t.role == "weight" for t in ctx.trainables) else 16
-    ctx.spec = spec = spec.resolve(grid)
+    for p in (widen, precondition):
+        graph = p.run(graph, ctx)
+    ctx.spec = spec = dataclasses.replace(spec.resolve(_resolution_bits(ctx)),
+                                          precondition="whiten" if ctx.preconditioned else "none")
     graph, state = lift.run(graph, ctx)
     data = [graph.tensors()[name] for name in ctx.data_inputs]
     state_in = [ctx.state_in[t.name] for t in ctx.trainables]
@@ -141,6 +156,7 @@ def compile_graph(model: onnx.ModelProto, spec: TrainSpec) -> Compiled:
         "tie_tolerance": estimate.TIE_TOLERANCE,
         # internal tensors a conformance check compares across runtimes (`fgcompile verify`)
         "probes": {"coefficients": ctx.coefficients.name, "z": [ctx.z[t.name].name for t in ctx.trainables]},
+        "precondition": ctx.preconditioned,
     }
     inputs = data + [ctx.labels, ctx.seed, ctx.step, ctx.lr] + state_in
     outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]

@@ -1,17 +1,18 @@
-"""widen: train 8-bit weights at 16-bit resolution (spec.bits == 16).
+"""widen: move trained weights to their training grid (fgcompile/grid.py): finer (--bits 16 on 8-bit
+weights) and with H times the pretrained range (--headroom H, symmetric weights).
 
-    W16 = 256 · W8,  s16 = s8 / 256,  zp16 = 256 · zp8   (so DQ(W16) = (W16 − zp16)·s16 == DQ(W8) exactly)
-    b' = 256 · b,    s_b' = s_b / 256                  (the site's int32 bias keeps s_b = s_in · s_w)
+    W_t = F · W,   s_t = s / F,   zp_t = F · zp     (so DQ(W_t) = (W_t − zp_t)·s_t == DQ(W) exactly)
+    b' = F · b,    s_b' = s_b / F                    (F > 1: the site's int32 bias keeps s_b = s_in · s_w)
 
-Dividing a float32 scale by 256 is exact, so the widened graph computes the same function bit for bit.
-int8 widens to int16, uint8 (asymmetric weights) to uint16. The trained range is [-32768, 32639]
-(uint16: [0, 65407]): every value narrows back to 8 bits as round(W16 / 256) without overflow (export);
-the source keeps zp8.
+Dividing a float32 scale by a power of two is exact, so the widened graph computes the same function bit
+for bit (an int16 weight with headroom trains on a coarser grid, F = 1/H, and moves by at most half a
+step). int8 widens to int16, uint8 (asymmetric weights, no headroom) to uint16. F and the range per case
+are in fgcompile/grid.py; export narrows back (runtime/export.py); the source keeps zp.
 
 Precondition: ctx.trainables from select; graph opset >= 21 (int16 DequantizeLinear).
-Postcondition: each trainable int8/uint8 weight is int16/uint16 with the scaled scale and zero point; the bias of
-its site is scaled with it; an 8-bit Add bias (MatMul + Add) widens the same way on its own grid;
-every trainable's qmin/qmax/step describe its new grid.
+Postcondition: each trainable weight whose grid changes has the grid's dtype, the scaled scale and zero
+point; the int32 bias of its site is scaled with it; an 8-bit Add bias (MatMul + Add) widens by 256 on its
+own grid (no headroom); every trainable's qmin/qmax/step/factor describe its grid.
 """
 from __future__ import annotations
 
@@ -19,65 +20,76 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
+from fgcompile.grid import round_half_away, training_grid
 from .context import Context
 from .analyze import bias_step
-
-FACTOR = 256
-WIDE = {"int8": (np.int16, (-32768, 127 * FACTOR + FACTOR // 2 - 1)),
-        "uint8": (np.uint16, (0, 255 * FACTOR + FACTOR // 2 - 1))}
 
 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
     node.inputs[index] = gs.Constant(name, np.asarray(values))  # 0-d arithmetic yields numpy scalars
 
 
-def _scale(graph: gs.Graph, tensor, new_dtype) -> None:
-    """Multiply an initializer by 256 and divide its DQ scale by 256 (new constants; shared ones stay)."""
+def _times(values, factor: float) -> np.ndarray:
+    v = np.asarray(values).astype(np.int64)
+    return v * int(factor) if factor >= 1 else round_half_away(v * factor).astype(np.int64)
+
+
+def _scale(graph: gs.Graph, tensor, new_dtype, factor: float) -> None:
+    """Multiply an initializer and its zero point by F (rounding when F < 1) and divide its DQ scale by F
+    (new constants; shared ones stay)."""
     tensors = graph.tensors()
     dq = next(n for n in graph.nodes if n.name == tensor.dq_node)
-    w = tensors[tensor.name].values.astype(np.int64) * FACTOR
+    w = _times(tensors[tensor.name].values, factor)
     info = np.iinfo(new_dtype)
     if w.min() < info.min or w.max() > info.max:
-        raise CompileError(f"tensor {tensor.name!r}: widening by 256 overflows {np.dtype(new_dtype).name}; "
-                           "train it with --bits 8.")
+        raise CompileError(f"tensor {tensor.name!r}: widening by {factor:g} overflows {np.dtype(new_dtype).name}; "
+                           "train it with --bits 8 --headroom 1.")
+    suffix = f"__x{factor:g}" if np.dtype(new_dtype).name == tensor.dtype else f"__{np.dtype(new_dtype).name}"
     _replace_input(dq, 0, w.astype(new_dtype), tensor.name)
-    scale = np.asarray(tensors[tensor.scale_name].values, np.float32) / np.float32(FACTOR)
-    _replace_input(dq, 1, scale, f"{tensor.scale_name}__w16")
+    scale = np.asarray(tensors[tensor.scale_name].values, np.float32) / np.float32(factor)
+    _replace_input(dq, 1, scale, f"{tensor.scale_name}{suffix}")
     if len(dq.inputs) > 2:
-        zp = (np.asarray(dq.inputs[2].values).astype(np.int64) * FACTOR).astype(new_dtype)
-        _replace_input(dq, 2, zp, f"{tensor.zero_point_name}__w16")
+        _replace_input(dq, 2, _times(dq.inputs[2].values, factor).astype(new_dtype), f"{tensor.zero_point_name}{suffix}")
     tensor.dtype = np.dtype(new_dtype).name
-    tensor.scale_name = f"{tensor.scale_name}__w16"
-    tensor.zero_point_name = f"{tensor.zero_point_name}__w16" if len(dq.inputs) > 2 else None
+    tensor.scale_name = f"{tensor.scale_name}{suffix}"
+    tensor.zero_point_name = f"{tensor.zero_point_name}{suffix}" if len(dq.inputs) > 2 else None
 
 
-def _widens(ctx: Context, t) -> bool:
-    return ctx.spec.bits == 16 and t.tensor.dtype in WIDE  # 8-bit weights and 8-bit Add biases
+def _grid(ctx: Context, t):
+    """The training grid of a weight, or of an 8-bit Add bias (finer only), else None."""
+    if t.role == "weight":
+        return training_grid(t.tensor.dtype, ctx.spec.bits, ctx.spec.headroom)
+    return training_grid(t.tensor.dtype, ctx.spec.bits, 1) if t.tensor.dtype in ("int8", "uint8") else None
 
 
 def needed(ctx: Context) -> bool:
-    """Whether run() will emit int16 DequantizeLinear (the pipeline raises the opset only then)."""
-    return any(_widens(ctx, t) for t in ctx.trainables)
+    """Whether run() will emit 16-bit DequantizeLinear (the pipeline raises the opset only then)."""
+    return any(_grid(ctx, t) is not None for t in ctx.trainables)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     sites = {s.name: s for s in ctx.sites}
     for t in ctx.trainables:
-        if not _widens(ctx, t):
+        grid = _grid(ctx, t)
+        if grid is None:
             continue
         if graph.opset < 21:
-            raise CompileError(f"--bits 16 needs int16 DequantizeLinear (opset 21); the model is opset "
-                               f"{graph.opset}. Re-export at opset 21 or compile with --bits 8.")
+            raise CompileError(f"training {t.name!r} on {grid.dtype} needs opset 21 DequantizeLinear; the model "
+                               f"is opset {graph.opset}. Re-export at opset 21 or compile with --bits 8 --headroom 1.")
+        dq = next(n for n in graph.nodes if n.name == t.tensor.dq_node)
+        if grid.factor < 1 and len(dq.inputs) > 2 and np.any(dq.inputs[2].values != 0):
+            raise CompileError(f"tensor {t.name!r} has a nonzero zero point; headroom needs symmetric 16-bit "
+                               "weights. Compile with --headroom 1.")
         site = sites[t.site]
-        wide_dtype, (t.qmin, t.qmax) = WIDE[t.tensor.dtype]
-        _scale(graph, t.tensor, wide_dtype)
-        t.widened = True
+        _scale(graph, t.tensor, np.dtype(grid.dtype), grid.factor)
+        t.widened, t.factor, (t.qmin, t.qmax) = True, grid.factor, (grid.qmin, grid.qmax)
         if t.role == "weight" and site.bias is not None and site.bias.dtype == "int32" \
-                and site.bias.float_grid is None:  # a float bias keeps its own grid
-            _scale(graph, site.bias, np.int32)
-    widened_sites = {t.site for t in ctx.trainables if t.widened and t.role == "weight"}
+                and site.bias.float_grid is None and grid.factor > 1:  # a float bias keeps its own grid
+            _scale(graph, site.bias, np.int32, grid.factor)
+    factors = {t.site: t.factor for t in ctx.trainables if t.role == "weight"}
     for t in ctx.trainables:  # int32 biases follow their weight's final scale
         if t.role == "bias" and t.tensor.dtype == "int32" and t.tensor.float_grid is None:
-            t.widened = t.site in widened_sites
+            t.factor = max(factors.get(t.site, 1), 1)   # F < 1 leaves the bias as it is
+            t.widened = t.factor > 1
             t.step = bias_step(graph, sites[t.site].weight.scale_name, t.tensor.scale_name)
     return graph

@@ -1,8 +1,14 @@
 """export: write the trained integer weights back into the original inference graph.
 
-Widened tensors narrow back to their source grid:  W8 = clip(sign(W16)·((|W16| + 128) div 256), −128, 127)
-(round half away from zero) with the source scale, so the exported model has the same nodes, ops and
-dtypes as the input model. The report says how much rounding moved each tensor.
+A weight trained on its source grid is written as it is. A weight trained on another grid (widened,
+with headroom, or preconditioned) goes back to the deployed grid (fgcompile/grid.py):
+
+    W = DQ(W_t)                       on the training grid: W_t · s_t
+    W = P · W                         preconditioned sites: fold the whitening back (K×N orientation)
+    s_d = max(s, max|W| / qmax) per channel,  W_d = round_half_away(W / s_d)   in the source dtype
+and the site's int32 bias (s_b = s_in · s_w) follows the new scale. Without headroom or preconditioning
+s_d = s and W_d = round_half_away(W_t / F): plain narrowing. The exported model has the same nodes, ops
+and dtypes as the input model; the report says what the rounding and any refit scale cost.
 """
 from __future__ import annotations
 
@@ -15,17 +21,84 @@ from onnx import numpy_helper
 from fgcompile import folder, modelio, validate
 from fgcompile.compiler import SOURCE, STATE, TRAIN
 from fgcompile.errors import ModelError
+from fgcompile.grid import deployed_scale, requantize, round_half_away
 from . import checkpoint
 from .trainer import latest_state, open_train_graph, session_of
 
 FACTOR = 256
 
 
-def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
+def narrow(values: np.ndarray, dtype: str, factor: int = FACTOR) -> np.ndarray:
+    """W8 = clip(round_half_away(W_t / F)) in integers: the export of an unpreconditioned channel that fits."""
     v = values.astype(np.int64)
-    q = np.sign(v) * ((np.abs(v) + FACTOR // 2) // FACTOR)
+    q = np.sign(v) * ((np.abs(v) + factor // 2) // factor)
     info = np.iinfo(dtype)
     return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def _fold(w: np.ndarray, pre: dict, matrices: dict) -> np.ndarray:
+    p = matrices[pre["matrix"]].astype(np.float64)
+    return p @ w if pre["layout"] == "kn" else (p @ w.T).T
+
+
+def _weight(model, inits, s, value, pre, matrices) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(W_d, s_d / s per channel, report) of one trained weight on a changed grid."""
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == s["name"])
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    if len(dq.input) > 2 and dq.input[2] and np.any(numpy_helper.to_array(inits[dq.input[2]]) != 0):
+        q = narrow(value, s["source_dtype"], int(s["factor"]))   # asymmetric: widened only, zp_t = F·zp
+        err = value.astype(np.int64) - q.astype(np.int64) * int(s["factor"])
+        return q, np.ones(scale.size), {"narrowed": f"{s['dtype']}->{s['source_dtype']}",
+                                        "inexact_fraction": float((err != 0).mean())}
+    axis = s["axis"] if scale.size > 1 else None
+    s_t = np.asarray(pre["scale"], np.float32).reshape(scale.shape) if pre else scale / np.float32(s["factor"])
+    shape = [1] * value.ndim
+    if axis is not None:
+        shape[axis] = -1
+    w = value.astype(np.float64) * s_t.astype(np.float64).reshape(shape if axis is not None else ())
+    if pre:
+        w = _fold(w, pre, matrices)
+    qmax = int(np.iinfo(s["source_dtype"]).max)
+    s_d = deployed_scale(w, scale, axis, s["source_dtype"])
+    q = requantize(w, s_d, axis, s["source_dtype"])
+    if not pre and np.array_equal(s_d, scale) and s["factor"] >= 1:   # integer narrowing, bit-exact with the README formula
+        q = narrow(value, s["source_dtype"], int(s["factor"]))
+    if not np.array_equal(s_d, scale):
+        name = f"{dq.input[1]}__deployed"
+        model.graph.initializer.append(numpy_helper.from_array(s_d, name))
+        dq.input[1] = name
+    beyond = np.abs(w) / (scale.astype(np.float64).reshape(shape if axis is not None else ())) >= qmax + 0.5
+    rounding = np.abs(w / s_d.astype(np.float64).reshape(shape if axis is not None else ()) - q)
+    report = {"narrowed": f"{s['dtype']}->{s['source_dtype']}",
+              "preconditioned": bool(pre), "inexact_fraction": float((rounding > 1e-9).mean()),
+              "mean_abs_rounding_lsb": float(rounding.mean()),
+              "beyond_source_grid": float(beyond.mean()),
+              "rescaled_channels": float((s_d != scale).mean())}
+    return q, (s_d.astype(np.float64) / scale.astype(np.float64)).ravel(), report
+
+
+def _bias_input(model, site: str) -> str | None:
+    """The int32 initializer of a Conv/Gemm site's bias (its scale is tied to the weight's)."""
+    node = next((n for n in model.graph.node if n.name == site), None)
+    if node is None or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+        return None
+    dq = next((n for n in model.graph.node if n.output[0] == node.input[2] and n.op_type == "DequantizeLinear"), None)
+    return dq.input[0] if dq is not None else None
+
+
+def _bias(model, inits, name: str, value: np.ndarray, factor: float, ratio: np.ndarray) -> tuple[np.ndarray, float]:
+    """(b_d, share of entries rounded): b_d = round_half_away(b_t / F / (s_d / s)), with the scale
+    s_b · s_d / s written beside it."""
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == name)
+    s_b = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    s_bd = (s_b.astype(np.float64) * ratio.reshape(s_b.shape) if s_b.size > 1 else s_b * ratio).astype(np.float32)
+    b = value.astype(np.float64) / factor * (s_b.astype(np.float64) / s_bd.astype(np.float64))
+    if not np.array_equal(s_bd, s_b):
+        new = f"{dq.input[1]}__deployed"
+        model.graph.initializer.append(numpy_helper.from_array(s_bd, new))
+        dq.input[1] = new
+    q = np.clip(round_half_away(b), -2 ** 31, 2 ** 31 - 1)
+    return q.astype(np.int32), float((q != b).mean())
 
 
 def export_model(out_dir, path) -> dict:
@@ -40,11 +113,11 @@ def export_model(out_dir, path) -> dict:
         protected[folder.marker(out)["source"]] = f"the model {out} was compiled from"
     modelio.check_output_file(path, protected)
     modelio.remove_stale_temps(path.parent)
-    _, contract, _ = open_train_graph(out)
+    train, contract, _ = open_train_graph(out)
     model = modelio.load_model(out / SOURCE)
     initial, _ = checkpoint.load(out / STATE, contract)
     inits = validate.check_source(model, initial, contract, out / SOURCE)
-    report = write_state(inits, contract, latest_state(out, contract))
+    report = write_state(model, inits, contract, latest_state(out, contract), matrices(train, contract), out / SOURCE)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -55,8 +128,16 @@ def export_model(out_dir, path) -> dict:
     return report
 
 
-def export_state(source: onnx.ModelProto, contract: dict, state: dict) -> tuple[onnx.ModelProto, dict]:
-    """In memory: a copy of the source model with `state` written in, and the rounding report."""
+def matrices(train: onnx.ModelProto, contract: dict) -> dict:
+    """The whitening matrices P the contract names, from the training graph's initializers."""
+    names = {p["matrix"] for p in contract.get("precondition", [])}
+    return {i.name: numpy_helper.to_array(i) for i in train.graph.initializer if i.name in names}
+
+
+def export_state(source: onnx.ModelProto, contract: dict, state: dict,
+                 whitening: dict | None = None) -> tuple[onnx.ModelProto, dict]:
+    """In memory: a copy of the source model with `state` written in, and the rounding report.
+    `whitening`: matrices(train, contract) when the contract preconditions a site."""
     model = onnx.ModelProto()
     model.CopyFrom(source)
     inits = {i.name: i for i in model.graph.initializer}
@@ -64,23 +145,43 @@ def export_state(source: onnx.ModelProto, contract: dict, state: dict) -> tuple[
     if missing:
         raise ModelError(f"the source model has no initializer {missing[0]!r}: pass the model this training "
                          "graph was compiled from.")
-    return model, write_state(inits, contract, state)
+    if contract.get("precondition") and not whitening:
+        raise ModelError("the contract whitens a trained layer: pass its whitening matrices "
+                         "(export.matrices(train_model, contract)).")
+    return model, write_state(model, inits, contract, state, whitening or {}, "the source model")
 
 
-def write_state(inits: dict, contract: dict, state: dict) -> dict:
-    """Write each trained tensor into its initializer (narrowed to the source dtype where widened)."""
-    report = {}
-    for s in contract["state"]:
+def write_state(model, inits: dict, contract: dict, state: dict, matrices: dict, where) -> dict:
+    """Write each trained tensor into its initializer, back on the deployed grid where widened or whitened."""
+    pre = {p["weight"]: p for p in contract.get("precondition", [])}
+    report, ratios = {}, {}
+    for s in [s for s in contract["state"] if s["role"] == "weight"] + [s for s in contract["state"] if s["role"] != "weight"]:
         value = state[s["name"]]
-        if s["widened"]:
-            exported = narrow(value, s["source_dtype"])
-            err = value.astype(np.int64) - exported.astype(np.int64) * FACTOR
-            report[s["name"]] = {"narrowed": f"{s['dtype']}->{s['source_dtype']}",
-                                 "max_rounding_lsb16": int(np.abs(err).max()),
-                                 "mean_abs_rounding_lsb16": float(np.abs(err).mean()),
-                                 "inexact_fraction": float((err != 0).mean())}
+        if s["role"] == "weight" and (s["widened"] or s["name"] in pre):
+            exported, ratios[s["site"]], report[s["name"]] = _weight(model, inits, s, value, pre.get(s["name"]), matrices)
+        elif s["role"] == "bias" and (s["widened"] or s["site"] in ratios) and s["dtype"] == "int32":
+            exported, inexact = _bias(model, inits, s["name"], value, s.get("factor", 1), ratios.get(s["site"], np.ones(1)))
+            report[s["name"]] = {"narrowed": "int32->int32", "inexact_fraction": inexact}
         else:
             exported = value.astype(s["source_dtype"])
             report[s["name"]] = {"narrowed": None}
         inits[s["name"]].CopyFrom(numpy_helper.from_array(exported, s["name"]))
+    trained = {s["name"] for s in contract["state"]}
+    for site, ratio in ratios.items():   # an untrained bias tied to a rescaled weight follows it
+        name = _bias_input(model, site)
+        if name is not None and name not in trained and not np.all(ratio == 1):
+            inits[name].CopyFrom(numpy_helper.from_array(
+                _bias(model, inits, name, numpy_helper.to_array(inits[name]), 1, ratio)[0], name))
     return report
+
+
+def describe_export(r: dict) -> str:
+    """One line per exported tensor, for the CLI and the demo."""
+    if not r["narrowed"]:
+        return "written as trained"
+    if "beyond_source_grid" not in r:
+        return f"narrowed {r['narrowed']}: {r['inexact_fraction']:.1%} rounded"
+    return (f"narrowed {r['narrowed']}{' (whitening folded back)' if r['preconditioned'] else ''}: "
+            f"{r['inexact_fraction']:.1%} rounded (mean {r['mean_abs_rounding_lsb']:.2f} LSB), "
+            f"{r['beyond_source_grid']:.1%} grew past the pretrained grid, "
+            f"{r['rescaled_channels']:.0%} of channels rescaled")

@@ -14,14 +14,16 @@ BATCH = 32
 SEED = 1000
 
 
-def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None):
+def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None, calibration=None):
     """model_file: a shipped model's path or a ModelProto. The reference runs the compiler's canonical
     source (the input model itself unless canonicalize rewrote a dialect; test_dialects.py checks that
     both compute the same function)."""
     source = shipped(model_file) if isinstance(model_file, str) else model_file
-    compiled = compile_graph(source, spec)
+    compiled = compile_graph(source, spec, calibration)
     c = qzoff.contract(compiled.train)
-    oracle = qzoff.InferenceOracle(compiled.source, c)
+    oracle = qzoff.InferenceOracle(compiled.source, c, matrices=qzoff.matrices(compiled.train, c))
+    for pre in c["precondition"]:   # the reference refits the preconditioned scale itself
+        np.testing.assert_array_equal(np.asarray(pre["scale"], np.float32), oracle.scales[pre["weight"]].ravel())
     # the reference widens the source itself: the compiler's initial state must agree
     for name, value in compiled.state.items():
         np.testing.assert_array_equal(value, oracle.initial[name])
@@ -88,3 +90,11 @@ def test_lr_input_schedule_matches_reference(target_train):
     # the lr input changes per step (a schedule), including 0 (no update) and above lr_max (clipped)
     run_chain("digits_cnn/w8a8.onnx", TrainSpec(m=2), target_train, steps=6,
               lr_schedule=lambda k: [512, 0, 64, 2 ** 31 - 1, 7, 128][k])
+
+
+@pytest.mark.parametrize("model_file,bits", [("digits_cnn/w8a8.onnx", 16), ("digits_attn/w8a8.onnx", 8),
+                                             ("digits_cnn/w16a8.onnx", 16), ("digits_attn/w16a8.onnx", 16)])
+@pytest.mark.parametrize("headroom", [1, 4])
+def test_headroom_and_whitening_match_reference(model_file, bits, headroom, target_train):
+    spec = TrainSpec(m=4, bits=bits, headroom=headroom, precondition="whiten")
+    run_chain(model_file, spec, target_train, steps=6, calibration=target_train[0][:300])

@@ -1,4 +1,5 @@
-"""Widening int8 -> int16 and lifting to state inputs keep the model's function bit for bit."""
+"""Widening to the training grid (finer, with headroom) and lifting to state inputs keep the model's
+function: bit for bit where the grid only gets finer, within half a coarse step for int16 with headroom."""
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -9,15 +10,19 @@ from fgcompile.spec import TrainSpec
 
 
 @pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx", "digits_cnn/w16a8.onnx"])
-@pytest.mark.parametrize("bits", [8, 16])
-def test_eval_graph_equals_source(model_file, bits, target_test):
+@pytest.mark.parametrize("bits,headroom", [(8, 1), (16, 1), (8, 4), (16, 4)])
+def test_eval_graph_equals_source(model_file, bits, headroom, target_test):
     source = shipped(model_file)
-    compiled = compile_graph(source, TrainSpec(bits=bits, last=2))
+    compiled = compile_graph(source, TrainSpec(bits=bits, last=2, headroom=headroom))
     x = target_test[0]
     want = ort.InferenceSession(source.SerializeToString()).run(None, {"x": x})[0]
     got = ort.InferenceSession(compiled.eval.SerializeToString()).run(None, {"x": x, **compiled.state})[0]
-    np.testing.assert_array_equal(got, want)
     for s in compiled.contract["state"]:
-        if s["widened"] and s["role"] == "weight":
-            assert compiled.state[s["name"]].dtype == np.int16
-            assert not (compiled.state[s["name"]].astype(np.int64) % 256).any()
+        if s["widened"] and s["role"] == "weight" and s["factor"] >= 1:
+            assert s["qmax"] >= 127 * s["factor"] * headroom    # the range grew H-fold
+            assert not (compiled.state[s["name"]].astype(np.int64) % int(s["factor"])).any()
+    if "w16a8" in model_file and headroom > 1:   # int16 trains on a grid H times coarser (fgcompile/grid.py)
+        assert (got.argmax(1) == want.argmax(1)).mean() > 0.99
+        np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+    else:
+        np.testing.assert_array_equal(got, want)

@@ -73,40 +73,39 @@ def contract(model: onnx.ModelProto) -> dict:
 
 
 class InferenceOracle:
-    """The source model, widened where the contract says so, with trainables fed as inputs and the
-    loss tap as an output. Widening here is the README's formula, independently coded."""
+    """The source model on the training grids the contract names, with trainables fed as inputs and the
+    loss tap as an output. Widening, headroom and preconditioning are the README's formulas, coded here
+    independently; `matrices` holds the whitening matrices P by name (read from train.onnx)."""
 
-    def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False):
+    def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None):
         model = onnx.ModelProto()
         model.CopyFrom(source)
         inits = {i.name: i for i in model.graph.initializer}
-        dq_of = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-        widened = {s["site"] for s in c["state"] if s["widened"] and s["role"] == "weight"}
         consumers = {n.name: n for n in model.graph.node}
         dq_by_init = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
         dq_by_out = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-        # initializer -> dtype: each widened state tensor (a weight, an 8-bit bias or norm scale) and the
-        # int32 bias of a widened Conv/Gemm weight's site (its scale follows the weight's)
-        todo = {s["name"]: np.dtype(s["dtype"]) for s in c["state"] if s["widened"]}
-        for site in widened:
-            node = consumers[site]
-            if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in dq_by_out:
+        # initializer -> (dtype, F): each widened state tensor (a weight, an 8-bit bias or norm scale) and the
+        # int32 bias of a widened Conv/Gemm weight's site (its scale follows the weight's when F > 1)
+        todo = {s["name"]: (np.dtype(s["dtype"]), s.get("factor", 256)) for s in c["state"] if s["widened"]}
+        for s in c["state"]:
+            node = consumers[s["site"]]
+            if s["role"] == "weight" and s["widened"] and s.get("factor", 256) > 1 and node.op_type in ("Conv", "Gemm") \
+                    and len(node.input) > 2 and node.input[2] in dq_by_out:
                 bias = dq_by_out[node.input[2]].input[0]
-                if bias not in {s["name"] for s in c["state"]}:  # a trained bias says so itself
-                    todo[bias] = np.int32
-        for name, dtype in todo.items():  # W' = 256·W, scale' = scale / 256, zp' = 256·zp
+                if bias not in {t["name"] for t in c["state"]}:  # a trained bias says so itself
+                    todo[bias] = (np.dtype(np.int32), s.get("factor", 256))
+        for name, (dtype, factor) in todo.items():  # W' = F·W (round half away when F < 1), scale' = scale / F
             dq = dq_by_init[name]
-            w = numpy_helper.to_array(inits[name]).astype(np.int64) * 256
+            w = numpy_helper.to_array(inits[name]).astype(np.int64) * factor
+            w = np.sign(w) * np.floor(np.abs(w) + 0.5)
             inits[name].CopyFrom(numpy_helper.from_array(w.astype(dtype), name))
-            s = numpy_helper.to_array(inits[dq.input[1]]) / np.float32(256)
-            new_scale = dq.input[1] + "_ref_w16"
-            model.graph.initializer.append(numpy_helper.from_array(np.asarray(s, np.float32), new_scale))
-            dq.input[1] = new_scale
+            _set_input(model, dq, 1, numpy_helper.to_array(inits[dq.input[1]]) / np.float32(factor), "_ref_grid")
             if len(dq.input) > 2:
-                zp = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64) * 256).astype(dtype)
-                new_zp = dq.input[2] + "_ref_w16"
-                model.graph.initializer.append(numpy_helper.from_array(np.asarray(zp), new_zp))
-                dq.input[2] = new_zp
+                zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64) * factor
+                _set_input(model, dq, 2, (np.sign(zp) * np.floor(np.abs(zp) + 0.5)).astype(dtype), "_ref_grid")
+        self.scales = {}
+        for pre in c.get("precondition", []):
+            self._precondition(model, inits, c, pre, matrices[pre["matrix"]], consumers, dq_by_init)
         if todo and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 21:  # int16 DequantizeLinear arrived in opset 21
             model = onnx.version_converter.convert_version(model, 21)
         if c["spec"].get("requant_bypass"):
@@ -122,9 +121,47 @@ class InferenceOracle:
         self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.tap = c["loss_tap"]
 
+    def _precondition(self, model, inits, c, pre, p, consumers, dq_by_init):
+        """The site reads a·P; its weight becomes W' = P⁻¹·W (K×N) on a refit scale
+        s'_c = max_k |W'_kc| / (F·qmax), W'_t = clip(round_half_away(W'/s'), qmin, qmax)."""
+        s = next(s for s in c["state"] if s["name"] == pre["weight"])
+        dq = dq_by_init[s["name"]]
+        inits = {i.name: i for i in model.graph.initializer}   # widening added scales
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+        w = numpy_helper.to_array(inits[s["name"]]).astype(np.float64)
+        nk = pre["layout"] == "nk"
+        w = w * (scale.reshape(-1, 1) if nk and scale.size > 1 else scale)
+        kn = np.linalg.inv(p.astype(np.float64)) @ (w.T if nk else w)
+        peak = np.abs(kn).max(axis=0) if scale.size > 1 else np.abs(kn).max(keepdims=True)
+        qmax = {"int8": 127, "int16": 32767}[s["source_dtype"]] * s.get("factor", 1)
+        s_new = (np.maximum(peak, 1e-30) / qmax).astype(np.float32)
+        q = kn / s_new.astype(np.float64)
+        q = np.clip(np.sign(q) * np.floor(np.abs(q) + 0.5), s["qmin"], s["qmax"])
+        inits[s["name"]].CopyFrom(numpy_helper.from_array((q.T if nk else q).astype(s["dtype"]), s["name"]))
+        _set_input(model, dq, 1, s_new.reshape(scale.shape), "_ref_pre")
+        self.scales[s["name"]] = s_new
+        node = consumers[pre["site"]]
+        model.graph.initializer.append(numpy_helper.from_array(p.astype(np.float32), pre["matrix"] + "_ref"))
+        white = pre["input"] + "_ref_white"
+        model.graph.node.insert(list(model.graph.node).index(node),
+                                helper.make_node("MatMul", [pre["input"], pre["matrix"] + "_ref"], [white]))
+        node.input[0] = white
+
     def logits(self, x, weights: dict) -> np.ndarray:
         """x: the data array, or a dict of arrays for a model with several data inputs."""
         return self.sess.run([self.tap], {**(x if isinstance(x, dict) else {self.data: x}), **weights})[0]
+
+
+def _set_input(model, node, k: int, value: np.ndarray, suffix: str) -> None:
+    name = node.input[k] + suffix
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    node.input[k] = name
+
+
+def matrices(train: onnx.ModelProto, c: dict) -> dict:
+    """The whitening matrices the contract names, from the training graph's initializers."""
+    names = {p["matrix"] for p in c.get("precondition", [])}
+    return {i.name: numpy_helper.to_array(i) for i in train.graph.initializer if i.name in names}
 
 
 def _bypass_requant(model: onnx.ModelProto, trained: list[str]) -> None:

@@ -8,6 +8,7 @@ from onnx import numpy_helper
 from conftest import MODELS, shipped
 from fgcompile.cli import main
 from fgcompile.compiler import compile_model, write_compiled
+from fgcompile.runtime import checkpoint
 from fgcompile.runtime.export import export_model, narrow
 from fgcompile.runtime.trainer import Trainer, latest_state
 from fgcompile.spec import TrainSpec
@@ -22,7 +23,7 @@ def test_narrow_rounds_half_away_and_saturates():
 def test_exported_model_has_the_same_graph_and_the_trained_accuracy(tmp_path, target_test):
     source = shipped("digits_cnn/w8a8.onnx")
     out = tmp_path / "c"
-    write_compiled(compile_model(source, TrainSpec(last=2)), out)
+    write_compiled(compile_model(source, TrainSpec(last=2, headroom=1)), out)
     Trainer(out).fit(MODELS / "data" / "digits_target_train.npz", epochs=4, progress=False)
     r = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "adapted.onnx")])
     assert r.exit_code == 0, r.output
@@ -48,10 +49,60 @@ def test_exported_model_has_the_same_graph_and_the_trained_accuracy(tmp_path, ta
 def test_export_of_int8_training_is_exact(tmp_path):
     source = shipped("digits_attn/w8a8.onnx")
     out = tmp_path / "c"
-    write_compiled(compile_model(source, TrainSpec(bits=8)), out)
+    write_compiled(compile_model(source, TrainSpec(bits=8, headroom=1)), out)
     Trainer(out).fit(MODELS / "data" / "digits_target_train.npz", epochs=1, progress=False)
     report = export_model(out, tmp_path / "a.onnx")
     new = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "a.onnx").graph.initializer}
     for k, v in latest_state(out).items():
         assert report[k]["narrowed"] is None
         np.testing.assert_array_equal(new[k], v)
+
+
+def _outputs(model, x):
+    return ort.InferenceSession(model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+                                ).run(None, {"x": x})[0]
+
+
+def test_whitened_headroom_export_folds_back_to_the_source_structure(tmp_path, target_train, target_test):
+    """Untrained, the fold W = P·W' and the re-quantization return the source weights up to one LSB; after
+    training, the exported model has the source's nodes and the trained model's accuracy within 1.5 points."""
+    source = shipped("digits_cnn/w8a8.onnx")
+    out = tmp_path / "c"
+    write_compiled(compile_model(source, TrainSpec(headroom=4, precondition="whiten"), calibration=target_train[0]),
+                   out)
+    export_model(out, tmp_path / "start.onnx")
+    src = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
+    start = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "start.onnx").graph.initializer}
+    w = "fc2.weight_quantized"
+    assert np.abs(start[w].astype(int) - src[w].astype(int)).max() <= 1
+    x, y = target_test
+    assert (_outputs(tmp_path / "start.onnx", x).argmax(1) == _outputs(source, x).argmax(1)).mean() > 0.99
+    trainer = Trainer(out)
+    trainer.fit(MODELS / "data" / "digits_target_train.npz", epochs=3, progress=False)
+    report = export_model(out, tmp_path / "a.onnx")
+    adapted = onnx.load(tmp_path / "a.onnx")
+    assert [(n.op_type, n.output[0]) for n in adapted.graph.node] == [(n.op_type, n.output[0]) for n in source.graph.node]
+    assert report[w]["preconditioned"] and report[w]["narrowed"] == "int16->int8"
+    exported = (_outputs(adapted, x).argmax(1) == y).mean()
+    assert abs(exported - trainer.evaluate(x, y)["accuracy"]) <= 0.015
+
+
+def test_headroom_lets_weights_grow_and_export_refits_their_scale(tmp_path):
+    """A weight pushed past the pretrained grid keeps its value on export: its channel's scale is refit."""
+    source = shipped("digits_cnn/w8a8.onnx")
+    out = tmp_path / "c"
+    compiled = compile_model(source, TrainSpec(headroom=4))
+    write_compiled(compiled, out)
+    s = next(s for s in compiled.contract["state"] if s["role"] == "weight")
+    state = dict(compiled.state)
+    grown = state[s["name"]].copy()
+    grown[0, 0] = s["qmax"]                      # 4x the int8 range on row 0
+    state[s["name"]] = grown
+    checkpoint.save(out / "checkpoint.npz", state, {"step": 1, "bad_steps": 0})
+    report = export_model(out, tmp_path / "a.onnx")
+    adapted = onnx.load(tmp_path / "a.onnx")
+    new = {i.name: numpy_helper.to_array(i) for i in adapted.graph.initializer}
+    assert new[s["name"]][0, 0] == 127 and report[s["name"]]["rescaled_channels"] == 1 / grown.shape[0]
+    dq = next(n for n in adapted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == s["name"])
+    src_scale = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}[dq.input[1].replace("__deployed", "")]
+    assert np.isclose(new[dq.input[1]][0] * 127, src_scale[0] * 127 * 4, rtol=1e-6)

@@ -1,0 +1,112 @@
+"""precondition: whiten the input of each trained Gemm/MatMul with a frozen, function-preserving transform.
+
+A trained layer's input features are far from white (a few directions dominate), so random ±ε·z
+directions mostly probe flat ones. With calibration inputs (compile time, float64):
+
+    M  = E[a aᵀ]                         a: rows of the trained node's input (uncentred second moment)
+    P  = (M / (tr M / K) + λ·I)^(−1/2)   symmetric (ZCA), λ = 1e-3; stored as float32
+    a' = a · P                           one float MatMul in the frozen prefix, shared by every branch
+    W' = P⁻¹ · W                         (W as K×N: input features × output channels)
+    s'_c = max_k |W'_kc| / (F · qmax)    per output channel (F, qmax: the training grid of widen)
+    W'_t = clip(round_half_away(W' / s'), qmin, qmax)
+
+so a'·W' = a·W up to the rounding of W' on the training grid. The perturbations and the integer update
+act on W'_t; export folds P back (W = P · W') and re-quantizes to the deployed grid. The second moment is
+uncentred so the bias needs no change: the mean direction is whitened like any other.
+
+Precondition: ctx.trainables after widen (their qmin/qmax/factor final); ctx.calibration float32 inputs.
+Postcondition: each trained weight of a Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale
+s'; its node reads a·P; ctx.preconditioned holds one contract entry per such site. Other sites are
+unchanged. Without calibration data the graph is unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from fgcompile.errors import CompileError
+from fgcompile.grid import round_half_away
+from .analyze import bias_step
+from .context import Context
+from .graph_ops import Builder
+
+RIDGE = 1e-3
+QMAX = {"int8": 127, "int16": 32767}
+
+
+def whitening(a: np.ndarray) -> np.ndarray:
+    """P = (M / (tr M / K) + λ I)^(−1/2) of rows a [N, K], float64."""
+    m = a.T @ a / len(a)
+    m = m / max(np.trace(m) / len(m), 1e-30) + RIDGE * np.eye(len(m))
+    vals, vecs = np.linalg.eigh(m)
+    return (vecs / np.sqrt(vals)) @ vecs.T
+
+
+def _activations(graph: gs.Graph, ctx: Context, names: list[str]) -> dict[str, np.ndarray]:
+    """The float values of `names` on the calibration inputs, as rows [N·…, K] (float64)."""
+    probe = graph.copy()
+    tensors = probe.tensors()
+    probe.outputs = [tensors[n] for n in names]
+    for t in probe.outputs:
+        t.dtype = np.float32
+    probe.cleanup()
+    sess = ort.InferenceSession(gs.export_onnx(probe).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.asarray(ctx.calibration, np.float32)
+    runs = [sess.run(names, {ctx.data_input: x[i:i + 256]}) for i in range(0, len(x), 256)]
+    return {n: np.concatenate([r[k].reshape(-1, r[k].shape[-1]) for r in runs]).astype(np.float64)
+            for k, n in enumerate(names)}
+
+
+def _layout(node: gs.Node, tensor) -> str | None:
+    """The weight layout of a site that can be preconditioned: "kn" (K×N) or "nk" (Gemm transB), else None.
+    Per-channel scales must run along the output channels N."""
+    if len(tensor.shape) != 2:
+        return None
+    if node.op == "MatMul" or node.op == "Gemm" and not node.attrs.get("transA", 0):
+        layout = "nk" if node.op == "Gemm" and node.attrs.get("transB", 0) else "kn"
+        return layout if tensor.axis in (None, 0 if layout == "nk" else 1) else None
+    return None
+
+
+def _requantize(w_kn: np.ndarray, p: np.ndarray, per_channel: bool, qmax: int, qmin_t: int, qmax_t: int):
+    """(W'_t as K×N floats on the grid, s') for W' = P⁻¹·W."""
+    w_new = np.linalg.inv(p.astype(np.float64)) @ w_kn
+    peak = np.abs(w_new).max(axis=0) if per_channel else np.abs(w_new).max(keepdims=True)
+    s_new = (np.maximum(peak, 1e-30) / qmax).astype(np.float32)
+    return np.clip(round_half_away(w_new / s_new.astype(np.float64)), qmin_t, qmax_t), s_new
+
+
+def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    if ctx.calibration is None:
+        return graph
+    nodes = {n.name: n for n in graph.nodes}
+    chosen = [(t, nodes[t.site]) for t in ctx.trainables if t.role == "weight"]
+    chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen]
+    chosen = [c for c in chosen if c[2] is not None]
+    if not chosen:
+        raise CompileError("--precondition whiten: no trained weight is a Gemm or MatMul with a 2-D weight "
+                           "(scaled per output channel); compile with --precondition none.")
+    acts = _activations(graph, ctx, [node.inputs[0].name for _, node, _ in chosen])
+    b = Builder(graph, "precondition")
+    tensors = graph.tensors()
+    for t, node, layout in chosen:
+        a = node.inputs[0]
+        p = whitening(acts[a.name]).astype(np.float32)
+        dq = node.inputs[1].inputs[0]
+        s = np.asarray(tensors[t.tensor.scale_name].values, np.float32)
+        w = tensors[t.name].values.astype(np.float64) * (s.reshape(-1, 1) if layout == "nk" and s.size > 1 else s)
+        q, s_new = _requantize(w.T if layout == "nk" else w, p, s.size > 1, QMAX[t.source_dtype] * t.factor,
+                               t.qmin, t.qmax)
+        scale_name = f"{t.tensor.scale_name}__pre"
+        dq.inputs[0] = gs.Constant(t.name, (q.T if layout == "nk" else q).astype(t.tensor.dtype))
+        dq.inputs[1] = gs.Constant(scale_name, s_new.reshape(s.shape))
+        t.tensor.scale_name = scale_name
+        matrix = gs.Constant(f"{t.name}__whitening", p)
+        node.inputs[0] = b.op("MatMul", [a, matrix], dtype=np.float32, shape=a.shape, hint="whitened")
+        for bias in ctx.trainables:   # a bias step is sized by its weight's scale
+            if bias.role == "bias" and bias.site == t.site and bias.tensor.dtype == "int32":
+                bias.step = bias_step(graph, scale_name, bias.tensor.scale_name)
+        ctx.preconditioned.append({"site": t.site, "weight": t.name, "input": a.name, "matrix": matrix.name,
+                                   "layout": layout, "ridge": RIDGE, "scale": [float(v) for v in s_new.ravel()]})
+    return graph
