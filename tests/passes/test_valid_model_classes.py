@@ -31,19 +31,21 @@ def test_unnamed_nodes_compile_cloned_and_match_reference(bits, target_train):
         run_chain(model, spec, target_train, steps=3)
 
 
-@pytest.mark.parametrize("bits,opset", [(8, 18), (16, 21)])
-def test_opset_rises_only_for_int16_dequantize(bits, opset, target_train):
+@pytest.mark.parametrize("bits,headroom,opset", [(8, 1, 18), (16, 1, 21), (8, 4, 21)])
+def test_opset_rises_only_for_int16_dequantize(bits, headroom, opset, target_train):
+    """--bits 16 and --headroom > 1 both train int8 weights on an int16 grid."""
     model = digits_conv_chain()
     model.opset_import[0].version = 18
     onnx.checker.check_model(model, full_check=True)
-    compiled = compile_graph(model, TrainSpec(last=2, m=2, bits=bits))
+    spec = TrainSpec(last=2, m=2, bits=bits, headroom=headroom)
+    compiled = compile_graph(model, spec)
     for graph in (compiled.train, compiled.eval):
         assert next(o.version for o in graph.opset_import if o.domain == "") == opset
-    run_chain(model, TrainSpec(last=2, m=2, bits=bits), target_train, steps=3)
+    run_chain(model, spec, target_train, steps=3)
 
 
 def test_opset_below_18_is_converted_to_18():
     model = qdq_graphs.dense_chain(2)
     model.opset_import[0].version = 17
-    compiled = compile_graph(model, TrainSpec(bits=8, m=2))
+    compiled = compile_graph(model, TrainSpec(bits=8, m=2, headroom=1))
     assert next(o.version for o in compiled.train.opset_import if o.domain == "") == 18
