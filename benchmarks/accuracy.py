@@ -40,13 +40,13 @@ def qzo_ff(source: onnx.ModelProto, spec: TrainSpec, train, test, epochs: int, b
     Preconditioning calibrates on the inputs of `train` only (never on `test`)."""
     compiled = compile_model(source, spec, calibration=train[0])
     with tempfile.TemporaryDirectory() as tmp:
-        write_compiled(compiled, tmp)
-        trainer = Trainer(tmp, threads=1)
+        write_compiled(compiled, f"{tmp}/compiled")
+        trainer = Trainer(f"{tmp}/compiled", threads=1)
         trainer.fit(train, epochs=epochs, batch=batch, progress=False, checkpoint_every=10 ** 9, schedule=schedule)
         trained = trainer.evaluate(*test)["accuracy"]
         if not exported:
             return trained
-        export_model(tmp, f"{tmp}/adapted.onnx")
+        export_model(f"{tmp}/compiled", f"{tmp}/adapted.onnx")
         return trained, untrained(onnx.load(f"{tmp}/adapted.onnx"), test)
 
 

@@ -28,6 +28,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import ModelError, SpecError
+from fgcompile.grid import training_grid
+from fgcompile.spec import TrainSpec
 from fgcompile.passes import canonicalize, floatgrid, pair, widen
 from fgcompile.passes.analyze import bias_step, find_weight_sites, is_quantized
 from fgcompile.passes.pipeline import check_source
@@ -62,15 +64,16 @@ class FloatLayer:
     why: str
 
 
-def _grid(graph: gs.Graph, site, tensor, role: str, bits: int) -> tuple[str, int]:
+def _grid(graph: gs.Graph, site, tensor, role: str, bits: int, headroom: int) -> tuple[str, int]:
     """(description, bytes per element) of the grid `tensor` trains on."""
     if tensor.dtype == "float32":
         values = graph.tensors()[tensor.name].values
         e = int(np.log2(floatgrid.grid_scale(values))) + floatgrid.MANTISSA_SHIFT
         return f"float → int32·2^{e - floatgrid.MANTISSA_SHIFT}, step 2^12", 4
-    if bits == 16 and tensor.dtype in widen.WIDE:
-        wide = np.dtype(widen.WIDE[tensor.dtype][0]).name
-        return f"{wide} (·256, s/256)", 2
+    grid = training_grid(tensor.dtype, bits, headroom) if role == "weight" else \
+        training_grid(tensor.dtype, bits, 1) if tensor.dtype in ("int8", "uint8") else None
+    if grid is not None:
+        return f"{grid.dtype} (·{grid.factor:g}, s/{grid.factor:g}; range x{headroom if role == 'weight' else 1})", 2
     if tensor.dtype == "int32" and role == "bias":
         # a widened product weight scales its int32 bias with it (s_w/s_b stays); a norm scale does not
         widening = widen.FACTOR if bits == 16 and site.kind == "norm" and site.weight.dtype in widen.WIDE else 1
@@ -94,7 +97,8 @@ def float_layers(graph: gs.Graph) -> list[FloatLayer]:
     return rows
 
 
-def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> tuple[list[ParamRow], list[FloatLayer]]:
+def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16,
+                  headroom: int = TrainSpec.headroom) -> tuple[list[ParamRow], list[FloatLayer]]:
     if not 1 <= m <= 64:
         raise SpecError(f"--m {m}: the number of perturbations must be 1..64 (the memory estimate uses it).")
     check_source(model)   # what compile refuses first (an invalid graph, opset), inspect refuses too
@@ -108,14 +112,14 @@ def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> tuple[l
         for role, t in (("weight" if s.kind == "product" else "scale", s.weight), ("bias", s.bias)):
             if t is None:
                 continue
-            grid, size = _grid(graph, s, t, role, bits)
+            grid, size = _grid(graph, s, t, role, bits, headroom)
             rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid,
                                  train_bytes(t.numel, size, m), train_bytes(t.numel, size, m, copies=2)))
     return rows, float_layers(graph)
 
 
-def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16) -> list[ParamRow]:
-    return inspect_graph(model, m, bits)[0]
+def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16, headroom: int = TrainSpec.headroom) -> list[ParamRow]:
+    return inspect_graph(model, m, bits, headroom)[0]
 
 
 def format_table(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> str:

@@ -5,7 +5,8 @@ contract  the JSON in train.onnx: required keys and types, a valid spec, and nam
 state     state.npz / checkpoint.npz arrays: exactly the contract's names, its dtypes and shapes, and
           values inside [qmin, qmax] (a checkpoint of another compile exports garbage otherwise)
 source    source.onnx holds each trained tensor with source_dtype and the initial state is exactly it,
-          or 256 times it where `widened` says so
+          or F times it where `widened` says so (F = `factor`, 256 before headroom; fgcompile/grid.py),
+          except a preconditioned weight, which is re-quantized in the whitened basis
 Every failure names the file, the problem and the fix.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ STATE_FIELDS = {"name": str, "output": str, "role": str, "dtype": str, "shape": 
 WIDEN = 256
 # widenings fgcompile makes (source -> trained dtype), and the largest value that still narrows back
 WIDENINGS = {("int8", "int16"): 127 * WIDEN + WIDEN // 2 - 1, ("uint8", "uint16"): 255 * WIDEN + WIDEN // 2 - 1,
-             ("int32", "int32"): np.iinfo(np.int32).max}
+             ("int32", "int32"): np.iinfo(np.int32).max, ("int16", "int16"): np.iinfo(np.int16).max}
 
 
 class StateError(FgcompileError):
@@ -135,15 +136,18 @@ def check_state(arrays: dict, contract: dict, path, fix: str) -> dict:
 def check_source(source: onnx.ModelProto, initial: dict, contract: dict, path) -> dict:
     """The source initializers of the trained tensors, checked against the contract and the initial state."""
     inits = {i.name: i for i in source.graph.initializer}
+    preconditioned = {p["weight"] for p in contract.get("precondition", [])}
     for s in contract["state"]:
         name = s["name"]
         fix = "The folder was edited or mixed with another compile; recompile the model."
         if name not in inits:
             raise ModelError(f"{path}: has no initializer {name!r} that the contract trains. {fix}")
         src = numpy_helper.to_array(inits[name])
-        expect = src.astype(np.int64) * (WIDEN if s["widened"] else 1)
+        factor = s.get("factor", WIDEN) if s["widened"] else 1
+        expect = src.astype(np.int64) * factor
+        expect = np.sign(expect) * np.floor(np.abs(expect) + 0.5)   # F < 1: int16 with headroom
         if src.dtype.name != s["source_dtype"] or list(src.shape) != s["shape"] \
-                or not np.array_equal(initial[name].astype(np.int64), expect):
+                or name not in preconditioned and not np.array_equal(initial[name].astype(np.int64), expect):
             raise ModelError(f"{path}: {name!r} ({src.dtype.name} {list(src.shape)}) does not match the contract "
                              f"(source_dtype {s['source_dtype']}, widened {s['widened']}) and the initial state. {fix}")
     return inits

@@ -24,6 +24,11 @@ from fgcompile.grid import round_half_away, training_grid
 from .context import Context
 from .analyze import bias_step
 
+# the grids of --bits 16 without headroom, as `fgcompile inspect` describes them
+FACTOR = 256
+WIDE = {"int8": (np.int16, (-32768, 127 * FACTOR + FACTOR // 2 - 1)),
+        "uint8": (np.uint16, (0, 255 * FACTOR + FACTOR // 2 - 1))}
+
 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
     node.inputs[index] = gs.Constant(name, np.asarray(values))  # 0-d arithmetic yields numpy scalars

@@ -157,11 +157,16 @@ def write_state(model, inits: dict, contract: dict, state: dict, matrices: dict,
     report, ratios = {}, {}
     for s in [s for s in contract["state"] if s["role"] == "weight"] + [s for s in contract["state"] if s["role"] != "weight"]:
         value = state[s["name"]]
+        factor = s.get("factor", FACTOR if s["widened"] else 1)
         if s["role"] == "weight" and (s["widened"] or s["name"] in pre):
             exported, ratios[s["site"]], report[s["name"]] = _weight(model, inits, s, value, pre.get(s["name"]), matrices)
         elif s["role"] == "bias" and (s["widened"] or s["site"] in ratios) and s["dtype"] == "int32":
-            exported, inexact = _bias(model, inits, s["name"], value, s.get("factor", 1), ratios.get(s["site"], np.ones(1)))
+            exported, inexact = _bias(model, inits, s["name"], value, factor, ratios.get(s["site"], np.ones(1)))
             report[s["name"]] = {"narrowed": "int32->int32", "inexact_fraction": inexact}
+        elif s["widened"]:   # an 8-bit Add bias or normalization scale: widened by 256 only
+            exported = narrow(value, s["source_dtype"], int(factor))
+            err = value.astype(np.int64) - exported.astype(np.int64) * int(factor)
+            report[s["name"]] = {"narrowed": f"{s['dtype']}->{s['source_dtype']}", "inexact_fraction": float((err != 0).mean())}
         else:
             exported = value.astype(s["source_dtype"])
             report[s["name"]] = {"narrowed": None}
