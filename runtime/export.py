@@ -36,6 +36,22 @@ def narrow(values: np.ndarray, dtype: str, factor: int = FACTOR) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
+def _array(inits: dict, name: str) -> np.ndarray:
+    """An initializer the export reads (a scale or zero point); a folder whose source lacks it was edited."""
+    if name not in inits:
+        raise ModelError(f"source.onnx has no initializer {name!r} for a trained tensor's quantization; the "
+                         "folder was edited or damaged. Recompile the model.")
+    return numpy_helper.to_array(inits[name])
+
+
+def _dq_of(model, name: str):
+    dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == name), None)
+    if dq is None:
+        raise ModelError(f"source.onnx has no DequantizeLinear reading {name!r}; the folder was edited or "
+                         "damaged. Recompile the model.")
+    return dq
+
+
 def _fold(w: np.ndarray, pre: dict, matrices: dict) -> np.ndarray:
     p = matrices[pre["matrix"]].astype(np.float64)
     return p @ w if pre["layout"] == "kn" else (p @ w.T).T
@@ -43,9 +59,9 @@ def _fold(w: np.ndarray, pre: dict, matrices: dict) -> np.ndarray:
 
 def _weight(model, inits, s, value, pre, matrices) -> tuple[np.ndarray, np.ndarray, dict]:
     """(W_d, s_d / s per channel, report) of one trained weight on a changed grid."""
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == s["name"])
-    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    if len(dq.input) > 2 and dq.input[2] and np.any(numpy_helper.to_array(inits[dq.input[2]]) != 0):
+    dq = _dq_of(model, s["name"])
+    scale = _array(inits, dq.input[1]).astype(np.float32)
+    if len(dq.input) > 2 and dq.input[2] and np.any(_array(inits, dq.input[2]) != 0):
         q = narrow(value, s["source_dtype"], int(s["factor"]))   # asymmetric: widened only, zp_t = F·zp
         err = value.astype(np.int64) - q.astype(np.int64) * int(s["factor"])
         return q, np.ones(scale.size), {"narrowed": f"{s['dtype']}->{s['source_dtype']}",
@@ -89,8 +105,8 @@ def _bias_input(model, site: str) -> str | None:
 def _bias(model, inits, name: str, value: np.ndarray, factor: float, ratio: np.ndarray) -> tuple[np.ndarray, float]:
     """(b_d, share of entries rounded): b_d = round_half_away(b_t / F / (s_d / s)), with the scale
     s_b · s_d / s written beside it."""
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == name)
-    s_b = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    dq = _dq_of(model, name)
+    s_b = _array(inits, dq.input[1]).astype(np.float32)
     s_bd = (s_b.astype(np.float64) * ratio.reshape(s_b.shape) if s_b.size > 1 else s_b * ratio).astype(np.float32)
     b = value.astype(np.float64) / factor * (s_b.astype(np.float64) / s_bd.astype(np.float64))
     if not np.array_equal(s_bd, s_b):
@@ -159,7 +175,12 @@ def write_state(model, inits: dict, contract: dict, state: dict, matrices: dict,
         value = state[s["name"]]
         factor = s.get("factor", FACTOR if s["widened"] else 1)
         if s["role"] == "weight" and (s["widened"] or s["name"] in pre):
-            exported, ratios[s["site"]], report[s["name"]] = _weight(model, inits, s, value, pre.get(s["name"]), matrices)
+            try:
+                exported, ratios[s["site"]], report[s["name"]] = _weight(model, inits, s, value, pre.get(s["name"]),
+                                                                         matrices)
+            except (ValueError, IndexError, KeyError) as exc:   # shapes that disagree with the contract
+                raise ModelError(f"{out / SOURCE}: {s['name']!r} cannot be re-quantized ({exc}); the folder was "
+                                 "edited or damaged. Recompile the model.") from None
         elif s["role"] == "bias" and (s["widened"] or s["site"] in ratios) and s["dtype"] == "int32":
             exported, inexact = _bias(model, inits, s["name"], value, factor, ratios.get(s["site"], np.ones(1)))
             report[s["name"]] = {"narrowed": "int32->int32", "inexact_fraction": inexact}

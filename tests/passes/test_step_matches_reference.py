@@ -71,11 +71,11 @@ def test_options_match_reference(options, target_train):
 
 
 @pytest.mark.parametrize("model_file, options", [
-    ("digits_cnn/w8a8.onnx", dict(last=3, m=2, bits=8)),                 # stacked: one wide trained Conv
+    ("digits_cnn/w8a8.onnx", dict(last=3, m=2, bits=8, headroom=1)),     # stacked: one wide trained Conv
     ("digits_cnn/w16a8.onnx", dict(last=4, m=2)),                        # grouped Conv over stacked input
     ("digits_attn/w16a8.onnx", dict(last=8, m=2)),                       # the whole transformer block
     ("digits_attn/w8a8.onnx", dict(train=("k.weight",), m=3)),           # one mid-block MatMul
-    ("digits_cnn/w8a8.onnx", dict(last=3, m=2, bits=8, branches="loop")),  # memory-bounded: a Loop over pairs
+    ("digits_cnn/w8a8.onnx", dict(last=3, m=2, bits=8, headroom=1, branches="loop")),  # a Loop over pairs
     ("digits_attn/w16a8.onnx", dict(last=8, m=2, branches="loop")),
 ])
 def test_deep_suffixes_match_reference(model_file, options, target_train):
