@@ -34,7 +34,8 @@ def export_model(trained, path=None):
             raise SpecError("export_model(folder, path): pass the .onnx path to write.")
         return _export.export_model(folder, path)
     compiled = trained.compiled if isinstance(trained, Trainer) else trained
-    model, report = _export.export_state(compiled.source, compiled.contract, trained.state)
+    model, report = _export.export_state(compiled.source, compiled.contract, trained.state,
+                                         _export.matrices(compiled.train, compiled.contract))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
