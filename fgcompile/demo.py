@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
 
 from fgcompile import folder, models, modelio
 from fgcompile.compiler import compile_model, write_compiled
