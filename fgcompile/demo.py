@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pathlib
 
-
 from fgcompile import folder, models, modelio
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.inspect import format_table, inspect_model
