@@ -16,8 +16,11 @@ uncentred so the bias needs no change: the mean direction is whitened like any o
 
 Precondition: ctx.trainables after widen (their qmin/qmax/factor final); ctx.calibration float32 inputs.
 Postcondition: each trained weight of a Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale
-s'; its node reads a·P; ctx.preconditioned holds one contract entry per such site. Other sites are
-unchanged. Without calibration data the graph is unchanged.
+s'; its node reads a·P; ctx.preconditioned holds one contract entry per such site. Only sites whose
+input comes from the frozen prefix are whitened: an input downstream of another trained weight lies in
+the part the branches rewrite, where a frozen a·P node has no single input to read. Other sites are
+unchanged. Without calibration data, or (precondition "auto") without an eligible site, the graph is
+unchanged.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from fgcompile.errors import CompileError
 from fgcompile.grid import round_half_away
 from .analyze import bias_step
 from .context import Context
-from .graph_ops import Builder
+from .graph_ops import Builder, downstream_nodes, producer
 
 RIDGE = 1e-3
 QMAX = {"int8": 127, "int16": 32767}
@@ -81,15 +84,20 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if ctx.calibration is None:
         return graph
     nodes = {n.name: n for n in graph.nodes}
+    tensors = graph.tensors()
+    trained_path = {id(n) for n in downstream_nodes(graph, [tensors[t.name] for t in ctx.trainables])}
     chosen = [(t, nodes[t.site]) for t in ctx.trainables if t.role == "weight"]
-    chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen]
+    chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen
+              if id(producer(node.inputs[0])) not in trained_path]
     chosen = [c for c in chosen if c[2] is not None]
+    if not chosen and ctx.spec.precondition == "auto":
+        return graph
     if not chosen:
         raise CompileError("--precondition whiten: no trained weight is a Gemm or MatMul with a 2-D weight "
-                           "(scaled per output channel); compile with --precondition none.")
+                           "(scaled per output channel) fed by the frozen part of the model; compile with "
+                           "--precondition none.")
     acts = _activations(graph, ctx, [node.inputs[0].name for _, node, _ in chosen])
     b = Builder(graph, "precondition")
-    tensors = graph.tensors()
     for t, node, layout in chosen:
         a = node.inputs[0]
         p = whitening(acts[a.name]).astype(np.float32)
