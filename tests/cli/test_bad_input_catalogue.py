@@ -114,10 +114,8 @@ DATA_CASES = {
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
-def test_train_data_catalogue(tmp_path, compiled, case):
+def test_train_data_catalogue(tmp_path, compiled, out, case):
     arrays, message = DATA_CASES[case]
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
     np.savez(tmp_path / "bad.npz", **arrays)
     r = CliRunner().invoke(main, ["train", str(out), "--data", str(tmp_path / "bad.npz"), "--quiet"])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
@@ -145,6 +143,14 @@ def invoke(*args):
     assert "Traceback" not in r.output and not isinstance(r.exception, (AssertionError, TypeError, KeyError)), \
         r.output
     return r
+
+
+@pytest.fixture
+def out(tmp_path, compiled):
+    """A private copy of the compiled folder, at tmp_path/out, for a test to run commands on."""
+    copy = tmp_path / "out"
+    shutil.copytree(compiled, copy)
+    return copy
 
 
 def refused(r, message):
@@ -230,9 +236,7 @@ def test_demo_with_zero_epochs_writes_nothing(tmp_path):
 
 
 @pytest.fixture
-def trained(tmp_path, compiled):
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
+def trained(out):
     r = invoke("train", out, "--data", TRAIN, "--epochs", 1, "--quiet", "--checkpoint-every", 7)
     assert r.exit_code == 0, r.output
     return out
@@ -279,11 +283,9 @@ def test_a_second_train_on_one_folder_exits_naming_the_first(trained):
     assert invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2).exit_code == 0
 
 
-def test_a_resumed_run_logs_each_epoch_once(tmp_path, compiled):
+def test_a_resumed_run_logs_each_epoch_once(out):
     import json
     from fgcompile.runtime.trainer import Trainer
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
     # epoch 1 ends at step 15 and is logged; the last checkpoint is step 14, so a resume replays step 15
     Trainer(out).fit(str(TRAIN), epochs=2, checkpoint_every=7, progress=False, stop_after=17)
     with open(out / "train_log.jsonl", "a") as f:
@@ -360,18 +362,14 @@ CONTRACT_EDITS = {
 
 
 @pytest.mark.parametrize("case", list(CONTRACT_EDITS))
-def test_edited_contract(tmp_path, compiled, case):
+def test_edited_contract(tmp_path, out, case):
     edit, message = CONTRACT_EDITS[case]
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
     set_contract(out, edit)
     all_commands_refuse(out, message, tmp_path)
 
 
-def test_bias_widening_flipped_is_caught_by_the_source_check(tmp_path, compiled):
+def test_bias_widening_flipped_is_caught_by_the_source_check(tmp_path, out):
     import json
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
     set_contract(out, lambda c: json.dumps({**c, "state": [c["state"][0], {**c["state"][1], "widened": False}]}))
     refused(invoke("export", out, "-o", tmp_path / "a.onnx"), "does not match the contract")
     assert not (tmp_path / "a.onnx").exists()
@@ -394,9 +392,7 @@ def test_checkpoint_of_the_same_model_compiled_again(tmp_path, trained):
     all_commands_refuse(trained, "belongs to another compile (it records a different train.onnx)", tmp_path)
 
 
-def test_state_of_another_model(tmp_path, compiled):
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
+def test_state_of_another_model(tmp_path, out):
     assert invoke("compile", ATTN, "-o", tmp_path / "attn").exit_code == 0
     shutil.copy(tmp_path / "attn" / "state.npz", out / "state.npz")
     all_commands_refuse(out, "does not hold this compiled graph's state", tmp_path)
@@ -613,10 +609,8 @@ DATA_TRACEBACKS = {
 
 
 @pytest.mark.parametrize("case", list(DATA_TRACEBACKS))
-def test_data_tracebacks(tmp_path, compiled, case):
+def test_data_tracebacks(tmp_path, compiled, out, case):
     make, message = DATA_TRACEBACKS[case]
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
     path = make(tmp_path)
     refused(invoke("train", out, "--data", path, "--quiet"), message)
     refused(invoke("eval", CNN, "--data", path), message)
@@ -671,10 +665,8 @@ FLAG_TRACEBACKS = {
 
 
 @pytest.mark.parametrize("case", list(FLAG_TRACEBACKS))
-def test_former_tracebacks(tmp_path, compiled, case):
+def test_former_tracebacks(tmp_path, out, case):
     args, message = FLAG_TRACEBACKS[case]
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
     args = [a(tmp_path) if callable(a) else str(a).format(out=out, new=tmp_path / "new") for a in args]
     before = snapshot(tmp_path)
     refused(invoke(*args), message)
@@ -692,11 +684,9 @@ def test_a_compiled_folder_from_before_markers_is_still_replaceable(tmp_path, co
     refused(invoke("compile", CNN, "-o", out), "was not written by fgcompile")
 
 
-def test_the_lock_holder_is_another_process(tmp_path, compiled):
+def test_the_lock_holder_is_another_process(out):
     import subprocess
     import sys
-    out = tmp_path / "out"
-    shutil.copytree(compiled, out)
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 from fgcompile import folder
