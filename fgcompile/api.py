@@ -3,7 +3,8 @@ fgcompile.export_model, fgcompile.evaluate. Each works on a compiled folder or i
 
     compiled = fgcompile.compile_model(model_proto, fgcompile.TrainSpec(m=8))   # a ModelProto or a path
     trainer = fgcompile.Trainer(compiled)                   # or Trainer("OUT/") for a compiled folder
-    trainer.fit((x, y), epochs=5)
+    trainer.fit((x, y), epochs=5)                           # lr=…: another rate without recompiling
+    record = fgcompile.tune("OUT/", "train.npz")            # choose lr on a held-out split (OUT/tune.json)
     adapted, report = fgcompile.export_model(trainer)       # a ModelProto; or export_model("OUT/", "a.onnx")
 """
 from __future__ import annotations
@@ -15,13 +16,23 @@ import onnx
 from fgcompile import modelio
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.errors import ModelError, SpecError
-from fgcompile.runtime import export as _export
+from fgcompile.runtime import export as _export, tune as _tune
 from fgcompile.runtime.evaluate import evaluate
 from fgcompile.runtime.session import SessionSettings
 from fgcompile.runtime.trainer import Trainer
 from fgcompile.spec import TrainSpec
 
-__all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evaluate", "TrainSpec", "SessionSettings"]
+__all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evaluate", "tune", "TrainSpec",
+           "SessionSettings"]
+
+
+def tune(trained, data, epochs: int = 10, batch: int = 32, seeds: int = 1, holdout: float = 0.2,
+         seed: int | None = None, session: SessionSettings | None = None, echo=None) -> dict:
+    """Choose the learning rate on a held-out split of `data` (runtime/tune.py has the protocol) and
+    return the record. `trained`: a compiled folder (the record also goes to OUT/tune.json, which `train`
+    then uses), compile_model's result, or a Trainer of either (its state is left as it is)."""
+    trainer = trained if isinstance(trained, Trainer) else Trainer(trained, session=session)
+    return _tune.tune(trainer, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed, echo=echo)
 
 
 def export_model(trained, path=None):

@@ -188,18 +188,21 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
 @click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many NaN/Inf-loss steps.")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate in LSBs per unit of ĝ, fed as the graph's lr input (no recompile) "
+                   "[OUT/tune.json's choice, else the compiled rate].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @session_options
 @json_option
 @config.option("train")
 def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, checkpoint_every, schedule,
-          max_bad_steps, quiet, as_json, **kw):
+          lr, max_bad_steps, quiet, as_json, **kw):
     """Train the compiled folder OUT on DATA; metrics go to OUT/train_log.jsonl."""
     from fgcompile.runtime.trainer import Trainer
     trainer = Trainer(out, session=make_session_settings(kw))
     history = trainer.fit(data, val, epochs=epochs, batch=batch, resume=resume, checkpoint_every=checkpoint_every,
                           schedule=schedule, max_bad_steps=max_bad_steps, progress=not (quiet or as_json),
-                          restart=restart, allow_changed_run=allow_changed_run)
+                          restart=restart, allow_changed_run=allow_changed_run, lr=lr)
     for note in trainer.notes:
         click.echo(f"note: {note}", err=True)
     result = {"out": out, "checkpoint": f"{out}/checkpoint.npz", "step": trainer.meta["step"],
@@ -210,6 +213,33 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
     for h in history:
         click.echo(json.dumps(h))
     click.echo(f"state: {out}/checkpoint.npz (step {trainer.meta['step']}, bad steps {trainer.meta['bad_steps']})")
+
+
+@main.command("tune")
+@click.argument("out", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Training .npz; a seeded split of it validates.")
+@click.option("--epochs", default=10, show_default=True,
+              help="Epochs per trial: the epochs you will train (a shorter budget favours a larger rate).")
+@click.option("--batch", default=32, show_default=True)
+@click.option("--seeds", default=1, show_default=True, help="Runs per rate (seeds S, S+1, …); scores are their mean.")
+@click.option("--holdout", default=0.2, show_default=True, help="Share of --data held out to validate.")
+@click.option("--seed", type=int, default=None, help="Seed S of the split and the first run [the compiled seed].")
+@session_options
+@json_option
+@config.option("tune")
+def tune_cmd(out, data, epochs, batch, seeds, holdout, seed, as_json, **kw):
+    """Choose the learning rate of OUT on a held-out split of DATA; `train` then uses it (OUT/tune.json)."""
+    from fgcompile.api import tune
+    record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed,
+                  session=make_session_settings(kw), echo=None if as_json else lambda s: click.echo(s, err=True))
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    sp = record["split"]
+    click.echo(f"lr {record['choice']['lr']:g} chosen of {', '.join(format(lr, 'g') for lr in record['grid'])} "
+               f"on {sp['validation']} held-out examples (seed {sp['seed']}; {sp['fit']} fit, "
+               f"{record['budget']['epochs']} epochs per run)")
+    click.echo(f"recorded: {out}/tune.json; `fgcompile train {out}` uses it unless --lr is given")
 
 
 @main.command("eval")

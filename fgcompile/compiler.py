@@ -5,6 +5,7 @@ OUT/eval.onnx    the inference graph with the trained tensors as inputs (for eva
 OUT/state.npz    the initial state: one array per trained tensor, named as the graph inputs
 OUT/source.onnx  the inference model in canonical QDQ form (passes/canonicalize.py; the input model
                  itself when it already is): export writes the trained weights into a copy
+OUT/tune.json    the learning rate `fgcompile tune` chose (runtime/tune.py), when it ran
 OUT/.fgcompile-folder, .fgcompile.lock   the marker that fgcompile wrote OUT, and the lock of a run
 Everything is built in memory first and the folder is swapped in whole, so a failed compile leaves
 nothing behind and never a mix of two compilations; fgcompile/folder.py says which folders it replaces.

@@ -58,7 +58,7 @@ def recover(out) -> None:
         modelio.remove_stale_temps(out)
 
 
-LAYOUT = {"train.onnx", "eval.onnx", "state.npz", "source.onnx", CHECKPOINT, LOG, MARKER, LOCK}
+LAYOUT = {"train.onnx", "eval.onnx", "state.npz", "source.onnx", "tune.json", CHECKPOINT, LOG, MARKER, LOCK}
 
 
 def is_owned(folder, kind: str = "compiled") -> bool:

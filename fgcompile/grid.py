@@ -54,6 +54,14 @@ def training_grid(source_dtype: str, bits: int, headroom: int) -> TrainingGrid |
     return TrainingGrid("int16", 1, lo * headroom, hi * headroom)
 
 
+def resolution_bits(state: list[dict]) -> int:
+    """Bits of the training grid per source range, from the contract's state entries: source bits +
+    log2(F) of the trained weights (16 when no weight trains). The pipeline resolves ε and lr by it."""
+    bits = [np.dtype(s["source_dtype"]).itemsize * 8 + int(np.log2(s["factor"])) for s in state
+            if s["role"] == "weight"]
+    return max(bits) if bits else 16
+
+
 def round_half_away(q: np.ndarray) -> np.ndarray:
     return np.sign(q) * np.floor(np.abs(q) + 0.5)
 

@@ -24,6 +24,17 @@ HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # headroom H has 16 − log2(H) bits of resolution per int8 step; its defaults are the same fractions.
 # With headroom 4 (14 bits) the measured best rate was lower than that: 8-32 chosen on validation at m = 32.
 GRID_DEFAULTS = {16: (64, 128.0), 14: (16, 16.0), 8: (1, 1.0)}
+# The rates `fgcompile tune` and the benchmark search, by the same resolution: around the default, wider
+# on the upper side at 14 bits (the benchmark chose 4-32 there, the grid's smallest at 300 epochs).
+LR_GRIDS = {16: (32.0, 64.0, 128.0, 256.0, 512.0), 14: (4.0, 8.0, 16.0, 32.0, 64.0, 128.0), 8: (0.25, 0.5, 1.0, 2.0)}
+
+
+def lr_grid(grid_bits: int) -> tuple[float, ...]:
+    """The learning rates worth trying on a training grid of `grid_bits` bits (others: the default ×¼…×4)."""
+    if grid_bits in LR_GRIDS:
+        return LR_GRIDS[grid_bits]
+    lr = TrainSpec().resolve(grid_bits).lr
+    return tuple(lr * 2.0 ** k for k in range(-2, 3))
 
 
 @dataclasses.dataclass(frozen=True)

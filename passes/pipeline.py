@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from fgcompile import __version__
+from fgcompile import __version__, grid
 from fgcompile.errors import CompileError, ModelError
 from fgcompile.spec import TrainSpec
 from . import analyze, canonicalize, estimate, finalize, floatgrid, lift, prompts, loss, pair, precondition, prng, select, update, widen
@@ -93,9 +93,7 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _resolution_bits(ctx: Context) -> int:
     """Bits of the training grid per source range: source bits + log2(widening factor) (16 without weights)."""
-    bits = [np.dtype(t.source_dtype).itemsize * 8 + int(np.log2(t.factor)) for t in ctx.trainables
-            if t.role == "weight"]
-    return max(bits) if bits else 16
+    return grid.resolution_bits([t.contract() for t in ctx.trainables])
 
 
 def _calibration(spec: TrainSpec, calibration) -> np.ndarray | None:

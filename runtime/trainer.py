@@ -22,7 +22,7 @@ from fgcompile import folder, modelio, validate
 from fgcompile.compiler import CHECKPOINT, EVAL, STATE, TRAIN, read_contract
 from fgcompile.errors import DataError, FgcompileError, ModelError, OutputError, SpecError
 from fgcompile.spec import TrainSpec
-from . import checkpoint
+from . import checkpoint, tune
 from .data import data_digest, feeds, load_data, load_inputs
 from .metrics import score
 from .session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
@@ -30,7 +30,7 @@ from .session import SessionSettings, class_count, input_dtype, input_shape, mak
 LOG = folder.LOG
 LOGGER = logging.getLogger("fgcompile.train")
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
-RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs")
+RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs", "lr_numerator")
 
 
 class Trainer:
@@ -53,6 +53,7 @@ class Trainer:
         self.eval_sess = session_of(modelio.load_model(self.out / EVAL), self.out / EVAL, session=session)
         self._init_io()
         self.state, self.meta = self._initial()
+        self.initial_state = dict(self.state)
 
     def _init_in_memory(self, compiled, session: SessionSettings) -> None:
         self.out, self.train_sha256 = None, None
@@ -62,6 +63,7 @@ class Trainer:
         self.eval_sess = session_of(compiled.eval, "the in-memory eval graph", session=session)
         self._init_io()
         self.state, self.meta = dict(compiled.state), {"step": 0, "bad_steps": 0}
+        self.initial_state = dict(self.state)
 
     def _init_io(self) -> None:
         self.io = self.contract["inputs"]
@@ -90,7 +92,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- train
     def lr_at(self, step: int, total: int, schedule: str) -> int:
-        lr0 = self.contract["lr"]["default"]
+        lr0 = self.lr_numerator
         if schedule == "cosine":
             return max(1, int(round(lr0 * 0.5 * (1 + math.cos(math.pi * step / max(total, 1))))))
         return lr0
@@ -98,10 +100,11 @@ class Trainer:
     def fit(self, data, val=None, epochs: int = 10, batch: int = 32, resume: bool = False,
             checkpoint_every: int = 50, schedule: str = "constant", max_bad_steps: int | None = None,
             progress: bool = True, stop_after: int | None = None, restart: bool = False,
-            allow_changed_run: bool = False) -> list[dict]:
+            allow_changed_run: bool = False, lr: float | None = None) -> list[dict]:
         """Train; returns the per-epoch history (also appended to OUT/train_log.jsonl as JSON lines).
         A folder that holds a checkpoint trains only with resume (continue it) or restart (discard it).
-        stop_after: end after this many steps of the run (tests use it to stop mid-way)."""
+        stop_after: end after this many steps of the run (tests use it to stop mid-way).
+        lr: the rate in LSBs per unit of ĝ; None takes OUT/tune.json's choice, else the compiled rate."""
         if schedule not in ("constant", "cosine"):
             raise SpecError(f"--schedule {schedule!r}: choose constant or cosine.")
         for flag, value in (("--epochs", epochs), ("--batch", batch), ("--checkpoint-every", checkpoint_every)):
@@ -112,9 +115,11 @@ class Trainer:
         if self.out is None:                   # in memory: no folder, no checkpoint, nothing to resume
             if resume or restart:
                 raise SpecError("resume/restart need a compiled folder; an in-memory Trainer keeps its state.")
+            self.lr_numerator, self.lr_note = self._rate(lr)
             return self._fit(data, val, epochs, batch, False, checkpoint_every, schedule, max_bad_steps,
                              progress, stop_after, False, allow_changed_run)
         with folder.locked(self.out, "train"):
+            self.lr_numerator, self.lr_note = self._rate(lr)
             return self._fit(data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps,
                              progress, stop_after, restart, allow_changed_run)
 
@@ -137,14 +142,14 @@ class Trainer:
         per_epoch = len(y) // batch
         total = epochs * per_epoch
         run = {"batch": batch, "epochs": epochs, "schedule": schedule, "examples": len(y),
-               "data_sha256": data_digest(x, y)}
+               "data_sha256": data_digest(x, y), "lr_numerator": self.lr_numerator}
         has_checkpoint = self.out is not None and (self.out / CHECKPOINT).exists()
         if has_checkpoint and not (resume or restart):
             _, meta = checkpoint.load(self.out / CHECKPOINT)
             raise OutputError(f"{self.out}: already holds a trained checkpoint (step {meta['step']}); training "
                               "from the start would discard it. Pass --resume to continue it, or --restart to "
                               "start over (the checkpoint and train_log.jsonl are replaced).")
-        self.notes = []
+        self.notes = [self.lr_note] if self.lr_note else []
         if resume and has_checkpoint:
             self.state, self.meta = checkpoint.load(self.out / CHECKPOINT, self.contract, self.train_sha256)
             self.meta.setdefault("bad_steps", 0)
@@ -211,15 +216,34 @@ class Trainer:
         cosine schedule, epochs). Say what changed; refuse unless allowed."""
         if not before:
             return
-        changed = {k: (before.get(k), now[k]) for k in RESUME_KEYS if before.get(k) != now[k]}
+        changed = {k: (before.get(k), now[k]) for k in RESUME_KEYS if k in before and before[k] != now[k]}
         shown = ", ".join(f"{k} {'changed' if k == 'data_sha256' else f'{a} -> {b}'}" for k, (a, b) in changed.items())
         breaking = [k for k in changed if k != "epochs" or now["schedule"] == "cosine"]
         if breaking and not allow:
             raise SpecError(f"--resume: the run differs from the checkpoint's ({shown}), so the resumed steps "
                             "would not match an uninterrupted run. Pass the original --data/--batch/--epochs/"
-                            "--schedule, --restart to start over, or --allow-changed-run to continue anyway.")
+                            "--schedule/--lr, --restart to start over, or --allow-changed-run to continue anyway.")
         if changed:
             self.notes.append(f"resuming with a changed run: {shown}")
+
+    def _rate(self, lr: float | None) -> tuple[int, str | None]:
+        """(lr numerator, a note) of a run: an explicit lr, else OUT/tune.json's choice (the note says
+        so), else the compiled one."""
+        c = self.contract["lr"]
+        if lr is not None:
+            numerator = round(lr * (1 << c["shift"])) if math.isfinite(lr) and lr > 0 else 0
+            if not 1 <= numerator <= c["max"]:
+                raise SpecError(f"--lr {lr}: the graph takes rates from 2**-{c['shift']} to {c['max'] / (1 << c['shift']):g} "
+                                "LSBs per unit of ĝ (its int32 lr input over 2**shift). Pass a rate in that range.")
+            return numerator, None
+        choice = tune.read_choice(self.out, self.train_sha256) if self.out is not None else None
+        if choice is None:
+            return c["default"], None
+        if not 1 <= choice["lr_numerator"] <= c["max"]:
+            raise DataError(f"{self.out / tune.TUNE}: its rate {choice['lr_numerator']} is outside the graph's "
+                            f"[1, {c['max']}]. Run `fgcompile tune` again, or delete the file.")
+        return choice["lr_numerator"], (f"lr {choice['lr']:g} from {self.out / tune.TUNE} (chosen by fgcompile "
+                                        f"tune; compiled: {c['default'] / (1 << c['shift']):g}; --lr overrides)")
 
     def _save(self, step: int) -> None:
         if self.out is None:

@@ -1,0 +1,155 @@
+"""tune: choose the learning rate of a compiled folder on a held-out split of its training data.
+
+The rate is the training graph's int32 `lr` input, so trials need no recompile (ε is compiled into the
+graph and is not tuned). The protocol, recorded in OUT/tune.json:
+
+    split    perm = numpy.random.default_rng(seed).permutation(n); the first round(holdout·n) examples of
+             perm validate, the others fit (seed: the compiled spec's seed unless given)
+    grid     spec.lr_grid(resolution of the training grid), kept where 1 <= round(lr·2^shift) <= lr_max
+    trial    per rate and per seed s in seed, seed+1, …: train from the initial state on the fit split for
+             `epochs` epochs (the Trainer's batch order and perturbations for s), score the validation split
+    choice   the highest mean validation accuracy; ties go to the lower mean validation loss, then the
+             lower rate
+Only the file given as data is read: never test data. `train` without --lr uses the choice
+(Trainer._rate); tune.json names the train.onnx it belongs to, so a record of another compile is refused.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import time
+
+import numpy as np
+
+from fgcompile import __version__, folder, grid, modelio
+from fgcompile.errors import DataError, OutputError, SpecError
+from fgcompile.spec import lr_grid
+from .data import data_digest
+
+TUNE = "tune.json"
+FORMAT = "fgcompile-tune/1"
+MAX_RECORD_BYTES = 1 << 20
+MIN_VALIDATION = 10   # examples: below this one example moves the score by more than 10 points
+SPLIT = "numpy.random.default_rng(seed).permutation(n); the first round(holdout*n) validate, the rest fit"
+
+
+def split(n: int, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) indices of n examples: the documented seeded split."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(holdout * n))
+    return perm[k:], perm[:k]
+
+
+def rates(contract: dict) -> list[tuple[float, int]]:
+    """(lr, numerator) of the grid for this graph's training grid, within the graph's fixed point range."""
+    shift, top = contract["lr"]["shift"], contract["lr"]["max"]
+    grid_rates = [(lr, int(round(lr * (1 << shift)))) for lr in lr_grid(grid.resolution_bits(contract["state"]))]
+    return [(lr, n) for lr, n in grid_rates if 1 <= n <= top]
+
+
+def tune(trainer, data, epochs: int = 10, batch: int = 32, seeds: int = 1, holdout: float = 0.2,
+         seed: int | None = None, echo=None) -> dict:
+    """Try every rate of the grid on a held-out split of `data` (a path, or (x, y)) and return the record;
+    a Trainer of a compiled folder also writes it to OUT/tune.json (under the folder's lock). The
+    trainer's own state is not changed. echo: called with one progress line per trial."""
+    _check_budget(epochs, batch, seeds, holdout)
+    seed = trainer.spec.seed if seed is None else seed
+    if not 0 <= seed < 2 ** 32 - seeds:
+        raise SpecError(f"--seed {seed}: must be in [0, 2**32 - {seeds}) (one seed per trial).")
+    x, y = trainer.load_data(data) if not isinstance(data, tuple) else data
+    fit, val = split(len(y), seed, holdout)
+    fixed = trainer.data_shape[0] if isinstance(trainer.data_shape[0], int) else None
+    if len(val) < MIN_VALIDATION or len(fit) < max(1, fixed or 1):
+        raise DataError(f"{data if not isinstance(data, tuple) else 'the data'}: holds {len(y)} examples; "
+                        f"--holdout {holdout:g} leaves {len(fit)} to fit and {len(val)} to validate, and tune "
+                        f"needs at least {MIN_VALIDATION} to validate and {max(1, fixed or 1)} to fit. Pass "
+                        "more training examples, or another --holdout.")
+    grid_rates = rates(trainer.contract)
+    if not grid_rates:
+        raise SpecError(f"no learning rate of the grid fits this graph's fixed point (lr_max "
+                        f"{trainer.contract['lr']['max']}, shift {trainer.contract['lr']['shift']}); pass --lr to "
+                        "train instead.")
+    if trainer.out is None:
+        return _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, echo)
+    path = trainer.out / TUNE
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputError(f"{path}: is not a regular file; tune writes its record there. Move it away.")
+    with folder.locked(trainer.out, "tune"):
+        record = _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, echo)
+        record["train_sha256"] = trainer.train_sha256
+        if not isinstance(data, tuple):
+            record["data"]["file"] = str(pathlib.Path(data).resolve())
+        modelio.save_json(path, record)
+    return record
+
+
+def _check_budget(epochs: int, batch: int, seeds: int, holdout: float) -> None:
+    for flag, value in (("--epochs", epochs), ("--batch", batch), ("--seeds", seeds)):
+        if value < 1:
+            raise SpecError(f"{flag} {value}: must be at least 1.")
+    if seeds > 16:
+        raise SpecError(f"--seeds {seeds}: at most 16 seeds per rate (each one is a training run).")
+    if not (math.isfinite(holdout) and 0 < holdout < 1):
+        raise SpecError(f"--holdout {holdout}: the share of the data held out must be in (0, 1), e.g. 0.2.")
+
+
+def _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, echo) -> dict:
+    t0 = time.perf_counter()
+    scores = []
+    for i, (lr, numerator) in enumerate(grid_rates):
+        runs = []
+        for s in range(seed, seed + seeds):
+            trial = fresh(trainer, s)
+            trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, progress=False)
+            v = trial.evaluate(x[val], y[val])
+            runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]})
+        score = {"lr": lr, "lr_numerator": numerator,
+                 "val_accuracy": statistics.mean(r["val_accuracy"] for r in runs),
+                 "val_loss": statistics.mean(r["val_loss"] for r in runs), "runs": runs}
+        scores.append(score)
+        if echo is not None:
+            echo(f"tune {i + 1}/{len(grid_rates)}: lr {lr:g}: validation accuracy {score['val_accuracy']:.2%}, "
+                 f"loss {score['val_loss']:.4f} ({time.perf_counter() - t0:.1f} s)")
+    best = max(scores, key=lambda r: (r["val_accuracy"], -r["val_loss"], -r["lr"]))
+    return {"format": FORMAT, "fgcompile": __version__,
+            "data": {"sha256": data_digest(x, y), "examples": len(y)},
+            "split": {"method": SPLIT, "seed": seed, "holdout": holdout, "fit": len(fit), "validation": len(val)},
+            "budget": {"epochs": epochs, "batch": batch, "seeds": list(range(seed, seed + seeds))},
+            "grid": [lr for lr, _ in grid_rates], "scores": scores,
+            "choice": {"lr": best["lr"], "lr_numerator": best["lr_numerator"]},
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def fresh(trainer, seed: int):
+    """A trainer on the same sessions, at the initial state, with another seed, that writes nothing."""
+    trial = copy.copy(trainer)
+    trial.out, trial.spec = None, dataclasses.replace(trainer.spec, seed=seed)
+    trial.state, trial.meta = dict(trainer.initial_state), {"step": 0, "bad_steps": 0}
+    return trial
+
+
+def read_choice(out: pathlib.Path, train_sha256: str | None) -> dict | None:
+    """OUT/tune.json's choice {lr, lr_numerator}, or None when there is none; a damaged record, or one of
+    another compile, is refused (the run would otherwise train at a rate nobody chose)."""
+    path = pathlib.Path(out) / TUNE
+    if not os.path.lexists(path):
+        return None
+    fix = f"Run `fgcompile tune {out} --data TRAIN.npz` again, or delete {path}."
+    if modelio.regular_file(path, "tune record", DataError) > MAX_RECORD_BYTES:
+        raise DataError(f"{path}: larger than a tune record can be ({MAX_RECORD_BYTES} bytes). {fix}")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a record fgcompile tune wrote ({exc}). {fix}") from None
+    choice = record.get("choice") if isinstance(record, dict) else None
+    if not isinstance(choice, dict) or record.get("format") != FORMAT \
+            or not isinstance(choice.get("lr_numerator"), int) or not isinstance(choice.get("lr"), (int, float)):
+        raise DataError(f"{path}: not a record fgcompile tune wrote (format {FORMAT} with a choice). {fix}")
+    if train_sha256 is not None and record.get("train_sha256") != train_sha256:
+        raise DataError(f"{path}: was tuned for another compile of this folder (its train.onnx differs). {fix}")
+    return choice

@@ -1,0 +1,129 @@
+"""fgcompile tune: the rate it chooses is the one a manual sweep over the same split and seeds chooses;
+its record (OUT/tune.json) is what `train` then uses, an explicit --lr wins; bad input changes nothing."""
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import fgcompile
+from conftest import MODELS
+from fgcompile.cli import main
+from fgcompile.spec import LR_GRIDS
+
+CNN = MODELS / "digits_cnn" / "w8a8.onnx"
+TRAIN = MODELS / "data" / "digits_target_train.npz"
+EPOCHS = 2
+ONE_THREAD = fgcompile.SessionSettings(threads=1)
+
+
+@pytest.fixture(scope="module")
+def compiled(target_train):
+    # lr 0.5 is not in the grid, so the tuned rate always differs from the compiled one
+    return fgcompile.compile_model(CNN, fgcompile.TrainSpec(m=8, lr=0.5, seed=3), calibration=target_train[0])
+
+
+@pytest.fixture
+def out(tmp_path, compiled):
+    return fgcompile.write_compiled(compiled, tmp_path / "out")
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in r.output, r.output
+    return r
+
+
+def manual_sweep(compiled, x, y, seed: int, holdout: float = 0.2):
+    """The documented protocol through the public API: split with default_rng(seed), train each rate from
+    the initial state, score the held-out examples, keep the best accuracy (then the lower loss)."""
+    perm = np.random.default_rng(seed).permutation(len(y))
+    k = round(holdout * len(y))
+    fit, val = perm[k:], perm[:k]
+    scores = {}
+    for lr in LR_GRIDS[14]:                   # int8 at --bits 16 with headroom 4: a 14-bit grid
+        trainer = fgcompile.Trainer(compiled, session=ONE_THREAD)
+        trainer.fit((x[fit], y[fit]), epochs=EPOCHS, lr=lr, progress=False)
+        scores[lr] = trainer.evaluate(x[val], y[val])
+    return max(scores, key=lambda lr: (scores[lr]["accuracy"], -scores[lr]["loss"], -lr)), scores
+
+
+def test_tune_chooses_what_a_manual_sweep_chooses(out, compiled, target_train):
+    record = fgcompile.tune(out, str(TRAIN), epochs=EPOCHS, session=ONE_THREAD)
+    choice, scores = manual_sweep(compiled, *target_train, seed=3)
+    assert record["grid"] == list(LR_GRIDS[14])
+    assert [(s["lr"], s["val_accuracy"], s["val_loss"]) for s in record["scores"]] == \
+        [(lr, v["accuracy"], v["loss"]) for lr, v in scores.items()]
+    assert record["choice"] == {"lr": choice, "lr_numerator": round(choice * 256)}
+    assert len({v["accuracy"] for v in scores.values()}) > 1      # the rates did differ
+    assert record["split"] == {**record["split"], "seed": 3, "fit": 400, "validation": 100}
+    assert json.loads((out / "tune.json").read_text()) == record
+
+
+def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target_train):
+    r = run("tune", out, "--data", TRAIN, "--epochs", 1, "--seed", 5, "--threads", 1)
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "tune.json").read_text())
+    assert record["split"]["seed"] == 5 and record["budget"] == {"epochs": 1, "batch": 32, "seeds": [5]}
+    tuned = record["choice"]["lr"]
+    assert f"lr {tuned:g} chosen of 4, 8, 16, 32, 64, 128" in r.output
+
+    r = run("train", out, "--data", TRAIN, "--epochs", 1, "--json", "--threads", 1)
+    assert r.exit_code == 0, r.output
+    assert f"note: lr {tuned:g} from {out / 'tune.json'}" in r.output
+    trained = np.load(out / "checkpoint.npz")
+    same = fgcompile.Trainer(compiled, session=ONE_THREAD)      # the same run at the tuned rate, in memory
+    same.fit(target_train, epochs=1, lr=tuned, progress=False)
+    assert all(np.array_equal(trained[k], v) for k, v in same.state.items())
+    assert json.loads(str(trained["__meta__"]))["run"]["lr_numerator"] == round(tuned * 256)
+
+    r = run("train", out, "--data", TRAIN, "--epochs", 1, "--restart", "--lr", 2, "--quiet", "--threads", 1)
+    assert r.exit_code == 0 and "tune.json" not in r.output
+    assert json.loads(str(np.load(out / "checkpoint.npz")["__meta__"]))["run"]["lr_numerator"] == 512
+    r = run("train", out, "--data", TRAIN, "--epochs", 2, "--resume", "--quiet")   # tune.json's rate again
+    assert r.exit_code == 2 and "lr_numerator 512 -> " in r.output
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def small(tmp_path):
+    d = np.load(TRAIN)
+    np.savez(tmp_path / "small.npz", x=d["x"][:40], y=d["y"][:40])
+    return tmp_path / "small.npz"
+
+
+BAD = {
+    "missing data": (lambda tmp: ["--data", tmp / "nope.npz"], "nope.npz: no such file"),
+    "too small to split": (lambda tmp: ["--data", small(tmp)], "holds 40 examples; --holdout 0.2 leaves 32 to fit and 8"),
+    "zero epochs": (lambda tmp: ["--data", TRAIN, "--epochs", 0], "--epochs 0: must be at least 1"),
+    "zero seeds": (lambda tmp: ["--data", TRAIN, "--seeds", 0], "--seeds 0: must be at least 1"),
+    "holdout 1": (lambda tmp: ["--data", TRAIN, "--holdout", 1], "--holdout 1.0: the share of the data held out"),
+    "wrong shape": (lambda tmp: ["--data", MODELS / "data" / "kws_target_train.npz"], "the model input is"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_refused_and_leaves_the_folder_unchanged(tmp_path, out, case):
+    args, message = BAD[case]
+    args = args(tmp_path)
+    (out / "tune.json").write_text('{"an": "earlier record"}')
+    before = snapshot(out)
+    r = run("tune", out, *args)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert snapshot(out) == before
+
+
+def test_train_refuses_a_damaged_or_foreign_record(out):
+    (out / "tune.json").write_text("{not json")
+    r = run("train", out, "--data", TRAIN, "--epochs", 1, "--quiet")
+    assert r.exit_code == 2 and "tune.json: not a record fgcompile tune wrote" in r.output
+    record = {"format": "fgcompile-tune/1", "choice": {"lr": 8.0, "lr_numerator": 2048}, "train_sha256": "0" * 64}
+    (out / "tune.json").write_text(json.dumps(record))
+    r = run("train", out, "--data", TRAIN, "--epochs", 1, "--quiet")
+    assert r.exit_code == 2 and "was tuned for another compile" in r.output
+    assert not (out / "checkpoint.npz").exists()
