@@ -26,8 +26,9 @@ import dataclasses
 
 import numpy as np
 
+WIDENING = 256   # 8 -> 16 bits: the finest training grid of an 8-bit weight (F without headroom)
 RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-LEGACY_WIDE_RANGE = (-32768, 127 * 256 + 127)   # H = 1: every value still narrows to int8 without clipping
+LEGACY_WIDE_RANGE = (-32768, 127 * WIDENING + 127)   # H = 1: every value still narrows to int8 without clipping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +42,9 @@ class TrainingGrid:
 def training_grid(source_dtype: str, bits: int, headroom: int) -> TrainingGrid | None:
     """The grid a symmetric `source_dtype` weight trains on, or None when it trains as it is."""
     if source_dtype == "uint8" and bits == 16:   # asymmetric weights: finer only (zp_t = 256·zp)
-        return TrainingGrid("uint16", 256, 0, 255 * 256 + 127)
+        return TrainingGrid("uint16", WIDENING, 0, 255 * WIDENING + 127)
     if source_dtype == "int8" and bits == 16:
-        f = 256 // headroom
+        f = WIDENING // headroom
         lo, hi = LEGACY_WIDE_RANGE if headroom == 1 else (-128 * f * headroom, 127 * f * headroom)
         return TrainingGrid("int16", f, lo, hi)
     if headroom == 1 or source_dtype not in RANGE:

@@ -5,8 +5,8 @@ The model is canonicalized first (passes/canonicalize.py), so QOperator, dynamic
 exports list the sites they compile to. Parameter kinds: Conv/Gemm/MatMul weights, their biases (int32
 through DequantizeLinear, an 8-bit or float Add after MatMul), and LayerNormalization/BatchNormalization
 scale and bias (quantized or float). Grids: 8-bit weights and Add biases widen to 16 bits with
---bits 16 (W·256, s/256); int32 biases move in steps of 2^k ≈ 1/s_in LSBs; float parameters train on
-passes/floatgrid.py's int32 grid (s = 2^(⌈log2 max|P|⌉−27), steps of 2^12).
+--bits 16 (W·256, s/256); int32 biases move in strides of 2^k ≈ 1/s_in LSBs; float parameters train on
+passes/floatgrid.py's int32 grid (s = 2^(⌈log2 max|P|⌉−27), strides of 2^12).
 
 Memory estimate for training one tensor of n elements with m perturbations on a b-byte grid, per branch
 form (what the step holds beyond inference):
@@ -28,10 +28,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import ModelError, SpecError
-from fgcompile.grid import training_grid
+from fgcompile.grid import WIDENING, training_grid
 from fgcompile.spec import TrainSpec
-from fgcompile.passes import canonicalize, floatgrid, pair, widen
-from fgcompile.passes.analyze import bias_step, find_weight_sites, is_quantized
+from fgcompile.passes import canonicalize, floatgrid, pair
+from fgcompile.passes.analyze import find_weight_sites, is_quantized
+from fgcompile.passes.formulas import bias_stride
 from fgcompile.passes.pipeline import check_source
 
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -69,15 +70,17 @@ def _grid(graph: gs.Graph, site, tensor, role: str, bits: int, headroom: int) ->
     if tensor.dtype == "float32":
         values = graph.tensors()[tensor.name].values
         e = int(np.log2(floatgrid.grid_scale(values))) + floatgrid.MANTISSA_SHIFT
-        return f"float → int32·2^{e - floatgrid.MANTISSA_SHIFT}, step 2^12", 4
+        return f"float → int32·2^{e - floatgrid.MANTISSA_SHIFT}, stride 2^12", 4
     grid = training_grid(tensor.dtype, bits, headroom) if role == "weight" else \
         training_grid(tensor.dtype, bits, 1) if tensor.dtype in ("int8", "uint8") else None
     if grid is not None:
         return f"{grid.dtype} (·{grid.factor:g}, s/{grid.factor:g}; range x{headroom if role == 'weight' else 1})", 2
     if tensor.dtype == "int32" and role == "bias":
         # a widened product weight scales its int32 bias with it (s_w/s_b stays); a norm scale does not
-        widening = widen.FACTOR if bits == 16 and site.kind == "norm" and site.weight.dtype in widen.WIDE else 1
-        return f"int32, step {bias_step(graph, site.weight.scale_name, tensor.scale_name, widening)}", 4
+        widening = WIDENING if bits == 16 and site.kind == "norm" and site.weight.dtype in ("int8", "uint8") else 1
+        tensors = graph.tensors()
+        stride = bias_stride(tensors[site.weight.scale_name].values, tensors[tensor.scale_name].values, widening)
+        return f"int32, stride {stride}", 4
     return tensor.dtype, np.dtype(tensor.dtype).itemsize
 
 
@@ -102,7 +105,7 @@ def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16,
     if not 1 <= m <= 64:
         raise SpecError(f"--m {m}: the number of perturbations must be 1..64 (the memory estimate uses it).")
     check_source(model)   # what compile refuses first (an invalid graph, opset), inspect refuses too
-    graph = gs.import_onnx(canonicalize.run(model)[0])
+    graph = gs.import_onnx(canonicalize.canonical(model)[0])
     if not is_quantized(graph):
         raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "
                          "inference graphs. Quantize it first with onnxruntime.quantization.quantize_static "

@@ -23,7 +23,7 @@ from fgcompile.errors import FgcompileError, ModelError, SpecError
 
 INT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32")
 STATE_FIELDS = {"name": str, "output": str, "role": str, "dtype": str, "shape": list, "qmin": int, "qmax": int,
-                "step": int, "source_dtype": str, "widened": bool}
+                "stride": int, "source_dtype": str, "widened": bool}
 WIDEN = 256
 # widenings fgcompile makes (source -> trained dtype), and the largest value that still narrows back
 WIDENINGS = {("int8", "int16"): 127 * WIDEN + WIDEN // 2 - 1, ("uint8", "uint16"): 255 * WIDEN + WIDEN // 2 - 1,

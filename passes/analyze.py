@@ -10,50 +10,20 @@ are initializers, quantized (through DequantizeLinear) or float. Float parameter
 integer grid by passes/floatgrid.py when they train.
 
 Precondition: an ONNX graph (gs.Graph) of opset >= 13.
-Postcondition: the graph is unchanged; returns the sites in topological order of their consumers.
+Postcondition: the graph is unchanged (but topologically sorted); ctx.io holds the data inputs, the
+output, the loss tap and the sites in topological order of their consumers.
 """
 from __future__ import annotations
-
-import dataclasses
-from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from fgcompile.errors import CompileError, ModelError
+from .context import ModelIO, Parameter, Pass, WeightSite
+
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 PROMPT_NODE = "fgcompile/prompt/expand"   # passes/prompts.py's Expand of the prompt tokens
 INT_DTYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
-
-
-@dataclasses.dataclass
-class Tensor:
-    """One quantized initializer as the training graph sees it."""
-    name: str            # initializer name (the state input keeps it)
-    dq_node: str         # the DequantizeLinear that reads it
-    dtype: str
-    shape: tuple[int, ...]
-    axis: int | None     # per-channel axis, None when per-tensor
-    scale_name: str
-    zero_point_name: str | None
-    float_grid: float | None = None  # for a float parameter put on an int32 grid: its scale (floatgrid)
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
-
-
-@dataclasses.dataclass
-class WeightSite:
-    name: str            # the consumer node's name
-    op: str              # Conv | Gemm | MatMul | LayerNormalization | BatchNormalization
-    weight: Tensor       # a product's weight, or a normalization's scale
-    bias: Tensor | None
-    order: int           # position of the consumer in topological order
-    kind: Literal["product", "norm", "prompt"] = "product"
-
-    @property
-    def params(self) -> int:
-        return self.weight.numel + (self.bias.numel if self.bias else 0)
 
 
 def _dq_initializer(tensor: gs.Tensor) -> tuple[gs.Node, gs.Constant] | None:
@@ -68,26 +38,26 @@ def _dq_initializer(tensor: gs.Tensor) -> tuple[gs.Node, gs.Constant] | None:
     return dq, dq.inputs[0]
 
 
-def _describe(dq: gs.Node, w: gs.Constant) -> Tensor:
+def _describe(dq: gs.Node, w: gs.Constant) -> Parameter:
     scale = dq.inputs[1]
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
     per_channel = isinstance(scale, gs.Constant) and scale.values.size > 1
     axis = int(dq.attrs.get("axis", 1)) % max(w.values.ndim, 1) if per_channel else None
-    return Tensor(w.name, dq.name, str(w.values.dtype), tuple(int(d) for d in w.values.shape), axis,
+    return Parameter(w.name, dq.name, str(w.values.dtype), tuple(int(d) for d in w.values.shape), axis,
                   scale.name, zp.name if zp is not None else None)
 
 
-def _parameter(tensor: gs.Tensor) -> Tensor | None:
+def _parameter(tensor: gs.Tensor) -> Parameter | None:
     """A quantized parameter DQ(integer initializer), or a float32 initializer, else None."""
     found = _dq_initializer(tensor)
     if found:
         return _describe(*found)
     if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
-        return Tensor(tensor.name, "", "float32", tuple(int(d) for d in tensor.values.shape), None, "", None)
+        return Parameter(tensor.name, "", "float32", tuple(int(d) for d in tensor.values.shape), None, "", None)
     return None
 
 
-def _matmul_bias(node: gs.Node) -> Tensor | None:
+def _matmul_bias(node: gs.Node) -> Parameter | None:
     """The Add bias after a MatMul, skipping a Q → DQ pair (quantize_static) or the Mul by s_a·s_W
     (quantize_dynamic, after passes/dialects/dynamic.py) on the way."""
     out = node.outputs[0]
@@ -107,23 +77,23 @@ def _matmul_bias(node: gs.Node) -> Tensor | None:
 NORM_OPS = ("LayerNormalization", "BatchNormalization")
 
 
-def _norm_site(node: gs.Node, order: int) -> WeightSite | None:
+def _norm_site(node: gs.Node) -> WeightSite | None:
     if node.op not in NORM_OPS or len(node.inputs) < 2:
         return None
     scale = _parameter(node.inputs[1])
     bias = _parameter(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    return WeightSite(node.name, node.op, scale, bias, order, "norm") if scale else None
+    return WeightSite(node.name, node.op, scale, bias, "norm") if scale else None
 
 
 def find_weight_sites(graph: gs.Graph) -> list[WeightSite]:
     graph.toposort()
     sites = []
-    for order, node in enumerate(graph.nodes):
-        norm = _norm_site(node, order)
+    for node in graph.nodes:
+        norm = _norm_site(node)
         if norm:
             sites.append(norm)
         if node.name == PROMPT_NODE and isinstance(node.inputs[0], gs.Constant):
-            sites.append(WeightSite(node.name, node.op, _parameter(node.inputs[0]), None, order, "prompt"))
+            sites.append(WeightSite(node.name, node.op, _parameter(node.inputs[0]), None, "prompt"))
         if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
             continue
         found = _dq_initializer(node.inputs[1])
@@ -134,7 +104,7 @@ def find_weight_sites(graph: gs.Graph) -> list[WeightSite]:
             bias = _parameter(node.inputs[2])
         elif node.op == "MatMul":
             bias = _matmul_bias(node)
-        sites.append(WeightSite(node.name, node.op, _describe(*found), bias, order))
+        sites.append(WeightSite(node.name, node.op, _describe(*found), bias))
     return sites
 
 
@@ -159,19 +129,8 @@ def loss_tap(output: gs.Tensor) -> str:
     return output.name
 
 
-def bias_step(graph: gs.Graph, weight_scale: str, bias_scale: str, widening: int = 1) -> int:
-    """2**k with 2**k ≈ s_w / s_b = 1 / s_in: one step moves the output as one weight LSB on input 1.0
-    (s_w / widening when the weight will be widened, for inspect's forecast)."""
-    tensors = graph.tensors()
-    s_w = np.asarray(tensors[weight_scale].values, np.float64) / widening
-    s_b = np.asarray(tensors[bias_scale].values, np.float64)
-    k = int(np.round(np.log2(np.median(s_w / s_b))))
-    return 1 << min(max(k, 0), 12)
-
-
 def run(graph: gs.Graph, ctx) -> gs.Graph:
-    """Fill ctx.sites, ctx.data_input and ctx.output, or raise on a graph fgcompile cannot train."""
-    from fgcompile.errors import CompileError, ModelError
+    """Fill ctx.io (data inputs, output, loss tap, sites), or raise on a graph fgcompile cannot train."""
     if not is_quantized(graph):
         raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "
                          "inference graphs. Quantize it first, e.g. onnxruntime.quantization."
@@ -181,8 +140,7 @@ def run(graph: gs.Graph, ctx) -> gs.Graph:
         raise CompileError("the model has no data input.")
     if not graph.outputs:
         raise CompileError("the model has no outputs.")
-    ctx.data_inputs = [t.name for t in data]   # several: train/eval read one .npz array per input
-    ctx.data_input, ctx.output = data[0].name, graph.outputs[0].name
+    output = graph.outputs[0].name
     for t in data:
         kind = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
         if not (np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)):
@@ -190,11 +148,14 @@ def run(graph: gs.Graph, ctx) -> gs.Graph:
                                "integer (e.g. token id) data. Export the model with numeric inputs.")
     out_shape = graph.outputs[0].shape
     if out_shape is not None and len(out_shape) != 2:
-        raise CompileError(f"output {ctx.output!r} has shape {out_shape}; fgcompile needs class scores "
+        raise CompileError(f"output {output!r} has shape {out_shape}; fgcompile needs class scores "
                            "shaped [batch, classes] for its loss.")
-    ctx.loss_tap = loss_tap(graph.outputs[0])
-    ctx.sites = find_weight_sites(graph)
-    if not any(s.kind == "product" for s in ctx.sites):
+    sites = find_weight_sites(graph)
+    if not any(s.kind == "product" for s in sites):
         from .dialects.unsupported import explain
         raise CompileError(explain(graph))
+    ctx.io = ModelIO([t.name for t in data], output, loss_tap(graph.outputs[0]), sites)
     return graph
+
+
+PASS = Pass("analyze", run, adds=("io",))

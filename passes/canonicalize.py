@@ -5,17 +5,19 @@
 Precondition: a ModelProto that passed the pipeline's source check.
 Postcondition: a ModelProto computing the same function, with unique node names, where quantized
 weights appear as integer initializer → DequantizeLinear → Conv/Gemm/MatMul wherever an exact rewrite
-exists; `notes` says what each step rewrote (and what it left, with the reason).
+exists (the input model itself when nothing needed it); ctx.source is it; ctx.notes says what each step
+rewrote (and what it left, with the reason).
 """
 from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from .context import Context, Pass
 from .dialects import dynamic, fakequant, lowbit, names, qoperator
 
 
-def run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     notes = []
@@ -39,3 +41,11 @@ def run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
     return out, notes
+
+
+def run(model: onnx.ModelProto, ctx: Context) -> onnx.ModelProto:
+    ctx.source, ctx.notes = canonical(model)
+    return ctx.source
+
+
+PASS = Pass("canonicalize", run, adds=("source", "notes"))

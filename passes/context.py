@@ -1,29 +1,72 @@
-"""The record that passes share: what was found, what trains, and the tensors each pass adds.
+"""The record that passes share, grouped by the pass that fills each part, and the Pass declaration.
 
-Passes read and extend it; only the pipeline creates it. Nothing here edits a graph.
+A pass is `run(graph, ctx) -> graph` with the Context fields it reads and the ones it adds; the
+pipeline (passes/pipeline.py) checks both around every pass. Each group below is None until its pass
+sets it whole, so "did the pass keep its promise" is one `is not None`. Nothing here edits a graph.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Literal
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from fgcompile.spec import TrainSpec
-from .analyze import Tensor, WeightSite
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable           # (graph, ctx) -> graph: an onnx.ModelProto before `load`, a gs.Graph after
+    reads: tuple[str, ...] = ()   # Context fields that must be set before it runs
+    adds: tuple[str, ...] = ()    # Context fields it sets (checked after it runs)
+
+
+@dataclasses.dataclass
+class Parameter:
+    """One quantized initializer as the training graph sees it."""
+    name: str            # initializer name (the state input keeps it)
+    dq_node: str         # the DequantizeLinear that reads it
+    dtype: str
+    shape: tuple[int, ...]
+    axis: int | None     # per-channel axis, None when per-tensor
+    scale_name: str
+    zero_point_name: str | None
+    float_grid: float | None = None  # for a float parameter put on an int32 grid: its scale (floatgrid)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+@dataclasses.dataclass
+class WeightSite:
+    """A node whose parameters can train (analyze finds them)."""
+    name: str            # the consumer node's name
+    op: str              # Conv | Gemm | MatMul | LayerNormalization | BatchNormalization
+    weight: Parameter    # a product's weight, or a normalization's scale
+    bias: Parameter | None
+    kind: Literal["product", "norm", "prompt"] = "product"
+
+    @property
+    def params(self) -> int:
+        return self.weight.numel + (self.bias.numel if self.bias else 0)
 
 
 @dataclasses.dataclass
 class Trainable:
     """One tensor that becomes training state. Values stay on the integer grid [qmin, qmax].
 
-    step: grid units per perturbation/update unit (1 for weights; 2**k for int32 biases, so that one
-    bias step moves the output about as much as one weight LSB on a unit input)."""
-    tensor: Tensor
-    role: str            # "weight" | "bias" | "scale" (a normalization's scale)
+    stride: grid units per perturbation/update unit (1 for weights; 2**k for int32 biases, so that one
+    bias stride moves the output about as much as one weight LSB on a unit input)."""
+    tensor: Parameter
+    role: Literal["weight", "bias", "scale", "prompt"]   # scale: a normalization's scale
     site: str
     qmin: int
     qmax: int
-    step: int = 1
+    stride: int = 1
     source_dtype: str = ""
     widened: bool = False
     factor: float = 1    # training LSBs per source LSB (fgcompile/grid.py)
@@ -36,41 +79,90 @@ class Trainable:
     def output_name(self) -> str:
         return f"{self.tensor.name}__next"
 
+    @property
+    def shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
     def contract(self) -> dict:
         return {"name": self.name, "output": self.output_name, "role": self.role, "site": self.site,
-                "dtype": self.tensor.dtype, "shape": list(self.tensor.shape), "axis": self.tensor.axis,
-                "qmin": self.qmin, "qmax": self.qmax, "step": self.step,
+                "dtype": self.tensor.dtype, "shape": self.shape, "axis": self.tensor.axis,
+                "qmin": self.qmin, "qmax": self.qmax, "stride": self.stride,
                 "source_dtype": self.source_dtype, "widened": self.widened, "factor": self.factor,
                 "float_grid": self.tensor.float_grid}
 
 
 @dataclasses.dataclass
+class ModelIO:          # analyze
+    data_inputs: list[str]   # every data input, in graph order (train/eval read one .npz array each)
+    output: str
+    loss_tap: str            # what the loss reads: the output, or its float input before a trailing Q/DQ
+    sites: list[WeightSite]
+
+    @property
+    def data_input(self) -> str:
+        """The first data input (the contract's inputs.data)."""
+        return self.data_inputs[0]
+
+
+@dataclasses.dataclass
+class State:            # lift
+    inputs: dict[str, gs.Variable]      # trainable name -> its graph input
+    initial: dict[str, np.ndarray]      # trainable name -> initial value (state.npz)
+
+
+@dataclasses.dataclass
+class Perturbations:    # prng
+    seed: gs.Variable
+    step: gs.Variable                   # the training step (int32 input)
+    z: dict[str, gs.Tensor]             # int32 [m, *shape]
+    round_noise: dict[str, gs.Tensor]   # int32 [*shape] (stochastic rounding only)
+
+
+@dataclasses.dataclass
+class Branches:         # pair
+    w32: dict[str, gs.Tensor]           # int32 view of each state input (update reuses it)
+    logits: gs.Tensor                   # float [2m, B, C]: branches +0..+(m-1), -0..-(m-1)
+    logits_branch_axis: int             # 0, or 1 when `logits` is [B, 2m, C] (the wide product's layout)
+    form: Literal["stacked", "cloned", "loop"]
+    reason: str | None                  # why not stacked (the op and why), else None
+
+
+@dataclasses.dataclass
+class Losses:           # loss
+    labels: gs.Variable
+    plus: gs.Tensor                     # float [m]
+    minus: gs.Tensor                    # float [m]
+    metrics: list[gs.Tensor]            # loss, accuracy (float scalars)
+
+
+@dataclasses.dataclass
+class Estimate:         # estimate
+    coefficients: gs.Tensor             # int32 [m]: the cᵢ, the only values that cross from float
+    grad: dict[str, gs.Tensor]          # int32 ĝ [*shape]
+
+
+@dataclasses.dataclass
+class Update:           # update
+    lr_numerator: gs.Variable           # the `lr` input: int32 numerator of η = lr_numerator / 2^lr_shift
+    lr_max: int
+    state_out: dict[str, gs.Variable]   # trainable name -> `<name>__next`
+
+
+@dataclasses.dataclass
 class Context:
-    spec: TrainSpec
-    data_input: str = ""    # the first data input (the contract's inputs.data)
-    data_inputs: list[str] = dataclasses.field(default_factory=list)  # all of them, in graph order
-    output: str = ""
-    loss_tap: str = ""  # what the loss reads: the output, or its float input before a trailing Q/DQ
-    sites: list[WeightSite] = dataclasses.field(default_factory=list)
-    trainables: list[Trainable] = dataclasses.field(default_factory=list)
-    # tensors added by passes, keyed by trainable name where per tensor
-    state_in: dict[str, gs.Variable] = dataclasses.field(default_factory=dict)
-    state_out: dict[str, gs.Variable] = dataclasses.field(default_factory=dict)
-    seed: gs.Variable | None = None
-    step: gs.Variable | None = None
-    lr: gs.Variable | None = None
-    labels: gs.Variable | None = None
-    z: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)          # int32 [m, *shape]
-    round_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape]
-    w32: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)        # int32 view of state_in
-    branch_logits: gs.Tensor | None = None  # float [2m, B, C]: branches +0..+(m-1), -0..-(m-1)
-    branches: str = ""                      # stacked (one suffix for all branches) | cloned | loop
-    branches_reason: str | None = None      # why the branches were cloned (the op that has no rule)
-    loss_plus: gs.Tensor | None = None
-    loss_minus: gs.Tensor | None = None
-    extra_outputs: list[gs.Tensor] = dataclasses.field(default_factory=list)  # loss, accuracy
-    grad: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)       # int32 ĝ [*shape]
-    coefficients: gs.Tensor | None = None   # int32 [m]: the cᵢ, the only values that cross from float
-    lr_max: int = 0
-    calibration: object = None   # float32 inputs [N, ...] for precondition (None: no preconditioning)
-    preconditioned: list[dict] = dataclasses.field(default_factory=list)  # contract entries, one per site
+    spec: TrainSpec                     # eps/lr resolved by the pipeline's `resolve` step
+    source: onnx.ModelProto             # the input, then its canonical form (export writes into it)
+    calibration: np.ndarray | None = None   # float32 inputs [N, ...] for precondition
+    notes: list[str] | None = None      # canonicalize, prompts: what they rewrote
+    io: ModelIO | None = None
+    trainables: list[Trainable] | None = None   # select; floatgrid, widen and precondition refine them
+    preconditioned: list[dict] | None = None    # precondition: contract entries, one per whitened site
+    state: State | None = None
+    eval_model: onnx.ModelProto | None = None
+    perturbations: Perturbations | None = None
+    branches: Branches | None = None
+    losses: Losses | None = None
+    estimate: Estimate | None = None
+    update: Update | None = None
+    contract: dict | None = None
+    train_model: onnx.ModelProto | None = None

@@ -1,9 +1,10 @@
 """finalize: set the graph's I/O, clean up, sort, export, record the contract, and verify.
 
-Precondition: every tensor named in `inputs`/`outputs` exists in the graph.
-Postcondition: a ModelProto with exactly those inputs and outputs, no dead nodes, topologically
+Precondition: ctx.contract and the tensors the passes added (the I/O below) exist in the graph.
+Postcondition: ctx.train_model (also returned) is a ModelProto with inputs data, labels, seed, step, lr,
+state and outputs loss, accuracy, loss_plus, loss_minus, next state; no dead nodes, topologically
 sorted, shapes inferred, metadata_props["fgcompile"] = JSON contract; it passes onnx.checker (full
-check) and onnxruntime session creation, else CompileError.
+check) and onnxruntime session creation, else CompileError. `to_model` does the same for any I/O.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from fgcompile.errors import CompileError
+from .context import Context, Pass
 
 IR_VERSION = 10
 
 
-def run(graph: gs.Graph, inputs: list, outputs: list, contract: dict) -> onnx.ModelProto:
+def to_model(graph: gs.Graph, inputs: list, outputs: list, contract: dict) -> onnx.ModelProto:
     graph.inputs, graph.outputs = list(inputs), list(outputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)
@@ -34,3 +36,18 @@ def run(graph: gs.Graph, inputs: list, outputs: list, contract: dict) -> onnx.Mo
                            f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Please report it with "
                            "the model.") from None
     return model
+
+
+def run(graph: gs.Graph, ctx: Context) -> onnx.ModelProto:
+    tensors = graph.tensors()
+    names = [t.name for t in ctx.trainables]
+    perturbations, losses = ctx.perturbations, ctx.losses
+    inputs = [tensors[n] for n in ctx.io.data_inputs] + [losses.labels, perturbations.seed, perturbations.step,
+                                                         ctx.update.lr_numerator] + [ctx.state.inputs[n] for n in names]
+    outputs = losses.metrics + [losses.plus, losses.minus] + [ctx.update.state_out[n] for n in names]
+    ctx.train_model = to_model(graph, inputs, outputs, ctx.contract)
+    return ctx.train_model
+
+
+PASS = Pass("finalize", run, reads=("io", "trainables", "state", "perturbations", "losses", "update", "contract"),
+            adds=("train_model",))

@@ -2,7 +2,7 @@
 float Add bias) is put on an int32 grid with a power-of-two scale:
 
     e = ⌈log2 max|P|⌉,  s = 2^(e − 27),  P_q = round_half_even(P / s)  (|P_q| ≤ 2^27),  P → DQ(P_q, s)
-    step = 2^12 grid units, so one perturbation/update unit is 2^(e − 15) ≈ max|P| / 2^15 (int16-like)
+    stride = 2^12 grid units, so one perturbation/update unit is 2^(e − 15) ≈ max|P| / 2^15 (int16-like)
 
 DQ(P_q, s) = float32(P_q)·s is exact for the initial grid (P/s of a float32 P has at most 24 significant
 bits, and a rounded P_q is below 2^23; s is a power of two). So every element with |P| ≥ 2^(e−4) is
@@ -12,18 +12,19 @@ The grid leaves 8× headroom below the int32 state range ±2^30.
 
 Precondition: ctx.trainables from select; their float32 tensors are graph initializers read by one node.
 Postcondition: each such tensor is an int32 initializer of the same name read by a new DequantizeLinear
-(`<name>/dq`, scale `<name>/grid`) that feeds the original consumer; its Tensor and Trainable describe
-the grid (dtype int32, float_grid s, step 2^12).
+(`<name>/dq`, scale `<name>/grid`) that feeds the original consumer; its Parameter and Trainable describe
+the grid (dtype int32, float_grid s, stride 2^12); ctx.source has the same rewrite (export and the
+reference read it).
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .context import Context
+from .context import Context, Pass
 
 MANTISSA_SHIFT = 27
-STEP = 1 << 12
+STRIDE = 1 << 12
 
 
 def grid_scale(values: np.ndarray) -> np.float32:
@@ -61,10 +62,14 @@ def apply(model, names: list[str]):
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
-    for t in ctx.trainables:
-        if t.tensor.dtype != "float32":
-            continue
+    gridded = [t for t in ctx.trainables if t.tensor.dtype == "float32"]
+    for t in gridded:
         t.tensor.dq_node, t.tensor.scale_name, t.tensor.float_grid = put_on_grid(graph, t.name)
-        t.tensor.dtype, t.step = "int32", STEP
+        t.tensor.dtype, t.stride = "int32", STRIDE
+    if gridded:
+        ctx.source = apply(ctx.source, [t.name for t in gridded])
     graph.toposort()
     return graph
+
+
+PASS = Pass("floatgrid", run, reads=("trainables", "source"))

@@ -1,19 +1,20 @@
-"""Graph-building helpers shared by every pass: constants, single ops, int32 clip, subgraph clone.
+"""Graph building and walking shared by every pass: a Builder of named ops, dtype-fixed views, the walks.
 
-All helpers build onnx-graphsurgeon nodes in place on a gs.Graph. Names are deterministic (prefix +
-counter) so that two compilations of the same model with the same spec produce identical files.
+All helpers build onnx-graphsurgeon nodes in place on a gs.Graph. Names are deterministic (prefix + hint
++ counter) so that two compilations of the same model with the same spec produce identical files.
+
+    b = Builder(graph, "update")
+    r = b.i32.Mul(b.i32.Sign(t), mag, hint="r")        # int32 ops; 3 becomes an int32 constant
+    b.op("Cast", [x], {"to": ...}, name="w__next")      # an output with a given (graph I/O) name
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-NP_DTYPE = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16,
-            "int32": np.int32, "uint32": np.uint32, "int64": np.int64, "float32": np.float32, "bool": bool}
+from onnx import helper
 
 
 def onnx_dtype(np_dtype) -> int:
-    from onnx import helper
     return helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
 
 
@@ -22,6 +23,7 @@ class Builder:
 
     def __init__(self, graph: gs.Graph, prefix: str):
         self.graph, self.prefix, self.count = graph, prefix, 0
+        self.i32, self.f32 = Typed(self, np.int32), Typed(self, np.float32)
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -30,29 +32,42 @@ class Builder:
     def const(self, array, hint: str = "const") -> gs.Constant:
         return gs.Constant(self.name(hint), np.asarray(array))
 
-    def op(self, op_type: str, inputs, attrs=None, dtype=None, shape=None, hint=None, outputs=1):
-        """One node; numpy inputs become constants. Returns its output Variable (or a list)."""
+    def op(self, op_type: str, inputs, attrs=None, dtype=None, shape=None, hint=None, outputs=1, name=None):
+        """One node; numpy inputs become constants. Returns its output Variable (or a list); `name` names
+        the (single) output, else it is `<node name>:0`."""
         ins = [x if isinstance(x, gs.Tensor) else self.const(x) for x in inputs]
-        name = self.name(hint or op_type.lower())
-        outs = [gs.Variable(f"{name}:{k}", dtype=dtype, shape=shape) for k in range(outputs)]
-        self.graph.nodes.append(gs.Node(op_type, name, attrs or {}, ins, outs))
+        node = self.name(hint or op_type.lower())
+        outs = [gs.Variable(name if name and outputs == 1 else f"{node}:{k}", dtype=dtype, shape=shape)
+                for k in range(outputs)]
+        self.graph.nodes.append(gs.Node(op_type, node, attrs or {}, ins, outs))
         return outs[0] if outputs == 1 else outs
 
-    def cast(self, x, np_dtype, hint="cast"):
-        return self.op("Cast", [x], {"to": onnx_dtype(np_dtype)}, dtype=np.dtype(np_dtype), hint=hint)
+    def cast(self, x, np_dtype, hint="cast", name=None, shape=None):
+        return self.op("Cast", [x], {"to": onnx_dtype(np_dtype)}, dtype=np.dtype(np_dtype), hint=hint, name=name,
+                       shape=shape)
 
     def clip_int32(self, x, lo: int, hi: int, hint="clip"):
         """Saturate an int32 tensor to [lo, hi] (int16 has no Clip in onnxruntime; int32 does)."""
-        return self.op("Clip", [x, np.array(lo, np.int32), np.array(hi, np.int32)], dtype=np.int32, hint=hint)
+        return self.i32.Clip(x, lo, hi, hint=hint)
+
+
+class Typed:
+    """`b.i32.Add(x, 1)`: an op whose output has one dtype; Python numbers become constants of it
+    (numpy arrays keep theirs, e.g. an int64 shape). Attributes go as keywords."""
+
+    def __init__(self, b: Builder, dtype):
+        self.b, self.dtype = b, np.dtype(dtype)
+
+    def __getattr__(self, op_type: str):
+        def make(*inputs, hint=None, name=None, **attrs):
+            ins = [np.array(x, self.dtype) if isinstance(x, (int, float)) else x for x in inputs]
+            return self.b.op(op_type, ins, attrs, dtype=self.dtype, hint=hint, name=name)
+        return make
 
 
 def optional_input(node: gs.Node, k: int):
     """Input k, or None when absent (past the end, or the empty name of an omitted optional input)."""
     return node.inputs[k] if k < len(node.inputs) and node.inputs[k].name else None
-
-
-def producer(tensor: gs.Tensor):
-    return tensor.inputs[0] if tensor.inputs else None
 
 
 def downstream_nodes(graph: gs.Graph, start: list[gs.Tensor]) -> list[gs.Node]:
@@ -65,6 +80,18 @@ def downstream_nodes(graph: gs.Graph, start: list[gs.Tensor]) -> list[gs.Node]:
                 seen.add(id(node))
                 stack.extend(node.outputs)
     return [n for n in graph.nodes if id(n) in seen]
+
+
+def upstream_nodes(nodes: list[gs.Node], tap: str) -> list[gs.Node]:
+    """The nodes among `nodes` that the tensor named `tap` depends on, in their order."""
+    by_output = {t.name: n for n in nodes for t in n.outputs}
+    need, stack = set(), [tap]
+    while stack:
+        node = by_output.get(stack.pop())
+        if node is not None and id(node) not in need:
+            need.add(id(node))
+            stack.extend(t.name for t in node.inputs if t is not None)
+    return [n for n in nodes if id(n) in need]
 
 
 def clone_nodes(graph: gs.Graph, nodes: list[gs.Node], replace: dict, suffix: str) -> dict:

@@ -1,6 +1,6 @@
 """pair: the 2m perturbed forward passes, sharing every node upstream of the trained tensors.
 
-    W± = clip(W ± ε·step·zᵢ, qmin, qmax)   int32, cast back to W's dtype; one [2m, *shape] tensor with
+    W± = clip(W ± ε·stride·zᵢ, qmin, qmax)   int32, cast back to W's dtype; one [2m, *shape] tensor with
                                             branches +0, …, +(m−1), −0, …, −(m−1)
 
 The nodes that depend on a trained tensor (the trained suffix) run on all 2m branches at once, with the
@@ -8,10 +8,11 @@ branches on a leading axis (passes/stack.py). Where some suffix op cannot carry 
 cloned once per branch instead and the branch outputs are stacked. The frozen prefix stays single. The
 unperturbed suffix is removed: a training step never needs it (the eval graph has it).
 
-Precondition: ctx.z from prng; the model output depends on every trained tensor; no node of the
-suffix holds a subgraph or draws random numbers.
-Postcondition: ctx.branch_logits is float [2m, *loss_tap shape]; ctx.w32[name] is the int32 view of
-each state input (update reuses it); ctx.stacked says which form was built; the original suffix is gone.
+Precondition: ctx.perturbations.z from prng, ctx.state from lift; the model output depends on every trained
+tensor; no node of the suffix holds a subgraph or draws random numbers.
+Postcondition: ctx.branches.logits is float [2m, *loss_tap shape] (or [B, 2m, C] with
+logits_branch_axis 1); .w32[name] is the int32 view of each state input (update reuses it); .form says
+which form was built and .reason why it is not stacked; the original suffix is gone.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
-from .context import Context
-from .graph_ops import Builder, clone_nodes, downstream_nodes
+from .context import Branches, Context, Pass
+from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
 from .stack import stack_suffix
 
 UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
@@ -33,23 +34,23 @@ def train_bytes(numel: int, grid_bytes: int, m: int, copies: int) -> int:
     return numel * (2 * grid_bytes + 18 * m + 8 + copies * (12 + grid_bytes))
 
 
-def _form(ctx: Context) -> str:
-    """auto: stacked, unless the stacked weights alone would exceed --memory-budget (then the loop)."""
+def _form(ctx: Context) -> tuple[str, str | None]:
+    """(form, reason). auto: stacked, unless the stacked weights alone would exceed --memory-budget (then
+    the loop)."""
     if ctx.spec.branches != "auto" or ctx.spec.memory_budget_mb is None:
-        return ctx.spec.branches
-    need = sum(train_bytes(int(np.prod(tr.tensor.shape)), np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m,
-                           2 * ctx.spec.m) for tr in ctx.trainables)
+        return ctx.spec.branches, None
+    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m, 2 * ctx.spec.m)
+               for tr in ctx.trainables)
     if need > ctx.spec.memory_budget_mb * 2 ** 20:
-        ctx.branches_reason = f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
-        return "loop"
-    return "auto"
+        return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
+    return "auto", None
 
 
-def _perturbed(b: Builder, ctx: Context, tr, z, count: int):
-    """[2·count, *shape] weights W ± ε·step·z for z [count, *shape], saturated to the trainable range."""
+def _perturbed(b: Builder, ctx: Context, w32, tr, z, count: int):
+    """[2·count, *shape] weights W ± ε·stride·z for z [count, *shape], saturated to the trainable range."""
     rank = len(tr.tensor.shape)
-    signed = np.array([1, -1], np.int32).reshape([2] + [1] * (rank + 1)) * np.int32(ctx.spec.eps * tr.step)
-    moved = b.op("Add", [ctx.w32[tr.name], b.op("Mul", [z, signed], dtype=np.int32)], dtype=np.int32)
+    signed = np.array([1, -1], np.int32).reshape([2] + [1] * (rank + 1)) * np.int32(ctx.spec.eps * tr.stride)
+    moved = b.op("Add", [w32[tr.name], b.op("Mul", [z, signed], dtype=np.int32)], dtype=np.int32)
     both = b.op("Reshape", [b.clip_int32(moved, tr.qmin, tr.qmax), np.array([-1] + list(tr.tensor.shape),
                                                                             np.int64)], dtype=np.int32)
     out = b.cast(both, np.dtype(tr.tensor.dtype), hint=f"{tr.name}.perturbed")
@@ -57,7 +58,7 @@ def _perturbed(b: Builder, ctx: Context, tr, z, count: int):
     return out
 
 
-def _looped(graph: gs.Graph, ctx: Context, needed):
+def _looped(graph: gs.Graph, ctx: Context, w32, needed):
     """Memory-bounded form: an ONNX Loop over the m perturbation pairs. Iteration i builds W ± ε·zᵢ and
     runs the suffix stacked on 2 branches; its [2, B, C] logits leave as a scan output [m, 2, B, C], so
     only one pair's activations are alive at a time (peak memory near inference)."""
@@ -68,13 +69,14 @@ def _looped(graph: gs.Graph, ctx: Context, needed):
     body.inputs = [i, cond]
     bb = Builder(body, "pair_loop")
     index = bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64)
-    perturbed = {tr.name: _perturbed(bb, ctx, tr, bb.op("Gather", [ctx.z[tr.name], index], {"axis": 0},
-                                                         dtype=np.int32), 1) for tr in ctx.trainables}
-    mapping, reason = stack_suffix(body, needed, perturbed, 2, ctx.loss_tap)
+    z = ctx.perturbations.z
+    perturbed = {tr.name: _perturbed(bb, ctx, w32, tr, bb.op("Gather", [z[tr.name], index], {"axis": 0},
+                                                              dtype=np.int32), 1) for tr in ctx.trainables}
+    mapping, reason = stack_suffix(body, needed, perturbed, 2, ctx.io.loss_tap)
     if mapping is None:
         raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({reason}). "
                            "Use --branches cloned, or train other tensors.")
-    pair = mapping[ctx.loss_tap]
+    pair = mapping[ctx.io.loss_tap]
     body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [pair], dtype=np.float32)]
     tail = list(pair.shape[2:])     # after [2, B]: static (stack folds and unfolds with them)
     b = Builder(graph, "pair")
@@ -94,55 +96,55 @@ def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed):
         replace = {tr.name: b.op("Gather", [perturbed[tr.name], np.array(k, np.int64)], {"axis": 0},
                                  dtype=np.dtype(tr.tensor.dtype), hint=f"w{tag}") for tr in ctx.trainables}
         mapping = clone_nodes(graph, suffix, replace, tag)
-        outs.append(b.op("Unsqueeze", [mapping[ctx.loss_tap], np.array([0], np.int64)], dtype=np.float32))
+        outs.append(b.op("Unsqueeze", [mapping[ctx.io.loss_tap], np.array([0], np.int64)], dtype=np.float32))
     return b.op("Concat", outs, {"axis": 0}, dtype=np.float32, hint="logits_all")
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "pair")
-    suffix = downstream_nodes(graph, list(ctx.state_in.values()))
+    tap = ctx.io.loss_tap
+    suffix = downstream_nodes(graph, list(ctx.state.inputs.values()))
     for node in suffix:
         if node.op in UNCLONABLE:
             raise CompileError(f"node {node.name!r} ({node.op}) lies on the trained path; fgcompile cannot "
                                "duplicate it per perturbation. Train tensors after it (--train/--last) "
                                "or remove it from the exported model.")
-    if not any(ctx.loss_tap in (t.name for t in n.outputs) for n in suffix):
-        raise CompileError(f"the model output {ctx.output!r} does not depend on the trained tensors; "
+    if not any(tap in (t.name for t in n.outputs) for n in suffix):
+        raise CompileError(f"the model output {ctx.io.output!r} does not depend on the trained tensors; "
                            "nothing would learn. Choose other tensors with --train.")
-    for tr in ctx.trainables:
-        ctx.w32[tr.name] = b.cast(ctx.state_in[tr.name], np.int32)
+    w32 = {tr.name: b.cast(ctx.state.inputs[tr.name], np.int32) for tr in ctx.trainables}
     # only the nodes the loss reads: the trailing requantization of the output is not needed per branch
-    needed = _needed(suffix, ctx.loss_tap)
+    needed = upstream_nodes(suffix, tap)
     if ctx.spec.requant_bypass:
-        needed = _needed(_bypass_requant(needed), ctx.loss_tap)
-    form = _form(ctx)
+        needed = upstream_nodes(_bypass_requant(needed), tap)
+    form, reason = _form(ctx)
     if form == "loop":
-        ctx.branches, ctx.branch_logits = "loop", _looped(graph, ctx, needed)
+        logits = _looped(graph, ctx, w32, needed)
     else:
-        perturbed = {tr.name: _perturbed(b, ctx, tr, ctx.z[tr.name], ctx.spec.m) for tr in ctx.trainables}
-        mapping, ctx.branches_reason = (None, "--branches cloned") if form == "cloned" else \
-            stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m, ctx.loss_tap)
+        perturbed = {tr.name: _perturbed(b, ctx, w32, tr, ctx.perturbations.z[tr.name], ctx.spec.m)
+                     for tr in ctx.trainables}
+        mapping, reason = (None, "--branches cloned") if form == "cloned" else \
+            stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m, tap)
         if mapping is None and form == "stacked":
             raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
-                               f"({ctx.branches_reason}). Use --branches auto or cloned, or train other tensors.")
-        ctx.branches = "stacked" if mapping is not None else "cloned"
-        ctx.branch_logits = mapping[ctx.loss_tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
+                               f"({reason}). Use --branches auto or cloned, or train other tensors.")
+        form = "stacked" if mapping is not None else "cloned"
+        logits = mapping[tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
     kept = {id(n) for n in suffix}
     graph.nodes = [n for n in graph.nodes if id(n) not in kept]
     graph.outputs = []
+    ctx.branches = Branches(w32, *_branch_major(logits), form, reason)
     return graph
 
 
-def _needed(suffix, tap: str):
-    """The suffix nodes that `tap` depends on, in graph order."""
-    by_output = {t.name: n for n in suffix for t in n.outputs}
-    need, stack = set(), [tap]
-    while stack:
-        node = by_output.get(stack.pop())
-        if node is not None and id(node) not in need:
-            need.add(id(node))
-            stack.extend(t.name for t in node.inputs if t is not None)
-    return [n for n in suffix if id(n) in need]
+def _branch_major(logits) -> tuple[gs.Tensor, int]:
+    """(logits, branch axis). The wide product (passes/stack.py) ends in a Transpose [B, 2m, C] ->
+    [2m, B, C]; the loss reduces over batch and classes either way, so it may read the Transpose's
+    input and skip a copy of all 2m·B·C logits."""
+    node = logits.inputs[0] if logits.inputs else None
+    if node is not None and node.op == "Transpose" and list(node.attrs.get("perm", [])) == [1, 0, 2]:
+        return node.inputs[0], 1
+    return logits, 0
 
 
 WEIGHTED = {"Conv", "ConvTranspose", "MatMul", "Gemm", "ConvInteger", "MatMulInteger"}
@@ -169,3 +171,6 @@ def _bypass_requant(nodes):
             if q is not None and q.op == "QuantizeLinear" and not isinstance(q.inputs[0], gs.Constant):
                 node.inputs[k] = q.inputs[0]
     return nodes
+
+
+PASS = Pass("pair", run, reads=("io", "trainables", "state", "perturbations"), adds=("branches",))

@@ -1,11 +1,10 @@
-"""The one place that composes the passes from a TrainSpec.
+"""The one place that composes the passes from a TrainSpec: a list, run in a loop.
 
-    canonicalize → analyze → select → floatgrid → widen → precondition → lift → [eval graph] → prng → pair
-    → loss → estimate → update → finalize
-
-The model keeps its opset when it is at least BASE_OPSET (what the emitted ops need: BitwiseXor,
-ReduceMean with an axes input); it is converted to WIDE_OPSET only when widen emits int16
-DequantizeLinear.
+Each entry is a Pass (passes/context.py): `run(graph, ctx) -> graph` with the Context fields it reads
+and adds. Before `load` the graph is the onnx.ModelProto; from `load` to `finalize` it is the gs.Graph
+the passes edit; `finalize` returns the training ModelProto. Around every pass the loop checks that
+what it reads is set and that it set what it adds (and returned a graph without dangling inputs); an
+unexpected exception becomes a CompileError naming the pass and the passes before it.
 """
 from __future__ import annotations
 
@@ -17,13 +16,13 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from fgcompile import __version__, grid
-from fgcompile.errors import CompileError, ModelError
+from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.spec import TrainSpec
-from . import analyze, canonicalize, estimate, finalize, floatgrid, lift, prompts, loss, pair, precondition, prng, select, update, widen
-from .context import Context
+from . import (analyze, canonicalize, estimate, finalize, floatgrid, lift, loss, opset, pair, precondition,
+               prng, prompts, select, update, widen)
+from .context import Context, Pass
+from .formulas import TIE_TOLERANCE
 
-BASE_OPSET = 18   # BitwiseXor/BitwiseAnd (prng), ReduceMean with axes as an input (loss)
-WIDE_OPSET = 21   # int16 DequantizeLinear (widen)
 TRAIN_FORMAT, EVAL_FORMAT = "fgcompile-train/1", "fgcompile-eval/1"
 
 
@@ -33,33 +32,16 @@ class Compiled:
     eval: onnx.ModelProto
     state: dict[str, np.ndarray]
     contract: dict
-    context: Context
     source: onnx.ModelProto   # the canonical inference model: export writes the trained tensors into it
     notes: list[str]          # what canonicalize rewrote
-
-
-def _at_least(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """The model itself when its opset is >= target, else converted to target."""
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if version >= target:
-        return model
-    try:
-        return onnx.version_converter.convert_version(model, target)
-    except Exception as exc:
-        raise CompileError(f"the model is opset {version} and could not be converted to opset "
-                           f"{target} ({str(exc).splitlines()[0]}). Re-export it at opset {target}"
-                           + (" or compile with --bits 8." if target == WIDE_OPSET else ".")) from None
-
-
-MIN_OPSET = 13  # per-channel QDQ (DequantizeLinear axis) arrived in opset 13
 
 
 def check_source(model: onnx.ModelProto) -> None:
     """Refuse what no pass should see: an opset outside what we and onnxruntime support, an invalid
     graph, or one onnxruntime cannot load (the compiled graph would fail the same way)."""
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if version < MIN_OPSET:
-        raise ModelError(f"the model is opset {version}; QDQ quantization needs opset >= {MIN_OPSET}. "
+    version = opset.version(model)
+    if version < opset.MIN_OPSET:
+        raise ModelError(f"the model is opset {version}; QDQ quantization needs opset >= {opset.MIN_OPSET}. "
                          "Re-export it at opset 21.")
     if version > onnx.defs.onnx_opset_version():
         raise ModelError(f"the model is opset {version}, newer than this onnx supports "
@@ -69,94 +51,142 @@ def check_source(model: onnx.ModelProto) -> None:
     except Exception as exc:
         raise ModelError(f"the input model fails onnx.checker ({str(exc).splitlines()[0]}); fix or re-export "
                          "it before compiling.") from None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     try:
-        ort.InferenceSession(model.SerializeToString(), _quiet(), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         reason = str(exc).split(" : ")[-1].splitlines()[0][:300]
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model ({reason}). Re-export "
                          "it at opset 21 with ops onnxruntime supports.") from None
 
 
-def _quiet() -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return opts
-
-
-def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Intermediate ranks let pair stack the branches (passes/stack.py); without them it clones."""
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        return model
-
-
-def _resolution_bits(ctx: Context) -> int:
-    """Bits of the training grid per source range: source bits + log2(widening factor) (16 without weights)."""
-    return grid.resolution_bits([t.contract() for t in ctx.trainables])
-
-
-def _calibration(spec: TrainSpec, calibration) -> np.ndarray | None:
-    if spec.precondition == "whiten" and calibration is None:
-        raise CompileError("--precondition whiten needs calibration inputs: pass --calibration DATA.npz "
-                           "(e.g. the training data), or --precondition none.")
-    return None if spec.precondition == "none" or calibration is None else np.asarray(calibration, np.float32)
-
-
-def compile_graph(model: onnx.ModelProto, spec: TrainSpec, calibration=None) -> Compiled:
-    """`calibration`: float32 inputs [N, ...] (no labels) for preconditioning; frozen at compile time."""
+def _check(model: onnx.ModelProto, ctx: Context) -> onnx.ModelProto:
     check_source(model)
-    source, notes = canonicalize.run(model)
-    if spec.prompts:
-        source = prompts.run(source, spec.prompts, spec.prompt_at, spec.seed)
-        notes.append(f"{spec.prompts} prompt tokens appended (initializer {prompts.PROMPT!r})")
-    graph = gs.import_onnx(_with_shapes(_at_least(source, BASE_OPSET)))
-    ctx = Context(spec, calibration=_calibration(spec, calibration))
-    for p in (analyze, select, floatgrid):
-        graph = p.run(graph, ctx)
-    gridded = [t.name for t in ctx.trainables if t.tensor.float_grid is not None]
-    if gridded:
-        source = floatgrid.apply(source, gridded)
-    if widen.needed(ctx) and graph.opset < WIDE_OPSET:
-        graph = gs.import_onnx(_with_shapes(_at_least(gs.export_onnx(graph), WIDE_OPSET)))
-    for p in (widen, precondition):
-        graph = p.run(graph, ctx)
-    ctx.spec = spec = dataclasses.replace(spec.resolve(_resolution_bits(ctx)),
-                                          precondition="whiten" if ctx.preconditioned else "none")
-    graph, state = lift.run(graph, ctx)
-    data = [graph.tensors()[name] for name in ctx.data_inputs]
-    state_in = [ctx.state_in[t.name] for t in ctx.trainables]
+    return model
 
-    eval_graph = graph.copy()
-    eval_tensors = eval_graph.tensors()
-    eval_contract = {"format": EVAL_FORMAT, "version": __version__, "data": ctx.data_input,
-                     "data_inputs": ctx.data_inputs, "output": ctx.output,
-                     "state": [t.name for t in ctx.trainables]}
-    eval_model = finalize.run(eval_graph, [eval_tensors[n] for n in ctx.data_inputs] + [eval_tensors[t.name] for t in
-                                                                                     ctx.trainables],
-                              [eval_tensors[ctx.output]], eval_contract)
 
-    for p in (prng, pair, loss, estimate, update):
-        graph = p.run(graph, ctx)
-    contract = {
+def _load(model: onnx.ModelProto, ctx: Context) -> gs.Graph:
+    """The canonical source as the gs.Graph the passes edit, at opset >= BASE_OPSET, shapes inferred."""
+    return opset.imported(model, opset.BASE_OPSET)
+
+
+def _resolve(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    """eps/lr left unset follow the training grid's resolution (fgcompile/grid.py); the spec records
+    whether whitening happened."""
+    bits = grid.resolution_bits([t.contract() for t in ctx.trainables])
+    ctx.spec = dataclasses.replace(ctx.spec.resolve(bits),
+                                   precondition="whiten" if ctx.preconditioned else "none")
+    return graph
+
+
+def _eval_graph(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    """eval.onnx: the lifted inference graph (trained tensors as inputs), before any training node."""
+    copy = graph.copy()
+    tensors = copy.tensors()
+    contract = {"format": EVAL_FORMAT, "version": __version__, "data": ctx.io.data_input,
+                "data_inputs": ctx.io.data_inputs, "output": ctx.io.output,
+                "state": [t.name for t in ctx.trainables]}
+    ctx.eval_model = finalize.to_model(copy, [tensors[n] for n in ctx.io.data_inputs + [t.name for t in ctx.trainables]],
+                                       [tensors[ctx.io.output]], contract)
+    return graph
+
+
+def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    """The training graph's I/O contract (train, export and the reference read it)."""
+    spec, z = ctx.spec, ctx.perturbations.z
+    ctx.contract = {
         "format": TRAIN_FORMAT, "version": __version__, "spec": dataclasses.asdict(spec),
-        "inputs": {"data": ctx.data_input, "labels": "labels", "seed": "seed", "step": "step", "lr": "lr"},
-        "data_inputs": ctx.data_inputs,   # every data input; inputs.data is the first
+        "inputs": {"data": ctx.io.data_input, "labels": "labels", "seed": "seed", "step": "step", "lr": "lr"},
+        "data_inputs": ctx.io.data_inputs,   # every data input; inputs.data is the first
         "stream": prng.STREAM,
         "outputs": {"loss": "loss", "accuracy": "accuracy", "loss_plus": "loss_plus",
                     "loss_minus": "loss_minus"},
         "state": [t.contract() for t in ctx.trainables],
-        "lr": {"shift": spec.lr_shift, "default": spec.lr_numerator, "max": ctx.lr_max},
-        "model_output": ctx.output,
-        "loss_tap": ctx.loss_tap,
-        "branches": ctx.branches,
-        "branches_reason": ctx.branches_reason,
-        "tie_tolerance": estimate.TIE_TOLERANCE,
+        "lr": {"shift": spec.lr_shift, "default": spec.lr_numerator, "max": ctx.update.lr_max},
+        "model_output": ctx.io.output,
+        "loss_tap": ctx.io.loss_tap,
+        "branches": ctx.branches.form,
+        "branches_reason": ctx.branches.reason,
+        "tie_tolerance": TIE_TOLERANCE,
         # internal tensors a conformance check compares across runtimes (`fgcompile verify`)
-        "probes": {"coefficients": ctx.coefficients.name, "z": [ctx.z[t.name].name for t in ctx.trainables]},
+        "probes": {"coefficients": ctx.estimate.coefficients.name, "z": [z[t.name].name for t in ctx.trainables]},
         "precondition": ctx.preconditioned,
     }
-    inputs = data + [ctx.labels, ctx.seed, ctx.step, ctx.lr] + state_in
-    outputs = ctx.extra_outputs + [ctx.loss_plus, ctx.loss_minus] + [ctx.state_out[t.name] for t in ctx.trainables]
-    train_model = finalize.run(graph, inputs, outputs, contract)
-    return Compiled(train_model, eval_model, state, contract, ctx, source, notes)
+    return graph
+
+
+PASSES = [
+    Pass("check", _check),
+    canonicalize.PASS,
+    prompts.PASS,
+    Pass("load", _load, reads=("source",)),
+    analyze.PASS,
+    select.PASS,
+    floatgrid.PASS,
+    widen.PASS,
+    precondition.PASS,
+    Pass("resolve", _resolve, reads=("trainables", "preconditioned"), adds=("spec",)),
+    lift.PASS,
+    Pass("eval graph", _eval_graph, reads=("io", "trainables", "state"), adds=("eval_model",)),
+    prng.PASS,
+    pair.PASS,
+    loss.PASS,
+    estimate.PASS,
+    update.PASS,
+    Pass("contract", _contract, reads=("io", "trainables", "perturbations", "branches", "estimate", "update",
+                                       "preconditioned"), adds=("contract",)),
+    finalize.PASS,
+]
+
+
+def run_passes(passes: list[Pass], graph, ctx: Context):
+    """Run `passes` in order, checking each one's declared reads and adds around it."""
+    done: list[str] = []
+    for p in passes:
+        missing = [f for f in p.reads if getattr(ctx, f) is None]
+        if missing:
+            raise CompileError(f"internal: pass {p.name!r} reads {', '.join(missing)}, which no pass before it "
+                               f"({_names(done)}) set. Please report it with the model.")
+        try:
+            graph = p.run(graph, ctx)
+        except FgcompileError:
+            raise
+        except Exception as exc:
+            raise CompileError(f"internal error in pass {p.name!r} (after {_names(done)}): "
+                               f"{type(exc).__name__}: {exc}. Please report it with the model.") from exc
+        unset = [f for f in p.adds if getattr(ctx, f) is None]
+        broken = _dangling(graph) if isinstance(graph, gs.Graph) else None
+        if unset or broken or not isinstance(graph, (gs.Graph, onnx.ModelProto)):
+            what = f"did not set {', '.join(unset)}" if unset else f"left {broken} without a producer" if broken \
+                else f"returned {type(graph).__name__}, not a graph"
+            raise CompileError(f"internal error in pass {p.name!r} (after {_names(done)}): it {what}. Please "
+                               "report it with the model.")
+        done.append(p.name)
+    return graph
+
+
+def _names(done: list[str]) -> str:
+    return ", ".join(done) or "none"
+
+
+def _dangling(graph: gs.Graph) -> str | None:
+    """The first tensor a node reads that is neither produced, a graph input, nor a constant."""
+    inputs = {id(t) for t in graph.inputs}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Variable) and t.name and not t.inputs and id(t) not in inputs:
+                return f"{t.name!r} (read by {node.name!r})"
+    return None
+
+
+def compile_graph(model: onnx.ModelProto, spec: TrainSpec, calibration=None, passes=None) -> Compiled:
+    """`calibration`: float32 inputs [N, ...] (no labels) for preconditioning; frozen at compile time.
+    `passes`: PASSES unless given (a test injects a broken one)."""
+    if spec.precondition == "whiten" and calibration is None:
+        raise CompileError("--precondition whiten needs calibration inputs: pass --calibration DATA.npz "
+                           "(e.g. the training data), or --precondition none.")
+    use = None if spec.precondition == "none" or calibration is None else np.asarray(calibration, np.float32)
+    ctx = Context(spec, model, calibration=use)
+    run_passes(PASSES if passes is None else passes, model, ctx)
+    return Compiled(ctx.train_model, ctx.eval_model, ctx.state.initial, ctx.contract, ctx.source, ctx.notes)

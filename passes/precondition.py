@@ -14,8 +14,9 @@ so a'·W' = a·W up to the rounding of W' on the training grid. The perturbation
 act on W'_t; export folds P back (W = P · W') and re-quantizes to the deployed grid. The second moment is
 uncentred so the bias needs no change: the mean direction is whitened like any other.
 
-Precondition: ctx.trainables after widen (their qmin/qmax/factor final); ctx.calibration float32 inputs.
-Postcondition: each trained weight of a Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale
+Precondition: ctx.trainables after widen (their qmin/qmax/factor final); ctx.calibration float32 inputs
+(or None).
+Postcondition: ctx.preconditioned is set (empty when nothing was whitened); each trained weight of a Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale
 s'; its node reads a·P; ctx.preconditioned holds one contract entry per such site. Only sites whose
 input comes from the frozen prefix are whitened: an input downstream of another trained weight lies in
 the part the branches rewrite, where a frozen a·P node has no single input to read. Other sites are
@@ -30,9 +31,9 @@ import onnxruntime as ort
 
 from fgcompile.errors import CompileError
 from fgcompile.grid import round_half_away
-from .analyze import bias_step
-from .context import Context
-from .graph_ops import Builder, downstream_nodes, producer
+from .context import Context, Pass
+from .formulas import bias_stride
+from .graph_ops import Builder, downstream_nodes
 
 RIDGE = 1e-3
 QMAX = {"int8": 127, "int16": 32767}
@@ -56,7 +57,7 @@ def _activations(graph: gs.Graph, ctx: Context, names: list[str]) -> dict[str, n
     probe.cleanup()
     sess = ort.InferenceSession(gs.export_onnx(probe).SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.asarray(ctx.calibration, np.float32)
-    runs = [sess.run(names, {ctx.data_input: x[i:i + 256]}) for i in range(0, len(x), 256)]
+    runs = [sess.run(names, {ctx.io.data_input: x[i:i + 256]}) for i in range(0, len(x), 256)]
     return {n: np.concatenate([r[k].reshape(-1, r[k].shape[-1]) for r in runs]).astype(np.float64)
             for k, n in enumerate(names)}
 
@@ -81,6 +82,7 @@ def _requantize(w_kn: np.ndarray, p: np.ndarray, per_channel: bool, qmax: int, q
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    ctx.preconditioned = []
     if ctx.calibration is None:
         return graph
     nodes = {n.name: n for n in graph.nodes}
@@ -88,7 +90,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     trained_path = {id(n) for n in downstream_nodes(graph, [tensors[t.name] for t in ctx.trainables])}
     chosen = [(t, nodes[t.site]) for t in ctx.trainables if t.role == "weight"]
     chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen
-              if id(producer(node.inputs[0])) not in trained_path]
+              if not any(id(n) in trained_path for n in node.inputs[0].inputs)]
     chosen = [c for c in chosen if c[2] is not None]
     if not chosen and ctx.spec.precondition == "auto":
         return graph
@@ -112,9 +114,12 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         t.tensor.scale_name = scale_name
         matrix = gs.Constant(f"{t.name}__whitening", p)
         node.inputs[0] = b.op("MatMul", [a, matrix], dtype=np.float32, shape=a.shape, hint="whitened")
-        for bias in ctx.trainables:   # a bias step is sized by its weight's scale
+        for bias in ctx.trainables:   # a bias stride is sized by its weight's scale
             if bias.role == "bias" and bias.site == t.site and bias.tensor.dtype == "int32":
-                bias.step = bias_step(graph, scale_name, bias.tensor.scale_name)
+                bias.stride = bias_stride(s_new, tensors[bias.tensor.scale_name].values)
         ctx.preconditioned.append({"site": t.site, "weight": t.name, "input": a.name, "matrix": matrix.name,
                                    "layout": layout, "ridge": RIDGE, "scale": [float(v) for v in s_new.ravel()]})
     return graph
+
+
+PASS = Pass("precondition", run, reads=("io", "trainables"), adds=("preconditioned",))

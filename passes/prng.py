@@ -24,16 +24,16 @@ One hash word feeds n elements (element j is the flat index), so the hash costs 
 i = m gives the stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16.
 In int32, x >> k (logical) is ((x & −2^k) / 2^k) & (2^(32−k) − 1): the masked Div is exact.
 
-Precondition: ctx.state_in from lift.
-Postcondition: `seed` and `step` inputs (int32 scalars); ctx.z[name] int32 [m, *shape];
-ctx.round_noise[name] int32 [*shape] when rounding is stochastic. No existing node changes.
+Precondition: ctx.trainables (their shapes; lift has made them state).
+Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int32 [m, *shape];
+.round_noise[name] int32 [*shape] when rounding is stochastic. No existing node changes.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .context import Context
+from .context import Context, Pass, Perturbations
 from .graph_ops import Builder
 
 STREAM = "fgc-int32/2"
@@ -152,21 +152,22 @@ def _split(b: Builder, flat, sizes: list[int], padded: list[int], rows: int, sha
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec = ctx.spec
     b = Builder(graph, "prng")
-    ctx.seed = gs.Variable("seed", dtype=np.int32, shape=[])
-    ctx.step = gs.Variable("step", dtype=np.int32, shape=[])
-    graph.inputs += [ctx.seed, ctx.step]
+    seed, step = gs.Variable("seed", dtype=np.int32, shape=[]), gs.Variable("step", dtype=np.int32, shape=[])
+    graph.inputs += [seed, step]
     sizes = [tr.tensor.numel for tr in ctx.trainables]
-    shapes = [list(tr.tensor.shape) for tr in ctx.trainables]
+    shapes = [tr.shape for tr in ctx.trainables]
     if spec.perturbation == "rademacher":
-        z, padded = _rademacher(b, ctx.seed, ctx.step, sizes, spec.m)
+        z, padded = _rademacher(b, seed, step, sizes, spec.m)
     else:
-        c, padded = _chunks(b, ctx.seed, ctx.step, sizes, range(spec.m), CHUNK_BITS[spec.perturbation])
+        c, padded = _chunks(b, seed, step, sizes, range(spec.m), CHUNK_BITS[spec.perturbation])
         z = b.op("Gather", [b.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32)
-    for tr, zt in zip(ctx.trainables, _split(b, z, sizes, padded, spec.m, shapes)):
-        ctx.z[tr.name] = zt
+    names = [tr.name for tr in ctx.trainables]
+    ctx.perturbations = Perturbations(seed, step, dict(zip(names, _split(b, z, sizes, padded, spec.m, shapes))), {})
     if spec.rounding == "stochastic":
-        u, padded = _chunks(b, ctx.seed, ctx.step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
+        u, padded = _chunks(b, seed, step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
         u = b.op("BitwiseAnd", [u, np.array((1 << spec.lr_shift) - 1, np.int32)], dtype=np.int32)
-        for tr, ut in zip(ctx.trainables, _split(b, u, sizes, padded, 0, shapes)):
-            ctx.round_noise[tr.name] = ut
+        ctx.perturbations.round_noise = dict(zip(names, _split(b, u, sizes, padded, 0, shapes)))
     return graph
+
+
+PASS = Pass("prng", run, reads=("trainables", "state"), adds=("perturbations",))

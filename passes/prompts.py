@@ -8,9 +8,10 @@ has rank 3: [batch, tokens, features]); its other readers (the residual) read th
 sequence. Tokens are appended, so a class token at index 0 keeps its place. P starts as seeded N(0, 1)
 values: at a LayerNormalization input only their direction matters.
 
-Precondition: a canonical ModelProto; spec.prompts > 0.
-Postcondition: the model computes on T + N tokens from block `at` on; initializer PROMPT [N, D] float32
-read only by the Expand named PROMPT_NODE; else CompileError names what is missing.
+Precondition: a canonical ModelProto (ctx.source).
+Postcondition: with spec.prompts = N > 0, ctx.source is the model computing on T + N tokens from block
+`at` on, with initializer PROMPT [N, D] float32 read only by the Expand named PROMPT_NODE (and a note
+says so); else CompileError names what is missing. With 0 prompts the model is unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
+from .context import Context, Pass
 
 PROMPT, PROMPT_NODE = "prompt", "fgcompile/prompt/expand"
 
@@ -37,7 +39,7 @@ def _block_input(graph: gs.Graph, at: str) -> gs.Variable:
                        "(a LayerNormalization node), or train without --prompts.")
 
 
-def run(model: onnx.ModelProto, count: int, at: str, seed: int) -> onnx.ModelProto:
+def appended(model: onnx.ModelProto, count: int, at: str, seed: int) -> onnx.ModelProto:
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
     h = _block_input(graph, at)
     dim = int(h.shape[2])
@@ -63,3 +65,13 @@ def run(model: onnx.ModelProto, count: int, at: str, seed: int) -> onnx.ModelPro
     out.ir_version = model.ir_version
     out.metadata_props.extend(model.metadata_props)
     return out
+
+
+def run(model: onnx.ModelProto, ctx: Context) -> onnx.ModelProto:
+    if ctx.spec.prompts:
+        ctx.source = appended(model, ctx.spec.prompts, ctx.spec.prompt_at, ctx.spec.seed)
+        ctx.notes.append(f"{ctx.spec.prompts} prompt tokens appended (initializer {PROMPT!r})")
+    return ctx.source
+
+
+PASS = Pass("prompts", run, reads=("source", "notes"))

@@ -5,7 +5,7 @@ a site or weight trains the weight (a normalization's scale) and, unless include
 a match on a bias name alone trains that bias. Without patterns, the `last` product sites (Conv, Gemm,
 MatMul) nearest the output train, with their biases; normalization sites train only when named.
 
-Precondition: ctx.sites filled by analyze.
+Precondition: ctx.io.sites from analyze.
 Postcondition: ctx.trainables lists the tensors in site order (weight before its bias); each is an
 initializer read by exactly one node (its DequantizeLinear, or the consumer of a float parameter, which
 will train on the int32 grid of passes/floatgrid.py). The graph is unchanged.
@@ -17,19 +17,19 @@ import re
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError, SpecError
-from .context import Context, Trainable
+from .context import Context, Pass, Trainable
 
 INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
-             # int32 biases keep headroom so that W ± ε·z·step never wraps in int32
+             # int32 biases keep headroom so that W ± ε·z·stride never wraps in int32
              "int32": (-(2 ** 30), 2 ** 30)}
 
 
 def _products(ctx: Context) -> list:
-    return [s for s in ctx.sites if s.kind == "product"]
+    return [s for s in ctx.io.sites if s.kind == "product"]
 
 
 def _chosen(ctx: Context) -> list[tuple[object, str]]:
-    prompts = [(s, "weight") for s in ctx.sites if s.kind == "prompt"]   # --prompts always train
+    prompts = [(s, "weight") for s in ctx.io.sites if s.kind == "prompt"]   # --prompts always train
     return prompts + _patterned(ctx)
 
 
@@ -38,14 +38,14 @@ def _patterned(ctx: Context) -> list[tuple[object, str]]:
     if not spec.train:
         return [(s, "weight+bias") for s in _products(ctx)[-spec.last:]]
     chosen = []
-    for site in (s for s in ctx.sites if s.kind != "prompt"):
+    for site in (s for s in ctx.io.sites if s.kind != "prompt"):
         hit = lambda name: name is not None and any(re.search(p, name) for p in spec.train)
         if hit(site.name) or hit(site.weight.name):
             chosen.append((site, "weight+bias"))
         elif site.bias is not None and hit(site.bias.name):
             chosen.append((site, "bias"))
     if not chosen:
-        names = ", ".join(s.weight.name for s in ctx.sites)
+        names = ", ".join(s.weight.name for s in ctx.io.sites)
         raise SpecError(f"--train {' '.join(spec.train)!r} matches no weight site. Sites: {names}. "
                         "Patterns are Python regexes searched in site, weight and bias names.")
     return chosen
@@ -55,6 +55,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if ctx.spec.last > len(_products(ctx)) and not ctx.spec.train:
         raise SpecError(f"--last {ctx.spec.last}: the model has only {len(_products(ctx))} weight sites.")
     tensors = {t.name: t for t in graph.tensors().values()}
+    ctx.trainables = []
     for site, what in _chosen(ctx):
         parts = []
         w, b = site.weight, site.bias
@@ -79,4 +80,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
             qmin, qmax = INT_RANGE[grid]
             ctx.trainables.append(Trainable(tensor, role, site.name, qmin, qmax, source_dtype=grid))
     return graph
+
+
+PASS = Pass("select", run, reads=("io",), adds=("trainables",))
 

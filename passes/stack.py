@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph_ops import Builder, producer
+from .graph_ops import Builder
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Relu", "LeakyRelu", "Sigmoid",
                "Tanh", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Clip", "Cast", "Identity", "Gelu",
@@ -138,7 +138,7 @@ class Stacker:
     def on_integers(self, t, layout):
         """layout(t), applied before a per-tensor DequantizeLinear when one makes t: it moves a quarter of
         the bytes, and the DQ stays next to its consumer, the QDQ pattern onnxruntime fuses."""
-        p = producer(t)
+        p = t.inputs[0] if t.inputs else None
         if p is not None and p.op == "DequantizeLinear" and all(
                 isinstance(q, gs.Constant) and q.values.size == 1 for q in p.inputs[1:]):
             return self.b.op("DequantizeLinear", [layout(p.inputs[0])] + p.inputs[1:], dict(p.attrs), dtype=t.dtype)
@@ -410,7 +410,7 @@ def _trained_conv(s: Stacker, node, ins):
 
 def _branch_rows(s: Stacker, t):
     """The 2m branch parts of a folded tensor; split as integers when a per-tensor DQ makes it."""
-    p = producer(t)
+    p = t.inputs[0] if t.inputs else None
     if p is not None and p.op == "DequantizeLinear" and all(
             isinstance(q, gs.Constant) and q.values.size == 1 for q in p.inputs[1:]):
         parts = s.b.op("Split", [p.inputs[0]], {"axis": 0, "num_outputs": s.n}, dtype=p.inputs[0].dtype, outputs=s.n)

@@ -9,10 +9,11 @@ for bit (an int16 weight with headroom trains on a coarser grid, F = 1/H, and mo
 step). int8 widens to int16, uint8 (asymmetric weights, no headroom) to uint16. F and the range per case
 are in fgcompile/grid.py; export narrows back (runtime/export.py); the source keeps zp.
 
-Precondition: ctx.trainables from select; graph opset >= 21 (int16 DequantizeLinear).
-Postcondition: each trainable weight whose grid changes has the grid's dtype, the scaled scale and zero
-point; the int32 bias of its site is scaled with it; an 8-bit Add bias (MatMul + Add) widens by 256 on its
-own grid (no headroom); every trainable's qmin/qmax/step/factor describe its grid.
+Precondition: ctx.trainables from select.
+Postcondition: the graph is at opset >= 21 when some grid changes (int16 DequantizeLinear); each trainable
+weight whose grid changes has the grid's dtype, the scaled scale and zero point; the int32 bias of its
+site is scaled with it; an 8-bit Add bias (MatMul + Add) widens by 256 on its own grid (no headroom);
+every trainable's qmin/qmax/stride/factor describe its grid.
 """
 from __future__ import annotations
 
@@ -21,13 +22,9 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
 from fgcompile.grid import round_half_away, training_grid
-from .context import Context
-from .analyze import bias_step
-
-# the grids of --bits 16 without headroom, as `fgcompile inspect` describes them
-FACTOR = 256
-WIDE = {"int8": (np.int16, (-32768, 127 * FACTOR + FACTOR // 2 - 1)),
-        "uint8": (np.uint16, (0, 255 * FACTOR + FACTOR // 2 - 1))}
+from . import opset
+from .context import Context, Pass
+from .formulas import bias_stride
 
 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
@@ -67,13 +64,10 @@ def _grid(ctx: Context, t):
     return training_grid(t.tensor.dtype, ctx.spec.bits, 1) if t.tensor.dtype in ("int8", "uint8") else None
 
 
-def needed(ctx: Context) -> bool:
-    """Whether run() will emit 16-bit DequantizeLinear (the pipeline raises the opset only then)."""
-    return any(_grid(ctx, t) is not None for t in ctx.trainables)
-
-
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
-    sites = {s.name: s for s in ctx.sites}
+    if graph.opset < opset.WIDE_OPSET and any(_grid(ctx, t) is not None for t in ctx.trainables):
+        graph = opset.imported(gs.export_onnx(graph), opset.WIDE_OPSET)   # only then: keep the model's opset
+    sites = {s.name: s for s in ctx.io.sites}
     for t in ctx.trainables:
         grid = _grid(ctx, t)
         if grid is None:
@@ -96,5 +90,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         if t.role == "bias" and t.tensor.dtype == "int32" and t.tensor.float_grid is None:
             t.factor = max(factors.get(t.site, 1), 1)   # F < 1 leaves the bias as it is
             t.widened = t.factor > 1
-            t.step = bias_step(graph, sites[t.site].weight.scale_name, t.tensor.scale_name)
+            tensors = graph.tensors()
+            t.stride = bias_stride(tensors[sites[t.site].weight.scale_name].values, tensors[t.tensor.scale_name].values)
     return graph
+
+
+PASS = Pass("widen", run, reads=("io", "trainables"))

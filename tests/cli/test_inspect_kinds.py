@@ -29,12 +29,12 @@ def test_listed_grid_is_the_compiled_grid(model, bits):
     for r in rows:
         s = state[r.tensor]
         if s["float_grid"] is not None:
-            assert r.grid.startswith("float → int32·2^") and s["step"] == 4096
+            assert r.grid.startswith("float → int32·2^") and s["stride"] == 4096
             assert s["float_grid"] == 2.0 ** int(r.grid.split("2^")[1].split(",")[0])
         else:
             assert r.grid.split(" ")[0].rstrip(",") == s["dtype"]
-            if "step" in r.grid:
-                assert r.grid.endswith(f"step {s['step']}")
+            if "stride" in r.grid:
+                assert r.grid.endswith(f"stride {s['stride']}")
     if "attn" in model or model in ("dynamic", "qoperator"):
         assert ("LayerNormalization", "scale") in kinds and ("MatMul", "bias") in kinds
 

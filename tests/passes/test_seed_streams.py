@@ -21,7 +21,7 @@ def z_of():
     compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=M))
     model = onnx.ModelProto()
     model.CopyFrom(compiled.train)
-    names = [compiled.context.z[s["name"]].name for s in compiled.contract["state"]]
+    names = compiled.contract["probes"]["z"]
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT32, None) for n in names)
     x, y = np.zeros([1, 1, 8, 8], np.float32), np.zeros([1], np.int64)
 

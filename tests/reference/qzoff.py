@@ -214,7 +214,7 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
     lp, lm = [], []
     for i in range(m):
         for sign, out in ((+1, lp), (-1, lm)):
-            w = {s["name"]: np.clip(state[s["name"]].astype(np.int64) + sign * eps * s["step"] * zs[s["name"]][i],
+            w = {s["name"]: np.clip(state[s["name"]].astype(np.int64) + sign * eps * s["stride"] * zs[s["name"]][i],
                                     s["qmin"], s["qmax"]).astype(s["dtype"]) for s in c["state"]}
             out.append(loss(oracle.logits(x, w), y, spec["loss"]))
     d = np.array(lp, np.float32) - np.array(lm, np.float32)
@@ -238,9 +238,9 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
             else:
                 h = 1 << (shift - 1)
             r = np.sign(tt) * ((np.abs(tt) + h) // (1 << shift))
-        if s["step"] > 1:
-            bound = (2 ** 30 - 1) // s["step"]
-            r = np.clip(r, -bound, bound) * s["step"]
+        if s["stride"] > 1:
+            bound = (2 ** 30 - 1) // s["stride"]
+            r = np.clip(r, -bound, bound) * s["stride"]
         new[s["name"]] = np.clip(state[s["name"]].astype(np.int64) - r, s["qmin"], s["qmax"]).astype(s["dtype"])
     # |d| / (τ·max|L|): between 1/2 and 2 a runtime's few-ULP rounding can land on either side of a tie
     ratio = np.abs(np.array(lp, np.float32) - np.array(lm, np.float32)) / (scale * c["tie_tolerance"] + 1e-30)

@@ -1,0 +1,30 @@
+"""The numbers several passes (and inspect) agree on: the bias stride, the coefficient and lr bounds.
+
+    bias stride  2^k, 2^k ≈ s_w / s_b = 1 / s_in, k in [0, 12]: one stride of an int32 bias moves the output
+                 as much as one weight LSB on an input of 1.0
+    c_max        1 (sign) or SPSA_CLIP (m-SPSA): the largest |cᵢ|
+    lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max): lr·ĝ never wraps int32, since |ĝ| <= m·c_max·z_max
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SPSA_CLIP = 127
+TIE_TOLERANCE = 2.0 ** -19   # |dᵢ| <= τ·max(|L⁺ᵢ|, |L⁻ᵢ|) is a tie (passes/estimate.py says why)
+Z_MAX = {"rademacher": 1, "ternary": 1, "gaussian": 4}
+
+
+def bias_stride(weight_scale, bias_scale, widening: float = 1) -> int:
+    """2**k with 2**k ≈ s_w / s_b (s_w / widening when the weight will be widened, for inspect's forecast)."""
+    s_w = np.asarray(weight_scale, np.float64) / widening
+    s_b = np.asarray(bias_scale, np.float64)
+    k = int(np.round(np.log2(np.median(s_w / s_b))))
+    return 1 << min(max(k, 0), 12)
+
+
+def coefficient_bound(spec) -> int:
+    return 1 if spec.estimator == "sign" else SPSA_CLIP
+
+
+def lr_bound(spec) -> int:
+    return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation])
