@@ -9,7 +9,8 @@ import click
 
 from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
-from fgcompile.spec import BRANCH_FORMS, ESTIMATORS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS, ROUNDINGS, TrainSpec
+from fgcompile.spec import (BRANCH_FORMS, ESTIMATORS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS, ROUNDINGS,
+                            SPARSE_MODES, TrainSpec)
 
 
 class Group(click.Group):
@@ -86,6 +87,14 @@ def spec_options(f):
         click.option("--precondition", type=click.Choice(PRECONDITIONS), default=TrainSpec.precondition,
                      show_default=True, help="Whiten the trained layer's input (frozen, folded back on export); "
                                              "auto: when --calibration is given."),
+        click.option("--kernel-norm", is_flag=True,
+                     help="Kernel-wise normalization: each output kernel's step gets an L1 norm proportional to "
+                          "its weight's (integer; the tensor's mean step size is kept)."),
+        click.option("--sparsity", default=TrainSpec.sparsity, show_default=True,
+                     help="Sparse update: the share of each trained tensor's elements a step leaves unchanged."),
+        click.option("--sparse-mode", type=click.Choice(SPARSE_MODES), default=TrainSpec.sparse_mode,
+                     show_default=True, help="Which elements a sparse step updates: topk (largest |ĝ|), random "
+                                             "(hashed), threshold (|ĝ| >= sparsity·max|ĝ|)."),
         click.option("--keep-requant", is_flag=True,
                      help="Branches keep the activation requantization inside the trained layers (default: "
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
@@ -113,7 +122,8 @@ def make_spec(kw) -> TrainSpec:
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),
                      branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"),
                      prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"), headroom=int(kw.pop("headroom")),
-                     precondition=kw.pop("precondition"))
+                     precondition=kw.pop("precondition"), kernel_norm=kw.pop("kernel_norm"),
+                     sparsity=kw.pop("sparsity"), sparse_mode=kw.pop("sparse_mode"))
 
 
 @main.command()
@@ -168,6 +178,11 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
     sp = c["spec"]
     click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
                f"{sp['perturbation']} {sp['estimator']} loss={sp['loss']} on {c['loss_tap']}")
+    if sp.get("kernel_norm") or sp.get("sparsity"):
+        click.echo("  " + "; ".join(part for part in (
+            "kernel-wise normalized ĝ" if sp.get("kernel_norm") else "",
+            f"sparse update ({sp['sparse_mode']}): {sp['sparsity']:.0%} of each tensor unchanged per step"
+            if sp.get("sparsity") else "") if part))
     click.echo(f"  2m={2 * sp['m']} branches {c['branches']}"
                + {"stacked": "", "loop": " (an ONNX Loop over the m pairs: one pair's activations at a time)"}.get(
                    c["branches"], f" (one copy per branch: {c.get('branches_reason')})")

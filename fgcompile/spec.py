@@ -18,6 +18,7 @@ ESTIMATORS = ("sign", "spsa")
 ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
+SPARSE_MODES = ("topk", "random", "threshold")
 HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
 # lr 128 are a quarter and a half of an int8 step (measured on the shipped digits task). A grid with
@@ -70,6 +71,9 @@ class TrainSpec:
     prompt_at: str = ""           # that block's LayerNormalization (default: the first over [B, T, D])
     headroom: int = 4             # the training grid spans H x the pretrained range (fgcompile/grid.py)
     precondition: str = "auto"    # whiten the trained layer's input (auto: when calibration data is given)
+    kernel_norm: bool = False     # each kernel's ĝ scaled to its weight's norm (passes/kernelnorm.py)
+    sparsity: float = 0.0         # share of each tensor's elements a step leaves unchanged (passes/sparsify.py)
+    sparse_mode: str = "topk"     # which: topk (smallest |ĝ|), random (hashed), threshold (|ĝ| < sparsity·max|ĝ|)
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))
@@ -108,6 +112,10 @@ class TrainSpec:
         need(self.headroom in HEADROOMS, f"--headroom {self.headroom}: choose a power of two 1..256.")
         need(self.precondition in PRECONDITIONS,
              f"--precondition {self.precondition!r}: choose one of {', '.join(PRECONDITIONS)}.")
+        need(math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0,
+             f"--sparsity {self.sparsity}: the share of elements left unchanged per step must be in [0, 1), e.g. 0.9.")
+        need(self.sparse_mode in SPARSE_MODES,
+             f"--sparse-mode {self.sparse_mode!r}: choose one of {', '.join(SPARSE_MODES)}.")
         if self.eps is None or self.lr is None:
             return  # checked again once resolve() fills them
         need(1 <= self.eps <= 4096, f"--eps {self.eps}: ε is in weight LSBs and must be 1..4096.")

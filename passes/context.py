@@ -116,6 +116,7 @@ class Perturbations:    # prng
     step: gs.Variable                   # the training step (int32 input)
     z: dict[str, gs.Tensor]             # int32 [m, *shape]
     round_noise: dict[str, gs.Tensor]   # int32 [*shape] (stochastic rounding only)
+    sparse_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape] (sparsify)
 
 
 @dataclasses.dataclass

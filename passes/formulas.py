@@ -3,7 +3,8 @@
     bias stride  2^k, 2^k ≈ s_w / s_b = 1 / s_in, k in [0, 12]: one stride of an int32 bias moves the output
                  as much as one weight LSB on an input of 1.0
     c_max        1 (sign) or SPSA_CLIP (m-SPSA): the largest |cᵢ|
-    lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max): lr·ĝ never wraps int32, since |ĝ| <= m·c_max·z_max
+    lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr·ĝ never wraps int32, since
+                 |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 SPSA_CLIP = 127
 TIE_TOLERANCE = 2.0 ** -19   # |dᵢ| <= τ·max(|L⁺ᵢ|, |L⁻ᵢ|) is a tie (passes/estimate.py says why)
 Z_MAX = {"rademacher": 1, "ternary": 1, "gaussian": 4}
+KERNEL_GAIN_MAX = 16         # kernel-wise normalization scales a kernel's ĝ by at most this (passes/kernelnorm.py)
 
 
 def bias_stride(weight_scale, bias_scale, widening: float = 1) -> int:
@@ -27,4 +29,5 @@ def coefficient_bound(spec) -> int:
 
 
 def lr_bound(spec) -> int:
-    return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation])
+    gain = KERNEL_GAIN_MAX if spec.kernel_norm else 1
+    return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation] * gain)

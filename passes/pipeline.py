@@ -18,8 +18,8 @@ import onnxruntime as ort
 from fgcompile import __version__, grid
 from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.spec import TrainSpec
-from . import (analyze, canonicalize, estimate, finalize, floatgrid, lift, loss, opset, pair, precondition,
-               prng, prompts, select, update, widen)
+from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, opset, pair,
+               precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .formulas import TIE_TOLERANCE
 
@@ -133,6 +133,8 @@ PASSES = [
     pair.PASS,
     loss.PASS,
     estimate.PASS,
+    kernelnorm.PASS,      # --kernel-norm (else nothing)
+    sparsify.PASS,        # --sparsity (else nothing)
     update.PASS,
     Pass("contract", _contract, reads=("io", "trainables", "perturbations", "branches", "estimate", "update",
                                        "preconditioned"), adds=("contract",)),

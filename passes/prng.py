@@ -21,12 +21,14 @@ One hash word feeds n elements (element j is the flat index), so the hash costs 
     ternary:    k = 8,  z = (2·(c >> 7) − 1) · [(c & 0x7f) < D],  D = clamp(round(128·density), 1, 128)
     gaussian:   k = 8,  z = popcount(c & 0xf) − popcount(c >> 4)       (centred binomial, |z| <= 4)
 (ternary and gaussian as a lookup of c in a 256-entry table). Streams i = 0..m−1 give z_i; stream
-i = m gives the stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16.
+i = m gives the stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16, stream i = m + 1 the
+sparse-update noise u = c with k = 16 (--sparsity with --sparse-mode random or topk).
 In int32, x >> k (logical) is ((x & −2^k) / 2^k) & (2^(32−k) − 1): the masked Div is exact.
 
 Precondition: ctx.trainables (their shapes; lift has made them state).
 Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int32 [m, *shape];
-.round_noise[name] int32 [*shape] when rounding is stochastic. No existing node changes.
+.round_noise[name] int32 [*shape] when rounding is stochastic; .sparse_noise[name] int32 [*shape] in
+[0, 2^16) when a sparse update draws. No existing node changes.
 """
 from __future__ import annotations
 
@@ -167,6 +169,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         u, padded = _chunks(b, seed, step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
         u = b.op("BitwiseAnd", [u, np.array((1 << spec.lr_shift) - 1, np.int32)], dtype=np.int32)
         ctx.perturbations.round_noise = dict(zip(names, _split(b, u, sizes, padded, 0, shapes)))
+    if spec.sparsity > 0 and spec.sparse_mode in ("random", "topk"):
+        u, padded = _chunks(b, seed, step, sizes, range(spec.m + 1, spec.m + 2), NOISE_BITS)
+        ctx.perturbations.sparse_noise = dict(zip(names, _split(b, u, sizes, padded, 0, shapes)))
     return graph
 
 

@@ -45,7 +45,9 @@ def descendants(model, names):
 
 @pytest.mark.parametrize("spec", [TrainSpec(), TrainSpec(m=3, perturbation="ternary", density=0.1, bits=8),
                                   TrainSpec(rounding="stochastic", perturbation="gaussian", last=2),
-                                  TrainSpec(estimator="spsa", loss="mse")])
+                                  TrainSpec(estimator="spsa", loss="mse"),
+                                  TrainSpec(kernel_norm=True, sparsity=0.9, last=2),
+                                  TrainSpec(sparsity=0.5, sparse_mode="random")])
 @pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx"])
 def test_update_path_is_integer(model_file, spec):
     model = compile_graph(shipped(model_file), spec).train

@@ -111,3 +111,16 @@ def test_whitening_with_deeper_sites_matches_reference(model_file, last, target_
     weights = [s["name"] for s in qzoff.contract(compiled.train)["state"] if s["role"] == "weight"]
     assert len(weights) >= 2 and [p["weight"] for p in pre] == weights[:1]
     run_chain(model_file, spec, target_train, steps=6, calibration=target_train[0][:300])
+
+
+@pytest.mark.parametrize("model_file,options", [
+    ("digits_cnn/w8a8.onnx", dict(kernel_norm=True)),
+    ("digits_attn/w8a8.onnx", dict(kernel_norm=True, last=2)),             # per-channel on axis 1 (MatMul)
+    ("digits_cnn/w8a8.onnx", dict(sparsity=0.9)),                          # topk
+    ("digits_cnn/w8a8.onnx", dict(sparsity=0.5, sparse_mode="random", last=2)),
+    ("digits_attn/w8a8.onnx", dict(sparsity=0.5, sparse_mode="threshold", estimator="spsa", spsa_gain=4000.0)),
+    ("digits_cnn/w8a8.onnx", dict(sparsity=0.75, kernel_norm=True, rounding="stochastic", bits=8)),
+])
+def test_enhancements_match_reference(model_file, options, target_train):
+    """The paper's kernel-wise normalization and sparse updates (alone and together): bit for bit."""
+    run_chain(model_file, TrainSpec(m=4, **options), target_train, steps=6)

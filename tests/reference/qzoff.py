@@ -199,6 +199,31 @@ def loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.float32:
     return np.float32(((p - onehot) ** 2).mean())
 
 
+def kernel_normalized(g: np.ndarray, w: np.ndarray, axis) -> np.ndarray:
+    """Kernel-wise normalization (README): each kernel's ĝ scaled by (mean|W_c| / mean|W|)·(mean|ĝ| /
+    mean|ĝ_c|), a gain with 8 fraction bits capped at 16, rounded half away from zero."""
+    g, w = g.astype(np.int64), w.astype(np.int64)
+    others = tuple(a for a in range(g.ndim) if a != axis)
+    n, n_c = g.size, g.size // (g.shape[axis] if axis is not None else 1)
+    a_c, b_c = np.abs(w).sum(axis=others, keepdims=True), np.abs(g).sum(axis=others, keepdims=True)
+    a_mean, b_mean = a_c // n_c, (b_c * 256) // n_c
+    a_all, b_all = a_c.sum() // n, (b_c.sum() * 256) // n
+    gain = np.minimum((a_mean * b_all * 256) // np.maximum(a_all * b_mean, 1), 16 * 256)
+    return np.sign(g) * ((np.abs(g) * gain + 128) // 256)
+
+
+def sparse_keep(g: np.ndarray, u: np.ndarray, mode: str, sparsity: float) -> np.ndarray:
+    """Which elements a sparse update changes (README): u holds 16 hashed bits per element."""
+    g = g.astype(np.int64)
+    if mode == "random":
+        return u < round((1 - sparsity) * 65536)
+    if mode == "threshold":
+        return np.abs(g) * 256 >= np.abs(g).max() * round(256 * sparsity)
+    key = np.minimum(np.abs(g), 65535) * 32768 + (u & 32767)
+    k = max(1, round((1 - sparsity) * g.size))
+    return key >= np.sort(key.ravel())[-k]
+
+
 def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int) -> tuple[dict, dict]:
     """One QZO-FF step (step number step_no of a run seeded `seed`): returns (new state, diagnostics
     with the losses and coefficients)."""
@@ -228,6 +253,12 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
     new = {}
     for t, s in enumerate(c["state"]):
         g = sum(coef[i] * zs[s["name"]][i] for i in range(m))
+        if spec.get("kernel_norm") and s["role"] == "weight" and np.dtype(s["dtype"]).kind == "i":
+            g = kernel_normalized(g, state[s["name"]], s["axis"])
+        if spec.get("sparsity", 0) > 0:
+            n = int(np.prod(s["shape"])) if s["shape"] else 1
+            u = chunks(seed, step_no, t, m + 1, n, 16).reshape(s["shape"])
+            g = g * sparse_keep(g, u, spec["sparse_mode"], spec["sparsity"])
         tt = lr * g
         if shift == 0:
             r = tt
