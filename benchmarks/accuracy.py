@@ -20,7 +20,7 @@ import onnx
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.runtime.export import export_model
 from fgcompile.runtime.metrics import score
-from fgcompile.runtime.session import make_session
+from fgcompile.session import make_session
 from fgcompile.runtime.trainer import Trainer
 from fgcompile.spec import TrainSpec
 

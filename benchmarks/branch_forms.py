@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from fgcompile.compiler import compile_model
-from fgcompile.runtime.session import make_session
+from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 from step_cost import step_feeds, timed
 

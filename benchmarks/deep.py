@@ -34,7 +34,7 @@ from build_bench import CACHE  # noqa: E402
 from fgcompile import modelio  # noqa: E402
 from fgcompile.compiler import compile_model, write_compiled  # noqa: E402
 from fgcompile.inspect import inspect_model  # noqa: E402
-from fgcompile.runtime.session import make_session  # noqa: E402
+from fgcompile.session import make_session  # noqa: E402
 from fgcompile.spec import TrainSpec  # noqa: E402
 from run import machine  # noqa: E402
 from split import split  # noqa: E402
@@ -60,9 +60,9 @@ def data(source, batch: int):
 
 def cost(source, compiled, x, y, repeats: int) -> dict:
     contract = compiled.contract
-    name = contract["inputs"]["data"]
+    name = contract.inputs.data
     infer, train = make_session(source, 1), make_session(compiled.train, 1)
-    prefix_model, suffix_model, boundary = split(source, [s["name"] for s in contract["state"]])
+    prefix_model, suffix_model, boundary = split(source, [s.name for s in contract.state])
     prefix, suffix = make_session(prefix_model, 1), make_session(suffix_model, 1)
     mid = dict(zip(boundary, prefix.run(boundary, {name: x})))
     outputs = [o.name for o in train.get_outputs()]
@@ -73,7 +73,7 @@ def cost(source, compiled, x, y, repeats: int) -> dict:
     t = timed({"forward": lambda: infer.run(None, {name: x}), "step": lambda: train.run(outputs, feeds),
                "prefix": lambda: prefix.run(boundary, {name: x}), "suffix": lambda: suffix.run(None, mid)},
               repeats, calls, warmup=2)
-    m = contract["spec"]["m"]
+    m = contract.spec.m
     floor = t["prefix"] + 2 * m * t["suffix"]
     return {"ms": {k: round(v / 1e3, 2) for k, v in (t | {"floor": floor}).items()},
             "step_over_floor": round(t["step"] / floor, 3), "step_over_forward": round(t["step"] / t["forward"], 3)}
@@ -85,7 +85,7 @@ def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathl
     np.savez(npz, x=x, y=y)
     folder = work / "compiled"
     write_compiled(compiled, folder)
-    names = accuracy.fp32_names(source, fp32, [s["name"] for s in compiled.contract["state"]])
+    names = accuracy.fp32_names(source, fp32, [s.name for s in compiled.contract.state])
     res = {"inference": memory.measure("inference", model=str(path), data=str(npz), batch=batch),
            "training": memory.measure("training", compiled=str(folder), data=str(npz), batch=batch)}
     try:
@@ -123,8 +123,8 @@ def main(names, ms, batches, memory_at, branches, repeats, bits, only_depth, out
                 seconds = time.perf_counter() - t0
                 for batch in batches:
                     row = {"model": name, "trained": label, "m": m, "batch": batch,
-                           "branches": compiled.contract["branches"], "compile_s": round(seconds, 2),
-                           "params": sum(int(np.prod(s["shape"])) for s in compiled.contract["state"])}
+                           "branches": compiled.contract.branches, "compile_s": round(seconds, 2),
+                           "params": sum(int(np.prod(s.shape)) for s in compiled.contract.state)}
                     row |= cost(source, compiled, *data(source, batch), repeats)
                     if (m, batch) in mem_rows:
                         with tempfile.TemporaryDirectory() as tmp:

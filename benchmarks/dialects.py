@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import build_dialects  # noqa: E402
 from fgcompile.compiler import compile_model, write_compiled  # noqa: E402
 from fgcompile.runtime.export import export_model  # noqa: E402
-from fgcompile.runtime.session import make_session  # noqa: E402
+from fgcompile.session import make_session  # noqa: E402
 from fgcompile.runtime.trainer import Trainer  # noqa: E402
 from fgcompile.spec import TrainSpec  # noqa: E402
 from step_cost import step_feeds, timed  # noqa: E402
@@ -52,7 +52,7 @@ def one(arch, dialect, data, test, steps, batch, tmp) -> dict:
     t = timed({"forward": lambda: infer.run(None, {"x": xb}), "step": lambda: train.run(None, feeds)},
               repeats=15, calls=40)
     return {"arch": arch, "dialect": dialect, "notes": "; ".join(compiled.notes) or "-",
-            "trains": ", ".join(f"{s['name']} ({s['dtype']})" for s in compiled.contract["state"]),
+            "trains": ", ".join(f"{s.name} ({s.dtype})" for s in compiled.contract.state),
             "nodes": (len(source.graph.node), len(compiled.source.graph.node), len(compiled.train.graph.node)),
             "step_us": t["step"], "forward_us": t["forward"],
             "acc": (accuracy(source, *test), accuracy(exported, *test))}

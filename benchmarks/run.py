@@ -107,9 +107,9 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
                     for s in seeds]
             final, exported = [t for t, _ in both], [e for _, e in both]
             contract = compile_model(source, spec(lr, 0), calibration=train[0]).contract
-            trained = [s["name"] for s in contract["state"]]
-            res["qzo_ff"][label] = {"variant": variant, "m": m, "lr": lr or contract["spec"]["lr"],
-                                    "eps": contract["spec"]["eps"], "options": extra,
+            trained = [s.name for s in contract.state]
+            res["qzo_ff"][label] = {"variant": variant, "m": m, "lr": lr or contract.spec.lr,
+                                    "eps": contract.spec.eps, "options": extra,
                                     "validation": {str(k): round(v, 4) for k, v in val.items()},
                                     **accuracy.summary(final), "exported": accuracy.summary(exported)}
             log(f"  {name} {epochs} epochs QZO-FF {label}: {np.mean(final):.2%} exported {np.mean(exported):.2%} "
@@ -162,7 +162,7 @@ def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
         path = models.path(entry[variant]["file"])
         source = modelio.load_model(path)
         compiled = compile_model(source, TrainSpec(m=m, bits=bits))
-        names = accuracy.fp32_names(source, fp32, [s["name"] for s in compiled.contract["state"]])
+        names = accuracy.fp32_names(source, fp32, [s.name for s in compiled.contract.state])
         with tempfile.TemporaryDirectory() as tmp:
             write_compiled(compiled, tmp)
             for b in batches:

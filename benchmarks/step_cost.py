@@ -17,7 +17,7 @@ import numpy as np
 
 from fgcompile.compiler import compile_model
 from fgcompile.runtime import trainer
-from fgcompile.runtime.session import make_session
+from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 from split import split
 
@@ -36,19 +36,19 @@ def timed(fns: dict, repeats: int, calls: int, warmup: int = 20) -> dict:
     return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
 
 
-def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, step: int, state: dict) -> dict:
+def step_feeds(contract, x: np.ndarray, y: np.ndarray, step: int, state: dict) -> dict:
     """A training step's inputs, as the Trainer feeds them (seed 0, the default lr)."""
-    return trainer.step_feeds(contract, x, y, 0, step, contract["lr"]["default"], state)
+    return trainer.step_feeds(contract, x, y, 0, step, contract.lr_numerator.default, state)
 
 
 def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int = 1, repeats: int = 7,
             calls: int = 100) -> dict:
     compiled = compile_model(source, spec)
     contract = compiled.contract
-    data = contract["inputs"]["data"]
+    data = contract.inputs.data
     infer = make_session(source, threads)
     train = make_session(compiled.train, threads)
-    prefix_model, suffix_model, boundary = split(source, [s["name"] for s in contract["state"]])
+    prefix_model, suffix_model, boundary = split(source, [s.name for s in contract.state])
     prefix, suffix = make_session(prefix_model, threads), make_session(suffix_model, threads)
     mid = dict(zip(boundary, prefix.run(boundary, {data: x})))
     outputs = [o.name for o in train.get_outputs()]
@@ -58,14 +58,14 @@ def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int 
     def step():   # as the Trainer runs it: a new seed, the previous step's state fed back
         step_no[0] += 1
         out = dict(zip(outputs, train.run(outputs, step_feeds(contract, x, y, step_no[0], state))))
-        state.update({s["name"]: out[s["output"]] for s in contract["state"]})
+        state.update({s.name: out[s.output] for s in contract.state})
 
     t = timed({"forward": lambda: infer.run(None, {data: x}), "step": step,
                 "prefix": lambda: prefix.run(boundary, {data: x}), "suffix": lambda: suffix.run(None, mid)},
                repeats, calls)
-    m = contract["spec"]["m"]
+    m = contract.spec.m
     floor = t["prefix"] + 2 * m * t["suffix"]
-    return {"m": m, "batch": len(y), "threads": threads, "branches": contract["branches"],
+    return {"m": m, "batch": len(y), "threads": threads, "branches": contract.branches,
             "train_nodes": len(compiled.train.graph.node), "source_nodes": len(source.graph.node),
             "us": {k: round(v, 1) for k, v in t.items()} | {"floor": round(floor, 1)},
             "step_over_forward": round(t["step"] / t["forward"], 3),

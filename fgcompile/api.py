@@ -18,7 +18,7 @@ from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.errors import ModelError, SpecError
 from fgcompile.runtime import export as _export, tune as _tune
 from fgcompile.runtime.evaluate import evaluate
-from fgcompile.runtime.session import SessionSettings
+from fgcompile.session import SessionSettings
 from fgcompile.runtime.trainer import Trainer
 from fgcompile.spec import TrainSpec
 

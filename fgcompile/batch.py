@@ -6,6 +6,7 @@ end of the run. Ctrl-C stops the running children promptly and still writes the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,7 +17,9 @@ import tempfile
 import time
 
 from fgcompile import modelio
-from fgcompile.compiler import TRAIN, compile_model, write_compiled
+from fgcompile.artifact import LAYOUT
+from fgcompile.compiler import compile_model, write_compiled
+from fgcompile.report import format_table
 from fgcompile.errors import FgcompileError, SpecError
 from fgcompile.spec import TrainSpec
 
@@ -33,7 +36,7 @@ def compile_one(path: str, out_dir: str, spec: TrainSpec, force: bool = False) -
         compiled = compile_model(source, spec)
         dest = write_compiled(compiled, out_dir, force=force, source_path=path)
         row["trainable_params"] = int(sum(v.size for v in compiled.state.values()))
-        row["graph_bytes"] = (dest / TRAIN).stat().st_size
+        row["graph_bytes"] = (dest / LAYOUT.train).stat().st_size
     except FgcompileError as exc:
         row.update(status="error", error=str(exc))
     except Exception as exc:  # an unexpected failure in one model is reported, not raised
@@ -105,7 +108,7 @@ def _pause() -> None:
 def _start(model: pathlib.Path, out: pathlib.Path, spec: TrainSpec, force: bool, scratch: pathlib.Path):
     result = scratch / f"{model.name}.json"
     with open(result.with_suffix(".err"), "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "fgcompile.batch", str(model), str(out), spec.to_json(),
+        proc = subprocess.Popen([sys.executable, "-m", "fgcompile.batch", str(model), str(out), json.dumps(dataclasses.asdict(spec)),
                                  "1" if force else "0", str(result)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     return proc, time.monotonic(), result
@@ -146,16 +149,14 @@ def format_summary(rows: list[dict]) -> str:
     body = [(r["model"], r["status"], r["trainable_params"] or "-",
              f"{r['graph_bytes'] / 1024:.0f} KiB" if r["graph_bytes"] else "-", f"{r['seconds']:.2f}s",
              (r["error"] or "")[:90]) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     failed = sum(r["status"] == "error" for r in rows)
     cancelled = sum(r["status"] == "cancelled" for r in rows)
     total = f"{len(rows) - failed - cancelled} compiled, {failed} failed"
     total += f", {cancelled} cancelled" if cancelled else ""
-    return "\n".join([line(head)] + [line(b) for b in body] + [total])
+    return "\n".join(format_table(head, body) + [total])
 
 
 if __name__ == "__main__":  # one model, in its own process: python -m fgcompile.batch MODEL OUT SPEC FORCE RESULT
     model_path, out_path, spec_json, force_flag, result_path = sys.argv[1:6]
-    row = compile_one(model_path, out_path, TrainSpec.from_json(spec_json), force_flag == "1")
+    row = compile_one(model_path, out_path, TrainSpec(**json.loads(spec_json)), force_flag == "1")
     modelio.write_bytes(result_path, json.dumps(row).encode())

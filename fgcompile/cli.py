@@ -9,8 +9,8 @@ import click
 
 from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
-from fgcompile.spec import (BRANCH_FORMS, ESTIMATORS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS, ROUNDINGS,
-                            SPARSE_MODES, TrainSpec)
+from fgcompile.spec import (BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS,
+                            ROUNDINGS, SPARSE_MODES, TrainSpec)
 
 
 class Group(click.Group):
@@ -43,12 +43,13 @@ def json_option(f):
 
 
 def session_options(f):
-    from fgcompile.runtime.session import OPTIMIZATION
+    from fgcompile.session import OPTIMIZATION, SessionSettings
     options = [
-        click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: its default)."),
-        click.option("--optimization", type=click.Choice(list(OPTIMIZATION)), default="all", show_default=True,
-                     help="onnxruntime graph optimization level (disable: the ONNX ops as written)."),
-        click.option("--provider", default="CPUExecutionProvider", show_default=True,
+        click.option("--threads", default=SessionSettings.threads, show_default=True,
+                     help="onnxruntime intra-op threads (0: its default)."),
+        click.option("--optimization", type=click.Choice(list(OPTIMIZATION)), default=SessionSettings.optimization,
+                     show_default=True, help="onnxruntime graph optimization level (disable: the ONNX ops as written)."),
+        click.option("--provider", default=SessionSettings.provider, show_default=True,
                      help="onnxruntime execution provider (falls back to CPU for what it cannot run)."),
     ]
     for option in reversed(options):
@@ -57,30 +58,40 @@ def session_options(f):
 
 
 def make_session_settings(kw):
-    from fgcompile.runtime.session import SessionSettings
+    from fgcompile.session import SessionSettings
     return SessionSettings(threads=kw.pop("threads"), optimization=kw.pop("optimization"), provider=kw.pop("provider"))
+
+
+def _grid_defaults(i: int) -> str:
+    return ", ".join(f"{bits}-bit {values[i]:g}" for bits, values in GRID_DEFAULTS.items())
 
 
 def spec_options(f):
     options = [
         click.option("--train", "train", multiple=True, metavar="REGEX",
                      help="Train weight sites whose site/weight/bias name matches (repeatable)."),
-        click.option("--last", default=1, show_default=True, help="Train the N weight sites nearest the output."),
+        click.option("--last", default=TrainSpec.last, show_default=True,
+                     help="Train the N weight sites nearest the output."),
         click.option("--no-bias", is_flag=True, help="Do not train the biases of the chosen sites."),
         click.option("--m", "m", default=TrainSpec.m, show_default=True, help="Perturbations per step (2m forwards)."),
-        click.option("--eps", type=int, default=None, help="Perturbation size ε in LSBs [16-bit grid: 64, 8-bit: 1]."),
-        click.option("--lr", type=float, default=None, help="Learning rate η in LSBs per step [16-bit: 128, 8-bit: 1]."),
-        click.option("--lr-shift", default=8, show_default=True, help="η = lr_input / 2**shift (fixed point)."),
-        click.option("--perturbation", type=click.Choice(PERTURBATIONS), default="rademacher", show_default=True),
-        click.option("--density", default=1.0, show_default=True, help="Nonzero fraction of ternary z."),
-        click.option("--loss", type=click.Choice(LOSSES), default="ce", show_default=True),
-        click.option("--estimator", type=click.Choice(ESTIMATORS), default="sign", show_default=True,
+        click.option("--eps", type=int, default=TrainSpec.eps,
+                     help=f"Perturbation size ε in LSBs [by the training grid's bits: {_grid_defaults(0)}]."),
+        click.option("--lr", type=float, default=TrainSpec.lr,
+                     help=f"Learning rate η in LSBs per step [by the training grid's bits: {_grid_defaults(1)}]."),
+        click.option("--lr-shift", default=TrainSpec.lr_shift, show_default=True,
+                     help="η = lr_input / 2**shift (fixed point)."),
+        click.option("--perturbation", type=click.Choice(PERTURBATIONS), default=TrainSpec.perturbation,
+                     show_default=True),
+        click.option("--density", default=TrainSpec.density, show_default=True, help="Nonzero fraction of ternary z."),
+        click.option("--loss", type=click.Choice(LOSSES), default=TrainSpec.loss, show_default=True),
+        click.option("--estimator", type=click.Choice(ESTIMATORS), default=TrainSpec.estimator, show_default=True,
                      help="sign: Sign-m-SPSA; spsa: quantized m-SPSA."),
-        click.option("--spsa-gain", default=64.0, show_default=True, help="m-SPSA: c = round(gain·ΔL)."),
-        click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True),
-        click.option("--bits", type=click.Choice(["8", "16"]), default="16", show_default=True,
+        click.option("--spsa-gain", default=TrainSpec.spsa_gain, show_default=True, help="m-SPSA: c = round(gain·ΔL)."),
+        click.option("--rounding", type=click.Choice(ROUNDINGS), default=TrainSpec.rounding, show_default=True),
+        click.option("--bits", type=click.Choice(["8", "16"]), default=str(TrainSpec.bits), show_default=True,
                      help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the perturbations and the data order, in [0, 2**32)."),
+        click.option("--seed", default=TrainSpec.seed, show_default=True,
+                     help="Seed of the perturbations and the data order, in [0, 2**32)."),
         click.option("--headroom", type=click.Choice([str(h) for h in HEADROOMS]), default=str(TrainSpec.headroom),
                      show_default=True, help="Train on a grid with H x the pretrained weight range; export "
                                              "re-quantizes to the deployed grid."),
@@ -102,11 +113,11 @@ def spec_options(f):
                      help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one "
                           "copy per branch), loop (a Loop over the m pairs, memory near inference), auto "
                           "(stacked where every suffix op has a rule)."),
-        click.option("--memory-budget", "memory_budget_mb", type=float, default=None, metavar="MB",
+        click.option("--memory-budget", "memory_budget_mb", type=float, default=TrainSpec.memory_budget_mb, metavar="MB",
                      help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
-        click.option("--prompts", default=0, show_default=True,
+        click.option("--prompts", default=TrainSpec.prompts, show_default=True,
                      help="Append N trainable tokens at a transformer block's input (trained with the sites)."),
-        click.option("--prompt-at", default="", metavar="NODE",
+        click.option("--prompt-at", default=TrainSpec.prompt_at, metavar="NODE",
                      help="The LayerNormalization whose input gets the prompts [the first over tokens]."),
     ]
     for option in reversed(options):
@@ -128,18 +139,18 @@ def make_spec(kw) -> TrainSpec:
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--m", "m", default=8, show_default=True, help="Perturbations per step, for the memory estimate.")
+@click.option("--m", "m", default=TrainSpec.m, show_default=True, help="Perturbations per step, for the memory estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
 def inspect(model, m, as_json):
     """List the trainable parameters of a quantized MODEL, their grid and the memory to train each,
     and the layers that stay float."""
     import dataclasses
-    from fgcompile.inspect import format_table, inspect_graph
+    from fgcompile.inspect import format_inspection, inspect_graph
     from fgcompile.modelio import load_model
     rows, floats = inspect_graph(load_model(model), m=m)
     click.echo(json.dumps({"parameters": [dataclasses.asdict(r) for r in rows],
                            "stays_float": [dataclasses.asdict(f) for f in floats]}, indent=2)
-               if as_json else format_table(rows, floats))
+               if as_json else format_inspection(rows, floats))
 
 
 @main.command("compile")
@@ -156,6 +167,7 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
     import time
     from fgcompile.compiler import compile_model, write_compiled
     from fgcompile.modelio import load_model
+    from fgcompile.report import describe_compile
     from fgcompile.runtime.data import load_data
     spec = make_spec(kw)
     t0 = time.perf_counter()
@@ -163,31 +175,15 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
     x = load_data(calibration)[0] if calibration else None
     compiled = compile_model(source, spec, calibration=x)
     write_compiled(compiled, out, force=force, source_path=model)
-    c = compiled.contract
     seconds = time.perf_counter() - t0
     logging.getLogger("fgcompile.compile").info("compiled %s -> %s in %.2fs", model, out, seconds)
     if as_json:
-        click.echo(json.dumps({"model": model, "out": out, "seconds": round(seconds, 3), "contract": c}))
+        click.echo(json.dumps({"model": model, "out": out, "seconds": round(seconds, 3),
+                               "contract": compiled.contract.to_dict()}))
         return
     click.echo(f"compiled {model} -> {out} in {seconds:.2f}s")
-    for s in c["state"]:
-        click.echo(f"  trains {s['name']} ({s['role']}, {s['dtype']} {'x'.join(map(str, s['shape']))}"
-                   f"{', widened from ' + s['source_dtype'] + ' x' + format(s['factor'], 'g') if s['widened'] else ''})")
-    for p in c["precondition"]:
-        click.echo(f"  {p['site']} reads its input whitened (frozen {p['matrix']}, folded back on export)")
-    sp = c["spec"]
-    click.echo(f"  m={sp['m']} eps={sp['eps']} lr={sp['lr']} ({c['lr']['default']}/2^{c['lr']['shift']}) "
-               f"{sp['perturbation']} {sp['estimator']} loss={sp['loss']} on {c['loss_tap']}")
-    if sp.get("kernel_norm") or sp.get("sparsity"):
-        click.echo("  " + "; ".join(part for part in (
-            "kernel-wise normalized ĝ" if sp.get("kernel_norm") else "",
-            f"sparse update ({sp['sparse_mode']}): {sp['sparsity']:.0%} of each tensor unchanged per step"
-            if sp.get("sparsity") else "") if part))
-    click.echo(f"  2m={2 * sp['m']} branches {c['branches']}"
-               + {"stacked": "", "loop": " (an ONNX Loop over the m pairs: one pair's activations at a time)"}.get(
-                   c["branches"], f" (one copy per branch: {c.get('branches_reason')})")
-               + ("; activation requantization after the last trained-path Conv/MatMul/Gemm read as float"
-                  if sp["requant_bypass"] else ""))
+    for line in describe_compile(compiled.contract):
+        click.echo(f"  {line}")
 
 
 @main.command()
@@ -279,7 +275,8 @@ def eval_cmd(model_or_out, data, as_json, **kw):
 @json_option
 def export(folder, out, output_alias, as_json):
     """Write the trained weights of OUT into a plain QDQ inference model."""
-    from fgcompile.runtime.export import describe_export, export_model
+    from fgcompile.report import describe_export
+    from fgcompile.runtime.export import export_model
     output = out or output_alias
     if output is None:
         raise click.UsageError("Missing option '-o' / '--out'.")
@@ -299,9 +296,9 @@ def export(folder, out, output_alias, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def verify(out, steps, data, as_json):
     """Run STEPS chained steps of OUT on every runtime installed here and compare them bit for bit."""
-    from fgcompile.runtime.conformance import format_table, verify as run_verify
+    from fgcompile.runtime.conformance import format_rows, verify as run_verify
     rows = run_verify(out, steps, data)
-    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+    click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
     if not all(r["identical"] and r["integer_part"] for r in rows):
         sys.exit(1)
 

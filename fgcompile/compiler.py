@@ -1,12 +1,6 @@
-"""compile_model: the public entry of the compiler, and the layout of a compiled output folder.
+"""compile_model: the public entry of the compiler, and write_compiled, which writes its result as a
+folder (fgcompile/artifact.py gives the layout).
 
-OUT/train.onnx   the training graph (its metadata_props hold the spec and the I/O contract)
-OUT/eval.onnx    the inference graph with the trained tensors as inputs (for eval during training)
-OUT/state.npz    the initial state: one array per trained tensor, named as the graph inputs
-OUT/source.onnx  the inference model in canonical QDQ form (passes/canonicalize.py; the input model
-                 itself when it already is): export writes the trained weights into a copy
-OUT/tune.json    the learning rate `fgcompile tune` chose (runtime/tune.py), when it ran
-OUT/.fgcompile-folder, .fgcompile.lock   the marker that fgcompile wrote OUT, and the lock of a run
 Everything is built in memory first and the folder is swapped in whole, so a failed compile leaves
 nothing behind and never a mix of two compilations; fgcompile/folder.py says which folders it replaces.
 """
@@ -17,10 +11,9 @@ import pathlib
 import onnx
 
 from fgcompile import folder, modelio
-from fgcompile.passes.pipeline import Compiled, compile_graph
+from fgcompile.artifact import LAYOUT, Compiled
+from fgcompile.passes.pipeline import compile_graph
 from fgcompile.spec import TrainSpec
-
-TRAIN, EVAL, STATE, SOURCE, CHECKPOINT = "train.onnx", "eval.onnx", "state.npz", "source.onnx", "checkpoint.npz"
 
 
 def compile_model(model, spec: TrainSpec | None = None, calibration=None) -> Compiled:
@@ -40,14 +33,8 @@ def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path
     folder.recover(out)
     folder.check_replaceable(out, [source_path] if source_path else [], force)
     with folder.staged(out, "compiled", source_path) as staging:
-        modelio.save_model(compiled.train, staging / TRAIN)
-        modelio.save_model(compiled.eval, staging / EVAL)
-        modelio.save_npz(staging / STATE, compiled.state)
-        modelio.save_model(compiled.source, staging / SOURCE)
+        modelio.save_model(compiled.train, staging / LAYOUT.train)
+        modelio.save_model(compiled.eval, staging / LAYOUT.eval)
+        modelio.save_npz(staging / LAYOUT.state, compiled.state)
+        modelio.save_model(compiled.source, staging / LAYOUT.source)
     return out
-
-
-def read_contract(model: onnx.ModelProto, path="train.onnx") -> dict:
-    """The contract of a training graph, checked against the graph (fgcompile/validate.py)."""
-    from fgcompile.validate import parse_contract
-    return parse_contract(model, path)

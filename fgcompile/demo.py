@@ -12,10 +12,12 @@ from __future__ import annotations
 import pathlib
 
 from fgcompile import folder, models, modelio
+from fgcompile.artifact import LAYOUT
 from fgcompile.compiler import compile_model, write_compiled
-from fgcompile.inspect import format_table, inspect_model
+from fgcompile.inspect import format_inspection, inspect_model
+from fgcompile.report import describe_compile, describe_export, format_table
 from fgcompile.runtime.evaluate import evaluate
-from fgcompile.runtime.export import describe_export, export_model
+from fgcompile.runtime.export import export_model
 from fgcompile.runtime.trainer import Trainer
 from fgcompile.spec import TrainSpec
 from fgcompile.errors import SpecError
@@ -44,19 +46,19 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
         raise SpecError(f"--epochs {epochs}: the demo trains at least one epoch.")
     folder.recover(out)
     folder.check_replaceable(out, [files["model"]], force=True, kind="demo")
-    if not (out / folder.MARKER).exists():
+    if not (out / LAYOUT.marker).exists():
         out.mkdir(parents=True, exist_ok=True)
-        modelio.save_json(out / folder.MARKER, {"kind": "demo"})
+        modelio.save_json(out / LAYOUT.marker, {"kind": "demo"})
     source = modelio.load_model(files["model"])
     echo(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
-    echo(format_table(inspect_model(source)) + "\n")
+    echo(format_inspection(inspect_model(source, m=spec.m, bits=spec.bits, headroom=spec.headroom)) + "\n")
     from fgcompile.runtime.data import load_data
     train_x = load_data(files["target_train"])[0]   # whitening calibrates on the training inputs only
     compiled = compile_model(source, spec, calibration=train_x)
     write_compiled(compiled, out / "compiled", force=True, source_path=files["model"])
-    trained = ", ".join(s["name"] for s in compiled.contract["state"])
-    echo(f"compiled: {out / 'compiled'} (training {trained}; m={compiled.contract['spec']['m']}, "
-         f"eps={compiled.contract['spec']['eps']}, lr={compiled.contract['spec']['lr']})")
+    echo(f"compiled: {out / 'compiled'}")
+    for line in describe_compile(compiled.contract):
+        echo(f"  {line}")
     before = {d: evaluate(files["model"], files[d]) for d in ("source_test", "target_test")}
     trainer = Trainer(out / "compiled")
     history = trainer.fit(files["target_train"], files["target_test"], epochs=epochs, batch=batch,
@@ -65,9 +67,10 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     report = export_model(out / "compiled", out / "adapted.onnx")
     exported = {d: evaluate(out / "adapted.onnx", files[d]) for d in ("source_test", "target_test")}
     echo("")
-    echo(f"{'split':12s}  {'before':>8s}  {'after':>8s}  {'exported':>8s}")
-    for d in ("target_test", "source_test"):
-        echo(f"{d:12s}  {before[d]['accuracy']:8.2%}  {after[d]['accuracy']:8.2%}  {exported[d]['accuracy']:8.2%}")
+    for line in format_table(("split", "before", "after", "exported"),
+                             [(d, *(f"{r[d]['accuracy']:.2%}" for r in (before, after, exported)))
+                              for d in ("target_test", "source_test")], right=(1, 2, 3)):
+        echo(line)
     for name, r in report.items():
         echo(f"export: {name} {describe_export(r)}")
     adapted = modelio.load_model(out / "adapted.onnx")

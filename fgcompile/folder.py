@@ -21,11 +21,9 @@ import shutil
 import tempfile
 
 from fgcompile import __version__, modelio
+from fgcompile.artifact import LAYOUT
 from fgcompile.errors import OutputError
 
-MARKER = ".fgcompile-folder"   # JSON: who wrote the folder and from which source model
-LOCK = ".fgcompile.lock"       # flock()ed by the process that trains or replaces the folder; holds its pid
-CHECKPOINT, LOG = "checkpoint.npz", "train_log.jsonl"
 _STAGING = "fgcompile-staging"
 _OLD = "fgcompile-old"
 
@@ -47,18 +45,15 @@ def recover(out) -> None:
     for old, pid in _leftover(out.parent, out.name, _OLD):
         if modelio.process_alive(pid):
             continue
-        if not os.path.lexists(out) and (old / MARKER).is_file():
+        if not os.path.lexists(out) and (old / LAYOUT.marker).is_file():
             os.replace(old, out)     # the crash came between the renames: the old folder is the last whole one
         else:
             shutil.rmtree(old, ignore_errors=True)
     for staging, pid in _leftover(out.parent, out.name, _STAGING):
         if not modelio.process_alive(pid):
             shutil.rmtree(staging, ignore_errors=True)
-    if out.is_dir() and (out / MARKER).is_file():
+    if out.is_dir() and (out / LAYOUT.marker).is_file():
         modelio.remove_stale_temps(out)
-
-
-LAYOUT = {"train.onnx", "eval.onnx", "state.npz", "source.onnx", "tune.json", CHECKPOINT, LOG, MARKER, LOCK}
 
 
 def is_owned(folder, kind: str = "compiled") -> bool:
@@ -66,19 +61,19 @@ def is_owned(folder, kind: str = "compiled") -> bool:
     before markers) it holds train.onnx and nothing but the compiled layout's own file names."""
     folder = pathlib.Path(folder)
     try:
-        return json.loads((folder / MARKER).read_text()).get("kind") == kind
+        return json.loads((folder / LAYOUT.marker).read_text()).get("kind") == kind
     except (OSError, ValueError, AttributeError):
         pass
     try:
         names = {p.name for p in folder.iterdir()}
     except OSError:
         return False
-    return kind == "compiled" and "train.onnx" in names and names <= LAYOUT
+    return kind == "compiled" and LAYOUT.train in names and names <= LAYOUT.names()
 
 
 def marker(folder) -> dict:
     try:
-        data = json.loads((pathlib.Path(folder) / MARKER).read_text())
+        data = json.loads((pathlib.Path(folder) / LAYOUT.marker).read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -107,7 +102,7 @@ def check_replaceable(out, inputs=(), force: bool = False, kind: str = "compiled
         raise OutputError(f"{out}: the folder exists and was not written by fgcompile ({len(entries)} entries, "
                           f"e.g. {sorted(entries)[0]!r}); fgcompile replaces only folders it wrote. Choose a new "
                           "or empty -o folder.")
-    trained = [n for n in (CHECKPOINT, LOG) if n in entries]
+    trained = [n for n in (LAYOUT.checkpoint, LAYOUT.log) if n in entries]
     if trained and not force:
         raise OutputError(f"{out}: holds training ({', '.join(trained)}) that recompiling would discard. Export "
                           f"it first (fgcompile export {out} -o adapted.onnx), choose another -o, or pass --force "
@@ -128,8 +123,8 @@ def staged(out, kind: str = "compiled", source=None):
         info = {"kind": kind, "fgcompile": __version__}
         if source is not None:
             info["source"] = str(pathlib.Path(source).resolve())
-        modelio.save_json(staging / MARKER, info)
-        (staging / LOCK).touch()
+        modelio.save_json(staging / LAYOUT.marker, info)
+        (staging / LAYOUT.lock).touch()
     except OSError as exc:
         raise OutputError(f"{out}: cannot write here ({exc.strerror}). Choose a writable folder with -o.") from None
     try:
@@ -155,7 +150,7 @@ def locked(folder, action: str = "train"):
     """Hold an exclusive flock on FOLDER/.fgcompile.lock; a second process gets OutputError naming the
     first's pid. The kernel drops the lock when the holder exits, however it exits."""
     import fcntl
-    path = pathlib.Path(folder) / LOCK
+    path = pathlib.Path(folder) / LAYOUT.lock
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, modelio.default_mode())
     except OSError as exc:

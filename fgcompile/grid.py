@@ -19,6 +19,9 @@ scale only when its trained values no longer fit:
     s_d = s while the channel fits (round_half_away(DQ(W_t) / s) within the dtype), else max|DQ(W_t)| / qmax
     W_d = sign(q) · floor(|q| + 1/2),  q = DQ(W_t) / s_d   (round half away from zero)
 A bias tied to its weight's scale (s_b = s_in · s_w) follows: s_b,d = s_b · s_d / s, b_d = round(b / s_b,d).
+A channel that still fits its deployed scale narrows in integers, the inverse of widen():
+    W_d = clip(sign(W_t) · ((|W_t| + F/2) div F))
+passes/widen.py widens, runtime/export.py narrows; both take the formulas from here.
 """
 from __future__ import annotations
 
@@ -28,7 +31,10 @@ import numpy as np
 
 WIDENING = 256   # 8 -> 16 bits: the finest training grid of an 8-bit weight (F without headroom)
 RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-LEGACY_WIDE_RANGE = (-32768, 127 * WIDENING + 127)   # H = 1: every value still narrows to int8 without clipping
+LEGACY_WIDE_RANGE = (-32768, 127 * WIDENING + WIDENING // 2 - 1)   # H = 1: every value still narrows to int8 unclipped
+# the widenings fgcompile makes (source -> training dtype), and the largest value that still narrows back
+WIDENED_QMAX = {("int8", "int16"): LEGACY_WIDE_RANGE[1], ("uint8", "uint16"): 255 * WIDENING + WIDENING // 2 - 1,
+                ("int32", "int32"): np.iinfo(np.int32).max, ("int16", "int16"): np.iinfo(np.int16).max}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +48,7 @@ class TrainingGrid:
 def training_grid(source_dtype: str, bits: int, headroom: int) -> TrainingGrid | None:
     """The grid a symmetric `source_dtype` weight trains on, or None when it trains as it is."""
     if source_dtype == "uint8" and bits == 16:   # asymmetric weights: finer only (zp_t = 256·zp)
-        return TrainingGrid("uint16", WIDENING, 0, 255 * WIDENING + 127)
+        return TrainingGrid("uint16", WIDENING, 0, WIDENED_QMAX["uint8", "uint16"])
     if source_dtype == "int8" and bits == 16:
         f = WIDENING // headroom
         lo, hi = LEGACY_WIDE_RANGE if headroom == 1 else (-128 * f * headroom, 127 * f * headroom)
@@ -55,16 +61,30 @@ def training_grid(source_dtype: str, bits: int, headroom: int) -> TrainingGrid |
     return TrainingGrid("int16", 1, lo * headroom, hi * headroom)
 
 
-def resolution_bits(state: list[dict]) -> int:
-    """Bits of the training grid per source range, from the contract's state entries: source bits +
-    log2(F) of the trained weights (16 when no weight trains). The pipeline resolves ε and lr by it."""
-    bits = [np.dtype(s["source_dtype"]).itemsize * 8 + int(np.log2(s["factor"])) for s in state
-            if s["role"] == "weight"]
+def resolution_bits(state: list) -> int:
+    """Bits of the training grid per source range, from the contract's state entries (StateTensor):
+    source bits + log2(F) of the trained weights (16 when no weight trains). The pipeline resolves ε and
+    lr by it."""
+    bits = [np.dtype(s.source_dtype).itemsize * 8 + int(np.log2(s.factor)) for s in state if s.role == "weight"]
     return max(bits) if bits else 16
 
 
 def round_half_away(q: np.ndarray) -> np.ndarray:
     return np.sign(q) * np.floor(np.abs(q) + 0.5)
+
+
+def widen(values, factor: float) -> np.ndarray:
+    """W_t = F·W in int64 (exact for F >= 1), or round_half_away(F·W) for F < 1 (int16 with headroom)."""
+    v = np.asarray(values).astype(np.int64)
+    return v * int(factor) if factor >= 1 else round_half_away(v * factor).astype(np.int64)
+
+
+def narrow(values: np.ndarray, dtype: str, factor: int = WIDENING) -> np.ndarray:
+    """W = clip(round_half_away(W_t / F)) in integers: the inverse of widen() for an integer F >= 1."""
+    v = values.astype(np.int64)
+    q = np.sign(v) * ((np.abs(v) + factor // 2) // factor)
+    info = np.iinfo(dtype)
+    return np.clip(q, info.min, info.max).astype(dtype)
 
 
 def per_channel(values: np.ndarray, axis: int | None) -> np.ndarray:

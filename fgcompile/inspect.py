@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import ModelError, SpecError
 from fgcompile.grid import WIDENING, training_grid
+from fgcompile.report import format_table
 from fgcompile.spec import TrainSpec
 from fgcompile.passes import canonicalize, floatgrid, pair
 from fgcompile.passes.analyze import find_weight_sites, is_quantized
@@ -77,7 +78,7 @@ def _grid(graph: gs.Graph, site, tensor, role: str, bits: int, headroom: int) ->
         return f"{grid.dtype} (·{grid.factor:g}, s/{grid.factor:g}; range x{headroom if role == 'weight' else 1})", 2
     if tensor.dtype == "int32" and role == "bias":
         # a widened product weight scales its int32 bias with it (s_w/s_b stays); a norm scale does not
-        widening = WIDENING if bits == 16 and site.kind == "norm" and site.weight.dtype in ("int8", "uint8") else 1
+        widening = WIDENING if site.kind == "norm" and training_grid(site.weight.dtype, bits, 1) is not None else 1
         tensors = graph.tensors()
         stride = bias_stride(tensors[site.weight.scale_name].values, tensors[tensor.scale_name].values, widening)
         return f"int32, stride {stride}", 4
@@ -100,7 +101,7 @@ def float_layers(graph: gs.Graph) -> list[FloatLayer]:
     return rows
 
 
-def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16,
+def inspect_graph(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = TrainSpec.bits,
                   headroom: int = TrainSpec.headroom) -> tuple[list[ParamRow], list[FloatLayer]]:
     if not 1 <= m <= 64:
         raise SpecError(f"--m {m}: the number of perturbations must be 1..64 (the memory estimate uses it).")
@@ -121,22 +122,21 @@ def inspect_graph(model: onnx.ModelProto, m: int = 8, bits: int = 16,
     return rows, float_layers(graph)
 
 
-def inspect_model(model: onnx.ModelProto, m: int = 8, bits: int = 16, headroom: int = TrainSpec.headroom) -> list[ParamRow]:
+def inspect_model(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = TrainSpec.bits,
+                  headroom: int = TrainSpec.headroom) -> list[ParamRow]:
     return inspect_graph(model, m, bits, headroom)[0]
 
 
-def format_table(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> str:
+def format_inspection(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> str:
     head = ("site", "op", "role", "tensor", "shape", "dtype", "axis", "params", "trains on", "train mem",
             "loop mem")
     body = [(r.site, r.op, r.role, r.tensor, "x".join(map(str, r.shape)) or "scalar", r.dtype,
              "-" if r.axis is None else str(r.axis), str(r.params), r.grid, _human(r.train_bytes),
              _human(r.loop_bytes)) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     sites = {r.site for r in rows}
     norms = {r.site for r in rows if r.role == "scale"}
     total = sum(r.params for r in rows)
-    out = [line(head)] + [line(b) for b in body]
+    out = format_table(head, body)
     out.append(f"{len(sites) - len(norms)} weight sites, {len(norms)} normalization sites, {total} parameters "
                "(normalization sites train when named with --train)")
     out += [f"stays float: {f.node} ({f.op}: {', '.join(f.tensors)}): {f.why}" for f in floats]

@@ -6,7 +6,6 @@ metadata_props so that `train`, `eval` and `export` need nothing but the compile
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 
@@ -141,11 +140,3 @@ class TrainSpec:
         need(self.bits in (8, 16), f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
         need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
         need(0 <= self.seed < 2 ** 32, f"--seed {self.seed}: must be in [0, 2**32) (the graph's seed input is 32-bit).")
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainSpec":
-        data = json.loads(text)
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})

@@ -19,15 +19,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fgcompile.artifact import METADATA_KEY, Contract
 from fgcompile.errors import FgcompileError, ModelError, SpecError
+from fgcompile.grid import WIDENED_QMAX, widen
 
 INT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32")
 STATE_FIELDS = {"name": str, "output": str, "role": str, "dtype": str, "shape": list, "qmin": int, "qmax": int,
                 "stride": int, "source_dtype": str, "widened": bool}
-WIDEN = 256
-# widenings fgcompile makes (source -> trained dtype), and the largest value that still narrows back
-WIDENINGS = {("int8", "int16"): 127 * WIDEN + WIDEN // 2 - 1, ("uint8", "uint16"): 255 * WIDEN + WIDEN // 2 - 1,
-             ("int32", "int32"): np.iinfo(np.int32).max, ("int16", "int16"): np.iinfo(np.int16).max}
 
 
 class StateError(FgcompileError):
@@ -80,7 +78,7 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
         if not info.min <= s["qmin"] < s["qmax"] <= info.max:
             return f"state {name!r}: [qmin, qmax] = [{s['qmin']}, {s['qmax']}] does not fit {dtype}"
         if s["widened"]:
-            qmax = WIDENINGS.get((s["source_dtype"], dtype))
+            qmax = WIDENED_QMAX.get((s["source_dtype"], dtype))
             if qmax is None or s["qmax"] > qmax:
                 return f"state {name!r}: widened from {s['source_dtype']} to {dtype} is not a widening fgcompile makes"
         elif dtype != s["source_dtype"]:
@@ -95,27 +93,30 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
     return None
 
 
-def parse_contract(model: onnx.ModelProto, path) -> dict:
+def parse_contract(model: onnx.ModelProto, path) -> Contract:
     """The validated contract of the training graph at PATH (ModelError if missing, bad JSON or edited)."""
     props = {p.key: p.value for p in model.metadata_props}
     fix = f"Recompile the model into this folder (fgcompile compile MODEL.onnx -o {pathlib.Path(path).parent} --force)."
-    if "fgcompile" not in props:
+    if METADATA_KEY not in props:
         raise ModelError(f"{path}: this ONNX file has no fgcompile contract in its metadata; pass the folder "
                          "written by `fgcompile compile`.")
     try:
-        contract = json.loads(props["fgcompile"])
+        contract = json.loads(props[METADATA_KEY])
     except ValueError as exc:
         raise ModelError(f"{path}: the fgcompile contract in its metadata is not valid JSON ({exc}). {fix}") from None
     problem = contract_problem(contract, model)
-    if problem:
-        raise ModelError(f"{path}: the fgcompile contract in its metadata is inconsistent with the graph: "
-                         f"{problem}. The file was edited or damaged. {fix}")
-    return contract
+    if not problem:
+        try:
+            return Contract.from_dict(contract)
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:   # keys the checks above do not cover
+            problem = f"malformed ({type(exc).__name__}: {exc})"
+    raise ModelError(f"{path}: the fgcompile contract in its metadata is inconsistent with the graph: "
+                     f"{problem}. The file was edited or damaged. {fix}")
 
 
-def check_state(arrays: dict, contract: dict, path, fix: str) -> dict:
+def check_state(arrays: dict, contract: Contract, path, fix: str) -> dict:
     """`arrays` in the contract's order, if they are exactly the contract's state; else StateError."""
-    want = {s["name"]: s for s in contract["state"]}
+    want = {s.name: s for s in contract.state}
     missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
     if missing or extra:
         raise StateError(f"{path}: does not hold this compiled graph's state (missing {missing or 'none'}, "
@@ -123,31 +124,29 @@ def check_state(arrays: dict, contract: dict, path, fix: str) -> dict:
     out = {}
     for name, s in want.items():
         a = arrays[name]
-        if a.dtype.name != s["dtype"] or list(a.shape) != s["shape"]:
+        if a.dtype.name != s.dtype or list(a.shape) != s.shape:
             raise StateError(f"{path}: {name!r} is {a.dtype.name} {list(a.shape)} but the graph trains "
-                             f"{s['dtype']} {s['shape']}; the file belongs to another compile. {fix}")
-        if a.size and (a.min() < s["qmin"] or a.max() > s["qmax"]):
+                             f"{s.dtype} {s.shape}; the file belongs to another compile. {fix}")
+        if a.size and (a.min() < s.qmin or a.max() > s.qmax):
             raise StateError(f"{path}: {name!r} holds values in [{a.min()}, {a.max()}], outside its grid "
-                             f"[{s['qmin']}, {s['qmax']}]; the file is corrupt or from another compile. {fix}")
+                             f"[{s.qmin}, {s.qmax}]; the file is corrupt or from another compile. {fix}")
         out[name] = a
     return out
 
 
-def check_source(source: onnx.ModelProto, initial: dict, contract: dict, path) -> dict:
+def check_source(source: onnx.ModelProto, initial: dict, contract: Contract, path) -> dict:
     """The source initializers of the trained tensors, checked against the contract and the initial state."""
     inits = {i.name: i for i in source.graph.initializer}
-    preconditioned = {p["weight"] for p in contract.get("precondition", [])}
-    for s in contract["state"]:
-        name = s["name"]
+    preconditioned = {p.weight for p in contract.precondition}
+    for s in contract.state:
+        name = s.name
         fix = "The folder was edited or mixed with another compile; recompile the model."
         if name not in inits:
             raise ModelError(f"{path}: has no initializer {name!r} that the contract trains. {fix}")
         src = numpy_helper.to_array(inits[name])
-        factor = s.get("factor", WIDEN) if s["widened"] else 1
-        expect = src.astype(np.int64) * factor
-        expect = np.sign(expect) * np.floor(np.abs(expect) + 0.5)   # F < 1: int16 with headroom
-        if src.dtype.name != s["source_dtype"] or list(src.shape) != s["shape"] \
+        expect = widen(src, s.factor if s.widened else 1)
+        if src.dtype.name != s.source_dtype or list(src.shape) != s.shape \
                 or name not in preconditioned and not np.array_equal(initial[name].astype(np.int64), expect):
             raise ModelError(f"{path}: {name!r} ({src.dtype.name} {list(src.shape)}) does not match the contract "
-                             f"(source_dtype {s['source_dtype']}, widened {s['widened']}) and the initial state. {fix}")
+                             f"(source_dtype {s.source_dtype}, widened {s.widened}) and the initial state. {fix}")
     return inits

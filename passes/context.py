@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from fgcompile.artifact import Contract, StateTensor, Whitening
 from fgcompile.spec import TrainSpec
 
 
@@ -83,12 +84,10 @@ class Trainable:
     def shape(self) -> list[int]:
         return list(self.tensor.shape)
 
-    def contract(self) -> dict:
-        return {"name": self.name, "output": self.output_name, "role": self.role, "site": self.site,
-                "dtype": self.tensor.dtype, "shape": self.shape, "axis": self.tensor.axis,
-                "qmin": self.qmin, "qmax": self.qmax, "stride": self.stride,
-                "source_dtype": self.source_dtype, "widened": self.widened, "factor": self.factor,
-                "float_grid": self.tensor.float_grid}
+    def contract(self) -> StateTensor:
+        return StateTensor(self.name, self.output_name, self.role, self.site, self.tensor.dtype, self.shape,
+                           self.tensor.axis, self.qmin, self.qmax, self.stride, self.source_dtype, self.widened,
+                           self.factor, self.tensor.float_grid)
 
 
 @dataclasses.dataclass
@@ -157,7 +156,7 @@ class Context:
     notes: list[str] | None = None      # canonicalize, prompts: what they rewrote
     io: ModelIO | None = None
     trainables: list[Trainable] | None = None   # select; floatgrid, widen and precondition refine them
-    preconditioned: list[dict] | None = None    # precondition: contract entries, one per whitened site
+    preconditioned: list[Whitening] | None = None   # precondition: contract entries, one per whitened site
     state: State | None = None
     eval_model: onnx.ModelProto | None = None
     perturbations: Perturbations | None = None
@@ -165,5 +164,5 @@ class Context:
     losses: Losses | None = None
     estimate: Estimate | None = None
     update: Update | None = None
-    contract: dict | None = None
+    contract: Contract | None = None
     train_model: onnx.ModelProto | None = None

@@ -8,31 +8,30 @@ check) and onnxruntime session creation, else CompileError. `to_model` does the 
 """
 from __future__ import annotations
 
-import json
-
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
+from fgcompile.artifact import METADATA_KEY, Contract, EvalContract
 from fgcompile.errors import CompileError
+from fgcompile.session import make_session
 from .context import Context, Pass
 
 IR_VERSION = 10
 
 
-def to_model(graph: gs.Graph, inputs: list, outputs: list, contract: dict) -> onnx.ModelProto:
+def to_model(graph: gs.Graph, inputs: list, outputs: list, contract: Contract | EvalContract) -> onnx.ModelProto:
     graph.inputs, graph.outputs = list(inputs), list(outputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)
     model.ir_version = IR_VERSION
     model.producer_name = "fgcompile"
-    onnx.helper.set_model_props(model, {"fgcompile": json.dumps(contract, sort_keys=True)})
+    onnx.helper.set_model_props(model, {METADATA_KEY: contract.to_json()})
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        make_session(model)
     except Exception as exc:
-        raise CompileError(f"internal: the compiled {contract.get('format')} graph fails validation "
+        raise CompileError(f"internal: the compiled {contract.format} graph fails validation "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Please report it with "
                            "the model.") from None
     return model

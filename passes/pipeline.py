@@ -16,25 +16,14 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from fgcompile import __version__, grid
+from fgcompile.artifact import Compiled, Contract, EvalContract, Inputs, LrNumerator, Outputs, Probes
 from fgcompile.errors import CompileError, FgcompileError, ModelError
+from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, opset, pair,
                precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .formulas import TIE_TOLERANCE
-
-TRAIN_FORMAT, EVAL_FORMAT = "fgcompile-train/1", "fgcompile-eval/1"
-
-
-@dataclasses.dataclass
-class Compiled:
-    train: onnx.ModelProto
-    eval: onnx.ModelProto
-    state: dict[str, np.ndarray]
-    contract: dict
-    source: onnx.ModelProto   # the canonical inference model: export writes the trained tensors into it
-    notes: list[str]          # what canonicalize rewrote
-
 
 def check_source(model: onnx.ModelProto) -> None:
     """Refuse what no pass should see: an opset outside what we and onnxruntime support, an invalid
@@ -51,10 +40,8 @@ def check_source(model: onnx.ModelProto) -> None:
     except Exception as exc:
         raise ModelError(f"the input model fails onnx.checker ({str(exc).splitlines()[0]}); fix or re-export "
                          "it before compiling.") from None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        make_session(model)
     except Exception as exc:
         reason = str(exc).split(" : ")[-1].splitlines()[0][:300]
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model ({reason}). Re-export "
@@ -84,9 +71,8 @@ def _eval_graph(graph: gs.Graph, ctx: Context) -> gs.Graph:
     """eval.onnx: the lifted inference graph (trained tensors as inputs), before any training node."""
     copy = graph.copy()
     tensors = copy.tensors()
-    contract = {"format": EVAL_FORMAT, "version": __version__, "data": ctx.io.data_input,
-                "data_inputs": ctx.io.data_inputs, "output": ctx.io.output,
-                "state": [t.name for t in ctx.trainables]}
+    contract = EvalContract(ctx.io.data_input, ctx.io.data_inputs, ctx.io.output, [t.name for t in ctx.trainables],
+                            version=__version__)
     ctx.eval_model = finalize.to_model(copy, [tensors[n] for n in ctx.io.data_inputs + [t.name for t in ctx.trainables]],
                                        [tensors[ctx.io.output]], contract)
     return graph
@@ -95,24 +81,14 @@ def _eval_graph(graph: gs.Graph, ctx: Context) -> gs.Graph:
 def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
     """The training graph's I/O contract (train, export and the reference read it)."""
     spec, z = ctx.spec, ctx.perturbations.z
-    ctx.contract = {
-        "format": TRAIN_FORMAT, "version": __version__, "spec": dataclasses.asdict(spec),
-        "inputs": {"data": ctx.io.data_input, "labels": "labels", "seed": "seed", "step": "step", "lr": "lr"},
-        "data_inputs": ctx.io.data_inputs,   # every data input; inputs.data is the first
-        "stream": prng.STREAM,
-        "outputs": {"loss": "loss", "accuracy": "accuracy", "loss_plus": "loss_plus",
-                    "loss_minus": "loss_minus"},
-        "state": [t.contract() for t in ctx.trainables],
-        "lr": {"shift": spec.lr_shift, "default": spec.lr_numerator, "max": ctx.update.lr_max},
-        "model_output": ctx.io.output,
-        "loss_tap": ctx.io.loss_tap,
-        "branches": ctx.branches.form,
-        "branches_reason": ctx.branches.reason,
-        "tie_tolerance": TIE_TOLERANCE,
-        # internal tensors a conformance check compares across runtimes (`fgcompile verify`)
-        "probes": {"coefficients": ctx.estimate.coefficients.name, "z": [z[t.name].name for t in ctx.trainables]},
-        "precondition": ctx.preconditioned,
-    }
+    ctx.contract = Contract(
+        spec=spec, inputs=Inputs(ctx.io.data_input), data_inputs=ctx.io.data_inputs, outputs=Outputs(),
+        state=[t.contract() for t in ctx.trainables],
+        lr_numerator=LrNumerator(spec.lr_shift, spec.lr_numerator, ctx.update.lr_max),
+        model_output=ctx.io.output, loss_tap=ctx.io.loss_tap, branches=ctx.branches.form,
+        branches_reason=ctx.branches.reason, tie_tolerance=TIE_TOLERANCE, stream=prng.STREAM,
+        probes=Probes(ctx.estimate.coefficients.name, [z[t.name].name for t in ctx.trainables]),
+        precondition=ctx.preconditioned, version=__version__)
     return graph
 
 

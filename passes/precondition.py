@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
+from fgcompile.artifact import Whitening
 from fgcompile.errors import CompileError
 from fgcompile.grid import round_half_away
+from fgcompile.session import make_session
 from .context import Context, Pass
 from .formulas import bias_stride
 from .graph_ops import Builder, downstream_nodes
@@ -55,7 +56,7 @@ def _activations(graph: gs.Graph, ctx: Context, names: list[str]) -> dict[str, n
     for t in probe.outputs:
         t.dtype = np.float32
     probe.cleanup()
-    sess = ort.InferenceSession(gs.export_onnx(probe).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(gs.export_onnx(probe))
     x = np.asarray(ctx.calibration, np.float32)
     runs = [sess.run(names, {ctx.io.data_input: x[i:i + 256]}) for i in range(0, len(x), 256)]
     return {n: np.concatenate([r[k].reshape(-1, r[k].shape[-1]) for r in runs]).astype(np.float64)
@@ -117,8 +118,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         for bias in ctx.trainables:   # a bias stride is sized by its weight's scale
             if bias.role == "bias" and bias.site == t.site and bias.tensor.dtype == "int32":
                 bias.stride = bias_stride(s_new, tensors[bias.tensor.scale_name].values)
-        ctx.preconditioned.append({"site": t.site, "weight": t.name, "input": a.name, "matrix": matrix.name,
-                                   "layout": layout, "ridge": RIDGE, "scale": [float(v) for v in s_new.ravel()]})
+        ctx.preconditioned.append(Whitening(t.site, t.name, a.name, matrix.name, layout, RIDGE,
+                                            [float(v) for v in s_new.ravel()]))
     return graph
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
-from fgcompile.grid import round_half_away, training_grid
+from fgcompile.grid import training_grid, widen as _times   # W_t = F·W; export narrows with grid.narrow
 from . import opset
 from .context import Context, Pass
 from .formulas import bias_stride
@@ -29,11 +29,6 @@ from .formulas import bias_stride
 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
     node.inputs[index] = gs.Constant(name, np.asarray(values))  # 0-d arithmetic yields numpy scalars
-
-
-def _times(values, factor: float) -> np.ndarray:
-    v = np.asarray(values).astype(np.int64)
-    return v * int(factor) if factor >= 1 else round_half_away(v * factor).astype(np.int64)
 
 
 def _scale(graph: gs.Graph, tensor, new_dtype, factor: float) -> None:

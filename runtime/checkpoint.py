@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 
 from fgcompile import modelio, npzfile, validate
-from fgcompile.errors import DataError
+from fgcompile.artifact import LAYOUT, Contract
 
 META = "__meta__"
 
@@ -22,13 +22,13 @@ def save(path, state: dict, meta: dict) -> None:
     modelio.save_npz(path, {**state, META: np.array(json.dumps(meta, sort_keys=True))})
 
 
-def load(path, contract: dict | None = None, train_sha256: str | None = None) -> tuple[dict, dict]:
+def load(path, contract: Contract | None = None, train_sha256: str | None = None) -> tuple[dict, dict]:
     """(state, meta) of a checkpoint or state file; with `contract`, checked against it, and with
     `train_sha256`, refused if the checkpoint records another train.onnx."""
     path = pathlib.Path(path)
-    fix = (f"Delete {path.name} and train again without --resume." if path.name != "state.npz"
+    fix = (f"Delete {path.name} and train again without --resume." if path.name != LAYOUT.state
            else "Recompile the model into this folder (fgcompile compile MODEL.onnx -o FOLDER --force).")
-    names = [s["name"] for s in contract["state"]] if contract else []
+    names = [s.name for s in contract.state] if contract else []
     arrays = npzfile.read_npz(path, [], "checkpoint", fix, error=validate.StateError,
                               optional=[*names, META] if contract else None)
     meta = {"step": 0}

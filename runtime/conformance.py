@@ -19,6 +19,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from fgcompile.artifact import Contract
+from fgcompile.report import format_table
+from fgcompile.session import SessionSettings, make_session
 from .trainer import scalar_feeds, step_feeds
 
 Runner = Callable[[list[str], dict], list[np.ndarray]]
@@ -32,14 +35,16 @@ class Runtime:
 
 
 def _ort(level: str) -> Runtime:
+    """onnxruntime at optimization `level` (named as onnxruntime names it, e.g. ORT_DISABLE_ALL)."""
     def make(model):
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = make_session(model, settings=_settings(level))
         return lambda outputs, feeds: sess.run(outputs, feeds)
     return Runtime("onnxruntime", level, make)
+
+
+def _settings(level: str) -> SessionSettings:
+    from fgcompile.session import OPTIMIZATION
+    return SessionSettings(optimization=next(k for k, v in OPTIMIZATION.items() if v == level))
 
 
 def _reference(model) -> Runner:
@@ -96,45 +101,44 @@ class StepRecord:
     losses: np.ndarray
 
 
-def chain(train: onnx.ModelProto, contract: dict, state: dict, batches: list, runtime: Runtime,
+def chain(train: onnx.ModelProto, contract: Contract, state: dict, batches: list, runtime: Runtime,
           seed: int = 0) -> list[StepRecord]:
     """len(batches) chained steps on `runtime`: each step's state is the previous step's output there."""
-    probes = contract["probes"]
-    model = with_outputs(train, probes["z"] + [probes["coefficients"]])
+    probes, outputs = contract.probes, contract.outputs
+    model = with_outputs(train, probes.z + [probes.coefficients])
     run = runtime.make(model)
-    names = probes["z"] + [probes["coefficients"], "loss_plus", "loss_minus"] + [s["output"] for s in contract["state"]]
+    names = probes.z + [probes.coefficients, outputs.loss_plus, outputs.loss_minus] + [s.output for s in contract.state]
     records = []
     for k, (x, y) in enumerate(batches):
-        out = run(names, step_feeds(contract, x, y, seed, k, contract["lr"]["default"], state))
-        zs, (c, lp, lm), new = out[:len(probes["z"])], out[len(probes["z"]):len(probes["z"]) + 3], out[len(probes["z"]) + 3:]
-        state = {s["name"]: v for s, v in zip(contract["state"], new)}
+        out = run(names, step_feeds(contract, x, y, seed, k, contract.lr_numerator.default, state))
+        zs, (c, lp, lm), new = out[:len(probes.z)], out[len(probes.z):len(probes.z) + 3], out[len(probes.z) + 3:]
+        state = {s.name: v for s, v in zip(contract.state, new)}
         records.append(StepRecord(zs, c, state, np.stack([lp, lm])))
     return records
 
 
-def integer_part(train: onnx.ModelProto, contract: dict) -> onnx.ModelProto:
+def integer_part(train: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     """The graph from (cᵢ, seed, step, lr, state) to (z, next state): what fgcompile guarantees."""
-    probes = contract["probes"]
-    inputs = [probes["coefficients"], contract["inputs"]["seed"], contract["inputs"]["step"],
-              contract["inputs"]["lr"]] + [s["name"] for s in contract["state"]]
-    outputs = probes["z"] + [s["output"] for s in contract["state"]]
+    probes, io = contract.probes, contract.inputs
+    inputs = [probes.coefficients, io.seed, io.step, io.lr] + [s.name for s in contract.state]
+    outputs = probes.z + [s.output for s in contract.state]
     inferred = onnx.shape_inference.infer_shapes(train)
     return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
 
 
-def chain_integer_part(part: onnx.ModelProto, contract: dict, state: dict, coefficients: list[np.ndarray],
+def chain_integer_part(part: onnx.ModelProto, contract: Contract, state: dict, coefficients: list[np.ndarray],
                        runtime: Runtime, seed: int = 0) -> list[StepRecord]:
     """Chained steps of the integer part with the given cᵢ per step."""
     run = runtime.make(part)
-    probes = contract["probes"]
-    names = probes["z"] + [s["output"] for s in contract["state"]]
+    probes = contract.probes
+    names = probes.z + [s.output for s in contract.state]
     records = []
     for k, c in enumerate(coefficients):
-        feeds = {probes["coefficients"]: np.asarray(c, np.int32), **state,
-                 **scalar_feeds(contract, seed, k, contract["lr"]["default"])}
+        feeds = {probes.coefficients: np.asarray(c, np.int32), **state,
+                 **scalar_feeds(contract, seed, k, contract.lr_numerator.default)}
         out = run(names, feeds)
-        state = {s["name"]: v for s, v in zip(contract["state"], out[len(probes["z"]):])}
-        records.append(StepRecord(out[:len(probes["z"])], np.asarray(c), state, np.zeros(0)))
+        state = {s.name: v for s, v in zip(contract.state, out[len(probes.z):])}
+        records.append(StepRecord(out[:len(probes.z)], np.asarray(c), state, np.zeros(0)))
     return records
 
 
@@ -203,14 +207,9 @@ def _values(model, feeds, runtime: Runtime, names: list[str]) -> dict:
 
 
 def _ort_optimized(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
-    import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        opts.optimized_model_filepath = path
-        opts.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        make_session(model, settings=_settings(level), optimized_path=path)
         return onnx.load(path)
 
 
@@ -221,27 +220,27 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     import pathlib
 
     from fgcompile import modelio
-    from fgcompile.compiler import EVAL, TRAIN, read_contract
+    from fgcompile.artifact import LAYOUT
     from fgcompile.errors import FgcompileError
+    from fgcompile.session import class_count, input_dtype, input_shape
     from .data import Inputs, feeds
-    from .session import class_count, input_dtype, input_shape, make_session
     from .trainer import Trainer, latest_state
 
     if steps < 1:
         raise FgcompileError(f"--steps {steps}: must be at least 1.")
     out = pathlib.Path(out_dir)
     trainer = Trainer(out)                          # the same checks and messages as `train`
-    train, eval_model = modelio.load_model(out / TRAIN), modelio.load_model(out / EVAL)
-    contract = read_contract(train)
-    if "probes" not in contract:
+    train, eval_model = modelio.load_model(out / LAYOUT.train), modelio.load_model(out / LAYOUT.eval)
+    contract = trainer.contract
+    if contract.probes is None:
         raise FgcompileError(f"{out}: compiled by an fgcompile without conformance probes. Compile it again.")
     state = latest_state(out)
     sess = make_session(eval_model)
-    shape = input_shape(sess, contract["inputs"]["data"])
+    shape = input_shape(sess, contract.inputs.data)
     if data is not None:
         x, y = trainer.load_data(data)
     else:
-        names = contract.get("data_inputs", [contract["inputs"]["data"]])
+        names = contract.data_inputs
         arrays = {n: _synthetic(input_shape(sess, n), class_count(sess), batch, input_dtype(sess, n)) for n in names}
         x, y = arrays[names[0]] if len(names) == 1 else (Inputs({n: a[0] for n, a in arrays.items()}),
                                                           arrays[names[0]][1])
@@ -252,7 +251,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     part = integer_part(train, contract)
     coefficients = [r.coefficients for r in base]
     base_part = chain_integer_part(part, contract, state, coefficients, BASELINE)
-    eval_feeds = {**feeds(contract["inputs"]["data"], batches[0][0]), **state}
+    eval_feeds = {**feeds(contract.inputs.data, batches[0][0]), **state}
     eval_out = [eval_model.graph.output[0].name]
     base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
     rows = []
@@ -267,7 +266,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
             row["eval"] = _same(runtime.make(eval_model)(eval_out, eval_feeds)[0], base_eval)
             if diff is not None:
                 k, what = diff
-                feeds = step_feeds(contract, *batches[k], contract["spec"]["seed"], k, contract["lr"]["default"],
+                feeds = step_feeds(contract, *batches[k], contract.spec.seed, k, contract.lr_numerator.default,
                                    state if k == 0 else base[k - 1].state)
                 row["first_divergence"] = f"step {k}, {what}: {first_divergence(train, feeds, runtime)}"
         except Exception as exc:            # a runtime that cannot run the graph is a result, not a crash
@@ -288,10 +287,8 @@ def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32) -
     return x.astype(dtype), rng.integers(0, classes or 2, n).astype(np.int64)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_rows(rows: list[dict]) -> str:
     yes = lambda v: "yes" if v else "NO"
-    lines = [f"{'runtime':16s} {'config':20s} {'identical':9s} {'integer part':12s} {'eval':4s}  first divergence"]
-    for r in rows:
-        lines.append(f"{r['runtime']:16s} {r['config']:20s} {yes(r['identical']):9s} {yes(r['integer_part']):12s} "
-                     f"{yes(r['eval']):4s}  {r.get('first_divergence', '-')}")
-    return "\n".join(lines)
+    return "\n".join(format_table(("runtime", "config", "identical", "integer part", "eval", "first divergence"),
+                                  [(r["runtime"], r["config"], yes(r["identical"]), yes(r["integer_part"]),
+                                    yes(r["eval"]), r.get("first_divergence", "-")) for r in rows]))

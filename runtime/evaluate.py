@@ -4,10 +4,10 @@ from __future__ import annotations
 import pathlib
 
 from fgcompile import folder, modelio
-from fgcompile.compiler import EVAL
+from fgcompile.artifact import LAYOUT
 from fgcompile.errors import ModelError
 from .data import load_data, load_inputs
-from .session import SessionSettings, class_count, input_dtype, input_shape, running
+from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, running
 from .metrics import score
 from .trainer import latest_state, session_of
 
@@ -16,15 +16,15 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
     target = pathlib.Path(model_or_out)
     folder.recover(target)   # a compiled folder lost in a crashed swap comes back first
     if target.is_dir():
-        if not (target / EVAL).is_file():
-            raise ModelError(f"{target}: no {EVAL} here; pass a model file or a folder from `fgcompile compile`.")
-        sess = session_of(modelio.load_model(target / EVAL), target / EVAL, session=session)
+        if not (target / LAYOUT.eval).is_file():
+            raise ModelError(f"{target}: no {LAYOUT.eval} here; pass a model file or a folder from `fgcompile compile`.")
+        sess = session_of(modelio.load_model(target / LAYOUT.eval), target / LAYOUT.eval, session=session)
         state = latest_state(target)
     else:
         model = modelio.load_model(target)
         initialized = {i.name for i in model.graph.initializer}
         inputs = [i.name for i in model.graph.input if i.name not in initialized]
-        if len(inputs) > 1 and target.name == EVAL:
+        if len(inputs) > 1 and target.name == LAYOUT.eval:
             hint = (f" {target.name} of a compiled folder takes its state as inputs: pass the folder instead "
                     f"(fgcompile eval {target.parent} --data ...).")
             raise ModelError(f"{target}: the model takes {len(inputs)} inputs ({', '.join(inputs[:4])}"
@@ -38,5 +38,5 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
         x, y = load_inputs(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess))
     else:
         x, y = load_data(data, data_input.shape, class_count(sess), input_dtype(sess, data_input.name))
-    with running(target / EVAL if target.is_dir() else target):
+    with running(target / LAYOUT.eval if target.is_dir() else target):
         return score(sess, data_input.name, x, y, state, batch)

@@ -19,21 +19,11 @@ import onnx
 from onnx import numpy_helper
 
 from fgcompile import folder, modelio, validate
-from fgcompile.compiler import SOURCE, STATE, TRAIN
+from fgcompile.artifact import LAYOUT, Contract, StateTensor, Whitening
 from fgcompile.errors import ModelError
-from fgcompile.grid import deployed_scale, requantize, round_half_away
+from fgcompile.grid import deployed_scale, narrow, requantize, round_half_away
 from . import checkpoint
 from .trainer import latest_state, open_train_graph, session_of
-
-FACTOR = 256
-
-
-def narrow(values: np.ndarray, dtype: str, factor: int = FACTOR) -> np.ndarray:
-    """W8 = clip(round_half_away(W_t / F)) in integers: the export of an unpreconditioned channel that fits."""
-    v = values.astype(np.int64)
-    q = np.sign(v) * ((np.abs(v) + factor // 2) // factor)
-    info = np.iinfo(dtype)
-    return np.clip(q, info.min, info.max).astype(dtype)
 
 
 def _array(inits: dict, name: str) -> np.ndarray:
@@ -52,40 +42,45 @@ def _dq_of(model, name: str):
     return dq
 
 
-def _fold(w: np.ndarray, pre: dict, matrices: dict) -> np.ndarray:
-    p = matrices[pre["matrix"]].astype(np.float64)
-    return p @ w if pre["layout"] == "kn" else (p @ w.T).T
+def _fold(w: np.ndarray, pre: Whitening, matrices: dict) -> np.ndarray:
+    p = matrices[pre.matrix].astype(np.float64)
+    return p @ w if pre.layout == "kn" else (p @ w.T).T
 
 
-def _weight(model, inits, s, value, pre, matrices) -> tuple[np.ndarray, np.ndarray, dict]:
+def _narrowed(s: StateTensor, value: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(W, report) of a tensor widened by an integer F and narrowed back in integers."""
+    q = narrow(value, s.source_dtype, int(s.factor))
+    err = value.astype(np.int64) - q.astype(np.int64) * int(s.factor)
+    return q, {"narrowed": f"{s.dtype}->{s.source_dtype}", "inexact_fraction": float((err != 0).mean())}
+
+
+def _weight(model, inits, s: StateTensor, value, pre: Whitening | None, matrices) -> tuple[np.ndarray, np.ndarray, dict]:
     """(W_d, s_d / s per channel, report) of one trained weight on a changed grid."""
-    dq = _dq_of(model, s["name"])
+    dq = _dq_of(model, s.name)
     scale = _array(inits, dq.input[1]).astype(np.float32)
     if len(dq.input) > 2 and dq.input[2] and np.any(_array(inits, dq.input[2]) != 0):
-        q = narrow(value, s["source_dtype"], int(s["factor"]))   # asymmetric: widened only, zp_t = F·zp
-        err = value.astype(np.int64) - q.astype(np.int64) * int(s["factor"])
-        return q, np.ones(scale.size), {"narrowed": f"{s['dtype']}->{s['source_dtype']}",
-                                        "inexact_fraction": float((err != 0).mean())}
-    axis = s["axis"] if scale.size > 1 else None
-    s_t = np.asarray(pre["scale"], np.float32).reshape(scale.shape) if pre else scale / np.float32(s["factor"])
+        q, report = _narrowed(s, value)   # asymmetric weights are widened only (zp_t = F·zp): narrow back
+        return q, np.ones(scale.size), report
+    axis = s.axis if scale.size > 1 else None
+    s_t = np.asarray(pre.scale, np.float32).reshape(scale.shape) if pre else scale / np.float32(s.factor)
     shape = [1] * value.ndim
     if axis is not None:
         shape[axis] = -1
     w = value.astype(np.float64) * s_t.astype(np.float64).reshape(shape if axis is not None else ())
     if pre:
         w = _fold(w, pre, matrices)
-    qmax = int(np.iinfo(s["source_dtype"]).max)
-    s_d = deployed_scale(w, scale, axis, s["source_dtype"])
-    q = requantize(w, s_d, axis, s["source_dtype"])
-    if not pre and np.array_equal(s_d, scale) and s["factor"] >= 1:   # integer narrowing, bit-exact with the README formula
-        q = narrow(value, s["source_dtype"], int(s["factor"]))
+    qmax = int(np.iinfo(s.source_dtype).max)
+    s_d = deployed_scale(w, scale, axis, s.source_dtype)
+    q = requantize(w, s_d, axis, s.source_dtype)
+    if not pre and np.array_equal(s_d, scale) and s.factor >= 1:   # integer narrowing, bit-exact with the README formula
+        q = narrow(value, s.source_dtype, int(s.factor))
     if not np.array_equal(s_d, scale):
         name = f"{dq.input[1]}__deployed"
         model.graph.initializer.append(numpy_helper.from_array(s_d, name))
         dq.input[1] = name
     beyond = np.abs(w) / (scale.astype(np.float64).reshape(shape if axis is not None else ())) >= qmax + 0.5
     rounding = np.abs(w / s_d.astype(np.float64).reshape(shape if axis is not None else ()) - q)
-    report = {"narrowed": f"{s['dtype']}->{s['source_dtype']}",
+    report = {"narrowed": f"{s.dtype}->{s.source_dtype}",
               "preconditioned": bool(pre), "inexact_fraction": float((rounding > 1e-9).mean()),
               "mean_abs_rounding_lsb": float(rounding.mean()),
               "beyond_source_grid": float(beyond.mean()),
@@ -122,77 +117,76 @@ def export_model(out_dir, path) -> dict:
     new), not a file of OUT and not the model OUT was compiled from."""
     out, path = pathlib.Path(out_dir), pathlib.Path(path)
     folder.recover(out)
-    if not (out / TRAIN).is_file() or not (out / SOURCE).is_file():
-        raise ModelError(f"{out}: not a compiled folder (needs {TRAIN} and {SOURCE}). Run `fgcompile compile` first.")
+    if not (out / LAYOUT.train).is_file() or not (out / LAYOUT.source).is_file():
+        raise ModelError(f"{out}: not a compiled folder (needs {LAYOUT.train} and {LAYOUT.source}). Run "
+                         "`fgcompile compile` first.")
     protected = {out: f"inside the compiled folder {out}"}
     if folder.marker(out).get("source"):
         protected[folder.marker(out)["source"]] = f"the model {out} was compiled from"
     modelio.check_output_file(path, protected)
     modelio.remove_stale_temps(path.parent)
     train, contract, _ = open_train_graph(out)
-    model = modelio.load_model(out / SOURCE)
-    initial, _ = checkpoint.load(out / STATE, contract)
-    inits = validate.check_source(model, initial, contract, out / SOURCE)
-    report = write_state(model, inits, contract, latest_state(out, contract), matrices(train, contract), out / SOURCE)
+    model = modelio.load_model(out / LAYOUT.source)
+    initial, _ = checkpoint.load(out / LAYOUT.state, contract)
+    inits = validate.check_source(model, initial, contract, out / LAYOUT.source)
+    report = write_state(model, inits, contract, latest_state(out, contract), matrices(train, contract),
+                         out / LAYOUT.source)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"{out / SOURCE}: the exported model fails onnx.checker ({str(exc).splitlines()[0]}). "
+        raise ModelError(f"{out / LAYOUT.source}: the exported model fails onnx.checker ({str(exc).splitlines()[0]}). "
                          "Recompile the model.") from None
     session_of(model, path)  # the exported file must load in stock onnxruntime
     modelio.save_model(model, path)
     return report
 
 
-def matrices(train: onnx.ModelProto, contract: dict) -> dict:
+def matrices(train: onnx.ModelProto, contract: Contract) -> dict:
     """The whitening matrices P the contract names, from the training graph's initializers."""
-    names = {p["matrix"] for p in contract.get("precondition", [])}
+    names = {p.matrix for p in contract.precondition}
     return {i.name: numpy_helper.to_array(i) for i in train.graph.initializer if i.name in names}
 
 
-def export_state(source: onnx.ModelProto, contract: dict, state: dict,
+def export_state(source: onnx.ModelProto, contract: Contract, state: dict,
                  whitening: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """In memory: a copy of the source model with `state` written in, and the rounding report.
     `whitening`: matrices(train, contract) when the contract preconditions a site."""
     model = onnx.ModelProto()
     model.CopyFrom(source)
     inits = {i.name: i for i in model.graph.initializer}
-    missing = [s["name"] for s in contract["state"] if s["name"] not in inits]
+    missing = [s.name for s in contract.state if s.name not in inits]
     if missing:
         raise ModelError(f"the source model has no initializer {missing[0]!r}: pass the model this training "
                          "graph was compiled from.")
-    if contract.get("precondition") and not whitening:
+    if contract.precondition and not whitening:
         raise ModelError("the contract whitens a trained layer: pass its whitening matrices "
                          "(export.matrices(train_model, contract)).")
     return model, write_state(model, inits, contract, state, whitening or {}, "the source model")
 
 
-def write_state(model, inits: dict, contract: dict, state: dict, matrices: dict, where) -> dict:
+def write_state(model, inits: dict, contract: Contract, state: dict, matrices: dict, where) -> dict:
     """Write each trained tensor into its initializer, back on the deployed grid where widened or whitened."""
-    pre = {p["weight"]: p for p in contract.get("precondition", [])}
+    pre = {p.weight: p for p in contract.precondition}
     report, ratios = {}, {}
-    for s in [s for s in contract["state"] if s["role"] == "weight"] + [s for s in contract["state"] if s["role"] != "weight"]:
-        value = state[s["name"]]
-        factor = s.get("factor", FACTOR if s["widened"] else 1)
-        if s["role"] == "weight" and (s["widened"] or s["name"] in pre):
+    for s in contract.weights() + [s for s in contract.state if s.role != "weight"]:
+        value = state[s.name]
+        factor = s.factor if s.widened else 1
+        if s.role == "weight" and (s.widened or s.name in pre):
             try:
-                exported, ratios[s["site"]], report[s["name"]] = _weight(model, inits, s, value, pre.get(s["name"]),
-                                                                         matrices)
+                exported, ratios[s.site], report[s.name] = _weight(model, inits, s, value, pre.get(s.name), matrices)
             except (ValueError, IndexError, KeyError) as exc:   # shapes that disagree with the contract
-                raise ModelError(f"{out / SOURCE}: {s['name']!r} cannot be re-quantized ({exc}); the folder was "
+                raise ModelError(f"{where}: {s.name!r} cannot be re-quantized ({exc}); the folder was "
                                  "edited or damaged. Recompile the model.") from None
-        elif s["role"] == "bias" and (s["widened"] or s["site"] in ratios) and s["dtype"] == "int32":
-            exported, inexact = _bias(model, inits, s["name"], value, factor, ratios.get(s["site"], np.ones(1)))
-            report[s["name"]] = {"narrowed": "int32->int32", "inexact_fraction": inexact}
-        elif s["widened"]:   # an 8-bit Add bias or normalization scale: widened by 256 only
-            exported = narrow(value, s["source_dtype"], int(factor))
-            err = value.astype(np.int64) - exported.astype(np.int64) * int(factor)
-            report[s["name"]] = {"narrowed": f"{s['dtype']}->{s['source_dtype']}", "inexact_fraction": float((err != 0).mean())}
+        elif s.role == "bias" and (s.widened or s.site in ratios) and s.dtype == "int32":
+            exported, inexact = _bias(model, inits, s.name, value, factor, ratios.get(s.site, np.ones(1)))
+            report[s.name] = {"narrowed": "int32->int32", "inexact_fraction": inexact}
+        elif s.widened:   # an 8-bit Add bias or normalization scale: widened by 256 only
+            exported, report[s.name] = _narrowed(s, value)
         else:
-            exported = value.astype(s["source_dtype"])
-            report[s["name"]] = {"narrowed": None}
-        inits[s["name"]].CopyFrom(numpy_helper.from_array(exported, s["name"]))
-    trained = {s["name"] for s in contract["state"]}
+            exported = value.astype(s.source_dtype)
+            report[s.name] = {"narrowed": None}
+        inits[s.name].CopyFrom(numpy_helper.from_array(exported, s.name))
+    trained = {s.name for s in contract.state}
     for site, ratio in ratios.items():   # an untrained bias tied to a rescaled weight follows it
         name = _bias_input(model, site)
         if name is not None and name not in trained and not np.all(ratio == 1):
@@ -200,14 +194,3 @@ def write_state(model, inits: dict, contract: dict, state: dict, matrices: dict,
                 _bias(model, inits, name, numpy_helper.to_array(inits[name]), 1, ratio)[0], name))
     return report
 
-
-def describe_export(r: dict) -> str:
-    """One line per exported tensor, for the CLI and the demo."""
-    if not r["narrowed"]:
-        return "written as trained"
-    if "beyond_source_grid" not in r:
-        return f"narrowed {r['narrowed']}: {r['inexact_fraction']:.1%} rounded"
-    return (f"narrowed {r['narrowed']}{' (whitening folded back)' if r['preconditioned'] else ''}: "
-            f"{r['inexact_fraction']:.1%} rounded (mean {r['mean_abs_rounding_lsb']:.2f} LSB), "
-            f"{r['beyond_source_grid']:.1%} grew past the pretrained grid, "
-            f"{r['rescaled_channels']:.0%} of channels rescaled")

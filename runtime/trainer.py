@@ -8,6 +8,7 @@ A step whose loss is NaN or Inf keeps the old state and is counted (bad_steps).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,15 +20,13 @@ import numpy as np
 import onnx
 
 from fgcompile import folder, modelio, validate
-from fgcompile.compiler import CHECKPOINT, EVAL, STATE, TRAIN, read_contract
+from fgcompile.artifact import LAYOUT, Contract
 from fgcompile.errors import DataError, FgcompileError, ModelError, OutputError, SpecError
-from fgcompile.spec import TrainSpec
 from . import checkpoint, tune
 from .data import data_digest, feeds, load_data, load_inputs
 from .metrics import score
-from .session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
+from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
 
-LOG = folder.LOG
 LOGGER = logging.getLogger("fgcompile.train")
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
 RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs", "lr_numerator")
@@ -45,20 +44,21 @@ class Trainer:
             return
         self.out = pathlib.Path(out_dir)
         folder.recover(self.out)
-        if not (self.out / TRAIN).is_file():
-            raise ModelError(f"{self.out}: no {TRAIN} here. Run `fgcompile compile MODEL.onnx -o {self.out}` first.")
+        if not (self.out / LAYOUT.train).is_file():
+            raise ModelError(f"{self.out}: no {LAYOUT.train} here. Run `fgcompile compile MODEL.onnx -o {self.out}` "
+                             "first.")
         train_model, self.contract, self.train_sha256 = open_train_graph(self.out)
-        self.spec = TrainSpec(**self.contract["spec"])
-        self.sess = session_of(train_model, self.out / TRAIN, session=session)
-        self.eval_sess = session_of(modelio.load_model(self.out / EVAL), self.out / EVAL, session=session)
+        self.spec = self.contract.spec
+        self.sess = session_of(train_model, self.out / LAYOUT.train, session=session)
+        self.eval_sess = session_of(modelio.load_model(self.out / LAYOUT.eval), self.out / LAYOUT.eval, session=session)
         self._init_io()
         self.state, self.meta = self._initial()
         self.initial_state = dict(self.state)
 
     def _init_in_memory(self, compiled, session: SessionSettings) -> None:
         self.out, self.train_sha256 = None, None
-        self.contract = read_contract(compiled.train, "the in-memory training graph")
-        self.spec = TrainSpec(**self.contract["spec"])
+        self.contract = validate.parse_contract(compiled.train, "the in-memory training graph")
+        self.spec = self.contract.spec
         self.sess = session_of(compiled.train, "the in-memory training graph", session=session)
         self.eval_sess = session_of(compiled.eval, "the in-memory eval graph", session=session)
         self._init_io()
@@ -66,32 +66,32 @@ class Trainer:
         self.initial_state = dict(self.state)
 
     def _init_io(self) -> None:
-        self.io = self.contract["inputs"]
+        self.io = self.contract.inputs
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.classes = class_count(self.eval_sess)
-        self.data_shape = input_shape(self.eval_sess, self.io["data"])
+        self.data_shape = input_shape(self.eval_sess, self.io.data)
 
     def _path(self, name: str):
         return self.out / name if self.out is not None else f"the in-memory {name}"
 
     def _initial(self):
-        state, _ = checkpoint.load(self.out / STATE, self.contract)
+        state, _ = checkpoint.load(self.out / LAYOUT.state, self.contract)
         return state, {"step": 0, "bad_steps": 0}
 
     def load_data(self, path):
-        names = self.contract.get("data_inputs", [self.io["data"]])
+        names = self.contract.data_inputs
         if len(names) > 1:
             return load_inputs(path, {n: (input_shape(self.eval_sess, n), input_dtype(self.eval_sess, n))
                                       for n in names}, self.classes)
-        return load_data(path, self.data_shape, self.classes, input_dtype(self.eval_sess, self.io["data"]))
+        return load_data(path, self.data_shape, self.classes, input_dtype(self.eval_sess, self.io.data))
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
-        with running(self._path(EVAL)):
-            return score(self.eval_sess, self.io["data"], x, y, self.state, batch)
+        with running(self._path(LAYOUT.eval)):
+            return score(self.eval_sess, self.io.data, x, y, self.state, batch)
 
     # ----------------------------------------------------------------------------------------- train
-    def lr_at(self, step: int, total: int, schedule: str) -> int:
+    def lr_numerator_at(self, step: int, total: int, schedule: str) -> int:
         lr0 = self.lr_numerator
         if schedule == "cosine":
             return max(1, int(round(lr0 * 0.5 * (1 + math.cos(math.pi * step / max(total, 1))))))
@@ -125,7 +125,7 @@ class Trainer:
 
     def _fit(self, data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps, progress,
              stop_after, restart, allow_changed_run):
-        for name in (CHECKPOINT, LOG) if self.out is not None else ():
+        for name in (LAYOUT.checkpoint, LAYOUT.log) if self.out is not None else ():
             if os.path.lexists(self.out / name) and not (self.out / name).is_file():
                 raise OutputError(f"{self.out / name}: is not a regular file (a folder or special file); "
                                   f"train writes its {name} there. Move it away.")
@@ -143,21 +143,21 @@ class Trainer:
         total = epochs * per_epoch
         run = {"batch": batch, "epochs": epochs, "schedule": schedule, "examples": len(y),
                "data_sha256": data_digest(x, y), "lr_numerator": self.lr_numerator}
-        has_checkpoint = self.out is not None and (self.out / CHECKPOINT).exists()
+        has_checkpoint = self.out is not None and (self.out / LAYOUT.checkpoint).exists()
         if has_checkpoint and not (resume or restart):
-            _, meta = checkpoint.load(self.out / CHECKPOINT)
+            _, meta = checkpoint.load(self.out / LAYOUT.checkpoint)
             raise OutputError(f"{self.out}: already holds a trained checkpoint (step {meta['step']}); training "
                               "from the start would discard it. Pass --resume to continue it, or --restart to "
                               "start over (the checkpoint and train_log.jsonl are replaced).")
         self.notes = [self.lr_note] if self.lr_note else []
         if resume and has_checkpoint:
-            self.state, self.meta = checkpoint.load(self.out / CHECKPOINT, self.contract, self.train_sha256)
+            self.state, self.meta = checkpoint.load(self.out / LAYOUT.checkpoint, self.contract, self.train_sha256)
             self.meta.setdefault("bad_steps", 0)
             self._check_run(self.meta.get("run"), run, allow_changed_run)
-            _truncate_log(self.out / LOG, self.meta["step"])
+            _truncate_log(self.out / LAYOUT.log, self.meta["step"])
         elif self.out is not None:
-            (self.out / LOG).unlink(missing_ok=True)
-            (self.out / CHECKPOINT).unlink(missing_ok=True)
+            (self.out / LAYOUT.log).unlink(missing_ok=True)
+            (self.out / LAYOUT.checkpoint).unlink(missing_ok=True)
         self.run = run
         start = self.meta["step"]
         history, perm, perm_epoch = [], None, -1
@@ -170,11 +170,11 @@ class Trainer:
                 perm, perm_epoch = np.random.default_rng([self.spec.seed, epoch]).permutation(len(y)), epoch
             idx = perm[pos * batch:(pos + 1) * batch]
             feeds = step_feeds(self.contract, x[idx], y[idx], self.spec.seed, step,
-                               self.lr_at(step, total, schedule), self.state)
-            with running(self._path(TRAIN)):
+                               self.lr_numerator_at(step, total, schedule), self.state)
+            with running(self._path(LAYOUT.train)):
                 out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
             if np.isfinite(out["loss"]):
-                self.state = {s["name"]: out[s["output"]] for s in self.contract["state"]}
+                self.state = {s.name: out[s.output] for s in self.contract.state}
                 window.append((float(out["loss"]), float(out["accuracy"])))
             else:
                 self.meta["bad_steps"] += 1
@@ -203,7 +203,7 @@ class Trainer:
                 history.append(record)
                 LOGGER.info("epoch %s", json.dumps(record))
                 if self.out is not None:
-                    with open(self.out / LOG, "a") as f:
+                    with open(self.out / LAYOUT.log, "a") as f:
                         f.write(json.dumps(record) + "\n")
             if stop_after is not None and step + 1 - start >= stop_after:
                 break
@@ -229,46 +229,48 @@ class Trainer:
     def _rate(self, lr: float | None) -> tuple[int, str | None]:
         """(lr numerator, a note) of a run: an explicit lr, else OUT/tune.json's choice (the note says
         so), else the compiled one."""
-        c = self.contract["lr"]
+        c = self.contract.lr_numerator
         if lr is not None:
-            numerator = round(lr * (1 << c["shift"])) if math.isfinite(lr) and lr > 0 else 0
-            if not 1 <= numerator <= c["max"]:
-                raise SpecError(f"--lr {lr}: the graph takes rates from 2**-{c['shift']} to {c['max'] / (1 << c['shift']):g} "
+            numerator = round(lr * (1 << c.shift)) if math.isfinite(lr) and lr > 0 else 0
+            if not 1 <= numerator <= c.max:
+                raise SpecError(f"--lr {lr}: the graph takes rates from 2**-{c.shift} to {c.max / (1 << c.shift):g} "
                                 "LSBs per unit of ĝ (its int32 lr input over 2**shift). Pass a rate in that range.")
             return numerator, None
         choice = tune.read_choice(self.out, self.train_sha256) if self.out is not None else None
         if choice is None:
-            return c["default"], None
-        if not 1 <= choice["lr_numerator"] <= c["max"]:
-            raise DataError(f"{self.out / tune.TUNE}: its rate {choice['lr_numerator']} is outside the graph's "
-                            f"[1, {c['max']}]. Run `fgcompile tune` again, or delete the file.")
-        return choice["lr_numerator"], (f"lr {choice['lr']:g} from {self.out / tune.TUNE} (chosen by fgcompile "
-                                        f"tune; compiled: {c['default'] / (1 << c['shift']):g}; --lr overrides)")
+            return c.default, None
+        if not 1 <= choice["lr_numerator"] <= c.max:
+            raise DataError(f"{self.out / LAYOUT.tune}: its rate {choice['lr_numerator']} is outside the graph's "
+                            f"[1, {c.max}]. Run `fgcompile tune` again, or delete the file.")
+        return choice["lr_numerator"], (f"lr {choice['lr']:g} from {self.out / LAYOUT.tune} (chosen by fgcompile "
+                                        f"tune; compiled: {c.default / (1 << c.shift):g}; --lr overrides)")
 
     def _save(self, step: int) -> None:
         if self.out is None:
             return
-        meta = dict(self.meta, step=step, spec=self.contract["spec"], run=self.run, train_sha256=self.train_sha256)
-        checkpoint.save(self.out / CHECKPOINT, self.state, meta)
+        meta = dict(self.meta, step=step, spec=dataclasses.asdict(self.spec), run=self.run,
+                    train_sha256=self.train_sha256)
+        checkpoint.save(self.out / LAYOUT.checkpoint, self.state, meta)
 
 
-def step_feeds(contract: dict, x: np.ndarray, y: np.ndarray, seed: int, step: int, lr: int, state: dict) -> dict:
+def step_feeds(contract: Contract, x: np.ndarray, y: np.ndarray, seed: int, step: int, lr_numerator: int,
+               state: dict) -> dict:
     """The inputs of one training step. seed (< 2^32) and step (< 2^31) are fed as int32, the seed's
     two's-complement bits: the graph's arithmetic is int32 throughout."""
-    io = contract["inputs"]
-    return {**feeds(io["data"], x), io["labels"]: y, **scalar_feeds(contract, seed, step, lr), **state}
+    io = contract.inputs
+    return {**feeds(io.data, x), io.labels: y, **scalar_feeds(contract, seed, step, lr_numerator), **state}
 
 
-def scalar_feeds(contract: dict, seed: int, step: int, lr: int) -> dict:
-    io = contract["inputs"]
-    return {io["seed"]: np.array(seed % 2 ** 32, np.uint32).view(np.int32), io["step"]: np.array(step, np.int32),
-            io["lr"]: np.array(lr, np.int32)}
+def scalar_feeds(contract: Contract, seed: int, step: int, lr_numerator: int) -> dict:
+    io = contract.inputs
+    return {io.seed: np.array(seed % 2 ** 32, np.uint32).view(np.int32), io.step: np.array(step, np.int32),
+            io.lr: np.array(lr_numerator, np.int32)}
 
 
 def open_train_graph(out: pathlib.Path):
     """(model, validated contract, sha256 of the file) of OUT/train.onnx."""
-    model = modelio.load_model(out / TRAIN)
-    return model, read_contract(model, out / TRAIN), validate.file_sha256(out / TRAIN)
+    model = modelio.load_model(out / LAYOUT.train)
+    return model, validate.parse_contract(model, out / LAYOUT.train), validate.file_sha256(out / LAYOUT.train)
 
 
 def session_of(model: onnx.ModelProto, path, threads: int = 0, session: SessionSettings | None = None):
@@ -279,7 +281,7 @@ def session_of(model: onnx.ModelProto, path, threads: int = 0, session: SessionS
                          "was edited or damaged; recompile the model.") from None
 
 
-def latest_state(out_dir, contract: dict | None = None) -> dict:
+def latest_state(out_dir, contract: Contract | None = None) -> dict:
     """The newest state of a compiled folder, checked against its contract: its checkpoint if training
     ran, else the initial state."""
     out = pathlib.Path(out_dir)
@@ -287,9 +289,9 @@ def latest_state(out_dir, contract: dict | None = None) -> dict:
     sha = None
     if contract is None:
         _, contract, sha = open_train_graph(out)
-    elif (out / TRAIN).is_file():
-        sha = validate.file_sha256(out / TRAIN)
-    path = out / CHECKPOINT if (out / CHECKPOINT).exists() else out / STATE
+    elif (out / LAYOUT.train).is_file():
+        sha = validate.file_sha256(out / LAYOUT.train)
+    path = out / LAYOUT.checkpoint if (out / LAYOUT.checkpoint).exists() else out / LAYOUT.state
     return checkpoint.load(path, contract, sha)[0]
 
 

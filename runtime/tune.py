@@ -27,11 +27,11 @@ import time
 import numpy as np
 
 from fgcompile import __version__, folder, grid, modelio
+from fgcompile.artifact import LAYOUT, Contract
 from fgcompile.errors import DataError, OutputError, SpecError
 from fgcompile.spec import lr_grid
 from .data import data_digest
 
-TUNE = "tune.json"
 FORMAT = "fgcompile-tune/1"
 MAX_RECORD_BYTES = 1 << 20
 MIN_VALIDATION = 10   # examples: below this one example moves the score by more than 10 points
@@ -45,10 +45,10 @@ def split(n: int, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
     return perm[k:], perm[:k]
 
 
-def rates(contract: dict) -> list[tuple[float, int]]:
+def rates(contract: Contract) -> list[tuple[float, int]]:
     """(lr, numerator) of the grid for this graph's training grid, within the graph's fixed point range."""
-    shift, top = contract["lr"]["shift"], contract["lr"]["max"]
-    grid_rates = [(lr, int(round(lr * (1 << shift)))) for lr in lr_grid(grid.resolution_bits(contract["state"]))]
+    shift, top = contract.lr_numerator.shift, contract.lr_numerator.max
+    grid_rates = [(lr, int(round(lr * (1 << shift)))) for lr in lr_grid(grid.resolution_bits(contract.state))]
     return [(lr, n) for lr, n in grid_rates if 1 <= n <= top]
 
 
@@ -72,11 +72,11 @@ def tune(trainer, data, epochs: int = 10, batch: int = 32, seeds: int = 1, holdo
     grid_rates = rates(trainer.contract)
     if not grid_rates:
         raise SpecError(f"no learning rate of the grid fits this graph's fixed point (lr_max "
-                        f"{trainer.contract['lr']['max']}, shift {trainer.contract['lr']['shift']}); pass --lr to "
+                        f"{trainer.contract.lr_numerator.max}, shift {trainer.contract.lr_numerator.shift}); pass --lr to "
                         "train instead.")
     if trainer.out is None:
         return _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, echo)
-    path = trainer.out / TUNE
+    path = trainer.out / LAYOUT.tune
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OutputError(f"{path}: is not a regular file; tune writes its record there. Move it away.")
     with folder.locked(trainer.out, "tune"):
@@ -136,7 +136,7 @@ def fresh(trainer, seed: int):
 def read_choice(out: pathlib.Path, train_sha256: str | None) -> dict | None:
     """OUT/tune.json's choice {lr, lr_numerator}, or None when there is none; a damaged record, or one of
     another compile, is refused (the run would otherwise train at a rate nobody chose)."""
-    path = pathlib.Path(out) / TUNE
+    path = pathlib.Path(out) / LAYOUT.tune
     if not os.path.lexists(path):
         return None
     fix = f"Run `fgcompile tune {out} --data TRAIN.npz` again, or delete {path}."

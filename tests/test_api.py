@@ -17,7 +17,7 @@ def test_in_memory_matches_the_folder_workflow(tmp_path, target_train):
     history = trainer.fit(target_train, epochs=1, batch=64, progress=False)
     assert len(history) == 1 and not list(tmp_path.iterdir())
     adapted, report = fgcompile.export_model(trainer)
-    assert set(report) == {s["name"] for s in compiled.contract["state"]}
+    assert set(report) == {s.name for s in compiled.contract.state}
 
     fgcompile.write_compiled(fgcompile.compile_model(source, spec), tmp_path / "out")
     on_disk = fgcompile.Trainer(tmp_path / "out", session=fgcompile.SessionSettings(optimization="disable"))

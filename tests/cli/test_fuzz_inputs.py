@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import MODELS
 from fgcompile.cli import main
 from fgcompile.runtime import checkpoint
-from fgcompile.runtime.session import make_session
+from fgcompile.session import make_session
 
 SEED = int(os.environ.get("FGCOMPILE_FUZZ_SEED", "0"))
 SHIPPED = [MODELS / "digits_cnn" / "w8a8.onnx", MODELS / "digits_cnn" / "w16a8.onnx",

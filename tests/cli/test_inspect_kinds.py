@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS, shipped
-from fgcompile.inspect import format_table, inspect_graph
+from fgcompile.inspect import format_inspection, inspect_graph
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.spec import TrainSpec
 
@@ -23,18 +23,18 @@ def test_listed_grid_is_the_compiled_grid(model, bits):
     rows, _ = inspect_graph(source, m=2, bits=bits)
     kinds = {(r.op, r.role) for r in rows}
     sites = sorted({r.site for r in rows})
-    state = {s["name"]: s for s in compile_graph(source, TrainSpec(train=tuple(f"^{s}$" for s in sites), m=2,
-                                                                   bits=bits)).contract["state"]}
+    state = {s.name: s for s in compile_graph(source, TrainSpec(train=tuple(f"^{s}$" for s in sites), m=2,
+                                                                bits=bits)).contract.state}
     assert {r.tensor for r in rows} == set(state)
     for r in rows:
         s = state[r.tensor]
-        if s["float_grid"] is not None:
-            assert r.grid.startswith("float → int32·2^") and s["stride"] == 4096
-            assert s["float_grid"] == 2.0 ** int(r.grid.split("2^")[1].split(",")[0])
+        if s.float_grid is not None:
+            assert r.grid.startswith("float → int32·2^") and s.stride == 4096
+            assert s.float_grid == 2.0 ** int(r.grid.split("2^")[1].split(",")[0])
         else:
-            assert r.grid.split(" ")[0].rstrip(",") == s["dtype"]
+            assert r.grid.split(" ")[0].rstrip(",") == s.dtype
             if "stride" in r.grid:
-                assert r.grid.endswith(f"stride {s['stride']}")
+                assert r.grid.endswith(f"stride {s.stride}")
     if "attn" in model or model in ("dynamic", "qoperator"):
         assert ("LayerNormalization", "scale") in kinds and ("MatMul", "bias") in kinds
 
@@ -58,5 +58,5 @@ def test_recurrent_layers_are_listed_as_float():
     rows, floats = inspect_graph(m)
     assert [r.tensor for r in rows] == ["Wq"]
     assert [(f.node, f.op, f.tensors) for f in floats] == [("lstm", "LSTM", ["W", "R"])]
-    table = format_table(rows, floats)
+    table = format_inspection(rows, floats)
     assert "stays float: lstm (LSTM: W, R): recurrent weights stay float" in table

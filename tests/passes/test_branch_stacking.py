@@ -4,15 +4,14 @@ import dataclasses
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from conftest import shipped
 from fgcompile.errors import CompileError
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
+from steps import Steps
 
 
 def _cloned(model, spec):
@@ -59,18 +58,13 @@ def _assert_same_steps(model, spec, target_train):
     assert qzoff.contract(stacked.train)["branches"] == ("loop" if spec.branches == "loop" else "stacked")
     assert qzoff.contract(cloned.train)["branches"] == "cloned"
     assert len(stacked.train.graph.node) < len(cloned.train.graph.node)
-    runs = [ort.InferenceSession(c.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
-            for c in (stacked, cloned)]
+    runs = [Steps(c) for c in (stacked, cloned)]
     x, y = target_train
     state = [dict(stacked.state), dict(cloned.state)]
-    contracts = [stacked.contract, cloned.contract]
     changed = 0
     for k in range(6):
         idx = np.arange(k * 32, (k + 1) * 32)
-        outs = []
-        for i, sess in enumerate(runs):
-            names = [o.name for o in sess.get_outputs()]
-            outs.append(dict(zip(names, sess.run(None, step_feeds(contracts[i], x[idx], y[idx], 0, k, 256, state[i])))))
+        outs = [run(x[idx], y[idx], 0, k, 256, state[i]) for i, run in enumerate(runs)]
         # a wide or grouped float Conv may sum in another order than 2m small ones: an activation on a
         # rounding edge of the next requantization can land one LSB apart, so losses agree to 1e-3
         np.testing.assert_allclose(outs[0]["loss_plus"], outs[1]["loss_plus"], rtol=1e-3)
@@ -113,6 +107,6 @@ def test_memory_budget_makes_auto_pick_the_loop():
     model = shipped("digits_cnn/w8a8.onnx")
     roomy = compile_graph(model, TrainSpec(m=4, last=3, memory_budget_mb=1000))
     tight = compile_graph(model, TrainSpec(m=4, last=3, memory_budget_mb=0.05))
-    assert roomy.contract["branches"] == "stacked"
-    assert tight.contract["branches"] == "loop" and "--memory-budget" in tight.contract["branches_reason"]
+    assert roomy.contract.branches == "stacked"
+    assert tight.contract.branches == "loop" and "--memory-budget" in tight.contract.branches_reason
     assert any(n.op_type == "Loop" for n in tight.train.graph.node)

@@ -24,7 +24,7 @@ def test_invalid_input_model_is_reported_as_such():
 
 def test_tiny_model_compiles():
     compiled = compile_graph(qdq_model(), TrainSpec())
-    assert [s["name"] for s in compiled.contract["state"]] == ["W"]
+    assert [s.name for s in compiled.contract.state] == ["W"]
 
 
 def test_no_weight_sites():
@@ -50,7 +50,7 @@ def test_train_pattern_matching_nothing_lists_sites():
 
 def test_train_patterns_select_sites():
     c = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(train=("conv2", "fc2.bias")))
-    assert [s["name"] for s in c.contract["state"]] == ["conv2.weight_quantized", "conv2.bias_quantized",
+    assert [s.name for s in c.contract.state] == ["conv2.weight_quantized", "conv2.bias_quantized",
                                                         "fc2.bias_quantized"]
 
 

@@ -6,14 +6,13 @@ Both run with onnxruntime's default optimizations: the graph descends the loss o
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from conftest import shipped
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
+from steps import Steps
 
 
 @pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx"])
@@ -22,13 +21,12 @@ def test_step_descends_the_paired_loss(model_file, target_train):
     compiled = compile_graph(source, TrainSpec(m=1, eps=1, lr=1.0, bits=8, include_bias=False))
     c = qzoff.contract(compiled.train)
     oracle = qzoff.InferenceOracle(source, c, optimized=True)
-    sess = ort.InferenceSession(compiled.train.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    run = Steps(compiled, optimization="all")
     x, y = target_train
     moved = 0
     for k in range(10):
         idx = np.arange(k * 32, (k + 1) * 32)
-        out = dict(zip(names, sess.run(None, step_feeds(c, x[idx], y[idx], 0, k, c["lr"]["default"], compiled.state))))
+        out = run(x[idx], y[idx], 0, k, c["lr"]["default"])
         (s,) = c["state"]
         w = compiled.state[s["name"]].astype(np.int64)
         dw = out[s["output"]].astype(np.int64) - w

@@ -143,7 +143,7 @@ def test_untrained_export_computes_the_source_function(corpus, arch, dialect, tm
     from fgcompile.runtime.export import export_model
     source = corpus(arch, dialect)
     compiled = compile_model(source, TrainSpec(m=2, last=2))
-    assert any(s["widened"] for s in compiled.contract["state"])
+    assert any(s.widened for s in compiled.contract.state)
     write_compiled(compiled, tmp_path / "out")
     export_model(tmp_path / "out", tmp_path / "adapted.onnx")
     x = np.random.default_rng(3).uniform(0, 1, (32, 1, 8, 8)).astype(np.float32)

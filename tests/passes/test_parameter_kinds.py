@@ -21,7 +21,7 @@ import build_dialects  # noqa: E402
 
 
 def roles(compiled):
-    return {s["name"]: (s["role"], s["dtype"], s["float_grid"]) for s in compiled.contract["state"]}
+    return {s.name: (s.role, s.dtype, s.float_grid) for s in compiled.contract.state}
 
 
 @pytest.mark.parametrize("bits", [8, 16])

@@ -17,8 +17,8 @@ from test_step_matches_reference import run_chain
 def test_prompt_step_matches_reference(at, target_train):
     spec = TrainSpec(prompts=3, prompt_at=at, m=2)
     compiled = compile_graph(shipped("digits_attn/w8a8.onnx"), spec)
-    prompt = next(s for s in compiled.contract["state"] if s["name"] == "prompt")
-    assert prompt["role"] == "prompt" and prompt["shape"] == [3, 32] and prompt["float_grid"] > 0
+    prompt = next(s for s in compiled.contract.state if s.name == "prompt")
+    assert prompt.role == "prompt" and prompt.shape == [3, 32] and prompt.float_grid > 0
     joined = next(n for n in compiled.source.graph.node if n.name == "fgcompile/prompt/append")
     reader = next(n for n in compiled.source.graph.node if joined.output[0] in n.input and n.op_type == "LayerNormalization")
     assert reader.name == (at or "ln1")

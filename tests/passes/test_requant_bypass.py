@@ -2,13 +2,12 @@
 transformer's classifier requantizes its MatMul output before the bias Add, and on that uint8 grid a
 ±ε weight step mostly vanishes. The eval graph (the deployed function) keeps the requantization."""
 import numpy as np
-import onnxruntime as ort
 
 from conftest import shipped
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
+from steps import run_step
 
 
 def _ops_after_trained(model, trained):
@@ -30,10 +29,7 @@ def test_branches_skip_requant_and_eval_keeps_it():
     assert "QuantizeLinear" in _ops_after_trained(on.eval, state)
 
 def _d(source, x, y, **spec):
-    c = compile_graph(source, TrainSpec(m=8, **spec))
-    sess = ort.InferenceSession(c.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
-    out = dict(zip([o.name for o in sess.get_outputs()],
-                   sess.run(None, step_feeds(c.contract, x, y, 0, 0, 0, c.state))))
+    out = run_step(compile_graph(source, TrainSpec(m=8, **spec)), x, y, seed=0, step=0, lr=0)
     return out["loss_plus"] - out["loss_minus"]
 
 

@@ -2,15 +2,13 @@
 their first 100 steps (with the old key, seed s+1 replayed seed s one step later), and a given pair
 reproduces bit for bit, in any order and in a fresh session, equal to the reference formula."""
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 
 from conftest import shipped
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
+from steps import Steps
 
 STEPS, M = 100, 2
 
@@ -19,18 +17,14 @@ STEPS, M = 100, 2
 def z_of():
     """z_of(seed, step) -> the graph's z, int32 [m, numel] per trainable, concatenated: [m, Σ numel]."""
     compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=M))
-    model = onnx.ModelProto()
-    model.CopyFrom(compiled.train)
-    names = compiled.contract["probes"]["z"]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT32, None) for n in names)
+    names = compiled.contract.probes.z
     x, y = np.zeros([1, 1, 8, 8], np.float32), np.zeros([1], np.int64)
 
-    def z_of(seed, step, sess=None):
-        sess = sess or ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        zs = sess.run(names, step_feeds(compiled.contract, x, y, seed, step, 0, compiled.state))
-        return np.concatenate([z.reshape(M, -1) for z in zs], axis=1)
-    z_of.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    z_of.contract = compiled.contract
+    def z_of(seed, step, run=None):
+        out = (run or Steps(compiled, optimization="all", probes=names))(x, y, seed, step, 0)
+        return np.concatenate([out[n].reshape(M, -1) for n in names], axis=1)
+    z_of.session = Steps(compiled, optimization="all", probes=names)
+    z_of.contract = qzoff.contract(compiled.train)
     return z_of
 
 

@@ -1,24 +1,20 @@
 """Per-pass checks of the paper's sparse update and kernel-wise normalization (the chains match the
 reference bit for bit in test_step_matches_reference.py): what each does to one step."""
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from conftest import shipped
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
+from steps import run_step
 
 
 def one_step(spec, data, seed=7):
     compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), spec)
-    c = compiled.contract
-    sess = ort.InferenceSession(compiled.train.SerializeToString(), providers=["CPUExecutionProvider"])
     x, y = data
-    out = dict(zip([o.name for o in sess.get_outputs()],
-                   sess.run(None, step_feeds(c, x[:32], y[:32], seed, 0, c["lr"]["default"], compiled.state))))
-    return {s["name"]: out[s["output"]].astype(np.int64) - compiled.state[s["name"]] for s in c["state"]}
+    out = run_step(compiled, x[:32], y[:32], seed, 0, optimization="all")
+    return {s.name: out[s.output].astype(np.int64) - compiled.state[s.name] for s in compiled.contract.state}
 
 
 @pytest.mark.parametrize("mode", ["topk", "random", "threshold"])
@@ -54,6 +50,6 @@ def test_kernel_norm_scales_each_kernel_to_its_weight_norm():
 
 
 def test_kernel_norm_divides_lr_max_by_its_gain():
-    plain = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=8)).contract["lr"]["max"]
-    normed = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=8, kernel_norm=True)).contract["lr"]["max"]
+    plain = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=8)).contract.lr_numerator.max
+    normed = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=8, kernel_norm=True)).contract.lr_numerator.max
     assert normed == (2 ** 31 - 1 - 256) // (8 * 16) and plain == (2 ** 31 - 1 - 256) // 8

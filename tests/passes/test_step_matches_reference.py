@@ -1,13 +1,12 @@
 """The compiled graph, run by onnxruntime, matches the independent numpy reference bit for bit."""
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from conftest import shipped
 from fgcompile.spec import TrainSpec
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime.trainer import step_feeds
 from reference import qzoff
+from steps import Steps
 
 STEPS = 20
 BATCH = 32
@@ -28,16 +27,14 @@ def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None, calibration
     for name, value in compiled.state.items():
         np.testing.assert_array_equal(value, oracle.initial[name])
         assert value.dtype == oracle.initial[name].dtype
-    sess = ort.InferenceSession(compiled.train.SerializeToString(), qzoff.unfused(),
-                                providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    run = Steps(compiled)
     x, y = data
     graph_state, ref_state = dict(compiled.state), dict(compiled.state)
     changed = 0
     for k in range(steps):
         idx = np.arange(k * BATCH, (k + 1) * BATCH) % len(y)
         lr = c["lr"]["default"] if lr_schedule is None else lr_schedule(k)
-        out = dict(zip(names, sess.run(None, step_feeds(c, x[idx], y[idx], SEED, k, lr, graph_state))))
+        out = run(x[idx], y[idx], SEED, k, lr, graph_state)
         ref_state, diag = qzoff.step(oracle, c, ref_state, x[idx], y[idx], SEED, k, lr)
         np.testing.assert_allclose(out["loss_plus"], diag["loss_plus"], rtol=1e-4)
         for s in c["state"]:

@@ -25,7 +25,7 @@ def test_unnamed_nodes_compile_cloned_and_match_reference(bits, target_train):
     for form in ("cloned", "stacked"):                # clones copy node names: both forms need unique ones
         spec = TrainSpec(last=2, m=2, bits=bits, branches=form)
         compiled = compile_graph(model, spec)
-        assert compiled.contract["branches"] == form
+        assert compiled.contract.branches == form
         names = [n.name for n in compiled.train.graph.node]
         assert len(set(names)) == len(names) and all(names)
         run_chain(model, spec, target_train, steps=3)

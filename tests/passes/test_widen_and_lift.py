@@ -17,10 +17,10 @@ def test_eval_graph_equals_source(model_file, bits, headroom, target_test):
     x = target_test[0]
     want = ort.InferenceSession(source.SerializeToString()).run(None, {"x": x})[0]
     got = ort.InferenceSession(compiled.eval.SerializeToString()).run(None, {"x": x, **compiled.state})[0]
-    for s in compiled.contract["state"]:
-        if s["widened"] and s["role"] == "weight" and s["factor"] >= 1:
-            assert s["qmax"] >= 127 * s["factor"] * headroom    # the range grew H-fold
-            assert not (compiled.state[s["name"]].astype(np.int64) % int(s["factor"])).any()
+    for s in compiled.contract.state:
+        if s.widened and s.role == "weight" and s.factor >= 1:
+            assert s.qmax >= 127 * s.factor * headroom    # the range grew H-fold
+            assert not (compiled.state[s.name].astype(np.int64) % int(s.factor)).any()
     if "w16a8" in model_file and headroom > 1:   # int16 trains on a grid H times coarser (fgcompile/grid.py)
         assert (got.argmax(1) == want.argmax(1)).mean() > 0.99
         np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())

@@ -44,7 +44,7 @@ def test_chained_steps_are_bit_identical(run, batches, runtime):
     if diff is not None:
         k, what = diff
         state = compiled.state if k == 0 else base[k - 1].state
-        feeds = step_feeds(compiled.contract, *batches[k], 0, k, compiled.contract["lr"]["default"], state)
+        feeds = step_feeds(compiled.contract, *batches[k], 0, k, compiled.contract.lr_numerator.default, state)
         where = conformance.first_divergence(compiled.train, feeds, runtime)
         message = f"step {k}: {what} differ; first divergence: {where}"
         # OpenVINO's float MatMul/Conv sum in another order than onnxruntime's: where that moves one
@@ -62,7 +62,7 @@ def test_integer_part_is_bit_identical(run, runtime):
     compiled, _ = run
     part = conformance.integer_part(compiled.train, compiled.contract)
     rng = np.random.default_rng(0)
-    coefficients = [rng.integers(-1, 2, compiled.contract["spec"]["m"]) for _ in range(STEPS)]
+    coefficients = [rng.integers(-1, 2, compiled.contract.spec.m) for _ in range(STEPS)]
     base = conformance.chain_integer_part(part, compiled.contract, compiled.state, coefficients, conformance.BASELINE)
     got = conformance.chain_integer_part(part, compiled.contract, compiled.state, coefficients, runtime)
     assert conformance.first_difference(base, got) is None

@@ -94,16 +94,16 @@ def test_headroom_lets_weights_grow_and_export_refits_their_scale(tmp_path):
     out = tmp_path / "c"
     compiled = compile_model(source, TrainSpec(headroom=4))
     write_compiled(compiled, out)
-    s = next(s for s in compiled.contract["state"] if s["role"] == "weight")
+    s = compiled.contract.weights()[0]
     state = dict(compiled.state)
-    grown = state[s["name"]].copy()
-    grown[0, 0] = s["qmax"]                      # 4x the int8 range on row 0
-    state[s["name"]] = grown
+    grown = state[s.name].copy()
+    grown[0, 0] = s.qmax                         # 4x the int8 range on row 0
+    state[s.name] = grown
     checkpoint.save(out / "checkpoint.npz", state, {"step": 1, "bad_steps": 0})
     report = export_model(out, tmp_path / "a.onnx")
     adapted = onnx.load(tmp_path / "a.onnx")
     new = {i.name: numpy_helper.to_array(i) for i in adapted.graph.initializer}
-    assert new[s["name"]][0, 0] == 127 and report[s["name"]]["rescaled_channels"] == 1 / grown.shape[0]
-    dq = next(n for n in adapted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == s["name"])
+    assert new[s.name][0, 0] == 127 and report[s.name]["rescaled_channels"] == 1 / grown.shape[0]
+    dq = next(n for n in adapted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == s.name)
     src_scale = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}[dq.input[1].replace("__deployed", "")]
     assert np.isclose(new[dq.input[1]][0] * 127, src_scale[0] * 127 * 4, rtol=1e-6)

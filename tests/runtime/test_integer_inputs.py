@@ -2,15 +2,14 @@
 evaluates and exports from an .npz whose x holds integers."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 from click.testing import CliRunner
 
 import qdq_graphs
 from fgcompile.cli import main
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
+from steps import Steps
 
 
 def test_token_id_step_matches_reference():
@@ -19,14 +18,12 @@ def test_token_id_step_matches_reference():
     c = qzoff.contract(compiled.train)
     assert c["inputs"]["data"] == "ids"
     oracle = qzoff.InferenceOracle(compiled.source, c)
-    sess = ort.InferenceSession(compiled.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    run = Steps(compiled)
     rng = np.random.default_rng(0)
     state, changed = dict(compiled.state), 0
     for k in range(4):
         x, y = rng.integers(0, 20, (16, 4)).astype(np.int64), rng.integers(0, 5, 16)
-        feeds = step_feeds(c, x, y, c["spec"]["seed"], k, c["lr"]["default"], state)
-        out = dict(zip(names, sess.run(None, feeds)))
+        out = run(x, y, c["spec"]["seed"], k, c["lr"]["default"], state)
         want, _ = qzoff.step(oracle, c, state, x, y, c["spec"]["seed"], k, c["lr"]["default"])
         for s in c["state"]:
             np.testing.assert_array_equal(out[s["output"]], want[s["name"]])

@@ -2,16 +2,15 @@
 array per input, named as the input, plus y; the step matches the reference bit for bit."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 from click.testing import CliRunner
 
 import qdq_graphs
 from fgcompile.cli import main
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.runtime.data import Inputs
-from fgcompile.runtime.trainer import step_feeds
 from fgcompile.spec import TrainSpec
 from reference import qzoff
+from steps import Steps
 
 
 def batch(rng, n):
@@ -23,12 +22,11 @@ def test_two_inputs_step_matches_reference():
     c = qzoff.contract(compiled.train)
     assert c["data_inputs"] == ["x", "ids"]
     oracle = qzoff.InferenceOracle(compiled.source, c)
-    sess = ort.InferenceSession(compiled.train.SerializeToString(), qzoff.unfused(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    run = Steps(compiled)
     rng, state, changed = np.random.default_rng(0), dict(compiled.state), 0
     for k in range(4):
         x, y = batch(rng, 16)
-        out = dict(zip(names, sess.run(None, step_feeds(c, Inputs(x), y, 7, k, c["lr"]["default"], state))))
+        out = run(Inputs(x), y, 7, k, c["lr"]["default"], state)
         want, _ = qzoff.step(oracle, c, state, x, y, 7, k, c["lr"]["default"])
         for s in c["state"]:
             np.testing.assert_array_equal(out[s["output"]], want[s["name"]])

@@ -1,4 +1,7 @@
-"""onnxruntime sessions and the shape facts the runtime needs from a graph."""
+"""onnxruntime sessions: the one factory every part of fgcompile creates them with (compiler checks,
+runtime, conformance, benchmarks), the facts the runtime reads from one, and its errors while running.
+
+It imports neither the passes nor onnx-graphsurgeon, so the runtime can use it."""
 from __future__ import annotations
 
 import contextlib
@@ -33,14 +36,18 @@ class SessionSettings:
                             f"Available: {', '.join(available)}.")
 
 
-def make_session(model: onnx.ModelProto | str, threads: int = 0,
-                 settings: SessionSettings | None = None) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto | str, threads: int = 0, settings: SessionSettings | None = None,
+                 optimized_path: str | None = None) -> ort.InferenceSession:
+    """A session of `model` (a ModelProto, or a path) with `settings` (default: onnxruntime's, `threads`
+    intra-op threads); optimized_path: where onnxruntime writes the graph it optimized."""
     settings = settings or SessionSettings(threads=threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[settings.optimization])
     opts.log_severity_level = 3
     if settings.threads:
         opts.intra_op_num_threads = settings.threads
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     providers = [settings.provider] + (["CPUExecutionProvider"] if settings.provider != "CPUExecutionProvider" else [])
     return ort.InferenceSession(data, opts, providers=providers)

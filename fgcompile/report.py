@@ -1,0 +1,49 @@
+"""The text fgcompile prints, shared by the CLI and the demo: tables, and one-line summaries of a compile
+and of an export."""
+from __future__ import annotations
+
+from fgcompile.artifact import Contract
+
+
+def format_table(head, rows, right=()) -> list[str]:
+    """Lines of a text table: each column as wide as its widest cell, two spaces apart; columns whose
+    index is in `right` are right-aligned."""
+    cells = [[str(c) for c in row] for row in [head, *rows]]
+    widths = [max(len(c) for c in col) for col in zip(*cells)]
+    align = lambda i, c, w: c.rjust(w) if i in right else c.ljust(w)
+    return ["  ".join(align(i, c, w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
+
+
+def describe_compile(contract: Contract) -> list[str]:
+    """What a compile trains and how: one line per trained tensor and whitened site, then the options."""
+    lines = [f"trains {s.name} ({s.role}, {s.dtype} {'x'.join(map(str, s.shape))}"
+             f"{', widened from ' + s.source_dtype + ' x' + format(s.factor, 'g') if s.widened else ''})"
+             for s in contract.state]
+    lines += [f"{p.site} reads its input whitened (frozen {p.matrix}, folded back on export)"
+              for p in contract.precondition]
+    sp, lr = contract.spec, contract.lr_numerator
+    lines.append(f"m={sp.m} eps={sp.eps} lr={sp.lr} ({lr.default}/2^{lr.shift}) "
+                 f"{sp.perturbation} {sp.estimator} loss={sp.loss} on {contract.loss_tap}")
+    if sp.kernel_norm or sp.sparsity:
+        lines.append("; ".join(part for part in (
+            "kernel-wise normalized ĝ" if sp.kernel_norm else "",
+            f"sparse update ({sp.sparse_mode}): {sp.sparsity:.0%} of each tensor unchanged per step"
+            if sp.sparsity else "") if part))
+    lines.append(f"2m={2 * sp.m} branches {contract.branches}"
+                 + {"stacked": "", "loop": " (an ONNX Loop over the m pairs: one pair's activations at a time)"}.get(
+                     contract.branches, f" (one copy per branch: {contract.branches_reason})")
+                 + ("; activation requantization after the last trained-path Conv/MatMul/Gemm read as float"
+                    if sp.requant_bypass else ""))
+    return lines
+
+
+def describe_export(r: dict) -> str:
+    """One line per exported tensor (runtime/export.py's report)."""
+    if not r["narrowed"]:
+        return "written as trained"
+    if "beyond_source_grid" not in r:
+        return f"narrowed {r['narrowed']}: {r['inexact_fraction']:.1%} rounded"
+    return (f"narrowed {r['narrowed']}{' (whitening folded back)' if r['preconditioned'] else ''}: "
+            f"{r['inexact_fraction']:.1%} rounded (mean {r['mean_abs_rounding_lsb']:.2f} LSB), "
+            f"{r['beyond_source_grid']:.1%} grew past the pretrained grid, "
+            f"{r['rescaled_channels']:.0%} of channels rescaled")
