@@ -4,7 +4,7 @@
                                             branches +0, …, +(m−1), −0, …, −(m−1)
 
 The nodes that depend on a trained tensor (the trained suffix) run on all 2m branches at once, with the
-branches on a leading axis (passes/stack.py). Where some suffix op cannot carry that axis, the suffix is
+branches on a leading axis (passes/branch_rules.py). Where some suffix op cannot carry that axis, the suffix is
 cloned once per branch instead and the branch outputs are stacked. The frozen prefix stays single. The
 unperturbed suffix is removed: a training step never needs it (the eval graph has it).
 
@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
 from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
-from .stack import stack_suffix
+from .branch_rules import Refusal, stack_suffix
 
 UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
@@ -72,9 +72,9 @@ def _looped(graph: gs.Graph, ctx: Context, w32, needed):
     z = ctx.perturbations.z
     perturbed = {tr.name: _perturbed(bb, ctx, w32, tr, bb.op("Gather", [z[tr.name], index], {"axis": 0},
                                                               dtype=np.int32), 1) for tr in ctx.trainables}
-    mapping, reason = stack_suffix(body, needed, perturbed, 2, ctx.io.loss_tap)
-    if mapping is None:
-        raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({reason}). "
+    mapping = stack_suffix(body, needed, perturbed, 2, ctx.io.loss_tap)
+    if isinstance(mapping, Refusal):
+        raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({mapping}). "
                            "Use --branches cloned, or train other tensors.")
     pair = mapping[ctx.io.loss_tap]
     body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [pair], dtype=np.float32)]
@@ -123,13 +123,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     else:
         perturbed = {tr.name: _perturbed(b, ctx, w32, tr, ctx.perturbations.z[tr.name], ctx.spec.m)
                      for tr in ctx.trainables}
-        mapping, reason = (None, "--branches cloned") if form == "cloned" else \
-            stack_suffix(graph, needed, perturbed, 2 * ctx.spec.m, tap)
-        if mapping is None and form == "stacked":
+        mapping = "--branches cloned" if form == "cloned" else stack_suffix(graph, needed, perturbed,
+                                                                            2 * ctx.spec.m, tap)
+        if isinstance(mapping, Refusal) and form == "stacked":
             raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
-                               f"({reason}). Use --branches auto or cloned, or train other tensors.")
-        form = "stacked" if mapping is not None else "cloned"
-        logits = mapping[tap] if mapping else _cloned(b, graph, ctx, needed, perturbed)
+                               f"({mapping}). Use --branches auto or cloned, or train other tensors.")
+        form = "stacked" if isinstance(mapping, dict) else "cloned"
+        reason = None if form == "stacked" else str(mapping)
+        logits = mapping[tap] if form == "stacked" else _cloned(b, graph, ctx, needed, perturbed)
     kept = {id(n) for n in suffix}
     graph.nodes = [n for n in graph.nodes if id(n) not in kept]
     graph.outputs = []
@@ -138,7 +139,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
 
 
 def _branch_major(logits) -> tuple[gs.Tensor, int]:
-    """(logits, branch axis). The wide product (passes/stack.py) ends in a Transpose [B, 2m, C] ->
+    """(logits, branch axis). The wide product (passes/branch_rules.py) ends in a Transpose [B, 2m, C] ->
     [2m, B, C]; the loss reduces over batch and classes either way, so it may read the Transpose's
     input and skip a copy of all 2m·B·C logits."""
     node = logits.inputs[0] if logits.inputs else None

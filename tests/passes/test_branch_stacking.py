@@ -86,7 +86,7 @@ def test_a_trained_conv_runs_its_kernels_on_the_folded_batch():
 
 
 def _with_einsum(model):
-    """digits_cnn with an identity Einsum (an op stack has no rule for) on fc1's output."""
+    """digits_cnn with an identity Einsum (an op branch_rules has no rule for) on fc1's output."""
     k, fc1 = next((k, n) for k, n in enumerate(model.graph.node) if n.output[0] == "relu3")
     fc1.output[0] = "relu3_pre"
     model.graph.node.insert(k + 1, onnx.helper.make_node("Einsum", ["relu3_pre"], ["relu3"], equation="ij->ij"))
@@ -98,6 +98,7 @@ def test_an_op_without_a_rule_falls_back_to_clones_and_says_why():
     compiled = compile_graph(model, TrainSpec(m=2, last=2))
     contract = qzoff.contract(compiled.train)
     assert contract["branches"] == "cloned" and "Einsum" in contract["branches_reason"]
+    assert "no branch-axis rule for this op" in contract["branches_reason"]   # the refusal's reason
     assert sum(n.op_type == "Einsum" for n in compiled.train.graph.node) == 2 * 2
     with pytest.raises(CompileError, match="--branches stacked.*Einsum"):
         compile_graph(model, TrainSpec(m=2, last=2, branches="stacked"))
