@@ -224,48 +224,59 @@ def sparse_keep(g: np.ndarray, u: np.ndarray, mode: str, sparsity: float) -> np.
     return key >= np.sort(key.ravel())[-k]
 
 
-def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int) -> tuple[dict, dict]:
-    """One QZO-FF step (step number step_no of a run seeded `seed`): returns (new state, diagnostics
-    with the losses and coefficients)."""
-    assert c["stream"] == STREAM, c["stream"]
+def perturbations(c: dict, seed: int, step_no: int) -> dict:
+    """prng: {state name: [z_0, …, z_(m−1)]}, each shaped like the tensor."""
     spec = c["spec"]
-    m, eps, shift = spec["m"], spec["eps"], c["lr"]["shift"]
-    lr = int(np.clip(lr, 0, c["lr"]["max"]))
     zs = {}
     for t, s in enumerate(c["state"]):
-        n = int(np.prod(s["shape"])) if s["shape"] else 1
-        zs[s["name"]] = [perturbation(seed, step_no, t, i, n, spec["perturbation"], spec["density"]).reshape(s["shape"])
-                         for i in range(m)]
-    lp, lm = [], []
-    for i in range(m):
-        for sign, out in ((+1, lp), (-1, lm)):
-            w = {s["name"]: np.clip(state[s["name"]].astype(np.int64) + sign * eps * s["stride"] * zs[s["name"]][i],
-                                    s["qmin"], s["qmax"]).astype(s["dtype"]) for s in c["state"]}
-            out.append(loss(oracle.logits(x, w), y, spec["loss"]))
+        zs[s["name"]] = [perturbation(seed, step_no, t, i, _numel(s), spec["perturbation"], spec["density"]).reshape(s["shape"])
+                         for i in range(spec["m"])]
+    return zs
+
+
+def _numel(s: dict) -> int:
+    return int(np.prod(s["shape"])) if s["shape"] else 1
+
+
+def coefficients(lp, lm, c: dict) -> np.ndarray:
+    """estimate: the cᵢ from the branch losses (NaN and ties give 0)."""
+    spec = c["spec"]
     d = np.array(lp, np.float32) - np.array(lm, np.float32)
     d = np.where(np.isnan(d), np.float32(0), d)
     scale = np.maximum(np.abs(np.array(lp, np.float32)), np.abs(np.array(lm, np.float32)))
     d = np.where(np.abs(d) <= scale * np.float32(c["tie_tolerance"]), np.float32(0), d)
     if spec["estimator"] == "sign":
-        coef = np.sign(d).astype(np.int64)
-    else:
-        coef = np.clip(np.round(d * np.float32(spec["spsa_gain"])), -127, 127).astype(np.int64)
-    new = {}
+        return np.sign(d).astype(np.int64)
+    return np.clip(np.round(d * np.float32(spec["spsa_gain"])), -127, 127).astype(np.int64)
+
+
+def gradient(c: dict, coef, zs: dict, state: dict, seed: int, step_no: int) -> dict:
+    """estimate (then kernel normalization and sparsity when on): ĝ per state tensor, int64."""
+    spec, m = c["spec"], c["spec"]["m"]
+    grads = {}
     for t, s in enumerate(c["state"]):
         g = sum(coef[i] * zs[s["name"]][i] for i in range(m))
         if spec.get("kernel_norm") and s["role"] == "weight" and np.dtype(s["dtype"]).kind == "i":
             g = kernel_normalized(g, state[s["name"]], s["axis"])
         if spec.get("sparsity", 0) > 0:
-            n = int(np.prod(s["shape"])) if s["shape"] else 1
-            u = chunks(seed, step_no, t, m + 1, n, 16).reshape(s["shape"])
+            u = chunks(seed, step_no, t, m + 1, _numel(s), 16).reshape(s["shape"])
             g = g * sparse_keep(g, u, spec["sparse_mode"], spec["sparsity"])
-        tt = lr * g
+        grads[s["name"]] = g
+    return grads
+
+
+def update(c: dict, state: dict, grads: dict, lr: int, seed: int, step_no: int) -> dict:
+    """update: W − stride·round(lr·ĝ / 2^s), saturated; lr clipped to [0, lr_max]."""
+    spec, shift = c["spec"], c["lr"]["shift"]
+    lr = int(np.clip(lr, 0, c["lr"]["max"]))
+    new = {}
+    for t, s in enumerate(c["state"]):
+        tt = lr * np.asarray(grads[s["name"]], np.int64)
         if shift == 0:
             r = tt
         else:
             if spec["rounding"] == "stochastic":
-                n = int(np.prod(s["shape"])) if s["shape"] else 1
-                h = (chunks(seed, step_no, t, m, n, 16) & ((1 << shift) - 1)).reshape(s["shape"])
+                h = (chunks(seed, step_no, t, spec["m"], _numel(s), 16) & ((1 << shift) - 1)).reshape(s["shape"])
             else:
                 h = 1 << (shift - 1)
             r = np.sign(tt) * ((np.abs(tt) + h) // (1 << shift))
@@ -273,10 +284,32 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
             bound = (2 ** 30 - 1) // s["stride"]
             r = np.clip(r, -bound, bound) * s["stride"]
         new[s["name"]] = np.clip(state[s["name"]].astype(np.int64) - r, s["qmin"], s["qmax"]).astype(s["dtype"])
+    return new
+
+
+def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int) -> tuple[dict, dict]:
+    """One QZO-FF step (step number step_no of a run seeded `seed`): returns (new state, diagnostics
+    with the losses and coefficients)."""
+    assert c["stream"] == STREAM, c["stream"]
+    spec = c["spec"]
+    m, eps = spec["m"], spec["eps"]
+    zs = perturbations(c, seed, step_no)
+    lp, lm = [], []
+    for i in range(m):
+        for sign, out in ((+1, lp), (-1, lm)):
+            w = {s["name"]: np.clip(state[s["name"]].astype(np.int64) + sign * eps * s["stride"] * zs[s["name"]][i],
+                                    s["qmin"], s["qmax"]).astype(s["dtype"]) for s in c["state"]}
+            out.append(loss(oracle.logits(x, w), y, spec["loss"]))
+    coef = coefficients(lp, lm, c)
+    new = update(c, state, gradient(c, coef, zs, state, seed, step_no), lr, seed, step_no)
     # |d| / (τ·max|L|): between 1/2 and 2 a runtime's few-ULP rounding can land on either side of a tie
-    ratio = np.abs(np.array(lp, np.float32) - np.array(lm, np.float32)) / (scale * c["tie_tolerance"] + 1e-30)
+    d = np.array(lp, np.float32) - np.array(lm, np.float32)
+    scale = np.maximum(np.abs(np.array(lp, np.float32)), np.abs(np.array(lm, np.float32)))
+    ratio = np.abs(d) / (scale * c["tie_tolerance"] + 1e-30)
     near = (ratio > 0.5) & (ratio < 2.0)
     if spec["estimator"] != "sign":   # gain·d within float noise of a rounding edge (k + 1/2) of cᵢ
+        d = np.where(np.isnan(d), np.float32(0), d)
+        d = np.where(np.abs(d) <= scale * np.float32(c["tie_tolerance"]), np.float32(0), d)
         near |= np.abs(np.abs(d * np.float32(spec["spsa_gain"])) % 1 - 0.5) < 1e-3
     return new, {"loss_plus": np.array(lp), "loss_minus": np.array(lm), "coef": coef,
                  "near_tie": bool(near.any())}
