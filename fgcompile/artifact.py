@@ -55,7 +55,7 @@ class StateTensor:
     stride: grid units per perturbation/update unit (1 for weights; 2**k for int32 biases)."""
     name: str
     output: str
-    role: str                  # weight | bias | scale | prompt
+    role: str                  # weight | bias | scale | prompt | momentum (a training buffer, not a parameter)
     site: str
     dtype: str
     shape: list
@@ -117,7 +117,7 @@ class LrNumerator:
 class Probes:
     """Internal tensors a conformance check compares across runtimes (`fgcompile verify`)."""
     coefficients: str
-    z: list            # one per state tensor, in the state's order
+    z: list            # one per trained parameter, in the state's order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +168,11 @@ class Contract:
 
     def weights(self) -> list[StateTensor]:
         return [s for s in self.state if s.role == "weight"]
+
+    def parameters(self) -> list[StateTensor]:
+        """The state that is model parameters: all but training buffers (role momentum), which the
+        training graph carries but export and eval.onnx do not take."""
+        return [s for s in self.state if s.role != "momentum"]
 
 
 @dataclasses.dataclass(frozen=True)

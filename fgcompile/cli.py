@@ -106,6 +106,11 @@ def spec_options(f):
         click.option("--sparse-mode", type=click.Choice(SPARSE_MODES), default=TrainSpec.sparse_mode,
                      show_default=True, help="Which elements a sparse step updates: topk (largest |ĝ|), random "
                                              "(hashed), threshold (|ĝ| >= sparsity·max|ĝ|)."),
+        click.option("--momentum", default=TrainSpec.momentum, show_default=True,
+                     help="Momentum-guided sampling: the share of each perturbation drawn as the sign of an "
+                          "int32 momentum buffer (extra training state)."),
+        click.option("--sharpness", default=TrainSpec.sharpness, show_default=True,
+                     help="Sharpness-aware perturbation: centre the ±ε pair ρ LSBs up the momentum's slope."),
         click.option("--keep-requant", is_flag=True,
                      help="Branches keep the activation requantization inside the trained layers (default: "
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
@@ -134,7 +139,8 @@ def make_spec(kw) -> TrainSpec:
                      branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"),
                      prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"), headroom=int(kw.pop("headroom")),
                      precondition=kw.pop("precondition"), kernel_norm=kw.pop("kernel_norm"),
-                     sparsity=kw.pop("sparsity"), sparse_mode=kw.pop("sparse_mode"))
+                     sparsity=kw.pop("sparsity"), sparse_mode=kw.pop("sparse_mode"), momentum=kw.pop("momentum"),
+                     sharpness=kw.pop("sharpness"))
 
 
 @main.command()

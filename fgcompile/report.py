@@ -18,17 +18,19 @@ def describe_compile(contract: Contract) -> list[str]:
     """What a compile trains and how: one line per trained tensor and whitened site, then the options."""
     lines = [f"trains {s.name} ({s.role}, {s.dtype} {'x'.join(map(str, s.shape))}"
              f"{', widened from ' + s.source_dtype + ' x' + format(s.factor, 'g') if s.widened else ''})"
-             for s in contract.state]
+             for s in contract.parameters()]
     lines += [f"{p.site} reads its input whitened (frozen {p.matrix}, folded back on export)"
               for p in contract.precondition]
     sp, lr = contract.spec, contract.lr_numerator
     lines.append(f"m={sp.m} eps={sp.eps} lr={sp.lr} ({lr.default}/2^{lr.shift}) "
                  f"{sp.perturbation} {sp.estimator} loss={sp.loss} on {contract.loss_tap}")
-    if sp.kernel_norm or sp.sparsity:
-        lines.append("; ".join(part for part in (
-            "kernel-wise normalized ĝ" if sp.kernel_norm else "",
-            f"sparse update ({sp.sparse_mode}): {sp.sparsity:.0%} of each tensor unchanged per step"
-            if sp.sparsity else "") if part))
+    options = [part for part in (
+        "kernel-wise normalized ĝ" if sp.kernel_norm else "",
+        f"sparse update ({sp.sparse_mode}): {sp.sparsity:.0%} of each tensor unchanged per step" if sp.sparsity else "",
+        f"momentum-guided sampling ({sp.momentum:.0%} of z)" if sp.momentum else "",
+        f"sharpness-aware ascent of {sp.sharpness} LSB" if sp.sharpness else "") if part]
+    if options:
+        lines.append("; ".join(options))
     lines.append(f"2m={2 * sp.m} branches {contract.branches}"
                  + {"stacked": "", "loop": " (an ONNX Loop over the m pairs: one pair's activations at a time)"}.get(
                      contract.branches, f" (one copy per branch: {contract.branches_reason})")

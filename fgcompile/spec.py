@@ -73,6 +73,8 @@ class TrainSpec:
     kernel_norm: bool = False     # each kernel's ĝ scaled to its weight's norm (passes/kernelnorm.py)
     sparsity: float = 0.0         # share of each tensor's elements a step leaves unchanged (passes/sparsify.py)
     sparse_mode: str = "topk"     # which: topk (smallest |ĝ|), random (hashed), threshold (|ĝ| < sparsity·max|ĝ|)
+    momentum: float = 0.0         # momentum-guided sampling: share of z drawn as sign(momentum) (passes/momentum.py)
+    sharpness: int = 0            # sharpness-aware: the ±εz pair is centred ρ LSBs up the momentum's slope
 
     def __post_init__(self):
         object.__setattr__(self, "train", tuple(self.train))
@@ -113,6 +115,9 @@ class TrainSpec:
              f"--precondition {self.precondition!r}: choose one of {', '.join(PRECONDITIONS)}.")
         need(math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0,
              f"--sparsity {self.sparsity}: the share of elements left unchanged per step must be in [0, 1), e.g. 0.9.")
+        need(math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0,
+             f"--momentum {self.momentum}: the share of z drawn from the momentum must be in [0, 1), e.g. 0.25.")
+        need(0 <= self.sharpness <= 4096, f"--sharpness {self.sharpness}: ρ is in weight LSBs and must be 0..4096.")
         need(self.sparse_mode in SPARSE_MODES,
              f"--sparse-mode {self.sparse_mode!r}: choose one of {', '.join(SPARSE_MODES)}.")
         if self.eps is None or self.lr is None:

@@ -138,7 +138,7 @@ def check_source(source: onnx.ModelProto, initial: dict, contract: Contract, pat
     """The source initializers of the trained tensors, checked against the contract and the initial state."""
     inits = {i.name: i for i in source.graph.initializer}
     preconditioned = {p.weight for p in contract.precondition}
-    for s in contract.state:
+    for s in contract.parameters():
         name = s.name
         fix = "The folder was edited or mixed with another compile; recompile the model."
         if name not in inits:

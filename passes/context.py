@@ -116,6 +116,9 @@ class Perturbations:    # prng
     z: dict[str, gs.Tensor]             # int32 [m, *shape]
     round_noise: dict[str, gs.Tensor]   # int32 [*shape] (stochastic rounding only)
     sparse_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape] (sparsify)
+    momentum_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [m, *shape], 8 bits
+    ascent: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape]: pair centres W±εz
+                                                                           # at W + ascent (momentum, --sharpness)
 
 
 @dataclasses.dataclass
@@ -142,6 +145,13 @@ class Estimate:         # estimate
 
 
 @dataclasses.dataclass
+class Buffers:          # momentum: training state that is not a model parameter
+    inputs: dict[str, gs.Variable]      # trainable name -> `<name>__momentum`
+    outputs: dict[str, gs.Tensor]       # trainable name -> `<name>__momentum__next` (filled after estimate)
+    entries: list[StateTensor]          # their contract state entries (role "momentum")
+
+
+@dataclasses.dataclass
 class Update:           # update
     lr_numerator: gs.Variable           # the `lr` input: int32 numerator of η = lr_numerator / 2^lr_shift
     lr_max: int
@@ -164,5 +174,6 @@ class Context:
     losses: Losses | None = None
     estimate: Estimate | None = None
     update: Update | None = None
+    buffers: Buffers | None = None      # momentum (empty without --momentum and --sharpness)
     contract: Contract | None = None
     train_model: onnx.ModelProto | None = None

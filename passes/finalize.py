@@ -44,9 +44,11 @@ def run(graph: gs.Graph, ctx: Context) -> onnx.ModelProto:
     inputs = [tensors[n] for n in ctx.io.data_inputs] + [losses.labels, perturbations.seed, perturbations.step,
                                                          ctx.update.lr_numerator] + [ctx.state.inputs[n] for n in names]
     outputs = losses.metrics + [losses.plus, losses.minus] + [ctx.update.state_out[n] for n in names]
+    inputs += list(ctx.buffers.inputs.values())      # training buffers after the parameters, as in the
+    outputs += list(ctx.buffers.outputs.values())    # contract's state
     ctx.train_model = to_model(graph, inputs, outputs, ctx.contract)
     return ctx.train_model
 
 
-PASS = Pass("finalize", run, reads=("io", "trainables", "state", "perturbations", "losses", "update", "contract"),
-            adds=("train_model",))
+PASS = Pass("finalize", run, reads=("io", "trainables", "state", "perturbations", "losses", "update", "buffers",
+                                   "contract"), adds=("train_model",))

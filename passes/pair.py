@@ -1,7 +1,8 @@
 """pair: the 2m perturbed forward passes, sharing every node upstream of the trained tensors.
 
-    W± = clip(W ± ε·stride·zᵢ, qmin, qmax)   int32, cast back to W's dtype; one [2m, *shape] tensor with
+    W± = clip(W̃ ± ε·stride·zᵢ, qmin, qmax)   int32, cast back to W's dtype; one [2m, *shape] tensor with
                                             branches +0, …, +(m−1), −0, …, −(m−1)
+    W̃ = W, or clip(W + ascent, qmin, qmax) with a sharpness-aware ascent (passes/momentum.py)
 
 The nodes that depend on a trained tensor (the trained suffix) run on all 2m branches at once, with the
 branches on a leading axis (passes/branch_rules.py). Where some suffix op cannot carry that axis, the suffix is
@@ -113,15 +114,17 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         raise CompileError(f"the model output {ctx.io.output!r} does not depend on the trained tensors; "
                            "nothing would learn. Choose other tensors with --train.")
     w32 = {tr.name: b.cast(ctx.state.inputs[tr.name], np.int32) for tr in ctx.trainables}
+    centre = {tr.name: b.clip_int32(b.i32.Add(w32[tr.name], ctx.perturbations.ascent[tr.name]), tr.qmin, tr.qmax)
+              if tr.name in ctx.perturbations.ascent else w32[tr.name] for tr in ctx.trainables}
     # only the nodes the loss reads: the trailing requantization of the output is not needed per branch
     needed = upstream_nodes(suffix, tap)
     if ctx.spec.requant_bypass:
         needed = upstream_nodes(_bypass_requant(needed), tap)
     form, reason = _form(ctx)
     if form == "loop":
-        logits = _looped(graph, ctx, w32, needed)
+        logits = _looped(graph, ctx, centre, needed)
     else:
-        perturbed = {tr.name: _perturbed(b, ctx, w32, tr, ctx.perturbations.z[tr.name], ctx.spec.m)
+        perturbed = {tr.name: _perturbed(b, ctx, centre, tr, ctx.perturbations.z[tr.name], ctx.spec.m)
                      for tr in ctx.trainables}
         mapping = "--branches cloned" if form == "cloned" else stack_suffix(graph, needed, perturbed,
                                                                             2 * ctx.spec.m, tap)

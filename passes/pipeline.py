@@ -20,7 +20,7 @@ from fgcompile.artifact import Compiled, Contract, EvalContract, Inputs, LrNumer
 from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
-from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, opset, pair,
+from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum, opset, pair,
                precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .formulas import TIE_TOLERANCE
@@ -83,7 +83,7 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec, z = ctx.spec, ctx.perturbations.z
     ctx.contract = Contract(
         spec=spec, inputs=Inputs(ctx.io.data_input), data_inputs=ctx.io.data_inputs, outputs=Outputs(),
-        state=[t.contract() for t in ctx.trainables],
+        state=[t.contract() for t in ctx.trainables] + ctx.buffers.entries,
         lr_numerator=LrNumerator(spec.lr_shift, spec.lr_numerator, ctx.update.lr_max),
         model_output=ctx.io.output, loss_tap=ctx.io.loss_tap, branches=ctx.branches.form,
         branches_reason=ctx.branches.reason, tie_tolerance=TIE_TOLERANCE, stream=prng.STREAM,
@@ -106,14 +106,16 @@ PASSES = [
     lift.PASS,
     Pass("eval graph", _eval_graph, reads=("io", "trainables", "state"), adds=("eval_model",)),
     prng.PASS,
+    momentum.PASS,        # --momentum / --sharpness (else nothing)
     pair.PASS,
     loss.PASS,
     estimate.PASS,
+    momentum.UPDATE,      # the buffer's next value, from the raw ĝ
     kernelnorm.PASS,      # --kernel-norm (else nothing)
     sparsify.PASS,        # --sparsity (else nothing)
     update.PASS,
     Pass("contract", _contract, reads=("io", "trainables", "perturbations", "branches", "estimate", "update",
-                                       "preconditioned"), adds=("contract",)),
+                                       "preconditioned", "buffers"), adds=("contract",)),
     finalize.PASS,
 ]
 

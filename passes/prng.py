@@ -22,7 +22,8 @@ One hash word feeds n elements (element j is the flat index), so the hash costs 
     gaussian:   k = 8,  z = popcount(c & 0xf) − popcount(c >> 4)       (centred binomial, |z| <= 4)
 (ternary and gaussian as a lookup of c in a 256-entry table). Streams i = 0..m−1 give z_i; stream
 i = m gives the stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16, stream i = m + 1 the
-sparse-update noise u = c with k = 16 (--sparsity with --sparse-mode random or topk).
+sparse-update noise u = c with k = 16 (--sparsity with --sparse-mode random or topk), streams
+i = m + 2 … 2m + 1 the momentum-guided sampling's choice c with k = 8 (one per zᵢ, --momentum).
 In int32, x >> k (logical) is ((x & −2^k) / 2^k) & (2^(32−k) − 1): the masked Div is exact.
 
 Precondition: ctx.trainables (their shapes; lift has made them state).
@@ -172,6 +173,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if spec.sparsity > 0 and spec.sparse_mode in ("random", "topk"):
         u, padded = _chunks(b, seed, step, sizes, range(spec.m + 1, spec.m + 2), NOISE_BITS)
         ctx.perturbations.sparse_noise = dict(zip(names, _split(b, u, sizes, padded, 0, shapes)))
+    if spec.momentum > 0:
+        c, padded = _chunks(b, seed, step, sizes, range(spec.m + 2, 2 * spec.m + 2), 8)
+        ctx.perturbations.momentum_noise = dict(zip(names, _split(b, c, sizes, padded, spec.m, shapes)))
     return graph
 
 

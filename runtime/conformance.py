@@ -251,7 +251,8 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     part = integer_part(train, contract)
     coefficients = [r.coefficients for r in base]
     base_part = chain_integer_part(part, contract, state, coefficients, BASELINE)
-    eval_feeds = {**feeds(contract.inputs.data, batches[0][0]), **state}
+    params = {s.name for s in contract.parameters()}   # eval.onnx takes no training buffers
+    eval_feeds = {**feeds(contract.inputs.data, batches[0][0]), **{k: v for k, v in state.items() if k in params}}
     eval_out = [eval_model.graph.output[0].name]
     base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
     rows = []

@@ -154,7 +154,7 @@ def export_state(source: onnx.ModelProto, contract: Contract, state: dict,
     model = onnx.ModelProto()
     model.CopyFrom(source)
     inits = {i.name: i for i in model.graph.initializer}
-    missing = [s.name for s in contract.state if s.name not in inits]
+    missing = [s.name for s in contract.parameters() if s.name not in inits]
     if missing:
         raise ModelError(f"the source model has no initializer {missing[0]!r}: pass the model this training "
                          "graph was compiled from.")
@@ -168,7 +168,8 @@ def write_state(model, inits: dict, contract: Contract, state: dict, matrices: d
     """Write each trained tensor into its initializer, back on the deployed grid where widened or whitened."""
     pre = {p.weight: p for p in contract.precondition}
     report, ratios = {}, {}
-    for s in contract.weights() + [s for s in contract.state if s.role != "weight"]:
+    params = contract.parameters()
+    for s in [s for s in params if s.role == "weight"] + [s for s in params if s.role != "weight"]:
         value = state[s.name]
         factor = s.factor if s.widened else 1
         if s.role == "weight" and (s.widened or s.name in pre):
@@ -186,7 +187,7 @@ def write_state(model, inits: dict, contract: Contract, state: dict, matrices: d
             exported = value.astype(s.source_dtype)
             report[s.name] = {"narrowed": None}
         inits[s.name].CopyFrom(numpy_helper.from_array(exported, s.name))
-    trained = {s.name for s in contract.state}
+    trained = {s.name for s in params}
     for site, ratio in ratios.items():   # an untrained bias tied to a rescaled weight follows it
         name = _bias_input(model, site)
         if name is not None and name not in trained and not np.all(ratio == 1):

@@ -19,6 +19,8 @@ def score(sess: ort.InferenceSession, data_input: str, x: np.ndarray, y: np.ndar
     alongside) and score its first output. A model with a fixed batch N runs in chunks of N; the last
     chunk is padded with its first sample and the padding's outputs dropped."""
     fixed = next(i.shape[0] for i in sess.get_inputs() if i.name == data_input)
+    names = {i.name for i in sess.get_inputs()}
+    state = {k: v for k, v in state.items() if k in names}   # training buffers are not inputs of eval
     size = fixed if isinstance(fixed, int) and fixed > 0 else batch
     chunks = []
     for i in range(0, len(x), size):

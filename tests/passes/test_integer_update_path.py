@@ -47,7 +47,7 @@ def descendants(model, names):
                                   TrainSpec(rounding="stochastic", perturbation="gaussian", last=2),
                                   TrainSpec(estimator="spsa", loss="mse"),
                                   TrainSpec(kernel_norm=True, sparsity=0.9, last=2),
-                                  TrainSpec(sparsity=0.5, sparse_mode="random")])
+                                  TrainSpec(sparsity=0.5, sparse_mode="random", momentum=0.5, sharpness=4)])
 @pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx"])
 def test_update_path_is_integer(model_file, spec):
     model = compile_graph(shipped(model_file), spec).train
@@ -75,9 +75,10 @@ def test_update_path_is_integer(model_file, spec):
     # them, are integer
     branch_weights = [o for n in model.graph.node if n.name.startswith("pair/") and ".perturbed" in n.name
                       for o in n.output]
-    assert len(branch_weights) == len(contract["state"])
+    params = [s for s in contract["state"] if s["role"] != "momentum"]   # a momentum buffer is not perturbed
+    assert len(branch_weights) == len(params)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
-    assert sorted(shapes[w][0] for w in branch_weights) == [2 * spec.m] * len(contract["state"])
+    assert sorted(shapes[w][0] for w in branch_weights) == [2 * spec.m] * len(params)
     assert all(types[w] in INT_TYPES for w in branch_weights)
     perturbation_path = ancestors(model, branch_weights)
     assert any(n.op_type == "BitwiseXor" for n in perturbation_path.values())

@@ -117,7 +117,13 @@ def test_whitening_with_deeper_sites_matches_reference(model_file, last, target_
     ("digits_cnn/w8a8.onnx", dict(sparsity=0.5, sparse_mode="random", last=2)),
     ("digits_attn/w8a8.onnx", dict(sparsity=0.5, sparse_mode="threshold", estimator="spsa", spsa_gain=4000.0)),
     ("digits_cnn/w8a8.onnx", dict(sparsity=0.75, kernel_norm=True, rounding="stochastic", bits=8)),
+    ("digits_cnn/w8a8.onnx", dict(momentum=0.5)),
+    ("digits_attn/w8a8.onnx", dict(momentum=0.25, last=2)),
+    ("digits_cnn/w8a8.onnx", dict(sharpness=16)),                         # ρ = ε
+    ("digits_attn/w16a8.onnx", dict(sharpness=8, momentum=0.5, kernel_norm=True, sparsity=0.5)),
+    ("digits_cnn/w8a8.onnx", dict(last=3, bits=8, headroom=1, branches="loop", sharpness=1, momentum=0.25)),
 ])
 def test_enhancements_match_reference(model_file, options, target_train):
-    """The paper's kernel-wise normalization and sparse updates (alone and together): bit for bit."""
+    """The paper's four enhancements, alone and together (momentum-guided sampling and the sharpness-aware
+    ascent carry an int32 momentum buffer as state, compared too): bit for bit."""
     run_chain(model_file, TrainSpec(m=4, **options), target_train, steps=6)

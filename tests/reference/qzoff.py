@@ -78,6 +78,8 @@ class InferenceOracle:
     independently; `matrices` holds the whitening matrices P by name (read from train.onnx)."""
 
     def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None):
+        buffers = [s for s in c["state"] if s["role"] == "momentum"]   # training state, not weights
+        c = dict(c, state=parameters(c))
         model = onnx.ModelProto()
         model.CopyFrom(source)
         inits = {i.name: i for i in model.graph.initializer}
@@ -117,6 +119,7 @@ class InferenceOracle:
             model.graph.input.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
         model.graph.output.append(helper.make_tensor_value_info(c["loss_tap"], onnx.TensorProto.FLOAT, None))
+        self.initial.update({s["name"]: np.zeros(s["shape"], np.int32) for s in buffers})   # v starts at 0
         opts = ort.SessionOptions() if optimized else unfused()
         self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.tap = c["loss_tap"]
@@ -224,11 +227,17 @@ def sparse_keep(g: np.ndarray, u: np.ndarray, mode: str, sparsity: float) -> np.
     return key >= np.sort(key.ravel())[-k]
 
 
+def parameters(c: dict) -> list[dict]:
+    """The state entries that are model parameters (a momentum buffer is state, not a parameter); the
+    buffer of parameter P is P + "__momentum"."""
+    return [s for s in c["state"] if s["role"] != "momentum"]
+
+
 def perturbations(c: dict, seed: int, step_no: int) -> dict:
     """prng: {state name: [z_0, …, z_(m−1)]}, each shaped like the tensor."""
     spec = c["spec"]
     zs = {}
-    for t, s in enumerate(c["state"]):
+    for t, s in enumerate(parameters(c)):
         zs[s["name"]] = [perturbation(seed, step_no, t, i, _numel(s), spec["perturbation"], spec["density"]).reshape(s["shape"])
                          for i in range(spec["m"])]
     return zs
@@ -236,6 +245,37 @@ def perturbations(c: dict, seed: int, step_no: int) -> dict:
 
 def _numel(s: dict) -> int:
     return int(np.prod(s["shape"])) if s["shape"] else 1
+
+
+def momentum_guided(c: dict, zs: dict, state: dict, seed: int, step_no: int) -> dict:
+    """Momentum-guided sampling: where the hashed 8-bit cᵢ (stream m + 2 + i) < round(256·β) and v ≠ 0,
+    zᵢ takes sign(v)."""
+    spec, m = c["spec"], c["spec"]["m"]
+    out = {}
+    for t, s in enumerate(parameters(c)):
+        direction = np.sign(state[s["name"] + "__momentum"]).astype(np.int64)
+        out[s["name"]] = [np.where((chunks(seed, step_no, t, m + 2 + i, _numel(s), 8).reshape(s["shape"])
+                                    < round(256 * spec["momentum"])) & (direction != 0), direction, zs[s["name"]][i])
+                          for i in range(m)]
+    return out
+
+
+def centres(c: dict, state: dict) -> dict:
+    """Where the ±εz pair is centred: W, or W̃ = clip(W + ρ·stride·sign(v)) with a sharpness-aware ascent."""
+    rho = c["spec"].get("sharpness", 0)
+    return {s["name"]: np.clip(state[s["name"]].astype(np.int64)
+                               + rho * s["stride"] * np.sign(state.get(s["name"] + "__momentum", 0)), s["qmin"], s["qmax"])
+            for s in parameters(c)}
+
+
+def momentum_next(c: dict, state: dict, coef, zs: dict) -> dict:
+    """v ← clip(v − trunc(v / 8) + ĝ, ±2^30) from the raw ĝ = Σ cᵢ·zᵢ."""
+    new = {}
+    for s in parameters(c):
+        v = state[s["name"] + "__momentum"].astype(np.int64)
+        g = sum(coef[i] * zs[s["name"]][i] for i in range(c["spec"]["m"]))
+        new[s["name"] + "__momentum"] = np.clip(v - np.sign(v) * (np.abs(v) // 8) + g, -2 ** 30, 2 ** 30).astype(np.int32)
+    return new
 
 
 def coefficients(lp, lm, c: dict) -> np.ndarray:
@@ -254,7 +294,7 @@ def gradient(c: dict, coef, zs: dict, state: dict, seed: int, step_no: int) -> d
     """estimate (then kernel normalization and sparsity when on): ĝ per state tensor, int64."""
     spec, m = c["spec"], c["spec"]["m"]
     grads = {}
-    for t, s in enumerate(c["state"]):
+    for t, s in enumerate(parameters(c)):
         g = sum(coef[i] * zs[s["name"]][i] for i in range(m))
         if spec.get("kernel_norm") and s["role"] == "weight" and np.dtype(s["dtype"]).kind == "i":
             g = kernel_normalized(g, state[s["name"]], s["axis"])
@@ -270,7 +310,7 @@ def update(c: dict, state: dict, grads: dict, lr: int, seed: int, step_no: int) 
     spec, shift = c["spec"], c["lr"]["shift"]
     lr = int(np.clip(lr, 0, c["lr"]["max"]))
     new = {}
-    for t, s in enumerate(c["state"]):
+    for t, s in enumerate(parameters(c)):
         tt = lr * np.asarray(grads[s["name"]], np.int64)
         if shift == 0:
             r = tt
@@ -293,15 +333,21 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
     assert c["stream"] == STREAM, c["stream"]
     spec = c["spec"]
     m, eps = spec["m"], spec["eps"]
+    buffered = len(parameters(c)) < len(c["state"])
     zs = perturbations(c, seed, step_no)
+    if spec.get("momentum", 0) > 0:
+        zs = momentum_guided(c, zs, state, seed, step_no)
+    centre = centres(c, state)
     lp, lm = [], []
     for i in range(m):
         for sign, out in ((+1, lp), (-1, lm)):
-            w = {s["name"]: np.clip(state[s["name"]].astype(np.int64) + sign * eps * s["stride"] * zs[s["name"]][i],
-                                    s["qmin"], s["qmax"]).astype(s["dtype"]) for s in c["state"]}
+            w = {s["name"]: np.clip(centre[s["name"]] + sign * eps * s["stride"] * zs[s["name"]][i],
+                                    s["qmin"], s["qmax"]).astype(s["dtype"]) for s in parameters(c)}
             out.append(loss(oracle.logits(x, w), y, spec["loss"]))
     coef = coefficients(lp, lm, c)
     new = update(c, state, gradient(c, coef, zs, state, seed, step_no), lr, seed, step_no)
+    if buffered:
+        new.update(momentum_next(c, state, coef, zs))
     # |d| / (τ·max|L|): between 1/2 and 2 a runtime's few-ULP rounding can land on either side of a tie
     d = np.array(lp, np.float32) - np.array(lm, np.float32)
     scale = np.maximum(np.abs(np.array(lp, np.float32)), np.abs(np.array(lm, np.float32)))
