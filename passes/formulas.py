@@ -3,7 +3,7 @@
     bias stride  2^k, 2^k ≈ s_w / s_b = 1 / s_in, k in [0, 12]: one stride of an int32 bias moves the output
                  as much as one weight LSB on an input of 1.0
     c_max        1 (sign) or SPSA_CLIP (m-SPSA): the largest |cᵢ|
-    lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr·ĝ never wraps int32, since
+    lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr_numerator·ĝ never wraps int32, since
                  |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)
 """
 from __future__ import annotations

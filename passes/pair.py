@@ -10,7 +10,8 @@ cloned once per branch instead and the branch outputs are stacked. The frozen pr
 unperturbed suffix is removed: a training step never needs it (the eval graph has it).
 
 Precondition: ctx.perturbations.z from prng, ctx.state from lift; the model output depends on every trained
-tensor; no node of the suffix holds a subgraph or draws random numbers.
+tensor; no node of the suffix holds a subgraph or draws random numbers. Node order does not matter
+(pair sorts the graph: the branch rules and clones read the suffix in topological order).
 Postcondition: ctx.branches.logits is float [2m, *loss_tap shape] (or [B, 2m, C] with
 logits_branch_axis 1); .w32[name] is the int32 view of each state input (update reuses it); .form says
 which form was built and .reason why it is not stacked; the original suffix is gone.
@@ -104,6 +105,9 @@ def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed):
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "pair")
     tap = ctx.io.loss_tap
+    # the branch rules and clones read the suffix in topological order; a pass may have appended a node
+    # that feeds an earlier one (precondition's whitening MatMul before a deeper trained Gemm)
+    graph.toposort()
     suffix = downstream_nodes(graph, list(ctx.state.inputs.values()))
     for node in suffix:
         if node.op in UNCLONABLE:

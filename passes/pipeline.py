@@ -151,11 +151,13 @@ def _names(done: list[str]) -> str:
 
 
 def _dangling(graph: gs.Graph) -> str | None:
-    """The first tensor a node reads that is neither produced, a graph input, nor a constant."""
-    inputs = {id(t) for t in graph.inputs}
+    """The first tensor a node reads that is neither produced by a node of the graph, a graph input,
+    nor a constant."""
+    inputs, nodes = {id(t) for t in graph.inputs}, {id(n) for n in graph.nodes}
     for node in graph.nodes:
         for t in node.inputs:
-            if isinstance(t, gs.Variable) and t.name and not t.inputs and id(t) not in inputs:
+            if isinstance(t, gs.Variable) and t.name and id(t) not in inputs and \
+                    not any(id(p) in nodes for p in t.inputs):
                 return f"{t.name!r} (read by {node.name!r})"
     return None
 

@@ -16,12 +16,12 @@ uncentred so the bias needs no change: the mean direction is whitened like any o
 
 Precondition: ctx.trainables after widen (their qmin/qmax/factor final); ctx.calibration float32 inputs
 (or None).
-Postcondition: ctx.preconditioned is set (empty when nothing was whitened); each trained weight of a Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale
-s'; its node reads a·P; ctx.preconditioned holds one contract entry per such site. Only sites whose
-input comes from the frozen prefix are whitened: an input downstream of another trained weight lies in
-the part the branches rewrite, where a frozen a·P node has no single input to read. Other sites are
-unchanged. Without calibration data, or (precondition "auto") without an eligible site, the graph is
-unchanged.
+Postcondition: ctx.preconditioned is set (empty when nothing was whitened); each trained weight of a
+Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale s'; its node reads a·P;
+ctx.preconditioned holds one contract entry per such site. A site downstream of another trained weight
+is whitened too: its a·P node lies in the trained suffix, and pair carries it onto the branches like any
+frozen op. Other sites are unchanged. Without calibration data, or (precondition "auto") without an
+eligible site, the graph is unchanged.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from fgcompile.grid import round_half_away
 from fgcompile.session import make_session
 from .context import Context, Pass
 from .formulas import bias_stride
-from .graph_ops import Builder, downstream_nodes
+from .graph_ops import Builder
 
 RIDGE = 1e-3
 QMAX = {"int8": 127, "int16": 32767}
@@ -88,16 +88,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         return graph
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
-    trained_path = {id(n) for n in downstream_nodes(graph, [tensors[t.name] for t in ctx.trainables])}
     chosen = [(t, nodes[t.site]) for t in ctx.trainables if t.role == "weight"]
-    chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen
-              if not any(id(n) in trained_path for n in node.inputs[0].inputs)]
+    chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen]
     chosen = [c for c in chosen if c[2] is not None]
     if not chosen and ctx.spec.precondition == "auto":
         return graph
     if not chosen:
         raise CompileError("--precondition whiten: no trained weight is a Gemm or MatMul with a 2-D weight "
-                           "(scaled per output channel) fed by the frozen part of the model; compile with "
+                           "(scaled per output channel); compile with "
                            "--precondition none.")
     acts = _activations(graph, ctx, [node.inputs[0].name for _, node, _ in chosen])
     b = Builder(graph, "precondition")

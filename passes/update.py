@@ -30,14 +30,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     I = b.i32
     lr_max = lr_bound(spec)
     if spec.lr_numerator > lr_max:
-        raise SpecError(f"--lr {spec.lr}: lr·ĝ would overflow int32 (numerator {spec.lr_numerator} > "
+        raise SpecError(f"--lr {spec.lr}: lr_numerator·ĝ would overflow int32 (numerator {spec.lr_numerator} > "
                         f"{lr_max} for m={spec.m}, {spec.estimator}, {spec.perturbation}). Lower --lr.")
     lr_numerator = gs.Variable("lr", dtype=np.int32, shape=[])
     graph.inputs.append(lr_numerator)
-    lr = b.clip_int32(lr_numerator, 0, lr_max, hint="lr")
+    numerator = b.clip_int32(lr_numerator, 0, lr_max, hint="lr")
     state_out = {}
     for tr in ctx.trainables:
-        t = I.Mul(ctx.estimate.grad[tr.name], lr, hint="t")
+        t = I.Mul(ctx.estimate.grad[tr.name], numerator, hint="t")
         if s == 0:
             r = t
         else:

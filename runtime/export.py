@@ -142,9 +142,18 @@ def export_model(out_dir, path) -> dict:
 
 
 def matrices(train: onnx.ModelProto, contract: Contract) -> dict:
-    """The whitening matrices P the contract names, from the training graph's initializers."""
+    """The whitening matrices P the contract names, from the training graph's initializers (those of a
+    Loop body too: with --branches loop a whitened site inside the trained suffix keeps P there)."""
     names = {p.matrix for p in contract.precondition}
-    return {i.name: numpy_helper.to_array(i) for i in train.graph.initializer if i.name in names}
+    return {i.name: numpy_helper.to_array(i) for i in _initializers(train.graph) if i.name in names}
+
+
+def _initializers(graph: onnx.GraphProto) -> list:
+    found = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            found += [i for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs) for i in _initializers(g)]
+    return found
 
 
 def export_state(source: onnx.ModelProto, contract: Contract, state: dict,

@@ -162,9 +162,15 @@ def _set_input(model, node, k: int, value: np.ndarray, suffix: str) -> None:
 
 
 def matrices(train: onnx.ModelProto, c: dict) -> dict:
-    """The whitening matrices the contract names, from the training graph's initializers."""
+    """The whitening matrices the contract names, from the training graph's initializers (a Loop body's
+    included)."""
     names = {p["matrix"] for p in c.get("precondition", [])}
-    return {i.name: numpy_helper.to_array(i) for i in train.graph.initializer if i.name in names}
+    graphs, found = [train.graph], {}
+    while graphs:
+        g = graphs.pop()
+        found.update({i.name: numpy_helper.to_array(i) for i in g.initializer if i.name in names})
+        graphs += [a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return found
 
 
 def _bypass_requant(model: onnx.ModelProto, trained: list[str]) -> None:

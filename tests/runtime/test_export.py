@@ -1,5 +1,6 @@
 """export: the original graph with the trained integer weights, narrowed back where widened."""
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from click.testing import CliRunner
@@ -86,6 +87,23 @@ def test_whitened_headroom_export_folds_back_to_the_source_structure(tmp_path, t
     assert report[w]["preconditioned"] and report[w]["narrowed"] == "int16->int8"
     exported = (_outputs(adapted, x).argmax(1) == y).mean()
     assert abs(exported - trainer.evaluate(x, y)["accuracy"]) <= 0.03
+
+
+@pytest.mark.parametrize("branches", ["auto", "loop"])
+def test_whitened_deeper_sites_fold_back_on_export(tmp_path, target_train, branches):
+    """With --last 2 both Gemms are whitened, fc2's P inside the trained suffix (in the Loop body with
+    --branches loop); untrained, export finds every P and returns fc2's source weights up to one LSB
+    (fc1's 512 inputs amplify the training grid's rounding through P a little more)."""
+    source = shipped("digits_cnn/w8a8.onnx")
+    out = tmp_path / "c"
+    spec = TrainSpec(last=2, m=2, precondition="whiten", branches=branches)
+    write_compiled(compile_model(source, spec, calibration=target_train[0][:300]), out)
+    report = export_model(out, tmp_path / "start.onnx")
+    src = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
+    start = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "start.onnx").graph.initializer}
+    assert report["fc1.weight_quantized"]["preconditioned"] and report["fc2.weight_quantized"]["preconditioned"]
+    for w, lsb in (("fc1.weight_quantized", 4), ("fc2.weight_quantized", 1)):
+        assert np.abs(start[w].astype(int) - src[w].astype(int)).max() <= lsb
 
 
 def test_headroom_lets_weights_grow_and_export_refits_their_scale(tmp_path):
