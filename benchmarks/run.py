@@ -41,14 +41,23 @@ BACKPROP_LR = [1e-3, 3e-3, 1e-2]                                  # Adam
 # (label, variant, grid bits, m, options: TrainSpec fields, and "schedule" for the Trainer); the extra
 # rows measure requant_bypass by turning it off (--keep-requant) and the cosine lr schedule (whose mean
 # rate is half the peak, so its grid reaches one step higher)
-# headroom 1 and no preconditioning reproduce the rows before them (#15); the last rows measure headroom
-# and whitening (--precondition whiten, calibrated on the training split) apart and together
+# headroom 1 and no preconditioning reproduce the rows before them (#15); the next rows measure headroom
+# and whitening (--precondition whiten, calibrated on the training split) apart and together, and the last
+# ones the paper's four enhancements, each on top of the #15 defaults (m=32, headroom 4, whitened)
 OLD = {"headroom": 1, "precondition": "none"}
 QZO_CONFIGS = [(f"{v} m={m} H=1", v, bits, m, OLD) for v, bits in VARIANTS.items() for m in MS] + \
     [("w16a8 m=4 H=1 --keep-requant", "w16a8", 16, 4, {"requant_bypass": False, **OLD})] + \
     [(f"{v} m=8 H=1 --schedule cosine", v, bits, 8, {"schedule": "cosine", **OLD}) for v, bits in VARIANTS.items()] + \
     [(f"{v} m={m} H={h}{' whiten' if w else ''}", v, bits, m, {"headroom": h, "precondition": "whiten" if w else "none"})
-     for v, bits in VARIANTS.items() for m in (8, 32) for h in (1, 4) for w in (False, True) if h > 1 or w]
+     for v, bits in VARIANTS.items() for m in (8, 32) for h in (1, 4) for w in (False, True) if h > 1 or w] + \
+    [(f"{v} m=32 H=4 whiten {flag}", v, bits, 32, {"headroom": 4, "precondition": "whiten", **options(bits)})
+     for v, bits in VARIANTS.items() for flag, options in (
+         ("--kernel-norm", lambda bits: {"kernel_norm": True}),
+         ("--sparsity 0.9", lambda bits: {"sparsity": 0.9}),
+         ("--sparsity 0.9 --sparse-mode random", lambda bits: {"sparsity": 0.9, "sparse_mode": "random"}),
+         ("--sparsity 0.5 --sparse-mode threshold", lambda bits: {"sparsity": 0.5, "sparse_mode": "threshold"}),
+         ("--momentum 0.25", lambda bits: {"momentum": 0.25}),
+         (f"--sharpness {1 if bits == 8 else 16}", lambda bits: {"sharpness": 1 if bits == 8 else 16}))]   # ρ = ε
 
 
 def lr_grid(bits: int, options: dict) -> list[float]:

@@ -247,15 +247,13 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 def tune_cmd(out, data, epochs, batch, seeds, holdout, seed, as_json, **kw):
     """Choose the learning rate of OUT on a held-out split of DATA; `train` then uses it (OUT/tune.json)."""
     from fgcompile.api import tune
+    from fgcompile.report import describe_tune
     record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed,
                   session=make_session_settings(kw), echo=None if as_json else lambda s: click.echo(s, err=True))
     if as_json:
         click.echo(json.dumps(record))
         return
-    sp = record["split"]
-    click.echo(f"lr {record['choice']['lr']:g} chosen of {', '.join(format(lr, 'g') for lr in record['grid'])} "
-               f"on {sp['validation']} held-out examples (seed {sp['seed']}; {sp['fit']} fit, "
-               f"{record['budget']['epochs']} epochs per run)")
+    click.echo(describe_tune(record))
     click.echo(f"recorded: {out}/tune.json; `fgcompile train {out}` uses it unless --lr is given")
 
 

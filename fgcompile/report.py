@@ -39,6 +39,14 @@ def describe_compile(contract: Contract) -> list[str]:
     return lines
 
 
+def describe_tune(record: dict) -> str:
+    """What `fgcompile tune` chose and on what (runtime/tune.py's record)."""
+    sp = record["split"]
+    return (f"lr {record['choice']['lr']:g} chosen of {', '.join(format(lr, 'g') for lr in record['grid'])} "
+            f"on {sp['validation']} held-out examples (seed {sp['seed']}; {sp['fit']} fit, "
+            f"{record['budget']['epochs']} epochs per run)")
+
+
 def describe_export(r: dict) -> str:
     """One line per exported tensor (runtime/export.py's report)."""
     if not r["narrowed"]:
