@@ -9,7 +9,7 @@ nodes). The slope is what each extra node or extra input/output costs a training
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
+from fgcompile.session import SessionSettings, make_session
 from onnx import TensorProto, helper
 
 from step_cost import timed
@@ -27,10 +27,7 @@ def _chain(nodes: int, ios: int):
     graph = helper.make_graph(graph_nodes, "chain", [vi(n) for n in names], [vi(n) for n in outputs],
                               [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(model, settings=SessionSettings(threads=1, optimization="disable"))
     feeds = {n: np.zeros(10, np.float32) for n in names}
     return lambda: sess.run(None, feeds)
 

@@ -86,7 +86,7 @@ def _training(compiled: str, data: str, batch: int):
     for k in range(ITERATIONS):
         out = dict(zip(outputs, sess.run(outputs, {io["data"]: x, io["labels"]: y, io["seed"]: np.array(0, np.int32),
                                                    io["step"]: np.array(k, np.int32),
-                                                   io["lr"]: np.array(contract["lr"]["default"], np.int32), **state})))
+                                                   io["lr"]: np.array(contract["lr_numerator"]["default"], np.int32), **state})))
         state = {s["name"]: out[s["output"]] for s in contract["state"]}
     return base
 

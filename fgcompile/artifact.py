@@ -25,7 +25,8 @@ import onnx
 from fgcompile.grid import WIDENING
 from fgcompile.spec import TrainSpec
 
-TRAIN_FORMAT, EVAL_FORMAT = "fgcompile-train/1", "fgcompile-eval/1"
+# train/2: the state's `stride` (was `step`) and `lr_numerator` (was `lr`); train/1 folders are recompiled
+TRAIN_FORMAT, EVAL_FORMAT = "fgcompile-train/2", "fgcompile-eval/1"
 METADATA_KEY = "fgcompile"   # the metadata_props entry that holds the contract
 
 
@@ -91,14 +92,16 @@ class Whitening:
 class Inputs:
     """The training graph's input names per role (the data input is the first of data_inputs)."""
     data: str
-    labels: str = "labels"
-    seed: str = "seed"
-    step: str = "step"
-    lr: str = "lr"
+    labels: str = "labels"   # int64 [B]
+    seed: str = "seed"       # int32: the run's seed, two's-complement bits of a value in [0, 2**32)
+    step: str = "step"       # int32: the training step k; z derives from (seed, step)
+    lr: str = "lr"           # int32: the learning-rate numerator, η = lr / 2**shift
 
 
 @dataclasses.dataclass(frozen=True)
 class Outputs:
+    """The training graph's outputs besides the next state: loss and accuracy are means over the 2m
+    branches (float32 scalars), loss_plus and loss_minus the Lᵢ⁺ and Lᵢ⁻ (float32 [m])."""
     loss: str = "loss"
     accuracy: str = "accuracy"
     loss_plus: str = "loss_plus"
@@ -144,7 +147,7 @@ class Contract:
         return {"format": self.format, "version": self.version, "spec": dataclasses.asdict(self.spec),
                 "inputs": dataclasses.asdict(self.inputs), "data_inputs": list(self.data_inputs),
                 "stream": self.stream, "outputs": dataclasses.asdict(self.outputs),
-                "state": [dataclasses.asdict(s) for s in self.state], "lr": dataclasses.asdict(self.lr_numerator),
+                "state": [dataclasses.asdict(s) for s in self.state], "lr_numerator": dataclasses.asdict(self.lr_numerator),
                 "model_output": self.model_output, "loss_tap": self.loss_tap, "branches": self.branches,
                 "branches_reason": self.branches_reason, "tie_tolerance": self.tie_tolerance,
                 "probes": dataclasses.asdict(self.probes) if self.probes else None,
@@ -156,7 +159,7 @@ class Contract:
         return cls(spec=TrainSpec(**d["spec"]), inputs=Inputs(**d["inputs"]),
                    data_inputs=list(d.get("data_inputs") or [d["inputs"]["data"]]),
                    outputs=Outputs(**d.get("outputs", {})), state=[StateTensor.from_dict(s) for s in d["state"]],
-                   lr_numerator=LrNumerator(**d["lr"]), model_output=d.get("model_output", ""),
+                   lr_numerator=LrNumerator(**d["lr_numerator"]), model_output=d.get("model_output", ""),
                    loss_tap=d.get("loss_tap", ""), branches=d.get("branches", "cloned"),
                    branches_reason=d.get("branches_reason"), tie_tolerance=d.get("tie_tolerance", 0.0),
                    stream=d.get("stream", ""), probes=Probes(**probes) if isinstance(probes, dict) else None,

@@ -9,7 +9,7 @@ import click
 
 from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
-from fgcompile.spec import (BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS,
+from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS,
                             ROUNDINGS, SPARSE_MODES, TrainSpec)
 
 
@@ -66,64 +66,64 @@ def _grid_defaults(i: int) -> str:
     return ", ".join(f"{bits}-bit {values[i]:g}" for bits, values in GRID_DEFAULTS.items())
 
 
+def spec_option(flag: str, field: str, choices=None, **kw):
+    """A compile option whose default is TrainSpec's `field` (choices are shown as strings)."""
+    default = getattr(TrainSpec, field)
+    if choices is not None:
+        kw["type"], default = click.Choice([str(c) for c in choices]), str(default)
+    return click.option(flag, field, default=default, show_default=default not in (None, ""), **kw)
+
+
 def spec_options(f):
     options = [
         click.option("--train", "train", multiple=True, metavar="REGEX",
                      help="Train weight sites whose site/weight/bias name matches (repeatable)."),
-        click.option("--last", default=TrainSpec.last, show_default=True,
-                     help="Train the N weight sites nearest the output."),
+        spec_option("--last", "last", help="Train the N weight sites nearest the output."),
         click.option("--no-bias", is_flag=True, help="Do not train the biases of the chosen sites."),
-        click.option("--m", "m", default=TrainSpec.m, show_default=True, help="Perturbations per step (2m forwards)."),
-        click.option("--eps", type=int, default=TrainSpec.eps,
-                     help=f"Perturbation size ε in LSBs [by the training grid's bits: {_grid_defaults(0)}]."),
-        click.option("--lr", type=float, default=TrainSpec.lr,
-                     help=f"Learning rate η in LSBs per step [by the training grid's bits: {_grid_defaults(1)}]."),
-        click.option("--lr-shift", default=TrainSpec.lr_shift, show_default=True,
-                     help="η = lr_input / 2**shift (fixed point)."),
-        click.option("--perturbation", type=click.Choice(PERTURBATIONS), default=TrainSpec.perturbation,
-                     show_default=True),
-        click.option("--density", default=TrainSpec.density, show_default=True, help="Nonzero fraction of ternary z."),
-        click.option("--loss", type=click.Choice(LOSSES), default=TrainSpec.loss, show_default=True),
-        click.option("--estimator", type=click.Choice(ESTIMATORS), default=TrainSpec.estimator, show_default=True,
-                     help="sign: Sign-m-SPSA; spsa: quantized m-SPSA."),
-        click.option("--spsa-gain", default=TrainSpec.spsa_gain, show_default=True, help="m-SPSA: c = round(gain·ΔL)."),
-        click.option("--rounding", type=click.Choice(ROUNDINGS), default=TrainSpec.rounding, show_default=True),
-        click.option("--bits", type=click.Choice(["8", "16"]), default=str(TrainSpec.bits), show_default=True,
-                     help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
-        click.option("--seed", default=TrainSpec.seed, show_default=True,
-                     help="Seed of the perturbations and the data order, in [0, 2**32)."),
-        click.option("--headroom", type=click.Choice([str(h) for h in HEADROOMS]), default=str(TrainSpec.headroom),
-                     show_default=True, help="Train on a grid with H x the pretrained weight range; export "
-                                             "re-quantizes to the deployed grid."),
-        click.option("--precondition", type=click.Choice(PRECONDITIONS), default=TrainSpec.precondition,
-                     show_default=True, help="Whiten the trained layer's input (frozen, folded back on export); "
-                                             "auto: when --calibration is given."),
+        spec_option("--m", "m", help="Perturbations per step (2m forwards)."),
+        spec_option("--eps", "eps", type=int,
+                    help=f"Perturbation size ε in LSBs [by the training grid's bits: {_grid_defaults(0)}]."),
+        spec_option("--lr", "lr", type=float,
+                    help=f"Learning rate η in LSBs per step [by the training grid's bits: {_grid_defaults(1)}]."),
+        spec_option("--lr-shift", "lr_shift", help="η = lr_input / 2**shift (fixed point)."),
+        spec_option("--perturbation", "perturbation", PERTURBATIONS),
+        spec_option("--density", "density", help="Nonzero fraction of ternary z."),
+        spec_option("--loss", "loss", LOSSES),
+        spec_option("--estimator", "estimator", ESTIMATORS, help="sign: Sign-m-SPSA; spsa: quantized m-SPSA."),
+        spec_option("--spsa-gain", "spsa_gain", help="m-SPSA: c = round(gain·ΔL)."),
+        spec_option("--rounding", "rounding", ROUNDINGS),
+        spec_option("--bits", "bits", BITS, help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
+        spec_option("--seed", "seed", help="Seed of the perturbations and the data order, in [0, 2**32)."),
+        spec_option("--headroom", "headroom", HEADROOMS,
+                    help="Train on a grid with H x the pretrained weight range; export re-quantizes to the deployed "
+                         "grid."),
+        spec_option("--precondition", "precondition", PRECONDITIONS, help="Whiten the trained layer's input (frozen, "
+                    "folded back on export); auto: when --calibration is given."),
         click.option("--kernel-norm", is_flag=True,
                      help="Kernel-wise normalization: each output kernel's step gets an L1 norm proportional to "
                           "its weight's (integer; the tensor's mean step size is kept)."),
-        click.option("--sparsity", default=TrainSpec.sparsity, show_default=True,
-                     help="Sparse update: the share of each trained tensor's elements a step leaves unchanged."),
-        click.option("--sparse-mode", type=click.Choice(SPARSE_MODES), default=TrainSpec.sparse_mode,
-                     show_default=True, help="Which elements a sparse step updates: topk (largest |ĝ|), random "
-                                             "(hashed), threshold (|ĝ| >= sparsity·max|ĝ|)."),
-        click.option("--momentum", default=TrainSpec.momentum, show_default=True,
-                     help="Momentum-guided sampling: the share of each perturbation drawn as the sign of an "
-                          "int32 momentum buffer (extra training state)."),
-        click.option("--sharpness", default=TrainSpec.sharpness, show_default=True,
-                     help="Sharpness-aware perturbation: centre the ±ε pair ρ LSBs up the momentum's slope."),
+        spec_option("--sparsity", "sparsity",
+                    help="Sparse update: the share of each trained tensor's elements a step leaves unchanged."),
+        spec_option("--sparse-mode", "sparse_mode", SPARSE_MODES,
+                    help="Which elements a sparse step updates: topk (largest |ĝ|), random (hashed), threshold "
+                         "(|ĝ| >= sparsity·max|ĝ|)."),
+        spec_option("--momentum", "momentum", help="Momentum-guided sampling: the share of each perturbation drawn "
+                    "as the sign of an int32 momentum buffer (extra training state)."),
+        spec_option("--sharpness", "sharpness",
+                    help="Sharpness-aware perturbation: centre the ±ε pair ρ LSBs up the momentum's slope."),
         click.option("--keep-requant", is_flag=True,
                      help="Branches keep the activation requantization inside the trained layers (default: "
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
-        click.option("--branches", type=click.Choice(BRANCH_FORMS), default=TrainSpec.branches, show_default=True,
-                     help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one "
-                          "copy per branch), loop (a Loop over the m pairs, memory near inference), auto "
-                          "(stacked where every suffix op has a rule)."),
-        click.option("--memory-budget", "memory_budget_mb", type=float, default=TrainSpec.memory_budget_mb, metavar="MB",
-                     help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
-        click.option("--prompts", default=TrainSpec.prompts, show_default=True,
-                     help="Append N trainable tokens at a transformer block's input (trained with the sites)."),
-        click.option("--prompt-at", default=TrainSpec.prompt_at, metavar="NODE",
-                     help="The LayerNormalization whose input gets the prompts [the first over tokens]."),
+        spec_option("--branches", "branches", BRANCH_FORMS,
+                    help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one copy "
+                         "per branch), loop (a Loop over the m pairs, memory near inference), auto (stacked where "
+                         "every suffix op has a rule)."),
+        spec_option("--memory-budget", "memory_budget_mb", type=float, metavar="MB",
+                    help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
+        spec_option("--prompts", "prompts",
+                    help="Append N trainable tokens at a transformer block's input (trained with the sites)."),
+        spec_option("--prompt-at", "prompt_at", metavar="NODE",
+                    help="The LayerNormalization whose input gets the prompts [the first over tokens]."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -19,6 +19,7 @@ BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
 SPARSE_MODES = ("topk", "random", "threshold")
 HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BITS = (8, 16)   # 16: an 8-bit weight trains widened to 16 bits; 8: it keeps its grid
 # (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
 # lr 128 are a quarter and a half of an int8 step (measured on the shipped digits task). A grid with
 # headroom H has 16 − log2(H) bits of resolution per int8 step; its defaults are the same fractions.
@@ -142,6 +143,6 @@ class TrainSpec:
              f"--branches {self.branches!r}: choose one of {', '.join(BRANCH_FORMS)}.")
         need(self.memory_budget_mb is None or self.memory_budget_mb > 0,
              f"--memory-budget {self.memory_budget_mb}: must be a positive number of MB.")
-        need(self.bits in (8, 16), f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
+        need(self.bits in BITS, f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
         need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
         need(0 <= self.seed < 2 ** 32, f"--seed {self.seed}: must be in [0, 2**32) (the graph's seed input is 32-bit).")

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fgcompile.artifact import METADATA_KEY, Contract
+from fgcompile.artifact import METADATA_KEY, TRAIN_FORMAT, Contract
 from fgcompile.errors import FgcompileError, ModelError, SpecError
 from fgcompile.grid import WIDENED_QMAX, widen
 
@@ -44,7 +44,7 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
     """What is wrong with `contract` as the contract of `model`, or None."""
     if not isinstance(contract, dict):
         return "not a JSON object"
-    for key, kind in {"spec": dict, "inputs": dict, "outputs": dict, "state": list, "lr": dict}.items():
+    for key, kind in {"spec": dict, "inputs": dict, "outputs": dict, "state": list, "lr_numerator": dict}.items():
         if not isinstance(contract.get(key), kind):
             return f"missing or malformed key {key!r}"
     graph_in = {i.name: i.type.tensor_type for i in model.graph.input}
@@ -53,8 +53,8 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
         if contract["inputs"].get(role) not in graph_in:
             return f"inputs.{role} = {contract['inputs'].get(role)!r} is not an input of the graph"
     for key in ("default", "shift", "max"):
-        if not isinstance(contract["lr"].get(key), int) or isinstance(contract["lr"].get(key), bool):
-            return f"lr.{key} is missing or not an integer"
+        if not isinstance(contract["lr_numerator"].get(key), int) or isinstance(contract["lr_numerator"].get(key), bool):
+            return f"lr_numerator.{key} is missing or not an integer"
     if not contract["state"]:
         return "the state list is empty"
     for s in contract["state"]:
@@ -104,6 +104,10 @@ def parse_contract(model: onnx.ModelProto, path) -> Contract:
         contract = json.loads(props[METADATA_KEY])
     except ValueError as exc:
         raise ModelError(f"{path}: the fgcompile contract in its metadata is not valid JSON ({exc}). {fix}") from None
+    written = contract.get("format") if isinstance(contract, dict) else None
+    if isinstance(written, str) and written.startswith("fgcompile-train/") and written != TRAIN_FORMAT:
+        raise ModelError(f"{path}: compiled by another fgcompile version (contract {written}; this one reads "
+                         f"{TRAIN_FORMAT}). {fix}")
     problem = contract_problem(contract, model)
     if not problem:
         try:

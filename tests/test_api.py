@@ -1,10 +1,10 @@
 """The top-level API works in memory: compile a ModelProto, train it without a folder, export a
 ModelProto, and matches the folder workflow bit for bit."""
 import numpy as np
-import onnxruntime as ort
 
 import fgcompile
 from conftest import MODELS, shipped
+from fgcompile.session import make_session
 
 DATA = MODELS / "data" / "digits_target_train.npz"
 
@@ -27,8 +27,7 @@ def test_in_memory_matches_the_folder_workflow(tmp_path, target_train):
     assert any((trainer.state[n] != compiled.state[n]).any() for n in compiled.state), "training moved W"
     fgcompile.export_model(tmp_path / "out", tmp_path / "adapted.onnx")
     x = target_train[0][:64]
-    run = lambda m: ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(),
-                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    run = lambda m: make_session(m).run(None, {"x": x})[0]
     np.testing.assert_array_equal(run(adapted), run(str(tmp_path / "adapted.onnx")))
 
 

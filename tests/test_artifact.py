@@ -29,3 +29,16 @@ def test_contract_round_trips_through_json(target_train, tmp_path):
     out = write_compiled(compiled, tmp_path / "out")
     assert {p.name for p in out.iterdir()} == {LAYOUT.train, LAYOUT.eval, LAYOUT.state, LAYOUT.source,
                                                 LAYOUT.marker, LAYOUT.lock}
+
+
+def test_a_contract_of_another_format_asks_for_a_recompile(tmp_path):
+    import onnx
+    import pytest
+    from fgcompile.errors import ModelError
+    from fgcompile.validate import parse_contract
+    compiled = compile_model(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2))
+    prop = next(p for p in compiled.train.metadata_props if p.key == "fgcompile")
+    prop.value = json.dumps({**json.loads(prop.value), "format": "fgcompile-train/1"})
+    onnx.save(compiled.train, tmp_path / "train.onnx")
+    with pytest.raises(ModelError, match=r"contract fgcompile-train/1; this one reads fgcompile-train/2\). Recompile"):
+        parse_contract(onnx.load(tmp_path / "train.onnx"), tmp_path / "train.onnx")

@@ -1,11 +1,11 @@
 """The shipped zoo: every model loads in onnxruntime and reaches the accuracy its manifest records."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from fgcompile import models
 from fgcompile.runtime.data import load_data
+from fgcompile.session import make_session
 
 MAN = models.manifest()
 VARIANTS = [(name, v) for name, entry in MAN["models"].items() for v in entry["variants"]]
@@ -21,7 +21,7 @@ def test_manifest_accuracy(name, variant):
     entry = MAN["models"][name]["variants"][variant]
     path = models.path(entry["file"])
     assert path.stat().st_size == entry["bytes"] and entry["bytes"] < 3 * 2 ** 20
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = make_session(str(path))
     for split in ("source_test", "target_test"):
         x, y = load_data(models.path(splits(name)[split]))
         acc = (sess.run(None, {"x": x})[0].argmax(1) == y).mean()

@@ -2,19 +2,19 @@
 does, and trains exactly the named tensors. Skipped where torch is not installed (CI installs only
 .[test]; the benchmarks install .[bench])."""
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 torch = pytest.importorskip("torch")
 import backprop  # noqa: E402
 from conftest import shipped  # noqa: E402
+from fgcompile.session import make_session  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "digits_attn"])
 def test_interpreter_matches_onnxruntime(name, target_test):
     model = shipped(f"{name}/fp32.onnx")
     x = target_test[0][:100]
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = make_session(model).run(None, {"x": x})[0]
     with torch.no_grad():
         got = backprop.OnnxTorch(model, []).forward(torch.tensor(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,6 @@
 floor, the fp32 counterpart of the trained tensors, the memory probe, and the report's arithmetic.
 (The benchmarks themselves are scripts that print measurements; no timing is asserted here.)"""
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 import accuracy
@@ -10,13 +9,13 @@ import memory
 import report
 from conftest import MODELS, shipped
 from split import split
+from fgcompile.session import make_session
 
 TRAINED = {"digits_cnn": ["fc2.weight_quantized", "fc2.bias_quantized"], "digits_attn": ["head.weight_quantized"]}
 
 
 def _run(model, feeds, outputs=None):
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(outputs, feeds)
+    return make_session(model).run(outputs, feeds)
 
 
 @pytest.mark.parametrize("variant", ["w8a8", "w16a8"])

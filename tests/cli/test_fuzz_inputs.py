@@ -142,7 +142,7 @@ def mutate_contract(text: str, rng) -> str:
         else:                                    # eval.onnx: the state input names
             c["state"][k] = junk
     elif roll < 0.85:
-        key = ["spec", "inputs", "lr", "outputs"][rng.integers(4)]
+        key = ["spec", "inputs", "lr_numerator", "outputs"][rng.integers(4)]
         if isinstance(c.get(key), dict) and c[key]:
             c[key][sorted(c[key])[rng.integers(len(c[key]))]] = junk
     else:

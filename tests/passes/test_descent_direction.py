@@ -26,7 +26,7 @@ def test_step_descends_the_paired_loss(model_file, target_train):
     moved = 0
     for k in range(10):
         idx = np.arange(k * 32, (k + 1) * 32)
-        out = run(x[idx], y[idx], 0, k, c["lr"]["default"])
+        out = run(x[idx], y[idx], 0, k, c["lr_numerator"]["default"])
         (s,) = c["state"]
         w = compiled.state[s["name"]].astype(np.int64)
         dw = out[s["output"]].astype(np.int64) - w

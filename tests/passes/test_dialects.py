@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -13,6 +12,7 @@ from fgcompile.errors import CompileError
 from fgcompile.passes import canonicalize
 from fgcompile.passes.dialects import fakequant
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 from test_step_matches_reference import run_chain
 
@@ -33,11 +33,8 @@ def corpus():
     return get
 
 
-def outputs(model, x, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level, opts.log_severity_level = level, 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+def outputs(model, x):
+    return make_session(model).run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("arch,dialect", CASES)
@@ -84,7 +81,7 @@ def test_fold_equals_onnxruntime_quantize_linear(dtype, axis):
                           [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s"),
                            numpy_helper.from_array(zp, "zp")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    want = make_session(m).run(None, {})[0]
     got = fakequant.quantize(w, scale, zp, 1 if axis is None else axis)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)

@@ -77,7 +77,7 @@ def test_estimate_matches_reference(stepped):
 def test_update_matches_reference(stepped):
     """The new state from the graph's own ĝ."""
     c, compiled, out, grads = stepped
-    want = qzoff.update(c, compiled.state, grads, c["lr"]["default"], SEED, STEP)
+    want = qzoff.update(c, compiled.state, grads, c["lr_numerator"]["default"], SEED, STEP)
     moved = 0
     for s in c["state"]:
         np.testing.assert_array_equal(out[s["output"]], want[s["name"]], err_msg=f"update: {s['name']}")

@@ -49,7 +49,7 @@ def test_generated_graph_compiles_and_matches_reference(case):
     rng = np.random.default_rng(seed)
     x = rng.uniform(0, 1, x_shape).astype(np.float32)
     y = rng.integers(0, model.graph.output[0].type.tensor_type.shape.dim[1].dim_value, x_shape[0])
-    lr = int(rng.integers(0, 2 * c["lr"]["default"] + 1))
+    lr = int(rng.integers(0, 2 * c["lr_numerator"]["default"] + 1))
     out = run_step(compiled, x, y, seed, seed % 1000, lr)
     want, diag = qzoff.step(oracle, c, compiled.state, x, y, seed, seed % 1000, lr)
     # a loss difference at float32 resolution has no reproducible sign: not a case a reference can judge

@@ -44,7 +44,7 @@ def test_extremes_saturate_like_int64_reference(dtype, bits, options):
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 1, (8, 5)).astype(np.float32), rng.integers(0, 4, 8)
     state = compiled.state
-    for k, lr in enumerate([2 ** 31 - 1, c["lr"]["max"], 1]):
+    for k, lr in enumerate([2 ** 31 - 1, c["lr_numerator"]["max"], 1]):
         out = run(x, y, 0, k, lr, state)
         want, _ = qzoff.step(oracle, c, state, x, y, 0, k, lr)
         for s in c["state"]:

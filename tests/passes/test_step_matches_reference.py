@@ -33,7 +33,7 @@ def run_chain(model_file, spec, data, steps=STEPS, lr_schedule=None, calibration
     changed = 0
     for k in range(steps):
         idx = np.arange(k * BATCH, (k + 1) * BATCH) % len(y)
-        lr = c["lr"]["default"] if lr_schedule is None else lr_schedule(k)
+        lr = c["lr_numerator"]["default"] if lr_schedule is None else lr_schedule(k)
         out = run(x[idx], y[idx], SEED, k, lr, graph_state)
         ref_state, diag = qzoff.step(oracle, c, ref_state, x[idx], y[idx], SEED, k, lr)
         np.testing.assert_allclose(out["loss_plus"], diag["loss_plus"], rtol=1e-4)

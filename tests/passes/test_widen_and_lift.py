@@ -1,11 +1,11 @@
 """Widening to the training grid (finer, with headroom) and lifting to state inputs keep the model's
 function: bit for bit where the grid only gets finer, within half a coarse step for int16 with headroom."""
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from conftest import shipped
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 
 
@@ -15,8 +15,8 @@ def test_eval_graph_equals_source(model_file, bits, headroom, target_test):
     source = shipped(model_file)
     compiled = compile_graph(source, TrainSpec(bits=bits, last=2, headroom=headroom))
     x = target_test[0]
-    want = ort.InferenceSession(source.SerializeToString()).run(None, {"x": x})[0]
-    got = ort.InferenceSession(compiled.eval.SerializeToString()).run(None, {"x": x, **compiled.state})[0]
+    want = make_session(source).run(None, {"x": x})[0]
+    got = make_session(compiled.eval).run(None, {"x": x, **compiled.state})[0]
     for s in compiled.contract.state:
         if s.widened and s.role == "weight" and s.factor >= 1:
             assert s.qmax >= 127 * s.factor * headroom    # the range grew H-fold

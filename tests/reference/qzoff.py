@@ -313,8 +313,8 @@ def gradient(c: dict, coef, zs: dict, state: dict, seed: int, step_no: int) -> d
 
 def update(c: dict, state: dict, grads: dict, lr: int, seed: int, step_no: int) -> dict:
     """update: W − stride·round(lr·ĝ / 2^s), saturated; lr clipped to [0, lr_max]."""
-    spec, shift = c["spec"], c["lr"]["shift"]
-    lr = int(np.clip(lr, 0, c["lr"]["max"]))
+    spec, shift = c["spec"], c["lr_numerator"]["shift"]
+    lr = int(np.clip(lr, 0, c["lr_numerator"]["max"]))
     new = {}
     for t, s in enumerate(parameters(c)):
         tt = lr * np.asarray(grads[s["name"]], np.int64)

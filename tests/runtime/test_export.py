@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import onnx
-import onnxruntime as ort
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -12,6 +11,7 @@ from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.runtime import checkpoint
 from fgcompile.runtime.export import export_model, narrow
 from fgcompile.runtime.trainer import Trainer, latest_state
+from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 
 
@@ -41,7 +41,7 @@ def test_exported_model_has_the_same_graph_and_the_trained_accuracy(tmp_path, ta
         assert new[k].dtype == src[k].dtype
         np.testing.assert_array_equal(new[k], narrow(state[k], str(src[k].dtype)))
     x, y = target_test
-    acc = (ort.InferenceSession(str(tmp_path / "adapted.onnx")).run(None, {"x": x})[0].argmax(1) == y).mean()
+    acc = (make_session(str(tmp_path / "adapted.onnx")).run(None, {"x": x})[0].argmax(1) == y).mean()
     r = CliRunner().invoke(main, ["eval", str(tmp_path / "adapted.onnx"), "--data",
                                   str(MODELS / "data" / "digits_target_test.npz")])
     assert f"accuracy {acc:.4f}" in r.output
@@ -60,8 +60,7 @@ def test_export_of_int8_training_is_exact(tmp_path):
 
 
 def _outputs(model, x):
-    return ort.InferenceSession(model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-                                ).run(None, {"x": x})[0]
+    return make_session(model if hasattr(model, "SerializeToString") else str(model)).run(None, {"x": x})[0]
 
 
 def test_whitened_headroom_export_folds_back_to_the_source_structure(tmp_path, target_train, target_test):

@@ -23,8 +23,8 @@ def test_token_id_step_matches_reference():
     state, changed = dict(compiled.state), 0
     for k in range(4):
         x, y = rng.integers(0, 20, (16, 4)).astype(np.int64), rng.integers(0, 5, 16)
-        out = run(x, y, c["spec"]["seed"], k, c["lr"]["default"], state)
-        want, _ = qzoff.step(oracle, c, state, x, y, c["spec"]["seed"], k, c["lr"]["default"])
+        out = run(x, y, c["spec"]["seed"], k, c["lr_numerator"]["default"], state)
+        want, _ = qzoff.step(oracle, c, state, x, y, c["spec"]["seed"], k, c["lr_numerator"]["default"])
         for s in c["state"]:
             np.testing.assert_array_equal(out[s["output"]], want[s["name"]])
             changed += int((want[s["name"]] != state[s["name"]]).sum())

@@ -26,8 +26,8 @@ def test_two_inputs_step_matches_reference():
     rng, state, changed = np.random.default_rng(0), dict(compiled.state), 0
     for k in range(4):
         x, y = batch(rng, 16)
-        out = run(Inputs(x), y, 7, k, c["lr"]["default"], state)
-        want, _ = qzoff.step(oracle, c, state, x, y, 7, k, c["lr"]["default"])
+        out = run(Inputs(x), y, 7, k, c["lr_numerator"]["default"], state)
+        want, _ = qzoff.step(oracle, c, state, x, y, 7, k, c["lr_numerator"]["default"])
         for s in c["state"]:
             np.testing.assert_array_equal(out[s["output"]], want[s["name"]])
             changed += int((want[s["name"]] != state[s["name"]]).sum())
