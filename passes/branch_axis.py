@@ -6,8 +6,8 @@
     leading  [2m, B, ...]  a new leading axis that numpy broadcasting carries (a per-branch weight or bias,
                            an unstacked operand of another batch size)
 Converting between them is a Reshape (of the integer input when a per-tensor DequantizeLinear makes the
-tensor, so the DQ stays next to its consumer). Branches holds, per original tensor, its branched tensor
-and form; the per-op rules (passes/branch_rules.py) read and extend it.
+tensor, so the DQ stays next to its consumer). BranchedTensors holds, per original tensor, its branched
+tensor and form; the per-op rules (passes/branch_rules.py) read and extend it.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def per_tensor_dq(t: gs.Tensor):
     return None
 
 
-class Branches:
+class BranchedTensors:
     """The branched tensors of a suffix: `mapping` from original names, with ranks, shapes and forms."""
 
     def __init__(self, graph, stacked: dict, branches: int, needed: set):

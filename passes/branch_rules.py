@@ -33,7 +33,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .branch_axis import Branches, Unstackable, per_axis, per_tensor_dq, rank
+from .branch_axis import BranchedTensors, Unstackable, per_axis, per_tensor_dq, rank
 from .graph_ops import Builder
 from .wide_product import wide_product
 
@@ -52,7 +52,7 @@ class Refusal:
 def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Tensor], branches: int,
                  tap: str) -> dict[str, gs.Tensor] | Refusal:
     """{original tensor name: branched tensor} with [tap] in the leading form, or the Refusal."""
-    s = Branches(graph, stacked, branches, {id(n) for n in nodes})
+    s = BranchedTensors(graph, stacked, branches, {id(n) for n in nodes})
     mark = len(graph.nodes)
     for node in nodes:
         if node.outputs[0].name in s.mapping:     # made already (a Conv emitted its QuantizeLinear)
@@ -70,7 +70,7 @@ def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Te
     return s.mapping
 
 
-def _branched(s: Branches, node: gs.Node) -> None:
+def _branched(s: BranchedTensors, node: gs.Node) -> None:
     if len(node.outputs) != 1:
         raise Unstackable(f"{len(node.outputs)} outputs")
     rule = RULES.get(node.op)
@@ -80,7 +80,7 @@ def _branched(s: Branches, node: gs.Node) -> None:
          dict(node.attrs))
 
 
-def elementwise(s: Branches, node, ins, attrs):
+def elementwise(s: BranchedTensors, node, ins, attrs):
     if node.op in ("QuantizeLinear", "DequantizeLinear") and (
             any(s.stacked(t) for t in ins[1:]) or attrs.get("block_size", 0)):
         raise Unstackable("stacked or blocked quantization parameters")
@@ -93,7 +93,7 @@ def elementwise(s: Branches, node, ins, attrs):
         s.leading_elementwise(node, ins, attrs)
 
 
-def dequantize(s: Branches, node, ins, attrs):
+def dequantize(s: BranchedTensors, node, ins, attrs):
     """DQ of a perturbed [2m, *shape] weight: (float(q) − zp)·scale, kept lazy for the wide products;
     any other DQ is elementwise."""
     if ins[0].name not in s.perturbed:
@@ -108,12 +108,12 @@ def dequantize(s: Branches, node, ins, attrs):
     s.mapping[node.outputs[0].name] = y
 
 
-def _only_first_stacked(s: Branches, ins, op):
+def _only_first_stacked(s: BranchedTensors, ins, op):
     if not s.stacked(ins[0]) or any(s.stacked(t) for t in ins[1:]):
         raise Unstackable(f"{op} with a stacked parameter")
 
 
-def batchwise(s: Branches, node, ins, attrs):
+def batchwise(s: BranchedTensors, node, ins, attrs):
     _only_first_stacked(s, ins, node.op)
     if node.op == "Flatten" and attrs.get("axis", 1) == 0:
         raise Unstackable("Flatten(axis=0) merges the batch axis")
@@ -122,11 +122,11 @@ def batchwise(s: Branches, node, ins, attrs):
     s.emit(node, node.op, [s.fold(ins[0])] + ins[1:], attrs, folded=True)
 
 
-def conv(s: Branches, node, ins, attrs):
+def conv(s: BranchedTensors, node, ins, attrs):
     return _trained_conv(s, node, ins) if s.stacked(ins[1]) else batchwise(s, node, ins, attrs)
 
 
-def reshape(s: Branches, node, ins, attrs):
+def reshape(s: BranchedTensors, node, ins, attrs):
     _only_first_stacked(s, ins, "Reshape")
     if not isinstance(ins[1], gs.Constant):
         raise Unstackable("Reshape to a computed shape")
@@ -140,7 +140,7 @@ def reshape(s: Branches, node, ins, attrs):
         s.emit(node, "Reshape", [s.lead(ins[0]), np.array([s.n] + shape, np.int64)], attrs, folded=False)
 
 
-def transpose(s: Branches, node, ins, attrs):
+def transpose(s: BranchedTensors, node, ins, attrs):
     _only_first_stacked(s, ins, "Transpose")
     perm = attrs.get("perm", list(range(s.rank(ins[0])))[::-1])
     if perm[0] == 0:
@@ -149,7 +149,7 @@ def transpose(s: Branches, node, ins, attrs):
         s.emit(node, "Transpose", [s.lead(ins[0])], {"perm": [0] + [p + 1 for p in perm]}, folded=False)
 
 
-def axis_op(s: Branches, node, ins, attrs):
+def axis_op(s: BranchedTensors, node, ins, attrs):
     """Ops with one `axis` attribute: Softmax, LayerNormalization, Concat, Gather."""
     op = node.op
     if op == "Concat":
@@ -172,7 +172,7 @@ def axis_op(s: Branches, node, ins, attrs):
     s.emit(node, op, ins, attrs, folded=False)
 
 
-def _moved_axes(s: Branches, node, ins, attrs, axes_rank: int):
+def _moved_axes(s: BranchedTensors, node, ins, attrs, axes_rank: int):
     """Reduce/Squeeze/Unsqueeze with constant axes: folded when axis 0 (the batch) is not among them,
     else leading with every axis moved by one."""
     axes = [a + axes_rank if a < 0 else a for a in (int(a) for a in ins[1].values)]
@@ -183,14 +183,14 @@ def _moved_axes(s: Branches, node, ins, attrs, axes_rank: int):
                folded=False)
 
 
-def reduce(s: Branches, node, ins, attrs):
+def reduce(s: BranchedTensors, node, ins, attrs):
     if len(ins) < 2 or not isinstance(ins[1], gs.Constant) or ins[1].values.size == 0:
         raise Unstackable("reduction without constant axes")
     _only_first_stacked(s, ins, node.op)
     _moved_axes(s, node, ins, attrs, s.rank(ins[0]))
 
 
-def squeeze(s: Branches, node, ins, attrs):
+def squeeze(s: BranchedTensors, node, ins, attrs):
     _only_first_stacked(s, ins, node.op)
     if len(ins) < 2 or not isinstance(ins[1], gs.Constant):
         raise Unstackable(f"{node.op} without constant axes")
@@ -199,7 +199,7 @@ def squeeze(s: Branches, node, ins, attrs):
     _moved_axes(s, node, ins[:2], attrs, s.rank(ins[0]) if node.op == "Squeeze" else len(node.outputs[0].shape))
 
 
-def matmul(s: Branches, node, ins, attrs):
+def matmul(s: BranchedTensors, node, ins, attrs):
     a, w = ins[0], ins[1]
     if not s.stacked(a) and w.name in s.dequantized and wide_product(s, node, ins, attrs):
         return
@@ -213,7 +213,7 @@ def matmul(s: Branches, node, ins, attrs):
     s.leading_elementwise(node, ins, attrs)
 
 
-def gemm(s: Branches, node, ins, attrs):
+def gemm(s: BranchedTensors, node, ins, attrs):
     a, w = ins[0], ins[1]
     c = ins[2] if len(ins) > 2 and ins[2] is not None else None
     if not s.stacked(a) and w.name in s.dequantized and wide_product(s, node, ins, attrs):
@@ -225,7 +225,7 @@ def gemm(s: Branches, node, ins, attrs):
     _leading_gemm(s, node, a, w, c, attrs)
 
 
-def _leading_gemm(s: Branches, node, a, w, c, attrs):
+def _leading_gemm(s: BranchedTensors, node, a, w, c, attrs):
     """Gemm as α·(A' @ B') + β·C on the leading form, A' and B' transposed as the attributes say."""
     b, dtype = s.b, node.outputs[0].dtype
     branched_a = s.stacked(a)
@@ -263,7 +263,7 @@ RULES = {op: elementwise for op in (
     "Unsqueeze": squeeze, "MatMul": matmul, "Gemm": gemm}
 
 
-def _trained_conv(s: Branches, node, ins):
+def _trained_conv(s: BranchedTensors, node, ins):
     """The 2m perturbed kernels as 2m Convs, one per branch, on that branch's rows of the folded batch
     (or on the shared unbranched input), concatenated on the batch axis: the folded form without a copy.
     Each Conv keeps the QDQ pattern (DQ weight per channel, and the per-tensor QuantizeLinear after it)
@@ -308,7 +308,7 @@ def _trained_conv(s: Branches, node, ins):
     s.mapping[out.name] = s.register(y, out.shape if out.shape is not None else node.outputs[0].shape, folded=True)
 
 
-def _branch_rows(s: Branches, t):
+def _branch_rows(s: BranchedTensors, t):
     """The 2m branch parts of a folded tensor; split as integers when a per-tensor DQ makes it."""
     p = per_tensor_dq(t)
     if p is not None:
@@ -336,7 +336,7 @@ def _dequantized(b: Builder, q, scale, zero_point, axis, rank_: int, dtype):
     return b.op("Mul", [x, on_axis(scale).astype(np.float32)], dtype=dtype)
 
 
-def _transposed_weight(s: Branches, w: gs.Tensor) -> gs.Tensor:
+def _transposed_weight(s: BranchedTensors, w: gs.Tensor) -> gs.Tensor:
     """W^T for MatMul. A stacked weight is transposed as integers, before its dequantization: half the
     bytes, and no float Transpose after a DQ for onnxruntime's QDQ optimizer to wrap in a Q/DQ pair."""
     b = s.b

@@ -5,8 +5,8 @@
 Precondition: a ModelProto that passed the pipeline's source check.
 Postcondition: a ModelProto computing the same function, with unique node names, where quantized
 weights appear as integer initializer → DequantizeLinear → Conv/Gemm/MatMul wherever an exact rewrite
-exists (the input model itself when nothing needed it); ctx.source is it; ctx.notes says what each step
-rewrote (and what it left, with the reason).
+exists (the input model itself when nothing needed it); ctx.source is it; ctx.notes says what each dialect
+module rewrote (and what it left, with the reason).
 """
 from __future__ import annotations
 

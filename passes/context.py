@@ -160,7 +160,7 @@ class Update:           # update
 
 @dataclasses.dataclass
 class Context:
-    spec: TrainSpec                     # eps/lr resolved by the pipeline's `resolve` step
+    spec: TrainSpec                     # eps/lr filled in by the pipeline's `resolve` entry
     source: onnx.ModelProto             # the input, then its canonical form (export writes into it)
     calibration: np.ndarray | None = None   # float32 inputs [N, ...] for precondition
     notes: list[str] | None = None      # canonicalize, prompts: what they rewrote

@@ -59,9 +59,9 @@ class Typed:
         self.b, self.dtype = b, np.dtype(dtype)
 
     def __getattr__(self, op_type: str):
-        def make(*inputs, hint=None, name=None, **attrs):
+        def make(*inputs, hint=None, name=None, shape=None, **attrs):
             ins = [np.array(x, self.dtype) if isinstance(x, (int, float)) else x for x in inputs]
-            return self.b.op(op_type, ins, attrs, dtype=self.dtype, hint=hint, name=name)
+            return self.b.op(op_type, ins, attrs, dtype=self.dtype, hint=hint, name=name, shape=shape)
         return make
 
 

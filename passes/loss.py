@@ -16,14 +16,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .context import Context, Losses, Pass
-from .graph_ops import Builder
+from .graph_ops import Builder, Typed
 
 i64 = lambda *v: np.array(v, np.int64)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "loss")
-    m = ctx.spec.m
+    F, L, m = b.f32, Typed(b, np.int64), ctx.spec.m
     labels = gs.Variable("labels", dtype=np.int64, shape=["batch"])
     graph.inputs.append(labels)
     logits, bx = ctx.branches.logits, ctx.branches.logits_branch_axis
@@ -31,37 +31,21 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spread = [1, 1, 1]
     spread[bx] = 2 * m
     if ctx.spec.loss == "ce":
-        logp = b.op("LogSoftmax", [logits], {"axis": -1}, dtype=np.float32)
-        idx = b.op("Unsqueeze", [labels, i64(bx, 2)], dtype=np.int64)
-        idx = b.op("Expand", [idx, i64(*spread)], dtype=np.int64)
-        picked = b.op("GatherElements", [logp, idx], {"axis": 2}, dtype=np.float32)
-        per_branch = b.op("Neg", [b.op("ReduceMean", [picked, i64(batch_axis, 2)], {"keepdims": 0},
-                                       dtype=np.float32)], dtype=np.float32)
+        idx = L.Expand(L.Unsqueeze(labels, i64(bx, 2)), i64(*spread))
+        picked = F.GatherElements(F.LogSoftmax(logits, axis=-1), idx, axis=2)
+        per_branch = F.Neg(F.ReduceMean(picked, i64(batch_axis, 2), keepdims=0))
     else:
-        prob = b.op("Softmax", [logits], {"axis": -1}, dtype=np.float32)
-        depth = b.op("Gather", [b.op("Shape", [logits], dtype=np.int64), i64(-1)], dtype=np.int64)
-        onehot = b.op("OneHot", [labels, depth, np.array([0, 1], np.float32)], {"axis": -1},
-                      dtype=np.float32)
-        onehot = b.op("Unsqueeze", [onehot, i64(bx)], dtype=np.float32)
-        diff = b.op("Sub", [prob, onehot], dtype=np.float32)
-        per_branch = b.op("ReduceMean", [b.op("Mul", [diff, diff], dtype=np.float32), i64(batch_axis, 2)],
-                          {"keepdims": 0}, dtype=np.float32)
-    plus = gs.Variable("loss_plus", dtype=np.float32, shape=[m])
-    minus = gs.Variable("loss_minus", dtype=np.float32, shape=[m])
-    graph.nodes.append(gs.Node("Slice", b.name("plus"), inputs=[per_branch, b.const(i64(0)), b.const(i64(m))],
-                               outputs=[plus]))
-    graph.nodes.append(gs.Node("Slice", b.name("minus"), inputs=[per_branch, b.const(i64(m)),
-                                                                 b.const(i64(2 * m))], outputs=[minus]))
-    loss = gs.Variable("loss", dtype=np.float32, shape=[])
-    graph.nodes.append(gs.Node("ReduceMean", b.name("mean"), {"keepdims": 0}, [per_branch], [loss]))
-    wanted = b.op("Unsqueeze", [labels, i64(bx)], dtype=np.int64)
-    hits = b.op("Equal", [b.op("ArgMax", [logits], {"axis": -1, "keepdims": 0}, dtype=np.int64), wanted],
-                dtype=bool)
-    accuracy = gs.Variable("accuracy", dtype=np.float32, shape=[])
-    graph.nodes.append(gs.Node("ReduceMean", b.name("acc"), {"keepdims": 0}, [b.cast(hits, np.float32)],
-                               [accuracy]))
+        prob = F.Softmax(logits, axis=-1)
+        depth = L.Gather(L.Shape(logits), i64(-1))
+        onehot = F.Unsqueeze(F.OneHot(labels, depth, np.array([0, 1], np.float32), axis=-1), i64(bx))
+        diff = F.Sub(prob, onehot)
+        per_branch = F.ReduceMean(F.Mul(diff, diff), i64(batch_axis, 2), keepdims=0)
+    plus = F.Slice(per_branch, i64(0), i64(m), hint="plus", name="loss_plus", shape=[m])
+    minus = F.Slice(per_branch, i64(m), i64(2 * m), hint="minus", name="loss_minus", shape=[m])
+    loss = F.ReduceMean(per_branch, keepdims=0, hint="mean", name="loss", shape=[])
+    hits = b.op("Equal", [L.ArgMax(logits, axis=-1, keepdims=0), L.Unsqueeze(labels, i64(bx))], dtype=bool)
+    accuracy = F.ReduceMean(b.cast(hits, np.float32), keepdims=0, hint="acc", name="accuracy", shape=[])
     ctx.losses = Losses(labels, plus, minus, [loss, accuracy])
     return graph
-
 
 PASS = Pass("loss", run, reads=("branches",), adds=("losses",))

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .branch_axis import Branches, rank
+from .branch_axis import BranchedTensors, rank
 from .graph_ops import Builder
 
 
-def wide_product(s: Branches, node, ins, attrs) -> bool:
+def wide_product(s: BranchedTensors, node, ins, attrs) -> bool:
     b, n2m = s.b, s.n
     q, scale, zp, axis = s.dequantized[ins[1].name]
     out = node.outputs[0]

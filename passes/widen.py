@@ -6,7 +6,7 @@ weights) and with H times the pretrained range (--headroom H, symmetric weights)
 
 Dividing a float32 scale by a power of two is exact, so the widened graph computes the same function bit
 for bit (an int16 weight with headroom trains on a coarser grid, F = 1/H, and moves by at most half a
-step). int8 widens to int16, uint8 (asymmetric weights, no headroom) to uint16. F and the range per case
+grid LSB). int8 widens to int16, uint8 (asymmetric weights, no headroom) to uint16. F and the range per case
 are in fgcompile/grid.py; export narrows back (runtime/export.py); the source keeps zp.
 
 Precondition: ctx.trainables from select.
