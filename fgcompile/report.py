@@ -21,8 +21,8 @@ def describe_compile(contract: Contract) -> list[str]:
              for s in contract.parameters()]
     lines += [f"{p.site} reads its input whitened (frozen {p.matrix}, folded back on export)"
               for p in contract.precondition]
-    sp, lr = contract.spec, contract.lr_numerator
-    lines.append(f"m={sp.m} eps={sp.eps} lr={sp.lr} ({lr.default}/2^{lr.shift}) "
+    sp, numerator = contract.spec, contract.lr_numerator
+    lines.append(f"m={sp.m} eps={sp.eps} lr={sp.lr} ({numerator.default}/2^{numerator.shift}) "
                  f"{sp.perturbation} {sp.estimator} loss={sp.loss} on {contract.loss_tap}")
     options = [part for part in (
         "kernel-wise normalized ĝ" if sp.kernel_norm else "",

@@ -125,6 +125,35 @@ class Trainer:
 
     def _fit(self, data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps, progress,
              stop_after, restart, allow_changed_run):
+        (x, y), (xv, yv), batch = self._begin(data, val, epochs, batch, schedule, resume, restart, allow_changed_run)
+        per_epoch = len(y) // batch
+        start, total = self.meta["step"], epochs * per_epoch
+        history, window = [], []
+        bar = _progress(total, start, progress)
+        t0 = time.perf_counter()
+        for step, epoch, last_of_epoch, idx in _batch_order(self.spec.seed, len(y), batch, per_epoch, start, total):
+            metrics = self._step(x[idx], y[idx], step, self.lr_numerator_at(step, total, schedule), max_bad_steps)
+            if metrics is not None:
+                window.append(metrics)
+            self.meta["step"] = step + 1
+            if bar is not None:
+                bar.update(1)
+                if window:
+                    bar.set_postfix(loss=f"{window[-1][0]:.3f}", acc=f"{window[-1][1]:.2f}")
+            if (step + 1) % checkpoint_every == 0 or step + 1 == total:
+                self._save(step + 1)
+            if last_of_epoch:
+                history.append(self._end_epoch(epoch, step, window, time.perf_counter() - t0, xv, yv))
+                window = []
+            if stop_after is not None and step + 1 - start >= stop_after:
+                break
+        if bar is not None:
+            bar.close()
+        return history
+
+    def _begin(self, data, val, epochs, batch, schedule, resume, restart, allow_changed_run):
+        """((x, y), (x_val, y_val), batch) of a run, after checking the data and the folder (before anything
+        is changed); then continues the checkpoint (resume) or discards it and the log (a new run)."""
         for name in (LAYOUT.checkpoint, LAYOUT.log) if self.out is not None else ():
             if os.path.lexists(self.out / name) and not (self.out / name).is_file():
                 raise OutputError(f"{self.out / name}: is not a regular file (a folder or special file); "
@@ -139,8 +168,6 @@ class Trainer:
             raise DataError(f"--batch {batch}: the model's batch dimension is fixed at {fixed_batch}. Pass "
                             f"--batch {fixed_batch}, or re-export the model with a dynamic batch axis.")
         batch = min(batch, len(y))
-        per_epoch = len(y) // batch
-        total = epochs * per_epoch
         run = {"batch": batch, "epochs": epochs, "schedule": schedule, "examples": len(y),
                "data_sha256": data_digest(x, y), "lr_numerator": self.lr_numerator}
         has_checkpoint = self.out is not None and (self.out / LAYOUT.checkpoint).exists()
@@ -159,57 +186,40 @@ class Trainer:
             (self.out / LAYOUT.log).unlink(missing_ok=True)
             (self.out / LAYOUT.checkpoint).unlink(missing_ok=True)
         self.run = run
-        start = self.meta["step"]
-        history, perm, perm_epoch = [], None, -1
-        bar = _progress(total, start, progress)
-        window = []
-        t0 = time.perf_counter()
-        for step in range(start, total):
-            epoch, pos = divmod(step, per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = np.random.default_rng([self.spec.seed, epoch]).permutation(len(y)), epoch
-            idx = perm[pos * batch:(pos + 1) * batch]
-            feeds = step_feeds(self.contract, x[idx], y[idx], self.spec.seed, step,
-                               self.lr_numerator_at(step, total, schedule), self.state)
-            with running(self._path(LAYOUT.train)):
-                out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
-            if np.isfinite(out["loss"]):
-                self.state = {s.name: out[s.output] for s in self.contract.state}
-                window.append((float(out["loss"]), float(out["accuracy"])))
-            else:
-                self.meta["bad_steps"] += 1
-                if max_bad_steps is not None and self.meta["bad_steps"] > max_bad_steps:
-                    self._save(step + 1)
-                    raise FgcompileError(f"step {step}: {self.meta['bad_steps']} steps had a NaN/Inf loss "
-                                         f"(--max-bad-steps {max_bad_steps}). Check the data for extreme "
-                                         "values or lower --lr.")
-            self.meta["step"] = step + 1
-            if bar is not None:
-                bar.update(1)
-                if window:
-                    bar.set_postfix(loss=f"{window[-1][0]:.3f}", acc=f"{window[-1][1]:.2f}")
-            last_of_epoch = pos == per_epoch - 1
-            if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-                self._save(step + 1)
-            if last_of_epoch:
-                record = {"epoch": epoch + 1, "step": step + 1, "bad_steps": self.meta["bad_steps"],
-                          "train_loss": float(np.mean([w[0] for w in window])) if window else None,
-                          "train_accuracy": float(np.mean([w[1] for w in window])) if window else None,
-                          "seconds": round(time.perf_counter() - t0, 3)}
-                if xv is not None:
-                    v = self.evaluate(xv, yv)
-                    record.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
-                window = []
-                history.append(record)
-                LOGGER.info("epoch %s", json.dumps(record))
-                if self.out is not None:
-                    with open(self.out / LAYOUT.log, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if stop_after is not None and step + 1 - start >= stop_after:
-                break
-        if bar is not None:
-            bar.close()
-        return history
+        return (x, y), (xv, yv), batch
+
+    def _step(self, x, y, step: int, lr_numerator: int, max_bad_steps: int | None) -> tuple[float, float] | None:
+        """One training step: (loss, accuracy) and the new state, or None and the old state kept when
+        the loss is NaN/Inf (counted; more than max_bad_steps of them end the run)."""
+        feeds = step_feeds(self.contract, x, y, self.spec.seed, step, lr_numerator, self.state)
+        with running(self._path(LAYOUT.train)):
+            out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
+        if np.isfinite(out["loss"]):
+            self.state = {s.name: out[s.output] for s in self.contract.state}
+            return float(out["loss"]), float(out["accuracy"])
+        self.meta["bad_steps"] += 1
+        if max_bad_steps is not None and self.meta["bad_steps"] > max_bad_steps:
+            self._save(step + 1)
+            raise FgcompileError(f"step {step}: {self.meta['bad_steps']} steps had a NaN/Inf loss "
+                                 f"(--max-bad-steps {max_bad_steps}). Check the data for extreme "
+                                 "values or lower --lr.")
+        return None
+
+    def _end_epoch(self, epoch: int, step: int, window: list, seconds: float, xv, yv) -> dict:
+        """The epoch's record (train metrics over its good steps, validation when given), logged and
+        appended to OUT/train_log.jsonl."""
+        record = {"epoch": epoch + 1, "step": step + 1, "bad_steps": self.meta["bad_steps"],
+                  "train_loss": float(np.mean([w[0] for w in window])) if window else None,
+                  "train_accuracy": float(np.mean([w[1] for w in window])) if window else None,
+                  "seconds": round(seconds, 3)}
+        if xv is not None:
+            v = self.evaluate(xv, yv)
+            record.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
+        LOGGER.info("epoch %s", json.dumps(record))
+        if self.out is not None:
+            with open(self.out / LAYOUT.log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
 
     def _check_run(self, before: dict | None, now: dict, allow: bool) -> None:
         """A resume replays steps bit for bit only with the same batch, data and schedule (and, for the
@@ -293,6 +303,17 @@ def latest_state(out_dir, contract: Contract | None = None) -> dict:
         sha = validate.file_sha256(out / LAYOUT.train)
     path = out / LAYOUT.checkpoint if (out / LAYOUT.checkpoint).exists() else out / LAYOUT.state
     return checkpoint.load(path, contract, sha)[0]
+
+
+def _batch_order(seed: int, n: int, batch: int, per_epoch: int, start: int, total: int):
+    """(step, epoch, last step of its epoch, example indices) for steps start..total-1: epoch e's
+    batches are consecutive slices of permutation(rng([seed, e])), so a resumed run replays them."""
+    perm, perm_epoch = None, -1
+    for step in range(start, total):
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = np.random.default_rng([seed, epoch]).permutation(n), epoch
+        yield step, epoch, pos == per_epoch - 1, perm[pos * batch:(pos + 1) * batch]
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:

@@ -6,7 +6,7 @@ from fgcompile.session import SessionSettings, make_session
 
 
 class Steps:
-    """run = Steps(compiled); out = run(x, y, seed, step, lr, state) -> every output by name.
+    """run = Steps(compiled); out = run(x, y, seed, step, lr_numerator, state) -> every output by name.
     optimization "disable" runs the ONNX ops as written, as the reference oracle does (qzoff.unfused);
     probes: internal tensors (e.g. contract.probes.z) to return beside the graph's outputs."""
 
@@ -16,16 +16,17 @@ class Steps:
         self.sess = make_session(model, settings=SessionSettings(optimization=optimization))
         self.names = [o.name for o in self.sess.get_outputs()]
 
-    def __call__(self, x, y, seed=0, step=0, lr=None, state=None) -> dict:
-        lr = self.contract.lr_numerator.default if lr is None else lr
+    def __call__(self, x, y, seed=0, step=0, lr_numerator=None, state=None) -> dict:
+        """lr_numerator: the graph's int32 lr input (default: the compiled one); state: the compiled one."""
+        numerator = self.contract.lr_numerator.default if lr_numerator is None else lr_numerator
         state = self.compiled.state if state is None else state
-        return dict(zip(self.names, self.sess.run(None, step_feeds(self.contract, x, y, seed, step, lr, state))))
+        return dict(zip(self.names, self.sess.run(None, step_feeds(self.contract, x, y, seed, step, numerator, state))))
 
     def next_state(self, out: dict) -> dict:
         """The state outputs of a step, named as the state inputs (to feed back)."""
         return {s.name: out[s.output] for s in self.contract.state}
 
 
-def run_step(compiled, x, y, seed=0, step=0, lr=None, state=None, optimization: str = "disable") -> dict:
+def run_step(compiled, x, y, seed=0, step=0, lr_numerator=None, state=None, optimization: str = "disable") -> dict:
     """One step in a fresh session."""
-    return Steps(compiled, optimization)(x, y, seed, step, lr, state)
+    return Steps(compiled, optimization)(x, y, seed, step, lr_numerator, state)

@@ -29,7 +29,7 @@ def test_branches_skip_requant_and_eval_keeps_it():
     assert "QuantizeLinear" in _ops_after_trained(on.eval, state)
 
 def _d(source, x, y, **spec):
-    out = run_step(compile_graph(source, TrainSpec(m=8, **spec)), x, y, seed=0, step=0, lr=0)
+    out = run_step(compile_graph(source, TrainSpec(m=8, **spec)), x, y, seed=0, step=0, lr_numerator=0)
     return out["loss_plus"] - out["loss_minus"]
 
 
