@@ -73,7 +73,7 @@ class TrainSpec:
     precondition: str = "auto"    # whiten the trained layer's input (auto: when calibration data is given)
     kernel_norm: bool = False     # each kernel's ĝ scaled to its weight's norm (passes/kernelnorm.py)
     sparsity: float = 0.0         # share of each tensor's elements a step leaves unchanged (passes/sparsify.py)
-    sparse_mode: str = "topk"     # which: topk (smallest |ĝ|), random (hashed), threshold (|ĝ| < sparsity·max|ĝ|)
+    sparse_mode: str = "topk"     # which elements move: topk (largest |ĝ|), random (hashed), threshold (|ĝ| >= sparsity·max|ĝ|)
     momentum: float = 0.0         # momentum-guided sampling: share of z drawn as sign(momentum) (passes/momentum.py)
     sharpness: int = 0            # sharpness-aware: the ±εz pair is centred ρ LSBs up the momentum's slope
 

@@ -86,6 +86,11 @@ def test_demo_improves_target_accuracy_by_ten_points(tmp_path):
     assert abs(result["exported"]["target_test"]["accuracy"] - after) <= 0.015   # int8 re-quantization (README)
     assert (tmp_path / "demo" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("target_test" in l for l in lines)
+    # it tuned the rate on held-out training data, then trained at it
+    choice = json.loads((tmp_path / "demo" / "compiled" / "tune.json").read_text())["choice"]
+    assert any(l.startswith(f"tune: lr {choice['lr']:g} chosen of") for l in lines)
+    meta = json.loads(str(np.load(tmp_path / "demo" / "compiled" / "checkpoint.npz")["__meta__"]))
+    assert meta["run"]["lr_numerator"] == choice["lr_numerator"]
 
 
 def test_kws_demo_recovers_ten_points_and_keeps_the_structure(tmp_path):
