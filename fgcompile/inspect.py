@@ -31,8 +31,9 @@ from fgcompile.errors import ModelError, SpecError
 from fgcompile.grid import WIDENING, training_grid
 from fgcompile.report import format_table
 from fgcompile.spec import TrainSpec
-from fgcompile.passes import canonicalize, floatgrid, pair
+from fgcompile.passes import canonicalize, floatgrid
 from fgcompile.passes.analyze import find_weight_sites, is_quantized
+from fgcompile.passes import formulas
 from fgcompile.passes.formulas import bias_stride
 from fgcompile.passes.pipeline import check_source
 
@@ -40,7 +41,7 @@ RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def train_bytes(numel: int, grid_bytes: int, m: int, copies: int | None = None) -> int:
-    return pair.train_bytes(numel, grid_bytes, m, 2 * m if copies is None else copies)
+    return formulas.train_bytes(numel, grid_bytes, m, 2 * m if copies is None else copies)
 
 
 @dataclasses.dataclass

@@ -23,17 +23,12 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
+from .formulas import train_bytes
 from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
 from .branch_rules import Refusal, stack_suffix
 
 UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
-
-
-def train_bytes(numel: int, grid_bytes: int, m: int, copies: int) -> int:
-    """Bytes a step holds for one trained tensor beyond inference (fgcompile/inspect.py explains the
-    terms); copies = 2m stacked or cloned, 2 in the loop."""
-    return numel * (2 * grid_bytes + 18 * m + 8 + copies * (12 + grid_bytes))
 
 
 def _form(ctx: Context) -> tuple[str, str | None]:
