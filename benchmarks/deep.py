@@ -33,7 +33,7 @@ import memory  # noqa: E402
 from build_bench import CACHE  # noqa: E402
 from fgcompile import modelio  # noqa: E402
 from fgcompile.compiler import compile_model, write_compiled  # noqa: E402
-from fgcompile.inspect import inspect_model  # noqa: E402
+from fgcompile.inspection import inspect_model  # noqa: E402
 from fgcompile.session import make_session  # noqa: E402
 from fgcompile.spec import TrainSpec  # noqa: E402
 from run import machine  # noqa: E402

@@ -99,7 +99,7 @@ def spec_options(f):
                          "grid."),
         spec_option("--precondition", "precondition", PRECONDITIONS, help="Whiten the trained layer's input (frozen, "
                     "folded back on export); auto: when --calibration is given."),
-        click.option("--kernel-norm", is_flag=True,
+        click.option("--kernel-norm", is_flag=True, default=TrainSpec.kernel_norm,
                      help="Kernel-wise normalization: each output kernel's step gets an L1 norm proportional to "
                           "its weight's (integer; the tensor's mean step size is kept)."),
         spec_option("--sparsity", "sparsity",
@@ -151,7 +151,7 @@ def inspect(model, m, as_json):
     """List the trainable parameters of a quantized MODEL, their grid and the memory to train each,
     and the layers that stay float."""
     import dataclasses
-    from fgcompile.inspect import format_inspection, inspect_graph
+    from fgcompile.inspection import format_inspection, inspect_graph
     from fgcompile.modelio import load_model
     rows, floats = inspect_graph(load_model(model), m=m)
     click.echo(json.dumps({"parameters": [dataclasses.asdict(r) for r in rows],

@@ -14,7 +14,7 @@ import pathlib
 from fgcompile import folder, models, modelio
 from fgcompile.artifact import LAYOUT
 from fgcompile.compiler import compile_model, write_compiled
-from fgcompile.inspect import format_inspection, inspect_model
+from fgcompile.inspection import format_inspection, inspect_model
 from fgcompile.report import describe_compile, describe_export, describe_tune, format_table
 from fgcompile.runtime.evaluate import evaluate
 from fgcompile.runtime.export import export_model

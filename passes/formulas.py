@@ -4,7 +4,7 @@
                  as much as one weight LSB on an input of 1.0
     c_max        1 (sign) or SPSA_CLIP (m-SPSA): the largest |cᵢ|
     train bytes  numel · (2·g + 18·m + 8 + copies·(12 + g)) beyond inference for one trained tensor on a
-                 g-byte grid; copies = 2m stacked or cloned, 2 in the loop (fgcompile/inspect.py explains
+                 g-byte grid; copies = 2m stacked or cloned, 2 in the loop (fgcompile/inspection.py explains
                  the terms; pair's --memory-budget and inspect's estimate use it)
     lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr_numerator·ĝ never wraps int32, since
                  |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS, shipped
-from fgcompile.inspect import format_inspection, inspect_graph
+from fgcompile.inspection import format_inspection, inspect_graph
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.spec import TrainSpec
 

@@ -1,5 +1,5 @@
-"""inspect: every parameter fgcompile can train in a model, its training grid and what training it would
-cost in memory, and the layers whose weights stay float (with why).
+"""`fgcompile inspect`: every parameter fgcompile can train in a model, its training grid and what
+training it would cost in memory, and the layers whose weights stay float (with why).
 
 The model is canonicalized first (passes/canonicalize.py), so QOperator, dynamic, fake-quant and int4
 exports list the sites they compile to. Parameter kinds: Conv/Gemm/MatMul weights, their biases (int32
