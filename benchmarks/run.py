@@ -49,7 +49,7 @@ QZO_CONFIGS = [(f"{v} m={m} H=1", v, bits, m, OLD) for v, bits in VARIANTS.items
     [("w16a8 m=4 H=1 --keep-requant", "w16a8", 16, 4, {"requant_bypass": False, **OLD})] + \
     [(f"{v} m=8 H=1 --schedule cosine", v, bits, 8, {"schedule": "cosine", **OLD}) for v, bits in VARIANTS.items()] + \
     [(f"{v} m={m} H={h}{' whiten' if w else ''}", v, bits, m, {"headroom": h, "precondition": "whiten" if w else "none"})
-     for v, bits in VARIANTS.items() for m in (8, 32) for h in (1, 4) for w in (False, True) if h > 1 or w] + \
+     for v, bits in VARIANTS.items() for m in (8, 32, 64) for h in (1, 4) for w in (False, True) if h > 1 or w] + \
     [(f"{v} m=32 H=4 whiten {flag}", v, bits, 32, {"headroom": 4, "precondition": "whiten", **options(bits)})
      for v, bits in VARIANTS.items() for flag, options in (
          ("--kernel-norm", lambda bits: {"kernel_norm": True}),

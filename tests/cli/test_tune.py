@@ -67,7 +67,7 @@ def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target
     record = json.loads((out / "tune.json").read_text())
     assert record["split"]["seed"] == 5 and record["budget"] == {"epochs": 1, "batch": 32, "seeds": [5]}
     tuned = record["choice"]["lr"]
-    assert f"lr {tuned:g} chosen of 4, 8, 16, 32, 64, 128" in r.output
+    assert f"lr {tuned:g} chosen of {', '.join(f'{lr:g}' for lr in LR_GRIDS[14])}" in r.output
 
     r = run("train", out, "--data", TRAIN, "--epochs", 1, "--json", "--threads", 1)
     assert r.exit_code == 0, r.output
