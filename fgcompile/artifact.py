@@ -50,6 +50,13 @@ class Layout:
 LAYOUT = Layout()
 
 
+# the JSON keys a contract must hold, with their JSON types (fgcompile/validate.py checks them before
+# Contract.from_dict reads them; the keys left out have defaults for contracts of older compilers)
+REQUIRED_KEYS = {"spec": dict, "inputs": dict, "outputs": dict, "state": list, "lr_numerator": dict}
+REQUIRED_STATE_KEYS = {"name": str, "output": str, "role": str, "dtype": str, "shape": list, "qmin": int, "qmax": int,
+                       "stride": int, "source_dtype": str, "widened": bool}
+
+
 @dataclasses.dataclass(frozen=True)
 class StateTensor:
     """One trained tensor: graph input `name`, output `output`, on the integer grid [qmin, qmax].

@@ -19,13 +19,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fgcompile.artifact import METADATA_KEY, TRAIN_FORMAT, Contract
+from fgcompile.artifact import METADATA_KEY, REQUIRED_KEYS, REQUIRED_STATE_KEYS, TRAIN_FORMAT, Contract
 from fgcompile.errors import FgcompileError, ModelError, SpecError
 from fgcompile.grid import WIDENED_QMAX, widen
 
 INT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32")
-STATE_FIELDS = {"name": str, "output": str, "role": str, "dtype": str, "shape": list, "qmin": int, "qmax": int,
-                "stride": int, "source_dtype": str, "widened": bool}
 
 
 class StateError(FgcompileError):
@@ -44,7 +42,7 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
     """What is wrong with `contract` as the contract of `model`, or None."""
     if not isinstance(contract, dict):
         return "not a JSON object"
-    for key, kind in {"spec": dict, "inputs": dict, "outputs": dict, "state": list, "lr_numerator": dict}.items():
+    for key, kind in REQUIRED_KEYS.items():
         if not isinstance(contract.get(key), kind):
             return f"missing or malformed key {key!r}"
     graph_in = {i.name: i.type.tensor_type for i in model.graph.input}
@@ -60,7 +58,7 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
     for s in contract["state"]:
         if not isinstance(s, dict):
             return "a state entry is not an object"
-        for field, kind in STATE_FIELDS.items():
+        for field, kind in REQUIRED_STATE_KEYS.items():
             if not isinstance(s.get(field), kind) or (kind is int and isinstance(s.get(field), bool)):
                 return f"state entry {s.get('name')!r}: field {field!r} is missing or not a {kind.__name__}"
         name, dtype = s["name"], s["dtype"]
