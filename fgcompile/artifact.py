@@ -12,8 +12,9 @@ OUT/tune.json    the learning rate `fgcompile tune` chose (runtime/tune.py), whe
 OUT/.fgcompile-folder, .fgcompile.lock   the marker that fgcompile wrote OUT, and the lock of a run
 
 Contract.from_dict reads what Contract.to_dict writes: from_dict(d).to_json() is the JSON of d for a
-contract fgcompile wrote (tests/test_artifact.py). A contract is checked against its graph (fgcompile/validate.py) before from_dict builds it, so
-from_dict only supplies defaults for keys older compilers did not write.
+contract fgcompile wrote (tests/test_artifact.py). A contract is checked against its graph
+(fgcompile/validate.py) before from_dict builds it, so from_dict only supplies defaults for keys that
+contracts without them (older compilers, optional parts) leave out.
 """
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ class Contract:
         return {"format": self.format, "version": self.version, "spec": dataclasses.asdict(self.spec),
                 "inputs": dataclasses.asdict(self.inputs), "data_inputs": list(self.data_inputs),
                 "stream": self.stream, "outputs": dataclasses.asdict(self.outputs),
-                "state": [dataclasses.asdict(s) for s in self.state], "lr_numerator": dataclasses.asdict(self.lr_numerator),
+                "state": [dataclasses.asdict(s) for s in self.state],
+                "lr_numerator": dataclasses.asdict(self.lr_numerator),
                 "model_output": self.model_output, "loss_tap": self.loss_tap, "branches": self.branches,
                 "branches_reason": self.branches_reason, "tie_tolerance": self.tie_tolerance,
                 "probes": dataclasses.asdict(self.probes) if self.probes else None,

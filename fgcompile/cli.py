@@ -9,8 +9,8 @@ import click
 
 from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
-from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS, PRECONDITIONS,
-                            ROUNDINGS, SPARSE_MODES, TrainSpec)
+from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS,
+                            PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
 
 class Group(click.Group):
@@ -196,14 +196,15 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
 @click.argument("out", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Training .npz (x float32, y int64).")
 @click.option("--val", type=click.Path(), help="Validation .npz, evaluated each epoch.")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--batch", default=32, show_default=True)
+@click.option("--epochs", default=RunDefaults.epochs, show_default=True)
+@click.option("--batch", default=RunDefaults.batch, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.npz.")
 @click.option("--restart", is_flag=True, help="Discard OUT/checkpoint.npz and the log; train from the start.")
 @click.option("--allow-changed-run", is_flag=True,
               help="--resume even with other --data/--batch/--schedule (not bit-identical to one run).")
-@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--checkpoint-every", default=RunDefaults.checkpoint_every, show_default=True,
+              help="Steps between checkpoints.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=RunDefaults.schedule, show_default=True)
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many NaN/Inf-loss steps.")
 @click.option("--lr", type=float, default=None,
               help="Learning rate in LSBs per unit of ĝ, fed as the graph's lr input (no recompile) "
@@ -235,9 +236,9 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @main.command("tune")
 @click.argument("out", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Training .npz; a seeded split of it validates.")
-@click.option("--epochs", default=10, show_default=True,
+@click.option("--epochs", default=RunDefaults.epochs, show_default=True,
               help="Epochs per trial: the epochs you will train (a shorter budget favours a larger rate).")
-@click.option("--batch", default=32, show_default=True)
+@click.option("--batch", default=RunDefaults.batch, show_default=True)
 @click.option("--seeds", default=1, show_default=True, help="Runs per rate (seeds S, S+1, …); scores are their mean.")
 @click.option("--holdout", default=0.2, show_default=True, help="Share of --data held out to validate.")
 @click.option("--seed", type=int, default=None, help="Seed S of the split and the first run [the compiled seed].")

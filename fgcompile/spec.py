@@ -39,6 +39,19 @@ def lr_grid(grid_bits: int) -> tuple[float, ...]:
     return tuple(lr * 2.0 ** k for k in range(-2, 3))
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDefaults:
+    """Defaults of a training run (`train`, `tune`, Trainer.fit): the graph does not fix them, so each run
+    may choose its own."""
+    epochs: int = 10
+    batch: int = 32
+    checkpoint_every: int = 50
+    schedule: str = "constant"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
     """Options of one compilation. Units: eps in weight LSBs; lr in LSBs per unit of ĝ.

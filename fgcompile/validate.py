@@ -51,7 +51,8 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
         if contract["inputs"].get(role) not in graph_in:
             return f"inputs.{role} = {contract['inputs'].get(role)!r} is not an input of the graph"
     for key in ("default", "shift", "max"):
-        if not isinstance(contract["lr_numerator"].get(key), int) or isinstance(contract["lr_numerator"].get(key), bool):
+        value = contract["lr_numerator"].get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
             return f"lr_numerator.{key} is missing or not an integer"
     if not contract["state"]:
         return "the state list is empty"

@@ -26,6 +26,7 @@ from . import checkpoint, tune
 from .data import data_digest, feeds, load_data, load_inputs
 from .metrics import score
 from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
+from fgcompile.spec import SCHEDULES, RunDefaults
 
 LOGGER = logging.getLogger("fgcompile.train")
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
@@ -97,15 +98,16 @@ class Trainer:
             return max(1, int(round(lr0 * 0.5 * (1 + math.cos(math.pi * step / max(total, 1))))))
         return lr0
 
-    def fit(self, data, val=None, epochs: int = 10, batch: int = 32, resume: bool = False,
-            checkpoint_every: int = 50, schedule: str = "constant", max_bad_steps: int | None = None,
-            progress: bool = True, stop_after: int | None = None, restart: bool = False,
-            allow_changed_run: bool = False, lr: float | None = None) -> list[dict]:
+    def fit(self, data, val=None, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
+            resume: bool = False, checkpoint_every: int = RunDefaults.checkpoint_every,
+            schedule: str = RunDefaults.schedule, max_bad_steps: int | None = None, progress: bool = True,
+            stop_after: int | None = None, restart: bool = False, allow_changed_run: bool = False,
+            lr: float | None = None) -> list[dict]:
         """Train; returns the per-epoch history (also appended to OUT/train_log.jsonl as JSON lines).
         A folder that holds a checkpoint trains only with resume (continue it) or restart (discard it).
         stop_after: end after this many steps of the run (tests use it to stop mid-way).
         lr: the rate in LSBs per unit of ĝ; None takes OUT/tune.json's choice, else the compiled rate."""
-        if schedule not in ("constant", "cosine"):
+        if schedule not in SCHEDULES:
             raise SpecError(f"--schedule {schedule!r}: choose constant or cosine.")
         for flag, value in (("--epochs", epochs), ("--batch", batch), ("--checkpoint-every", checkpoint_every)):
             if value < 1:

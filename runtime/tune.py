@@ -29,7 +29,7 @@ import numpy as np
 from fgcompile import __version__, folder, grid, modelio
 from fgcompile.artifact import LAYOUT, Contract
 from fgcompile.errors import DataError, OutputError, SpecError
-from fgcompile.spec import lr_grid
+from fgcompile.spec import RunDefaults, lr_grid
 from .data import data_digest
 
 FORMAT = "fgcompile-tune/1"
@@ -52,8 +52,8 @@ def rates(contract: Contract) -> list[tuple[float, int]]:
     return [(lr, n) for lr, n in grid_rates if 1 <= n <= top]
 
 
-def tune(trainer, data, epochs: int = 10, batch: int = 32, seeds: int = 1, holdout: float = 0.2,
-         seed: int | None = None, echo=None) -> dict:
+def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch, seeds: int = 1,
+         holdout: float = 0.2, seed: int | None = None, echo=None) -> dict:
     """Try every rate of the grid on a held-out split of `data` (a path, or (x, y)) and return the record;
     a Trainer of a compiled folder also writes it to OUT/tune.json (under the folder's lock). The
     trainer's own state is not changed. echo: called with one progress line per trial."""
