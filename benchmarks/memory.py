@@ -61,19 +61,19 @@ def _session(path: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def _inference(model: str, data: str, batch: int):
+def _inference(model: str, data: str, batch: int, iterations: int = ITERATIONS):
     import numpy  # noqa: F401  (the same imports as the training job, so the baselines compare)
     import onnxruntime  # noqa: F401
     base = _rss_mb()
     x, _ = _batch(data, batch)
     sess = _session(model)
     name = sess.get_inputs()[0].name
-    for _ in range(ITERATIONS):
+    for _ in range(iterations):
         sess.run(None, {name: x})
     return base
 
 
-def _training(compiled: str, data: str, batch: int):
+def _training(compiled: str, data: str, batch: int, iterations: int = ITERATIONS):
     import numpy as np
     import onnxruntime  # noqa: F401
     base = _rss_mb()
@@ -83,7 +83,7 @@ def _training(compiled: str, data: str, batch: int):
     with np.load(pathlib.Path(compiled) / "state.npz") as f:
         state = {s["name"]: f[s["name"]] for s in contract["state"]}
     io, outputs = contract["inputs"], [o.name for o in sess.get_outputs()]
-    for k in range(ITERATIONS):
+    for k in range(iterations):
         out = dict(zip(outputs, sess.run(outputs, {io["data"]: x, io["labels"]: y, io["seed"]: np.array(0, np.int32),
                                                    io["step"]: np.array(k, np.int32),
                                                    io["lr"]: np.array(contract["lr_numerator"]["default"], np.int32), **state})))

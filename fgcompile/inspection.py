@@ -10,12 +10,13 @@ passes/floatgrid.py's int32 grid (s = 2^(⌈log2 max|P|⌉−27), strides of 2^1
 
 Memory estimate for training one tensor of n elements with m perturbations on a b-byte grid, per branch
 form (what the step holds beyond inference):
-    n · (2b state in/out + 18m int32 perturbations z [m, n] and the hash words alive beside them
+    n · (2b state in/out + 18·rows int32 perturbations z [rows, n] and the hash words alive beside them
          + 8 ĝ and update + copies · (12 + b) perturbed weights: int32 W ± εz, its clip, the b-byte
          cast and the float dequantization)
-with copies = 2m when the branches are stacked or cloned and 2 for --branches loop. (ResNet-18's
-layer4 conv, 2.4M weights at m = 8: 855 MiB stacked and 414 MiB loop; measured 758 and 391 MiB
-above inference.) Activations of
+with rows = m, copies = 2m when the branches are stacked or cloned, and rows = 1, copies = 2 for
+--branches loop (each zᵢ is drawn inside the Loop, one pair at a time). (ResNet-18's layer4 conv, 2.4M
+weights at m = 8: 855 MiB stacked and 131 MiB loop; measured 758 and 126 MiB above inference,
+benchmarks/results/deep-loop.md.) Activations of
 the branches are not included: they depend on the batch (stacked: 2m·B rows through the suffix; loop:
 2·B), and benchmarks/deep.py measures them.
 """
@@ -33,15 +34,10 @@ from fgcompile.report import format_table
 from fgcompile.spec import TrainSpec
 from fgcompile.passes import canonicalize, floatgrid
 from fgcompile.passes.analyze import find_weight_sites, is_quantized
-from fgcompile.passes import formulas
-from fgcompile.passes.formulas import bias_stride
+from fgcompile.passes.formulas import bias_stride, train_bytes
 from fgcompile.passes.pipeline import check_source
 
 RECURRENT = ("LSTM", "GRU", "RNN")
-
-
-def train_bytes(numel: int, grid_bytes: int, m: int, copies: int | None = None) -> int:
-    return formulas.train_bytes(numel, grid_bytes, m, 2 * m if copies is None else copies)
 
 
 @dataclasses.dataclass
@@ -119,7 +115,7 @@ def inspect_graph(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = Trai
                 continue
             grid, size = _grid(graph, s, t, role, bits, headroom)
             rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid,
-                                 train_bytes(t.numel, size, m), train_bytes(t.numel, size, m, copies=2)))
+                                 train_bytes(t.numel, size, m), train_bytes(t.numel, size, m, loop=True)))
     return rows, float_layers(graph)
 
 

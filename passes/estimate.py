@@ -6,11 +6,11 @@
         branch at a different memory offset; without the tolerance a tie would move W at random)
     sign (Sign-m-SPSA, default): cᵢ = sign(dᵢ) ∈ {−1, 0, +1}      (a tie dᵢ = 0 gives 0)
     spsa (m-SPSA):                cᵢ = clip(round(gain · dᵢ), −127, 127)
-    ĝ = Σᵢ cᵢ · zᵢ
+    ĝ = Σᵢ cᵢ · zᵢ                        (--branches loop: summed in a Loop that draws each zᵢ again)
 
 Only the m scalars cᵢ leave float; ĝ is integer arithmetic end to end.
 
-Precondition: ctx.losses from loss, ctx.perturbations.z from prng.
+Precondition: ctx.losses from loss, ctx.perturbations.z (.z_at in the loop form) from prng, ctx.branches.form.
 Postcondition: ctx.estimate.grad[name] is int32 [*shape] for each trainable; .coefficients is the int32
 [m] tensor of the cᵢ (where the step leaves float).
 """
@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from .context import Context, Estimate, Pass
 from .formulas import SPSA_CLIP, TIE_TOLERANCE
 from .graph_ops import Builder
+from .loop_sum import looped_sum
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -38,6 +39,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     else:
         c = F.Clip(F.Round(F.Mul(d, spec.spsa_gain)), float(-SPSA_CLIP), float(SPSA_CLIP))
     c = b.cast(c, np.int32, hint="c")
+    if ctx.branches.form == "loop":     # the memory-bounded form never holds all m zᵢ
+        ctx.estimate = Estimate(c, looped_sum(graph, c, spec.m, ctx.perturbations.z_at, ctx.trainables))
+        return graph
     grad = {}
     for tr in ctx.trainables:
         ci = I.Reshape(c, np.array([spec.m] + [1] * len(tr.shape), np.int64))
@@ -47,4 +51,4 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     return graph
 
 
-PASS = Pass("estimate", run, reads=("trainables", "perturbations", "losses"), adds=("estimate",))
+PASS = Pass("estimate", run, reads=("trainables", "perturbations", "branches", "losses"), adds=("estimate",))

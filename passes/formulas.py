@@ -3,9 +3,10 @@
     bias stride  2^k, 2^k ≈ s_w / s_b = 1 / s_in, k in [0, 12]: one stride of an int32 bias moves the output
                  as much as one weight LSB on an input of 1.0
     c_max        1 (sign) or SPSA_CLIP (m-SPSA): the largest |cᵢ|
-    train bytes  numel · (2·g + 18·m + 8 + copies·(12 + g)) beyond inference for one trained tensor on a
-                 g-byte grid; copies = 2m stacked or cloned, 2 in the loop (fgcompile/inspection.py explains
-                 the terms; pair's --memory-budget and inspect's estimate use it)
+    train bytes  numel · (2·g + 18·rows + 8 + copies·(12 + g)) beyond inference for one trained tensor on a
+                 g-byte grid; stacked or cloned: rows = m z rows, copies = 2m; loop: rows = 1 (zᵢ is drawn
+                 per pair inside the Loop), copies = 2 (fgcompile/inspection.py explains the terms; pair's
+                 --memory-budget and inspect's estimate use it)
     lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr_numerator·ĝ never wraps int32, since
                  |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)
 """
@@ -36,5 +37,6 @@ def lr_bound(spec) -> int:
     return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation] * gain)
 
 
-def train_bytes(numel: int, grid_bytes: int, m: int, copies: int) -> int:
-    return numel * (2 * grid_bytes + 18 * m + 8 + copies * (12 + grid_bytes))
+def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False) -> int:
+    rows, copies = (1, 2) if loop else (m, 2 * m)
+    return numel * (2 * grid_bytes + 18 * rows + 8 + copies * (12 + grid_bytes))

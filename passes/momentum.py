@@ -48,18 +48,29 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         entries.append(dataclasses.replace(tr.contract(), name=v.name, output=v.name + "__next", role="momentum",
                                            dtype="int32", axis=None, qmin=-BOUND, qmax=BOUND, stride=1,
                                            source_dtype="int32", widened=False, factor=1, float_grid=None))
-        direction = I.Sign(v, hint="direction")
         if spec.momentum > 0:
-            follow = b.op("And", [b.op("Less", [ctx.perturbations.momentum_noise[tr.name],
-                                                np.array(round(256 * spec.momentum), np.int32)], dtype=bool),
-                                  b.op("Not", [b.op("Equal", [v, np.array(0, np.int32)], dtype=bool)], dtype=bool)],
-                         dtype=bool)
-            z[tr.name] = I.Where(follow, direction, z[tr.name], hint="z_momentum")
+            z[tr.name] = _guided(b, z[tr.name], ctx.perturbations.momentum_noise[tr.name], v, spec.momentum)
         if spec.sharpness > 0:
-            ascent[tr.name] = I.Mul(direction, spec.sharpness * tr.stride, hint="ascent")
-    ctx.perturbations = dataclasses.replace(ctx.perturbations, z=z, ascent=ascent)
+            ascent[tr.name] = I.Mul(I.Sign(v, hint="direction"), spec.sharpness * tr.stride, hint="ascent")
+    z_at = ctx.perturbations.z_at
+    if spec.momentum > 0:      # the memory-bounded form draws zᵢ per pair: bias each row the same way
+        noise_at = ctx.perturbations.momentum_at
+
+        def z_at(b_, i, fresh_at=ctx.perturbations.z_at):
+            fresh, noise = fresh_at(b_, i), noise_at(b_, i)
+            return {n: _guided(b_, fresh[n], noise[n], inputs[n], spec.momentum) for n in fresh}
+    ctx.perturbations = dataclasses.replace(ctx.perturbations, z=z, ascent=ascent, z_at=z_at)
     ctx.buffers = Buffers(inputs, {}, entries)
     return graph
+
+
+def _guided(b: Builder, z, noise, v, beta: float):
+    """zⱼ ← sign(vⱼ) where vⱼ ≠ 0 and the noise cⱼ < round(256·β), else zⱼ (any leading pair axis of z and
+    noise broadcasts against v)."""
+    follow = b.op("And", [b.op("Less", [noise, np.array(round(256 * beta), np.int32)], dtype=bool),
+                          b.op("Not", [b.op("Equal", [v, np.array(0, np.int32)], dtype=bool)], dtype=bool)],
+                  dtype=bool)
+    return b.i32.Where(follow, b.i32.Sign(v, hint="direction"), z, hint="z_momentum")
 
 
 def update(graph: gs.Graph, ctx: Context) -> gs.Graph:

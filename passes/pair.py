@@ -9,7 +9,7 @@ branches on a leading axis (passes/branch_rules.py). Where some suffix op cannot
 cloned once per branch instead and the branch outputs are stacked. The frozen prefix stays single. The
 unperturbed suffix is removed: a training step never needs it (the eval graph has it).
 
-Precondition: ctx.perturbations.z from prng, ctx.state from lift; the model output depends on every trained
+Precondition: ctx.perturbations.z (and .z_at for --branches loop) from prng, ctx.state from lift; the model output depends on every trained
 tensor; no node of the suffix holds a subgraph or draws random numbers. Node order does not matter
 (pair sorts the graph: the branch rules and clones read the suffix in topological order).
 Postcondition: ctx.branches.logits is float [2m, *loss_tap shape] (or [B, 2m, C] with
@@ -36,7 +36,7 @@ def _form(ctx: Context) -> tuple[str, str | None]:
     the loop)."""
     if ctx.spec.branches != "auto" or ctx.spec.memory_budget_mb is None:
         return ctx.spec.branches, None
-    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m, 2 * ctx.spec.m)
+    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m)
                for tr in ctx.trainables)
     if need > ctx.spec.memory_budget_mb * 2 ** 20:
         return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
@@ -56,18 +56,18 @@ def _perturbed(b: Builder, ctx: Context, w32, tr, z, count: int):
 
 
 def _looped(graph: gs.Graph, ctx: Context, w32, needed):
-    """Memory-bounded form: an ONNX Loop over the m perturbation pairs. Iteration i builds W ± ε·zᵢ and
-    runs the suffix stacked on 2 branches; its [2, B, C] logits leave as a scan output [m, 2, B, C], so
-    only one pair's activations are alive at a time (peak memory near inference)."""
+    """Memory-bounded form: an ONNX Loop over the m perturbation pairs. Iteration i draws zᵢ from the
+    counter (prng's z_at), builds W ± ε·zᵢ and runs the suffix stacked on 2 branches; its [2, B, C]
+    logits leave as a scan output [m, 2, B, C], so only one pair's perturbation and activations are alive
+    at a time (estimate sums cᵢ·zᵢ in a second Loop that draws zᵢ again)."""
     m = ctx.spec.m
     body = gs.Graph(name="branch_pair")
     i = gs.Variable("pair_loop/i", dtype=np.int64, shape=[])
     cond = gs.Variable("pair_loop/cond", dtype=bool, shape=[])
     body.inputs = [i, cond]
     bb = Builder(body, "pair_loop")
-    index = bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64)
-    z = ctx.perturbations.z
-    perturbed = {tr.name: _perturbed(bb, ctx, w32, tr, bb.op("Gather", [z[tr.name], index], {"axis": 0},
+    z = ctx.perturbations.z_at(bb, bb.cast(bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64), np.int32))
+    perturbed = {tr.name: _perturbed(bb, ctx, w32, tr, bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)],
                                                               dtype=np.int32), 1) for tr in ctx.trainables}
     mapping = stack_suffix(body, needed, perturbed, 2, ctx.io.loss_tap)
     if isinstance(mapping, Refusal):

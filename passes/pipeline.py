@@ -87,7 +87,8 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
         lr_numerator=LrNumerator(spec.lr_shift, spec.lr_numerator, ctx.update.lr_max),
         model_output=ctx.io.output, loss_tap=ctx.io.loss_tap, branches=ctx.branches.form,
         branches_reason=ctx.branches.reason, tie_tolerance=TIE_TOLERANCE, stream=prng.STREAM,
-        probes=Probes(ctx.estimate.coefficients.name, [z[t.name].name for t in ctx.trainables]),
+        probes=Probes(ctx.estimate.coefficients.name,   # the loop form holds no whole z to probe
+                      [] if ctx.branches.form == "loop" else [z[t.name].name for t in ctx.trainables]),
         precondition=ctx.preconditioned, version=__version__)
     return graph
 

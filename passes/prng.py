@@ -27,7 +27,9 @@ i = m + 2 … 2m + 1 the momentum-guided sampling's choice c with k = 8 (one per
 In int32, x >> k (logical) is ((x & −2^k) / 2^k) & (2^(32−k) − 1): the masked Div is exact.
 
 Precondition: ctx.trainables (their shapes; lift has made them state).
-Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int32 [m, *shape];
+Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int32 [m, *shape]
+(dead, and dropped by finalize, when the memory-bounded form draws each zᵢ inside its Loop with
+.z_at(b, i), a stream index known at run time whose salt is hashed in-graph);
 .round_noise[name] int32 [*shape] when rounding is stochastic; .sparse_noise[name] int32 [*shape] in
 [0, 2^16) when a sparse update draws. No existing node changes.
 """
@@ -100,15 +102,25 @@ def _lookup(spec) -> np.ndarray:
     return (pop[c & 0xF] - pop[c >> 4]).astype(np.int32)
 
 
-def _words(b: Builder, seed, step, sizes: list[int], streams: range, n: int):
-    """word for `streams` of every trainable at once: int32 [len(streams), Σ words]. One hash over all
-    words (fewer, larger nodes than one per tensor)."""
+def _salts(b: Builder, count: int, streams):
+    """salt[t, i] for t < count, t-major: int32 [T·S]. `streams` a range (constants) or an int32 [1]
+    tensor holding one stream index known only when the graph runs (a Loop's counter)."""
+    if isinstance(streams, range):
+        return int32(np.concatenate([salts(t, np.array(streams)) for t in range(count)]))
+    base = int32(65536 * np.arange(count, dtype=np.int64) + 1)
+    return _mix(b, b.i32.Mul(b.i32.Add(streams, base), int32(GOLDEN)))
+
+
+def _words(b: Builder, seed, step, sizes: list[int], streams, n: int):
+    """word for `streams` (a range, or an int32 [1] stream tensor) of every trainable at once: int32
+    [len(streams), Σ words]. One hash over all words (fewer, larger nodes than one per tensor)."""
     words = [-(-size // n) for size in sizes]
-    all_salts = np.concatenate([salts(t, np.array(streams)) for t in range(len(sizes))])
-    keys = _mix(b, b.op("BitwiseXor", [seed, int32(all_salts)], dtype=np.int32))          # [T·S]
+    all_salts = _salts(b, len(sizes), streams)
+    keys = _mix(b, b.op("BitwiseXor", [seed, all_salts], dtype=np.int32))                 # [T·S]
     keys = _mix(b, b.op("Add", [keys, step], dtype=np.int32))
+    count = len(streams) if isinstance(streams, range) else 1
     owner = np.repeat(np.arange(len(sizes)), words)
-    pick = owner[None, :] * len(streams) + np.arange(len(streams))[:, None]               # [S, ΣW]
+    pick = owner[None, :] * count + np.arange(count)[:, None]                              # [S, ΣW]
     key = b.op("Gather", [keys, b.const(pick.astype(np.int64), "key_index")], {"axis": 0}, dtype=np.int32)
     counter = np.concatenate([np.arange(w, dtype=np.uint64) for w in words]) * GOLDEN
     return _mix(b, b.op("Add", [key, b.const(int32(counter), "counter")], dtype=np.int32)), words
@@ -120,23 +132,52 @@ def _per_lane(b: Builder, words, rows: int, n: int, lane_op):
     return b.op("Reshape", [lanes, np.array([rows, -1], np.int64)], dtype=np.int32)
 
 
-def _rademacher(b: Builder, seed, step, sizes: list[int], m: int):
+def _rademacher(b: Builder, seed, step, sizes: list[int], streams):
     """z = 2c − 1 with c bit j mod 32 of the word: a bit test then a select, no shift needed."""
     def sign_of_bit(v):
         bit = b.op("BitwiseAnd", [v, int32(1 << np.arange(32, dtype=np.int64))], dtype=np.int32)
         zero = b.op("Equal", [bit, np.array(0, np.int32)], dtype=bool)
         return b.op("Where", [zero, np.array(-1, np.int32), np.array(1, np.int32)], dtype=np.int32)
-    v, words = _words(b, seed, step, sizes, range(m), 32)
-    return _per_lane(b, v, m, 32, sign_of_bit), [w * 32 for w in words]
+    v, words = _words(b, seed, step, sizes, streams, 32)
+    return _per_lane(b, v, _rows(streams), 32, sign_of_bit), [w * 32 for w in words]
 
 
-def _chunks(b: Builder, seed, step, sizes: list[int], streams: range, k: int):
+def _chunks(b: Builder, seed, step, sizes: list[int], streams, k: int):
     """c for `streams` of every trainable at once: int32 [len(streams), Σ padded numel], each tensor's
     elements padded to whole words (k = 8 or 16)."""
     n = 32 // k
     v, words = _words(b, seed, step, sizes, streams, n)
-    return _per_lane(b, v, len(streams), n, lambda v: _shr(b, v, k, lanes=np.arange(n, dtype=np.int64))), \
+    return _per_lane(b, v, _rows(streams), n, lambda v: _shr(b, v, k, lanes=np.arange(n, dtype=np.int64))), \
         [w * n for w in words]
+
+
+def _rows(streams) -> int:
+    return len(streams) if isinstance(streams, range) else 1
+
+
+def _z(b: Builder, seed, step, spec, sizes: list[int], streams):
+    """z for `streams`: int32 [S, Σ padded numel], and the padded sizes."""
+    if spec.perturbation == "rademacher":
+        return _rademacher(b, seed, step, sizes, streams)
+    c, padded = _chunks(b, seed, step, sizes, streams, CHUNK_BITS[spec.perturbation])
+    return b.op("Gather", [b.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32), padded
+
+
+def drawer(seed, step, spec, trainables):
+    """z_at(b, i): {name: zᵢ int32 [*shape]} for one pair index i (an int32 [1] tensor, e.g. a Loop's
+    counter), built with Builder b (a Loop body's): the same bits as row i of z, without the other rows.
+    With --momentum, momentum_at(b, i) gives the matching row of the sampling noise (stream m + 2 + i)."""
+    sizes, shapes, names = [tr.tensor.numel for tr in trainables], [tr.shape for tr in trainables], \
+        [tr.name for tr in trainables]
+
+    def z_at(b: Builder, i):
+        z, padded = _z(b, seed, step, spec, sizes, i)
+        return dict(zip(names, _split(b, z, sizes, padded, 0, shapes)))
+
+    def momentum_at(b: Builder, i):
+        c, padded = _chunks(b, seed, step, sizes, b.i32.Add(i, spec.m + 2), 8)
+        return dict(zip(names, _split(b, c, sizes, padded, 0, shapes)))
+    return z_at, momentum_at
 
 
 def _split(b: Builder, flat, sizes: list[int], padded: list[int], rows: int, shapes: list[list[int]]):
@@ -159,13 +200,10 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     graph.inputs += [seed, step]
     sizes = [tr.tensor.numel for tr in ctx.trainables]
     shapes = [tr.shape for tr in ctx.trainables]
-    if spec.perturbation == "rademacher":
-        z, padded = _rademacher(b, seed, step, sizes, spec.m)
-    else:
-        c, padded = _chunks(b, seed, step, sizes, range(spec.m), CHUNK_BITS[spec.perturbation])
-        z = b.op("Gather", [b.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32)
+    z, padded = _z(b, seed, step, spec, sizes, range(spec.m))
     names = [tr.name for tr in ctx.trainables]
     ctx.perturbations = Perturbations(seed, step, dict(zip(names, _split(b, z, sizes, padded, spec.m, shapes))), {})
+    ctx.perturbations.z_at, ctx.perturbations.momentum_at = drawer(seed, step, spec, ctx.trainables)
     if spec.rounding == "stochastic":
         u, padded = _chunks(b, seed, step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
         u = b.op("BitwiseAnd", [u, np.array((1 << spec.lr_shift) - 1, np.int32)], dtype=np.int32)

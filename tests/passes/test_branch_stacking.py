@@ -111,3 +111,22 @@ def test_memory_budget_makes_auto_pick_the_loop():
     assert roomy.contract.branches == "stacked"
     assert tight.contract.branches == "loop" and "--memory-budget" in tight.contract.branches_reason
     assert any(n.op_type == "Loop" for n in tight.train.graph.node)
+
+
+def _perturbation_sized(compiled, m: int) -> list[str]:
+    """Tensors of the main graph shaped [m or 2m, *shape] of a trained tensor (all perturbations at once)."""
+    model = onnx.shape_inference.infer_shapes(compiled.train)
+    sized = {tuple([k] + list(s.shape)) for s in compiled.contract.state for k in (m, 2 * m)}
+    return [v.name for v in model.graph.value_info
+            if tuple(d.dim_value for d in v.type.tensor_type.shape.dim) in sized]
+
+
+def test_loop_draws_each_perturbation_inside_the_loop():
+    """The memory-bounded form holds one zᵢ at a time: no [m, *shape] z or [2m, *shape] weights outside
+    its Loops (the stacked form has them, so the check can fail), and no z probe to materialize."""
+    model, spec = shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=3, last=3, bits=8)
+    looped = compile_graph(model, dataclasses.replace(spec, branches="loop"))
+    assert _perturbation_sized(compile_graph(model, spec), 3)
+    assert _perturbation_sized(looped, 3) == []
+    assert [n.op_type for n in looped.train.graph.node].count("Loop") == 2
+    assert looped.contract.probes.z == []
