@@ -128,7 +128,8 @@ class LrNumerator:
 class Probes:
     """Internal tensors a conformance check compares across runtimes (`fgcompile verify`)."""
     coefficients: str
-    z: list            # one per trained parameter, in the state's order
+    z: list            # one per trained parameter, in the state's order (empty with --branches loop: no
+                       # whole z exists; the comparison covers the cᵢ, losses and state)
 
 
 @dataclasses.dataclass(frozen=True)

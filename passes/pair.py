@@ -80,8 +80,10 @@ def _looped(graph: gs.Graph, ctx: Context, w32, needed):
     pairs = gs.Variable("pair/logits_pairs", dtype=np.float32)
     graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
                                [b.const(np.array(m, np.int64)), b.const(np.array(True))], [pairs]))
-    # [m, 2, B, ...] -> [2, m, B, ...] -> [2m, B, ...]: branches +0..+(m-1), -0..-(m-1)
-    both = b.op("Transpose", [pairs], {"perm": [1, 0] + list(range(2, 2 + len(pair.shape) - 1))}, dtype=np.float32)
+    # [m, 2, B, ...] -> [2, m, B·...] -> [2m, B, ...]: branches +0..+(m-1), -0..-(m-1). Reshaped first, as
+    # onnx.reference's Loop concatenates scan outputs ([2m, B, ...]) where onnxruntime stacks them: same memory
+    flat = b.op("Reshape", [pairs, np.array([m, 2, -1], np.int64)], dtype=np.float32)
+    both = b.op("Transpose", [flat], {"perm": [1, 0, 2]}, dtype=np.float32)
     return b.op("Reshape", [both, np.array([2 * m, -1] + tail, np.int64)], dtype=np.float32, hint="logits_all")
 
 

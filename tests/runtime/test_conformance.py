@@ -96,3 +96,15 @@ def test_verify_command_prints_the_table(tmp_path):
     assert all(line.split()[2:5] == ["yes", "yes", "yes"] for line in lines[1:] if "ORT_" in line)
     bad = CliRunner().invoke(main, ["verify", str(tmp_path / "out"), "--steps", "0"])
     assert bad.exit_code == 2 and "--steps 0" in bad.output
+
+
+def test_the_loop_form_runs_the_same_on_every_runtime(tmp_path):
+    """--branches loop (zᵢ drawn inside two Loops, momentum-guided): the same steps on every installed
+    runtime; onnx.reference concatenates a Loop's scan outputs where onnxruntime stacks them, and the
+    graph reads them in an order both give."""
+    from fgcompile.compiler import compile_model, write_compiled
+    spec = TrainSpec(m=2, last=2, branches="loop", momentum=0.5)
+    write_compiled(compile_model(shipped("digits_cnn/w8a8.onnx"), spec), tmp_path / "out")
+    rows = conformance.verify(tmp_path / "out", steps=2)
+    assert {r["runtime"] for r in rows} >= {"onnxruntime", "onnx.reference"}
+    assert all(r["identical"] and r["integer_part"] for r in rows if r["runtime"] != "openvino"), rows
