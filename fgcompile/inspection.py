@@ -13,12 +13,13 @@ form (what the step holds beyond inference):
     n · (2b state in/out + 18·rows int32 perturbations z [rows, n] and the hash words alive beside them
          + 8 ĝ and update + copies · (12 + b) perturbed weights: int32 W ± εz, its clip, the b-byte
          cast and the float dequantization)
-with rows = m, copies = 2m when the branches are stacked or cloned, and rows = 1, copies = 2 for
---branches loop (each zᵢ is drawn inside the Loop, one pair at a time). (ResNet-18's layer4 conv, 2.4M
-weights at m = 8: 855 MiB stacked and 131 MiB loop; measured 758 and 126 MiB above inference,
+with rows = m, copies = 2m when the branches are stacked or cloned, and for --branches loop rows = 1,
+copies = 1 (each zᵢ is drawn inside the Loop, one branch per iteration) and 8 more bytes for ĝ (carried
+through the Loop, an iteration's input and output alive at once). (ResNet-18's layer4 conv, 2.4M weights
+at m = 8: 855 MiB stacked and 117 MiB loop; measured 758 and 109 MiB above inference,
 benchmarks/results/deep-loop.md.) Activations of
 the branches are not included: they depend on the batch (stacked: 2m·B rows through the suffix; loop:
-2·B), and benchmarks/deep.py measures them.
+B), and benchmarks/deep.py measures them.
 """
 from __future__ import annotations
 

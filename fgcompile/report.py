@@ -32,7 +32,7 @@ def describe_compile(contract: Contract) -> list[str]:
     if options:
         lines.append("; ".join(options))
     lines.append(f"2m={2 * sp.m} branches {contract.branches}"
-                 + {"stacked": "", "loop": " (an ONNX Loop over the m pairs: one pair's activations at a time)"}.get(
+                 + {"stacked": "", "loop": " (an ONNX Loop over the 2m branches: one branch's weights and activations at a time)"}.get(
                      contract.branches, f" (one copy per branch: {contract.branches_reason})")
                  + ("; activation requantization after the last trained-path Conv/MatMul/Gemm read as float"
                     if sp.requant_bypass else ""))

@@ -310,6 +310,8 @@ def _trained_conv(s: BranchedTensors, node, ins):
 
 def _branch_rows(s: BranchedTensors, t):
     """The 2m branch parts of a folded tensor; split as integers when a per-tensor DQ makes it."""
+    if s.n == 1:       # one branch (the loop form): the tensor is its only part
+        return [t]
     p = per_tensor_dq(t)
     if p is not None:
         parts = s.b.op("Split", [p.inputs[0]], {"axis": 0, "num_outputs": s.n}, dtype=p.inputs[0].dtype, outputs=s.n)

@@ -3,9 +3,10 @@
     bias stride  2^k, 2^k ≈ s_w / s_b = 1 / s_in, k in [0, 12]: one stride of an int32 bias moves the output
                  as much as one weight LSB on an input of 1.0
     c_max        1 (sign) or SPSA_CLIP (m-SPSA): the largest |cᵢ|
-    train bytes  numel · (2·g + 18·rows + 8 + copies·(12 + g)) beyond inference for one trained tensor on a
-                 g-byte grid; stacked or cloned: rows = m z rows, copies = 2m; loop: rows = 1 (zᵢ is drawn
-                 per pair inside the Loop), copies = 2 (fgcompile/inspection.py explains the terms; pair's
+    train bytes  numel · (2·g + 18·rows + ĝ + copies·(12 + g)) beyond inference for one trained tensor on a
+                 g-byte grid; stacked or cloned: rows = m z rows, copies = 2m, ĝ = 8; loop: rows = 1 (zᵢ is
+                 drawn inside the Loop), copies = 1 (one branch per iteration), ĝ = 16 (carried through the
+                 Loop: an iteration's input and output) (fgcompile/inspection.py explains the terms; pair's
                  --memory-budget and inspect's estimate use it)
     lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr_numerator·ĝ never wraps int32, since
                  |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)
@@ -38,5 +39,5 @@ def lr_bound(spec) -> int:
 
 
 def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False) -> int:
-    rows, copies = (1, 2) if loop else (m, 2 * m)
-    return numel * (2 * grid_bytes + 18 * rows + 8 + copies * (12 + grid_bytes))
+    rows, grad, copies = (1, 16, 1) if loop else (m, 8, 2 * m)
+    return numel * (2 * grid_bytes + 18 * rows + grad + copies * (12 + grid_bytes))

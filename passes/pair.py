@@ -43,48 +43,54 @@ def _form(ctx: Context) -> tuple[str, str | None]:
     return "auto", None
 
 
-def _perturbed(b: Builder, ctx: Context, w32, tr, z, count: int):
-    """[2·count, *shape] weights W ± ε·stride·z for z [count, *shape], saturated to the trainable range."""
+def _perturbed(b: Builder, ctx: Context, w32, tr, z, count: int, sign=None):
+    """[2·count, *shape] weights W ± ε·stride·z for z [count, *shape], saturated to the trainable range;
+    with `sign` (an int32 [1] tensor of ±1: the loop form's one branch) [count, *shape] W + sign·ε·stride·z."""
     rank = len(tr.tensor.shape)
-    signed = np.array([1, -1], np.int32).reshape([2] + [1] * (rank + 1)) * np.int32(ctx.spec.eps * tr.stride)
+    step = np.int32(ctx.spec.eps * tr.stride)
+    signed = np.array([1, -1], np.int32).reshape([2] + [1] * (rank + 1)) * step if sign is None else \
+        b.i32.Mul(b.i32.Reshape(sign, np.array([1] * (rank + 2), np.int64)), step)
     moved = b.op("Add", [w32[tr.name], b.op("Mul", [z, signed], dtype=np.int32)], dtype=np.int32)
     both = b.op("Reshape", [b.clip_int32(moved, tr.qmin, tr.qmax), np.array([-1] + list(tr.tensor.shape),
                                                                             np.int64)], dtype=np.int32)
     out = b.cast(both, np.dtype(tr.tensor.dtype), hint=f"{tr.name}.perturbed")
-    out.shape = [2 * count] + list(tr.tensor.shape)
+    out.shape = [(2 if sign is None else 1) * count] + list(tr.tensor.shape)
     return out
 
 
 def _looped(graph: gs.Graph, ctx: Context, w32, needed):
-    """Memory-bounded form: an ONNX Loop over the m perturbation pairs. Iteration i draws zᵢ from the
-    counter (prng's z_at), builds W ± ε·zᵢ and runs the suffix stacked on 2 branches; its [2, B, C]
-    logits leave as a scan output [m, 2, B, C], so only one pair's perturbation and activations are alive
-    at a time (estimate sums cᵢ·zᵢ in a second Loop that draws zᵢ again)."""
+    """Memory-bounded form: an ONNX Loop over the 2m branches. Iteration k draws zᵢ, i = k mod m, from the
+    counter (prng's z_at), builds W + sᵢ·ε·zᵢ (s = +1 for k < m, else −1) and runs the suffix once on the
+    batch; its [1, B, C] logits leave as a scan output [2m, 1, B, C] (branches +0..+(m−1), −0..−(m−1)), so
+    one branch's perturbed weights and activations are alive at a time (estimate sums cᵢ·zᵢ in a second
+    Loop that draws zᵢ again)."""
     m = ctx.spec.m
-    body = gs.Graph(name="branch_pair")
-    i = gs.Variable("pair_loop/i", dtype=np.int64, shape=[])
-    cond = gs.Variable("pair_loop/cond", dtype=bool, shape=[])
-    body.inputs = [i, cond]
-    bb = Builder(body, "pair_loop")
-    z = ctx.perturbations.z_at(bb, bb.cast(bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64), np.int32))
+    body = gs.Graph(name="branch")
+    k = gs.Variable("branch_loop/k", dtype=np.int64, shape=[])
+    cond = gs.Variable("branch_loop/cond", dtype=bool, shape=[])
+    body.inputs = [k, cond]
+    bb = Builder(body, "branch_loop")
+    i = bb.cast(bb.op("Unsqueeze", [bb.op("Mod", [k, np.array(m, np.int64)], dtype=np.int64),
+                                    np.array([0], np.int64)], dtype=np.int64), np.int32)
+    sign = bb.op("Where", [bb.op("Less", [k, np.array([m], np.int64)], dtype=bool), np.array([1], np.int32),
+                           np.array([-1], np.int32)], dtype=np.int32)
+    z = ctx.perturbations.z_at(bb, i)
     perturbed = {tr.name: _perturbed(bb, ctx, w32, tr, bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)],
-                                                              dtype=np.int32), 1) for tr in ctx.trainables}
-    mapping = stack_suffix(body, needed, perturbed, 2, ctx.io.loss_tap)
+                                                              dtype=np.int32), 1, sign) for tr in ctx.trainables}
+    mapping = stack_suffix(body, needed, perturbed, 1, ctx.io.loss_tap)
     if isinstance(mapping, Refusal):
         raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({mapping}). "
                            "Use --branches cloned, or train other tensors.")
-    pair = mapping[ctx.io.loss_tap]
-    body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [pair], dtype=np.float32)]
-    tail = list(pair.shape[2:])     # after [2, B]: static (stack folds and unfolds with them)
+    one = mapping[ctx.io.loss_tap]
+    body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [one], dtype=np.float32)]
+    tail = list(one.shape[2:])     # after [1, B]: static (stack folds and unfolds with them)
     b = Builder(graph, "pair")
-    pairs = gs.Variable("pair/logits_pairs", dtype=np.float32)
+    branches = gs.Variable("pair/logits_branches", dtype=np.float32)
     graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
-                               [b.const(np.array(m, np.int64)), b.const(np.array(True))], [pairs]))
-    # [m, 2, B, ...] -> [2, m, B·...] -> [2m, B, ...]: branches +0..+(m-1), -0..-(m-1). Reshaped first, as
-    # onnx.reference's Loop concatenates scan outputs ([2m, B, ...]) where onnxruntime stacks them: same memory
-    flat = b.op("Reshape", [pairs, np.array([m, 2, -1], np.int64)], dtype=np.float32)
-    both = b.op("Transpose", [flat], {"perm": [1, 0, 2]}, dtype=np.float32)
-    return b.op("Reshape", [both, np.array([2 * m, -1] + tail, np.int64)], dtype=np.float32, hint="logits_all")
+                               [b.const(np.array(2 * m, np.int64)), b.const(np.array(True))], [branches]))
+    # [2m, 1, B, ...] -> [2m, B, ...] (onnx.reference's Loop concatenates scan outputs, [2m, B, ...], where
+    # onnxruntime stacks them: the same memory either way)
+    return b.op("Reshape", [branches, np.array([2 * m, -1] + tail, np.int64)], dtype=np.float32, hint="logits_all")
 
 
 def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed):
