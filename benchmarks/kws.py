@@ -62,7 +62,7 @@ def run_row(row: str, epochs: int | None, batch: int = 32) -> dict:
     fp32 = modelio.load_model(models.path(entry["fp32"]["file"]))
     train, test = data("target_train"), data("target_test")
     spec = lambda lr, seed: TrainSpec(last=last, m=8, lr=lr, seed=seed, headroom=1)  # the docstring's setting
-    trained = [s.name for s in compile_model(source, spec(None, 0)).contract.state]
+    trained = [s.name for s in compile_model(source, spec(None, 0)).contract.parameters()]
     names = accuracy.fp32_names(source, fp32, trained)
     res = {"last": last, "tensors": names, "parameters": int(sum(
         np.prod(i.dims) for i in fp32.graph.initializer if i.name in names)), "epochs": epochs}

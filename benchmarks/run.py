@@ -116,7 +116,7 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
                     for s in seeds]
             final, exported = [t for t, _ in both], [e for _, e in both]
             contract = compile_model(source, spec(lr, 0), calibration=train[0]).contract
-            trained = [s.name for s in contract.state]
+            trained = [s.name for s in contract.parameters()]   # not the momentum buffers
             res["qzo_ff"][label] = {"variant": variant, "m": m, "lr": lr or contract.spec.lr,
                                     "eps": contract.spec.eps, "options": extra,
                                     "validation": {str(k): round(v, 4) for k, v in val.items()},
