@@ -46,8 +46,8 @@ def main(rows, m, batch, bits, iterations, label, out):
     result = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"runs": {}}
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
-    run = result["runs"][label] = {"machine": machine(), "commit": commit, "m": m, "batch": batch, "bits": bits,
-                                   "rows": {}}
+    run = result["runs"].setdefault(label, {"rows": {}})      # a second run under a label adds rows
+    run.update({"machine": machine(), "commit": commit, "m": m, "batch": batch, "bits": bits})
     for row in rows.split(","):
         name, depth = row.split(":")
         path = CACHE / name / "w8a8.onnx"

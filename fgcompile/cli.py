@@ -116,7 +116,7 @@ def spec_options(f):
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
         spec_option("--branches", "branches", BRANCH_FORMS,
                     help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one copy "
-                         "per branch), loop (a Loop over the m pairs, memory near inference), auto (stacked where "
+                         "per branch), loop (a Loop over the 2m branches, memory near inference), auto (stacked where "
                          "every suffix op has a rule)."),
         spec_option("--memory-budget", "memory_budget_mb", type=float, metavar="MB",
                     help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
