@@ -63,7 +63,7 @@ def _looped(graph: gs.Graph, ctx: Context, w32, needed):
     counter (prng's z_at), builds W + sᵢ·ε·zᵢ (s = +1 for k < m, else −1) and runs the suffix once on the
     batch; its [1, B, C] logits leave as a scan output [2m, 1, B, C] (branches +0..+(m−1), −0..−(m−1)), so
     one branch's perturbed weights and activations are alive at a time (estimate sums cᵢ·zᵢ in a second
-    Loop that draws zᵢ again)."""
+    Loop that draws zᵢ again). The suffix's frozen weights are dequantized inside the body."""
     m = ctx.spec.m
     body = gs.Graph(name="branch")
     k = gs.Variable("branch_loop/k", dtype=np.int64, shape=[])
@@ -77,6 +77,7 @@ def _looped(graph: gs.Graph, ctx: Context, w32, needed):
     z = ctx.perturbations.z_at(bb, i)
     perturbed = {tr.name: _perturbed(bb, ctx, w32, tr, bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)],
                                                               dtype=np.int32), 1, sign) for tr in ctx.trainables}
+    _frozen_weights_inside(body, needed)
     mapping = stack_suffix(body, needed, perturbed, 1, ctx.io.loss_tap)
     if isinstance(mapping, Refusal):
         raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({mapping}). "
@@ -91,6 +92,25 @@ def _looped(graph: gs.Graph, ctx: Context, w32, needed):
     # [2m, 1, B, ...] -> [2m, B, ...] (onnx.reference's Loop concatenates scan outputs, [2m, B, ...], where
     # onnxruntime stacks them: the same memory either way)
     return b.op("Reshape", [branches, np.array([2 * m, -1] + tail, np.int64)], dtype=np.float32, hint="logits_all")
+
+
+def _frozen_weights_inside(body: gs.Graph, needed) -> None:
+    """Dequantize the suffix's frozen weights inside the Loop body: onnxruntime then sees DQ → Conv → Q
+    there and runs QLinearConv on the int8 weights, as inference does. Read from outside the body, each
+    weight arrives as a float tensor (the DequantizeLinear folded to a float initializer, 4 bytes per
+    parameter) and its Conv runs in float. Mutates `needed`, which pair removes anyway."""
+    inside, copies = {id(n) for n in needed}, {}
+    for node in needed:
+        for k, t in enumerate(node.inputs):
+            p = t.inputs[0] if t is not None and t.inputs else None
+            if p is None or id(p) in inside or p.op != "DequantizeLinear" or \
+                    not all(isinstance(x, gs.Constant) for x in p.inputs):
+                continue
+            if t.name not in copies:
+                copies[t.name] = gs.Variable(t.name + "__in_loop", dtype=t.dtype, shape=t.shape)
+                body.nodes.append(gs.Node("DequantizeLinear", p.name + "__in_loop", dict(p.attrs), list(p.inputs),
+                                          [copies[t.name]]))
+            node.inputs[k] = copies[t.name]
 
 
 def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed):

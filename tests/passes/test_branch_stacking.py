@@ -35,6 +35,8 @@ def test_stacked_equals_cloned(model_file, spec, target_train):
 @pytest.mark.parametrize("model_file, spec", [
     ("digits_cnn/w8a8.onnx", TrainSpec(m=3, last=3, bits=8)),        # a trained Conv inside the Loop body
     ("digits_attn/w16a8.onnx", TrainSpec(m=2, last=8)),              # the transformer block
+    ("digits_cnn/w8a8.onnx", TrainSpec(m=2, train=("conv2.weight",), bits=8)),   # frozen fc1, fc2 in the body
+    ("digits_attn/w8a8.onnx", TrainSpec(m=2, train=("q.weight",))),  # one mid-block MatMul, frozen rest
 ])
 def test_loop_equals_cloned(model_file, spec, target_train):
     _assert_same_steps(shipped(model_file), dataclasses.replace(spec, branches="loop"), target_train)
@@ -130,3 +132,17 @@ def test_loop_draws_each_perturbation_inside_the_loop():
     assert _perturbation_sized(looped, 3) == []
     assert [n.op_type for n in looped.train.graph.node].count("Loop") == 2
     assert looped.contract.probes.z == []
+
+
+def test_loop_dequantizes_frozen_weights_inside_its_body():
+    """The suffix's frozen weights stay int8 initializers of the Loop body, dequantized there, so
+    onnxruntime fuses their ops to int8 kernels; dequantized outside, they would reach the body as float
+    tensors (4 bytes per parameter) and run in float."""
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, train=("conv2.weight",),
+                                                                        branches="loop"))
+    graph = compiled.train.graph
+    body = next(a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body"
+                and any(x.op_type == "Gemm" or x.op_type == "MatMul" for x in a.g.node))
+    frozen = {"fc1.weight_quantized", "fc2.weight_quantized"}
+    assert frozen <= {i.name for i in body.initializer}
+    assert not frozen & {i for n in graph.node for i in n.input}
