@@ -19,6 +19,7 @@ contracts without them (older compilers, optional parts) leave out.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -203,7 +204,6 @@ class EvalContract:
 
 
 def _dumps(d: dict) -> str:
-    import json
     return json.dumps(d, sort_keys=True)
 
 

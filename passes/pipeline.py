@@ -25,6 +25,7 @@ from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm,
 from .context import Context, Pass
 from .formulas import TIE_TOLERANCE
 
+
 def check_source(model: onnx.ModelProto) -> None:
     """Refuse what no pass should see: an opset outside what we and onnxruntime support, an invalid
     graph, or one onnxruntime cannot load (the compiled graph would fail the same way)."""
