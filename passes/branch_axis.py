@@ -29,6 +29,12 @@ def rank(t: gs.Tensor) -> int:
     return len(t.shape)
 
 
+def optional(ins: list, k: int):
+    """Input k of a rule's inputs, or None when the node omits it (branch_rules maps an absent or
+    empty-named input to None)."""
+    return ins[k] if k < len(ins) else None
+
+
 def per_axis(scale: gs.Tensor) -> bool:
     """A 1-D scale of more than one element: per-channel quantization along the node's axis."""
     shape = scale.values.shape if isinstance(scale, gs.Constant) else scale.shape

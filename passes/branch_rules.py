@@ -33,7 +33,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .branch_axis import BranchedTensors, Unstackable, per_axis, per_tensor_dq, rank
+from .branch_axis import BranchedTensors, Unstackable, optional, per_axis, per_tensor_dq, rank
 from .graph_ops import Builder
 from .wide_product import wide_product
 
@@ -81,9 +81,8 @@ def _branched(s: BranchedTensors, node: gs.Node) -> None:
 
 
 def elementwise(s: BranchedTensors, node, ins, attrs):
-    if node.op in ("QuantizeLinear", "DequantizeLinear") and (
-            any(s.stacked(t) for t in ins[1:]) or attrs.get("block_size", 0)):
-        raise Unstackable("stacked or blocked quantization parameters")
+    if node.op in ("QuantizeLinear", "DequantizeLinear"):
+        _plain_quantization(s, ins, attrs)
     out_rank = max(s.rank(t) for t in ins if t is not None)
     foldable = all((s.stacked(t) and t.name in s.folded and s.ranks[t.name] == out_rank) if s.stacked(t)
                    else s.below_batch(t, out_rank) for t in ins if t is not None) and out_rank > 0
@@ -93,15 +92,19 @@ def elementwise(s: BranchedTensors, node, ins, attrs):
         s.leading_elementwise(node, ins, attrs)
 
 
+def _plain_quantization(s: BranchedTensors, ins, attrs):
+    if any(s.stacked(t) for t in ins[1:]) or attrs.get("block_size", 0):
+        raise Unstackable("stacked or blocked quantization parameters")
+
+
 def dequantize(s: BranchedTensors, node, ins, attrs):
     """DQ of a perturbed [2m, *shape] weight: (float(q) − zp)·scale, kept lazy for the wide products;
     any other DQ is elementwise."""
     if ins[0].name not in s.perturbed:
         return elementwise(s, node, ins, attrs)
-    if any(s.stacked(t) for t in ins[1:]) or attrs.get("block_size", 0):
-        raise Unstackable("stacked or blocked quantization parameters")
+    _plain_quantization(s, ins, attrs)
     axis = attrs.get("axis", 1) if per_axis(ins[1]) else None
-    zp = ins[2] if len(ins) > 2 else None
+    zp = optional(ins, 2)
     y = _dequantized(s.b, ins[0], ins[1], zp, axis, s.rank(ins[0]), node.outputs[0].dtype)
     s.dequantized[y.name] = (ins[0], ins[1], zp, axis)
     s.register(y, s.shapes[ins[0].name], folded=False)
@@ -215,7 +218,7 @@ def matmul(s: BranchedTensors, node, ins, attrs):
 
 def gemm(s: BranchedTensors, node, ins, attrs):
     a, w = ins[0], ins[1]
-    c = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    c = optional(ins, 2)
     if not s.stacked(a) and w.name in s.dequantized and wide_product(s, node, ins, attrs):
         return
     if s.stacked(a) and not attrs.get("transA", 0) and not s.stacked(w) and \
@@ -275,7 +278,7 @@ def _trained_conv(s: BranchedTensors, node, ins):
     q, scale, zp, axis = s.dequantized[ins[1].name]
     if axis not in (None, 0):
         raise Unstackable("Conv weight quantized on an axis other than 0")
-    bias = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    bias = optional(ins, 2)
     if bias is not None and s.stacked(bias) and bias.name not in s.dequantized:
         raise Unstackable("a stacked Conv bias that is not a perturbed bias")
     b, n, out = s.b, s.n, node.outputs[0]

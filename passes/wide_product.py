@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .branch_axis import BranchedTensors, rank
+from .branch_axis import BranchedTensors, optional, rank
 from .graph_ops import Builder
 
 
@@ -38,7 +38,7 @@ def wide_product(s: BranchedTensors, node, ins, attrs) -> bool:
         q2 = b.op("Reshape", [b.op("Transpose", [q], {"perm": [1, 0, 2]}, dtype=q.dtype),
                               np.array([k, n2m * n], np.int64)], dtype=q.dtype, shape=[k, n2m * n])
     w2 = _side_by_side(b, q2, scale, zp, axis, 0 if trans_b else 1, n2m, out.dtype)
-    c = ins[2] if node.op == "Gemm" and len(ins) > 2 and ins[2] is not None and ins[2].name else None
+    c = optional(ins, 2) if node.op == "Gemm" else None
     bias = s.dequantized.get(c.name) if c is not None else None
     if node.op == "Gemm":
         folded = bias is not None and bias[0].shape is not None and len(bias[0].shape) == 2
