@@ -21,7 +21,7 @@ import onnx
 
 from fgcompile.artifact import Contract
 from fgcompile.report import format_table
-from fgcompile.session import SessionSettings, make_session
+from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
 from .trainer import scalar_feeds, step_feeds
 
 Runner = Callable[[list[str], dict], list[np.ndarray]]
@@ -43,7 +43,6 @@ def _ort(level: str) -> Runtime:
 
 
 def _settings(level: str) -> SessionSettings:
-    from fgcompile.session import OPTIMIZATION
     return SessionSettings(optimization=next(k for k, v in OPTIMIZATION.items() if v == level))
 
 
