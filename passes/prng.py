@@ -118,7 +118,7 @@ def _words(b: Builder, seed, step, sizes: list[int], streams, n: int):
     all_salts = _salts(b, len(sizes), streams)
     keys = _mix(b, b.op("BitwiseXor", [seed, all_salts], dtype=np.int32))                 # [T·S]
     keys = _mix(b, b.op("Add", [keys, step], dtype=np.int32))
-    count = len(streams) if isinstance(streams, range) else 1
+    count = _rows(streams)
     owner = np.repeat(np.arange(len(sizes)), words)
     pick = owner[None, :] * count + np.arange(count)[:, None]                              # [S, ΣW]
     key = b.op("Gather", [keys, b.const(pick.astype(np.int64), "key_index")], {"axis": 0}, dtype=np.int32)
