@@ -52,13 +52,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
             z[tr.name] = _guided(b, z[tr.name], ctx.perturbations.momentum_noise[tr.name], v, spec.momentum)
         if spec.sharpness > 0:
             ascent[tr.name] = I.Mul(I.Sign(v, hint="direction"), spec.sharpness * tr.stride, hint="ascent")
-    z_at = ctx.perturbations.z_at
+    z_at = fresh_at = ctx.perturbations.z_at
     if spec.momentum > 0:      # the memory-bounded form draws zᵢ per pair: bias each row the same way
         noise_at = ctx.perturbations.momentum_at
 
-        def z_at(b_, i, fresh_at=ctx.perturbations.z_at):
+        def guided_at(b_, i):
             fresh, noise = fresh_at(b_, i), noise_at(b_, i)
             return {n: _guided(b_, fresh[n], noise[n], inputs[n], spec.momentum) for n in fresh}
+        z_at = guided_at
     ctx.perturbations = dataclasses.replace(ctx.perturbations, z=z, ascent=ascent, z_at=z_at)
     ctx.buffers = Buffers(inputs, {}, entries)
     return graph
