@@ -26,8 +26,9 @@ __all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evalua
            "SessionSettings"]
 
 
-def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch, seeds: int = 1,
-         holdout: float = 0.2, seed: int | None = None, session: SessionSettings | None = None, echo=None) -> dict:
+def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
+         seeds: int = RunDefaults.seeds, holdout: float = RunDefaults.holdout, seed: int | None = None,
+         session: SessionSettings | None = None, echo=None) -> dict:
     """Choose the learning rate on a held-out split of `data` (runtime/tune.py has the protocol) and
     return the record. `trained`: a compiled folder (the record also goes to OUT/tune.json, which `train`
     then uses), compile_model's result, or a Trainer of either (its state is left as it is)."""

@@ -239,8 +239,9 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @click.option("--epochs", default=RunDefaults.epochs, show_default=True,
               help="Epochs per trial: the epochs you will train (a shorter budget favours a larger rate).")
 @click.option("--batch", default=RunDefaults.batch, show_default=True)
-@click.option("--seeds", default=1, show_default=True, help="Runs per rate (seeds S, S+1, …); scores are their mean.")
-@click.option("--holdout", default=0.2, show_default=True, help="Share of --data held out to validate.")
+@click.option("--seeds", default=RunDefaults.seeds, show_default=True,
+              help="Runs per rate (seeds S, S+1, …); scores are their mean.")
+@click.option("--holdout", default=RunDefaults.holdout, show_default=True, help="Share of --data held out to validate.")
 @click.option("--seed", type=int, default=None, help="Seed S of the split and the first run [the compiled seed].")
 @session_options
 @json_option

@@ -50,6 +50,8 @@ class RunDefaults:
     batch: int = 32
     checkpoint_every: int = 50
     schedule: str = "constant"
+    seeds: int = 1          # tune: training runs per rate
+    holdout: float = 0.2    # tune: the share of the data held out to validate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,8 +52,9 @@ def rates(contract: Contract) -> list[tuple[float, int]]:
     return [(lr, n) for lr, n in grid_rates if 1 <= n <= top]
 
 
-def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch, seeds: int = 1,
-         holdout: float = 0.2, seed: int | None = None, echo=None) -> dict:
+def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
+         seeds: int = RunDefaults.seeds, holdout: float = RunDefaults.holdout, seed: int | None = None,
+         echo=None) -> dict:
     """Try every rate of the grid on a held-out split of `data` (a path, or (x, y)) and return the record;
     a Trainer of a compiled folder also writes it to OUT/tune.json (under the folder's lock). The
     trainer's own state is not changed. echo: called with one progress line per trial."""
