@@ -167,29 +167,29 @@ def drawer(seed, step, spec, trainables):
     """z_at(b, i): {name: zᵢ int32 [*shape]} for one pair index i (an int32 [1] tensor, e.g. a Loop's
     counter), built with Builder b (a Loop body's): the same bits as row i of z, without the other rows.
     With --momentum, momentum_at(b, i) gives the matching row of the sampling noise (stream m + 2 + i)."""
-    sizes, shapes, names = [tr.tensor.numel for tr in trainables], [tr.shape for tr in trainables], \
-        [tr.name for tr in trainables]
+    sizes = [tr.tensor.numel for tr in trainables]
 
     def z_at(b: Builder, i):
         z, padded = _z(b, seed, step, spec, sizes, i)
-        return dict(zip(names, _split(b, z, sizes, padded, 0, shapes)))
+        return _split(b, z, trainables, padded, 0)
 
     def momentum_at(b: Builder, i):
         c, padded = _chunks(b, seed, step, sizes, b.i32.Add(i, spec.m + 2), 8)
-        return dict(zip(names, _split(b, c, sizes, padded, 0, shapes)))
+        return _split(b, c, trainables, padded, 0)
     return z_at, momentum_at
 
 
-def _split(b: Builder, flat, sizes: list[int], padded: list[int], rows: int, shapes: list[list[int]]):
-    """Per-trainable [rows, *shape] pieces (padding dropped) of an int32 [rows, Σ padded] tensor."""
-    parts = [flat] if len(sizes) == 1 else b.op("Split", [flat, np.array(padded, np.int64)], {"axis": 1},
-                                                dtype=np.int32, outputs=len(sizes))
-    out = []
-    for part, size, pad, shape in zip(parts, sizes, padded, shapes):
-        if pad != size:
-            part = b.op("Slice", [part, np.array([0], np.int64), np.array([size], np.int64),
+def _split(b: Builder, flat, trainables, padded: list[int], rows: int) -> dict:
+    """{name: [rows, *shape] piece} (padding dropped) of an int32 [rows, Σ padded] tensor, one per trainable."""
+    parts = [flat] if len(trainables) == 1 else b.op("Split", [flat, np.array(padded, np.int64)], {"axis": 1},
+                                                     dtype=np.int32, outputs=len(trainables))
+    out = {}
+    for part, tr, pad in zip(parts, trainables, padded):
+        if pad != tr.tensor.numel:
+            part = b.op("Slice", [part, np.array([0], np.int64), np.array([tr.tensor.numel], np.int64),
                                   np.array([1], np.int64)], dtype=np.int32)
-        out.append(b.op("Reshape", [part, np.array([rows] + shape if rows else shape, np.int64)], dtype=np.int32))
+        out[tr.name] = b.op("Reshape", [part, np.array([rows] + tr.shape if rows else tr.shape, np.int64)],
+                            dtype=np.int32)
     return out
 
 
@@ -199,21 +199,19 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     seed, step = gs.Variable("seed", dtype=np.int32, shape=[]), gs.Variable("step", dtype=np.int32, shape=[])
     graph.inputs += [seed, step]
     sizes = [tr.tensor.numel for tr in ctx.trainables]
-    shapes = [tr.shape for tr in ctx.trainables]
     z, padded = _z(b, seed, step, spec, sizes, range(spec.m))
-    names = [tr.name for tr in ctx.trainables]
-    ctx.perturbations = Perturbations(seed, step, dict(zip(names, _split(b, z, sizes, padded, spec.m, shapes))), {})
+    ctx.perturbations = Perturbations(seed, step, _split(b, z, ctx.trainables, padded, spec.m), {})
     ctx.perturbations.z_at, ctx.perturbations.momentum_at = drawer(seed, step, spec, ctx.trainables)
     if spec.rounding == "stochastic":
         u, padded = _chunks(b, seed, step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
         u = b.op("BitwiseAnd", [u, np.array((1 << spec.lr_shift) - 1, np.int32)], dtype=np.int32)
-        ctx.perturbations.round_noise = dict(zip(names, _split(b, u, sizes, padded, 0, shapes)))
+        ctx.perturbations.round_noise = _split(b, u, ctx.trainables, padded, 0)
     if spec.sparsity > 0 and spec.sparse_mode in ("random", "topk"):
         u, padded = _chunks(b, seed, step, sizes, range(spec.m + 1, spec.m + 2), NOISE_BITS)
-        ctx.perturbations.sparse_noise = dict(zip(names, _split(b, u, sizes, padded, 0, shapes)))
+        ctx.perturbations.sparse_noise = _split(b, u, ctx.trainables, padded, 0)
     if spec.momentum > 0:
         c, padded = _chunks(b, seed, step, sizes, range(spec.m + 2, 2 * spec.m + 2), 8)
-        ctx.perturbations.momentum_noise = dict(zip(names, _split(b, c, sizes, padded, spec.m, shapes)))
+        ctx.perturbations.momentum_noise = _split(b, c, ctx.trainables, padded, spec.m)
     return graph
 
 
