@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import onnx
@@ -123,6 +124,10 @@ class LrNumerator:
     shift: int
     default: int
     max: int
+
+    def of(self, lr: float) -> int:
+        """The numerator of the float rate lr (0 for a rate that is not finite and positive)."""
+        return round(lr * (1 << self.shift)) if math.isfinite(lr) and lr > 0 else 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -243,7 +243,7 @@ class Trainer:
         so), else the compiled one."""
         c = self.contract.lr_numerator
         if lr is not None:
-            numerator = round(lr * (1 << c.shift)) if math.isfinite(lr) and lr > 0 else 0
+            numerator = c.of(lr)
             if not 1 <= numerator <= c.max:
                 raise SpecError(f"--lr {lr}: the graph takes rates from 2**-{c.shift} to {c.max / (1 << c.shift):g} "
                                 "LSBs per unit of ĝ (its int32 lr input over 2**shift). Pass a rate in that range.")

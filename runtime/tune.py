@@ -47,9 +47,9 @@ def split(n: int, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
 
 def rates(contract: Contract) -> list[tuple[float, int]]:
     """(lr, numerator) of the grid for this graph's training grid, within the graph's fixed point range."""
-    shift, top = contract.lr_numerator.shift, contract.lr_numerator.max
-    grid_rates = [(lr, int(round(lr * (1 << shift)))) for lr in lr_grid(grid.resolution_bits(contract.state))]
-    return [(lr, n) for lr, n in grid_rates if 1 <= n <= top]
+    c = contract.lr_numerator
+    grid_rates = [(lr, c.of(lr)) for lr in lr_grid(grid.resolution_bits(contract.state))]
+    return [(lr, n) for lr, n in grid_rates if 1 <= n <= c.max]
 
 
 def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
