@@ -4,10 +4,15 @@ memory against inference and torch fp32 backprop of the same tensors.
     python models/recipes/build_bench.py        # once: ResNet-18, MobileNetV2, DS-CNN, ViT-tiny (+ ResNet-50)
     python benchmarks/deep.py                   # writes benchmarks/results/deep.{json,md}
     python benchmarks/deep.py --branches cloned --out benchmarks/results/deep-cloned   # the fallback form
+    python benchmarks/deep.py --source w16a8 --out benchmarks/results/deep-w16a8   # floor at 16-bit weights
 
-Per model (w8a8) and trained depth (last 1 / last 2 / the last block / one mid-network site), m and batch:
+Per model (--source w8a8, or w16a8 where 16-bit weights are deployed) and trained depth (last 1 / last 2 /
+the last block / one mid-network site), m and batch:
     step      one training step (onnxruntime session of train.onnx, state fed back)
-    floor     t(prefix) + 2m · t(suffix): the model split at the trained tensors, each part its own call
+    floor     t(prefix) + 2m · t(suffix): the model split at the trained tensors, each part its own call.
+              Its kernels are the source's: from w8a8 the suffix runs int8 QLinearConv, while a step trains
+              16-bit weights, which onnxruntime's CPU provider runs as float Conv (it has no int16 kernel);
+              from w16a8 the floor runs the same kernels as the step.
     forward   one forward of the inference model on the same batch
     memory    VmHWM of fresh processes (benchmarks/memory.py): inference, training, torch backprop
 Timings interleave the candidates and take the median of repeated blocks, one thread each. The grid is
@@ -103,14 +108,16 @@ def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathl
 @click.option("--branches", default="auto", show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--bits", default=16, show_default=True, help="Training grid (TrainSpec.bits): 8 keeps int8 kernels.")
+@click.option("--source", "quantization", type=click.Choice(["w8a8", "w16a8"]), default="w8a8", show_default=True,
+              help="Which cached quantization to compile and to take the floor and forward from.")
 @click.option("--only-depth", default=None, help="Substring of the depth labels to run.")
 @click.option("--out", default=str(HERE / "results" / "deep"), show_default=True)
-def main(names, ms, batches, memory_at, branches, repeats, bits, only_depth, out):
+def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, only_depth, out):
     ms, batches = [int(v) for v in ms.split(",")], [int(v) for v in batches.split(",")]
     mem_rows = {tuple(int(v) for v in r.split(":")) for r in memory_at.split(",") if r}
     rows = []
     for name in names.split(","):
-        path, fp32_path = CACHE / name / "w8a8.onnx", CACHE / name / "fp32.onnx"
+        path, fp32_path = CACHE / name / f"{quantization}.onnx", CACHE / name / "fp32.onnx"
         if not path.exists():
             raise SystemExit(f"{path} is missing: run python models/recipes/build_bench.py first")
         source, fp32 = modelio.load_model(path), modelio.load_model(fp32_path)
@@ -131,7 +138,7 @@ def main(names, ms, batches, memory_at, branches, repeats, bits, only_depth, out
                             row["memory"] = peak_memory(path, fp32_path, source, fp32, compiled, batch, pathlib.Path(tmp))
                     rows.append(row)
                     print(_line(row), flush=True)
-    result = {"machine": machine(), "branches": branches, "bits": bits, "rows": rows}
+    result = {"machine": machine(), "source": quantization, "branches": branches, "bits": bits, "rows": rows}
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -157,7 +164,8 @@ def _line(r) -> str:
 
 def report(result) -> str:
     m = result["machine"]
-    head = [f"# Deep training cost and memory (`benchmarks/deep.py`, branches={result['branches']})", "",
+    head = [f"# Deep training cost and memory (`benchmarks/deep.py`, source {result.get('source', 'w8a8')}, "
+            f"branches={result['branches']})", "",
             f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['packages']['onnxruntime']}, torch "
             f"{m['packages']['torch']}, commit {m['commit']}, {m.get('date', '')}; one thread per session.", "",
             "| model | trained | params | m | batch | form | step ms | floor ms | forward ms | step/floor | step/forward "
