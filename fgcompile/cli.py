@@ -146,14 +146,18 @@ def make_spec(kw) -> TrainSpec:
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("--m", "m", default=TrainSpec.m, show_default=True, help="Perturbations per step, for the memory estimate.")
+@click.option("--momentum", default=TrainSpec.momentum, show_default=True, type=float,
+              help="Momentum-guided sampling share, for the memory estimate (its int32 buffer is state).")
+@click.option("--sharpness", default=TrainSpec.sharpness, show_default=True, type=int,
+              help="Sharpness-aware ρ, for the memory estimate (it keeps the same buffer).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
-def inspect(model, m, as_json):
+def inspect(model, m, momentum, sharpness, as_json):
     """List the trainable parameters of a quantized MODEL, their grid and the memory to train each,
     and the layers that stay float."""
     import dataclasses
     from fgcompile.inspection import format_inspection, inspect_graph
     from fgcompile.modelio import load_model
-    rows, floats = inspect_graph(load_model(model), m=m)
+    rows, floats = inspect_graph(load_model(model), m=m, momentum=momentum, sharpness=sharpness)
     click.echo(json.dumps({"parameters": [dataclasses.asdict(r) for r in rows],
                            "stays_float": [dataclasses.asdict(f) for f in floats]}, indent=2)
                if as_json else format_inspection(rows, floats))

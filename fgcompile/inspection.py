@@ -12,7 +12,9 @@ Memory estimate for training one tensor of n elements with m perturbations on a 
 form (what the step holds beyond inference):
     n · (2b state in/out + 18·rows int32 perturbations z [rows, n] and the hash words alive beside them
          + 8 ĝ and update + copies · (12 + b) perturbed weights: int32 W ± εz, its clip, the b-byte
-         cast and the float dequantization)
+         cast and the float dequantization
+         + 16 with a momentum buffer (--momentum or --sharpness: the int32 buffer in and out, and its update)
+         + 8·rows for momentum-guided sampling (the int32 noise and the guided z) + 8 for the sharpness ascent)
 with rows = m, copies = 2m when the branches are stacked or cloned, and for --branches loop rows = 1,
 copies = 1 (each zᵢ is drawn inside the Loop, one branch per iteration) and 8 more bytes for ĝ (carried
 through the Loop, an iteration's input and output alive at once). (ResNet-18's layer4 conv, 2.4M weights
@@ -29,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from fgcompile.errors import ModelError, SpecError
+from fgcompile.errors import ModelError
 from fgcompile.grid import WIDENING, training_grid
 from fgcompile.report import format_table
 from fgcompile.spec import TrainSpec
@@ -100,9 +102,9 @@ def float_layers(graph: gs.Graph) -> list[FloatLayer]:
 
 
 def inspect_graph(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = TrainSpec.bits,
-                  headroom: int = TrainSpec.headroom) -> tuple[list[ParamRow], list[FloatLayer]]:
-    if not 1 <= m <= 64:
-        raise SpecError(f"--m {m}: the number of perturbations must be 1..64 (the memory estimate uses it).")
+                  headroom: int = TrainSpec.headroom, momentum: float = TrainSpec.momentum,
+                  sharpness: int = TrainSpec.sharpness) -> tuple[list[ParamRow], list[FloatLayer]]:
+    TrainSpec(m=m, momentum=momentum, sharpness=sharpness)   # the same checks and messages as compile
     check_source(model)   # what compile refuses first (an invalid graph, opset), inspect refuses too
     graph = gs.import_onnx(canonicalize.canonical(model)[0])
     if not is_quantized(graph):
@@ -115,14 +117,15 @@ def inspect_graph(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = Trai
             if t is None:
                 continue
             grid, size = _grid(graph, s, t, role, bits, headroom)
-            rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid,
-                                 train_bytes(t.numel, size, m), train_bytes(t.numel, size, m, loop=True)))
+            cost = [train_bytes(t.numel, size, m, loop, momentum, sharpness) for loop in (False, True)]
+            rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid, *cost))
     return rows, float_layers(graph)
 
 
 def inspect_model(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = TrainSpec.bits,
-                  headroom: int = TrainSpec.headroom) -> list[ParamRow]:
-    return inspect_graph(model, m, bits, headroom)[0]
+                  headroom: int = TrainSpec.headroom, momentum: float = TrainSpec.momentum,
+                  sharpness: int = TrainSpec.sharpness) -> list[ParamRow]:
+    return inspect_graph(model, m, bits, headroom, momentum, sharpness)[0]
 
 
 def format_inspection(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> str:

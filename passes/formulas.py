@@ -6,8 +6,10 @@
     train bytes  numel · (2·g + 18·rows + ĝ + copies·(12 + g)) beyond inference for one trained tensor on a
                  g-byte grid; stacked or cloned: rows = m z rows, copies = 2m, ĝ = 8; loop: rows = 1 (zᵢ is
                  drawn inside the Loop), copies = 1 (one branch per iteration), ĝ = 16 (carried through the
-                 Loop: an iteration's input and output) (fgcompile/inspection.py explains the terms; pair's
-                 --memory-budget and inspect's estimate use it)
+                 Loop: an iteration's input and output); a momentum buffer (--momentum, --sharpness) adds
+                 16 (int32 state in and out, and its update), guided sampling 8·rows and the ascent 8
+                 (fgcompile/inspection.py explains the terms; pair's --memory-budget and inspect's estimate
+                 use it)
     lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr_numerator·ĝ never wraps int32, since
                  |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)
 """
@@ -38,6 +40,10 @@ def lr_bound(spec) -> int:
     return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation] * gain)
 
 
-def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False) -> int:
+def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False, momentum: float = 0.0,
+                sharpness: int = 0) -> int:
     rows, grad, copies = (1, 16, 1) if loop else (m, 8, 2 * m)
-    return numel * (2 * grid_bytes + 18 * rows + grad + copies * (12 + grid_bytes))
+    buffer = 16 if momentum > 0 or sharpness > 0 else 0   # int32 v in and out, v div 8 and the sum
+    guided = 8 * rows if momentum > 0 else 0              # per z row: the int32 noise and the Where's z
+    ascent = 8 if sharpness > 0 else 0                    # sign(v) and the centre W̃, int32
+    return numel * (2 * grid_bytes + buffer + ascent + 18 * rows + guided + grad + copies * (12 + grid_bytes))

@@ -36,8 +36,8 @@ def _form(ctx: Context) -> tuple[str, str | None]:
     the loop)."""
     if ctx.spec.branches != "auto" or ctx.spec.memory_budget_mb is None:
         return ctx.spec.branches, None
-    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m)
-               for tr in ctx.trainables)
+    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m,
+                           momentum=ctx.spec.momentum, sharpness=ctx.spec.sharpness) for tr in ctx.trainables)
     if need > ctx.spec.memory_budget_mb * 2 ** 20:
         return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
     return "auto", None

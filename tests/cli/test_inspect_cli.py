@@ -61,3 +61,28 @@ def test_truncated_file(tmp_path):
     p.write_bytes(data[: len(data) // 2])
     r = run("inspect", p)
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("flag", [("--momentum", 0.25), ("--sharpness", 16)])
+def test_estimate_counts_the_momentum_buffer(flag):
+    # --momentum/--sharpness carry an int32 buffer per trained tensor as state: the estimate holds it as
+    # an input and an output, beside whatever its update needs, in both branch forms
+    from fgcompile.compiler import compile_model
+    from fgcompile.spec import TrainSpec
+    name = MODELS / "digits_cnn" / "w8a8.onnx"
+    plain = json.loads(run("inspect", name, "--json").output)["parameters"]
+    buffered = json.loads(run("inspect", name, *flag, "--json").output)["parameters"]
+    spec = TrainSpec(**{flag[0][2:]: flag[1]})
+    compiled = compile_model(onnx.load(name), spec)
+    buffers = {e.name: compiled.state[e.name] for e in compiled.contract.state if e.role == "momentum"}
+    assert buffers and all(v.dtype == np.int32 for v in buffers.values())
+    rows = {a["tensor"]: (a, b) for a, b in zip(plain, buffered)}
+    for buffer, state in buffers.items():
+        a, b = rows[buffer.removesuffix("__momentum")]
+        for key in ("train_bytes", "loop_bytes"):
+            assert b[key] - a[key] >= 2 * state.nbytes, (buffer, key)
+
+
+def test_estimate_refuses_a_bad_momentum():
+    r = run("inspect", MODELS / "digits_cnn" / "w8a8.onnx", "--momentum", "1.5")
+    assert r.exit_code == 2 and "--momentum 1.5" in r.output and "Traceback" not in r.output
