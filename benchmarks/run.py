@@ -57,7 +57,9 @@ QZO_CONFIGS = [(f"{v} m={m} H=1", v, bits, m, OLD) for v, bits in VARIANTS.items
          ("--sparsity 0.9 --sparse-mode random", lambda bits: {"sparsity": 0.9, "sparse_mode": "random"}),
          ("--sparsity 0.5 --sparse-mode threshold", lambda bits: {"sparsity": 0.5, "sparse_mode": "threshold"}),
          ("--momentum 0.25", lambda bits: {"momentum": 0.25}),
-         (f"--sharpness {1 if bits == 8 else 16}", lambda bits: {"sharpness": 1 if bits == 8 else 16}))]   # ρ = ε
+         (f"--sharpness {1 if bits == 8 else 16}", lambda bits: {"sharpness": 1 if bits == 8 else 16}))] + \
+    [(f"{v} m={m} H=4 whiten --schedule cosine", v, bits, m, {"headroom": 4, "precondition": "whiten", "schedule": "cosine"})
+     for v, bits in VARIANTS.items() for m in (32, 64)]   # the cosine schedule on the #15 defaults
 
 
 def lr_grid(bits: int, options: dict) -> list[float]:
