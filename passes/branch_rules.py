@@ -50,9 +50,11 @@ class Refusal:
 
 
 def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Tensor], branches: int,
-                 tap: str) -> dict[str, gs.Tensor] | Refusal:
-    """{original tensor name: branched tensor} with [tap] in the leading form, or the Refusal."""
-    s = BranchedTensors(graph, stacked, branches, {id(n) for n in nodes})
+                 tap: str, rows: dict | None = None) -> dict[str, gs.Tensor] | Refusal:
+    """{original tensor name: branched tensor} with [tap] in the leading form, or the Refusal. `rows`:
+    {stacked tensor name: rows(b, lo, hi)} for a one-branch weight that can be built a slice of output
+    channels at a time (the loop form's pieces, _output_pieces)."""
+    s = BranchedTensors(graph, stacked, branches, {id(n) for n in nodes}, rows)
     mark = len(graph.nodes)
     for node in nodes:
         if node.outputs[0].name in s.mapping:     # made already (a Conv emitted its QuantizeLinear)
@@ -290,25 +292,71 @@ def _trained_conv(s: BranchedTensors, node, ins):
     requant = consumers[0] if len(consumers) == 1 and consumers[0].op == "QuantizeLinear" and all(
         isinstance(t, gs.Constant) and t.values.size == 1 for t in consumers[0].inputs[1:]) else None
 
-    def kernel(k, q_, scale_, zp_):
-        qk = b.op("Gather", [q_, np.array(k, np.int64)], {"axis": 0}, dtype=q_.dtype)
+    def kernel(k, q_, scale_, zp_, lo=None, hi=None):
+        """Branch k's dequantized kernel (output channels lo:hi of it when given)."""
+        if lo is not None and q_.name in s.rows:     # built from rows of its inputs: no whole kernel
+            qk = s.rows[q_.name](b, lo, hi)
+        else:
+            qk = b.op("Squeeze", [q_, np.array([0], np.int64)], dtype=q_.dtype) if n == 1 else \
+                b.op("Gather", [q_, np.array(k, np.int64)], {"axis": 0}, dtype=q_.dtype)
+            if lo is not None:
+                qk = _channels(b, qk, lo, hi)
+        if lo is not None:
+            scale_, zp_ = (_channels(b, t, lo, hi) for t in (scale_, zp_))
         return b.op("DequantizeLinear", [qk, scale_] + ([zp_] if zp_ is not None else []),
                     {"axis": 0} if per_axis(scale_) else {}, dtype=np.float32)
 
-    branch_outs = []
-    for k in range(n):
-        xk = x if rows is None else rows[k]
-        inputs = [xk, kernel(k, q, scale, zp)]
+    def branch(k, xk, lo=None, hi=None):
+        inputs = [xk, kernel(k, q, scale, zp, lo, hi)]
         if bias is not None:
-            inputs.append(kernel(k, *s.dequantized[bias.name][:3]) if bias.name in s.dequantized else bias)
+            inputs.append(kernel(k, *s.dequantized[bias.name][:3], lo, hi) if bias.name in s.dequantized else
+                          bias if lo is None else _channels(b, bias, lo, hi))
         y = b.op("Conv", inputs, dict(node.attrs), dtype=out.dtype, hint=f"{node.name}.branch{k}")
         if requant is not None:   # right after the Conv: QLinearConv
             y = b.op("QuantizeLinear", [y] + requant.inputs[1:], dict(requant.attrs), dtype=requant.outputs[0].dtype)
-        branch_outs.append(y)
+        return y
+
+    pieces = _output_pieces(s, node, q)
+    branch_outs = []
+    for k in range(n):
+        xk = x if rows is None else rows[k]
+        if pieces == 1:
+            branch_outs.append(branch(k, xk))
+            continue
+        size = q.shape[1] // pieces
+        parts = [branch(k, xk, j * size, (j + 1) * size) for j in range(pieces)]
+        branch_outs.append(b.op("Concat", parts, {"axis": 1}, dtype=parts[0].dtype, hint=f"{node.name}.pieces"))
     if requant is not None:
         out = requant.outputs[0]
-    y = b.op("Concat", branch_outs, {"axis": 0}, dtype=out.dtype, hint=f"{node.name}.stacked")
+    y = branch_outs[0] if n == 1 else b.op("Concat", branch_outs, {"axis": 0}, dtype=out.dtype,
+                                              hint=f"{node.name}.stacked")
     s.mapping[out.name] = s.register(y, out.shape if out.shape is not None else node.outputs[0].shape, folded=True)
+
+
+PIECE = 1 << 18     # float kernel elements dequantized at a time by the loop form's trained Conv (1 MiB)
+
+
+def _output_pieces(s: BranchedTensors, node, q) -> int:
+    """How many output-channel pieces a trained Conv runs in: 1, except in the loop form (one branch)
+    for an ungrouped kernel of more than PIECE elements, where the float kernel (4 bytes per weight, the
+    largest tensor a branch holds) is dequantized and used PIECE elements or fewer at a time. Each output
+    channel is the same dot products either way."""
+    shape = q.shape[1:] if q.shape is not None else None
+    if s.n != 1 or node.attrs.get("group", 1) != 1 or not shape or any(not isinstance(d, int) for d in shape):
+        return 1
+    numel = int(np.prod(shape))
+    return next(p for p in range(1, shape[0] + 1) if shape[0] % p == 0 and (numel // p <= PIECE or p == shape[0]))
+
+
+def _channels(b: Builder, t, lo: int, hi: int):
+    """Output channels lo:hi of a per-channel parameter (a constant, or a tensor sliced in-graph); a
+    per-tensor one (or None) as it is."""
+    if t is None or (isinstance(t, gs.Constant) and t.values.size == 1):
+        return t
+    if isinstance(t, gs.Constant):
+        return b.const(t.values[lo:hi], "channels")
+    return b.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
+                dtype=t.dtype)
 
 
 def _branch_rows(s: BranchedTensors, t):

@@ -119,8 +119,9 @@ class Perturbations:    # prng
     momentum_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [m, *shape], 8 bits
     ascent: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape]: pair centres W±εz
                                                                            # at W + ascent (momentum, --sharpness)
-    # z_at(b, i) -> {name: zᵢ int32 [*shape]} for an int32 [1] pair index i known at run time, built with
-    # Builder b (the memory-bounded form's Loop bodies): row i of z, the same bits; momentum wraps it too
+    # z_at(b, i) -> {name: zᵢ int8 [*shape]} for an int32 [1] pair index i known at run time, built with
+    # Builder b (the memory-bounded form's Loop bodies): row i of z, the same values (|z| <= 4) in one byte
+    # each; momentum wraps it too
     z_at: Callable | None = None
     momentum_at: Callable | None = None     # row i of momentum_noise, the same way
 

@@ -6,13 +6,15 @@
         branch at a different memory offset; without the tolerance a tie would move W at random)
     sign (Sign-m-SPSA, default): cᵢ = sign(dᵢ) ∈ {−1, 0, +1}      (a tie dᵢ = 0 gives 0)
     spsa (m-SPSA):                cᵢ = clip(round(gain · dᵢ), −127, 127)
-    ĝ = Σᵢ cᵢ · zᵢ                        (--branches loop: summed in a Loop that draws each zᵢ again)
+    ĝ = Σᵢ cᵢ · zᵢ                        (--branches loop: summed in a Loop that draws each zᵢ again,
+                                          in int8/int16: passes/loop_sum.py)
 
 Only the m scalars cᵢ leave float; ĝ is integer arithmetic end to end.
 
 Precondition: ctx.losses from loss, ctx.perturbations.z (.z_at in the loop form) from prng, ctx.branches.form.
-Postcondition: ctx.estimate.grad[name] is int32 [*shape] for each trainable; .coefficients is the int32
-[m] tensor of the cᵢ (where the step leaves float).
+Postcondition: ctx.estimate.grad[name] is [*shape] for each trainable: int32, or in the loop form the
+narrowest integer dtype that holds it (int8 or int16, formulas.narrow_grad_dtype; readers widen it);
+.coefficients is the int32 [m] tensor of the cᵢ (where the step leaves float).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .context import Context, Estimate, Pass
-from .formulas import SPSA_CLIP, TIE_TOLERANCE
+from .formulas import SPSA_CLIP, TIE_TOLERANCE, narrow_grad_dtype
 from .graph_ops import Builder
 from .loop_sum import looped_sum
 
@@ -40,7 +42,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         c = F.Clip(F.Round(F.Mul(d, spec.spsa_gain)), float(-SPSA_CLIP), float(SPSA_CLIP))
     c = b.cast(c, np.int32, hint="c")
     if ctx.branches.form == "loop":     # the memory-bounded form never holds all m zᵢ
-        ctx.estimate = Estimate(c, looped_sum(graph, c, spec.m, ctx.perturbations.z_at, ctx.trainables))
+        ctx.estimate = Estimate(c, looped_sum(graph, c, spec.m, ctx.perturbations.z_at, ctx.trainables,
+                                              narrow_grad_dtype(spec)))
         return graph
     grad = {}
     for tr in ctx.trainables:

@@ -37,7 +37,19 @@ def coefficient_bound(spec) -> int:
 
 def lr_bound(spec) -> int:
     gain = KERNEL_GAIN_MAX if spec.kernel_norm else 1
-    return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation] * gain)
+    return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (grad_bound(spec) * gain)
+
+
+def grad_bound(spec) -> int:
+    """max |ĝ| = m·c_max·z_max, before kernel-wise normalization."""
+    return spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation]
+
+
+def narrow_grad_dtype(spec) -> np.dtype:
+    """The narrowest integer dtype that holds every ĝ (the loop form carries ĝ in it): int8 for
+    Sign-m-SPSA with ±1 perturbations (|ĝ| <= m <= 64), int16 for m-SPSA (<= 64·127·4 < 2^15)."""
+    bound = grad_bound(spec)
+    return np.dtype(np.int8 if bound <= 127 else np.int16 if bound <= 32767 else np.int32)
 
 
 def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False, momentum: float = 0.0,

@@ -46,6 +46,10 @@ class Builder:
         return self.op("Cast", [x], {"to": onnx_dtype(np_dtype)}, dtype=np.dtype(np_dtype), hint=hint, name=name,
                        shape=shape)
 
+    def as_int32(self, x, hint="int32"):
+        """x itself when int32, else its Cast (an int8/int16 ĝ of the loop form widened for arithmetic)."""
+        return x if np.dtype(x.dtype) == np.int32 else self.cast(x, np.int32, hint=hint)
+
     def clip_int32(self, x, lo: int, hi: int, hint="clip"):
         """Saturate an int32 tensor to [lo, hi] (int16 has no Clip in onnxruntime; int32 does)."""
         return self.i32.Clip(x, lo, hi, hint=hint)

@@ -71,7 +71,10 @@ def _guided(b: Builder, z, noise, v, beta: float):
     follow = b.op("And", [b.op("Less", [noise, np.array(round(256 * beta), np.int32)], dtype=bool),
                           b.op("Not", [b.op("Equal", [v, np.array(0, np.int32)], dtype=bool)], dtype=bool)],
                   dtype=bool)
-    return b.i32.Where(follow, b.i32.Sign(v, hint="direction"), z, hint="z_momentum")
+    direction = b.i32.Sign(v, hint="direction")
+    if z.dtype != np.int32:     # the Loop's int8 zᵢ
+        direction = b.cast(direction, z.dtype)
+    return b.op("Where", [follow, direction, z], dtype=z.dtype, hint="z_momentum")
 
 
 def update(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -82,7 +85,7 @@ def update(graph: gs.Graph, ctx: Context) -> gs.Graph:
     for tr in ctx.trainables:
         v = ctx.buffers.inputs[tr.name]
         decayed = I.Sub(v, I.Div(v, 1 << DECAY_SHIFT))
-        ctx.buffers.outputs[tr.name] = b.cast(b.clip_int32(I.Add(decayed, ctx.estimate.grad[tr.name]), -BOUND, BOUND),
+        ctx.buffers.outputs[tr.name] = b.cast(b.clip_int32(I.Add(decayed, b.as_int32(ctx.estimate.grad[tr.name])), -BOUND, BOUND),
                                               np.int32, hint="next", name=v.name + "__next", shape=tr.shape)
     return graph
 

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
-from .formulas import train_bytes
+from .formulas import Z_MAX, train_bytes
 from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
 from .branch_rules import Refusal, stack_suffix
 
@@ -58,7 +58,60 @@ def _perturbed(b: Builder, ctx: Context, w32, tr, z, count: int, sign=None):
     return out
 
 
-def _looped(graph: gs.Graph, ctx: Context, w32, needed):
+UNSIGNED = {np.dtype(np.int8): np.uint8, np.dtype(np.uint8): np.uint8, np.dtype(np.int16): np.uint16,
+            np.dtype(np.uint16): np.uint16}
+ROOM = 127       # the int8 step: |ε·stride·z| <= ROOM lets a branch move W in W's own dtype
+
+
+def _in_own_dtype(ctx: Context, tr) -> bool:
+    """Whether the loop form perturbs tr in its own 8/16-bit dtype: no sharpness centre (an int32 W̃) and
+    |ε·stride·z| fits int8."""
+    return (np.dtype(tr.tensor.dtype) in UNSIGNED and tr.name not in ctx.perturbations.ascent
+            and ctx.spec.eps * tr.stride * Z_MAX[ctx.spec.perturbation] <= ROOM)
+
+
+def _rooms(b: Builder, w, tr):
+    """(up, −down): int8 min(qmax − W, 127) and −min(W − qmin, 127) of W in its own dtype. The differences
+    wrap there, and read unsigned they are exact (qmax − qmin < 2^bits), so no int32 copy of W exists.
+    Assumes W within [qmin, qmax], which every step's update keeps."""
+    dtype, unsigned = np.dtype(tr.tensor.dtype), UNSIGNED[np.dtype(tr.tensor.dtype)]
+
+    def saturated(x):   # min(x, 127) as int8 (onnxruntime has no Clip, Min or Where on 16-bit integers)
+        x = b.cast(x, unsigned)
+        over = b.op("Greater", [x, np.array(ROOM, unsigned)], dtype=bool)
+        return b.op("Where", [over, np.array(ROOM, np.int8), b.cast(x, np.int8)], dtype=np.int8, hint="room")
+    up = saturated(b.op("Sub", [np.array(tr.qmax, dtype), w], dtype=dtype))
+    down = saturated(b.op("Sub", [w, np.array(tr.qmin, dtype)], dtype=dtype))
+    return up, b.op("Neg", [down], dtype=np.int8, hint="down")
+
+
+def _moved(b: Builder, tr, w, z, step):
+    """W + clip(s·ε·stride·z, −down, up) in W's dtype, for int8 z and step = s·ε·stride (int8): the same
+    values as clip(W + s·ε·stride·z, qmin, qmax), since |ε·stride·z| <= 127 and the rooms saturate at 127.
+    Elementwise, so rows of W and z give those rows of the perturbed weight."""
+    up, down = _rooms(b, w, tr)
+    moved = b.op("Max", [b.op("Min", [b.op("Mul", [z, step], dtype=np.int8), up], dtype=np.int8), down],
+                 dtype=np.int8, hint="moved")
+    dtype = np.dtype(tr.tensor.dtype)
+    return b.op("Add", [w, moved if dtype == np.int8 else b.cast(moved, dtype)], dtype=dtype)
+
+
+def _perturbed_in_own_dtype(b: Builder, ctx: Context, w, tr, z, sign):
+    """([1, *shape] perturbed weight, rows(b, lo, hi) -> its rows lo:hi built from rows of W and z
+    alone): the trained Conv of the loop form builds and dequantizes its kernel a piece at a time, so
+    the body holds no whole-tensor temporary but zᵢ (one byte per weight)."""
+    step = b.cast(b.i32.Mul(sign, ctx.spec.eps * tr.stride), np.int8, hint="signed_step")
+    whole = b.op("Unsqueeze", [_moved(b, tr, w, z, step), np.array([0], np.int64)],
+                 dtype=np.dtype(tr.tensor.dtype), shape=[1] + list(tr.tensor.shape), hint=f"{tr.name}.perturbed")
+
+    def rows(b_: Builder, lo: int, hi: int):
+        piece = [b_.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
+                       dtype=t.dtype) for t in (w, z)]
+        return _moved(b_, tr, *piece, step)
+    return whole, rows
+
+
+def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
     """Memory-bounded form: an ONNX Loop over the 2m branches. Iteration k draws zᵢ, i = k mod m, from the
     counter (prng's z_at), builds W + sᵢ·ε·zᵢ (s = +1 for k < m, else −1) and runs the suffix once on the
     batch; its [1, B, C] logits leave as a scan output [2m, 1, B, C] (branches +0..+(m−1), −0..−(m−1)), so
@@ -75,17 +128,23 @@ def _looped(graph: gs.Graph, ctx: Context, w32, needed):
     sign = bb.op("Where", [bb.op("Less", [k, np.array([m], np.int64)], dtype=bool), np.array([1], np.int32),
                            np.array([-1], np.int32)], dtype=np.int32)
     z = ctx.perturbations.z_at(bb, i)
-    perturbed = {tr.name: _perturbed(bb, ctx, w32, tr, bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)],
-                                                              dtype=np.int32), 1, sign) for tr in ctx.trainables}
+    perturbed, rows = {}, {}
+    for tr in ctx.trainables:
+        w = ctx.state.inputs[tr.name]
+        if _in_own_dtype(ctx, tr):
+            perturbed[tr.name], rows[tr.name] = _perturbed_in_own_dtype(bb, ctx, w, tr, z[tr.name], sign)
+        else:
+            z32 = bb.cast(bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)], dtype=np.int8), np.int32)
+            perturbed[tr.name] = _perturbed(bb, ctx, w32, tr, z32, 1, sign)
     _frozen_weights_inside(body, needed)
-    mapping = stack_suffix(body, needed, perturbed, 1, ctx.io.loss_tap)
+    mapping = stack_suffix(body, needed, perturbed, 1, ctx.io.loss_tap,
+                           {perturbed[name].name: f for name, f in rows.items()})
     if isinstance(mapping, Refusal):
         raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({mapping}). "
                            "Use --branches cloned, or train other tensors.")
     one = mapping[ctx.io.loss_tap]
     body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [one], dtype=np.float32)]
     tail = list(one.shape[2:])     # after [1, B]: static (stack folds and unfolds with them)
-    b = Builder(graph, "pair")
     branches = gs.Variable("pair/logits_branches", dtype=np.float32)
     graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
                                [b.const(np.array(2 * m, np.int64)), b.const(np.array(True))], [branches]))
@@ -149,7 +208,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         needed = upstream_nodes(_bypass_requant(needed), tap)
     form, reason = _form(ctx)
     if form == "loop":
-        logits = _looped(graph, ctx, centre, needed)
+        logits = _looped(b, graph, ctx, centre, needed)
     else:
         perturbed = {tr.name: _perturbed(b, ctx, centre, tr, ctx.perturbations.z[tr.name], ctx.spec.m)
                      for tr in ctx.trainables}

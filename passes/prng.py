@@ -29,7 +29,8 @@ In int32, x >> k (logical) is ((x & −2^k) / 2^k) & (2^(32−k) − 1): the mas
 Precondition: ctx.trainables (their shapes; lift has made them state).
 Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int32 [m, *shape]
 (dead, and dropped by finalize, when the memory-bounded form draws each zᵢ inside its Loop with
-.z_at(b, i), a stream index known at run time whose salt is hashed in-graph);
+.z_at(b, i), a stream index known at run time whose salt is hashed in-graph: int8 [*shape], the same
+values, so a Loop iteration holds one byte per element);
 .round_noise[name] int32 [*shape] when rounding is stochastic; .sparse_noise[name] int32 [*shape] in
 [0, 2^16) when a sparse update draws. No existing node changes.
 """
@@ -155,12 +156,28 @@ def _rows(streams) -> int:
     return len(streams) if isinstance(streams, range) else 1
 
 
-def _z(b: Builder, seed, step, spec, sizes: list[int], streams):
-    """z for `streams`: int32 [S, Σ padded numel], and the padded sizes."""
+def _rademacher_int8(b: Builder, seed, step, sizes: list[int], streams):
+    """The same z as _rademacher, int8: each word's 4 bytes (uint8) have their 8 bits tested, so no int32
+    tensor of the element count exists (element 32w + 8k + j is bit j of byte k, bit 8k + j of word w)."""
+    def sign_of_bit(v):
+        octets = b.cast(_shr(b, v, 8, lanes=np.arange(4, dtype=np.int64)), np.uint8)           # [S, W, 4]
+        octets = b.op("Unsqueeze", [octets, np.array([3], np.int64)], dtype=np.uint8)
+        bit = b.op("BitwiseAnd", [octets, (1 << np.arange(8)).astype(np.uint8)], dtype=np.uint8)
+        zero = b.op("Equal", [bit, np.array(0, np.uint8)], dtype=bool)
+        return b.op("Where", [zero, np.array(-1, np.int8), np.array(1, np.int8)], dtype=np.int8)
+    v, words = _words(b, seed, step, sizes, streams, 32)
+    lanes = sign_of_bit(b.op("Unsqueeze", [v, np.array([2], np.int64)], dtype=np.int32))
+    return b.op("Reshape", [lanes, np.array([_rows(streams), -1], np.int64)], dtype=np.int8), [w * 32 for w in words]
+
+
+def _z(b: Builder, seed, step, spec, sizes: list[int], streams, dtype=np.int32):
+    """z for `streams`: [S, Σ padded numel] of `dtype` (int32, or int8 for the Loop's one row), and the
+    padded sizes."""
     if spec.perturbation == "rademacher":
-        return _rademacher(b, seed, step, sizes, streams)
+        return (_rademacher if dtype == np.int32 else _rademacher_int8)(b, seed, step, sizes, streams)
     c, padded = _chunks(b, seed, step, sizes, streams, CHUNK_BITS[spec.perturbation])
-    return b.op("Gather", [b.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32), padded
+    table = b.const(_lookup(spec).astype(dtype), "z_table")
+    return b.op("Gather", [table, c], {"axis": 0}, dtype=np.dtype(dtype)), padded
 
 
 def drawer(seed, step, spec, trainables):
@@ -170,7 +187,7 @@ def drawer(seed, step, spec, trainables):
     sizes = [tr.tensor.numel for tr in trainables]
 
     def z_at(b: Builder, i):
-        z, padded = _z(b, seed, step, spec, sizes, i)
+        z, padded = _z(b, seed, step, spec, sizes, i, np.int8)
         return _split(b, z, trainables, padded, 0)
 
     def momentum_at(b: Builder, i):
@@ -180,16 +197,17 @@ def drawer(seed, step, spec, trainables):
 
 
 def _split(b: Builder, flat, trainables, padded: list[int], rows: int) -> dict:
-    """{name: [rows, *shape] piece} (padding dropped) of an int32 [rows, Σ padded] tensor, one per trainable."""
+    """{name: [rows, *shape] piece} (padding dropped) of a [rows, Σ padded] tensor, one per trainable."""
+    dtype = flat.dtype
     parts = [flat] if len(trainables) == 1 else b.op("Split", [flat, np.array(padded, np.int64)], {"axis": 1},
-                                                     dtype=np.int32, outputs=len(trainables))
+                                                     dtype=dtype, outputs=len(trainables))
     out = {}
     for part, tr, pad in zip(parts, trainables, padded):
         if pad != tr.tensor.numel:
             part = b.op("Slice", [part, np.array([0], np.int64), np.array([tr.tensor.numel], np.int64),
-                                  np.array([1], np.int64)], dtype=np.int32)
+                                  np.array([1], np.int64)], dtype=dtype)
         out[tr.name] = b.op("Reshape", [part, np.array([rows] + tr.shape if rows else tr.shape, np.int64)],
-                            dtype=np.int32)
+                            dtype=dtype)
     return out
 
 

@@ -33,7 +33,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     less = lambda x, y: b.op("Less", [x, y], dtype=bool)
     grad = {}
     for tr in ctx.trainables:
-        g = ctx.estimate.grad[tr.name]
+        g = b.as_int32(ctx.estimate.grad[tr.name])
         if spec.sparse_mode == "random":
             keep = less(ctx.perturbations.sparse_noise[tr.name], np.array(round((1 - spec.sparsity) * 2 ** 16), np.int32))
         elif spec.sparse_mode == "threshold":

@@ -6,10 +6,12 @@
     W ← clip(W − stride · r, qmin, qmax)
 
 lr_max keeps t inside int32 (passes/formulas.py). r is saturated to (2^30 − 1) // stride before the
-stride multiply, so W − stride·r never wraps.
+stride multiply, so W − stride·r never wraps. In the memory-bounded form (--branches loop) a tensor of
+more than CHUNK elements is updated in row chunks (a Loop over slices of its leading axis), so its int32
+temporaries hold one chunk, not the whole tensor; the formula is elementwise, so the values are the same.
 
-Precondition: ctx.estimate.grad from estimate, ctx.branches.w32 from pair (and
-ctx.perturbations.round_noise for stochastic rounding).
+Precondition: ctx.estimate.grad from estimate (int32, or int8/int16 in the loop form), ctx.state from
+lift, ctx.branches.w32 from pair (and ctx.perturbations.round_noise for stochastic rounding).
 Postcondition: an `lr` input (int32 scalar); ctx.update.state_out[name] is the updated tensor named
 `<name>__next`, of the state's dtype and shape.
 """
@@ -23,11 +25,55 @@ from .context import Context, Pass, Update
 from .formulas import lr_bound
 from .graph_ops import Builder
 
+CHUNK = 1 << 16     # elements per Loop iteration: the int32 temporaries of a chunk are 256 KiB
+
+
+def _next(b: Builder, spec, tr, g, w, noise, numerator):
+    """clip(W − stride·r, qmin, qmax) in int32, for ĝ, W (and the stochastic noise) of any one shape."""
+    I, s = b.i32, spec.lr_shift
+    t = I.Mul(b.as_int32(g), numerator, hint="t")
+    if s == 0:
+        r = t
+    else:
+        h = noise if spec.rounding == "stochastic" else 1 << (s - 1)
+        r = I.Mul(I.Sign(t), I.Div(I.Add(I.Abs(t), h), 1 << s), hint="r")
+    if tr.stride > 1:
+        bound = (2 ** 30 - 1) // tr.stride
+        r = I.Mul(b.clip_int32(r, -bound, bound), tr.stride)
+    return b.clip_int32(I.Sub(b.as_int32(w), r), tr.qmin, tr.qmax)
+
+
+def _chunk_rows(shape) -> int:
+    """The largest divisor of shape[0] whose rows hold at most CHUNK elements (at least 1)."""
+    inner = int(np.prod(shape[1:]))
+    return max(d for d in range(1, shape[0] + 1) if shape[0] % d == 0 and (d * inner <= CHUNK or d == 1))
+
+
+def _in_chunks(graph: gs.Graph, b: Builder, spec, tr, tensors: list, numerator):
+    """The next weights of `tr` from a Loop over row chunks of its state, ĝ (and noise): the scan output
+    [chunks, rows, ...] reshaped to the tensor's shape."""
+    rows = _chunk_rows(tr.shape)
+    chunks = tr.shape[0] // rows
+    split = np.array([chunks, rows] + list(tr.shape[1:]), np.int64)
+    outer = [None if t is None else b.op("Reshape", [t, split], dtype=t.dtype, hint="chunked") for t in tensors]
+    body = gs.Graph(name="update_chunk")
+    bb = Builder(body, "update_chunk")
+    k = gs.Variable(bb.name("k"), dtype=np.int64, shape=[])
+    cond = gs.Variable(bb.name("cond"), dtype=bool, shape=[])
+    body.inputs = [k, cond]
+    pieces = [None if t is None else bb.op("Gather", [t, k], {"axis": 0}, dtype=t.dtype) for t in outer]
+    new = bb.cast(_next(bb, spec, tr, *pieces, numerator), tr.tensor.dtype)
+    body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[]), new]
+    scanned = gs.Variable(b.name("next_chunks"), dtype=np.dtype(tr.tensor.dtype))
+    graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
+                               [b.const(np.array(chunks, np.int64)), b.const(np.array(True))], [scanned]))
+    return b.op("Reshape", [scanned, np.array(tr.shape, np.int64)], dtype=np.dtype(tr.tensor.dtype), hint="next",
+                name=tr.output_name, shape=tr.shape)
+
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
-    spec, s = ctx.spec, ctx.spec.lr_shift
+    spec = ctx.spec
     b = Builder(graph, "update")
-    I = b.i32
     lr_max = lr_bound(spec)
     if spec.lr_numerator > lr_max:
         raise SpecError(f"--lr {spec.lr}: lr_numerator·ĝ would overflow int32 (numerator {spec.lr_numerator} > "
@@ -37,19 +83,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     numerator = b.clip_int32(lr_numerator, 0, lr_max, hint="lr")
     state_out = {}
     for tr in ctx.trainables:
-        t = I.Mul(ctx.estimate.grad[tr.name], numerator, hint="t")
-        if s == 0:
-            r = t
+        g, noise = ctx.estimate.grad[tr.name], ctx.perturbations.round_noise.get(tr.name)
+        if ctx.branches.form == "loop" and tr.shape and tr.tensor.numel > CHUNK:
+            state_out[tr.name] = _in_chunks(graph, b, spec, tr, [g, ctx.state.inputs[tr.name], noise], numerator)
         else:
-            h = ctx.perturbations.round_noise[tr.name] if spec.rounding == "stochastic" else 1 << (s - 1)
-            r = I.Mul(I.Sign(t), I.Div(I.Add(I.Abs(t), h), 1 << s), hint="r")
-        if tr.stride > 1:
-            bound = (2 ** 30 - 1) // tr.stride
-            r = I.Mul(b.clip_int32(r, -bound, bound), tr.stride)
-        new = b.clip_int32(I.Sub(ctx.branches.w32[tr.name], r), tr.qmin, tr.qmax)
-        state_out[tr.name] = b.cast(new, tr.tensor.dtype, hint="next", name=tr.output_name, shape=tr.shape)
+            new = _next(b, spec, tr, g, ctx.branches.w32[tr.name], noise, numerator)
+            state_out[tr.name] = b.cast(new, tr.tensor.dtype, hint="next", name=tr.output_name, shape=tr.shape)
     ctx.update = Update(lr_numerator, lr_max, state_out)
     return graph
 
 
-PASS = Pass("update", run, reads=("trainables", "perturbations", "branches", "estimate"), adds=("update",))
+PASS = Pass("update", run, reads=("trainables", "state", "perturbations", "branches", "estimate"), adds=("update",))

@@ -4,6 +4,7 @@ import pytest
 
 from conftest import shipped
 from fgcompile.spec import TrainSpec
+from fgcompile.passes import branch_rules, update
 from fgcompile.passes.pipeline import compile_graph
 from reference import qzoff
 from steps import Steps
@@ -131,3 +132,26 @@ def test_enhancements_match_reference(model_file, options, target_train):
     """The paper's four enhancements, alone and together (momentum-guided sampling and the sharpness-aware
     ascent carry an int32 momentum buffer as state, compared too): bit for bit."""
     run_chain(model_file, TrainSpec(m=4, **options), target_train, steps=6)
+
+
+@pytest.mark.parametrize("options", [
+    dict(last=3),                                                  # int16 weights moved in their own dtype
+    dict(last=3, estimator="spsa", loss="mse", spsa_gain=4000.0),  # ĝ carried in int16
+    dict(last=2, perturbation="gaussian"),                         # |z| <= 4
+    dict(last=2, rounding="stochastic", lr=0.3),
+    dict(last=3, bits=8, headroom=1, kernel_norm=True, sparsity=0.5),
+    dict(last=3, eps=200),                                         # ε·z beyond int8: the int32 perturbation
+])
+def test_loop_form_matches_reference(options, target_train, monkeypatch):
+    """The loop form's narrow arithmetic (int8 zᵢ, weights moved in their own dtype, ĝ in int8/int16, the
+    trained Conv dequantized a piece of output channels at a time, the update in row chunks) gives the
+    reference's bits. PIECE and CHUNK shrink so that digits_cnn's conv2 and fc1 take the pieces and chunks
+    that ResNet-18's layer4 convs take at the defaults."""
+    monkeypatch.setattr(branch_rules, "PIECE", 1000)
+    monkeypatch.setattr(update, "CHUNK", 1000)
+    spec = TrainSpec(m=4, branches="loop", **options)
+    if spec.last == 3 and spec.eps is None:
+        body = next(a.g for n in compile_graph(shipped("digits_cnn/w8a8.onnx"), spec).train.graph.node
+                    if n.op_type == "Loop" for a in n.attribute if any(x.op_type == "Conv" for x in a.g.node))
+        assert [n.op_type for n in body.node].count("Conv") == 8      # conv2 (4608 weights) in 8 pieces
+    run_chain("digits_cnn/w8a8.onnx", spec, target_train, steps=6)
