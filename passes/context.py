@@ -124,6 +124,9 @@ class Perturbations:    # prng
     # each; momentum wraps it too
     z_at: Callable | None = None
     momentum_at: Callable | None = None     # row i of momentum_noise, the same way
+    # z_words(b, name, first, count) -> int32 [m, count·elements per word] of one trainable: its words first .. first +
+    # count − 1 (first an int32 [1] tensor known at run time) of every zᵢ, for a piece of the tensor
+    z_words: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -144,9 +147,16 @@ class Losses:           # loss
 
 
 @dataclasses.dataclass
+class GradRows:         # estimate, loop form: ĝ of a tensor a chunk of rows at a time, never whole
+    rows: int                           # rows of the leading axis per chunk (formulas.chunk_rows)
+    at: Callable                        # at(b, k) -> int32 ĝ [rows, *shape[1:]] of chunk k (an int64 scalar)
+
+
+@dataclasses.dataclass
 class Estimate:         # estimate
     coefficients: gs.Tensor             # int32 [m]: the cᵢ, the only values that cross from float
-    grad: dict[str, gs.Tensor]          # int32 ĝ [*shape]
+    grad: dict[str, gs.Tensor]          # ĝ [*shape]: int32, or int8/int16 in the loop form
+    rows: dict[str, GradRows] = dataclasses.field(default_factory=dict)   # the loop form's tensors not in grad
 
 
 @dataclasses.dataclass

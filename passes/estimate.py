@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .context import Context, Estimate, Pass
-from .formulas import SPSA_CLIP, TIE_TOLERANCE, narrow_grad_dtype
+from .context import Context, Estimate, GradRows, Pass
+from .formulas import SPSA_CLIP, TIE_TOLERANCE, chunk_rows, chunked, elements_per_word, narrow_grad_dtype
 from .graph_ops import Builder
 from .loop_sum import looped_sum
 
@@ -42,8 +42,10 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         c = F.Clip(F.Round(F.Mul(d, spec.spsa_gain)), float(-SPSA_CLIP), float(SPSA_CLIP))
     c = b.cast(c, np.int32, hint="c")
     if ctx.branches.form == "loop":     # the memory-bounded form never holds all m zᵢ
-        ctx.estimate = Estimate(c, looped_sum(graph, c, spec.m, ctx.perturbations.z_at, ctx.trainables,
-                                              narrow_grad_dtype(spec)))
+        rows = _by_rows(ctx, c)
+        whole = [tr for tr in ctx.trainables if tr.name not in rows]
+        grad = looped_sum(graph, c, spec.m, ctx.perturbations.z_at, whole, narrow_grad_dtype(spec)) if whole else {}
+        ctx.estimate = Estimate(c, grad, rows)
         return graph
     grad = {}
     for tr in ctx.trainables:
@@ -52,6 +54,34 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                                     keepdims=0, hint="g")
     ctx.estimate = Estimate(c, grad)
     return graph
+
+
+def _by_rows(ctx: Context, c) -> dict[str, GradRows]:
+    """The loop form's tensors whose ĝ the update takes a chunk of rows at a time, each chunk summing
+    cᵢ·zᵢ over i on its own hash words: those of more than formulas.CHUNK elements whose chunks start on a word,
+    unless a later pass needs ĝ whole (momentum's buffer and guided z, kernel norms, sparsity's ranking)."""
+    spec = ctx.spec
+    if spec.momentum > 0 or spec.sharpness > 0 or spec.kernel_norm or spec.sparsity > 0:
+        return {}
+    n, rows = elements_per_word(spec), {}
+    for tr in ctx.trainables:
+        count = chunk_rows(tr.shape, n) if chunked(tr.shape) else None
+        if count is not None:
+            rows[tr.name] = GradRows(count, _chunk_grad(ctx, c, tr, count, n))
+    return rows
+
+
+def _chunk_grad(ctx: Context, c, tr, count: int, n: int):
+    words = count * int(np.prod(tr.shape[1:])) // n
+
+    def at(b: Builder, k):
+        first = b.cast(b.op("Unsqueeze", [b.op("Mul", [k, np.array(words, np.int64)], dtype=np.int64),
+                                          np.array([0], np.int64)], dtype=np.int64), np.int32)
+        z = ctx.perturbations.z_words(b, tr.name, first, words)                      # [m, count·inner]
+        ci = b.i32.Reshape(c, np.array([ctx.spec.m, 1], np.int64))
+        g = b.i32.ReduceSum(b.i32.Mul(ci, z), np.array([0], np.int64), keepdims=0, hint="g")
+        return b.i32.Reshape(g, np.array([count] + list(tr.shape[1:]), np.int64))
+    return at
 
 
 PASS = Pass("estimate", run, reads=("trainables", "perturbations", "branches", "losses"), adds=("estimate",))

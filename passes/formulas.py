@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 SPSA_CLIP = 127
+CHUNK_BITS = {"rademacher": 1, "ternary": 8, "gaussian": 8}   # hash bits per perturbation element (prng)
 TIE_TOLERANCE = 2.0 ** -19   # |dᵢ| <= τ·max(|L⁺ᵢ|, |L⁻ᵢ|) is a tie (passes/estimate.py says why)
 Z_MAX = {"rademacher": 1, "ternary": 1, "gaussian": 4}
 KERNEL_GAIN_MAX = 16         # kernel-wise normalization scales a kernel's ĝ by at most this (passes/kernelnorm.py)
@@ -50,6 +51,28 @@ def narrow_grad_dtype(spec) -> np.dtype:
     Sign-m-SPSA with ±1 perturbations (|ĝ| <= m <= 64), int16 for m-SPSA (<= 64·127·4 < 2^15)."""
     bound = grad_bound(spec)
     return np.dtype(np.int8 if bound <= 127 else np.int16 if bound <= 32767 else np.int32)
+
+
+def elements_per_word(spec) -> int:
+    """Elements per 32-bit hash word of the perturbation (32 for ±1 bits, 4 for 8-bit chunks)."""
+    return 32 // CHUNK_BITS[spec.perturbation]
+
+
+CHUNK = 1 << 16     # elements per iteration of the loop form's chunked update (int32 temporaries: 256 KiB)
+
+
+def chunked(shape) -> bool:
+    """Whether the loop form updates a tensor of this shape in row chunks (more than CHUNK elements)."""
+    return len(shape) > 0 and int(np.prod(shape)) > CHUNK
+
+
+def chunk_rows(shape, align: int = 1) -> int | None:
+    """Rows of the leading axis per update chunk: the largest divisor of shape[0] whose rows hold at most
+    CHUNK elements and a multiple of `align` (a chunk then starts on a hash word), or None."""
+    inner = int(np.prod(shape[1:]))
+    fits = [d for d in range(1, shape[0] + 1) if shape[0] % d == 0 and (d * inner) % align == 0
+            and (d * inner <= CHUNK or d == 1)]
+    return max(fits) if fits else None
 
 
 def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False, momentum: float = 0.0,

@@ -35,7 +35,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     grad = dict(ctx.estimate.grad)
     for tr in ctx.trainables:
         if tr.role == "weight" and np.dtype(tr.tensor.dtype).kind == "i":
-            grad[tr.name] = normalized(b, b.as_int32(grad[tr.name]), ctx.branches.w32[tr.name], list(tr.shape), tr.tensor.axis)
+            grad[tr.name] = normalized(b, b.as_int32(grad[tr.name]), ctx.branches.w32[tr.name], list(tr.shape),
+                                       tr.tensor.axis)
     ctx.estimate = dataclasses.replace(ctx.estimate, grad=grad)
     return graph
 

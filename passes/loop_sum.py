@@ -23,7 +23,7 @@ def looped_sum(graph: gs.Graph, c, m: int, z_at, trainables, dtype) -> dict[str,
     carried = [gs.Variable(bb.name("g"), dtype=dtype, shape=list(tr.shape)) for tr in trainables]
     body.inputs = [i, cond] + carried
     ci = bb.cast(bb.op("Gather", [c, i], {"axis": 0}, dtype=np.int32, shape=[]), dtype)
-    z = z_at(bb, bb.cast(bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64), np.int32))
+    z = z_at(bb, bb.cast(bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64), np.int32), trainables)
     term = lambda zi: bb.op("Mul", [ci, zi if zi.dtype == dtype else bb.cast(zi, dtype)], dtype=dtype)
     body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[])] + [
         bb.op("Add", [g, term(z[tr.name])], dtype=dtype, hint="g_next", shape=list(tr.shape))

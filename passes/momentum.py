@@ -56,8 +56,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if spec.momentum > 0:      # the memory-bounded form draws zᵢ per pair: bias each row the same way
         noise_at = ctx.perturbations.momentum_at
 
-        def guided_at(b_, i):
-            fresh, noise = fresh_at(b_, i), noise_at(b_, i)
+        def guided_at(b_, i, subset=None):
+            fresh, noise = fresh_at(b_, i, subset), noise_at(b_, i)
             return {n: _guided(b_, fresh[n], noise[n], inputs[n], spec.momentum) for n in fresh}
         z_at = guided_at
     ctx.perturbations = dataclasses.replace(ctx.perturbations, z=z, ascent=ascent, z_at=z_at)

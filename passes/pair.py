@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
-from .formulas import Z_MAX, train_bytes
+from .formulas import Z_MAX, elements_per_word, train_bytes
 from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
 from .branch_rules import Refusal, stack_suffix
 
@@ -96,18 +96,26 @@ def _moved(b: Builder, tr, w, z, step):
     return b.op("Add", [w, moved if dtype == np.int8 else b.cast(moved, dtype)], dtype=dtype)
 
 
-def _perturbed_in_own_dtype(b: Builder, ctx: Context, w, tr, z, sign):
-    """([1, *shape] perturbed weight, rows(b, lo, hi) -> its rows lo:hi built from rows of W and z
+def _perturbed_in_own_dtype(b: Builder, ctx: Context, w, tr, z, sign, i):
+    """([1, *shape] perturbed weight, rows(b, lo, hi) -> its rows lo:hi built from rows of W and zᵢ
     alone): the trained Conv of the loop form builds and dequantizes its kernel a piece at a time, so
-    the body holds no whole-tensor temporary but zᵢ (one byte per weight)."""
+    the body holds no whole-tensor temporary. Where a piece starts on a hash word (and no momentum
+    guides z), its zᵢ is drawn for that piece alone, and the whole zᵢ is not drawn at all (unused, it is
+    cleaned up)."""
     step = b.cast(b.i32.Mul(sign, ctx.spec.eps * tr.stride), np.int8, hint="signed_step")
     whole = b.op("Unsqueeze", [_moved(b, tr, w, z, step), np.array([0], np.int64)],
                  dtype=np.dtype(tr.tensor.dtype), shape=[1] + list(tr.tensor.shape), hint=f"{tr.name}.perturbed")
+    inner, n = int(np.prod(tr.shape[1:])), elements_per_word(ctx.spec)
 
     def rows(b_: Builder, lo: int, hi: int):
-        piece = [b_.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
-                       dtype=t.dtype) for t in (w, z)]
-        return _moved(b_, tr, *piece, step)
+        sliced = lambda t: b_.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64),
+                                           np.array([0], np.int64)], dtype=t.dtype)
+        if (lo * inner) % n or (hi * inner) % n or ctx.spec.momentum > 0:
+            return _moved(b_, tr, sliced(w), sliced(z), step)
+        zi = ctx.perturbations.z_words(b_, tr.name, np.array([lo * inner // n], np.int32), (hi - lo) * inner // n, i)
+        zi = b_.op("Reshape", [b_.cast(zi, np.int8), np.array([hi - lo] + list(tr.shape[1:]), np.int64)],
+                   dtype=np.int8)
+        return _moved(b_, tr, sliced(w), zi, step)
     return whole, rows
 
 
@@ -127,12 +135,11 @@ def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
                                     np.array([0], np.int64)], dtype=np.int64), np.int32)
     sign = bb.op("Where", [bb.op("Less", [k, np.array([m], np.int64)], dtype=bool), np.array([1], np.int32),
                            np.array([-1], np.int32)], dtype=np.int32)
-    z = ctx.perturbations.z_at(bb, i)
     perturbed, rows = {}, {}
     for tr in ctx.trainables:
-        w = ctx.state.inputs[tr.name]
-        if _in_own_dtype(ctx, tr):
-            perturbed[tr.name], rows[tr.name] = _perturbed_in_own_dtype(bb, ctx, w, tr, z[tr.name], sign)
+        w, z = ctx.state.inputs[tr.name], ctx.perturbations.z_at(bb, i, [tr])    # one hash per tensor: an
+        if _in_own_dtype(ctx, tr):                                              # unused one is cleaned up
+            perturbed[tr.name], rows[tr.name] = _perturbed_in_own_dtype(bb, ctx, w, tr, z[tr.name], sign, i)
         else:
             z32 = bb.cast(bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)], dtype=np.int8), np.int32)
             perturbed[tr.name] = _perturbed(bb, ctx, w32, tr, z32, 1, sign)

@@ -30,7 +30,8 @@ Precondition: ctx.trainables (their shapes; lift has made them state).
 Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int32 [m, *shape]
 (dead, and dropped by finalize, when the memory-bounded form draws each zᵢ inside its Loop with
 .z_at(b, i), a stream index known at run time whose salt is hashed in-graph: int8 [*shape], the same
-values, so a Loop iteration holds one byte per element);
+values, so a Loop iteration holds one byte per element; or with .z_words for a range of a tensor's hash
+words, so a piece of it is drawn alone);
 .round_noise[name] int32 [*shape] when rounding is stochastic; .sparse_noise[name] int32 [*shape] in
 [0, 2^16) when a sparse update draws. No existing node changes.
 """
@@ -40,6 +41,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .context import Context, Pass, Perturbations
+from .formulas import CHUNK_BITS, elements_per_word
 from .graph_ops import Builder
 
 STREAM = "fgc-int32/2"
@@ -90,9 +92,6 @@ def _mix(b: Builder, x):
     return xor(x, _shr(b, x, 15))
 
 
-CHUNK_BITS = {"rademacher": 1, "ternary": 8, "gaussian": 8}
-
-
 def _lookup(spec) -> np.ndarray:
     """int32 table c -> z for the 8-bit chunk perturbations (ternary, gaussian)."""
     c = np.arange(256)
@@ -103,20 +102,22 @@ def _lookup(spec) -> np.ndarray:
     return (pop[c & 0xF] - pop[c >> 4]).astype(np.int32)
 
 
-def _salts(b: Builder, count: int, streams):
-    """salt[t, i] for t < count, t-major: int32 [T·S]. `streams` a range (constants) or an int32 [1]
-    tensor holding one stream index known only when the graph runs (a Loop's counter)."""
+def _salts(b: Builder, tensors: list[int], streams):
+    """salt[t, i] for the trainable indices t in `tensors`, t-major: int32 [T·S]. `streams` a range
+    (constants) or an int32 [1] tensor holding one stream index known only when the graph runs (a Loop's
+    counter)."""
     if isinstance(streams, range):
-        return int32(np.concatenate([salts(t, np.array(streams)) for t in range(count)]))
-    base = int32(65536 * np.arange(count, dtype=np.int64) + 1)
+        return int32(np.concatenate([salts(t, np.array(streams)) for t in tensors]))
+    base = int32(65536 * np.asarray(tensors, dtype=np.int64) + 1)
     return _mix(b, b.i32.Mul(b.i32.Add(streams, base), int32(GOLDEN)))
 
 
-def _words(b: Builder, seed, step, sizes: list[int], streams, n: int):
-    """word for `streams` (a range, or an int32 [1] stream tensor) of every trainable at once: int32
-    [len(streams), Σ words]. One hash over all words (fewer, larger nodes than one per tensor)."""
+def _words(b: Builder, seed, step, sizes: list[int], streams, n: int, tensors=None):
+    """word for `streams` (a range, or an int32 [1] stream tensor) of every trainable at once (of those
+    with indices `tensors`, sized `sizes`, when given): int32 [len(streams), Σ words]. One hash over all
+    words (fewer, larger nodes than one per tensor)."""
     words = [-(-size // n) for size in sizes]
-    all_salts = _salts(b, len(sizes), streams)
+    all_salts = _salts(b, list(range(len(sizes))) if tensors is None else tensors, streams)
     keys = _mix(b, b.op("BitwiseXor", [seed, all_salts], dtype=np.int32))                 # [T·S]
     keys = _mix(b, b.op("Add", [keys, step], dtype=np.int32))
     count = _rows(streams)
@@ -133,21 +134,23 @@ def _per_lane(b: Builder, words, rows: int, n: int, lane_op):
     return b.op("Reshape", [lanes, np.array([rows, -1], np.int64)], dtype=np.int32)
 
 
-def _rademacher(b: Builder, seed, step, sizes: list[int], streams):
+def _sign_of_bit(b: Builder, v):
     """z = 2c − 1 with c bit j mod 32 of the word: a bit test then a select, no shift needed."""
-    def sign_of_bit(v):
-        bit = b.op("BitwiseAnd", [v, int32(1 << np.arange(32, dtype=np.int64))], dtype=np.int32)
-        zero = b.op("Equal", [bit, np.array(0, np.int32)], dtype=bool)
-        return b.op("Where", [zero, np.array(-1, np.int32), np.array(1, np.int32)], dtype=np.int32)
-    v, words = _words(b, seed, step, sizes, streams, 32)
-    return _per_lane(b, v, _rows(streams), 32, sign_of_bit), [w * 32 for w in words]
+    bit = b.op("BitwiseAnd", [v, int32(1 << np.arange(32, dtype=np.int64))], dtype=np.int32)
+    zero = b.op("Equal", [bit, np.array(0, np.int32)], dtype=bool)
+    return b.op("Where", [zero, np.array(-1, np.int32), np.array(1, np.int32)], dtype=np.int32)
 
 
-def _chunks(b: Builder, seed, step, sizes: list[int], streams, k: int):
+def _rademacher(b: Builder, seed, step, sizes: list[int], streams, tensors=None):
+    v, words = _words(b, seed, step, sizes, streams, 32, tensors)
+    return _per_lane(b, v, _rows(streams), 32, lambda v: _sign_of_bit(b, v)), [w * 32 for w in words]
+
+
+def _chunks(b: Builder, seed, step, sizes: list[int], streams, k: int, tensors=None):
     """c for `streams` of every trainable at once: int32 [len(streams), Σ padded numel], each tensor's
     elements padded to whole words (k = 8 or 16)."""
     n = 32 // k
-    v, words = _words(b, seed, step, sizes, streams, n)
+    v, words = _words(b, seed, step, sizes, streams, n, tensors)
     return _per_lane(b, v, _rows(streams), n, lambda v: _shr(b, v, k, lanes=np.arange(n, dtype=np.int64))), \
         [w * n for w in words]
 
@@ -156,7 +159,7 @@ def _rows(streams) -> int:
     return len(streams) if isinstance(streams, range) else 1
 
 
-def _rademacher_int8(b: Builder, seed, step, sizes: list[int], streams):
+def _rademacher_int8(b: Builder, seed, step, sizes: list[int], streams, tensors=None):
     """The same z as _rademacher, int8: each word's 4 bytes (uint8) have their 8 bits tested, so no int32
     tensor of the element count exists (element 32w + 8k + j is bit j of byte k, bit 8k + j of word w)."""
     def sign_of_bit(v):
@@ -165,35 +168,64 @@ def _rademacher_int8(b: Builder, seed, step, sizes: list[int], streams):
         bit = b.op("BitwiseAnd", [octets, (1 << np.arange(8)).astype(np.uint8)], dtype=np.uint8)
         zero = b.op("Equal", [bit, np.array(0, np.uint8)], dtype=bool)
         return b.op("Where", [zero, np.array(-1, np.int8), np.array(1, np.int8)], dtype=np.int8)
-    v, words = _words(b, seed, step, sizes, streams, 32)
+    v, words = _words(b, seed, step, sizes, streams, 32, tensors)
     lanes = sign_of_bit(b.op("Unsqueeze", [v, np.array([2], np.int64)], dtype=np.int32))
     return b.op("Reshape", [lanes, np.array([_rows(streams), -1], np.int64)], dtype=np.int8), [w * 32 for w in words]
 
 
-def _z(b: Builder, seed, step, spec, sizes: list[int], streams, dtype=np.int32):
+def _z(b: Builder, seed, step, spec, sizes: list[int], streams, dtype=np.int32, tensors=None):
     """z for `streams`: [S, Σ padded numel] of `dtype` (int32, or int8 for the Loop's one row), and the
-    padded sizes."""
+    padded sizes (of the trainables with indices `tensors` when given)."""
     if spec.perturbation == "rademacher":
-        return (_rademacher if dtype == np.int32 else _rademacher_int8)(b, seed, step, sizes, streams)
-    c, padded = _chunks(b, seed, step, sizes, streams, CHUNK_BITS[spec.perturbation])
+        return (_rademacher if dtype == np.int32 else _rademacher_int8)(b, seed, step, sizes, streams, tensors)
+    c, padded = _chunks(b, seed, step, sizes, streams, CHUNK_BITS[spec.perturbation], tensors)
     table = b.const(_lookup(spec).astype(dtype), "z_table")
     return b.op("Gather", [table, c], {"axis": 0}, dtype=np.dtype(dtype)), padded
 
 
 def drawer(seed, step, spec, trainables):
-    """z_at(b, i): {name: zᵢ int32 [*shape]} for one pair index i (an int32 [1] tensor, e.g. a Loop's
-    counter), built with Builder b (a Loop body's): the same bits as row i of z, without the other rows.
-    With --momentum, momentum_at(b, i) gives the matching row of the sampling noise (stream m + 2 + i)."""
+    """z_at(b, i, subset=None): {name: zᵢ int8 [*shape]} for one pair index i (an int32 [1] tensor, e.g. a
+    Loop's counter) of every trainable (or of those in `subset`), built with Builder b (a Loop body's): the
+    same values as row i of z, without the other rows. With --momentum, momentum_at(b, i) gives the
+    matching row of the sampling noise (stream m + 2 + i)."""
     sizes = [tr.tensor.numel for tr in trainables]
 
-    def z_at(b: Builder, i):
-        z, padded = _z(b, seed, step, spec, sizes, i, np.int8)
-        return _split(b, z, trainables, padded, 0)
+    def z_at(b: Builder, i, subset=None):
+        subset = trainables if subset is None else subset
+        index = [next(t for t, tr in enumerate(trainables) if tr.name == s.name) for s in subset]
+        z, padded = _z(b, seed, step, spec, [sizes[t] for t in index], i, np.int8, index)
+        return _split(b, z, subset, padded, 0)
 
     def momentum_at(b: Builder, i):
         c, padded = _chunks(b, seed, step, sizes, b.i32.Add(i, spec.m + 2), 8)
         return _split(b, c, trainables, padded, 0)
     return z_at, momentum_at
+
+
+def words_drawer(b: Builder, seed, step, spec, trainables):
+    """z_words(b_, name, first, count, stream=None): every zᵢ (or the one for i = stream, an int32 [1]
+    tensor) of one trainable on its words first .. first + count − 1 (first an int32 [1] tensor, known at
+    run time or not), int32 [m or 1, count · elements_per_word(spec)]: the same bits as those columns of
+    z, for a piece of a tensor (update's row chunks, the loop form's Conv pieces). The m keys of each
+    trainable are hashed once here, with b (unused ones are cleaned up)."""
+    m, n = spec.m, elements_per_word(spec)
+    keys = {}
+    for t, tr in enumerate(trainables):
+        k = _mix(b, b.op("BitwiseXor", [seed, int32(salts(t, np.arange(m)))], dtype=np.int32))
+        keys[tr.name] = b.op("Unsqueeze", [_mix(b, b.op("Add", [k, step], dtype=np.int32)), np.array([1], np.int64)],
+                             dtype=np.int32)                                                        # [m, 1]
+
+    def z_words(b_: Builder, name: str, first, count: int, stream=None):
+        counter = b_.i32.Add(b_.i32.Mul(first, int32(GOLDEN)), int32(np.arange(count, dtype=np.uint64) * GOLDEN))
+        key, rows = keys[name], m
+        if stream is not None:      # one zᵢ: i an int32 [1] tensor
+            key, rows = b_.op("Gather", [key, stream], {"axis": 0}, dtype=np.int32), 1
+        v = _mix(b_, b_.op("Add", [key, counter], dtype=np.int32))                                 # [rows, count]
+        if spec.perturbation == "rademacher":
+            return _per_lane(b_, v, rows, n, lambda v: _sign_of_bit(b_, v))
+        c = _per_lane(b_, v, rows, n, lambda v: _shr(b_, v, 8, lanes=np.arange(n, dtype=np.int64)))
+        return b_.op("Gather", [b_.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32)
+    return z_words
 
 
 def _split(b: Builder, flat, trainables, padded: list[int], rows: int) -> dict:
@@ -220,6 +252,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     z, padded = _z(b, seed, step, spec, sizes, range(spec.m))
     ctx.perturbations = Perturbations(seed, step, _split(b, z, ctx.trainables, padded, spec.m), {})
     ctx.perturbations.z_at, ctx.perturbations.momentum_at = drawer(seed, step, spec, ctx.trainables)
+    ctx.perturbations.z_words = words_drawer(b, seed, step, spec, ctx.trainables)
     if spec.rounding == "stochastic":
         u, padded = _chunks(b, seed, step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
         u = b.op("BitwiseAnd", [u, np.array((1 << spec.lr_shift) - 1, np.int32)], dtype=np.int32)

@@ -7,8 +7,10 @@
 
 lr_max keeps t inside int32 (passes/formulas.py). r is saturated to (2^30 − 1) // stride before the
 stride multiply, so W − stride·r never wraps. In the memory-bounded form (--branches loop) a tensor of
-more than CHUNK elements is updated in row chunks (a Loop over slices of its leading axis), so its int32
-temporaries hold one chunk, not the whole tensor; the formula is elementwise, so the values are the same.
+more than formulas.CHUNK elements is updated in row chunks (a Loop over slices of its leading axis),
+so its int32 temporaries hold one chunk, not the whole tensor; where estimate gives ĝ by rows
+(ctx.estimate.rows), each chunk also draws its own zᵢ and sums its ĝ, which then never exists whole.
+The formula is elementwise, so the values are the same.
 
 Precondition: ctx.estimate.grad from estimate (int32, or int8/int16 in the loop form), ctx.state from
 lift, ctx.branches.w32 from pair (and ctx.perturbations.round_noise for stochastic rounding).
@@ -22,11 +24,8 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import SpecError
 from .context import Context, Pass, Update
-from .formulas import lr_bound
+from .formulas import chunk_rows, chunked, lr_bound
 from .graph_ops import Builder
-
-CHUNK = 1 << 16     # elements per Loop iteration: the int32 temporaries of a chunk are 256 KiB
-
 
 def _next(b: Builder, spec, tr, g, w, noise, numerator):
     """clip(W − stride·r, qmin, qmax) in int32, for ĝ, W (and the stochastic noise) of any one shape."""
@@ -43,16 +42,9 @@ def _next(b: Builder, spec, tr, g, w, noise, numerator):
     return b.clip_int32(I.Sub(b.as_int32(w), r), tr.qmin, tr.qmax)
 
 
-def _chunk_rows(shape) -> int:
-    """The largest divisor of shape[0] whose rows hold at most CHUNK elements (at least 1)."""
-    inner = int(np.prod(shape[1:]))
-    return max(d for d in range(1, shape[0] + 1) if shape[0] % d == 0 and (d * inner <= CHUNK or d == 1))
-
-
-def _in_chunks(graph: gs.Graph, b: Builder, spec, tr, tensors: list, numerator):
-    """The next weights of `tr` from a Loop over row chunks of its state, ĝ (and noise): the scan output
-    [chunks, rows, ...] reshaped to the tensor's shape."""
-    rows = _chunk_rows(tr.shape)
+def _in_chunks(graph: gs.Graph, b: Builder, spec, tr, rows: int, tensors: list, numerator, grad_at=None):
+    """The next weights of `tr` from a Loop over chunks of `rows` rows of its state and ĝ (and noise), ĝ's
+    chunk made by grad_at(b, k) when given: the scan output [chunks, rows, ...] reshaped to the shape."""
     chunks = tr.shape[0] // rows
     split = np.array([chunks, rows] + list(tr.shape[1:]), np.int64)
     outer = [None if t is None else b.op("Reshape", [t, split], dtype=t.dtype, hint="chunked") for t in tensors]
@@ -61,8 +53,8 @@ def _in_chunks(graph: gs.Graph, b: Builder, spec, tr, tensors: list, numerator):
     k = gs.Variable(bb.name("k"), dtype=np.int64, shape=[])
     cond = gs.Variable(bb.name("cond"), dtype=bool, shape=[])
     body.inputs = [k, cond]
-    pieces = [None if t is None else bb.op("Gather", [t, k], {"axis": 0}, dtype=t.dtype) for t in outer]
-    new = bb.cast(_next(bb, spec, tr, *pieces, numerator), tr.tensor.dtype)
+    g, w, noise = [None if t is None else bb.op("Gather", [t, k], {"axis": 0}, dtype=t.dtype) for t in outer]
+    new = bb.cast(_next(bb, spec, tr, grad_at(bb, k) if grad_at else g, w, noise, numerator), tr.tensor.dtype)
     body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[]), new]
     scanned = gs.Variable(b.name("next_chunks"), dtype=np.dtype(tr.tensor.dtype))
     graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
@@ -83,10 +75,16 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     numerator = b.clip_int32(lr_numerator, 0, lr_max, hint="lr")
     state_out = {}
     for tr in ctx.trainables:
-        g, noise = ctx.estimate.grad[tr.name], ctx.perturbations.round_noise.get(tr.name)
-        if ctx.branches.form == "loop" and tr.shape and tr.tensor.numel > CHUNK:
-            state_out[tr.name] = _in_chunks(graph, b, spec, tr, [g, ctx.state.inputs[tr.name], noise], numerator)
+        w, noise = ctx.state.inputs[tr.name], ctx.perturbations.round_noise.get(tr.name)
+        if tr.name in ctx.estimate.rows:      # ĝ made a chunk at a time, never whole
+            by_rows = ctx.estimate.rows[tr.name]
+            state_out[tr.name] = _in_chunks(graph, b, spec, tr, by_rows.rows, [None, w, noise], numerator,
+                                            by_rows.at)
+        elif ctx.branches.form == "loop" and chunked(tr.shape):
+            state_out[tr.name] = _in_chunks(graph, b, spec, tr, chunk_rows(tr.shape),
+                                            [ctx.estimate.grad[tr.name], w, noise], numerator)
         else:
+            g = ctx.estimate.grad[tr.name]
             new = _next(b, spec, tr, g, ctx.branches.w32[tr.name], noise, numerator)
             state_out[tr.name] = b.cast(new, tr.tensor.dtype, hint="next", name=tr.output_name, shape=tr.shape)
     ctx.update = Update(lr_numerator, lr_max, state_out)

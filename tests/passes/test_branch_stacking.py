@@ -8,6 +8,7 @@ import pytest
 
 from conftest import shipped
 from fgcompile.errors import CompileError
+from fgcompile.passes import branch_rules, formulas
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.spec import TrainSpec
 from reference import qzoff
@@ -146,3 +147,35 @@ def test_loop_dequantizes_frozen_weights_inside_its_body():
     frozen = {"fc1.weight_quantized", "fc2.weight_quantized"}
     assert frozen <= {i.name for i in body.initializer}
     assert not frozen & {i for n in graph.node for i in n.input}
+
+
+def test_loop_holds_no_wide_copy_of_a_large_weight(monkeypatch):
+    """The memory-bounded form keeps no int32 or float tensor the size of a large trained Conv weight, in
+    its main graph or its Loop bodies: W ± εzᵢ is formed in the weight's int16, its float kernel and ĝ
+    are made a piece of rows at a time. PIECE and CHUNK shrink so that digits_cnn's conv2 (4608 weights)
+    counts as large; the stacked form (every zᵢ and perturbed copy in int32) fails the same check. (A
+    trained Gemm/MatMul weight still has its whole float copy in the body: fc1 here.)"""
+    monkeypatch.setattr(branch_rules, "PIECE", 1000)
+    monkeypatch.setattr(formulas, "CHUNK", 1000)
+    spec = TrainSpec(m=4, last=3)
+
+    def wide(compiled):
+        large = {int(np.prod(s.shape)) for s in compiled.contract.state if len(s.shape) == 4}
+        found = []
+
+        def walk(graph):
+            for v in graph.value_info:
+                t = v.type.tensor_type
+                dims = [d.dim_value for d in t.shape.dim]
+                if t.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.FLOAT) and all(dims) and \
+                        int(np.prod(dims)) in large:
+                    found.append(v.name)
+            for node in graph.node:
+                for a in node.attribute:
+                    if a.type == onnx.AttributeProto.GRAPH:
+                        walk(a.g)
+        walk(onnx.shape_inference.infer_shapes(compiled.train).graph)
+        return found
+    model = shipped("digits_cnn/w8a8.onnx")
+    assert wide(compile_graph(model, spec))
+    assert wide(compile_graph(model, dataclasses.replace(spec, branches="loop"))) == []

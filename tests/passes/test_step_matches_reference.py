@@ -4,7 +4,7 @@ import pytest
 
 from conftest import shipped
 from fgcompile.spec import TrainSpec
-from fgcompile.passes import branch_rules, update
+from fgcompile.passes import branch_rules, formulas
 from fgcompile.passes.pipeline import compile_graph
 from reference import qzoff
 from steps import Steps
@@ -141,6 +141,7 @@ def test_enhancements_match_reference(model_file, options, target_train):
     dict(last=2, rounding="stochastic", lr=0.3),
     dict(last=3, bits=8, headroom=1, kernel_norm=True, sparsity=0.5),
     dict(last=3, eps=200),                                         # ε·z beyond int8: the int32 perturbation
+    dict(last=3, momentum=0.5),                                    # guided zᵢ: pieces sliced from the whole
 ])
 def test_loop_form_matches_reference(options, target_train, monkeypatch):
     """The loop form's narrow arithmetic (int8 zᵢ, weights moved in their own dtype, ĝ in int8/int16, the
@@ -148,7 +149,7 @@ def test_loop_form_matches_reference(options, target_train, monkeypatch):
     reference's bits. PIECE and CHUNK shrink so that digits_cnn's conv2 and fc1 take the pieces and chunks
     that ResNet-18's layer4 convs take at the defaults."""
     monkeypatch.setattr(branch_rules, "PIECE", 1000)
-    monkeypatch.setattr(update, "CHUNK", 1000)
+    monkeypatch.setattr(formulas, "CHUNK", 1000)
     spec = TrainSpec(m=4, branches="loop", **options)
     if spec.last == 3 and spec.eps is None:
         body = next(a.g for n in compile_graph(shipped("digits_cnn/w8a8.onnx"), spec).train.graph.node
