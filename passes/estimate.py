@@ -65,7 +65,7 @@ def _by_rows(ctx: Context, c) -> dict[str, GradRows]:
         return {}
     n, rows = elements_per_word(spec), {}
     for tr in ctx.trainables:
-        count = chunk_rows(tr.shape, n) if chunked(tr.shape) else None
+        count = chunk_rows(tr.shape, n, spec.m) if chunked(tr.shape) else None
         if count is not None:
             rows[tr.name] = GradRows(count, _chunk_grad(ctx, c, tr, count, n))
     return rows

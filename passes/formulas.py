@@ -66,12 +66,13 @@ def chunked(shape) -> bool:
     return len(shape) > 0 and int(np.prod(shape)) > CHUNK
 
 
-def chunk_rows(shape, align: int = 1) -> int | None:
+def chunk_rows(shape, align: int = 1, per_element: int = 1) -> int | None:
     """Rows of the leading axis per update chunk: the largest divisor of shape[0] whose rows hold at most
-    CHUNK elements and a multiple of `align` (a chunk then starts on a hash word), or None."""
+    CHUNK / per_element elements (per_element: int32 values a chunk holds per element, e.g. its m zᵢ) and
+    a multiple of `align` (a chunk then starts on a hash word), or None."""
     inner = int(np.prod(shape[1:]))
     fits = [d for d in range(1, shape[0] + 1) if shape[0] % d == 0 and (d * inner) % align == 0
-            and (d * inner <= CHUNK or d == 1)]
+            and (d * inner * per_element <= CHUNK or d == 1)]
     return max(fits) if fits else None
 
 

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
-from .formulas import Z_MAX, elements_per_word, train_bytes
+from .formulas import Z_MAX, chunked, elements_per_word, train_bytes
 from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
 from .branch_rules import Refusal, stack_suffix
 
@@ -64,9 +64,10 @@ ROOM = 127       # the int8 step: |ε·stride·z| <= ROOM lets a branch move W i
 
 
 def _in_own_dtype(ctx: Context, tr) -> bool:
-    """Whether the loop form perturbs tr in its own 8/16-bit dtype: no sharpness centre (an int32 W̃) and
-    |ε·stride·z| fits int8."""
-    return (np.dtype(tr.tensor.dtype) in UNSIGNED and tr.name not in ctx.perturbations.ascent
+    """Whether the loop form perturbs tr in its own 8/16-bit dtype: a large tensor (formulas.chunked; a
+    small one keeps the int32 form, fewer nodes), no sharpness centre (an int32 W̃) and |ε·stride·z|
+    within int8."""
+    return (np.dtype(tr.tensor.dtype) in UNSIGNED and tr.name not in ctx.perturbations.ascent and chunked(tr.shape)
             and ctx.spec.eps * tr.stride * Z_MAX[ctx.spec.perturbation] <= ROOM)
 
 
@@ -135,10 +136,13 @@ def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
                                     np.array([0], np.int64)], dtype=np.int64), np.int32)
     sign = bb.op("Where", [bb.op("Less", [k, np.array([m], np.int64)], dtype=bool), np.array([1], np.int32),
                            np.array([-1], np.int32)], dtype=np.int32)
+    # zᵢ stands in as a placeholder until the suffix is built: a trained Conv built in pieces draws its
+    # own, and one hash then draws zᵢ for the tensors used whole only
+    z = {tr.name: gs.Variable(bb.name("z"), dtype=np.int8, shape=list(tr.shape)) for tr in ctx.trainables}
     perturbed, rows = {}, {}
     for tr in ctx.trainables:
-        w, z = ctx.state.inputs[tr.name], ctx.perturbations.z_at(bb, i, [tr])    # one hash per tensor: an
-        if _in_own_dtype(ctx, tr):                                              # unused one is cleaned up
+        w = ctx.state.inputs[tr.name]
+        if _in_own_dtype(ctx, tr):
             perturbed[tr.name], rows[tr.name] = _perturbed_in_own_dtype(bb, ctx, w, tr, z[tr.name], sign, i)
         else:
             z32 = bb.cast(bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)], dtype=np.int8), np.int32)
@@ -151,6 +155,13 @@ def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
                            "Use --branches cloned, or train other tensors.")
     one = mapping[ctx.io.loss_tap]
     body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [one], dtype=np.float32)]
+    live = {id(n) for n in upstream_nodes(body.nodes, body.outputs[1].name)}
+    used = [tr for tr in ctx.trainables if any(id(n) in live for n in z[tr.name].outputs)]
+    drawn = ctx.perturbations.z_at(bb, i, used) if used else {}
+    for tr in used:
+        for node in list(z[tr.name].outputs):
+            node.inputs = [drawn[tr.name] if t is z[tr.name] else t for t in node.inputs]
+    body.toposort()
     tail = list(one.shape[2:])     # after [1, B]: static (stack folds and unfolds with them)
     branches = gs.Variable("pair/logits_branches", dtype=np.float32)
     graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
