@@ -12,16 +12,19 @@ Memory estimate for training one tensor of n elements with m perturbations on a 
 form (what the step holds beyond inference):
     n · (2b state in/out + 18·rows int32 perturbations z [rows, n] and the hash words alive beside them
          + 8 ĝ and update + copies · (12 + b) perturbed weights: int32 W ± εz, its clip, the b-byte
-         cast and the float dequantization
-         + 16 with a momentum buffer (--momentum or --sharpness: the int32 buffer in and out, and its update)
-         + 8·rows for momentum-guided sampling (the int32 noise and the guided z) + 8 for the sharpness ascent)
+         cast and the float dequantization)
 with rows = m, copies = 2m when the branches are stacked or cloned, and for --branches loop rows = 1,
 copies = 1 (each zᵢ is drawn inside the Loop, one branch per iteration) and 8 more bytes for ĝ (carried
-through the Loop, an iteration's input and output alive at once). (ResNet-18's layer4 conv, 2.4M weights
-at m = 8: 855 MiB stacked and 117 MiB loop; measured 758 and 109 MiB above inference,
-benchmarks/results/deep-loop.md.) Activations of
-the branches are not included: they depend on the batch (stacked: 2m·B rows through the suffix; loop:
-B), and benchmarks/deep.py measures them.
+through the Loop, an iteration's input and output alive at once). A large tensor of the loop form (more
+than 2^16 elements) is perturbed in its own dtype and updated in row chunks:
+    n · (2b state in/out + b the update's chunks before onnxruntime concatenates them + b + 3 the
+         perturbed copy, its int8 rooms to the grid's ends and zᵢ (int8) with its hash + 4 the float
+         kernel (whole for a MatMul/Gemm; a Conv dequantizes a piece at a time) + 2 ĝ carried in int8
+         where the update cannot sum it chunk by chunk)  = n · (4b + 9)
+(ResNet-18's layer4 conv, 2.4M weights at m = 8: 855 MiB stacked and 38 MiB loop; measured 758 and 17
+MiB above inference, benchmarks/results/deep-loop.md.) Activations of the branches are not included:
+they depend on the batch (stacked: 2m·B rows through the suffix; loop: B), and benchmarks/deep.py
+measures them.
 """
 from __future__ import annotations
 

@@ -333,7 +333,7 @@ def _trained_conv(s: BranchedTensors, node, ins):
     s.mapping[out.name] = s.register(y, out.shape if out.shape is not None else node.outputs[0].shape, folded=True)
 
 
-PIECE = 1 << 18     # float kernel elements dequantized at a time by the loop form's trained Conv (1 MiB)
+PIECE = 1 << 19     # float kernel elements dequantized at a time by the loop form's trained Conv (2 MiB)
 
 
 def _output_pieces(s: BranchedTensors, node, q) -> int:

@@ -6,10 +6,11 @@
     train bytes  numel · (2·g + 18·rows + ĝ + copies·(12 + g)) beyond inference for one trained tensor on a
                  g-byte grid; stacked or cloned: rows = m z rows, copies = 2m, ĝ = 8; loop: rows = 1 (zᵢ is
                  drawn inside the Loop), copies = 1 (one branch per iteration), ĝ = 16 (carried through the
-                 Loop: an iteration's input and output); a momentum buffer (--momentum, --sharpness) adds
-                 16 (int32 state in and out, and its update), guided sampling 8·rows and the ascent 8
-                 (fgcompile/inspection.py explains the terms; pair's --memory-budget and inspect's estimate
-                 use it)
+                 Loop: an iteration's input and output); a large tensor of the loop form (more than CHUNK
+                 elements, no --sharpness), perturbed in its own dtype: numel · (4·g + 9); a momentum buffer
+                 (--momentum, --sharpness) adds 16 (int32 state in and out, and its update), guided sampling
+                 8·rows and the ascent 8 (fgcompile/inspection.py explains the terms; pair's --memory-budget
+                 and inspect's estimate use it)
     lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr_numerator·ĝ never wraps int32, since
                  |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)
 """
@@ -78,8 +79,11 @@ def chunk_rows(shape, align: int = 1, per_element: int = 1) -> int | None:
 
 def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False, momentum: float = 0.0,
                 sharpness: int = 0) -> int:
-    rows, grad, copies = (1, 16, 1) if loop else (m, 8, 2 * m)
     buffer = 16 if momentum > 0 or sharpness > 0 else 0   # int32 v in and out, v div 8 and the sum
-    guided = 8 * rows if momentum > 0 else 0              # per z row: the int32 noise and the Where's z
     ascent = 8 if sharpness > 0 else 0                    # sign(v) and the centre W̃, int32
+    if loop and numel > CHUNK and sharpness == 0:         # a large tensor of the loop form, in its own dtype
+        guided = 8 if momentum > 0 else 0                 # the int32 noise and the guided z of one row
+        return numel * (4 * grid_bytes + 9 + buffer + guided)
+    rows, grad, copies = (1, 16, 1) if loop else (m, 8, 2 * m)
+    guided = 8 * rows if momentum > 0 else 0              # per z row: the int32 noise and the Where's z
     return numel * (2 * grid_bytes + buffer + ascent + 18 * rows + guided + grad + copies * (12 + grid_bytes))

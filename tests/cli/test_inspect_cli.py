@@ -86,3 +86,33 @@ def test_estimate_counts_the_momentum_buffer(flag):
 def test_estimate_refuses_a_bad_momentum():
     r = run("inspect", MODELS / "digits_cnn" / "w8a8.onnx", "--momentum", "1.5")
     assert r.exit_code == 2 and "--momentum 1.5" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [2, 3])
+def test_loop_estimate_bounds_the_measured_peak(depth, tmp_path):
+    """inspect's loop-form estimate for ResNet-18's last 2 sites and last block (2.4M and 4.7M trained
+    weights) is at least what the training process holds above inference: VmHWM of fresh processes
+    (benchmarks/memory.py), m = 8, batch 32. Needs the bench models (models/recipes/build_bench.py)."""
+    import pathlib
+    import sys
+    from fgcompile.compiler import compile_model, write_compiled
+    from fgcompile.inspection import inspect_model
+    from fgcompile.spec import TrainSpec
+    path = pathlib.Path.home() / ".cache" / "fgcompile-bench" / "resnet18" / "w8a8.onnx"
+    if not path.exists():
+        pytest.skip("run models/recipes/build_bench.py first")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+    import memory
+    source = onnx.load(path)
+    compiled = compile_model(source, TrainSpec(m=8, last=depth, branches="loop"))
+    write_compiled(compiled, tmp_path / "compiled")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 3, 96, 96)).astype(np.float32),
+             y=rng.integers(0, 10, 32).astype(np.int64))
+    infer = memory.measure("inference", model=str(path), data=str(tmp_path / "data.npz"), batch=32, iterations=3)
+    train = memory.measure("training", compiled=str(tmp_path / "compiled"), data=str(tmp_path / "data.npz"),
+                           batch=32, iterations=3)
+    trained = {s.name for s in compiled.contract.state}
+    estimate = sum(r.loop_bytes for r in inspect_model(source, m=8) if r.tensor in trained) / 2 ** 20
+    assert estimate >= train["peak_mb"] - infer["peak_mb"] > 0
