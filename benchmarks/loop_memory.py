@@ -49,7 +49,8 @@ def main(rows, m, batch, bits, iterations, label, out):
                             cwd=HERE).stdout.strip()
     run = result["runs"].setdefault(label, {"rows": {}})      # a second run under a label adds rows
     run.update({"machine": machine(), "commit": commit, "m": m, "batch": batch, "bits": bits,
-                "command": "python benchmarks/loop_memory.py " + " ".join(repr(a) if " " in a else a for a in sys.argv[1:])})
+                "command": "python benchmarks/loop_memory.py " +
+                " ".join(repr(a) if " " in a else a for a in sys.argv[1:])})
     for row in rows.split(","):
         name, depth = row.split(":")
         path = CACHE / name / "w8a8.onnx"
@@ -91,17 +92,16 @@ def report(result) -> str:
                      + (f" (`{r['command']}`)" if "command" in r else "") + "; "
                      f"{mc['cpu']}, {mc['cores']} cores (shared, loaded), {mc['platform']}, python {mc['python']}, "
                      + ", ".join(f"{k} {v}" for k, v in mc["packages"].items()) + f"; {mc['date']}")
-    last = list(runs)[-1]
-    lines += ["", f"`inspect` is the estimate of the last column's commit ({last}): the loop-form bytes of the trained "
-              "tensors above inference (MiB; activations not included), beside what that column measured above "
-              "inference.", "",
+    lines += ["", "`inspect`: the loop-form bytes of the trained tensors that inspect estimates above inference (MiB; "
+              "activations not included), beside what the last column with an estimate measured above inference.", "",
               "| model, trained | inference MB | " + " | ".join(f"{lb} MB (x inference)" for lb in runs) +
               " | inspect vs measured above inference |", "|---|---|" + "---|" * (len(runs) + 1)]
     for key in keys:
         infer = next(r["rows"][key]["inference_mb"] for r in runs.values() if key in r["rows"])
         cells = [f"{r['rows'][key]['training_mb']:.1f} ({r['rows'][key]['ratio']:.2f}x)" if key in r["rows"] else "-"
                  for r in runs.values()]
-        row = runs[last]["rows"].get(key, {})
+        row = next((r["rows"][key] for r in reversed(list(runs.values()))
+                    if "estimate_mb" in r["rows"].get(key, {})), {})
         bound = f"{row['estimate_mb']:.1f} vs {row['training_mb'] - row['inference_mb']:.1f}" if "estimate_mb" in row \
             else "-"
         lines.append(f"| {key} | {infer:.1f} | " + " | ".join(cells) + f" | {bound} |")
