@@ -5,6 +5,7 @@ memory against inference and torch fp32 backprop of the same tensors.
     python benchmarks/deep.py                   # writes benchmarks/results/deep.{json,md}
     python benchmarks/deep.py --branches cloned --out benchmarks/results/deep-cloned   # the fallback form
     python benchmarks/deep.py --source w16a8 --out benchmarks/results/deep-w16a8   # floor at 16-bit weights
+    python benchmarks/deep.py --requant both --out benchmarks/results/deep-requant  # requant_bypass on and off
 
 Per model (--source w8a8, or w16a8 where 16-bit weights are deployed) and trained depth (last 1 / last 2 /
 the last block / one mid-network site), m and batch:
@@ -15,11 +16,15 @@ the last block / one mid-network site), m and batch:
               from w16a8 the floor runs the same kernels as the step.
     forward   one forward of the inference model on the same batch
     memory    VmHWM of fresh processes (benchmarks/memory.py): inference, training, torch backprop
+    kept      with --requant both: the same step compiled with --keep-requant (requant_bypass off: the
+              branches keep the activation Q→DQ pairs after the suffix's last weighted op), timed in the
+              same interleaved blocks as `step`; --requant keep times only that graph
 Timings interleave the candidates and take the median of repeated blocks, one thread each. The grid is
 cut to what 2 shared cores finish (--quick cuts more); the rows say what ran.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -63,7 +68,9 @@ def data(source, batch: int):
     return rng.standard_normal((batch, *shape)).astype(np.float32), rng.integers(0, classes, batch).astype(np.int64)
 
 
-def cost(source, compiled, x, y, repeats: int) -> dict:
+def cost(source, compiled, x, y, repeats: int, kept=None) -> dict:
+    """Step, floor and forward in ms; with `kept` (the same spec compiled with requant_bypass off) also
+    that graph's step, interleaved with the others so that the two steps share the machine's load."""
     contract = compiled.contract
     name = contract.inputs.data
     infer, train = make_session(source, 1), make_session(compiled.train, 1)
@@ -75,13 +82,18 @@ def cost(source, compiled, x, y, repeats: int) -> dict:
     t0 = time.perf_counter()
     train.run(outputs, feeds)
     calls = max(1, min(20, int(0.2 / (time.perf_counter() - t0))))   # blocks of >= ~0.2 s of steps
-    t = timed({"forward": lambda: infer.run(None, {name: x}), "step": lambda: train.run(outputs, feeds),
-               "prefix": lambda: prefix.run(boundary, {name: x}), "suffix": lambda: suffix.run(None, mid)},
-              repeats, calls, warmup=2)
+    fns = {"forward": lambda: infer.run(None, {name: x}), "step": lambda: train.run(outputs, feeds),
+           "prefix": lambda: prefix.run(boundary, {name: x}), "suffix": lambda: suffix.run(None, mid)}
+    if kept is not None:
+        kept_session = make_session(kept.train, 1)
+        kept_feeds = step_feeds(kept.contract, x, y, 1, kept.state)
+        fns["kept"] = lambda: kept_session.run(outputs, kept_feeds)
+    t = timed(fns, repeats, calls, warmup=2)
     m = contract.spec.m
     floor = t["prefix"] + 2 * m * t["suffix"]
     return {"ms": {k: round(v / 1e3, 2) for k, v in (t | {"floor": floor}).items()},
-            "step_over_floor": round(t["step"] / floor, 3), "step_over_forward": round(t["step"] / t["forward"], 3)}
+            "step_over_floor": round(t["step"] / floor, 3), "step_over_forward": round(t["step"] / t["forward"], 3)} \
+        | ({"kept_over_step": round(t["kept"] / t["step"], 3)} if kept is not None else {})
 
 
 def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathlib.Path) -> dict:
@@ -110,9 +122,12 @@ def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathl
 @click.option("--bits", default=16, show_default=True, help="Training grid (TrainSpec.bits): 8 keeps int8 kernels.")
 @click.option("--source", "quantization", type=click.Choice(["w8a8", "w16a8"]), default="w8a8", show_default=True,
               help="Which cached quantization to compile and to take the floor and forward from.")
+@click.option("--requant", type=click.Choice(["bypass", "keep", "both"]), default="bypass", show_default=True,
+              help="bypass: TrainSpec's default requant_bypass; keep: compile with --keep-requant; both: time "
+                   "the --keep-requant step beside the default one (column `kept`).")
 @click.option("--only-depth", default=None, help="Substring of the depth labels to run.")
 @click.option("--out", default=str(HERE / "results" / "deep"), show_default=True)
-def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, only_depth, out):
+def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, requant, only_depth, out):
     ms, batches = [int(v) for v in ms.split(",")], [int(v) for v in batches.split(",")]
     mem_rows = {tuple(int(v) for v in r.split(":")) for r in memory_at.split(",") if r}
     rows = []
@@ -126,19 +141,23 @@ def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, o
                 continue
             for m in ms:
                 t0 = time.perf_counter()
-                compiled = compile_model(source, TrainSpec(m=m, branches=branches, bits=bits, **options))
+                spec = TrainSpec(m=m, branches=branches, bits=bits, requant_bypass=requant != "keep", **options)
+                compiled = compile_model(source, spec)
                 seconds = time.perf_counter() - t0
+                kept = compile_model(source, dataclasses.replace(spec, requant_bypass=False)) \
+                    if requant == "both" else None
                 for batch in batches:
                     row = {"model": name, "trained": label, "m": m, "batch": batch,
                            "branches": compiled.contract.branches, "compile_s": round(seconds, 2),
                            "params": sum(int(np.prod(s.shape)) for s in compiled.contract.state)}
-                    row |= cost(source, compiled, *data(source, batch), repeats)
+                    row |= cost(source, compiled, *data(source, batch), repeats, kept)
                     if (m, batch) in mem_rows:
                         with tempfile.TemporaryDirectory() as tmp:
                             row["memory"] = peak_memory(path, fp32_path, source, fp32, compiled, batch, pathlib.Path(tmp))
                     rows.append(row)
                     print(_line(row), flush=True)
-    result = {"machine": machine(), "source": quantization, "branches": branches, "bits": bits, "rows": rows}
+    result = {"machine": machine(), "source": quantization, "branches": branches, "bits": bits,
+              "requant": requant, "rows": rows}
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -156,6 +175,8 @@ def _line(r) -> str:
     text = (f"{r['model']:12s} {r['trained']:28s} m={r['m']:<2d} B={r['batch']:<3d} {r['branches']:7s} "
             f"step {ms['step']:9.2f} ms  floor {ms['floor']:9.2f}  fwd {ms['forward']:8.2f}  "
             f"step/floor {r['step_over_floor']:.2f}  step/fwd {r['step_over_forward']:.2f}")
+    if "kept" in ms:
+        text += f"  kept-requant step {ms['kept']:9.2f} ms ({r['kept_over_step']:.2f}x)"
     if "memory" in r:
         i, t, b = _mem(r, "inference"), _mem(r, "training"), _mem(r, "backprop")
         text += f"  peak MB infer {i} train {t} ({t / i:.2f}x) backprop {b}" + (f" ({b / t:.2f}x train)" if b else "")
@@ -164,20 +185,24 @@ def _line(r) -> str:
 
 def report(result) -> str:
     m = result["machine"]
+    both = result.get("requant") == "both"
     head = [f"# Deep training cost and memory (`benchmarks/deep.py`, source {result.get('source', 'w8a8')}, "
-            f"branches={result['branches']})", "",
+            f"branches={result['branches']}, requant={result.get('requant', 'bypass')})", "",
             f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['packages']['onnxruntime']}, torch "
             f"{m['packages']['torch']}, commit {m['commit']}, {m.get('date', '')}; one thread per session.", "",
             "| model | trained | params | m | batch | form | step ms | floor ms | forward ms | step/floor | step/forward "
-            "| peak MB infer / train / backprop | train/infer | backprop/train |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            + ("| --keep-requant step ms | kept/step " if both else "")
+            + "| peak MB infer / train / backprop | train/infer | backprop/train |",
+            "|---" * (16 if both else 14) + "|"]
     for r in result["rows"]:
         ms = r["ms"]
         i, t, b = _mem(r, "inference"), _mem(r, "training"), _mem(r, "backprop")
         mem = f"{i} / {t} / {b if b else '-'}" if t else ""
         head.append(f"| {r['model']} | {r['trained']} | {r['params']} | {r['m']} | {r['batch']} | {r['branches']} | "
                     f"{ms['step']:.1f} | {ms['floor']:.1f} | {ms['forward']:.1f} | {r['step_over_floor']:.2f} | "
-                    f"{r['step_over_forward']:.2f} | {mem} | {f'{t / i:.2f}' if t else ''} | "
+                    f"{r['step_over_forward']:.2f} | "
+                    + (f"{ms['kept']:.1f} | {r['kept_over_step']:.2f} | " if both else "")
+                    + f"{mem} | {f'{t / i:.2f}' if t else ''} | "
                     f"{f'{b / t:.2f}' if t and b else ''} |")
     return "\n".join(head) + "\n"
 

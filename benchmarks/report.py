@@ -8,6 +8,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def baseline(budget: dict, row: dict) -> dict:
+    """The fp32 backprop row of the tensors that a QZO-FF row trained (run.py: last layer, or --last N)."""
+    last = row.get("options", {}).get("last", 1)
+    return budget["backprop"] if last == 1 else budget["backprop_deep"][str(last)]
+
+
+def _backprop_rows(budgets: dict) -> dict:
+    """label -> {budget: backprop row}, for every trained depth measured."""
+    first = next(iter(budgets.values()))
+    depths = (["1"] if first["backprop"] else []) + list(first.get("backprop_deep", {}))
+    return {("fp32 backprop (Adam)" if d == "1" else f"fp32 backprop (Adam) --last {d}"):
+            {b: (r["backprop"] if d == "1" else r["backprop_deep"][d]) for b, r in budgets.items()} for d in depths}
+
+
 def markdown(r: dict) -> str:
     mc = r["machine"]
     lines = [f"# fgcompile benchmarks{' (quick run)' if r.get('quick') else ''}", "",
@@ -37,14 +51,17 @@ def markdown(r: dict) -> str:
                 cells = []
                 for b in budgets:
                     q = acc["budgets"][b]["qzo_ff"][k]
-                    gap = 100 * (q["mean"] - acc["budgets"][b]["backprop"]["mean"])
+                    bp = baseline(acc["budgets"][b], q)["mean"]
+                    gap = 100 * (q["mean"] - bp)
                     ex = q.get("exported")
-                    gap_ex = f", exported {_pct(ex['mean'])} ({100 * (ex['mean'] - acc['budgets'][b]['backprop']['mean']):+.1f})" if ex else ""
+                    gap_ex = f", exported {_pct(ex['mean'])} ({100 * (ex['mean'] - bp):+.1f})" if ex else ""
                     cells.append(f"{_pct(q['mean'])} ± {_pct(q['std'])} ({gap:+.1f} vs bp; lr {q['lr']:g}){gap_ex}")
                 lines.append(f"| QZO-FF {k} | " + " | ".join(cells) + " |")
-            cells = [f"{_pct(acc['budgets'][b]['backprop']['mean'])} ± {_pct(acc['budgets'][b]['backprop']['std'])} "
-                     f"(lr {acc['budgets'][b]['backprop']['lr']:g})" for b in budgets]
-            lines += [f"| fp32 backprop (Adam) | " + " | ".join(cells) + " |", ""]
+            for label, per_budget in _backprop_rows(acc["budgets"]).items():
+                cells = [f"{_pct(per_budget[b]['mean'])} ± {_pct(per_budget[b]['std'])} (lr {per_budget[b]['lr']:g})"
+                         for b in budgets]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
         cost = res.get("step_cost")
         if cost:
             lines += ["Step cost, µs per call (median of interleaved blocks). floor = prefix + 2m × suffix, "
@@ -90,12 +107,13 @@ def plot(r: dict, path) -> pathlib.Path:
         if acc:
             budgets = list(acc["budgets"])
             keys = list(acc["budgets"][budgets[0]]["qzo_ff"])
-            labels = ["untrained"] + [f"QZO-FF {k}" for k in keys] + ["fp32 backprop"]
+            bps = _backprop_rows(acc["budgets"])
+            labels = ["untrained"] + [f"QZO-FF {k}" for k in keys] + list(bps)
             width = 0.8 / len(budgets)
             for i, b in enumerate(budgets):
                 vals = [acc["untrained"]["w16a8"]] + [acc["budgets"][b]["qzo_ff"][k]["mean"] for k in keys] \
-                    + [acc["budgets"][b]["backprop"]["mean"]]
-                errs = [0] + [acc["budgets"][b]["qzo_ff"][k]["std"] for k in keys] + [acc["budgets"][b]["backprop"]["std"]]
+                    + [r[b]["mean"] for r in bps.values()]
+                errs = [0] + [acc["budgets"][b]["qzo_ff"][k]["std"] for k in keys] + [r[b]["std"] for r in bps.values()]
                 ax.barh([j + i * width for j in range(len(vals))], [100 * v for v in vals], width,
                         xerr=[100 * e for e in errs], label=f"{b} epochs")
             ax.set_yticks([j + width * (len(budgets) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)

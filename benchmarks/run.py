@@ -45,24 +45,44 @@ BACKPROP_LR = [1e-3, 3e-3, 1e-2]                                  # Adam
 # and whitening (--precondition whiten, calibrated on the training split) apart and together, and the last
 # ones the paper's four enhancements, each on top of the #15 defaults (m=32, headroom 4, whitened)
 OLD = {"headroom": 1, "precondition": "none"}
+
+
+def enhancements(bits: int) -> list[tuple[str, dict]]:
+    """(CLI flags, TrainSpec options) of the paper's four enhancements as the benchmarks run them
+    (kws.py too); sharpness-aware takes ρ = ε of the #15 defaults' grid (1 LSB on the int8 grid)."""
+    rho = 1 if bits == 8 else 16
+    return [("--kernel-norm", {"kernel_norm": True}),
+            ("--sparsity 0.9", {"sparsity": 0.9}),
+            ("--sparsity 0.9 --sparse-mode random", {"sparsity": 0.9, "sparse_mode": "random"}),
+            ("--sparsity 0.5 --sparse-mode threshold", {"sparsity": 0.5, "sparse_mode": "threshold"}),
+            ("--momentum 0.25", {"momentum": 0.25}),
+            (f"--sharpness {rho}", {"sharpness": rho})]
+
+
+# deeper than the last layer (#13), with and without requant_bypass: the CNN's conv2 (--last 3) and both
+# convs (--last 4), the transformer's block and head (--last 7: q, k, v, o, mlp1, mlp2, head; `fgcompile
+# inspect`); a deep step costs 5-10x a last-layer one, so their lr grid is cut to the rates the last
+# layer chose at 14 bits (8-32) and one step below
+DEEP = {"digits_cnn": (3, 4), "digits_attn": (7,)}
+DEEP_LR = [4.0, 8.0, 16.0, 32.0]
+RUN_KEYS = ("schedule", "models", "lrs")   # row options for the run, not TrainSpec fields
 QZO_CONFIGS = [(f"{v} m={m} H=1", v, bits, m, OLD) for v, bits in VARIANTS.items() for m in MS] + \
     [("w16a8 m=4 H=1 --keep-requant", "w16a8", 16, 4, {"requant_bypass": False, **OLD})] + \
     [(f"{v} m=8 H=1 --schedule cosine", v, bits, 8, {"schedule": "cosine", **OLD}) for v, bits in VARIANTS.items()] + \
     [(f"{v} m={m} H={h}{' whiten' if w else ''}", v, bits, m, {"headroom": h, "precondition": "whiten" if w else "none"})
      for v, bits in VARIANTS.items() for m in (8, 32, 64) for h in (1, 4) for w in (False, True) if h > 1 or w] + \
-    [(f"{v} m=32 H=4 whiten {flag}", v, bits, 32, {"headroom": 4, "precondition": "whiten", **options(bits)})
-     for v, bits in VARIANTS.items() for flag, options in (
-         ("--kernel-norm", lambda bits: {"kernel_norm": True}),
-         ("--sparsity 0.9", lambda bits: {"sparsity": 0.9}),
-         ("--sparsity 0.9 --sparse-mode random", lambda bits: {"sparsity": 0.9, "sparse_mode": "random"}),
-         ("--sparsity 0.5 --sparse-mode threshold", lambda bits: {"sparsity": 0.5, "sparse_mode": "threshold"}),
-         ("--momentum 0.25", lambda bits: {"momentum": 0.25}),
-         (f"--sharpness {1 if bits == 8 else 16}", lambda bits: {"sharpness": 1 if bits == 8 else 16}))] + \
+    [(f"{v} m=32 H=4 whiten {flag}", v, bits, 32, {"headroom": 4, "precondition": "whiten", **options})
+     for v, bits in VARIANTS.items() for flag, options in enhancements(bits)] + \
     [(f"{v} m={m} H=4 whiten --schedule cosine", v, bits, m, {"headroom": 4, "precondition": "whiten", "schedule": "cosine"})
-     for v, bits in VARIANTS.items() for m in (32, 64)]   # the cosine schedule on the #15 defaults
+     for v, bits in VARIANTS.items() for m in (32, 64)] + \
+    [(f"w16a8 m=32 H=4 whiten --last {last}{flag}", "w16a8", 16, 32,
+      {"last": last, "requant_bypass": not flag, "models": (name,), "lrs": DEEP_LR})
+     for name, lasts in DEEP.items() for last in lasts for flag in ("", " --keep-requant")]
 
 
 def lr_grid(bits: int, options: dict) -> list[float]:
+    if "lrs" in options:
+        return list(options["lrs"])
     resolution = 8 if bits == 8 else 16 - int(np.log2(options.get("headroom", 1)))
     grid = list(LR_GRIDS[resolution])      # in LSBs of the training grid, as `fgcompile tune` searches
     return grid + ([2 * grid[-1]] if options.get("schedule") == "cosine" else [])
@@ -95,7 +115,8 @@ def load(split: str):
 
 def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, quick: bool,
                  reused_backprop: dict | None = None, rows: str | None = None) -> dict:
-    import backprop  # torch: only this benchmark needs it
+    """QZO-FF rows and, per trained depth among them, fp32 backprop of the same tensors: `backprop`
+    for the last layer, `backprop_deep[N]` for `--last N` rows (their gaps are against that one)."""
     entry = models.manifest()["models"][name]["variants"]
     train, test = load("target_train"), load("target_test")
     fp32 = modelio.load_model(models.path(entry["fp32"]["file"]))
@@ -103,12 +124,13 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
                          for v in ["fp32", *VARIANTS]}, "budgets": {}}
     for epochs in budgets:
         res = {"examples": epochs * (len(train[1]) // batch) * batch, "qzo_ff": {}, "backprop": {}}
+        depths = {}                      # --last N -> the fp32 names of the tensors its rows trained
         for label, variant, bits, m, extra in QZO_CONFIGS:
-            if rows and not re.search(rows, label):
+            if (rows and not re.search(rows, label)) or name not in extra.get("models", (name,)):
                 continue
             source = modelio.load_model(models.path(entry[variant]["file"]))
             t0 = time.perf_counter()
-            options = {k: v for k, v in extra.items() if k != "schedule"}
+            options = {k: v for k, v in extra.items() if k not in RUN_KEYS}
             schedule = extra.get("schedule", "constant")
             spec = lambda lr, seed: TrainSpec(m=m, bits=bits, lr=lr, seed=seed, **options)
             run = lambda lr, seed, tr, te, ep, b: accuracy.qzo_ff(source, spec(lr, seed), tr, te, ep, b, schedule)
@@ -119,30 +141,36 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
             final, exported = [t for t, _ in both], [e for _, e in both]
             contract = compile_model(source, spec(lr, 0), calibration=train[0]).contract
             trained = [s.name for s in contract.parameters()]   # not the momentum buffers
+            depths.setdefault(options.get("last", 1), accuracy.fp32_names(source, fp32, trained))
             res["qzo_ff"][label] = {"variant": variant, "m": m, "lr": lr or contract.spec.lr,
-                                    "eps": contract.spec.eps, "options": extra,
+                                    "eps": contract.spec.eps, "options": extra, "branches": contract.branches,
                                     "validation": {str(k): round(v, 4) for k, v in val.items()},
                                     **accuracy.summary(final), "exported": accuracy.summary(exported)}
             log(f"  {name} {epochs} epochs QZO-FF {label}: {np.mean(final):.2%} exported {np.mean(exported):.2%} "
                 f"(lr {lr}, {time.perf_counter() - t0:.0f} s)")
-        names = accuracy.fp32_names(source, fp32, trained)
-        previous = (reused_backprop or {}).get(str(epochs))
-        if previous is not None and previous["tensors"] == names:
-            res["backprop"] = dict(previous, reused=True)
-            log(f"  {name} {epochs} epochs backprop: {previous['mean']:.2%} (reused)")
-            out["budgets"][str(epochs)] = res
-            continue
-
-        def bp(lr, seed, tr, te, ep, b):
-            return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
-        t0 = time.perf_counter()
-        lr, val = (3e-3, {}) if quick else accuracy.select(bp, BACKPROP_LR, seeds, train, epochs, batch)
-        final = [bp(lr, s, train, test, epochs, batch) for s in seeds]
-        res["backprop"] = {"tensors": names, "optimizer": "adam", "lr": lr,
-                           "validation": {str(k): round(v, 4) for k, v in val.items()}, **accuracy.summary(final)}
-        log(f"  {name} {epochs} epochs backprop: {np.mean(final):.2%} (lr {lr}, {time.perf_counter() - t0:.0f} s)")
+        previous = (reused_backprop or {}).get(str(epochs), [])
+        for last, names in sorted(depths.items()):
+            row = next((dict(p, reused=True) for p in previous if p.get("tensors") == names), None) \
+                or _backprop(fp32, names, train, test, seeds, epochs, batch, quick)
+            log(f"  {name} {epochs} epochs backprop --last {last}: {row['mean']:.2%} (lr {row['lr']})"
+                + (" (reused)" if row.get("reused") else ""))
+            if last == 1:
+                res["backprop"] = row
+            else:
+                res.setdefault("backprop_deep", {})[str(last)] = row
         out["budgets"][str(epochs)] = res
     return out
+
+
+def _backprop(fp32, names: list[str], train, test, seeds: list[int], epochs: int, batch: int, quick: bool) -> dict:
+    import backprop  # torch: only this benchmark needs it
+
+    def bp(lr, seed, tr, te, ep, b):
+        return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
+    lr, val = (3e-3, {}) if quick else accuracy.select(bp, BACKPROP_LR, seeds, train, epochs, batch)
+    final = [bp(lr, s, train, test, epochs, batch) for s in seeds]
+    return {"tensors": names, "optimizer": "adam", "lr": lr,
+            "validation": {str(k): round(v, 4) for k, v in val.items()}, **accuracy.summary(final)}
 
 
 def run_cost(name: str, batches: list[int], quick: bool) -> list[dict]:
@@ -239,7 +267,8 @@ def main(out, quick, only, model_names, reuse, budgets, rows):
             if section not in only and key in old:
                 res[key] = old[key]
         if "accuracy" in only:
-            bp_rows = {b: r["backprop"] for b, r in old.get("accuracy", {}).get("budgets", {}).items()}
+            bp_rows = {b: [r["backprop"], *r.get("backprop_deep", {}).values()]
+                       for b, r in old.get("accuracy", {}).get("budgets", {}).items()}
             res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick, bp_rows, rows)
         if "cost" in only:
             res["step_cost"] = run_cost(name, s["cost_batches"], quick)

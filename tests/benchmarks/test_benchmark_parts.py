@@ -80,3 +80,18 @@ def test_report_quotes_the_gap_to_backprop():
     text = report.markdown(results)
     assert "| QZO-FF w16a8 m=4 | 80.0 ± 1.0 (-2.5 vs bp; lr 128) |" in text
     assert "| fp32 backprop (Adam) | 82.5 ± 0.0 (lr 0.003) |" in text
+
+
+def test_report_quotes_a_deep_row_against_backprop_of_its_own_tensors():
+    q = {"w16a8 m=32 --last 3": {"mean": 0.90, "std": 0.0, "lr": 8.0, "options": {"last": 3}},
+         "w16a8 m=32": {"mean": 0.80, "std": 0.0, "lr": 8.0, "options": {}}}
+    budget = {"examples": 100, "qzo_ff": q, "backprop": {"mean": 0.82, "std": 0.0, "lr": 0.003},
+              "backprop_deep": {"3": {"mean": 0.95, "std": 0.0, "lr": 0.001}}}
+    results = {"machine": {"cpu": "cpu", "cores": 2, "platform": "p", "python": "3", "packages": {"numpy": "2"},
+                           "fgcompile": "0", "commit": "c", "date": "d"}, "settings": {"threads": 1},
+               "models": {"toy": {"accuracy": {"untrained": {"fp32": 0.5, "w8a8": 0.5, "w16a8": 0.5},
+                                               "budgets": {"30": budget}}}}}
+    text = report.markdown(results)
+    assert "| QZO-FF w16a8 m=32 --last 3 | 90.0 ± 0.0 (-5.0 vs bp; lr 8) |" in text
+    assert "| QZO-FF w16a8 m=32 | 80.0 ± 0.0 (-2.0 vs bp; lr 8) |" in text
+    assert "| fp32 backprop (Adam) --last 3 | 95.0 ± 0.0 (lr 0.001) |" in text
