@@ -113,18 +113,21 @@ def run_row(row: str, epochs: int | None, previous: list[dict], batch: int = 32)
 
 def markdown(r: dict) -> str:
     mc = r["machine"]
-    runs = sorted({(x.get("commit", mc["commit"]), x.get("date", mc["date"])) for x in r["rows"].values()},
-                  key=lambda cd: cd[1])
+    first = {}                   # commit -> date of its earliest row
+    for x in sorted(r["rows"].values(), key=lambda x: x.get("date", mc["date"])):
+        first.setdefault(x.get("commit", mc["commit"]), x.get("date", mc["date"]))
+    rows = sorted(r["rows"].items(), key=lambda kv: list(ROWS).index(kv[0]) if kv[0] in ROWS else len(ROWS))
     lines = ["# Keyword spotting: QZO-FF against fp32 backprop (depth, #15 defaults, the paper's enhancements)", "",
              f"Machine: {mc['cpu']}, {mc['cores']} cores (shared with other jobs); "
              + ", ".join(f"{k} {v}" for k, v in mc["packages"].items() if v)
-             + f"; fgcompile at {', '.join(f'{c} ({d})' for c, d in runs)}. One thread each.", "",
+             + f"; fgcompile at {', '.join(f'{c} (from {d})' for c, d in first.items())} (a commit ending in + ran "
+             "with the change that added its rows uncommitted on top). One thread each.", "",
              f"kws_dscnn w8a8, target-microphone test accuracy, % (mean ± std over seeds {SEEDS}). "
              f"Untrained: {100 * r['untrained']:.1f}. QZO-FF trains on the 16-bit grid (14 bits with headroom 4), "
              "whitened; lr chosen on validation (seeds in the lr column); exported: the deployed int8 model.", "",
              "| trained | parameters | epochs | QZO-FF | exported | fp32 backprop (Adam) | QZO-FF − backprop (exported) |",
              "|---|---|---|---|---|---|---|"]
-    for row, x in r["rows"].items():
+    for row, x in rows:
         q, b = x["qzo_ff"], x["backprop"]
         ex = q.get("exported")
         seeds = q.get("selection_seeds", SEEDS)

@@ -56,7 +56,9 @@ def markdown(r: dict) -> str:
                     ex = q.get("exported")
                     gap_ex = f", exported {_pct(ex['mean'])} ({100 * (ex['mean'] - bp):+.1f})" if ex else ""
                     cells.append(f"{_pct(q['mean'])} ± {_pct(q['std'])} ({gap:+.1f} vs bp; lr {q['lr']:g}){gap_ex}")
-                lines.append(f"| QZO-FF {k} | " + " | ".join(cells) + " |")
+                twin = acc["budgets"][budgets[0]]["qzo_ff"][k].get("same_graph_as")
+                lines.append(f"| QZO-FF {k}{f' (the training graph of {twin})' if twin else ''} | "
+                             + " | ".join(cells) + " |")
             for label, per_budget in _backprop_rows(acc["budgets"]).items():
                 cells = [f"{_pct(per_budget[b]['mean'])} ± {_pct(per_budget[b]['std'])} (lr {per_budget[b]['lr']:g})"
                          for b in budgets]

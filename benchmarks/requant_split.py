@@ -102,7 +102,7 @@ def cases(shipped: bool, names: list[str]):
 @click.option("--models", "names", default="vit,dscnn,resnet18", show_default=True)
 @click.option("--shipped", is_flag=True, help="Profile the shipped digits models at the depths of run.py's deep rows.")
 @click.option("--m", default=8, show_default=True)
-@click.option("--steps", default=20, show_default=True)
+@click.option("--steps", default=20, show_default=True, help="Profiled steps per graph; 0: count kernels only.")
 def main(names, shipped, m, steps):
     print("| model | trained | requant | step µs (profiled) | "
           + " | ".join(f"{f}: µs (share), nodes" for f in FAMILIES) + " |")
@@ -111,11 +111,13 @@ def main(names, shipped, m, steps):
         graphs = {way: compile_model(source, TrainSpec(m=m, requant_bypass=way == "bypass", **options))
                   for way in ("bypass", "kept")}
         same = graphs["bypass"].train.graph == graphs["kept"].train.graph   # the contract's spec differs
-        for way, us in profile(graphs, x, y, steps).items():
-            total, count = sum(us.values()), kernels(graphs[way])
-            print(f"| {name} | {label} | {way}{' (same graph)' if same else ''} | {total} | "
-                  + " | ".join(f"{us[f]} ({100 * us[f] / total:.0f}%), {count[f]}" for f in FAMILIES) + " |",
-                  flush=True)
+        timed = profile(graphs, x, y, steps) if steps else {}
+        for way, compiled in graphs.items():
+            us, count = timed.get(way), kernels(compiled)
+            total = sum(us.values()) if us else None
+            print(f"| {name} | {label} | {way}{' (same graph)' if same else ''} | {total or '–'} | "
+                  + " | ".join((f"{us[f]} ({100 * us[f] / total:.0f}%), " if us else "") + str(count[f])
+                               for f in FAMILIES) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

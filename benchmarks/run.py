@@ -61,10 +61,11 @@ def enhancements(bits: int) -> list[tuple[str, dict]]:
 
 # deeper than the last layer (#13), with and without requant_bypass: the CNN's conv2 (--last 3) and both
 # convs (--last 4), the transformer's block and head (--last 7: q, k, v, o, mlp1, mlp2, head; `fgcompile
-# inspect`); a deep step costs 5-10x a last-layer one, so their lr grid is cut to the rates the last
-# layer chose at 14 bits (8-32) and one step below
+# inspect`); a deep step costs 5-10x a last-layer one, so their lr grid is cut to four rates at 14 bits:
+# validation chose 4, the smallest, from 4-32 on all three depths (more weights move per step than in the
+# last layer, whose rate was 8-32)
 DEEP = {"digits_cnn": (3, 4), "digits_attn": (7,)}
-DEEP_LR = [4.0, 8.0, 16.0, 32.0]
+DEEP_LR = [1.0, 2.0, 4.0, 8.0]
 RUN_KEYS = ("schedule", "models", "lrs")   # row options for the run, not TrainSpec fields
 QZO_CONFIGS = [(f"{v} m={m} H=1", v, bits, m, OLD) for v, bits in VARIANTS.items() for m in MS] + \
     [("w16a8 m=4 H=1 --keep-requant", "w16a8", 16, 4, {"requant_bypass": False, **OLD})] + \
@@ -125,6 +126,7 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
     for epochs in budgets:
         res = {"examples": epochs * (len(train[1]) // batch) * batch, "qzo_ff": {}, "backprop": {}}
         depths = {}                      # --last N -> the fp32 names of the tensors its rows trained
+        graphs = {}                      # (training graph, schedule, lr grid) -> the first row that ran it
         for label, variant, bits, m, extra in QZO_CONFIGS:
             if (rows and not re.search(rows, label)) or name not in extra.get("models", (name,)):
                 continue
@@ -135,6 +137,14 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
             spec = lambda lr, seed: TrainSpec(m=m, bits=bits, lr=lr, seed=seed, **options)
             run = lambda lr, seed, tr, te, ep, b: accuracy.qzo_ff(source, spec(lr, seed), tr, te, ep, b, schedule)
             grid = [None] if quick else lr_grid(bits, extra)
+            # a row whose options leave the training graph unchanged (--keep-requant where no requantization
+            # follows the last weighted op) would repeat an earlier row's runs bit for bit: quote that row
+            graph = compile_model(source, spec(None, 0), calibration=train[0]).train.graph.SerializeToString()
+            twin = graphs.setdefault((graph, schedule, tuple(grid)), label)
+            if twin != label:
+                res["qzo_ff"][label] = {**res["qzo_ff"][twin], "options": extra, "same_graph_as": twin}
+                log(f"  {name} {epochs} epochs QZO-FF {label}: the training graph of {twin!r}; its results")
+                continue
             lr, val = (None, {}) if quick else accuracy.select(run, grid, seeds, train, epochs, batch)
             both = [accuracy.qzo_ff(source, spec(lr, s), train, test, epochs, batch, schedule, exported=True)
                     for s in seeds]
