@@ -72,9 +72,10 @@ def _guided(b: Builder, z, noise, v, beta: float):
                           b.op("Not", [b.op("Equal", [v, np.array(0, np.int32)], dtype=bool)], dtype=bool)],
                   dtype=bool)
     direction = b.i32.Sign(v, hint="direction")
-    if z.dtype != np.int32:     # the Loop's int8 zᵢ
-        direction = b.cast(direction, z.dtype)
-    return b.op("Where", [follow, direction, z], dtype=z.dtype, hint="z_momentum")
+    if z.dtype == np.int32:
+        return b.op("Where", [follow, direction, z], dtype=z.dtype, hint="z_momentum")
+    # the Loop's int8 zᵢ: selected in int32 and cast back (onnxruntime 1.25 has no Where on int8)
+    return b.cast(b.op("Where", [follow, direction, b.cast(z, np.int32)], dtype=np.int32), z.dtype, hint="z_momentum")
 
 
 def update(graph: gs.Graph, ctx: Context) -> gs.Graph:

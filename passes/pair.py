@@ -77,10 +77,11 @@ def _rooms(b: Builder, w, tr):
     Assumes W within [qmin, qmax], which every step's update keeps."""
     dtype, unsigned = np.dtype(tr.tensor.dtype), UNSIGNED[np.dtype(tr.tensor.dtype)]
 
-    def saturated(x):   # min(x, 127) as int8 (onnxruntime has no Clip, Min or Where on 16-bit integers)
-        x = b.cast(x, unsigned)
+    def saturated(x):   # min(x, 127) as int8 (onnxruntime has no Clip, Min or Where on 16-bit integers,
+        x = b.cast(x, unsigned)  # and 1.25 no Where on int8: the select is uint8, then a lossless cast)
         over = b.op("Greater", [x, np.array(ROOM, unsigned)], dtype=bool)
-        return b.op("Where", [over, np.array(ROOM, np.int8), b.cast(x, np.int8)], dtype=np.int8, hint="room")
+        room = b.op("Where", [over, np.array(ROOM, np.uint8), b.cast(x, np.uint8)], dtype=np.uint8)
+        return b.cast(room, np.int8, hint="room")
     up = saturated(b.op("Sub", [np.array(tr.qmax, dtype), w], dtype=dtype))
     down = saturated(b.op("Sub", [w, np.array(tr.qmin, dtype)], dtype=dtype))
     return up, b.op("Neg", [down], dtype=np.int8, hint="down")

@@ -167,7 +167,9 @@ def _rademacher_int8(b: Builder, seed, step, sizes: list[int], streams, tensors=
         octets = b.op("Unsqueeze", [octets, np.array([3], np.int64)], dtype=np.uint8)
         bit = b.op("BitwiseAnd", [octets, (1 << np.arange(8)).astype(np.uint8)], dtype=np.uint8)
         zero = b.op("Equal", [bit, np.array(0, np.uint8)], dtype=bool)
-        return b.op("Where", [zero, np.array(-1, np.int8), np.array(1, np.int8)], dtype=np.int8)
+        # 1 − 2·[bit clear], not a Where: onnxruntime 1.25 has no Where on int8
+        return b.op("Sub", [np.array(1, np.int8), b.op("Mul", [b.cast(zero, np.int8), np.array(2, np.int8)],
+                                                           dtype=np.int8)], dtype=np.int8)
     v, words = _words(b, seed, step, sizes, streams, 32, tensors)
     lanes = sign_of_bit(b.op("Unsqueeze", [v, np.array([2], np.int64)], dtype=np.int32))
     return b.op("Reshape", [lanes, np.array([_rows(streams), -1], np.int64)], dtype=np.int8), [w * 32 for w in words]
