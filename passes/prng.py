@@ -112,14 +112,17 @@ def _salts(b: Builder, tensors: list[int], streams):
     return _mix(b, b.i32.Mul(b.i32.Add(streams, base), int32(GOLDEN)))
 
 
+def _keys(b: Builder, seed, step, salt):
+    """key = mix(mix(seed ^ salt) + step), elementwise over int32 salts (every stream draws from its key)."""
+    return _mix(b, b.op("Add", [_mix(b, b.op("BitwiseXor", [seed, salt], dtype=np.int32)), step], dtype=np.int32))
+
+
 def _words(b: Builder, seed, step, sizes: list[int], streams, n: int, tensors=None):
     """word for `streams` (a range, or an int32 [1] stream tensor) of every trainable at once (of those
     with indices `tensors`, sized `sizes`, when given): int32 [len(streams), Σ words]. One hash over all
     words (fewer, larger nodes than one per tensor)."""
     words = [-(-size // n) for size in sizes]
-    all_salts = _salts(b, list(range(len(sizes))) if tensors is None else tensors, streams)
-    keys = _mix(b, b.op("BitwiseXor", [seed, all_salts], dtype=np.int32))                 # [T·S]
-    keys = _mix(b, b.op("Add", [keys, step], dtype=np.int32))
+    keys = _keys(b, seed, step, _salts(b, list(range(len(sizes))) if tensors is None else tensors, streams))
     count = _rows(streams)
     owner = np.repeat(np.arange(len(sizes)), words)
     pick = owner[None, :] * count + np.arange(count)[:, None]                              # [S, ΣW]
@@ -208,18 +211,21 @@ def words_drawer(b: Builder, seed, step, spec, trainables):
     """z_words(b_, name, first, count, stream=None): every zᵢ (or the one for i = stream, an int32 [1]
     tensor) of one trainable on its words first .. first + count − 1 (first an int32 [1] tensor, known at
     run time or not), int32 [m or 1, count · elements_per_word(spec)]: the same bits as those columns of
-    z, for a piece of a tensor (update's row chunks, the loop form's Conv pieces). The m keys of each
-    trainable are hashed once here, with b (unused ones are cleaned up)."""
+    z, for a piece of a tensor (update's row chunks, the loop form's Conv pieces). The m keys of a
+    trainable are hashed with b the first time it is asked for, once (a graph without pieces has none)."""
     m, n = spec.m, elements_per_word(spec)
     keys = {}
-    for t, tr in enumerate(trainables):
-        k = _mix(b, b.op("BitwiseXor", [seed, int32(salts(t, np.arange(m)))], dtype=np.int32))
-        keys[tr.name] = b.op("Unsqueeze", [_mix(b, b.op("Add", [k, step], dtype=np.int32)), np.array([1], np.int64)],
-                             dtype=np.int32)                                                        # [m, 1]
+
+    def key_of(name: str):
+        if name not in keys:
+            t = next(t for t, tr in enumerate(trainables) if tr.name == name)
+            keys[name] = b.op("Unsqueeze", [_keys(b, seed, step, int32(salts(t, np.arange(m)))),
+                                            np.array([1], np.int64)], dtype=np.int32)                # [m, 1]
+        return keys[name]
 
     def z_words(b_: Builder, name: str, first, count: int, stream=None):
         counter = b_.i32.Add(b_.i32.Mul(first, int32(GOLDEN)), int32(np.arange(count, dtype=np.uint64) * GOLDEN))
-        key, rows = keys[name], m
+        key, rows = key_of(name), m
         if stream is not None:      # one zᵢ: i an int32 [1] tensor
             key, rows = b_.op("Gather", [key, stream], {"axis": 0}, dtype=np.int32), 1
         v = _mix(b_, b_.op("Add", [key, counter], dtype=np.int32))                                 # [rows, count]
