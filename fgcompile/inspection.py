@@ -22,7 +22,7 @@ than 2^16 elements) is perturbed in its own dtype and updated in row chunks:
          kernel (whole for a MatMul/Gemm; a Conv dequantizes a piece at a time) + 2 ĝ carried in int8
          where the update cannot sum it chunk by chunk)  = n · (4b + 9)
 (ResNet-18's layer4 conv, 2.4M weights at m = 8: 855 MiB stacked and 38 MiB loop; measured 758 and 16-20
-MiB above inference, benchmarks/results/deep-loop.md.) Activations of the branches are not included:
+MiB above inference, benchmarks/results/deep-loop-narrow.md.) Activations of the branches are not included:
 they depend on the batch (stacked: 2m·B rows through the suffix; loop: B), and benchmarks/deep.py
 measures them.
 """

@@ -27,6 +27,7 @@ from .context import Context, Pass, Update
 from .formulas import chunk_rows, chunked, lr_bound
 from .graph_ops import Builder
 
+
 def _next(b: Builder, spec, tr, g, w, noise, numerator):
     """clip(W − stride·r, qmin, qmax) in int32, for ĝ, W (and the stochastic noise) of any one shape."""
     I, s = b.i32, spec.lr_shift
