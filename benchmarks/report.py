@@ -31,16 +31,19 @@ def markdown(r: dict) -> str:
              f"onnxruntime and torch on {r['settings']['threads']} thread.", ""]
     if r.get("reused"):
         u = r["reused"]
-        lines += [f"Reused from the run of {u['commit']} ({u['date']}): the fp32 backprop rows (they do not depend "
-                  "on fgcompile; same data, seeds, order and lr grid)"
-                  + (f" and the {', '.join(u['sections'])} sections, not re-run" if u["sections"] else "") + "."
+        reused = ["the fp32 backprop rows (they do not depend on fgcompile; same data, seeds, order and lr grid)"] \
+            if u.get("backprop_rows", True) else []
+        reused += [f"the {', '.join(u['sections'])} sections, not re-run"] if u["sections"] else []
+        lines += [f"Reused from the run of {u['commit']} ({u['date']}): {' and '.join(reused) or 'nothing'}."
                   + (f" {u['note']}." if u.get("note") else ""), ""]
     for name, res in r["models"].items():
         lines += [f"## {name}", ""]
         acc = res.get("accuracy")
         if acc:
             u = acc["untrained"]
-            lines += ["Target-domain test accuracy, % (mean ± std over seeds; lr chosen on a validation split). "
+            lines += ["Target-domain test accuracy, % (mean ± std over seeds"
+                      f"{' ' + ','.join(map(str, r['settings']['seeds'])) if 'seeds' in r['settings'] else ''}; "
+                      "lr chosen on a validation split). "
                       f"Untrained: fp32 {_pct(u['fp32'])}, w8a8 {_pct(u['w8a8'])}, w16a8 {_pct(u['w16a8'])}.", ""]
             budgets = list(acc["budgets"])
             lines.append("| method | " + " | ".join(f"{b} epochs ({acc['budgets'][b]['examples']} examples)"

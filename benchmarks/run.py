@@ -160,8 +160,7 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
                 f"(lr {lr}, {time.perf_counter() - t0:.0f} s)")
         previous = (reused_backprop or {}).get(str(epochs), [])
         for last, names in sorted(depths.items()):
-            row = next((dict(p, reused=True) for p in previous if p.get("tensors") == names), None) \
-                or _backprop(fp32, names, train, test, seeds, epochs, batch, quick)
+            row = reused_row(previous, names, seeds) or _backprop(fp32, names, train, test, seeds, epochs, batch, quick)
             log(f"  {name} {epochs} epochs backprop --last {last}: {row['mean']:.2%} (lr {row['lr']})"
                 + (" (reused)" if row.get("reused") else ""))
             if last == 1:
@@ -172,6 +171,12 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
     return out
 
 
+def reused_row(previous: list[dict], names: list[str], seeds: list[int]) -> dict | None:
+    """The previous backprop row of the same tensors and the same seeds, marked reused: a mean over other
+    seeds is not comparable with the QZO-FF rows of this run, so that row is computed afresh."""
+    return next((dict(p, reused=True) for p in previous if p.get("tensors") == names and p.get("seeds") == seeds), None)
+
+
 def _backprop(fp32, names: list[str], train, test, seeds: list[int], epochs: int, batch: int, quick: bool) -> dict:
     import backprop  # torch: only this benchmark needs it
 
@@ -179,7 +184,7 @@ def _backprop(fp32, names: list[str], train, test, seeds: list[int], epochs: int
         return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
     lr, val = (3e-3, {}) if quick else accuracy.select(bp, BACKPROP_LR, seeds, train, epochs, batch)
     final = [bp(lr, s, train, test, epochs, batch) for s in seeds]
-    return {"tensors": names, "optimizer": "adam", "lr": lr,
+    return {"tensors": names, "optimizer": "adam", "lr": lr, "seeds": list(seeds),
             "validation": {str(k): round(v, 4) for k, v in val.items()}, **accuracy.summary(final)}
 
 
@@ -242,7 +247,10 @@ def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
 @click.option("--budgets", "--epochs", "budgets", type=int, multiple=True,
               help="Training budgets in epochs (default: 30 and 300; --quick: 30).")
 @click.option("--rows", default=None, help="Only the QZO-FF accuracy rows whose label matches this regex.")
-def main(out, quick, only, model_names, reuse, budgets, rows):
+@click.option("--seeds", "seed_list", default=None, metavar="LIST",
+              help="Comma-separated seeds of every accuracy row, QZO-FF and backprop alike (default: 0,1,2; "
+                   "--quick: 0). Reused backprop rows are used only where they ran the same seeds.")
+def main(out, quick, only, model_names, reuse, budgets, rows, seed_list):
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -250,6 +258,7 @@ def main(out, quick, only, model_names, reuse, budgets, rows):
             raise click.ClickException("the backprop baseline needs torch: pip install -e '.[bench]' "
                                        "(or run --only cost).")
     only = set(only or ("accuracy", "cost", "memory"))
+    seeds = parse_seeds(seed_list) if seed_list is not None else ([0] if quick else [0, 1, 2])
     # default: the digits models; kws_dscnn has its own data splits and benchmark (benchmarks/kws.py)
     names = list(model_names or [n for n, e in models.manifest()["models"].items() if "splits" not in e])
     unknown = [n for n in names if n not in models.manifest()["models"]]
@@ -260,15 +269,20 @@ def main(out, quick, only, model_names, reuse, budgets, rows):
         raise click.ClickException(f"--model {own[0]}: it has its own data splits; benchmark it with "
                                    "python benchmarks/kws.py.")
     results = {"machine": machine(), "quick": quick, "settings": {
-        "threads": 1, "batch": 32, "budgets_epochs": list(budgets) or ([30] if quick else [30, 300]), "seeds": [0] if quick else [0, 1, 2],
+        "threads": 1, "batch": 32, "budgets_epochs": list(budgets) or ([30] if quick else [30, 300]), "seeds": seeds,
         "m": list(MS), "qzo_lr_grid": QZO_LR, "backprop_lr_grid": BACKPROP_LR, "cost_batches": [32, 256],
         "memory_batches": [32, 256]}, "models": {}}
     s = results["settings"]
     sizes = {n: models.path(models.manifest()["models"][n]["variants"]["fp32"]["file"]).stat().st_size for n in names}
     previous = _reusable(reuse, s) if reuse else None
     if previous is not None:
+        same_seeds = previous["settings"]["seeds"] == seeds
         results["reused"] = {"commit": previous["machine"]["commit"], "date": previous["machine"]["date"],
-                             "sections": sorted({"accuracy", "cost", "memory"} - only), "backprop_rows": True}
+                             "sections": sorted({"accuracy", "cost", "memory"} - only), "backprop_rows": same_seeds}
+        if not same_seeds and "accuracy" in only:
+            results["reused"]["note"] = (f"Its backprop rows ran seeds {','.join(map(str, previous['settings']['seeds']))}; "
+                                         "these were computed afresh for the seeds of this run")
+            log(f"--reuse {reuse}: its backprop rows ran other seeds; computing them afresh for seeds {seeds}")
     for name in names:
         log(f"{name}:")
         res = results["models"][name] = {"fp32_bytes": sizes[name]}
@@ -277,7 +291,9 @@ def main(out, quick, only, model_names, reuse, budgets, rows):
             if section not in only and key in old:
                 res[key] = old[key]
         if "accuracy" in only:
-            bp_rows = {b: [r["backprop"], *r.get("backprop_deep", {}).values()]
+            # rows from before run.py recorded their seeds ran the previous file's
+            bp_rows = {b: [{"seeds": previous["settings"]["seeds"], **row}
+                           for row in [r["backprop"], *r.get("backprop_deep", {}).values()] if row]
                        for b, r in old.get("accuracy", {}).get("budgets", {}).items()}
             res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick, bp_rows, rows)
         if "cost" in only:
@@ -294,10 +310,22 @@ def main(out, quick, only, model_names, reuse, budgets, rows):
     log(f"wrote {out / 'latest.json'}, {out / 'latest.md'}, {out / 'latest.png'}")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: distinct non-negative integers, comma-separated."""
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise click.BadParameter(f"{text!r}: give distinct non-negative integers separated by commas, e.g. 0,1,2,3,4.",
+                                 param_hint="--seeds")
+    return seeds
+
+
 def _reusable(path, settings: dict) -> dict:
     import json
     previous = json.loads(pathlib.Path(path).read_text())
-    keys = ("batch", "seeds", "backprop_lr_grid", "threads")
+    keys = ("batch", "backprop_lr_grid", "threads")     # other seeds: its backprop rows are not reused
     changed = [k for k in keys if previous["settings"].get(k) != settings[k]]
     changed += [] if set(settings["budgets_epochs"]) <= set(previous["settings"]["budgets_epochs"]) else ["budgets"]
     if changed:

@@ -95,3 +95,34 @@ def test_report_quotes_a_deep_row_against_backprop_of_its_own_tensors():
     assert "| QZO-FF w16a8 m=32 --last 3 | 90.0 ± 0.0 (-5.0 vs bp; lr 8) |" in text
     assert "| QZO-FF w16a8 m=32 | 80.0 ± 0.0 (-2.0 vs bp; lr 8) |" in text
     assert "| fp32 backprop (Adam) --last 3 | 95.0 ± 0.0 (lr 0.001) |" in text
+
+
+def test_reused_backprop_rows_need_the_same_tensors_and_seeds():
+    import run
+    rows = [{"tensors": ["head.weight"], "seeds": [0, 1, 2], "mean": 0.8},
+            {"tensors": ["head.weight"], "seeds": [0, 1, 2, 3, 4], "mean": 0.7}]
+    assert run.reused_row(rows, ["head.weight"], [0, 1, 2, 3, 4]) == {**rows[1], "reused": True}
+    assert run.reused_row(rows, ["head.weight"], [0, 1, 2]) == {**rows[0], "reused": True}
+    assert run.reused_row(rows, ["head.weight"], [0, 1]) is None
+    assert run.reused_row(rows, ["head.bias"], [0, 1, 2]) is None
+
+
+@pytest.mark.parametrize("text,seeds", [("0,1,2,3,4", [0, 1, 2, 3, 4]), ("7", [7]), ("0,x", None), ("1,1", None),
+                                        ("-1", None), ("", None)])
+def test_seeds_option(text, seeds):
+    import click
+    import run
+    if seeds is None:
+        with pytest.raises(click.BadParameter):
+            run.parse_seeds(text)
+    else:
+        assert run.parse_seeds(text) == seeds
+
+
+def test_report_names_the_seeds():
+    results = {"machine": {"cpu": "cpu", "cores": 2, "platform": "p", "python": "3", "packages": {"numpy": "2"},
+                           "fgcompile": "0", "commit": "c", "date": "d"}, "settings": {"threads": 1, "seeds": [0, 1, 2, 3, 4]},
+               "models": {"toy": {"accuracy": {"untrained": {"fp32": 0.5, "w8a8": 0.5, "w16a8": 0.5},
+                                               "budgets": {"30": {"examples": 100, "qzo_ff": {},
+                                                                  "backprop": {"mean": 0.8, "std": 0.0, "lr": 0.003}}}}}}}
+    assert "mean ± std over seeds 0,1,2,3,4;" in report.markdown(results)
