@@ -4,7 +4,8 @@ fgcompile.export_model, fgcompile.evaluate. Each works on a compiled folder or i
     compiled = fgcompile.compile_model(model_proto, fgcompile.TrainSpec(m=8))   # a ModelProto or a path
     trainer = fgcompile.Trainer(compiled)                   # or Trainer("OUT/") for a compiled folder
     trainer.fit((x, y), epochs=5)                           # lr=…: another rate without recompiling
-    record = fgcompile.tune("OUT/", "train.npz")            # choose lr on a held-out split (OUT/tune.json)
+    record = fgcompile.tune("OUT/", "train.npz")            # choose lr on a held-out split (OUT/tune.json);
+                                                            # schedule="cosine": its peak, for a cosine run
     adapted, report = fgcompile.export_model(trainer)       # a ModelProto; or export_model("OUT/", "a.onnx")
 """
 from __future__ import annotations
@@ -28,12 +29,14 @@ __all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evalua
 
 def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
          seeds: int = RunDefaults.seeds, holdout: float = RunDefaults.holdout, seed: int | None = None,
-         session: SessionSettings | None = None, echo=None) -> dict:
-    """Choose the learning rate on a held-out split of `data` (runtime/tune.py has the protocol) and
-    return the record. `trained`: a compiled folder (the record also goes to OUT/tune.json, which `train`
-    then uses), compile_model's result, or a Trainer of either (its state is left as it is)."""
+         session: SessionSettings | None = None, echo=None, schedule: str = RunDefaults.schedule) -> dict:
+    """Choose the learning rate under `schedule` (constant, or cosine: the rate is its peak) on a held-out
+    split of `data` (runtime/tune.py has the protocol) and return the record. `trained`: a compiled folder
+    (the record also goes to OUT/tune.json, whose rate and schedule `train`/Trainer.fit then use unless
+    given), compile_model's result, or a Trainer of either (its state is left as it is)."""
     trainer = trained if isinstance(trained, Trainer) else Trainer(trained, session=session)
-    return _tune.tune(trainer, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed, echo=echo)
+    return _tune.tune(trainer, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed, echo=echo,
+                      schedule=schedule)
 
 
 def export_model(trained, path=None):

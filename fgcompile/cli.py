@@ -208,7 +208,9 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
               help="--resume even with other --data/--batch/--schedule (not bit-identical to one run).")
 @click.option("--checkpoint-every", default=RunDefaults.checkpoint_every, show_default=True,
               help="Steps between checkpoints.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=RunDefaults.schedule, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="How lr moves over the run: constant, or cosine from lr down to 0 "
+                   "[OUT/tune.json's choice, else constant].")
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many NaN/Inf-loss steps.")
 @click.option("--lr", type=float, default=None,
               help="Learning rate in LSBs per unit of ĝ, fed as the graph's lr input (no recompile) "
@@ -247,20 +249,24 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
               help="Runs per rate (seeds S, S+1, …); scores are their mean.")
 @click.option("--holdout", default=RunDefaults.holdout, show_default=True, help="Share of --data held out to validate.")
 @click.option("--seed", type=int, default=None, help="Seed S of the split and the first run [the compiled seed].")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=RunDefaults.schedule, show_default=True,
+              help="The schedule you will train with; under cosine each rate is its peak.")
 @session_options
 @json_option
 @config.option("tune")
-def tune_cmd(out, data, epochs, batch, seeds, holdout, seed, as_json, **kw):
-    """Choose the learning rate of OUT on a held-out split of DATA; `train` then uses it (OUT/tune.json)."""
+def tune_cmd(out, data, epochs, batch, seeds, holdout, seed, schedule, as_json, **kw):
+    """Choose the learning rate of OUT under a schedule on a held-out split of DATA; `train` then uses both
+    (OUT/tune.json)."""
     from fgcompile.api import tune
     from fgcompile.report import describe_tune
-    record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed,
+    record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed, schedule=schedule,
                   session=make_session_settings(kw), echo=None if as_json else lambda s: click.echo(s, err=True))
     if as_json:
         click.echo(json.dumps(record))
         return
     click.echo(describe_tune(record))
-    click.echo(f"recorded: {out}/tune.json; `fgcompile train {out}` uses it unless --lr is given")
+    click.echo(f"recorded: {out}/tune.json; `fgcompile train {out}` uses this rate and schedule unless --lr or "
+               "--schedule is given")
 
 
 @main.command("eval")

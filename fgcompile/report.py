@@ -42,8 +42,10 @@ def describe_compile(contract: Contract) -> list[str]:
 def describe_tune(record: dict) -> str:
     """What `fgcompile tune` chose and on what (runtime/tune.py's record)."""
     sp = record["split"]
+    schedule = record.get("schedule", "constant")
+    under = "the peak of a cosine schedule" if schedule == "cosine" else "constant schedule"
     return (f"lr {record['choice']['lr']:g} chosen of {', '.join(format(lr, 'g') for lr in record['grid'])} "
-            f"on {sp['validation']} held-out examples (seed {sp['seed']}; {sp['fit']} fit, "
+            f"({under}) on {sp['validation']} held-out examples (seed {sp['seed']}; {sp['fit']} fit, "
             f"{record['budget']['epochs']} epochs per run)")
 
 

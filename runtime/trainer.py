@@ -100,15 +100,16 @@ class Trainer:
 
     def fit(self, data, val=None, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
             resume: bool = False, checkpoint_every: int = RunDefaults.checkpoint_every,
-            schedule: str = RunDefaults.schedule, max_bad_steps: int | None = None, progress: bool = True,
+            schedule: str | None = None, max_bad_steps: int | None = None, progress: bool = True,
             stop_after: int | None = None, restart: bool = False, allow_changed_run: bool = False,
             lr: float | None = None) -> list[dict]:
         """Train; returns the per-epoch history (also appended to OUT/train_log.jsonl as JSON lines).
         A folder that holds a checkpoint trains only with resume (continue it) or restart (discard it).
         stop_after: end after this many steps of the run (tests use it to stop mid-way).
-        lr: the rate in LSBs per unit of ĝ; None takes OUT/tune.json's choice, else the compiled rate."""
-        if schedule not in SCHEDULES:
-            raise SpecError(f"--schedule {schedule!r}: choose constant or cosine.")
+        lr: the rate in LSBs per unit of ĝ (the peak of a cosine schedule); None takes OUT/tune.json's choice,
+        else the compiled rate. schedule: None takes OUT/tune.json's choice, else constant."""
+        if schedule is not None and schedule not in SCHEDULES:
+            raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
         for flag, value in (("--epochs", epochs), ("--batch", batch), ("--checkpoint-every", checkpoint_every)):
             if value < 1:
                 raise SpecError(f"{flag} {value}: must be at least 1.")
@@ -117,11 +118,11 @@ class Trainer:
         if self.out is None:                   # in memory: no folder, no checkpoint, nothing to resume
             if resume or restart:
                 raise SpecError("resume/restart need a compiled folder; an in-memory Trainer keeps its state.")
-            self.lr_numerator, self.lr_note = self._rate(lr)
+            self.lr_numerator, schedule, self.lr_note = self._rate(lr, schedule)
             return self._fit(data, val, epochs, batch, False, checkpoint_every, schedule, max_bad_steps,
                              progress, stop_after, False, allow_changed_run)
         with folder.locked(self.out, "train"):
-            self.lr_numerator, self.lr_note = self._rate(lr)
+            self.lr_numerator, schedule, self.lr_note = self._rate(lr, schedule)
             return self._fit(data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps,
                              progress, stop_after, restart, allow_changed_run)
 
@@ -238,24 +239,34 @@ class Trainer:
         if changed:
             self.notes.append(f"resuming with a changed run: {shown}")
 
-    def _rate(self, lr: float | None) -> tuple[int, str | None]:
-        """(lr numerator, a note) of a run: an explicit lr, else OUT/tune.json's choice (the note says
-        so), else the compiled one."""
+    def _rate(self, lr: float | None, schedule: str | None) -> tuple[int, str, str | None]:
+        """(lr numerator, schedule, a note) of a run: each as given, else OUT/tune.json's choice (the note
+        says which), else the compiled rate and the constant schedule."""
         c = self.contract.lr_numerator
         if lr is not None:
             numerator = c.of(lr)
             if not 1 <= numerator <= c.max:
                 raise SpecError(f"--lr {lr}: the graph takes rates from 2**-{c.shift} to {c.max / (1 << c.shift):g} "
                                 "LSBs per unit of ĝ (its int32 lr input over 2**shift). Pass a rate in that range.")
-            return numerator, None
-        choice = tune.read_choice(self.out, self.train_sha256) if self.out is not None else None
+        choice = tune.read_choice(self.out, self.train_sha256) \
+            if self.out is not None and (lr is None or schedule is None) else None
         if choice is None:
-            return c.default, None
-        if not 1 <= choice["lr_numerator"] <= c.max:
-            raise DataError(f"{self.out / LAYOUT.tune}: its rate {choice['lr_numerator']} is outside the graph's "
-                            f"[1, {c.max}]. Run `fgcompile tune` again, or delete the file.")
-        return choice["lr_numerator"], (f"lr {choice['lr']:g} from {self.out / LAYOUT.tune} (chosen by fgcompile "
-                                        f"tune; compiled: {c.default / (1 << c.shift):g}; --lr overrides)")
+            return (c.default if lr is None else numerator), schedule or RunDefaults.schedule, None
+        taken = []
+        if lr is None:
+            if not 1 <= choice["lr_numerator"] <= c.max:
+                raise DataError(f"{self.out / LAYOUT.tune}: its rate {choice['lr_numerator']} is outside the graph's "
+                                f"[1, {c.max}]. Run `fgcompile tune` again, or delete the file.")
+            numerator = choice["lr_numerator"]
+            taken.append(f"lr {choice['lr']:g}")
+        if schedule is None:
+            schedule = choice["schedule"]
+            taken.append(f"the {schedule} schedule")
+        other = f"; tuned under the {choice['schedule']} schedule, not {schedule}" \
+            if lr is None and schedule != choice["schedule"] else ""
+        return numerator, schedule, (f"{' and '.join(taken)} from {self.out / LAYOUT.tune} (chosen by fgcompile tune"
+                                     f"{other}; compiled lr: {c.default / (1 << c.shift):g}; --lr/--schedule "
+                                     "override)")
 
     def _save(self, step: int) -> None:
         if self.out is None:

@@ -1,17 +1,21 @@
-"""tune: choose the learning rate of a compiled folder on a held-out split of its training data.
+"""tune: choose the learning rate of a compiled folder, under a schedule, on a held-out split of its
+training data.
 
 The rate is the training graph's int32 `lr` input, so trials need no recompile (ε is compiled into the
 graph and is not tuned). The protocol, recorded in OUT/tune.json:
 
     split    perm = numpy.random.default_rng(seed).permutation(n); the first round(holdout·n) examples of
              perm validate, the others fit (seed: the compiled spec's seed unless given)
-    grid     spec.lr_grid(resolution of the training grid), kept where 1 <= round(lr·2^shift) <= lr_max
+    grid     spec.lr_grid(resolution of the training grid), and under the cosine schedule twice its largest
+             rate too (cosine's mean rate is half its peak); kept where 1 <= round(lr·2^shift) <= lr_max
     trial    per rate and per seed s in seed, seed+1, …: train from the initial state on the fit split for
-             `epochs` epochs (the Trainer's batch order and perturbations for s), score the validation split
+             `epochs` epochs under the schedule (constant, or cosine from that peak rate; the Trainer's batch
+             order and perturbations for s), score the validation split
     choice   the highest mean validation accuracy; ties go to the lower mean validation loss, then the
              lower rate
-Only the file given as data is read: never test data. `train` without --lr uses the choice
-(Trainer._rate); tune.json names the train.onnx it belongs to, so a record of another compile is refused.
+Only the file given as data is read: never test data. `train` without --lr/--schedule uses the chosen
+rate/schedule (Trainer._rate); tune.json names the train.onnx it belongs to, so a record of another compile
+is refused. Records from before the schedule was recorded were tuned under the constant schedule.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import numpy as np
 from fgcompile import __version__, folder, grid, modelio
 from fgcompile.artifact import LAYOUT, Contract
 from fgcompile.errors import DataError, OutputError, SpecError
-from fgcompile.spec import RunDefaults, lr_grid
+from fgcompile.spec import SCHEDULES, RunDefaults, lr_grid
 from .data import data_digest
 
 FORMAT = "fgcompile-tune/1"
@@ -45,20 +49,26 @@ def split(n: int, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
     return perm[k:], perm[:k]
 
 
-def rates(contract: Contract) -> list[tuple[float, int]]:
-    """(lr, numerator) of the grid for this graph's training grid, within the graph's fixed point range."""
+def rates(contract: Contract, schedule: str = RunDefaults.schedule) -> list[tuple[float, int]]:
+    """(lr, numerator) of the grid for this graph's training grid and schedule, within the graph's fixed
+    point range."""
     c = contract.lr_numerator
-    grid_rates = [(lr, c.of(lr)) for lr in lr_grid(grid.resolution_bits(contract.state))]
+    lrs = list(lr_grid(grid.resolution_bits(contract.state)))
+    lrs += [2 * lrs[-1]] if schedule == "cosine" else []     # its mean rate is half the peak
+    grid_rates = [(lr, c.of(lr)) for lr in lrs]
     return [(lr, n) for lr, n in grid_rates if 1 <= n <= c.max]
 
 
 def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
          seeds: int = RunDefaults.seeds, holdout: float = RunDefaults.holdout, seed: int | None = None,
-         echo=None) -> dict:
-    """Try every rate of the grid on a held-out split of `data` (a path, or (x, y)) and return the record;
-    a Trainer of a compiled folder also writes it to OUT/tune.json (under the folder's lock). The
-    trainer's own state is not changed. echo: called with one progress line per trial."""
+         echo=None, schedule: str = RunDefaults.schedule) -> dict:
+    """Try every rate of the grid under `schedule` (each rate the peak of a cosine one) on a held-out split
+    of `data` (a path, or (x, y)) and return the record; a Trainer of a compiled folder also writes it to
+    OUT/tune.json (under the folder's lock). The trainer's own state is not changed. echo: called with one
+    progress line per trial."""
     _check_budget(epochs, batch, seeds, holdout)
+    if schedule not in SCHEDULES:
+        raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
     seed = trainer.spec.seed if seed is None else seed
     if not 0 <= seed < 2 ** 32 - seeds:
         raise SpecError(f"--seed {seed}: must be in [0, 2**32 - {seeds}) (one seed per trial).")
@@ -70,18 +80,18 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
                         f"--holdout {holdout:g} leaves {len(fit)} to fit and {len(val)} to validate, and tune "
                         f"needs at least {MIN_VALIDATION} to validate and {max(1, fixed or 1)} to fit. Pass "
                         "more training examples, or another --holdout.")
-    grid_rates = rates(trainer.contract)
+    grid_rates = rates(trainer.contract, schedule)
     if not grid_rates:
         raise SpecError(f"no learning rate of the grid fits this graph's fixed point (lr_max "
                         f"{trainer.contract.lr_numerator.max}, shift {trainer.contract.lr_numerator.shift}); pass --lr to "
                         "train instead.")
     if trainer.out is None:
-        return _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, echo)
+        return _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, schedule, echo)
     path = trainer.out / LAYOUT.tune
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OutputError(f"{path}: is not a regular file; tune writes its record there. Move it away.")
     with folder.locked(trainer.out, "tune"):
-        record = _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, echo)
+        record = _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, schedule, echo)
         record["train_sha256"] = trainer.train_sha256
         if not isinstance(data, tuple):
             record["data"]["file"] = str(pathlib.Path(data).resolve())
@@ -99,14 +109,14 @@ def _check_budget(epochs: int, batch: int, seeds: int, holdout: float) -> None:
         raise SpecError(f"--holdout {holdout}: the share of the data held out must be in (0, 1), e.g. 0.2.")
 
 
-def _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, echo) -> dict:
+def _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, schedule, echo) -> dict:
     t0 = time.perf_counter()
     scores = []
     for i, (lr, numerator) in enumerate(grid_rates):
         runs = []
         for s in range(seed, seed + seeds):
             trial = fresh(trainer, s)
-            trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, progress=False)
+            trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, schedule=schedule, progress=False)
             v = trial.evaluate(x[val], y[val])
             runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]})
         score = {"lr": lr, "lr_numerator": numerator,
@@ -121,8 +131,8 @@ def _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, hold
             "data": {"sha256": data_digest(x, y), "examples": len(y)},
             "split": {"method": SPLIT, "seed": seed, "holdout": holdout, "fit": len(fit), "validation": len(val)},
             "budget": {"epochs": epochs, "batch": batch, "seeds": list(range(seed, seed + seeds))},
-            "grid": [lr for lr, _ in grid_rates], "scores": scores,
-            "choice": {"lr": best["lr"], "lr_numerator": best["lr_numerator"]},
+            "schedule": schedule, "grid": [lr for lr, _ in grid_rates], "scores": scores,
+            "choice": {"lr": best["lr"], "lr_numerator": best["lr_numerator"], "schedule": schedule},
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -135,8 +145,8 @@ def fresh(trainer, seed: int):
 
 
 def read_choice(out: pathlib.Path, train_sha256: str | None) -> dict | None:
-    """OUT/tune.json's choice {lr, lr_numerator}, or None when there is none; a damaged record, or one of
-    another compile, is refused (the run would otherwise train at a rate nobody chose)."""
+    """OUT/tune.json's choice {lr, lr_numerator, schedule}, or None when there is none; a damaged record,
+    or one of another compile, is refused (the run would otherwise train at a rate nobody chose)."""
     path = pathlib.Path(out) / LAYOUT.tune
     if not os.path.lexists(path):
         return None
@@ -151,6 +161,8 @@ def read_choice(out: pathlib.Path, train_sha256: str | None) -> dict | None:
     if not isinstance(choice, dict) or record.get("format") != FORMAT \
             or not isinstance(choice.get("lr_numerator"), int) or not isinstance(choice.get("lr"), (int, float)):
         raise DataError(f"{path}: not a record fgcompile tune wrote (format {FORMAT} with a choice). {fix}")
+    if choice.get("schedule", "constant") not in SCHEDULES:
+        raise DataError(f"{path}: its schedule {choice['schedule']!r} is none of {', '.join(SCHEDULES)}. {fix}")
     if train_sha256 is not None and record.get("train_sha256") != train_sha256:
         raise DataError(f"{path}: was tuned for another compile of this folder (its train.onnx differs). {fix}")
-    return choice
+    return {"schedule": "constant", **choice}        # records from before the schedule: tuned constant

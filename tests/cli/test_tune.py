@@ -1,6 +1,8 @@
 """fgcompile tune: the rate it chooses is the one a manual sweep over the same split and seeds chooses;
-its record (OUT/tune.json) is what `train` then uses, an explicit --lr wins; bad input changes nothing."""
+its record (OUT/tune.json: rate and schedule) is what `train` then uses, an explicit --lr/--schedule wins;
+bad input changes nothing."""
 import json
+import math
 import os
 
 import numpy as np
@@ -10,6 +12,8 @@ from click.testing import CliRunner
 import fgcompile
 from conftest import MODELS
 from fgcompile.cli import main
+from fgcompile.errors import SpecError
+from fgcompile.runtime import trainer as trainer_module
 from fgcompile.spec import LR_GRIDS
 
 CNN = MODELS / "digits_cnn" / "w8a8.onnx"
@@ -55,7 +59,7 @@ def test_tune_chooses_what_a_manual_sweep_chooses(out, compiled, target_train):
     assert record["grid"] == list(LR_GRIDS[14])
     assert [(s["lr"], s["val_accuracy"], s["val_loss"]) for s in record["scores"]] == \
         [(lr, v["accuracy"], v["loss"]) for lr, v in scores.items()]
-    assert record["choice"] == {"lr": choice, "lr_numerator": round(choice * 256)}
+    assert record["choice"] == {"lr": choice, "lr_numerator": round(choice * 256), "schedule": "constant"}
     assert len({v["accuracy"] for v in scores.values()}) > 1      # the rates did differ
     assert record["split"] == {**record["split"], "seed": 3, "fit": 400, "validation": 100}
     assert json.loads((out / "tune.json").read_text()) == record
@@ -71,7 +75,7 @@ def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target
 
     r = run("train", out, "--data", TRAIN, "--epochs", 1, "--json", "--threads", 1)
     assert r.exit_code == 0, r.output
-    assert f"note: lr {tuned:g} from {out / 'tune.json'}" in r.output
+    assert f"note: lr {tuned:g} and the constant schedule from {out / 'tune.json'}" in r.output
     trained = np.load(out / "checkpoint.npz")
     same = fgcompile.Trainer(compiled, session=ONE_THREAD)      # the same run at the tuned rate, in memory
     same.fit(target_train, epochs=1, lr=tuned, progress=False)
@@ -79,7 +83,7 @@ def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target
     assert json.loads(str(trained["__meta__"]))["run"]["lr_numerator"] == round(tuned * 256)
 
     r = run("train", out, "--data", TRAIN, "--epochs", 1, "--restart", "--lr", 2, "--quiet", "--threads", 1)
-    assert r.exit_code == 0 and "tune.json" not in r.output
+    assert r.exit_code == 0 and "lr 2" not in r.output and "the constant schedule from" in r.output
     assert json.loads(str(np.load(out / "checkpoint.npz")["__meta__"]))["run"]["lr_numerator"] == 512
     r = run("train", out, "--data", TRAIN, "--epochs", 2, "--resume", "--quiet")   # tune.json's rate again
     assert r.exit_code == 2 and "lr_numerator 512 -> " in r.output
@@ -88,6 +92,11 @@ def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target
 def snapshot(folder):
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+def unlocked(files):
+    """A snapshot without the folder lock's pid file, which every train run rewrites."""
+    return {k: v for k, v in files.items() if k != ".fgcompile.lock"}
 
 
 def small(tmp_path):
@@ -127,3 +136,69 @@ def test_train_refuses_a_damaged_or_foreign_record(out):
     r = run("train", out, "--data", TRAIN, "--epochs", 1, "--quiet")
     assert r.exit_code == 2 and "was tuned for another compile" in r.output
     assert not (out / "checkpoint.npz").exists()
+
+
+def cosine_numerators(peak: int, total: int) -> list[int]:
+    """The cosine schedule as README states it: lr_k = max(1, round(peak · (1 + cos(π k / total)) / 2))."""
+    return [max(1, round(peak * 0.5 * (1 + math.cos(math.pi * k / total)))) for k in range(total)]
+
+
+def test_tune_under_cosine_records_it_and_train_feeds_the_graph_that_schedule(out, compiled, target_train,
+                                                                             monkeypatch):
+    r = run("tune", out, "--data", TRAIN, "--epochs", 1, "--schedule", "cosine", "--threads", 1)
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "tune.json").read_text())
+    tuned, peak = record["choice"]["lr"], record["choice"]["lr_numerator"]
+    assert record["schedule"] == record["choice"]["schedule"] == "cosine"
+    assert record["grid"] == [*LR_GRIDS[14], 2 * LR_GRIDS[14][-1]]     # cosine's mean rate is half its peak
+    assert "(the peak of a cosine schedule)" in r.output
+    # the trial of the chosen rate was a cosine run from that peak on the documented split (seed 3)
+    x, y = target_train
+    perm = np.random.default_rng(3).permutation(len(y))
+    fit, val = perm[100:], perm[:100]
+    scores = {s["lr"]: s for s in record["scores"]}
+    for schedule in ("cosine", "constant"):
+        trial = fgcompile.Trainer(compiled, session=ONE_THREAD)
+        trial.fit((x[fit], y[fit]), epochs=1, lr=tuned, schedule=schedule, progress=False)
+        same = trial.evaluate(x[val], y[val])["loss"] == scores[tuned]["val_loss"]
+        assert same == (schedule == "cosine")
+
+    fed = []                               # the lr input of every step the graph runs
+    feeds = trainer_module.step_feeds
+    monkeypatch.setattr(trainer_module, "step_feeds", lambda c, xb, yb, seed, step, lr, state:
+                        fed.append(lr) or feeds(c, xb, yb, seed, step, lr, state))
+    total = 2 * (len(y) // 32)
+    r = run("train", out, "--data", TRAIN, "--epochs", 2, "--quiet", "--threads", 1)
+    assert r.exit_code == 0, r.output
+    assert f"note: lr {tuned:g} and the cosine schedule from {out / 'tune.json'}" in r.output
+    assert fed == cosine_numerators(peak, total) and fed[0] == peak and fed[-1] < peak / 100
+    assert json.loads(str(np.load(out / "checkpoint.npz")["__meta__"]))["run"]["schedule"] == "cosine"
+
+    fed.clear()                            # an explicit --schedule wins; the note says what was tuned
+    r = run("train", out, "--data", TRAIN, "--epochs", 2, "--restart", "--schedule", "constant", "--quiet",
+            "--threads", 1)
+    assert r.exit_code == 0, r.output
+    assert fed == [peak] * total and "tuned under the cosine schedule, not constant" in r.output
+
+    before = snapshot(out)                 # resuming that run without flags would switch to tune.json's cosine
+    r = run("train", out, "--data", TRAIN, "--epochs", 2, "--resume", "--quiet")
+    assert r.exit_code == 2 and "schedule constant -> cosine" in r.output and "Traceback" not in r.output
+    assert unlocked(snapshot(out)) == unlocked(before)
+
+
+def test_bad_schedules_are_refused_and_change_nothing(out):
+    (out / "tune.json").write_text('{"an": "earlier record"}')
+    before = snapshot(out)
+    r = run("tune", out, "--data", TRAIN, "--schedule", "linear")
+    assert r.exit_code == 2 and "Invalid value for '--schedule'" in r.output and "'linear'" in r.output
+    with pytest.raises(SpecError, match="--schedule 'linear': choose constant or cosine"):
+        fgcompile.tune(out, str(TRAIN), schedule="linear")
+    assert snapshot(out) == before
+    record = {"format": "fgcompile-tune/1", "choice": {"lr": 8.0, "lr_numerator": 2048, "schedule": "linear"},
+              "train_sha256": fgcompile.Trainer(out).train_sha256}
+    (out / "tune.json").write_text(json.dumps(record))
+    before = snapshot(out)
+    r = run("train", out, "--data", TRAIN, "--epochs", 1, "--quiet")
+    assert r.exit_code == 2 and "tune.json: its schedule 'linear' is none of constant, cosine" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert unlocked(snapshot(out)) == unlocked(before)
