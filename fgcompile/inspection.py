@@ -15,16 +15,21 @@ form (what the step holds beyond inference):
          cast and the float dequantization)
 with rows = m, copies = 2m when the branches are stacked or cloned, and for --branches loop rows = 1,
 copies = 1 (each zᵢ is drawn inside the Loop, one branch per iteration) and 8 more bytes for ĝ (carried
-through the Loop, an iteration's input and output alive at once). A large tensor of the loop form (more
-than 2^16 elements) is perturbed in its own dtype and updated in row chunks:
+through the Loop, an iteration's input and output alive at once). A large tensor (more than 2^16
+elements) is perturbed in its own dtype. Stacked:
+    n · (2b state in/out + 4·m z (int8), its m rows, MatMulInteger's packed copy and the hash bytes
+         + 8 ĝ and update + copies · (2b + 8) perturbed weights in b bytes, their int8 steps and float
+         dequantization)
+with copies = 2 for a Conv weight (each branch's kernel is built alone, just before its Conv) and 2m for
+a MatMul/Gemm weight (the wide product reads all branches at once). Loop, updated in row chunks:
     n · (2b state in/out + b the update's chunks before onnxruntime concatenates them + b + 3 the
          perturbed copy, its int8 rooms to the grid's ends and zᵢ (int8) with its hash + 4 the float
          kernel (whole for a MatMul/Gemm; a Conv dequantizes a piece at a time) + 2 ĝ carried in int8
          where the update cannot sum it chunk by chunk)  = n · (4b + 9)
-(ResNet-18's layer4 conv, 2.4M weights at m = 8: 855 MiB stacked and 38 MiB loop; measured 758 and 16-20
-MiB above inference, benchmarks/results/deep-loop-narrow.md.) Activations of the branches are not included:
-they depend on the batch (stacked: 2m·B rows through the suffix; loop: B), and benchmarks/deep.py
-measures them.
+(ResNet-18's layer4 convs, 2.4M weights at m = 8: 153 MiB stacked and 38 MiB loop; measured about 128 and
+16-20 MiB above inference, benchmarks/results/deep-stacked-memory.md and deep-loop-narrow.md.) Activations
+of the branches are not included: they depend on the batch (stacked: 2m·B rows through the suffix; loop:
+B), and benchmarks/deep.py measures them.
 """
 from __future__ import annotations
 
@@ -120,7 +125,7 @@ def inspect_graph(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = Trai
             if t is None:
                 continue
             grid, size = _grid(graph, s, t, role, bits, headroom)
-            cost = [train_bytes(t.numel, size, m, loop, momentum, sharpness) for loop in (False, True)]
+            cost = [train_bytes(t.numel, size, m, loop, momentum, sharpness, conv=s.op == "Conv") for loop in (False, True)]
             rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid, *cost))
     return rows, float_layers(graph)
 

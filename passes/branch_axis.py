@@ -53,7 +53,7 @@ def per_tensor_dq(t: gs.Tensor):
 class BranchedTensors:
     """The branched tensors of a suffix: `mapping` from original names, with ranks, shapes and forms."""
 
-    def __init__(self, graph, stacked: dict, branches: int, needed: set, rows: dict | None = None):
+    def __init__(self, graph, stacked: dict, branches: int, needed: set, parts: dict | None = None):
         self.b, self.n, self.needed = Builder(graph, "stack"), branches, needed
         self.mapping = dict(stacked)
         self.ranks = {t.name: rank(t) - 1 for t in stacked.values()}   # branched name -> unbranched rank
@@ -63,8 +63,9 @@ class BranchedTensors:
         self.perturbed = {t.name for t in stacked.values()}
         # the float output of a perturbed weight's dequantization -> (q, scale, zero point, axis)
         self.dequantized: dict[str, tuple] = {}
-        # stacked name -> rows(b, lo, hi): a one-branch weight built a slice of output channels at a time
-        self.rows: dict = dict(rows or {})
+        # stacked name -> part(b, k, lo, hi): branch k of a perturbed weight (its output channels lo:hi when
+        # given) built from its inputs, without the whole [2m, *shape] tensor
+        self.parts: dict = dict(parts or {})
 
     def stacked(self, t) -> bool:
         return t is not None and t.name in self.ranks

@@ -50,11 +50,11 @@ class Refusal:
 
 
 def stack_suffix(graph: gs.Graph, nodes: list[gs.Node], stacked: dict[str, gs.Tensor], branches: int,
-                 tap: str, rows: dict | None = None) -> dict[str, gs.Tensor] | Refusal:
-    """{original tensor name: branched tensor} with [tap] in the leading form, or the Refusal. `rows`:
-    {stacked tensor name: rows(b, lo, hi)} for a one-branch weight that can be built a slice of output
-    channels at a time (the loop form's pieces, _output_pieces)."""
-    s = BranchedTensors(graph, stacked, branches, {id(n) for n in nodes}, rows)
+                 tap: str, parts: dict | None = None) -> dict[str, gs.Tensor] | Refusal:
+    """{original tensor name: branched tensor} with [tap] in the leading form, or the Refusal. `parts`:
+    {stacked tensor name: part(b, k, lo, hi)} for a weight whose branch k (output channels lo:hi of it,
+    the loop form's pieces, _output_pieces) a trained Conv can build alone."""
+    s = BranchedTensors(graph, stacked, branches, {id(n) for n in nodes}, parts)
     mark = len(graph.nodes)
     for node in nodes:
         if node.outputs[0].name in s.mapping:     # made already (a Conv emitted its QuantizeLinear)
@@ -294,8 +294,8 @@ def _trained_conv(s: BranchedTensors, node, ins):
 
     def kernel(k, q_, scale_, zp_, lo=None, hi=None):
         """Branch k's dequantized kernel (output channels lo:hi of it when given)."""
-        if lo is not None and q_.name in s.rows:     # built from rows of its inputs: no whole kernel
-            qk = s.rows[q_.name](b, lo, hi)
+        if q_.name in s.parts:      # built from its inputs: no whole [2m, *shape] kernel, no copy out of it
+            qk = s.parts[q_.name](b, k, lo, hi)
         else:
             qk = b.op("Squeeze", [q_, np.array([0], np.int64)], dtype=q_.dtype) if n == 1 else \
                 b.op("Gather", [q_, np.array(k, np.int64)], {"axis": 0}, dtype=q_.dtype)

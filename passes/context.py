@@ -71,6 +71,7 @@ class Trainable:
     source_dtype: str = ""
     widened: bool = False
     factor: float = 1    # training LSBs per source LSB (fgcompile/grid.py)
+    op: str = ""         # the site's op (a Conv weight's branches are built one kernel at a time)
 
     @property
     def name(self) -> str:
@@ -113,7 +114,7 @@ class State:            # lift
 class Perturbations:    # prng
     seed: gs.Variable
     step: gs.Variable                   # the training step (int32 input)
-    z: dict[str, gs.Tensor]             # int32 [m, *shape]
+    z: dict[str, gs.Tensor]             # int8 [m, *shape]
     round_noise: dict[str, gs.Tensor]   # int32 [*shape] (stochastic rounding only)
     sparse_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [*shape] (sparsify)
     momentum_noise: dict[str, gs.Tensor] = dataclasses.field(default_factory=dict)  # int32 [m, *shape], 8 bits
@@ -124,7 +125,7 @@ class Perturbations:    # prng
     # each; momentum wraps it too
     z_at: Callable | None = None
     momentum_at: Callable | None = None     # row i of momentum_noise, the same way
-    # z_words(b, name, first, count) -> int32 [m, count·elements per word] of one trainable: its words first .. first +
+    # z_words(b, name, first, count) -> int8 [m, count·elements per word] of one trainable: its words first .. first +
     # count − 1 (first an int32 [1] tensor known at run time) of every zᵢ, for a piece of the tensor
     z_words: Callable | None = None
 

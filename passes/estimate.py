@@ -29,7 +29,7 @@ from .loop_sum import looped_sum
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "estimate")
-    F, I, spec = b.f32, b.i32, ctx.spec
+    F, spec = b.f32, ctx.spec
     plus, minus = ctx.losses.plus, ctx.losses.minus
     d = F.Sub(plus, minus, hint="d")
     scale = F.Max(F.Abs(plus), F.Abs(minus))
@@ -47,13 +47,23 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         grad = looped_sum(graph, c, spec.m, ctx.perturbations.z_at, whole, narrow_grad_dtype(spec)) if whole else {}
         ctx.estimate = Estimate(c, grad, rows)
         return graph
-    grad = {}
-    for tr in ctx.trainables:
-        ci = I.Reshape(c, np.array([spec.m] + [1] * len(tr.shape), np.int64))
-        grad[tr.name] = I.ReduceSum(I.Mul(ci, ctx.perturbations.z[tr.name]), np.array([0], np.int64),
-                                    keepdims=0, hint="g")
+    c8 = _row(b, c)
+    grad = {tr.name: weighted_sum(b, c8, ctx.perturbations.z[tr.name], tr.shape) for tr in ctx.trainables}
     ctx.estimate = Estimate(c, grad)
     return graph
+
+
+def _row(b: Builder, c):
+    """The cᵢ as an int8 [1, m] row (|cᵢ| <= SPSA_CLIP = 127)."""
+    return b.op("Reshape", [b.cast(c, np.int8, hint="c8"), np.array([1, -1], np.int64)], dtype=np.int8)
+
+
+def weighted_sum(b: Builder, c8, z, shape):
+    """ĝ = Σᵢ cᵢ·zᵢ, int32 [*shape], for the int8 [1, m] row c8 and int8 z [m, ...]: one MatMulInteger
+    (int8 in, int32 sums), instead of widening all m·n zᵢ to int32 for a Mul and a ReduceSum."""
+    flat = b.op("Reshape", [z, np.array([0, -1], np.int64)], dtype=np.int8)           # [m, n]
+    g = b.op("MatMulInteger", [c8, flat], dtype=np.int32)
+    return b.i32.Reshape(g, np.array(list(shape), np.int64), hint="g")
 
 
 def _by_rows(ctx: Context, c) -> dict[str, GradRows]:
@@ -78,9 +88,7 @@ def _chunk_grad(ctx: Context, c, tr, count: int, n: int):
         first = b.cast(b.op("Unsqueeze", [b.op("Mul", [k, np.array(words, np.int64)], dtype=np.int64),
                                           np.array([0], np.int64)], dtype=np.int64), np.int32)
         z = ctx.perturbations.z_words(b, tr.name, first, words)                      # [m, count·inner]
-        ci = b.i32.Reshape(c, np.array([ctx.spec.m, 1], np.int64))
-        g = b.i32.ReduceSum(b.i32.Mul(ci, z), np.array([0], np.int64), keepdims=0, hint="g")
-        return b.i32.Reshape(g, np.array([count] + list(tr.shape[1:]), np.int64))
+        return weighted_sum(b, _row(b, c), z, [count] + list(tr.shape[1:]))
     return at
 
 

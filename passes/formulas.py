@@ -6,8 +6,10 @@
     train bytes  numel · (2·g + 18·rows + ĝ + copies·(12 + g)) beyond inference for one trained tensor on a
                  g-byte grid; stacked or cloned: rows = m z rows, copies = 2m, ĝ = 8; loop: rows = 1 (zᵢ is
                  drawn inside the Loop), copies = 1 (one branch per iteration), ĝ = 16 (carried through the
-                 Loop: an iteration's input and output); a large tensor of the loop form (more than CHUNK
-                 elements, no --sharpness), perturbed in its own dtype: numel · (4·g + 9); a momentum buffer
+                 Loop: an iteration's input and output). A large tensor (more than CHUNK elements, no
+                 --sharpness) is perturbed in its own dtype: loop numel · (4·g + 9); stacked
+                 numel · (2·g + 4·m + 8 + copies·(2·g + 8)), copies = 2 for a Conv weight (its branch kernels
+                 are built one at a time), else 2m; a momentum buffer
                  (--momentum, --sharpness) adds 16 (int32 state in and out, and its update), guided sampling
                  8·rows and the ascent 8 (fgcompile/inspection.py explains the terms; pair's --memory-budget
                  and inspect's estimate use it)
@@ -78,12 +80,16 @@ def chunk_rows(shape, align: int = 1, per_element: int = 1) -> int | None:
 
 
 def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False, momentum: float = 0.0,
-                sharpness: int = 0) -> int:
+                sharpness: int = 0, conv: bool = False) -> int:
     buffer = 16 if momentum > 0 or sharpness > 0 else 0   # int32 v in and out, v div 8 and the sum
     ascent = 8 if sharpness > 0 else 0                    # sign(v) and the centre W̃, int32
-    if loop and numel > CHUNK and sharpness == 0:         # a large tensor of the loop form, in its own dtype
+    narrow = numel > CHUNK and sharpness == 0             # perturbed in its own dtype (pair._in_own_dtype)
+    if loop and narrow:                                   # a large tensor of the loop form
         guided = 8 if momentum > 0 else 0                 # the int32 noise and the guided z of one row
         return numel * (4 * grid_bytes + 9 + buffer + guided)
+    if narrow:          # stacked: int8 z, its rows and MatMulInteger's packed copy; a Conv builds one branch's
+        guided = 8 * m if momentum > 0 else 0             # kernel at a time, other ops read all 2m at once
+        return numel * (2 * grid_bytes + buffer + 4 * m + guided + 8 + (2 if conv else 2 * m) * (2 * grid_bytes + 8))
     rows, grad, copies = (1, 16, 1) if loop else (m, 8, 2 * m)
     guided = 8 * rows if momentum > 0 else 0              # per z row: the int32 noise and the Where's z
     return numel * (2 * grid_bytes + buffer + ascent + 18 * rows + guided + grad + copies * (12 + grid_bytes))

@@ -1,7 +1,9 @@
 """pair: the 2m perturbed forward passes, sharing every node upstream of the trained tensors.
 
-    W± = clip(W̃ ± ε·stride·zᵢ, qmin, qmax)   int32, cast back to W's dtype; one [2m, *shape] tensor with
-                                            branches +0, …, +(m−1), −0, …, −(m−1)
+    W± = clip(W̃ ± ε·stride·zᵢ, qmin, qmax)   in int32, cast back to W's dtype; one [2m, *shape] tensor with
+                                            branches +0, …, +(m−1), −0, …, −(m−1). A large tensor
+                                            is perturbed in its own dtype instead (the same values):
+                                            W + clip(±ε·stride·zᵢ, qmin − W, qmax − W), int8 steps
     W̃ = W, or clip(W + ascent, qmin, qmax) with a sharpness-aware ascent (passes/momentum.py)
 
 The nodes that depend on a trained tensor (the trained suffix) run on all 2m branches at once, with the
@@ -36,15 +38,15 @@ def _form(ctx: Context) -> tuple[str, str | None]:
     the loop)."""
     if ctx.spec.branches != "auto" or ctx.spec.memory_budget_mb is None:
         return ctx.spec.branches, None
-    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m,
-                           momentum=ctx.spec.momentum, sharpness=ctx.spec.sharpness) for tr in ctx.trainables)
+    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m, momentum=ctx.spec.momentum,
+                           sharpness=ctx.spec.sharpness, conv=tr.op == "Conv") for tr in ctx.trainables)
     if need > ctx.spec.memory_budget_mb * 2 ** 20:
         return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
     return "auto", None
 
 
 def _perturbed(b: Builder, ctx: Context, w32, tr, z, count: int, sign=None):
-    """[2·count, *shape] weights W ± ε·stride·z for z [count, *shape], saturated to the trainable range;
+    """[2·count, *shape] weights W ± ε·stride·z for int32 z [count, *shape], saturated to the trainable range;
     with `sign` (an int32 [1] tensor of ±1: the loop form's one branch) [count, *shape] W + sign·ε·stride·z."""
     rank = len(tr.tensor.shape)
     step = np.int32(ctx.spec.eps * tr.stride)
@@ -64,11 +66,39 @@ ROOM = 127       # the int8 step: |ε·stride·z| <= ROOM lets a branch move W i
 
 
 def _in_own_dtype(ctx: Context, tr) -> bool:
-    """Whether the loop form perturbs tr in its own 8/16-bit dtype: a large tensor (formulas.chunked; a
-    small one keeps the int32 form, fewer nodes), no sharpness centre (an int32 W̃) and |ε·stride·z|
-    within int8."""
+    """Whether tr is perturbed in its own 8/16-bit dtype: a large tensor (formulas.chunked; a small one
+    keeps the int32 form, fewer nodes), no sharpness centre (an int32 W̃) and |ε·stride·z| within int8."""
     return (np.dtype(tr.tensor.dtype) in UNSIGNED and tr.name not in ctx.perturbations.ascent and chunked(tr.shape)
             and ctx.spec.eps * tr.stride * Z_MAX[ctx.spec.perturbation] <= ROOM)
+
+
+def _perturbed_narrow(b: Builder, ctx: Context, tr, z):
+    """([2m, *shape] W ± ε·stride·z in W's own dtype from int8 z [m, *shape], part(b, k, lo=None, hi=None)
+    -> branch k alone): the values of _perturbed, with no int32 tensor of the 2m·n elements (int8 steps,
+    their saturation, one widening and the Add). A trained Conv builds each branch's kernel with `part`
+    from its row of z (copying no [2m, *shape] tensor apart); other consumers read the whole tensor."""
+    m, w, shape = ctx.spec.m, ctx.state.inputs[tr.name], list(tr.shape)
+    unit, rooms, rows = ctx.spec.eps * tr.stride, _rooms(b, w, tr), []
+    step = np.array([1, -1], np.int8).reshape([2] + [1] * (len(shape) + 1)) * np.int8(unit)
+    whole = b.op("Reshape", [_moved(b, tr, w, z, step, rooms), np.array([-1] + shape, np.int64)],
+                 dtype=np.dtype(tr.tensor.dtype), shape=[2 * m] + shape, hint=f"{tr.name}.perturbed")
+
+    def part(b_: Builder, k: int, lo=None, hi=None):
+        if not rows:        # z's m rows, split once for all branches
+            split = z if m == 1 else b.op("Split", [z], {"axis": 0, "num_outputs": m}, dtype=np.int8, outputs=m)
+            rows.extend(b.op("Squeeze", [r, np.array([0], np.int64)], dtype=np.int8) for r in
+                        ([split] if m == 1 else split))
+        parts = [w, rows[k % m], *rooms]
+        if lo is not None:
+            parts = [_sliced(b_, t, lo, hi) for t in parts]
+        return _moved(b_, tr, parts[0], parts[1], np.array(unit if k < m else -unit, np.int8), parts[2:])
+    return whole, part
+
+
+def _sliced(b: Builder, t, lo: int, hi: int):
+    """Rows lo:hi of t's leading axis."""
+    return b.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
+                dtype=t.dtype)
 
 
 def _rooms(b: Builder, w, tr):
@@ -87,11 +117,12 @@ def _rooms(b: Builder, w, tr):
     return up, b.op("Neg", [down], dtype=np.int8, hint="down")
 
 
-def _moved(b: Builder, tr, w, z, step):
+def _moved(b: Builder, tr, w, z, step, rooms=None):
     """W + clip(s·ε·stride·z, −down, up) in W's dtype, for int8 z and step = s·ε·stride (int8): the same
     values as clip(W + s·ε·stride·z, qmin, qmax), since |ε·stride·z| <= 127 and the rooms saturate at 127.
-    Elementwise, so rows of W and z give those rows of the perturbed weight."""
-    up, down = _rooms(b, w, tr)
+    Elementwise, so rows of W and z give those rows of the perturbed weight. `rooms`: W's (up, −down),
+    when made already."""
+    up, down = rooms if rooms is not None else _rooms(b, w, tr)
     moved = b.op("Max", [b.op("Min", [b.op("Mul", [z, step], dtype=np.int8), up], dtype=np.int8), down],
                  dtype=np.int8, hint="moved")
     dtype = np.dtype(tr.tensor.dtype)
@@ -99,8 +130,8 @@ def _moved(b: Builder, tr, w, z, step):
 
 
 def _perturbed_in_own_dtype(b: Builder, ctx: Context, w, tr, z, sign, i):
-    """([1, *shape] perturbed weight, rows(b, lo, hi) -> its rows lo:hi built from rows of W and zᵢ
-    alone): the trained Conv of the loop form builds and dequantizes its kernel a piece at a time, so
+    """([1, *shape] perturbed weight, part(b, k, lo, hi) -> its rows lo:hi built from rows of W and zᵢ
+    alone, or the whole when lo is None): the trained Conv of the loop form builds and dequantizes its kernel a piece at a time, so
     the body holds no whole-tensor temporary. Where a piece starts on a hash word (and no momentum
     guides z), its zᵢ is drawn for that piece alone, and the whole zᵢ is not drawn at all (unused, it is
     cleaned up)."""
@@ -109,16 +140,15 @@ def _perturbed_in_own_dtype(b: Builder, ctx: Context, w, tr, z, sign, i):
                  dtype=np.dtype(tr.tensor.dtype), shape=[1] + list(tr.tensor.shape), hint=f"{tr.name}.perturbed")
     inner, n = int(np.prod(tr.shape[1:])), elements_per_word(ctx.spec)
 
-    def rows(b_: Builder, lo: int, hi: int):
-        sliced = lambda t: b_.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64),
-                                           np.array([0], np.int64)], dtype=t.dtype)
+    def part(b_: Builder, k, lo=None, hi=None):      # k: the Loop's one branch
+        if lo is None:
+            return b_.op("Squeeze", [whole, np.array([0], np.int64)], dtype=whole.dtype)
         if (lo * inner) % n or (hi * inner) % n or ctx.spec.momentum > 0:
-            return _moved(b_, tr, sliced(w), sliced(z), step)
+            return _moved(b_, tr, _sliced(b_, w, lo, hi), _sliced(b_, z, lo, hi), step)
         zi = ctx.perturbations.z_words(b_, tr.name, np.array([lo * inner // n], np.int32), (hi - lo) * inner // n, i)
-        zi = b_.op("Reshape", [b_.cast(zi, np.int8), np.array([hi - lo] + list(tr.shape[1:]), np.int64)],
-                   dtype=np.int8)
-        return _moved(b_, tr, sliced(w), zi, step)
-    return whole, rows
+        zi = b_.op("Reshape", [zi, np.array([hi - lo] + list(tr.shape[1:]), np.int64)], dtype=np.int8)
+        return _moved(b_, tr, _sliced(b_, w, lo, hi), zi, step)
+    return whole, part
 
 
 def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
@@ -140,17 +170,17 @@ def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
     # zᵢ stands in as a placeholder until the suffix is built: a trained Conv built in pieces draws its
     # own, and one hash then draws zᵢ for the tensors used whole only
     z = {tr.name: gs.Variable(bb.name("z"), dtype=np.int8, shape=list(tr.shape)) for tr in ctx.trainables}
-    perturbed, rows = {}, {}
+    perturbed, parts = {}, {}
     for tr in ctx.trainables:
         w = ctx.state.inputs[tr.name]
         if _in_own_dtype(ctx, tr):
-            perturbed[tr.name], rows[tr.name] = _perturbed_in_own_dtype(bb, ctx, w, tr, z[tr.name], sign, i)
+            perturbed[tr.name], parts[tr.name] = _perturbed_in_own_dtype(bb, ctx, w, tr, z[tr.name], sign, i)
         else:
             z32 = bb.cast(bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)], dtype=np.int8), np.int32)
             perturbed[tr.name] = _perturbed(bb, ctx, w32, tr, z32, 1, sign)
     _frozen_weights_inside(body, needed)
     mapping = stack_suffix(body, needed, perturbed, 1, ctx.io.loss_tap,
-                           {perturbed[name].name: f for name, f in rows.items()})
+                           {perturbed[name].name: f for name, f in parts.items()})
     if isinstance(mapping, Refusal):
         raise CompileError(f"--branches loop: the trained suffix cannot run on a branch axis ({mapping}). "
                            "Use --branches cloned, or train other tensors.")
@@ -229,10 +259,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if form == "loop":
         logits = _looped(b, graph, ctx, centre, needed)
     else:
-        perturbed = {tr.name: _perturbed(b, ctx, centre, tr, ctx.perturbations.z[tr.name], ctx.spec.m)
-                     for tr in ctx.trainables}
-        mapping = "--branches cloned" if form == "cloned" else stack_suffix(graph, needed, perturbed,
-                                                                            2 * ctx.spec.m, tap)
+        z, perturbed, parts = ctx.perturbations.z, {}, {}
+        for tr in ctx.trainables:
+            if _in_own_dtype(ctx, tr):
+                perturbed[tr.name], parts[tr.name] = _perturbed_narrow(b, ctx, tr, z[tr.name])
+            else:
+                perturbed[tr.name] = _perturbed(b, ctx, centre, tr, b.as_int32(z[tr.name], hint="z32"), ctx.spec.m)
+        mapping = "--branches cloned" if form == "cloned" else stack_suffix(
+            graph, needed, perturbed, 2 * ctx.spec.m, tap, {perturbed[n].name: f for n, f in parts.items()})
         if isinstance(mapping, Refusal) and form == "stacked":
             raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
                                f"({mapping}). Use --branches auto or cloned, or train other tensors.")

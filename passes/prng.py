@@ -1,7 +1,7 @@
 """prng: integer perturbations z generated in-graph from a (seed, step) input pair (counter-based hash).
 
-Stream "fgc-int32/2". Every op is int32 with two's-complement wraparound (Mul, Add, BitwiseXor,
-BitwiseAnd, Equal, Where, Gather) plus Div by a power of two of a value that is a multiple of it, whose
+Stream "fgc-int32/2". Every op of the hash is int32 with two's-complement wraparound (Mul, Add,
+BitwiseXor, BitwiseAnd, Gather) plus Div by a power of two of a value that is a multiple of it, whose
 quotient has at most 24 significant bits: exact on a runtime that divides integers in float32, as
 OpenVINO's CPU plugin does. There are no uint32 tensors, no constants outside int32 and no BitShift
 (unsigned only in ONNX), so onnxruntime, the ONNX reference evaluator and OpenVINO (which computes
@@ -20,18 +20,18 @@ One hash word feeds n elements (element j is the flat index), so the hash costs 
     rademacher: k = 1,  z = 2c − 1
     ternary:    k = 8,  z = (2·(c >> 7) − 1) · [(c & 0x7f) < D],  D = clamp(round(128·density), 1, 128)
     gaussian:   k = 8,  z = popcount(c & 0xf) − popcount(c >> 4)       (centred binomial, |z| <= 4)
-(ternary and gaussian as a lookup of c in a 256-entry table). Streams i = 0..m−1 give z_i; stream
+z is read as int8 from a table indexed by each word's bytes: the signs of a byte's 8 bits (rademacher),
+or the 256-entry table of c (ternary, gaussian). Streams i = 0..m−1 give z_i; stream
 i = m gives the stochastic-rounding noise u = c & (2^lr_shift − 1) with k = 16, stream i = m + 1 the
 sparse-update noise u = c with k = 16 (--sparsity with --sparse-mode random or topk), streams
 i = m + 2 … 2m + 1 the momentum-guided sampling's choice c with k = 8 (one per zᵢ, --momentum).
 In int32, x >> k (logical) is ((x & −2^k) / 2^k) & (2^(32−k) − 1): the masked Div is exact.
 
 Precondition: ctx.trainables (their shapes; lift has made them state).
-Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int32 [m, *shape]
+Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[name] int8 [m, *shape]
 (dead, and dropped by finalize, when the memory-bounded form draws each zᵢ inside its Loop with
 .z_at(b, i), a stream index known at run time whose salt is hashed in-graph: int8 [*shape], the same
-values, so a Loop iteration holds one byte per element; or with .z_words for a range of a tensor's hash
-words, so a piece of it is drawn alone);
+values as row i; or with .z_words for a range of a tensor's hash words, so a piece of it is drawn alone);
 .round_noise[name] int32 [*shape] when rounding is stochastic; .sparse_noise[name] int32 [*shape] in
 [0, 2^16) when a sparse update draws. No existing node changes.
 """
@@ -92,6 +92,10 @@ def _mix(b: Builder, x):
     return xor(x, _shr(b, x, 15))
 
 
+# SIGNS[c, j]: +1 where bit j of the byte c is set, else −1 (the ±1 perturbation's byte table)
+SIGNS = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 1, -1).astype(np.int8)
+
+
 def _lookup(spec) -> np.ndarray:
     """int32 table c -> z for the 8-bit chunk perturbations (ternary, gaussian)."""
     c = np.arange(256)
@@ -120,15 +124,15 @@ def _keys(b: Builder, seed, step, salt):
 def _words(b: Builder, seed, step, sizes: list[int], streams, n: int, tensors=None):
     """word for `streams` (a range, or an int32 [1] stream tensor) of every trainable at once (of those
     with indices `tensors`, sized `sizes`, when given): int32 [len(streams), Σ words]. One hash over all
-    words (fewer, larger nodes than one per tensor)."""
+    words (fewer, larger nodes than one per tensor); each tensor's keys broadcast over its counters."""
     words = [-(-size // n) for size in sizes]
     keys = _keys(b, seed, step, _salts(b, list(range(len(sizes))) if tensors is None else tensors, streams))
-    count = _rows(streams)
-    owner = np.repeat(np.arange(len(sizes)), words)
-    pick = owner[None, :] * count + np.arange(count)[:, None]                              # [S, ΣW]
-    key = b.op("Gather", [keys, b.const(pick.astype(np.int64), "key_index")], {"axis": 0}, dtype=np.int32)
-    counter = np.concatenate([np.arange(w, dtype=np.uint64) for w in words]) * GOLDEN
-    return _mix(b, b.op("Add", [key, b.const(int32(counter), "counter")], dtype=np.int32)), words
+    keys = b.op("Reshape", [keys, np.array([len(sizes), _rows(streams), 1], np.int64)], dtype=np.int32)
+    parts = [b.op("Add", [b.op("Gather", [keys, np.array(t, np.int64)], {"axis": 0}, dtype=np.int32),
+                          b.const(int32(np.arange(w, dtype=np.uint64) * GOLDEN), "counter")], dtype=np.int32)
+             for t, w in enumerate(words)]
+    counted = parts[0] if len(parts) == 1 else b.op("Concat", parts, {"axis": 1}, dtype=np.int32)
+    return _mix(b, counted), words
 
 
 def _per_lane(b: Builder, words, rows: int, n: int, lane_op):
@@ -137,55 +141,53 @@ def _per_lane(b: Builder, words, rows: int, n: int, lane_op):
     return b.op("Reshape", [lanes, np.array([rows, -1], np.int64)], dtype=np.int32)
 
 
-def _sign_of_bit(b: Builder, v):
-    """z = 2c − 1 with c bit j mod 32 of the word: a bit test then a select, no shift needed."""
-    bit = b.op("BitwiseAnd", [v, int32(1 << np.arange(32, dtype=np.int64))], dtype=np.int32)
-    zero = b.op("Equal", [bit, np.array(0, np.int32)], dtype=bool)
-    return b.op("Where", [zero, np.array(-1, np.int32), np.array(1, np.int32)], dtype=np.int32)
-
-
-def _rademacher(b: Builder, seed, step, sizes: list[int], streams, tensors=None):
-    v, words = _words(b, seed, step, sizes, streams, 32, tensors)
-    return _per_lane(b, v, _rows(streams), 32, lambda v: _sign_of_bit(b, v)), [w * 32 for w in words]
-
-
 def _chunks(b: Builder, seed, step, sizes: list[int], streams, k: int, tensors=None):
     """c for `streams` of every trainable at once: int32 [len(streams), Σ padded numel], each tensor's
-    elements padded to whole words (k = 8 or 16)."""
+    elements padded to whole words (k = 8 or 16): the noise streams (rounding, sparsity, momentum)."""
     n = 32 // k
     v, words = _words(b, seed, step, sizes, streams, n, tensors)
     return _per_lane(b, v, _rows(streams), n, lambda v: _shr(b, v, k, lanes=np.arange(n, dtype=np.int64))), \
         [w * n for w in words]
 
 
+def _z_of_words(b: Builder, v, rows: int, spec):
+    """int8 z of hash words v [rows, W]: [rows, W·n]. Each word's 4 bytes index a table: for ±1 bits, of
+    the signs of a byte's 8 bits (element 32w + 8k + j is bit j of byte k, bit 8k + j of word w); for 8-bit
+    chunks, of the perturbation's values (element 4w + k is byte k). One Gather per byte: a bit test
+    broadcast over 8 or 32 lanes runs onnxruntime's slow short-span broadcast on every element."""
+    table = SIGNS if spec.perturbation == "rademacher" else _lookup(spec).astype(np.int8)
+    z = b.op("Gather", [b.const(table, "z_table"), _octets(b, v)], {"axis": 0}, dtype=np.int8)
+    return b.op("Reshape", [z, np.array([rows, -1], np.int64)], dtype=np.int8)
+
+
+def _octets(b: Builder, v):
+    """The 4 bytes of each int32 word of v [rows, W], low first: int32 [rows, W, 4] in [0, 256). Each byte
+    is masked and divided on its own (a scalar op over all words: onnxruntime's fast path; a [4] mask
+    broadcast along the last axis takes 3-4x as long), and the bytes meet in one Concat."""
+    lanes = []
+    for k in range(4):
+        x = b.op("BitwiseAnd", [v, int32(0xFF << (8 * k))], dtype=np.int32)
+        if k:
+            x = b.op("Div", [x, np.array(1 << (8 * k), np.int32)], dtype=np.int32)
+        if k == 3:      # the top byte's Div keeps the sign: −128..127
+            x = b.op("BitwiseAnd", [x, np.array(0xFF, np.int32)], dtype=np.int32)
+        lanes.append(b.op("Unsqueeze", [x, np.array([2], np.int64)], dtype=np.int32))
+    return b.op("Concat", lanes, {"axis": 2}, dtype=np.int32)
+
+
 def _rows(streams) -> int:
     return len(streams) if isinstance(streams, range) else 1
 
 
-def _rademacher_int8(b: Builder, seed, step, sizes: list[int], streams, tensors=None):
-    """The same z as _rademacher, int8: each word's 4 bytes (uint8) have their 8 bits tested, so no int32
-    tensor of the element count exists (element 32w + 8k + j is bit j of byte k, bit 8k + j of word w)."""
-    def sign_of_bit(v):
-        octets = b.cast(_shr(b, v, 8, lanes=np.arange(4, dtype=np.int64)), np.uint8)           # [S, W, 4]
-        octets = b.op("Unsqueeze", [octets, np.array([3], np.int64)], dtype=np.uint8)
-        bit = b.op("BitwiseAnd", [octets, (1 << np.arange(8)).astype(np.uint8)], dtype=np.uint8)
-        zero = b.op("Equal", [bit, np.array(0, np.uint8)], dtype=bool)
-        # 1 − 2·[bit clear], not a Where: onnxruntime 1.25 has no Where on int8
-        return b.op("Sub", [np.array(1, np.int8), b.op("Mul", [b.cast(zero, np.int8), np.array(2, np.int8)],
-                                                           dtype=np.int8)], dtype=np.int8)
-    v, words = _words(b, seed, step, sizes, streams, 32, tensors)
-    lanes = sign_of_bit(b.op("Unsqueeze", [v, np.array([2], np.int64)], dtype=np.int32))
-    return b.op("Reshape", [lanes, np.array([_rows(streams), -1], np.int64)], dtype=np.int8), [w * 32 for w in words]
-
-
-def _z(b: Builder, seed, step, spec, sizes: list[int], streams, dtype=np.int32, tensors=None):
-    """z for `streams`: [S, Σ padded numel] of `dtype` (int32, or int8 for the Loop's one row), and the
-    padded sizes (of the trainables with indices `tensors` when given)."""
-    if spec.perturbation == "rademacher":
-        return (_rademacher if dtype == np.int32 else _rademacher_int8)(b, seed, step, sizes, streams, tensors)
-    c, padded = _chunks(b, seed, step, sizes, streams, CHUNK_BITS[spec.perturbation], tensors)
-    table = b.const(_lookup(spec).astype(dtype), "z_table")
-    return b.op("Gather", [table, c], {"axis": 0}, dtype=np.dtype(dtype)), padded
+def _z(b: Builder, seed, step, spec, sizes: list[int], streams, tensors=None) -> list:
+    """zᵢ for `streams` of each trainable (of those with indices `tensors` when given): int8 [S, padded
+    numel] per tensor. One hash over all words; the words are split by tensor before they become elements
+    (a copy of 1/n of the elements). Also the padded sizes."""
+    n, rows = elements_per_word(spec), _rows(streams)
+    v, words = _words(b, seed, step, sizes, streams, n, tensors)
+    parts = [v] if len(words) == 1 else b.op("Split", [v, np.array(words, np.int64)], {"axis": 1}, dtype=np.int32,
+                                             outputs=len(words))
+    return [_z_of_words(b, part, rows, spec) for part in parts], [w * n for w in words]
 
 
 def drawer(seed, step, spec, trainables):
@@ -198,8 +200,8 @@ def drawer(seed, step, spec, trainables):
     def z_at(b: Builder, i, subset=None):
         subset = trainables if subset is None else subset
         index = [next(t for t, tr in enumerate(trainables) if tr.name == s.name) for s in subset]
-        z, padded = _z(b, seed, step, spec, [sizes[t] for t in index], i, np.int8, index)
-        return _split(b, z, subset, padded, 0)
+        parts, padded = _z(b, seed, step, spec, [sizes[t] for t in index], i, index)
+        return _shaped(b, parts, subset, padded, 0)
 
     def momentum_at(b: Builder, i):
         c, padded = _chunks(b, seed, step, sizes, b.i32.Add(i, spec.m + 2), 8)
@@ -210,7 +212,7 @@ def drawer(seed, step, spec, trainables):
 def words_drawer(b: Builder, seed, step, spec, trainables):
     """z_words(b_, name, first, count, stream=None): every zᵢ (or the one for i = stream, an int32 [1]
     tensor) of one trainable on its words first .. first + count − 1 (first an int32 [1] tensor, known at
-    run time or not), int32 [m or 1, count · elements_per_word(spec)]: the same bits as those columns of
+    run time or not), int8 [m or 1, count · elements_per_word(spec)]: the same bits as those columns of
     z, for a piece of a tensor (update's row chunks, the loop form's Conv pieces). The m keys of a
     trainable are hashed with b the first time it is asked for, once (a graph without pieces has none)."""
     m, n = spec.m, elements_per_word(spec)
@@ -228,26 +230,26 @@ def words_drawer(b: Builder, seed, step, spec, trainables):
         key, rows = key_of(name), m
         if stream is not None:      # one zᵢ: i an int32 [1] tensor
             key, rows = b_.op("Gather", [key, stream], {"axis": 0}, dtype=np.int32), 1
-        v = _mix(b_, b_.op("Add", [key, counter], dtype=np.int32))                                 # [rows, count]
-        if spec.perturbation == "rademacher":
-            return _per_lane(b_, v, rows, n, lambda v: _sign_of_bit(b_, v))
-        c = _per_lane(b_, v, rows, n, lambda v: _shr(b_, v, 8, lanes=np.arange(n, dtype=np.int64)))
-        return b_.op("Gather", [b_.const(_lookup(spec), "z_table"), c], {"axis": 0}, dtype=np.int32)
+        return _z_of_words(b_, _mix(b_, b_.op("Add", [key, counter], dtype=np.int32)), rows, spec)
     return z_words
 
 
 def _split(b: Builder, flat, trainables, padded: list[int], rows: int) -> dict:
     """{name: [rows, *shape] piece} (padding dropped) of a [rows, Σ padded] tensor, one per trainable."""
-    dtype = flat.dtype
     parts = [flat] if len(trainables) == 1 else b.op("Split", [flat, np.array(padded, np.int64)], {"axis": 1},
-                                                     dtype=dtype, outputs=len(trainables))
+                                                     dtype=flat.dtype, outputs=len(trainables))
+    return _shaped(b, parts, trainables, padded, rows)
+
+
+def _shaped(b: Builder, parts, trainables, padded: list[int], rows: int) -> dict:
+    """{name: [rows, *shape] (or [*shape] for rows 0)} of one [rows, padded numel] part per trainable."""
     out = {}
     for part, tr, pad in zip(parts, trainables, padded):
         if pad != tr.tensor.numel:
             part = b.op("Slice", [part, np.array([0], np.int64), np.array([tr.tensor.numel], np.int64),
-                                  np.array([1], np.int64)], dtype=dtype)
+                                  np.array([1], np.int64)], dtype=part.dtype)
         out[tr.name] = b.op("Reshape", [part, np.array([rows] + tr.shape if rows else tr.shape, np.int64)],
-                            dtype=dtype)
+                            dtype=part.dtype)
     return out
 
 
@@ -257,8 +259,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     seed, step = gs.Variable("seed", dtype=np.int32, shape=[]), gs.Variable("step", dtype=np.int32, shape=[])
     graph.inputs += [seed, step]
     sizes = [tr.tensor.numel for tr in ctx.trainables]
-    z, padded = _z(b, seed, step, spec, sizes, range(spec.m))
-    ctx.perturbations = Perturbations(seed, step, _split(b, z, ctx.trainables, padded, spec.m), {})
+    parts, padded = _z(b, seed, step, spec, sizes, range(spec.m))
+    z = _shaped(b, parts, ctx.trainables, padded, spec.m)
+    ctx.perturbations = Perturbations(seed, step, z, {})
     ctx.perturbations.z_at, ctx.perturbations.momentum_at = drawer(seed, step, spec, ctx.trainables)
     ctx.perturbations.z_words = words_drawer(b, seed, step, spec, ctx.trainables)
     if spec.rounding == "stochastic":

@@ -78,7 +78,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                                    "exported model or leave this site out of --train.")
             grid = "int32" if tensor.dtype == "float32" else tensor.dtype  # floatgrid's int32 grid
             qmin, qmax = INT_RANGE[grid]
-            ctx.trainables.append(Trainable(tensor, role, site.name, qmin, qmax, source_dtype=grid))
+            ctx.trainables.append(Trainable(tensor, role, site.name, qmin, qmax, source_dtype=grid, op=site.op))
     return graph
 
 

@@ -156,3 +156,20 @@ def test_loop_form_matches_reference(options, target_train, monkeypatch):
                     if n.op_type == "Loop" for a in n.attribute if any(x.op_type == "Conv" for x in a.g.node))
         assert [n.op_type for n in body.node].count("Conv") == 8      # conv2 (4608 weights) in 8 pieces
     run_chain("digits_cnn/w8a8.onnx", spec, target_train, steps=6)
+
+
+@pytest.mark.parametrize("model_file,options", [
+    ("digits_cnn/w8a8.onnx", dict(last=3)),                                      # int16 conv2, fc1
+    ("digits_cnn/w8a8.onnx", dict(last=3, bits=8, headroom=1, estimator="spsa", spsa_gain=4000.0)),  # int8 W
+    ("digits_cnn/w8a8.onnx", dict(last=2, perturbation="gaussian", branches="cloned")),
+    ("digits_attn/w8a8.onnx", dict(last=7)),                                     # the whole block and head
+])
+def test_stacked_narrow_perturbation_matches_reference(model_file, options, target_train, monkeypatch):
+    """The stacked and cloned forms perturb a large tensor in its own dtype (int8 steps saturated to the
+    grid's ends, one widening, the Add) and sum ĝ with MatMulInteger on the int8 zᵢ: the reference's bits.
+    CHUNK shrinks so that the digits models' tensors take that path, as ResNet-18's convs do."""
+    monkeypatch.setattr(formulas, "CHUNK", 1000)
+    spec = TrainSpec(m=4, **options)
+    graph = compile_graph(shipped(model_file), spec).train.graph
+    assert any(n.op_type == "Max" and "/moved_" in n.name for n in graph.node), "no narrow perturbation"
+    run_chain(model_file, spec, target_train, steps=6)
