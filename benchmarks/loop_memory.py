@@ -1,5 +1,5 @@
-"""Peak memory of the memory-bounded form (`--branches loop`) against inference, per model and trained
-depth: VmHWM of fresh processes (benchmarks/memory.py), m=8, batch 32 unless told. Memory does not
+"""Peak memory of the memory-bounded form (`--branches loop`, or `--branches stacked`) against inference, per
+model and trained depth: VmHWM of fresh processes (benchmarks/memory.py), m=8, batch 32 unless told. Memory does not
 depend on CPU load, so this runs on a busy machine; it times nothing.
 
     python benchmarks/loop_memory.py --label before     # on one commit
@@ -40,15 +40,17 @@ ROWS = "mobilenetv2:last 2,mobilenetv2:last block,resnet18:last 2,resnet18:last 
 @click.option("--batch", default=32, show_default=True)
 @click.option("--bits", default=16, show_default=True)
 @click.option("--iterations", default=3, show_default=True, help="Steps per process (the peak is reached in the first).")
+@click.option("--branches", type=click.Choice(["loop", "stacked"]), default="loop", show_default=True,
+              help="The branch form to measure (inspect's estimate for that form beside it).")
 @click.option("--label", default="after", show_default=True, help="Column name for this run (e.g. the commit).")
 @click.option("--out", default=str(HERE / "results" / "deep-loop"), show_default=True)
-def main(rows, m, batch, bits, iterations, label, out):
+def main(rows, m, batch, bits, iterations, branches, label, out):
     out = pathlib.Path(out)
     result = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"runs": {}}
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     run = result["runs"].setdefault(label, {"rows": {}})      # a second run under a label adds rows
-    run.update({"machine": machine(), "commit": commit, "m": m, "batch": batch, "bits": bits,
+    run.update({"machine": machine(), "commit": commit, "m": m, "batch": batch, "bits": bits, "branches": branches,
                 "command": "python benchmarks/loop_memory.py " +
                 " ".join(repr(a) if " " in a else a for a in sys.argv[1:])})
     for row in rows.split(","):
@@ -58,7 +60,7 @@ def main(rows, m, batch, bits, iterations, label, out):
             raise SystemExit(f"{path} is missing: run python models/recipes/build_bench.py first")
         source = modelio.load_model(path)
         label_, options = next((k, v) for k, v in depths(name, source).items() if k.startswith(depth))
-        compiled = compile_model(source, TrainSpec(m=m, branches="loop", bits=bits, **options))
+        compiled = compile_model(source, TrainSpec(m=m, branches=branches, bits=bits, **options))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = pathlib.Path(tmp)
             x, y = data(source, batch)
@@ -69,11 +71,12 @@ def main(rows, m, batch, bits, iterations, label, out):
             train = memory.measure("training", compiled=str(tmp / "compiled"), data=str(tmp / "data.npz"),
                                    batch=batch, iterations=iterations)
         trained = {s.name for s in compiled.contract.state}
-        estimate = sum(r.loop_bytes for r in inspect_model(source, m=m, bits=bits) if r.tensor in trained) / 2 ** 20
+        estimate = sum(r.loop_bytes if branches == "loop" else r.train_bytes
+                       for r in inspect_model(source, m=m, bits=bits) if r.tensor in trained) / 2 ** 20
         run["rows"][f"{name} {label_}"] = {"inference_mb": infer["peak_mb"], "training_mb": train["peak_mb"],
                                            "ratio": round(train["peak_mb"] / infer["peak_mb"], 2),
                                            "estimate_mb": round(estimate, 1)}
-        print(f"{name:12s} {label_:36s} infer {infer['peak_mb']:7.1f} MB  loop {train['peak_mb']:7.1f} MB  "
+        print(f"{name:12s} {label_:36s} infer {infer['peak_mb']:7.1f} MB  {branches} {train['peak_mb']:7.1f} MB  "
               f"{train['peak_mb'] / infer['peak_mb']:.2f}x  (inspect: +{estimate:.1f} MB)", flush=True)
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(report(result))
@@ -88,7 +91,8 @@ def report(result) -> str:
              "training steps of train.onnx compiled with `--branches loop`. Target (#13): <= 1.3x inference.", ""]
     for label, r in runs.items():
         mc = r["machine"]
-        lines.append(f"- **{label}**: commit {r['commit']}, m={r['m']}, batch {r['batch']}, bits {r['bits']}"
+        lines.append(f"- **{label}**: commit {r['commit']}, m={r['m']}, batch {r['batch']}, bits {r['bits']}, "
+                     f"branches {r.get('branches', 'loop')}"
                      + (f" (`{r['command']}`)" if "command" in r else "") + "; "
                      f"{mc['cpu']}, {mc['cores']} cores (shared, loaded), {mc['platform']}, python {mc['python']}, "
                      + ", ".join(f"{k} {v}" for k, v in mc["packages"].items()) + f"; {mc['date']}")
