@@ -72,15 +72,43 @@ class OnnxTorch(torch.nn.Module):
                                               for n in trained})
         self.consts = {n: torch.tensor(a) for n, a in inits.items() if n not in trained}
         self.trained = trained
+        # the nodes that read a trained tensor, directly or through another such node; the others compute
+        # the same values at every step (there is nothing random in an inference graph)
+        moving, self.live = set(trained), set()       # live: indices into graph.node
+        for k, n in enumerate(model.graph.node):
+            if any(i in moving for i in n.input):
+                self.live.add(k)
+                moving.update(n.output)
+        self.frontier = sorted({i for k in self.live for i in model.graph.node[k].input
+                                if i and i not in moving and i not in inits})
 
     def tensor(self, name: str) -> np.ndarray:
         return self.params[_key(name)].detach().numpy().copy()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen(self, x: torch.Tensor) -> dict | None:
+        """The values, per example of x, that the trained part of the graph reads from the frozen part,
+        or None where one of them does not keep the batch on its first axis (then only forward works)."""
+        env = dict(self.consts)
+        env[self.graph.input[0].name] = x
+        with torch.no_grad():
+            for k, node in enumerate(self.graph.node):
+                if k in self.live:
+                    continue
+                env[node.output[0]] = OPS[node.op_type](*[env[i] if i else None for i in node.input], **_attrs(node))
+        values = {n: env[n] for n in self.frontier}
+        return values if all(v.shape[:1] == x.shape[:1] for v in values.values()) else None
+
+    def forward(self, x: torch.Tensor | None, frozen: dict | None = None) -> torch.Tensor:
+        """The graph's output for x; or, with `frozen` (a batch of what frozen() returned), only the
+        trained part of the graph (x unused)."""
         env = dict(self.consts)
         env.update({n: self.params[_key(n)] for n in self.trained})
         env[self.graph.input[0].name] = x
-        for node in self.graph.node:
+        if frozen is not None:
+            env.update(frozen)
+        for k, node in enumerate(self.graph.node):
+            if frozen is not None and k not in self.live:
+                continue
             args = [env[i] if i else None for i in node.input]
             env[node.output[0]] = OPS[node.op_type](*args, **_attrs(node))
         return env[self.graph.output[0].name]
@@ -93,19 +121,23 @@ def _key(name: str) -> str:
 def fine_tune(model: onnx.ModelProto, trained: list[str], x: np.ndarray, y: np.ndarray, epochs: int,
               batch: int, lr: float, seed: int = 0, optimizer: str = "adam") -> OnnxTorch:
     """Fine-tune `trained` on (x, y) with cross-entropy; the batches follow the fgcompile Trainer's
-    order (permutation of rng([seed, epoch]), remainder dropped), so both methods see the same examples."""
+    order (permutation of rng([seed, epoch]), remainder dropped), so both methods see the same examples.
+    The frozen part of the graph runs once over x (its values do not change), each step only the rest."""
     torch.manual_seed(seed)
     net = OnnxTorch(model, trained)
     params = list(net.params.values())
     opt = torch.optim.Adam(params, lr) if optimizer == "adam" else torch.optim.SGD(params, lr, momentum=0.9)
     xs, ys = torch.tensor(x), torch.tensor(y)
     per_epoch = len(y) // batch
+    frozen = net.frozen(xs)
+    logits = (lambda idx: net(None, {k: v[idx] for k, v in frozen.items()})) if frozen is not None \
+        else (lambda idx: net(xs[idx]))
     for epoch in range(epochs):
         perm = torch.tensor(np.random.default_rng([seed, epoch]).permutation(len(y)))
         for pos in range(per_epoch):
             idx = perm[pos * batch:(pos + 1) * batch]
             opt.zero_grad()
-            F.cross_entropy(net(xs[idx]), ys[idx]).backward()
+            F.cross_entropy(logits(idx), ys[idx]).backward()
             opt.step()
     return net
 

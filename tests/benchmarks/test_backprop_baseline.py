@@ -36,3 +36,18 @@ def test_unknown_op_is_named():
     model = shipped("digits_cnn/w8a8.onnx")   # QDQ ops are not in the fp32 interpreter
     with pytest.raises(NotImplementedError, match="QuantizeLinear"):
         backprop.OnnxTorch(model, [])
+
+
+@pytest.mark.parametrize("name,trained", [("digits_cnn", ["fc2.weight", "fc2.bias"]),
+                                          ("digits_attn", ["head.weight", "head.bias"])])
+def test_the_trained_part_on_cached_frozen_values_gives_the_same_logits(name, trained, target_test):
+    # fine_tune runs the frozen part once over the data and, per step, only the nodes after the trained tensors
+    model = shipped(f"{name}/fp32.onnx")
+    net = backprop.OnnxTorch(model, trained)
+    x = torch.tensor(target_test[0][:64])
+    frozen = net.frozen(x)
+    assert frozen is not None and 0 < len(net.live) < len(model.graph.node) // 2
+    idx = torch.tensor([5, 3, 60, 0])
+    with torch.no_grad():   # equal up to float summation order (the convolutions ran on 64 examples, not 4)
+        np.testing.assert_allclose(net(None, {k: v[idx] for k, v in frozen.items()}).numpy(), net(x[idx]).numpy(),
+                                   rtol=1e-5, atol=1e-5)
