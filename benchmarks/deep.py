@@ -19,6 +19,7 @@ the last block / one mid-network site), m and batch:
     kept      with --requant both: the same step compiled with --keep-requant (requant_bypass off: the
               branches keep the activation Q→DQ pairs after the suffix's last weighted op), timed in the
               same interleaved blocks as `step`; --requant keep times only that graph
+    cloned, loop   with --also cloned (or loop): the same spec in that branch form, timed the same way
 Timings interleave the candidates and take the median of repeated blocks, one thread each. The grid is
 cut to what 2 shared cores finish (--quick cuts more); the rows say what ran.
 """
@@ -68,9 +69,10 @@ def data(source, batch: int):
     return rng.standard_normal((batch, *shape)).astype(np.float32), rng.integers(0, classes, batch).astype(np.int64)
 
 
-def cost(source, compiled, x, y, repeats: int, kept=None) -> dict:
-    """Step, floor and forward in ms; with `kept` (the same spec compiled with requant_bypass off) also
-    that graph's step, interleaved with the others so that the two steps share the machine's load."""
+def cost(source, compiled, x, y, repeats: int, others=None) -> dict:
+    """Step, floor and forward in ms; with `others` ({column: compiled}, e.g. `kept`: the same spec with
+    requant_bypass off, `cloned`: in another branch form) also their steps, interleaved with the others so
+    that every step shares the machine's load."""
     contract = compiled.contract
     name = contract.inputs.data
     infer, train = make_session(source, 1), make_session(compiled.train, 1)
@@ -84,16 +86,15 @@ def cost(source, compiled, x, y, repeats: int, kept=None) -> dict:
     calls = max(1, min(20, int(0.2 / (time.perf_counter() - t0))))   # blocks of >= ~0.2 s of steps
     fns = {"forward": lambda: infer.run(None, {name: x}), "step": lambda: train.run(outputs, feeds),
            "prefix": lambda: prefix.run(boundary, {name: x}), "suffix": lambda: suffix.run(None, mid)}
-    if kept is not None:
-        kept_session = make_session(kept.train, 1)
-        kept_feeds = step_feeds(kept.contract, x, y, 1, kept.state)
-        fns["kept"] = lambda: kept_session.run(outputs, kept_feeds)
+    for key, other in (others or {}).items():
+        session, other_feeds = make_session(other.train, 1), step_feeds(other.contract, x, y, 1, other.state)
+        fns[key] = lambda session=session, other_feeds=other_feeds: session.run(outputs, other_feeds)
     t = timed(fns, repeats, calls, warmup=2)
     m = contract.spec.m
     floor = t["prefix"] + 2 * m * t["suffix"]
     return {"ms": {k: round(v / 1e3, 2) for k, v in (t | {"floor": floor}).items()},
             "step_over_floor": round(t["step"] / floor, 3), "step_over_forward": round(t["step"] / t["forward"], 3)} \
-        | ({"kept_over_step": round(t["kept"] / t["step"], 3)} if kept is not None else {})
+        | {f"{key}_over_step": round(t[key] / t["step"], 3) for key in (others or {})}
 
 
 def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathlib.Path) -> dict:
@@ -125,9 +126,11 @@ def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathl
 @click.option("--requant", type=click.Choice(["bypass", "keep", "both"]), default="bypass", show_default=True,
               help="bypass: TrainSpec's default requant_bypass; keep: compile with --keep-requant; both: time "
                    "the --keep-requant step beside the default one (column `kept`).")
+@click.option("--also", type=click.Choice(["cloned", "loop"]), default=None,
+              help="Time the same spec in this branch form beside the default one (column of that name).")
 @click.option("--only-depth", default=None, help="Substring of the depth labels to run.")
 @click.option("--out", default=str(HERE / "results" / "deep"), show_default=True)
-def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, requant, only_depth, out):
+def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, requant, also, only_depth, out):
     ms, batches = [int(v) for v in ms.split(",")], [int(v) for v in batches.split(",")]
     mem_rows = {tuple(int(v) for v in r.split(":")) for r in memory_at.split(",") if r}
     rows = []
@@ -144,20 +147,22 @@ def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, r
                 spec = TrainSpec(m=m, branches=branches, bits=bits, requant_bypass=requant != "keep", **options)
                 compiled = compile_model(source, spec)
                 seconds = time.perf_counter() - t0
-                kept = compile_model(source, dataclasses.replace(spec, requant_bypass=False)) \
-                    if requant == "both" else None
+                others = {"kept": compile_model(source, dataclasses.replace(spec, requant_bypass=False))} \
+                    if requant == "both" else {}
+                if also:
+                    others[also] = compile_model(source, dataclasses.replace(spec, branches=also))
                 for batch in batches:
                     row = {"model": name, "trained": label, "m": m, "batch": batch,
                            "branches": compiled.contract.branches, "compile_s": round(seconds, 2),
                            "params": sum(int(np.prod(s.shape)) for s in compiled.contract.state)}
-                    row |= cost(source, compiled, *data(source, batch), repeats, kept)
+                    row |= cost(source, compiled, *data(source, batch), repeats, others)
                     if (m, batch) in mem_rows:
                         with tempfile.TemporaryDirectory() as tmp:
                             row["memory"] = peak_memory(path, fp32_path, source, fp32, compiled, batch, pathlib.Path(tmp))
                     rows.append(row)
                     print(_line(row), flush=True)
     result = {"machine": machine(), "source": quantization, "branches": branches, "bits": bits,
-              "requant": requant, "rows": rows}
+              "requant": requant, "also": also, "rows": rows}
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -177,6 +182,9 @@ def _line(r) -> str:
             f"step/floor {r['step_over_floor']:.2f}  step/fwd {r['step_over_forward']:.2f}")
     if "kept" in ms:
         text += f"  kept-requant step {ms['kept']:9.2f} ms ({r['kept_over_step']:.2f}x)"
+    for form in ("cloned", "loop"):
+        if form in ms:
+            text += f"  {form} step {ms[form]:9.2f} ms ({r[form + '_over_step']:.2f}x step, {ms[form] / ms['floor']:.2f}x floor)"
     if "memory" in r:
         i, t, b = _mem(r, "inference"), _mem(r, "training"), _mem(r, "backprop")
         text += f"  peak MB infer {i} train {t} ({t / i:.2f}x) backprop {b}" + (f" ({b / t:.2f}x train)" if b else "")
@@ -185,15 +193,16 @@ def _line(r) -> str:
 
 def report(result) -> str:
     m = result["machine"]
-    both = result.get("requant") == "both"
+    both, also = result.get("requant") == "both", result.get("also")
     head = [f"# Deep training cost and memory (`benchmarks/deep.py`, source {result.get('source', 'w8a8')}, "
             f"branches={result['branches']}, requant={result.get('requant', 'bypass')})", "",
             f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['packages']['onnxruntime']}, torch "
             f"{m['packages']['torch']}, commit {m['commit']}, {m.get('date', '')}; one thread per session.", "",
             "| model | trained | params | m | batch | form | step ms | floor ms | forward ms | step/floor | step/forward "
             + ("| --keep-requant step ms | kept/step " if both else "")
+            + (f"| {also} step ms | {also}/step | {also}/floor " if also else "")
             + "| peak MB infer / train / backprop | train/infer | backprop/train |",
-            "|---" * (16 if both else 14) + "|"]
+            "|---" * (14 + 2 * both + 3 * bool(also)) + "|"]
     for r in result["rows"]:
         ms = r["ms"]
         i, t, b = _mem(r, "inference"), _mem(r, "training"), _mem(r, "backprop")
@@ -202,6 +211,7 @@ def report(result) -> str:
                     f"{ms['step']:.1f} | {ms['floor']:.1f} | {ms['forward']:.1f} | {r['step_over_floor']:.2f} | "
                     f"{r['step_over_forward']:.2f} | "
                     + (f"{ms['kept']:.1f} | {r['kept_over_step']:.2f} | " if both else "")
+                    + (f"{ms[also]:.1f} | {r[also + '_over_step']:.2f} | {ms[also] / ms['floor']:.2f} | " if also else "")
                     + f"{mem} | {f'{t / i:.2f}' if t else ''} | "
                     f"{f'{b / t:.2f}' if t and b else ''} |")
     return "\n".join(head) + "\n"
