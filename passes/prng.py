@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import formulas
 from .context import Context, Pass, Perturbations
 from .formulas import CHUNK_BITS, elements_per_word
 from .graph_ops import Builder
@@ -150,20 +151,24 @@ def _chunks(b: Builder, seed, step, sizes: list[int], streams, k: int, tensors=N
         [w * n for w in words]
 
 
-def _z_of_words(b: Builder, v, rows: int, spec):
+def _z_of_words(b: Builder, v, rows: int, spec, large: bool = True):
     """int8 z of hash words v [rows, W]: [rows, W·n]. Each word's 4 bytes index a table: for ±1 bits, of
     the signs of a byte's 8 bits (element 32w + 8k + j is bit j of byte k, bit 8k + j of word w); for 8-bit
     chunks, of the perturbation's values (element 4w + k is byte k). One Gather per byte: a bit test
     broadcast over 8 or 32 lanes runs onnxruntime's slow short-span broadcast on every element."""
     table = SIGNS if spec.perturbation == "rademacher" else _lookup(spec).astype(np.int8)
-    z = b.op("Gather", [b.const(table, "z_table"), _octets(b, v)], {"axis": 0}, dtype=np.int8)
+    z = b.op("Gather", [b.const(table, "z_table"), _octets(b, v, large)], {"axis": 0}, dtype=np.int8)
     return b.op("Reshape", [z, np.array([rows, -1], np.int64)], dtype=np.int8)
 
 
-def _octets(b: Builder, v):
-    """The 4 bytes of each int32 word of v [rows, W], low first: int32 [rows, W, 4] in [0, 256). Each byte
-    is masked and divided on its own (a scalar op over all words: onnxruntime's fast path; a [4] mask
-    broadcast along the last axis takes 3-4x as long), and the bytes meet in one Concat."""
+def _octets(b: Builder, v, large: bool):
+    """The 4 bytes of each int32 word of v [rows, W], low first: int32 [rows, W, 4] in [0, 256). For many
+    words each byte is masked and divided on its own (a scalar op over all words: onnxruntime's fast path;
+    a [4] mask broadcast along the last axis takes 3-4x as long) and the bytes meet in one Concat; for a
+    few, the broadcast's 4 nodes cost less than 13."""
+    if not large:
+        return _shr(b, b.op("Unsqueeze", [v, np.array([2], np.int64)], dtype=np.int32), 8,
+                    lanes=np.arange(4, dtype=np.int64))
     lanes = []
     for k in range(4):
         x = b.op("BitwiseAnd", [v, int32(0xFF << (8 * k))], dtype=np.int32)
@@ -181,13 +186,26 @@ def _rows(streams) -> int:
 
 def _z(b: Builder, seed, step, spec, sizes: list[int], streams, tensors=None) -> list:
     """zᵢ for `streams` of each trainable (of those with indices `tensors` when given): int8 [S, padded
-    numel] per tensor. One hash over all words; the words are split by tensor before they become elements
-    (a copy of 1/n of the elements). Also the padded sizes."""
+    numel] per tensor, and the padded sizes. One hash over all words. A large tensor (formulas.chunked's
+    CHUNK) has its words split off before they become elements, so its z is never copied out of a shared
+    one; runs of small tensors share one expansion (fewer nodes), split after."""
     n, rows = elements_per_word(spec), _rows(streams)
     v, words = _words(b, seed, step, sizes, streams, n, tensors)
-    parts = [v] if len(words) == 1 else b.op("Split", [v, np.array(words, np.int64)], {"axis": 1}, dtype=np.int32,
-                                             outputs=len(words))
-    return [_z_of_words(b, part, rows, spec) for part in parts], [w * n for w in words]
+    groups = []                     # runs of tensor indices expanded together
+    for t, size in enumerate(sizes):
+        if size > formulas.CHUNK or not groups or sizes[groups[-1][-1]] > formulas.CHUNK:
+            groups.append([t])
+        else:
+            groups[-1].append(t)
+    counts = [sum(words[t] for t in g) for g in groups]
+    parts = [v] if len(groups) == 1 else b.op("Split", [v, np.array(counts, np.int64)], {"axis": 1},
+                                              dtype=np.int32, outputs=len(groups))
+    out = []
+    for g, part in zip(groups, parts):
+        z = _z_of_words(b, part, rows, spec, large=sizes[g[0]] > formulas.CHUNK)
+        out += [z] if len(g) == 1 else b.op("Split", [z, np.array([words[t] * n for t in g], np.int64)], {"axis": 1},
+                                             dtype=np.int8, outputs=len(g))
+    return out, [w * n for w in words]
 
 
 def drawer(seed, step, spec, trainables):
