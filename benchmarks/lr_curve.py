@@ -1,4 +1,5 @@
-"""Diagnosis of an accuracy gap: QZO-FF's target test accuracy at every learning rate of a list (3 seeds).
+"""Diagnosis of an accuracy gap: QZO-FF's target test accuracy at every learning rate of a list (3 seeds;
+--seeds to change).
 
     python benchmarks/lr_curve.py --model digits_attn --epochs 30 --m 32 --lrs 4,8,16,32,64,128
     python benchmarks/lr_curve.py --epochs 30 --lrs 8,16,32 --eps 64            # another ε
@@ -64,7 +65,10 @@ def wider_add_bias(model: onnx.ModelProto, ratio: int) -> onnx.ModelProto:
 @click.option("--lrs", default="4,8,16,32,64", show_default=True, help="Comma-separated rates.")
 @click.option("--options", default="{}", help='Other TrainSpec fields as JSON, e.g. \'{"estimator": "spsa"}\'.')
 @click.option("--bias-range", type=int, default=1, show_default=True)
-def main(model, variant, epochs, m, eps, batch, schedule, lrs, options, bias_range):
+@click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+def main(model, variant, epochs, m, eps, batch, schedule, lrs, options, bias_range, seed_list):
+    from run import parse_seeds
+    seeds = parse_seeds(seed_list)
     train, test = load("target_train"), load("target_test")
     source = modelio.load_model(models.path(models.manifest()["models"][model]["variants"][variant]["file"]))
     if bias_range > 1:
@@ -73,7 +77,7 @@ def main(model, variant, epochs, m, eps, batch, schedule, lrs, options, bias_ran
     for lr in (float(x) for x in lrs.split(",")):
         t0 = time.perf_counter()
         runs = [accuracy.qzo_ff(source, TrainSpec(m=m, bits=bits, lr=lr, seed=s, eps=eps, **json.loads(options)),
-                                train, test, epochs, batch, schedule) for s in (0, 1, 2)]
+                                train, test, epochs, batch, schedule) for s in seeds]
         print(f"{model} {variant} {epochs} epochs m={m} eps={eps} batch={batch} {schedule} {options} "
               f"bias-range={bias_range} lr {lr:g}: test {np.mean(runs):.2%} {[round(r, 4) for r in runs]} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
