@@ -58,8 +58,11 @@ def extend(previous: dict, old_seeds: list[int], new_seeds: list[int], train, te
 @click.option("--seeds", "seed_list", required=True, help="The seeds to add, comma-separated.")
 @click.option("--check", "check_seed", type=int, default=None,
               help="Also re-run this earlier seed at the earlier rate and require its earlier test results.")
+@click.option("--backprop", "backprop_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A run.py/extend_seeds.py latest.json whose backprop row of the same tensors, epochs and all "
+                   "the seeds is used as it is (backprop does not depend on the QZO-FF row).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def main(previous_file, run_name, row, name, epochs, seed_list, check_seed, out):
+def main(previous_file, run_name, row, name, epochs, seed_list, check_seed, backprop_file, out):
     doc = json.loads(pathlib.Path(previous_file).read_text())
     prev = doc["runs"][run_name] if run_name else doc
     old_seeds, new_seeds = list(prev["settings"]["seeds"]), run.parse_seeds(seed_list)
@@ -67,6 +70,12 @@ def main(previous_file, run_name, row, name, epochs, seed_list, check_seed, out)
         raise click.ClickException(f"--seeds {seed_list}: the file already ran seeds {old_seeds}.")
     budget = prev["models"][name]["accuracy"]["budgets"][str(epochs)]
     q_old, bp_old = budget["qzo_ff"][row], budget["backprop"]
+    given = json.loads(pathlib.Path(backprop_file).read_text())["models"][name]["accuracy"]["budgets"] \
+        .get(str(epochs), {}).get("backprop") if backprop_file else None
+    if backprop_file and (given is None or (given.get("tensors"), given.get("seeds")) != (bp_old["tensors"],
+                                                                                       old_seeds + new_seeds)):
+        raise click.ClickException(f"--backprop {backprop_file}: it has no {epochs}-epoch backprop row of "
+                                   f"{bp_old['tensors']} on seeds {old_seeds + new_seeds}.")
     label, variant, bits, m, extra = next(c for c in run.QZO_CONFIGS if c[0] == row)
     entry = models.manifest()["models"][name]["variants"]
     train, test = run.load("target_train"), run.load("target_test")
@@ -108,8 +117,12 @@ def main(previous_file, run_name, row, name, epochs, seed_list, check_seed, out)
         {**q_old, "old_runs": list(zip(q_old["runs"], q_old["exported"]["runs"]))}, old_seeds, new_seeds, train, test,
         epochs, batch, q_score, q_tests)
     run.log(f"  {name} {epochs} epochs QZO-FF {row}: lr {q_lr} ({time.perf_counter() - t0:.0f} s)")
-    bp_lr, bp_val, bp_runs, bp_reused = extend({**bp_old, "old_runs": bp_old["runs"]}, old_seeds, new_seeds,
-                                               train, test, epochs, batch, bp_score, bp_tests)
+    if given is not None:
+        bp_lr, bp_val, bp_runs = given["lr"], {float(k): v for k, v in given["validation"].items()}, given["runs"]
+        bp_reused = f"the backprop row of {backprop_file}"
+    else:
+        bp_lr, bp_val, bp_runs, bp_reused = extend({**bp_old, "old_runs": bp_old["runs"]}, old_seeds, new_seeds,
+                                                   train, test, epochs, batch, bp_score, bp_tests)
     run.log(f"  {name} {epochs} epochs backprop: lr {bp_lr} ({time.perf_counter() - t0:.0f} s)")
     seeds = old_seeds + new_seeds
     final, exported = [t for t, _ in q_runs], [e for _, e in q_runs]
