@@ -64,6 +64,17 @@ def elements_per_word(spec) -> int:
 CHUNK = 1 << 16     # elements per iteration of the loop form's chunked update (int32 temporaries: 256 KiB)
 
 
+def compute_shape(shape) -> list[int]:
+    """`shape` without its trailing size-1 axes (at least one axis): the view that elementwise integer
+    arithmetic on a trained tensor runs on. onnxruntime broadcasts a scalar onto a shape ending in size-1
+    axes one element at a time: on a 1x1 Conv kernel [Co, Ci, 1, 1] a Mul by a constant took ~100x as long
+    as on [Co, Ci] (1.8 ms against 0.015 ms for 204800 int8 values). The view is free."""
+    s = list(shape)
+    while len(s) > 1 and s[-1] == 1:
+        s.pop()
+    return s
+
+
 def chunked(shape) -> bool:
     """Whether the loop form updates a tensor of this shape in row chunks (more than CHUNK elements)."""
     return len(shape) > 0 and int(np.prod(shape)) > CHUNK

@@ -46,6 +46,11 @@ class Builder:
         return self.op("Cast", [x], {"to": onnx_dtype(np_dtype)}, dtype=np.dtype(np_dtype), hint=hint, name=name,
                        shape=shape)
 
+    def view(self, x, shape, hint="view", name=None, dtype=None):
+        """x reshaped to `shape` (a free view in onnxruntime)."""
+        return self.op("Reshape", [x, np.array(shape, np.int64)], dtype=dtype or x.dtype, hint=hint, name=name,
+                       shape=list(shape))
+
     def as_int32(self, x, hint="int32"):
         """x itself when int32, else its Cast (an int8/int16 ĝ of the loop form widened for arithmetic)."""
         return x if np.dtype(x.dtype) == np.int32 else self.cast(x, np.int32, hint=hint)

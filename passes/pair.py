@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
-from .formulas import Z_MAX, chunked, elements_per_word, train_bytes
+from .formulas import Z_MAX, chunked, compute_shape, elements_per_word, train_bytes
 from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
 from .branch_rules import Refusal, stack_suffix
 
@@ -33,26 +33,41 @@ UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNorm
               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 
 
-def _form(ctx: Context) -> tuple[str, str | None]:
-    """(form, reason). auto: stacked, unless the stacked weights alone would exceed --memory-budget (then
-    the loop)."""
-    if ctx.spec.branches != "auto" or ctx.spec.memory_budget_mb is None:
+CLONE_FROM = 4096      # values per example of the suffix's largest activation from which auto clones
+
+
+def _form(ctx: Context, needed) -> tuple[str, str | None]:
+    """(form, reason). auto: the loop where the stacked weights alone would exceed --memory-budget; cloned
+    where the suffix's activations reach CLONE_FROM values per example (each branch then runs at batch B
+    with cache-sized tensors: the cloned step took 0.80-0.98x the stacked one on ViT, MobileNetV2 and DS-CNN
+    past the last layer, 1.03-1.05x on ResNet-18; benchmarks/deep.py --also stacked); else stacked (a
+    small suffix's cost is its node count, which stacking keeps flat in m)."""
+    if ctx.spec.branches != "auto":
         return ctx.spec.branches, None
-    need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m, momentum=ctx.spec.momentum,
-                           sharpness=ctx.spec.sharpness, conv=tr.op == "Conv") for tr in ctx.trainables)
-    if need > ctx.spec.memory_budget_mb * 2 ** 20:
-        return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
+    if ctx.spec.memory_budget_mb is not None:
+        need = sum(train_bytes(tr.tensor.numel, np.dtype(tr.tensor.dtype).itemsize, ctx.spec.m,
+                               momentum=ctx.spec.momentum, sharpness=ctx.spec.sharpness, conv=tr.op == "Conv")
+                   for tr in ctx.trainables)
+        if need > ctx.spec.memory_budget_mb * 2 ** 20:
+            return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
+    widest = max((int(np.prod(t.shape[1:])) for n in needed for t in n.outputs
+                  if t.shape and all(isinstance(d, int) for d in t.shape[1:])), default=0)
+    if widest >= CLONE_FROM:
+        return "cloned", (f"auto: the trained suffix's activations reach {widest} values per example; one "
+                          "suffix per branch at batch B runs faster than one at 2m·B")
     return "auto", None
 
 
 def _perturbed(b: Builder, ctx: Context, w32, tr, z, count: int, sign=None):
     """[2·count, *shape] weights W ± ε·stride·z for int32 z [count, *shape], saturated to the trainable range;
     with `sign` (an int32 [1] tensor of ±1: the loop form's one branch) [count, *shape] W + sign·ε·stride·z."""
-    rank = len(tr.tensor.shape)
+    cs, w = compute_shape(tr.shape), w32[tr.name]
+    if cs != list(tr.shape):     # formulas.compute_shape: scalar broadcasts on [.., 1, 1] are slow
+        w, z = b.view(w, cs), b.view(z, [count] + cs)
     step = np.int32(ctx.spec.eps * tr.stride)
-    signed = np.array([1, -1], np.int32).reshape([2] + [1] * (rank + 1)) * step if sign is None else \
-        b.i32.Mul(b.i32.Reshape(sign, np.array([1] * (rank + 2), np.int64)), step)
-    moved = b.op("Add", [w32[tr.name], b.op("Mul", [z, signed], dtype=np.int32)], dtype=np.int32)
+    signed = np.array([1, -1], np.int32).reshape([2] + [1] * (len(cs) + 1)) * step if sign is None else \
+        b.i32.Mul(b.i32.Reshape(sign, np.array([1] * (len(cs) + 2), np.int64)), step)
+    moved = b.op("Add", [w, b.op("Mul", [z, signed], dtype=np.int32)], dtype=np.int32)
     both = b.op("Reshape", [b.clip_int32(moved, tr.qmin, tr.qmax), np.array([-1] + list(tr.tensor.shape),
                                                                             np.int64)], dtype=np.int32)
     out = b.cast(both, np.dtype(tr.tensor.dtype), hint=f"{tr.name}.perturbed")
@@ -77,9 +92,11 @@ def _perturbed_narrow(b: Builder, ctx: Context, tr, z):
     -> branch k alone): the values of _perturbed, with no int32 tensor of the 2m·n elements (int8 steps,
     their saturation, one widening and the Add). A trained Conv builds each branch's kernel with `part`
     from its row of z (copying no [2m, *shape] tensor apart); other consumers read the whole tensor."""
-    m, w, shape = ctx.spec.m, ctx.state.inputs[tr.name], list(tr.shape)
+    m, w, shape, cs = ctx.spec.m, ctx.state.inputs[tr.name], list(tr.shape), compute_shape(tr.shape)
+    if cs != shape:     # formulas.compute_shape: scalar broadcasts on [.., 1, 1] are slow
+        w, z = b.view(w, cs), b.view(z, [m] + cs)
     unit, rooms, rows = ctx.spec.eps * tr.stride, _rooms(b, w, tr), []
-    step = np.array([1, -1], np.int8).reshape([2] + [1] * (len(shape) + 1)) * np.int8(unit)
+    step = np.array([1, -1], np.int8).reshape([2] + [1] * (len(cs) + 1)) * np.int8(unit)
     whole = b.op("Reshape", [_moved(b, tr, w, z, step, rooms), np.array([-1] + shape, np.int64)],
                  dtype=np.dtype(tr.tensor.dtype), shape=[2 * m] + shape, hint=f"{tr.name}.perturbed")
 
@@ -91,7 +108,8 @@ def _perturbed_narrow(b: Builder, ctx: Context, tr, z):
         parts = [w, rows[k % m], *rooms]
         if lo is not None:
             parts = [_sliced(b_, t, lo, hi) for t in parts]
-        return _moved(b_, tr, parts[0], parts[1], np.array(unit if k < m else -unit, np.int8), parts[2:])
+        moved = _moved(b_, tr, parts[0], parts[1], np.array(unit if k < m else -unit, np.int8), parts[2:])
+        return moved if cs == shape else b_.view(moved, ([hi - lo] if lo is not None else shape[:1]) + shape[1:])
     return whole, part
 
 
@@ -221,13 +239,15 @@ def _frozen_weights_inside(body: gs.Graph, needed) -> None:
             node.inputs[k] = copies[t.name]
 
 
-def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed):
-    """Fallback: one copy of the suffix per branch, outputs stacked on a new leading axis."""
+def _cloned(b: Builder, graph: gs.Graph, ctx: Context, suffix, perturbed, parts):
+    """One copy of the suffix per branch, outputs stacked on a new leading axis. A tensor perturbed in its
+    own dtype gives each copy its branch alone (`parts`), so no [2m, *shape] tensor is built."""
     outs = []
     for k in range(2 * ctx.spec.m):
         tag = f"__{'p' if k < ctx.spec.m else 'n'}{k % ctx.spec.m}"
-        replace = {tr.name: b.op("Gather", [perturbed[tr.name], np.array(k, np.int64)], {"axis": 0},
-                                 dtype=np.dtype(tr.tensor.dtype), hint=f"w{tag}") for tr in ctx.trainables}
+        replace = {tr.name: parts[tr.name](b, k) if tr.name in parts else
+                   b.op("Gather", [perturbed[tr.name], np.array(k, np.int64)], {"axis": 0},
+                        dtype=np.dtype(tr.tensor.dtype), hint=f"w{tag}") for tr in ctx.trainables}
         mapping = clone_nodes(graph, suffix, replace, tag)
         outs.append(b.op("Unsqueeze", [mapping[ctx.io.loss_tap], np.array([0], np.int64)], dtype=np.float32))
     return b.op("Concat", outs, {"axis": 0}, dtype=np.float32, hint="logits_all")
@@ -255,7 +275,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     needed = upstream_nodes(suffix, tap)
     if ctx.spec.requant_bypass:
         needed = upstream_nodes(_bypass_requant(needed), tap)
-    form, reason = _form(ctx)
+    form, reason = _form(ctx, needed)
     if form == "loop":
         logits = _looped(b, graph, ctx, centre, needed)
     else:
@@ -270,9 +290,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         if isinstance(mapping, Refusal) and form == "stacked":
             raise CompileError(f"--branches stacked: the trained suffix cannot run on a branch axis "
                                f"({mapping}). Use --branches auto or cloned, or train other tensors.")
+        reason = None if isinstance(mapping, dict) else reason or str(mapping)
         form = "stacked" if isinstance(mapping, dict) else "cloned"
-        reason = None if form == "stacked" else str(mapping)
-        logits = mapping[tap] if form == "stacked" else _cloned(b, graph, ctx, needed, perturbed)
+        logits = mapping[tap] if form == "stacked" else _cloned(b, graph, ctx, needed, perturbed, parts)
     kept = {id(n) for n in suffix}
     graph.nodes = [n for n in graph.nodes if id(n) not in kept]
     graph.outputs = []

@@ -173,3 +173,16 @@ def test_stacked_narrow_perturbation_matches_reference(model_file, options, targ
     graph = compile_graph(shipped(model_file), spec).train.graph
     assert any(n.op_type == "Max" and "/moved_" in n.name for n in graph.node), "no narrow perturbation"
     run_chain(model_file, spec, target_train, steps=6)
+
+
+@pytest.mark.parametrize("branches", ["stacked", "cloned", "auto"])
+@pytest.mark.parametrize("chunk", [1000, formulas.CHUNK])
+def test_pointwise_convs_match_reference(branches, chunk, monkeypatch):
+    """The keyword spotter's last block (a depthwise and a 1x1 pointwise Conv, kernel [64, 64, 1, 1], and
+    the classifier): arithmetic on the kernels runs on views without their trailing size-1 axes
+    (formulas.compute_shape), in each branch form, in the int32 and (CHUNK shrunk) the narrow path."""
+    from conftest import MODELS
+    from fgcompile.runtime.data import load_data
+    monkeypatch.setattr(formulas, "CHUNK", chunk)
+    data = load_data(MODELS / "data" / "kws_target_train.npz")
+    run_chain("kws_dscnn/w8a8.onnx", TrainSpec(m=4, last=3, branches=branches), data, steps=4)
