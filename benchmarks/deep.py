@@ -19,7 +19,7 @@ the last block / one mid-network site), m and batch:
     kept      with --requant both: the same step compiled with --keep-requant (requant_bypass off: the
               branches keep the activation Q→DQ pairs after the suffix's last weighted op), timed in the
               same interleaved blocks as `step`; --requant keep times only that graph
-    cloned, loop   with --also cloned (or loop): the same spec in that branch form, timed the same way
+    stacked, cloned, loop   with --also FORM: the same spec in that branch form, timed the same way
 Timings interleave the candidates and take the median of repeated blocks, one thread each. The grid is
 cut to what 2 shared cores finish (--quick cuts more); the rows say what ran.
 """
@@ -126,7 +126,7 @@ def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathl
 @click.option("--requant", type=click.Choice(["bypass", "keep", "both"]), default="bypass", show_default=True,
               help="bypass: TrainSpec's default requant_bypass; keep: compile with --keep-requant; both: time "
                    "the --keep-requant step beside the default one (column `kept`).")
-@click.option("--also", type=click.Choice(["cloned", "loop"]), default=None,
+@click.option("--also", type=click.Choice(["stacked", "cloned", "loop"]), default=None,
               help="Time the same spec in this branch form beside the default one (column of that name).")
 @click.option("--only-depth", default=None, help="Substring of the depth labels to run.")
 @click.option("--out", default=str(HERE / "results" / "deep"), show_default=True)
@@ -182,7 +182,7 @@ def _line(r) -> str:
             f"step/floor {r['step_over_floor']:.2f}  step/fwd {r['step_over_forward']:.2f}")
     if "kept" in ms:
         text += f"  kept-requant step {ms['kept']:9.2f} ms ({r['kept_over_step']:.2f}x)"
-    for form in ("cloned", "loop"):
+    for form in ("stacked", "cloned", "loop"):
         if form in ms:
             text += f"  {form} step {ms[form]:9.2f} ms ({r[form + '_over_step']:.2f}x step, {ms[form] / ms['floor']:.2f}x floor)"
     if "memory" in r:

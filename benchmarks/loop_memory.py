@@ -40,7 +40,7 @@ ROWS = "mobilenetv2:last 2,mobilenetv2:last block,resnet18:last 2,resnet18:last 
 @click.option("--batch", default=32, show_default=True)
 @click.option("--bits", default=16, show_default=True)
 @click.option("--iterations", default=3, show_default=True, help="Steps per process (the peak is reached in the first).")
-@click.option("--branches", type=click.Choice(["loop", "stacked"]), default="loop", show_default=True,
+@click.option("--branches", type=click.Choice(["loop", "stacked", "cloned"]), default="loop", show_default=True,
               help="The branch form to measure (inspect's estimate for that form beside it).")
 @click.option("--label", default="after", show_default=True, help="Column name for this run (e.g. the commit).")
 @click.option("--out", default=str(HERE / "results" / "deep-loop"), show_default=True)
