@@ -116,8 +116,9 @@ def spec_options(f):
                           "read as float, so ±ε steps do not vanish on the uint8 grid)."),
         spec_option("--branches", "branches", BRANCH_FORMS,
                     help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one copy "
-                         "per branch), loop (a Loop over the 2m branches, memory near inference), auto (stacked where "
-                         "every suffix op has a rule)."),
+                         "per branch), loop (a Loop over the 2m branches, memory near inference), auto (stacked for a "
+                         "small suffix; cloned where its activations reach 4096 values per example, or where an op "
+                         "has no stacking rule)."),
         spec_option("--memory-budget", "memory_budget_mb", type=float, metavar="MB",
                     help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
         spec_option("--prompts", "prompts",

@@ -34,14 +34,17 @@ UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNorm
 
 
 CLONE_FROM = 4096      # values per example of the suffix's largest activation from which auto clones
+CLONE_NODES = 16384    # nor past this many cloned nodes (2m copies of the suffix): session creation grows
 
 
 def _form(ctx: Context, needed) -> tuple[str, str | None]:
     """(form, reason). auto: the loop where the stacked weights alone would exceed --memory-budget; cloned
     where the suffix's activations reach CLONE_FROM values per example (each branch then runs at batch B
     with cache-sized tensors: the cloned step took 0.80-0.98x the stacked one on ViT, MobileNetV2 and DS-CNN
-    past the last layer, 1.03-1.05x on ResNet-18; benchmarks/deep.py --also stacked); else stacked (a
-    small suffix's cost is its node count, which stacking keeps flat in m)."""
+    past the last layer, 1.03-1.05x on ResNet-18; benchmarks/deep.py --also stacked) and the 2m copies
+    stay within CLONE_NODES (onnxruntime's session creation, which compile runs to check the graph, grows
+    with them: ResNet-50's mid conv at m = 32, 64 copies of ~130 nodes, compiles in 5.0 s against 1.0
+    stacked); else stacked (a small suffix's cost is its node count, which stacking keeps flat in m)."""
     if ctx.spec.branches != "auto":
         return ctx.spec.branches, None
     if ctx.spec.memory_budget_mb is not None:
@@ -52,7 +55,7 @@ def _form(ctx: Context, needed) -> tuple[str, str | None]:
             return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
     widest = max((int(np.prod(t.shape[1:])) for n in needed for t in n.outputs
                   if t.shape and all(isinstance(d, int) for d in t.shape[1:])), default=0)
-    if widest >= CLONE_FROM:
+    if widest >= CLONE_FROM and 2 * ctx.spec.m * len(needed) <= CLONE_NODES:
         return "cloned", (f"auto: the trained suffix's activations reach {widest} values per example; one "
                           "suffix per branch at batch B runs faster than one at 2m·B")
     return "auto", None
