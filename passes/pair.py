@@ -35,6 +35,20 @@ UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNorm
 
 CLONE_FROM = 4096      # values per example of the suffix's largest activation from which auto clones
 CLONE_NODES = 16384    # nor past this many cloned nodes (2m copies of the suffix): session creation grows
+CLONE_WEIGHTS = 1 << 26   # nor past this many frozen weights over the 2m copies: each copy prepacks its own
+
+
+def _frozen_weights(needed) -> int:
+    """Elements of the frozen constants the suffix reads, directly or through a DequantizeLinear."""
+    inside, seen = {id(n) for n in needed}, {}
+    for node in needed:
+        for t in node.inputs:
+            p = t.inputs[0] if t is not None and not isinstance(t, gs.Constant) and t.inputs else None
+            c = t if isinstance(t, gs.Constant) else p.inputs[0] if p is not None and id(p) not in inside and \
+                p.op == "DequantizeLinear" and isinstance(p.inputs[0], gs.Constant) else None
+            if c is not None:
+                seen[c.name] = c.values.size
+    return sum(seen.values())
 
 
 def _form(ctx: Context, needed) -> tuple[str, str | None]:
@@ -44,7 +58,9 @@ def _form(ctx: Context, needed) -> tuple[str, str | None]:
     past the last layer, 1.03-1.05x on ResNet-18; benchmarks/deep.py --also stacked) and the 2m copies
     stay within CLONE_NODES (onnxruntime's session creation, which compile runs to check the graph, grows
     with them: ResNet-50's mid conv at m = 32, 64 copies of ~130 nodes, compiles in 5.0 s against 1.0
-    stacked); else stacked (a small suffix's cost is its node count, which stacking keeps flat in m)."""
+    stacked) and their frozen weights within CLONE_WEIGHTS (onnxruntime prepacks a weight per node: ResNet-18's
+    mid conv, 10.5M frozen weights after it, peaked at 2.86x inference cloned against 1.38x stacked, and
+    ran 5-11% slower); else stacked (a small suffix's cost is its node count, which stacking keeps flat in m)."""
     if ctx.spec.branches != "auto":
         return ctx.spec.branches, None
     if ctx.spec.memory_budget_mb is not None:
@@ -55,7 +71,8 @@ def _form(ctx: Context, needed) -> tuple[str, str | None]:
             return "loop", f"stacked weights need {need / 2 ** 20:.0f} MB > --memory-budget {ctx.spec.memory_budget_mb:g}"
     widest = max((int(np.prod(t.shape[1:])) for n in needed for t in n.outputs
                   if t.shape and all(isinstance(d, int) for d in t.shape[1:])), default=0)
-    if widest >= CLONE_FROM and 2 * ctx.spec.m * len(needed) <= CLONE_NODES:
+    copies = 2 * ctx.spec.m
+    if widest >= CLONE_FROM and copies * len(needed) <= CLONE_NODES and copies * _frozen_weights(needed) <= CLONE_WEIGHTS:
         return "cloned", (f"auto: the trained suffix's activations reach {widest} values per example; one "
                           "suffix per branch at batch B runs faster than one at 2m·B")
     return "auto", None
