@@ -59,7 +59,7 @@ def _form(ctx: Context, needed) -> tuple[str, str | None]:
     stay within CLONE_NODES (onnxruntime's session creation, which compile runs to check the graph, grows
     with them: ResNet-50's mid conv at m = 32, 64 copies of ~130 nodes, compiles in 5.0 s against 1.0
     stacked) and their frozen weights within CLONE_WEIGHTS (onnxruntime prepacks a weight per node: ResNet-18's
-    mid conv, 10.5M frozen weights after it, peaked at 2.86x inference cloned against 1.38x stacked, and
+    mid conv, 10.2M frozen weights after it, peaked at 2.86x inference cloned against 1.38x stacked, and
     ran 5-11% slower); else stacked (a small suffix's cost is its node count, which stacking keeps flat in m)."""
     if ctx.spec.branches != "auto":
         return ctx.spec.branches, None

@@ -116,6 +116,19 @@ def test_memory_budget_makes_auto_pick_the_loop():
     assert any(n.op_type == "Loop" for n in tight.train.graph.node)
 
 
+def test_auto_clones_a_wide_suffix_and_stacks_a_small_one(monkeypatch):
+    """auto: the keyword spotter's last block (6240 activation values per example) runs one suffix copy per
+    branch and says why; its last layer alone stays stacked; past the frozen-weight cap it stays stacked."""
+    from fgcompile.passes import pair
+    model = shipped("kws_dscnn/w8a8.onnx")
+    wide = compile_graph(model, TrainSpec(m=2, last=3)).contract
+    assert wide.branches == "cloned" and "values per example" in wide.branches_reason
+    assert compile_graph(model, TrainSpec(m=2, last=1)).contract.branches == "stacked"
+    monkeypatch.setattr(pair, "CLONE_WEIGHTS", 0)
+    capped = compile_graph(model, TrainSpec(m=2, last=3)).contract
+    assert capped.branches == "stacked" and capped.branches_reason is None
+
+
 def _perturbation_sized(compiled, m: int) -> list[str]:
     """Tensors of the main graph shaped [m or 2m, *shape] of a trained tensor (all perturbations at once)."""
     model = onnx.shape_inference.infer_shapes(compiled.train)
