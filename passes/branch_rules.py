@@ -373,8 +373,7 @@ def _channels(b: Builder, t, lo: int, hi: int):
         return t
     if isinstance(t, gs.Constant):
         return b.const(t.values[lo:hi], "channels")
-    return b.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
-                dtype=t.dtype)
+    return b.rows(t, lo, hi)
 
 
 def _branch_rows(s: BranchedTensors, t):

@@ -51,6 +51,11 @@ class Builder:
         return self.op("Reshape", [x, np.array(shape, np.int64)], dtype=dtype or x.dtype, hint=hint, name=name,
                        shape=list(shape))
 
+    def rows(self, x, lo: int, hi: int):
+        """Rows lo:hi of x's leading axis."""
+        return self.op("Slice", [x, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
+                       dtype=x.dtype)
+
     def as_int32(self, x, hint="int32"):
         """x itself when int32, else its Cast (an int8/int16 ĝ of the loop form widened for arithmetic)."""
         return x if np.dtype(x.dtype) == np.int32 else self.cast(x, np.int32, hint=hint)

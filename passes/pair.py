@@ -43,11 +43,11 @@ def _frozen_weights(needed) -> int:
     inside, seen = {id(n) for n in needed}, {}
     for node in needed:
         for t in node.inputs:
-            p = t.inputs[0] if t is not None and not isinstance(t, gs.Constant) and t.inputs else None
-            c = t if isinstance(t, gs.Constant) else p.inputs[0] if p is not None and id(p) not in inside and \
-                p.op == "DequantizeLinear" and isinstance(p.inputs[0], gs.Constant) else None
-            if c is not None:
-                seen[c.name] = c.values.size
+            if isinstance(t, gs.Variable) and t.inputs and t.inputs[0].op == "DequantizeLinear" \
+                    and id(t.inputs[0]) not in inside:
+                t = t.inputs[0].inputs[0]
+            if isinstance(t, gs.Constant):
+                seen[t.name] = t.values.size
     return sum(seen.values())
 
 
@@ -127,16 +127,10 @@ def _perturbed_narrow(b: Builder, ctx: Context, tr, z):
                         ([split] if m == 1 else split))
         parts = [w, rows[k % m], *rooms]
         if lo is not None:
-            parts = [_sliced(b_, t, lo, hi) for t in parts]
+            parts = [b_.rows(t, lo, hi) for t in parts]
         moved = _moved(b_, tr, parts[0], parts[1], np.array(unit if k < m else -unit, np.int8), parts[2:])
         return moved if cs == shape else b_.view(moved, ([hi - lo] if lo is not None else shape[:1]) + shape[1:])
     return whole, part
-
-
-def _sliced(b: Builder, t, lo: int, hi: int):
-    """Rows lo:hi of t's leading axis."""
-    return b.op("Slice", [t, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
-                dtype=t.dtype)
 
 
 def _rooms(b: Builder, w, tr):
@@ -182,10 +176,10 @@ def _perturbed_in_own_dtype(b: Builder, ctx: Context, w, tr, z, sign, i):
         if lo is None:
             return b_.op("Squeeze", [whole, np.array([0], np.int64)], dtype=whole.dtype)
         if (lo * inner) % n or (hi * inner) % n or ctx.spec.momentum > 0:
-            return _moved(b_, tr, _sliced(b_, w, lo, hi), _sliced(b_, z, lo, hi), step)
+            return _moved(b_, tr, b_.rows(w, lo, hi), b_.rows(z, lo, hi), step)
         zi = ctx.perturbations.z_words(b_, tr.name, np.array([lo * inner // n], np.int32), (hi - lo) * inner // n, i)
         zi = b_.op("Reshape", [zi, np.array([hi - lo] + list(tr.shape[1:]), np.int64)], dtype=np.int8)
-        return _moved(b_, tr, _sliced(b_, w, lo, hi), zi, step)
+        return _moved(b_, tr, b_.rows(w, lo, hi), zi, step)
     return whole, part
 
 

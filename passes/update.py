@@ -85,15 +85,14 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
             state_out[tr.name] = _in_chunks(graph, b, spec, tr, chunk_rows(tr.shape),
                                             [ctx.estimate.grad[tr.name], w, noise], numerator)
         else:
-            g, w32, cs = ctx.estimate.grad[tr.name], ctx.branches.w32[tr.name], compute_shape(tr.shape)
-            if cs == list(tr.shape):
-                new = _next(b, spec, tr, g, w32, noise, numerator)
-                state_out[tr.name] = b.cast(new, tr.tensor.dtype, hint="next", name=tr.output_name, shape=tr.shape)
-                continue
             # on the view without trailing size-1 axes (formulas.compute_shape: scalar broadcasts are slow)
-            new = _next(b, spec, tr, b.view(g, cs), b.view(w32, cs), None if noise is None else b.view(noise, cs),
-                        numerator)
-            state_out[tr.name] = b.view(b.cast(new, tr.tensor.dtype), tr.shape, hint="next", name=tr.output_name)
+            cs = compute_shape(tr.shape)
+            flat = cs != list(tr.shape)
+            g, w32, noise = [b.view(t, cs) if flat and t is not None else t
+                             for t in (ctx.estimate.grad[tr.name], ctx.branches.w32[tr.name], noise)]
+            new = _next(b, spec, tr, g, w32, noise, numerator)
+            state_out[tr.name] = b.view(b.cast(new, tr.tensor.dtype), tr.shape, hint="next", name=tr.output_name) \
+                if flat else b.cast(new, tr.tensor.dtype, hint="next", name=tr.output_name, shape=tr.shape)
     ctx.update = Update(lr_numerator, lr_max, state_out)
     return graph
 
