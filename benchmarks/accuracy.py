@@ -6,8 +6,10 @@ Protocol (both methods alike):
   tensors of the fp32 model, found through the node they feed;
 - the budget: `epochs` passes over the target train split in batches of `batch`, the Trainer's order;
 - the learning rate: chosen from a grid by validation accuracy (train on 400 target-train examples,
-  validate on the other 100, mean over seeds); the chosen rate is then trained on all 500 and scored
-  once on the target test split. Nothing is tuned on the test split.
+  validate on the other 100, mean over seeds; with `folds` K > 1, K-fold cross-validation: fold i
+  validates on the i-th 100 examples of one fixed permutation and trains on the rest, and the score is
+  the mean over every (fold, seed) pair); the chosen rate is then trained on all 500 and scored once on
+  the target test split. Nothing is tuned on the test split.
 """
 from __future__ import annotations
 
@@ -27,10 +29,15 @@ from fgcompile.spec import TrainSpec
 VALIDATION = 100
 
 
-def holdout(x: np.ndarray, y: np.ndarray):
-    """(train, validation) split of the target train data, fixed across methods and seeds."""
+def holdout(x: np.ndarray, y: np.ndarray, fold: int = 0):
+    """(train, validation) split of the target train data, fixed across methods and seeds: fold i
+    validates on the i-th VALIDATION examples of one permutation (fold 0: the split of every earlier
+    result file)."""
     perm = np.random.default_rng(12345).permutation(len(y))
-    tr, va = perm[VALIDATION:], perm[:VALIDATION]
+    if not 0 <= fold < len(y) // VALIDATION:
+        raise ValueError(f"fold {fold}: {len(y)} examples hold {len(y) // VALIDATION} folds of {VALIDATION}")
+    va = perm[fold * VALIDATION:(fold + 1) * VALIDATION]
+    tr = np.concatenate([perm[:fold * VALIDATION], perm[(fold + 1) * VALIDATION:]])
     return (x[tr], y[tr]), (x[va], y[va])
 
 
@@ -71,10 +78,12 @@ def fp32_names(quantized: onnx.ModelProto, fp32: onnx.ModelProto, trained: list[
     return names
 
 
-def select(run, grid: list, seeds: list[int], train, epochs: int, batch: int) -> tuple[object, dict]:
-    """The grid value with the best mean validation accuracy, and all validation scores."""
-    fit, val = holdout(*train)
-    scores = {lr: statistics.mean(run(lr, seed, fit, val, epochs, batch) for seed in seeds) for lr in grid}
+def select(run, grid: list, seeds: list[int], train, epochs: int, batch: int, folds: int = 1) -> tuple[object, dict]:
+    """The grid value with the best mean validation accuracy over seeds and folds, and all validation
+    scores."""
+    splits = [holdout(*train, fold) for fold in range(folds)]
+    scores = {lr: statistics.mean(run(lr, seed, fit, val, epochs, batch) for fit, val in splits for seed in seeds)
+              for lr in grid}
     return max(grid, key=lambda lr: scores[lr]), scores
 
 

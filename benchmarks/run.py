@@ -115,7 +115,7 @@ def load(split: str):
 
 
 def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, quick: bool,
-                 reused_backprop: dict | None = None, rows: str | None = None) -> dict:
+                 reused_backprop: dict | None = None, rows: str | None = None, folds: int = 1) -> dict:
     """QZO-FF rows and, per trained depth among them, fp32 backprop of the same tensors: `backprop`
     for the last layer, `backprop_deep[N]` for `--last N` rows (their gaps are against that one)."""
     entry = models.manifest()["models"][name]["variants"]
@@ -145,7 +145,7 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
                 res["qzo_ff"][label] = {**res["qzo_ff"][twin], "options": extra, "same_graph_as": twin}
                 log(f"  {name} {epochs} epochs QZO-FF {label}: the training graph of {twin!r}; its results")
                 continue
-            lr, val = (None, {}) if quick else accuracy.select(run, grid, seeds, train, epochs, batch)
+            lr, val = (None, {}) if quick else accuracy.select(run, grid, seeds, train, epochs, batch, folds)
             both = [accuracy.qzo_ff(source, spec(lr, s), train, test, epochs, batch, schedule, exported=True)
                     for s in seeds]
             final, exported = [t for t, _ in both], [e for _, e in both]
@@ -160,7 +160,8 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
                 f"(lr {lr}, {time.perf_counter() - t0:.0f} s)")
         previous = (reused_backprop or {}).get(str(epochs), [])
         for last, names in sorted(depths.items()):
-            row = reused_row(previous, names, seeds) or _backprop(fp32, names, train, test, seeds, epochs, batch, quick)
+            row = reused_row(previous, names, seeds, folds) \
+                or _backprop(fp32, names, train, test, seeds, epochs, batch, quick, folds)
             log(f"  {name} {epochs} epochs backprop --last {last}: {row['mean']:.2%} (lr {row['lr']})"
                 + (" (reused)" if row.get("reused") else ""))
             if last == 1:
@@ -171,20 +172,23 @@ def run_accuracy(name: str, budgets: list[int], seeds: list[int], batch: int, qu
     return out
 
 
-def reused_row(previous: list[dict], names: list[str], seeds: list[int]) -> dict | None:
-    """The previous backprop row of the same tensors and the same seeds, marked reused: a mean over other
-    seeds is not comparable with the QZO-FF rows of this run, so that row is computed afresh."""
-    return next((dict(p, reused=True) for p in previous if p.get("tensors") == names and p.get("seeds") == seeds), None)
+def reused_row(previous: list[dict], names: list[str], seeds: list[int], folds: int) -> dict | None:
+    """The previous backprop row of the same tensors, seeds and validation folds, marked reused: a mean
+    over other seeds, or a rate chosen on other folds, is not comparable with the QZO-FF rows of this run,
+    so that row is computed afresh."""
+    return next((dict(p, reused=True) for p in previous if p.get("tensors") == names and p.get("seeds") == seeds
+                 and p.get("folds", 1) == folds), None)
 
 
-def _backprop(fp32, names: list[str], train, test, seeds: list[int], epochs: int, batch: int, quick: bool) -> dict:
+def _backprop(fp32, names: list[str], train, test, seeds: list[int], epochs: int, batch: int, quick: bool,
+              folds: int = 1) -> dict:
     import backprop  # torch: only this benchmark needs it
 
     def bp(lr, seed, tr, te, ep, b):
         return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
-    lr, val = (3e-3, {}) if quick else accuracy.select(bp, BACKPROP_LR, seeds, train, epochs, batch)
+    lr, val = (3e-3, {}) if quick else accuracy.select(bp, BACKPROP_LR, seeds, train, epochs, batch, folds)
     final = [bp(lr, s, train, test, epochs, batch) for s in seeds]
-    return {"tensors": names, "optimizer": "adam", "lr": lr, "seeds": list(seeds),
+    return {"tensors": names, "optimizer": "adam", "lr": lr, "seeds": list(seeds), "folds": folds,
             "validation": {str(k): round(v, 4) for k, v in val.items()}, **accuracy.summary(final)}
 
 
@@ -250,7 +254,11 @@ def run_memory(name: str, batches: list[int], m: int = 4) -> list[dict]:
 @click.option("--seeds", "seed_list", default=None, metavar="LIST",
               help="Comma-separated seeds of every accuracy row, QZO-FF and backprop alike (default: 0,1,2; "
                    "--quick: 0). Reused backprop rows are used only where they ran the same seeds.")
-def main(out, quick, only, model_names, reuse, budgets, rows, seed_list):
+@click.option("--folds", type=click.IntRange(1, 5), default=1, show_default=True,
+              help="Choose every row's learning rate by K-fold cross-validation on the 500 target-train examples "
+                   "(fold i validates on the i-th 100 of one fixed permutation; fold 0 is the single split of "
+                   "--folds 1), scored as the mean over every (fold, seed) pair.")
+def main(out, quick, only, model_names, reuse, budgets, rows, seed_list, folds):
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -269,7 +277,7 @@ def main(out, quick, only, model_names, reuse, budgets, rows, seed_list):
         raise click.ClickException(f"--model {own[0]}: it has its own data splits; benchmark it with "
                                    "python benchmarks/kws.py.")
     results = {"machine": machine(), "quick": quick, "settings": {
-        "threads": 1, "batch": 32, "budgets_epochs": list(budgets) or ([30] if quick else [30, 300]), "seeds": seeds,
+        "threads": 1, "batch": 32, "budgets_epochs": list(budgets) or ([30] if quick else [30, 300]), "seeds": seeds, "folds": folds,
         "m": list(MS), "qzo_lr_grid": QZO_LR, "backprop_lr_grid": BACKPROP_LR, "cost_batches": [32, 256],
         "memory_batches": [32, 256]}, "models": {}}
     s = results["settings"]
@@ -292,10 +300,11 @@ def main(out, quick, only, model_names, reuse, budgets, rows, seed_list):
                 res[key] = old[key]
         if "accuracy" in only:
             # rows from before run.py recorded their seeds ran the previous file's
-            bp_rows = {b: [{"seeds": previous["settings"]["seeds"], **row}
+            bp_rows = {b: [{"seeds": previous["settings"]["seeds"], "folds": previous["settings"].get("folds", 1), **row}
                            for row in [r["backprop"], *r.get("backprop_deep", {}).values()] if row]
                        for b, r in old.get("accuracy", {}).get("budgets", {}).items()}
-            res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick, bp_rows, rows)
+            res["accuracy"] = run_accuracy(name, s["budgets_epochs"], s["seeds"], s["batch"], quick, bp_rows, rows,
+                                           folds)
         if "cost" in only:
             res["step_cost"] = run_cost(name, s["cost_batches"], quick)
         if "memory" in only:

@@ -248,20 +248,24 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @click.option("--batch", default=RunDefaults.batch, show_default=True)
 @click.option("--seeds", default=RunDefaults.seeds, show_default=True,
               help="Runs per rate (seeds S, S+1, …); scores are their mean.")
-@click.option("--holdout", default=RunDefaults.holdout, show_default=True, help="Share of --data held out to validate.")
+@click.option("--holdout", type=float, default=None, help=f"Share of --data held out to validate [{RunDefaults.holdout}].")
+@click.option("--folds", default=RunDefaults.folds, show_default=True,
+              help="K > 1: K-fold cross-validation instead of one held-out split (every example validates once; "
+                   "K times the runs).")
 @click.option("--seed", type=int, default=None, help="Seed S of the split and the first run [the compiled seed].")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=RunDefaults.schedule, show_default=True,
               help="The schedule you will train with; under cosine each rate is its peak.")
 @session_options
 @json_option
 @config.option("tune")
-def tune_cmd(out, data, epochs, batch, seeds, holdout, seed, schedule, as_json, **kw):
-    """Choose the learning rate of OUT under a schedule on a held-out split of DATA; `train` then uses both
-    (OUT/tune.json)."""
+def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as_json, **kw):
+    """Choose the learning rate of OUT under a schedule on a held-out split of DATA (or by K-fold
+    cross-validation); `train` then uses both (OUT/tune.json)."""
     from fgcompile.api import tune
     from fgcompile.report import describe_tune
-    record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed, schedule=schedule,
-                  session=make_session_settings(kw), echo=None if as_json else lambda s: click.echo(s, err=True))
+    record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, folds=folds, seed=seed,
+                  schedule=schedule, session=make_session_settings(kw),
+                  echo=None if as_json else lambda s: click.echo(s, err=True))
     if as_json:
         click.echo(json.dumps(record))
         return

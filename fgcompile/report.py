@@ -44,9 +44,10 @@ def describe_tune(record: dict) -> str:
     sp = record["split"]
     schedule = record.get("schedule", "constant")
     under = "the peak of a cosine schedule" if schedule == "cosine" else "constant schedule"
+    on = (f"on {sp['validation']} held-out examples (seed {sp['seed']}; {sp['fit']} fit" if "folds" not in sp else
+          f"by {sp['folds']}-fold cross-validation on {sum(sp['validation'])} examples (seed {sp['seed']}")
     return (f"lr {record['choice']['lr']:g} chosen of {', '.join(format(lr, 'g') for lr in record['grid'])} "
-            f"({under}) on {sp['validation']} held-out examples (seed {sp['seed']}; {sp['fit']} fit, "
-            f"{record['budget']['epochs']} epochs per run)")
+            f"({under}) {on}, {record['budget']['epochs']} epochs per run)")
 
 
 def describe_export(r: dict) -> str:

@@ -52,6 +52,7 @@ class RunDefaults:
     schedule: str = "constant"
     seeds: int = 1          # tune: training runs per rate
     holdout: float = 0.2    # tune: the share of the data held out to validate
+    folds: int = 1          # tune: K > 1 cross-validates on K folds instead of one held-out split
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,18 +1,20 @@
 """tune: choose the learning rate of a compiled folder, under a schedule, on a held-out split of its
-training data.
+training data, or by K-fold cross-validation.
 
 The rate is the training graph's int32 `lr` input, so trials need no recompile (ε is compiled into the
 graph and is not tuned). The protocol, recorded in OUT/tune.json:
 
     split    perm = numpy.random.default_rng(seed).permutation(n); the first round(holdout·n) examples of
-             perm validate, the others fit (seed: the compiled spec's seed unless given)
+             perm validate, the others fit (seed: the compiled spec's seed unless given). With K folds:
+             fold i validates perm[round(i·n/K):round((i+1)·n/K)] and fits the rest, so every example
+             validates once
     grid     spec.lr_grid(resolution of the training grid), and under the cosine schedule twice its largest
              rate too (cosine's mean rate is half its peak); kept where 1 <= round(lr·2^shift) <= lr_max
-    trial    per rate and per seed s in seed, seed+1, …: train from the initial state on the fit split for
-             `epochs` epochs under the schedule (constant, or cosine from that peak rate; the Trainer's batch
-             order and perturbations for s), score the validation split
-    choice   the highest mean validation accuracy; ties go to the lower mean validation loss, then the
-             lower rate
+    trial    per rate, per fold and per seed s in seed, seed+1, …: train from the initial state on the
+             fold's fit split for `epochs` epochs under the schedule (constant, or cosine from that peak
+             rate; the Trainer's batch order and perturbations for s), score its validation split
+    choice   the highest validation accuracy, the mean over trials; ties go to the lower mean validation
+             loss, then the lower rate
 Only the file given as data is read: never test data. `train` without --lr/--schedule uses the chosen
 rate/schedule (Trainer._rate); tune.json names the train.onnx it belongs to, so a record of another compile
 is refused. Records from before the schedule was recorded were tuned under the constant schedule.
@@ -40,6 +42,8 @@ FORMAT = "fgcompile-tune/1"
 MAX_RECORD_BYTES = 1 << 20
 MIN_VALIDATION = 10   # examples: below this one example moves the score by more than 10 points
 SPLIT = "numpy.random.default_rng(seed).permutation(n); the first round(holdout*n) validate, the rest fit"
+FOLDS = ("numpy.random.default_rng(seed).permutation(n); fold i validates perm[round(i*n/K):round((i+1)*n/K)], "
+         "the rest fit")
 
 
 def split(n: int, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +51,13 @@ def split(n: int, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     k = int(round(holdout * n))
     return perm[k:], perm[:k]
+
+
+def fold_splits(n: int, seed: int, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, validation) indices of each of k folds of n examples, from the same seeded permutation."""
+    perm = np.random.default_rng(seed).permutation(n)
+    cuts = [int(round(i * n / k)) for i in range(k + 1)]
+    return [(np.concatenate([perm[:a], perm[b:]]), perm[a:b]) for a, b in zip(cuts, cuts[1:])]
 
 
 def rates(contract: Contract, schedule: str = RunDefaults.schedule) -> list[tuple[float, int]]:
@@ -60,38 +71,49 @@ def rates(contract: Contract, schedule: str = RunDefaults.schedule) -> list[tupl
 
 
 def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
-         seeds: int = RunDefaults.seeds, holdout: float = RunDefaults.holdout, seed: int | None = None,
-         echo=None, schedule: str = RunDefaults.schedule) -> dict:
+         seeds: int = RunDefaults.seeds, holdout: float | None = None, seed: int | None = None,
+         echo=None, schedule: str = RunDefaults.schedule, folds: int = RunDefaults.folds) -> dict:
     """Try every rate of the grid under `schedule` (each rate the peak of a cosine one) on a held-out split
-    of `data` (a path, or (x, y)) and return the record; a Trainer of a compiled folder also writes it to
-    OUT/tune.json (under the folder's lock). The trainer's own state is not changed. echo: called with one
-    progress line per trial."""
-    _check_budget(epochs, batch, seeds, holdout)
+    of `data` (a path, or (x, y)) — `holdout` of it (default RunDefaults.holdout), or each of `folds` > 1
+    folds in turn — and return the record; a Trainer of a compiled folder also writes it to OUT/tune.json
+    (under the folder's lock). The trainer's own state is not changed. echo: called with one progress line
+    per rate."""
+    _check_budget(epochs, batch, seeds, RunDefaults.holdout if holdout is None else holdout, folds)
+    if folds > 1 and holdout is not None:
+        raise SpecError(f"--holdout {holdout:g} with --folds {folds}: K folds each hold out 1/K of the data; "
+                        "pass one of the two.")
+    holdout = RunDefaults.holdout if holdout is None else holdout
     if schedule not in SCHEDULES:
         raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
     seed = trainer.spec.seed if seed is None else seed
     if not 0 <= seed < 2 ** 32 - seeds:
         raise SpecError(f"--seed {seed}: must be in [0, 2**32 - {seeds}) (one seed per trial).")
     x, y = trainer.load_data(data) if not isinstance(data, tuple) else data
-    fit, val = split(len(y), seed, holdout)
+    splits = [split(len(y), seed, holdout)] if folds == 1 else fold_splits(len(y), seed, folds)
     fixed = trainer.data_shape[0] if isinstance(trainer.data_shape[0], int) else None
-    if len(val) < MIN_VALIDATION or len(fit) < max(1, fixed or 1):
+    fit, val = min(len(f) for f, _ in splits), min(len(v) for _, v in splits)
+    if val < MIN_VALIDATION or fit < max(1, fixed or 1):
+        how = f"--holdout {holdout:g}" if folds == 1 else f"--folds {folds}"
         raise DataError(f"{data if not isinstance(data, tuple) else 'the data'}: holds {len(y)} examples; "
-                        f"--holdout {holdout:g} leaves {len(fit)} to fit and {len(val)} to validate, and tune "
+                        f"{how} leaves {fit} to fit and {val} to validate, and tune "
                         f"needs at least {MIN_VALIDATION} to validate and {max(1, fixed or 1)} to fit. Pass "
-                        "more training examples, or another --holdout.")
+                        f"more training examples, or another {how.split()[0]}.")
     grid_rates = rates(trainer.contract, schedule)
     if not grid_rates:
         raise SpecError(f"no learning rate of the grid fits this graph's fixed point (lr_max "
                         f"{trainer.contract.lr_numerator.max}, shift {trainer.contract.lr_numerator.shift}); pass --lr to "
                         "train instead.")
+    protocol = {"method": SPLIT, "seed": seed, "holdout": holdout, "fit": len(splits[0][0]),
+                "validation": len(splits[0][1])} if folds == 1 else \
+        {"method": FOLDS, "seed": seed, "folds": folds, "fit": [len(f) for f, _ in splits],
+         "validation": [len(v) for _, v in splits]}
     if trainer.out is None:
-        return _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, schedule, echo)
+        return _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
     path = trainer.out / LAYOUT.tune
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OutputError(f"{path}: is not a regular file; tune writes its record there. Move it away.")
     with folder.locked(trainer.out, "tune"):
-        record = _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, schedule, echo)
+        record = _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
         record["train_sha256"] = trainer.train_sha256
         if not isinstance(data, tuple):
             record["data"]["file"] = str(pathlib.Path(data).resolve())
@@ -99,26 +121,30 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
     return record
 
 
-def _check_budget(epochs: int, batch: int, seeds: int, holdout: float) -> None:
-    for flag, value in (("--epochs", epochs), ("--batch", batch), ("--seeds", seeds)):
+def _check_budget(epochs: int, batch: int, seeds: int, holdout: float, folds: int) -> None:
+    for flag, value in (("--epochs", epochs), ("--batch", batch), ("--seeds", seeds), ("--folds", folds)):
         if value < 1:
             raise SpecError(f"{flag} {value}: must be at least 1.")
     if seeds > 16:
         raise SpecError(f"--seeds {seeds}: at most 16 seeds per rate (each one is a training run).")
+    if folds > 20:
+        raise SpecError(f"--folds {folds}: at most 20 folds (each one is a training run per seed and rate).")
     if not (math.isfinite(holdout) and 0 < holdout < 1):
         raise SpecError(f"--holdout {holdout}: the share of the data held out must be in (0, 1), e.g. 0.2.")
 
 
-def _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, holdout, schedule, echo) -> dict:
+def _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo) -> dict:
     t0 = time.perf_counter()
     scores = []
     for i, (lr, numerator) in enumerate(grid_rates):
         runs = []
-        for s in range(seed, seed + seeds):
-            trial = fresh(trainer, s)
-            trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, schedule=schedule, progress=False)
-            v = trial.evaluate(x[val], y[val])
-            runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]})
+        for k, (fit, val) in enumerate(splits):
+            for s in range(seed, seed + seeds):
+                trial = fresh(trainer, s)
+                trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, schedule=schedule, progress=False)
+                v = trial.evaluate(x[val], y[val])
+                runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}
+                            | ({"fold": k} if len(splits) > 1 else {}))
         score = {"lr": lr, "lr_numerator": numerator,
                  "val_accuracy": statistics.mean(r["val_accuracy"] for r in runs),
                  "val_loss": statistics.mean(r["val_loss"] for r in runs), "runs": runs}
@@ -129,7 +155,7 @@ def _sweep(trainer, x, y, fit, val, grid_rates, epochs, batch, seed, seeds, hold
     best = max(scores, key=lambda r: (r["val_accuracy"], -r["val_loss"], -r["lr"]))
     return {"format": FORMAT, "fgcompile": __version__,
             "data": {"sha256": data_digest(x, y), "examples": len(y)},
-            "split": {"method": SPLIT, "seed": seed, "holdout": holdout, "fit": len(fit), "validation": len(val)},
+            "split": protocol,
             "budget": {"epochs": epochs, "batch": batch, "seeds": list(range(seed, seed + seeds))},
             "schedule": schedule, "grid": [lr for lr, _ in grid_rates], "scores": scores,
             "choice": {"lr": best["lr"], "lr_numerator": best["lr_numerator"], "schedule": schedule},

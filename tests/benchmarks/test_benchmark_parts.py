@@ -97,14 +97,34 @@ def test_report_quotes_a_deep_row_against_backprop_of_its_own_tensors():
     assert "| fp32 backprop (Adam) --last 3 | 95.0 ± 0.0 (lr 0.001) |" in text
 
 
-def test_reused_backprop_rows_need_the_same_tensors_and_seeds():
+def test_reused_backprop_rows_need_the_same_tensors_seeds_and_folds():
     import run
-    rows = [{"tensors": ["head.weight"], "seeds": [0, 1, 2], "mean": 0.8},
-            {"tensors": ["head.weight"], "seeds": [0, 1, 2, 3, 4], "mean": 0.7}]
-    assert run.reused_row(rows, ["head.weight"], [0, 1, 2, 3, 4]) == {**rows[1], "reused": True}
-    assert run.reused_row(rows, ["head.weight"], [0, 1, 2]) == {**rows[0], "reused": True}
-    assert run.reused_row(rows, ["head.weight"], [0, 1]) is None
-    assert run.reused_row(rows, ["head.bias"], [0, 1, 2]) is None
+    rows = [{"tensors": ["head.weight"], "seeds": [0, 1, 2], "mean": 0.8},       # before folds: one split
+            {"tensors": ["head.weight"], "seeds": [0, 1, 2, 3, 4], "mean": 0.7},
+            {"tensors": ["head.weight"], "seeds": [0, 1, 2], "folds": 5, "mean": 0.9}]
+    assert run.reused_row(rows, ["head.weight"], [0, 1, 2, 3, 4], 1) == {**rows[1], "reused": True}
+    assert run.reused_row(rows, ["head.weight"], [0, 1, 2], 1) == {**rows[0], "reused": True}
+    assert run.reused_row(rows, ["head.weight"], [0, 1, 2], 5) == {**rows[2], "reused": True}
+    assert run.reused_row(rows, ["head.weight"], [0, 1, 2, 3, 4], 5) is None
+    assert run.reused_row(rows, ["head.weight"], [0, 1], 1) is None
+    assert run.reused_row(rows, ["head.bias"], [0, 1, 2], 1) is None
+
+
+def test_folds_validate_on_disjoint_hundreds_and_fold_0_is_the_single_split():
+    x, y = np.arange(500, dtype=np.float32)[:, None], np.arange(500)
+    perm = np.random.default_rng(12345).permutation(500)
+    parts = [accuracy.holdout(x, y, fold) for fold in range(5)]
+    assert np.array_equal(parts[0][1][1], y[perm[:100]]) and np.array_equal(parts[0][0][1], y[perm[100:]])
+    seen = np.concatenate([val[1] for _, val in parts])
+    assert sorted(seen.tolist()) == list(range(500))                    # every example validates once
+    for (fit, val) in parts:
+        assert len(val[1]) == 100 and not set(fit[1].tolist()) & set(val[1].tolist())
+    with pytest.raises(ValueError, match="fold 5: 500 examples hold 5 folds of 100"):
+        accuracy.holdout(x, y, 5)
+    seen_pairs = []
+    accuracy.select(lambda lr, seed, fit, val, ep, b: seen_pairs.append((lr, seed, int(val[1][0]))) or lr,
+                    [1, 2], [7, 8], (x, y), 1, 32, folds=3)
+    assert seen_pairs == [(lr, s, int(y[perm[100 * f]])) for lr in (1, 2) for f in range(3) for s in (7, 8)]
 
 
 @pytest.mark.parametrize("text,seeds", [("0,1,2,3,4", [0, 1, 2, 3, 4]), ("7", [7]), ("0,x", None), ("1,1", None),

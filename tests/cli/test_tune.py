@@ -1,6 +1,7 @@
 """fgcompile tune: the rate it chooses is the one a manual sweep over the same split and seeds chooses;
 its record (OUT/tune.json: rate and schedule) is what `train` then uses, an explicit --lr/--schedule wins;
 bad input changes nothing."""
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import fgcompile
 from conftest import MODELS
 from fgcompile.cli import main
 from fgcompile.errors import SpecError
+from fgcompile.report import describe_tune
 from fgcompile.runtime import trainer as trainer_module
 from fgcompile.spec import LR_GRIDS
 
@@ -65,6 +67,36 @@ def test_tune_chooses_what_a_manual_sweep_chooses(out, compiled, target_train):
     assert json.loads((out / "tune.json").read_text()) == record
 
 
+def test_folds_cross_validate_as_a_manual_k_fold_sweep(out, compiled, target_train):
+    """--folds K: fold i validates perm[round(i·n/K):round((i+1)·n/K)] of the seeded permutation and fits
+    the rest in permutation order; a rate's score is the mean over every (fold, seed) trial."""
+    record = fgcompile.tune(out, str(TRAIN), epochs=1, folds=3, seeds=2, session=ONE_THREAD)
+    x, y = target_train
+    perm = np.random.default_rng(3).permutation(len(y))
+    cuts = [0, 167, 333, 500]
+    assert record["split"] == {**record["split"], "seed": 3, "folds": 3, "fit": [333, 334, 333],
+                               "validation": [167, 166, 167]}
+    expected = {}
+    for lr in (LR_GRIDS[14][0], LR_GRIDS[14][-1]):          # two rates are enough to check the protocol
+        runs = []
+        for a, b in zip(cuts, cuts[1:]):
+            fit, val = np.concatenate([perm[:a], perm[b:]]), perm[a:b]
+            for seed in (3, 4):
+                trainer = fgcompile.Trainer(compiled, session=ONE_THREAD)
+                trainer.spec = dataclasses.replace(trainer.spec, seed=seed)   # as tune's trial seeds
+                trainer.fit((x[fit], y[fit]), epochs=1, lr=lr, progress=False)
+                runs.append(trainer.evaluate(x[val], y[val])["accuracy"])
+        expected[lr] = runs
+    scores = {s["lr"]: s for s in record["scores"]}
+    for lr, runs in expected.items():
+        assert [(r["fold"], r["seed"]) for r in scores[lr]["runs"]] == [(f, s) for f in range(3) for s in (3, 4)]
+        assert [r["val_accuracy"] for r in scores[lr]["runs"]] == runs
+        assert scores[lr]["val_accuracy"] == pytest.approx(np.mean(runs), abs=1e-12)
+    best = max(record["scores"], key=lambda s: (s["val_accuracy"], -s["val_loss"], -s["lr"]))
+    assert record["choice"]["lr"] == best["lr"]
+    assert "by 3-fold cross-validation on 500 examples" in describe_tune(record)
+
+
 def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target_train):
     r = run("tune", out, "--data", TRAIN, "--epochs", 1, "--seed", 5, "--threads", 1)
     assert r.exit_code == 0, r.output
@@ -112,6 +144,11 @@ BAD = {
     "zero seeds": (lambda tmp: ["--data", TRAIN, "--seeds", 0], "--seeds 0: must be at least 1"),
     "holdout 1": (lambda tmp: ["--data", TRAIN, "--holdout", 1], "--holdout 1.0: the share of the data held out"),
     "wrong shape": (lambda tmp: ["--data", MODELS / "data" / "kws_target_train.npz"], "the model input is"),
+    "holdout and folds": (lambda tmp: ["--data", TRAIN, "--holdout", 0.3, "--folds", 5],
+                          "--holdout 0.3 with --folds 5: K folds each hold out 1/K of the data; pass one"),
+    "zero folds": (lambda tmp: ["--data", TRAIN, "--folds", 0], "--folds 0: must be at least 1"),
+    "folds too small": (lambda tmp: ["--data", small(tmp), "--folds", 5],
+                        "holds 40 examples; --folds 5 leaves 32 to fit and 8 to validate"),
 }
 
 
