@@ -43,8 +43,9 @@ def markdown(r: dict) -> str:
             u = acc["untrained"]
             lines += ["Target-domain test accuracy, % (mean ± std over seeds"
                       f"{' ' + ','.join(map(str, r['settings']['seeds'])) if 'seeds' in r['settings'] else ''}; "
-                      "lr chosen on a validation split). "
-                      f"Untrained: fp32 {_pct(u['fp32'])}, w8a8 {_pct(u['w8a8'])}, w16a8 {_pct(u['w16a8'])}.", ""]
+                      + (f"lr chosen by {r['settings']['folds']}-fold cross-validation on the target train split). "
+                         if r["settings"].get("folds", 1) > 1 else "lr chosen on a validation split). ")
+                      + f"Untrained: fp32 {_pct(u['fp32'])}, w8a8 {_pct(u['w8a8'])}, w16a8 {_pct(u['w16a8'])}.", ""]
             budgets = list(acc["budgets"])
             lines.append("| method | " + " | ".join(f"{b} epochs ({acc['budgets'][b]['examples']} examples)"
                                                    for b in budgets) + " |")

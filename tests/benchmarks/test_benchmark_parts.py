@@ -95,6 +95,9 @@ def test_report_quotes_a_deep_row_against_backprop_of_its_own_tensors():
     assert "| QZO-FF w16a8 m=32 --last 3 | 90.0 ± 0.0 (-5.0 vs bp; lr 8) |" in text
     assert "| QZO-FF w16a8 m=32 | 80.0 ± 0.0 (-2.0 vs bp; lr 8) |" in text
     assert "| fp32 backprop (Adam) --last 3 | 95.0 ± 0.0 (lr 0.001) |" in text
+    assert "lr chosen on a validation split" in text and "cross-validation" not in text
+    results["settings"]["folds"] = 5            # run.py --folds 5: the table says how its rates were chosen
+    assert "lr chosen by 5-fold cross-validation on the target train split" in report.markdown(results)
 
 
 def test_reused_backprop_rows_need_the_same_tensors_seeds_and_folds():
