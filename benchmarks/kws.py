@@ -50,7 +50,7 @@ ROWS = {
     "last layer": (1, OLD, [64.0, 128.0, 256.0, 512.0], [0, 1, 2], 30),    # fc (Gemm 48->10)
     "last block": (3, OLD, [32.0, 128.0], [0], 30),                       # block3 dw + pw Conv, fc
     "all layers": (10, OLD, [16.0, 64.0], [0], 10),                       # stem, 4 blocks, fc: ~1 s a step
-    **{f"last layer m=32 H=4{' ' + flag if flag else ''}": (1, options, [2.0, 4.0, 8.0, 16.0, 32.0], [0], 30)
+    **{f"last layer m=32 H=4{' ' + flag if flag else ''}": (1, {"m": 32, **options}, [2.0, 4.0, 8.0, 16.0, 32.0], [0], 30)
        for flag, options in [("", {}), *enhancements(16)]},
 }
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]

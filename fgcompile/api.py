@@ -30,10 +30,10 @@ __all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evalua
 def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
          seeds: int = RunDefaults.seeds, holdout: float | None = None, seed: int | None = None,
          session: SessionSettings | None = None, echo=None, schedule: str = RunDefaults.schedule,
-         folds: int = RunDefaults.folds) -> dict:
-    """Choose the learning rate under `schedule` (constant, or cosine: the rate is its peak) on a held-out
-    split of `data` (`holdout` of it, default 0.2), or by `folds`-fold cross-validation (runtime/tune.py has
-    the protocol) and return the record. `trained`: a compiled folder
+         folds: int | None = None) -> dict:
+    """Choose the learning rate under `schedule` (cosine: the rate is its peak, or constant) by `folds`-fold
+    cross-validation on `data` (default 5), or on a held-out `holdout` share of it (runtime/tune.py has the
+    protocol) and return the record. `trained`: a compiled folder
     (the record also goes to OUT/tune.json, whose rate and schedule `train`/Trainer.fit then use unless
     given), compile_model's result, or a Trainer of either (its state is left as it is)."""
     trainer = trained if isinstance(trained, Trainer) else Trainer(trained, session=session)

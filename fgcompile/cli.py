@@ -210,8 +210,8 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
 @click.option("--checkpoint-every", default=RunDefaults.checkpoint_every, show_default=True,
               help="Steps between checkpoints.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
-              help="How lr moves over the run: constant, or cosine from lr down to 0 "
-                   "[OUT/tune.json's choice, else constant].")
+              help="How lr moves over the run: cosine from lr down to 0, or constant "
+                   f"[OUT/tune.json's choice, else {RunDefaults.schedule}].")
 @click.option("--max-bad-steps", type=int, default=None, help="Stop after this many NaN/Inf-loss steps.")
 @click.option("--lr", type=float, default=None,
               help="Learning rate in LSBs per unit of ĝ, fed as the graph's lr input (no recompile) "
@@ -248,10 +248,12 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @click.option("--batch", default=RunDefaults.batch, show_default=True)
 @click.option("--seeds", default=RunDefaults.seeds, show_default=True,
               help="Runs per rate (seeds S, S+1, …); scores are their mean.")
-@click.option("--holdout", type=float, default=None, help=f"Share of --data held out to validate [{RunDefaults.holdout}].")
-@click.option("--folds", default=RunDefaults.folds, show_default=True,
-              help="K > 1: K-fold cross-validation instead of one held-out split (every example validates once; "
-                   "K times the runs).")
+@click.option("--folds", type=int, default=None,
+              help=f"K-fold cross-validation: every example validates once, K runs per rate and seed "
+                   f"[{RunDefaults.folds}; 1 with --holdout].")
+@click.option("--holdout", type=float, default=None,
+              help=f"Validate on one held-out share of --data instead (e.g. {RunDefaults.holdout}): one run per "
+                   "rate and seed.")
 @click.option("--seed", type=int, default=None, help="Seed S of the split and the first run [the compiled seed].")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=RunDefaults.schedule, show_default=True,
               help="The schedule you will train with; under cosine each rate is its peak.")

@@ -107,7 +107,7 @@ class Trainer:
         A folder that holds a checkpoint trains only with resume (continue it) or restart (discard it).
         stop_after: end after this many steps of the run (tests use it to stop mid-way).
         lr: the rate in LSBs per unit of ĝ (the peak of a cosine schedule); None takes OUT/tune.json's choice,
-        else the compiled rate. schedule: None takes OUT/tune.json's choice, else constant."""
+        else the compiled rate. schedule: None takes OUT/tune.json's choice, else RunDefaults.schedule (cosine)."""
         if schedule is not None and schedule not in SCHEDULES:
             raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
         for flag, value in (("--epochs", epochs), ("--batch", batch), ("--checkpoint-every", checkpoint_every)):
@@ -241,7 +241,7 @@ class Trainer:
 
     def _rate(self, lr: float | None, schedule: str | None) -> tuple[int, str, str | None]:
         """(lr numerator, schedule, a note) of a run: each as given, else OUT/tune.json's choice (the note
-        says which), else the compiled rate and the constant schedule."""
+        says which), else the compiled rate and RunDefaults.schedule."""
         c = self.contract.lr_numerator
         if lr is not None:
             numerator = c.of(lr)

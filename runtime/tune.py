@@ -72,12 +72,13 @@ def rates(contract: Contract, schedule: str = RunDefaults.schedule) -> list[tupl
 
 def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
          seeds: int = RunDefaults.seeds, holdout: float | None = None, seed: int | None = None,
-         echo=None, schedule: str = RunDefaults.schedule, folds: int = RunDefaults.folds) -> dict:
-    """Try every rate of the grid under `schedule` (each rate the peak of a cosine one) on a held-out split
-    of `data` (a path, or (x, y)) — `holdout` of it (default RunDefaults.holdout), or each of `folds` > 1
-    folds in turn — and return the record; a Trainer of a compiled folder also writes it to OUT/tune.json
-    (under the folder's lock). The trainer's own state is not changed. echo: called with one progress line
-    per rate."""
+         echo=None, schedule: str = RunDefaults.schedule, folds: int | None = None) -> dict:
+    """Try every rate of the grid under `schedule` (each rate the peak of a cosine one) on held-out parts
+    of `data` (a path, or (x, y)): each of `folds` folds in turn (default RunDefaults.folds; 1 when a
+    `holdout` share is given), or that share. Return the record; a Trainer of a compiled folder also
+    writes it to OUT/tune.json (under the folder's lock). The trainer's own state is not changed. echo:
+    called with one progress line per rate."""
+    folds = (1 if holdout is not None else RunDefaults.folds) if folds is None else folds
     _check_budget(epochs, batch, seeds, RunDefaults.holdout if holdout is None else holdout, folds)
     if folds > 1 and holdout is not None:
         raise SpecError(f"--holdout {holdout:g} with --folds {folds}: K folds each hold out 1/K of the data; "

@@ -237,7 +237,7 @@ def test_demo_with_zero_epochs_writes_nothing(tmp_path):
 
 @pytest.fixture
 def trained(out):
-    r = invoke("train", out, "--data", TRAIN, "--epochs", 1, "--quiet", "--checkpoint-every", 7)
+    r = invoke("train", out, "--data", TRAIN, "--epochs", 1, "--quiet", "--checkpoint-every", 7, "--schedule", "constant")
     assert r.exit_code == 0, r.output
     return out
 
@@ -276,11 +276,12 @@ def test_a_second_train_on_one_folder_exits_naming_the_first(trained):
     from fgcompile import folder
     kept = snapshot(trained)
     with folder.locked(trained):     # as a running `train` holds it
-        r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2)
+        r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2, "--schedule", "constant")
         refused(r, f"another fgcompile process (pid {os.getpid()}) is using this folder")
         refused(invoke("compile", CNN, "-o", trained, "--force"), f"(pid {os.getpid()})")
     assert snapshot(trained) == kept
-    assert invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2).exit_code == 0
+    assert invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2, "--schedule",
+                  "constant").exit_code == 0
 
 
 def test_a_resumed_run_logs_each_epoch_once(out):
@@ -298,14 +299,17 @@ def test_a_resumed_run_logs_each_epoch_once(out):
 
 def test_resume_with_another_run_says_what_changed(trained, tmp_path):
     resume = ("train", trained, "--quiet", "--resume", "--epochs", 1)
-    refused(invoke(*resume, "--data", TRAIN, "--batch", 16), "the run differs from the checkpoint's (batch 32 -> 16)")
+    constant = ("--schedule", "constant")                       # the trained fixture's
+    refused(invoke(*resume, *constant, "--data", TRAIN, "--batch", 16),
+            "the run differs from the checkpoint's (batch 32 -> 16)")
     d = np.load(TRAIN)
     np.savez(tmp_path / "other.npz", x=d["x"][::-1], y=d["y"][::-1])
-    refused(invoke(*resume, "--data", tmp_path / "other.npz"), "(data_sha256 changed)")
+    refused(invoke(*resume, *constant, "--data", tmp_path / "other.npz"), "(data_sha256 changed)")
     refused(invoke(*resume, "--data", TRAIN, "--schedule", "cosine"), "(schedule constant -> cosine)")
-    r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2)  # constant lr: extends
+    refused(invoke(*resume, "--data", TRAIN), "(schedule constant -> cosine)")    # the default schedule is cosine
+    r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 2, *constant)  # extends
     assert r.exit_code == 0 and "note: resuming with a changed run: epochs 1 -> 2" in r.output, r.output
-    r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 3, "--batch", 16,
+    r = invoke("train", trained, "--data", TRAIN, "--quiet", "--resume", "--epochs", 3, "--batch", 16, *constant,
                "--allow-changed-run")
     assert r.exit_code == 0 and "batch 32 -> 16, epochs 2 -> 3" in r.output, r.output
 

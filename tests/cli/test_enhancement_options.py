@@ -25,8 +25,8 @@ def test_all_four_enhancements_train_resume_and_export(tmp_path):
     assert "kernel-wise normalized ĝ; sparse update (topk): 50% of each tensor unchanged per step; " \
            "momentum-guided sampling (25% of z); sharpness-aware ascent of 8 LSB" in r.output
     before = json.loads(run("eval", out, "--data", TEST, "--json").output)["accuracy"]
-    run("train", out, "--data", TRAIN, "--epochs", 1, "--quiet")
-    run("train", out, "--data", TRAIN, "--epochs", 3, "--quiet", "--resume")
+    run("train", out, "--data", TRAIN, "--epochs", 1, "--quiet", "--schedule", "constant")   # constant: extends
+    run("train", out, "--data", TRAIN, "--epochs", 3, "--quiet", "--resume", "--schedule", "constant")
     state = np.load(out / "checkpoint.npz")
     assert np.abs(state["fc2.weight_quantized__momentum"]).max() > 0        # the buffer carried over steps
     after = json.loads(run("eval", out, "--data", TEST, "--json").output)["accuracy"]

@@ -50,13 +50,13 @@ def manual_sweep(compiled, x, y, seed: int, holdout: float = 0.2):
     scores = {}
     for lr in LR_GRIDS[14]:                   # int8 at --bits 16 with headroom 4: a 14-bit grid
         trainer = fgcompile.Trainer(compiled, session=ONE_THREAD)
-        trainer.fit((x[fit], y[fit]), epochs=EPOCHS, lr=lr, progress=False)
+        trainer.fit((x[fit], y[fit]), epochs=EPOCHS, lr=lr, schedule="constant", progress=False)
         scores[lr] = trainer.evaluate(x[val], y[val])
     return max(scores, key=lambda lr: (scores[lr]["accuracy"], -scores[lr]["loss"], -lr)), scores
 
 
 def test_tune_chooses_what_a_manual_sweep_chooses(out, compiled, target_train):
-    record = fgcompile.tune(out, str(TRAIN), epochs=EPOCHS, session=ONE_THREAD)
+    record = fgcompile.tune(out, str(TRAIN), epochs=EPOCHS, session=ONE_THREAD, holdout=0.2, schedule="constant")
     choice, scores = manual_sweep(compiled, *target_train, seed=3)
     assert record["grid"] == list(LR_GRIDS[14])
     assert [(s["lr"], s["val_accuracy"], s["val_loss"]) for s in record["scores"]] == \
@@ -100,14 +100,15 @@ def test_folds_cross_validate_as_a_manual_k_fold_sweep(out, compiled, target_tra
 def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target_train):
     r = run("tune", out, "--data", TRAIN, "--epochs", 1, "--seed", 5, "--threads", 1)
     assert r.exit_code == 0, r.output
-    record = json.loads((out / "tune.json").read_text())
-    assert record["split"]["seed"] == 5 and record["budget"] == {"epochs": 1, "batch": 32, "seeds": [5]}
+    record = json.loads((out / "tune.json").read_text())     # the defaults: 5 folds, the cosine schedule
+    assert record["split"]["seed"] == 5 and record["split"]["folds"] == 5 and record["schedule"] == "cosine"
+    assert record["budget"] == {"epochs": 1, "batch": 32, "seeds": [5]}
     tuned = record["choice"]["lr"]
-    assert f"lr {tuned:g} chosen of {', '.join(f'{lr:g}' for lr in LR_GRIDS[14])}" in r.output
+    assert f"lr {tuned:g} chosen of {', '.join(f'{lr:g}' for lr in [*LR_GRIDS[14], 256])}" in r.output
 
     r = run("train", out, "--data", TRAIN, "--epochs", 1, "--json", "--threads", 1)
     assert r.exit_code == 0, r.output
-    assert f"note: lr {tuned:g} and the constant schedule from {out / 'tune.json'}" in r.output
+    assert f"note: lr {tuned:g} and the cosine schedule from {out / 'tune.json'}" in r.output
     trained = np.load(out / "checkpoint.npz")
     same = fgcompile.Trainer(compiled, session=ONE_THREAD)      # the same run at the tuned rate, in memory
     same.fit(target_train, epochs=1, lr=tuned, progress=False)
@@ -115,7 +116,7 @@ def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target
     assert json.loads(str(trained["__meta__"]))["run"]["lr_numerator"] == round(tuned * 256)
 
     r = run("train", out, "--data", TRAIN, "--epochs", 1, "--restart", "--lr", 2, "--quiet", "--threads", 1)
-    assert r.exit_code == 0 and "lr 2" not in r.output and "the constant schedule from" in r.output
+    assert r.exit_code == 0 and "lr 2" not in r.output and "the cosine schedule from" in r.output
     assert json.loads(str(np.load(out / "checkpoint.npz")["__meta__"]))["run"]["lr_numerator"] == 512
     r = run("train", out, "--data", TRAIN, "--epochs", 2, "--resume", "--quiet")   # tune.json's rate again
     assert r.exit_code == 2 and "lr_numerator 512 -> " in r.output
@@ -139,7 +140,8 @@ def small(tmp_path):
 
 BAD = {
     "missing data": (lambda tmp: ["--data", tmp / "nope.npz"], "nope.npz: no such file"),
-    "too small to split": (lambda tmp: ["--data", small(tmp)], "holds 40 examples; --holdout 0.2 leaves 32 to fit and 8"),
+    "too small to split": (lambda tmp: ["--data", small(tmp), "--holdout", 0.2],
+                           "holds 40 examples; --holdout 0.2 leaves 32 to fit and 8"),
     "zero epochs": (lambda tmp: ["--data", TRAIN, "--epochs", 0], "--epochs 0: must be at least 1"),
     "zero seeds": (lambda tmp: ["--data", TRAIN, "--seeds", 0], "--seeds 0: must be at least 1"),
     "holdout 1": (lambda tmp: ["--data", TRAIN, "--holdout", 1], "--holdout 1.0: the share of the data held out"),
@@ -182,7 +184,7 @@ def cosine_numerators(peak: int, total: int) -> list[int]:
 
 def test_tune_under_cosine_records_it_and_train_feeds_the_graph_that_schedule(out, compiled, target_train,
                                                                              monkeypatch):
-    r = run("tune", out, "--data", TRAIN, "--epochs", 1, "--schedule", "cosine", "--threads", 1)
+    r = run("tune", out, "--data", TRAIN, "--epochs", 1, "--schedule", "cosine", "--holdout", 0.2, "--threads", 1)
     assert r.exit_code == 0, r.output
     record = json.loads((out / "tune.json").read_text())
     tuned, peak = record["choice"]["lr"], record["choice"]["lr_numerator"]
