@@ -30,7 +30,7 @@ def batches():
 @pytest.fixture(scope="module", params=MODEL_FILES)
 def run(request, batches):
     # m = 8 on the 16-bit grid: the setting whose near-ties across runtimes are catalogued here (the
-    # default m = 32 draws 4x the coefficients, so more of them sit within a runtime's float noise)
+    # default m = 64 draws 8x the coefficients, so more of them sit within a runtime's float noise)
     compiled = compile_graph(shipped(request.param), TrainSpec(m=8, headroom=1))
     base = conformance.chain(compiled.train, compiled.contract, compiled.state, batches, conformance.BASELINE)
     return compiled, base
