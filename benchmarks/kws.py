@@ -17,8 +17,10 @@ rate of the deeper rows chosen on seed 0 alone.
 QZO-FF: the w8a8 model trained on the 16-bit grid (`--bits 16`) with the trained layer's input whitened
 on the target-train inputs (accuracy.qzo_ff calibrates on the training split, never on test). The depth
 rows: m = 8, headroom 1, ε = 64 LSBs (the setting before #15's defaults; their lr grid is in those LSBs).
-The `m=32 H=4` rows: the #15 defaults (m = 32, headroom 4, so a 14-bit grid, ε = 16), alone and with each
-enhancement (run.py's `enhancements`), their lr chosen on seed 0 from the 14-bit rates around the default;
+The `m=32 H=4` rows: #15's first defaults (m = 32, headroom 4, so a 14-bit grid, ε = 16), alone and with each
+enhancement (run.py's `enhancements`); the `defaults` row: m = 64 with the cosine schedule, the defaults
+since; their lr chosen on seed 0 from the 14-bit rates around the default (one validation split, like the
+other rows here);
 the exported (deployed int8 grid) model's accuracy beside the trained one. Rows that train the same
 tensors share one backprop row, reused from results/kws.json when its tensors, epochs and grid match.
 """
@@ -52,6 +54,9 @@ ROWS = {
     "all layers": (10, OLD, [16.0, 64.0], [0], 10),                       # stem, 4 blocks, fc: ~1 s a step
     **{f"last layer m=32 H=4{' ' + flag if flag else ''}": (1, {"m": 32, **options}, [2.0, 4.0, 8.0, 16.0, 32.0], [0], 30)
        for flag, options in [("", {}), *enhancements(16)]},
+    # the defaults since #15's last measurements: m = 64 and the cosine schedule (its grid one rate higher)
+    "last layer, the defaults (m=64 H=4 cosine)": (1, {"m": 64, "schedule": "cosine"},
+                                                  [2.0, 4.0, 8.0, 16.0, 32.0, 64.0], [0], 30),
 }
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]
 SEEDS = [0, 1, 2]
@@ -70,6 +75,8 @@ def run_row(row: str, epochs: int | None, previous: list[dict], batch: int = 32)
     this one's included) holds it for the same tensors, epochs, lr grid and seeds."""
     import backprop  # torch: only the baseline needs it
     last, options, grid, select_seeds, row_epochs = ROWS[row]
+    schedule = options.get("schedule", "constant")
+    options = {k: v for k, v in options.items() if k != "schedule"}
     epochs = epochs or row_epochs
     entry = models.manifest()["models"][MODEL]["variants"]
     source = modelio.load_model(models.path(entry["w8a8"]["file"]))
@@ -79,19 +86,19 @@ def run_row(row: str, epochs: int | None, previous: list[dict], batch: int = 32)
     trained = [s.name for s in compile_model(source, spec(None, 0)).contract.parameters()]
     names = accuracy.fp32_names(source, fp32, trained)
     mc = machine()
-    res = {"last": last, "options": options, "tensors": names, "parameters": int(sum(
+    res = {"last": last, "options": ROWS[row][1], "tensors": names, "parameters": int(sum(
         np.prod(i.dims) for i in fp32.graph.initializer if i.name in names)), "epochs": epochs,
         "commit": mc["commit"], "date": mc["date"]}
 
     def qzo(lr, seed, tr, te, ep, b):
-        return accuracy.qzo_ff(source, spec(lr, seed), tr, te, ep, b)
+        return accuracy.qzo_ff(source, spec(lr, seed), tr, te, ep, b, schedule)
 
     def bp(lr, seed, tr, te, ep, b):
         return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
 
     t0 = time.perf_counter()
     lr, val = accuracy.select(qzo, grid, select_seeds, train, epochs, batch)
-    both = [accuracy.qzo_ff(source, spec(lr, s), train, test, epochs, batch, exported=True) for s in SEEDS]
+    both = [accuracy.qzo_ff(source, spec(lr, s), train, test, epochs, batch, schedule, exported=True) for s in SEEDS]
     res["qzo_ff"] = {"lr": lr, "eps": compile_model(source, spec(lr, 0)).contract.spec.eps,
                      "validation": {str(k): round(v, 4) for k, v in val.items()}, "selection_seeds": select_seeds,
                      **accuracy.summary([t for t, _ in both]), "exported": accuracy.summary([e for _, e in both])}
