@@ -33,9 +33,9 @@ def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
          folds: int | None = None) -> dict:
     """Choose the learning rate under `schedule` (cosine: the rate is its peak, or constant) by `folds`-fold
     cross-validation on `data` (default 5), or on a held-out `holdout` share of it (runtime/tune.py has the
-    protocol) and return the record. `trained`: a compiled folder
-    (the record also goes to OUT/tune.json, whose rate and schedule `train`/Trainer.fit then use unless
-    given), compile_model's result, or a Trainer of either (its state is left as it is)."""
+    protocol), and return the record. `trained`: a compiled folder (the record also goes to OUT/tune.json,
+    whose rate and schedule `train`/Trainer.fit then use unless given), compile_model's result, or a
+    Trainer of either (its state is left as it is)."""
     trainer = trained if isinstance(trained, Trainer) else Trainer(trained, session=session)
     return _tune.tune(trainer, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed, echo=echo,
                       schedule=schedule, folds=folds)

@@ -242,12 +242,12 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 
 @main.command("tune")
 @click.argument("out", type=click.Path())
-@click.option("--data", required=True, type=click.Path(), help="Training .npz; a seeded split of it validates.")
+@click.option("--data", required=True, type=click.Path(), help="Training .npz; seeded folds (or a share) of it validate.")
 @click.option("--epochs", default=RunDefaults.epochs, show_default=True,
               help="Epochs per trial: the epochs you will train (a shorter budget favours a larger rate).")
 @click.option("--batch", default=RunDefaults.batch, show_default=True)
 @click.option("--seeds", default=RunDefaults.seeds, show_default=True,
-              help="Runs per rate (seeds S, S+1, …); scores are their mean.")
+              help="Runs per rate and fold (seeds S, S+1, …); scores are their mean.")
 @click.option("--folds", type=int, default=None,
               help=f"K-fold cross-validation: every example validates once, K runs per rate and seed "
                    f"[{RunDefaults.folds}; 1 with --holdout].")
@@ -261,8 +261,8 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @json_option
 @config.option("tune")
 def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as_json, **kw):
-    """Choose the learning rate of OUT under a schedule on a held-out split of DATA (or by K-fold
-    cross-validation); `train` then uses both (OUT/tune.json)."""
+    """Choose the learning rate of OUT under a schedule by K-fold cross-validation on DATA (or on one
+    held-out share of it); `train` then uses both (OUT/tune.json)."""
     from fgcompile.api import tune
     from fgcompile.report import describe_tune
     record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, folds=folds, seed=seed,
