@@ -314,6 +314,18 @@ def test_resume_with_another_run_says_what_changed(trained, tmp_path):
     assert r.exit_code == 0 and "batch 32 -> 16, epochs 2 -> 3" in r.output, r.output
 
 
+def test_more_epochs_on_a_default_cosine_run_is_refused_unless_allowed(out):
+    """The default schedule is cosine, whose rate depends on the run's length: resuming a finished run with
+    more epochs would not replay one run, so it is refused and says what changed and the way out."""
+    r = invoke("train", out, "--data", TRAIN, "--epochs", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    kept = snapshot(out)
+    refused(invoke("train", out, "--data", TRAIN, "--epochs", 2, "--quiet", "--resume"), "(epochs 1 -> 2)")
+    assert snapshot(out) == kept
+    r = invoke("train", out, "--data", TRAIN, "--epochs", 2, "--quiet", "--resume", "--allow-changed-run")
+    assert r.exit_code == 0 and "note: resuming with a changed run: epochs 1 -> 2" in r.output, r.output
+
+
 def test_checkpoint_or_log_path_that_is_a_folder(compiled, tmp_path):
     for name in ("checkpoint.npz", "train_log.jsonl"):
         out = tmp_path / name
