@@ -79,11 +79,11 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
     writes it to OUT/tune.json (under the folder's lock). The trainer's own state is not changed. echo:
     called with one progress line per rate."""
     folds = (1 if holdout is not None else RunDefaults.folds) if folds is None else folds
-    _check_budget(epochs, batch, seeds, RunDefaults.holdout if holdout is None else holdout, folds)
     if folds > 1 and holdout is not None:
         raise SpecError(f"--holdout {holdout:g} with --folds {folds}: K folds each hold out 1/K of the data; "
                         "pass one of the two.")
     holdout = RunDefaults.holdout if holdout is None else holdout
+    _check_budget(epochs, batch, seeds, holdout, folds)
     if schedule not in SCHEDULES:
         raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
     seed = trainer.spec.seed if seed is None else seed
