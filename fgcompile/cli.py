@@ -9,6 +9,7 @@ import click
 
 from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
+from fgcompile.runtime.conformance import MAX_STEPS
 from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS,
                             PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
@@ -43,10 +44,10 @@ def json_option(f):
 
 
 def session_options(f):
-    from fgcompile.session import OPTIMIZATION, SessionSettings
+    from fgcompile.session import MAX_THREADS, OPTIMIZATION, SessionSettings
     options = [
-        click.option("--threads", default=SessionSettings.threads, show_default=True,
-                     help="onnxruntime intra-op threads (0: its default)."),
+        click.option("--threads", type=click.IntRange(0, MAX_THREADS), default=SessionSettings.threads,
+                     show_default=True, help="onnxruntime intra-op threads (0: its default; at most 4 per CPU core)."),
         click.option("--optimization", type=click.Choice(list(OPTIMIZATION)), default=SessionSettings.optimization,
                      show_default=True, help="onnxruntime graph optimization level (disable: the ONNX ops as written)."),
         click.option("--provider", default=SessionSettings.provider, show_default=True,
@@ -314,7 +315,8 @@ def export(folder, out, output_alias, as_json):
 
 @main.command()
 @click.argument("out", type=click.Path())
-@click.option("--steps", default=20, show_default=True, help="Chained training steps per runtime.")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=20, show_default=True,
+              help="Chained training steps per runtime.")
 @click.option("--data", type=click.Path(), help="Batches from this .npz (default: seeded random inputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def verify(out, steps, data, as_json):

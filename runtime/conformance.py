@@ -24,6 +24,11 @@ from fgcompile.report import format_table
 from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
 from .trainer import scalar_feeds, step_feeds
 
+# verify runs every step on each installed runtime and holds each step's z and state (baseline and the runtime
+# compared) in memory, so its time and memory grow with the steps. A divergence shows within the first few
+# (default 20); 1000 take about a minute on digits_cnn (0.05 s a step).
+MAX_STEPS = 1000
+
 Runner = Callable[[list[str], dict], list[np.ndarray]]
 
 
@@ -220,13 +225,13 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
 
     from fgcompile import modelio
     from fgcompile.artifact import LAYOUT
-    from fgcompile.errors import FgcompileError
+    from fgcompile.errors import FgcompileError, SpecError
     from fgcompile.session import class_count, input_dtype, input_shape
     from .data import Inputs, feeds
     from .trainer import Trainer, latest_state
 
-    if steps < 1:
-        raise FgcompileError(f"--steps {steps}: must be at least 1.")
+    if not 1 <= steps <= MAX_STEPS:
+        raise SpecError(f"--steps {steps}: must be 1..{MAX_STEPS} (each step's state is kept to compare).")
     out = pathlib.Path(out_dir)
     trainer = Trainer(out)                          # the same checks and messages as `train`
     train, eval_model = modelio.load_model(out / LAYOUT.train), modelio.load_model(out / LAYOUT.eval)
