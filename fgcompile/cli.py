@@ -14,16 +14,38 @@ from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADR
                             PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
 
+JSON = "fgcompile.json"   # ctx.meta key: the command was asked for --json (on the command line or in --config)
+
+
 class Group(click.Group):
-    """Turns FgcompileError into a one-paragraph message and exit status 2, never a traceback."""
+    """Turns FgcompileError into a one-paragraph message and exit status 2, never a traceback. Under
+    --json an error (click's usage errors too) is also one JSON object on stdout, {"error", "kind"}, so
+    a pipeline reading stdout always gets JSON."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["fgcompile.args"] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FgcompileError as exc:
             logging.getLogger("fgcompile").debug("the error's traceback", exc_info=True)
+            self._json_error(ctx, str(exc), type(exc).__name__)
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except click.UsageError as exc:
+            self._json_error(ctx, exc.format_message(), "UsageError")
+            raise                                   # click prints it on stderr and exits 2
+
+    def _json_error(self, ctx, message: str, kind: str) -> None:
+        cmd = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+        flag = next((p for p in cmd.params if p.name == "as_json"), None) if cmd else None
+        args = ctx.meta.get("fgcompile.args", [])
+        args = args[:args.index("--")] if "--" in args else args
+        # the flag's callback has not run when parsing failed before it, so look at the words too
+        if flag is not None and (ctx.meta.get(JSON) or set(flag.opts) & set(args)):
+            click.echo(json.dumps({"error": message, "kind": kind}))
 
 
 @click.group(cls=Group)
@@ -39,8 +61,13 @@ def main(log_level):
                         force=True)
 
 
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")(f)
+def json_option(what: str = "the result as one JSON object"):
+    def note(ctx, _param, value):
+        if value:
+            ctx.meta[JSON] = True
+        return value
+    return click.option("--json", "as_json", is_flag=True, callback=note,
+                        help=f"Print {what} on stdout; an error as {{\"error\": …, \"kind\": …}} (exit 2).")
 
 
 def session_options(f):
@@ -152,7 +179,7 @@ def make_spec(kw) -> TrainSpec:
               help="Momentum-guided sampling share, for the memory estimate (its int32 buffer is state).")
 @click.option("--sharpness", default=TrainSpec.sharpness, show_default=True, type=int,
               help="Sharpness-aware ρ, for the memory estimate (it keeps the same buffer).")
-@click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
+@json_option("the sites as JSON")
 def inspect(model, m, momentum, sharpness, as_json):
     """List the trainable parameters of a quantized MODEL, their grid and the memory to train each,
     and the layers that stay float."""
@@ -172,7 +199,7 @@ def inspect(model, m, momentum, sharpness, as_json):
 @click.option("--calibration", type=click.Path(), default=None,
               help="Inputs (.npz with x, y; e.g. the training data) for --precondition, frozen at compile time.")
 @spec_options
-@json_option
+@json_option()
 @config.option("compile")
 def compile_cmd(model, out, force, as_json, calibration, **kw):
     """Compile MODEL into OUT/train.onnx, eval.onnx, state.npz (+ source.onnx)."""
@@ -219,7 +246,7 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
                    "[OUT/tune.json's choice, else the compiled rate].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @session_options
-@json_option
+@json_option()
 @config.option("train")
 def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, checkpoint_every, schedule,
           lr, max_bad_steps, quiet, as_json, **kw):
@@ -259,7 +286,7 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=RunDefaults.schedule, show_default=True,
               help="The schedule you will train with; under cosine each rate is its peak.")
 @session_options
-@json_option
+@json_option()
 @config.option("tune")
 def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as_json, **kw):
     """Choose the learning rate of OUT under a schedule by K-fold cross-validation on DATA (or on one
@@ -281,7 +308,7 @@ def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as
 @click.argument("model_or_out", type=click.Path())
 @click.option("--data", required=True, type=click.Path())
 @session_options
-@json_option
+@json_option()
 def eval_cmd(model_or_out, data, as_json, **kw):
     """Accuracy and mean cross-entropy of a model file or a compiled folder."""
     from fgcompile.runtime.evaluate import evaluate
@@ -296,7 +323,7 @@ def eval_cmd(model_or_out, data, as_json, **kw):
 @click.argument("folder", metavar="OUT", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), help="Adapted .onnx to write.")
 @click.option("--output", "output_alias", type=click.Path(), hidden=True)   # its name before -o/--out
-@json_option
+@json_option()
 def export(folder, out, output_alias, as_json):
     """Write the trained weights of OUT into a plain QDQ inference model."""
     from fgcompile.report import describe_export
@@ -318,7 +345,7 @@ def export(folder, out, output_alias, as_json):
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=20, show_default=True,
               help="Chained training steps per runtime.")
 @click.option("--data", type=click.Path(), help="Batches from this .npz (default: seeded random inputs).")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@json_option("the rows as JSON")
 def verify(out, steps, data, as_json):
     """Run STEPS chained steps of OUT on every runtime installed here and compare them bit for bit."""
     from fgcompile.runtime.conformance import format_rows, verify as run_verify
