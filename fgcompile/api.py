@@ -16,7 +16,8 @@ import onnx
 
 from fgcompile import modelio
 from fgcompile.compiler import compile_model, write_compiled
-from fgcompile.errors import ModelError, SpecError
+from fgcompile.artifact import Compiled
+from fgcompile.errors import ModelError, SpecError, wrong_type
 from fgcompile.runtime import export as _export, tune as _tune
 from fgcompile.runtime.evaluate import evaluate
 from fgcompile.session import SessionSettings
@@ -45,6 +46,11 @@ def export_model(trained, path=None):
     """A compiled folder (and the .onnx path to write): writes it and returns the rounding report, as
     `fgcompile export`. An in-memory Trainer, or compile_model's result: returns (ModelProto, report),
     and also writes `path` when given."""
+    if not isinstance(trained, (str, os.PathLike, Trainer, Compiled)):
+        raise wrong_type("export_model(trained=…)", "a compiled folder's path, a Trainer or compile_model's result",
+                         trained)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise wrong_type("export_model(path=…)", "the path of the .onnx file to write", path)
     if isinstance(trained, (str, os.PathLike)) or (isinstance(trained, Trainer) and trained.compiled is None):
         folder = trained if not isinstance(trained, Trainer) else trained.out
         if path is None:

@@ -6,22 +6,33 @@ nothing behind and never a mix of two compilations; fgcompile/folder.py says whi
 """
 from __future__ import annotations
 
+import os
 import pathlib
 
+import numpy as np
 import onnx
 
 from fgcompile import folder, modelio
 from fgcompile.artifact import LAYOUT, Compiled
+from fgcompile.errors import ModelError, wrong_type
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.spec import TrainSpec
 
 
 def compile_model(model, spec: TrainSpec | None = None, calibration=None) -> Compiled:
     """Compile a QDQ inference model (path or ModelProto) into a training graph and its initial state.
-    `calibration`: float32 model inputs (e.g. the training data's x) for --precondition."""
+    `calibration`: float32 model inputs (e.g. the training data's x) for --precondition. `spec` may
+    be a dict of TrainSpec's fields."""
+    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise wrong_type("compile_model(model=…)", "the path of an .onnx file or an onnx.ModelProto", model,
+                         ModelError)
+    spec = TrainSpec.of(spec, "compile_model(spec=…)")
+    if calibration is not None and not isinstance(calibration, np.ndarray):
+        raise wrong_type("compile_model(calibration=…)", "float32 model inputs as a numpy array (e.g. the "
+                         "training data's x; fgcompile.runtime.data.load_data reads an .npz)", calibration)
     if not isinstance(model, onnx.ModelProto):
         model = modelio.load_model(model)
-    return compile_graph(model, spec or TrainSpec(), calibration)
+    return compile_graph(model, spec, calibration)
 
 
 def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path=None) -> pathlib.Path:
@@ -29,6 +40,10 @@ def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path
     folder or the complete new one (an old checkpoint, which would not match the new graph, goes).
     OUT must be new, empty or a compiled folder (one holding training only with force), and must not
     hold source_path, the file the model was read from."""
+    if not isinstance(compiled, Compiled):
+        raise wrong_type("write_compiled(compiled=…)", "compile_model's result", compiled)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise wrong_type("write_compiled(out_dir=…)", "the path of the folder to write", out_dir)
     out = pathlib.Path(out_dir)
     folder.recover(out)
     folder.check_replaceable(out, [source_path] if source_path else [], force)

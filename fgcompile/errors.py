@@ -2,6 +2,7 @@
 
 The CLI prints `str(error)` and exits with status 2; it never shows a traceback for these.
 """
+from __future__ import annotations
 
 
 class FgcompileError(Exception):
@@ -26,3 +27,9 @@ class DataError(FgcompileError):
 
 class OutputError(FgcompileError):
     """An output path cannot be written."""
+
+
+def wrong_type(where: str, takes: str, value, error: type[FgcompileError] | None = None) -> FgcompileError:
+    """The error for a Python API argument of the wrong type, e.g. `compile_model(spec=…): takes a TrainSpec
+    or a dict of its fields, not int.` (a SpecError unless `error` says otherwise)."""
+    return (error or SpecError)(f"{where}: takes {takes}, not {type(value).__name__}.")

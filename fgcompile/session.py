@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from fgcompile.errors import ModelError, SpecError
+from fgcompile.spec import check_field_types
 
 OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                 "all": "ORT_ENABLE_ALL"}
@@ -41,6 +42,7 @@ class SessionSettings:
     provider: str = "CPUExecutionProvider"
 
     def __post_init__(self):
+        check_field_types(self)
         if self.threads < 0:
             raise SpecError(f"--threads {self.threads}: must be 0 (onnxruntime's default) or more.")
         if self.threads > MAX_THREADS:

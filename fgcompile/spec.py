@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
+import types
+import typing
 
 from fgcompile.errors import SpecError
 
@@ -98,8 +101,22 @@ class TrainSpec:
     sharpness: int = 0            # sharpness-aware: the ±εz pair is centred ρ LSBs up the momentum's slope
 
     def __post_init__(self):
+        check_field_types(self)
         object.__setattr__(self, "train", tuple(self.train))
         self.validate()
+
+    @classmethod
+    def of(cls, spec, where: str) -> "TrainSpec":
+        """SPEC as a TrainSpec: None (the defaults), a TrainSpec, or a dict of its fields (unknown ones refused)."""
+        if spec is None or isinstance(spec, cls):
+            return spec or cls()
+        if not isinstance(spec, dict):
+            raise SpecError(f"{where}: takes a TrainSpec or a dict of its fields, not {type(spec).__name__}.")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in spec if k not in fields]
+        if unknown:
+            raise SpecError(f"{where}: no option {unknown[0]!r}. TrainSpec's fields: {', '.join(fields)}.")
+        return cls(**spec)
 
     def resolve(self, grid_bits: int) -> "TrainSpec":
         """Fill eps/lr left unset with the defaults for a grid of `grid_bits` bits of resolution (source
@@ -166,3 +183,39 @@ class TrainSpec:
         need(self.bits in BITS, f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
         need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
         need(0 <= self.seed < 2 ** 32, f"--seed {self.seed}: must be in [0, 2**32) (the graph's seed input is 32-bit).")
+
+
+def check_field_types(obj) -> None:
+    """SpecError unless every field of the dataclass OBJ holds its annotated type, as the command line's
+    types would give it: a bool is not an int, a float is not an int, a string is not a list of strings."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _holds(value, hints[f.name]):
+            got = type(value).__name__
+            if isinstance(value, (list, tuple)) and value:
+                got += f" of {', '.join(sorted({type(v).__name__ for v in value}))}"
+            raise SpecError(f"{type(obj).__name__}({f.name}={reprlib.repr(value)}): {f.name} takes "
+                            f"{_describe(hints[f.name])}, not {got}.")
+
+
+def _holds(value, hint) -> bool:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_holds(value, a) for a in args)
+    if typing.get_origin(hint) is tuple:        # tuple[str, ...]: a tuple or list of them
+        return isinstance(value, (tuple, list)) and all(_holds(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {args[0].__name__}"
+    return "None" if hint is type(None) else f"an {hint.__name__}" if hint is int else f"a {hint.__name__}"

@@ -29,6 +29,12 @@ def load_data(path, input_shape: list | None = None, classes: int | None = None,
     return _checked(path, arrays, input_shape, classes, dtype, "x")
 
 
+def check_arrays(where: str, x, y, input_shape: list | None = None, classes: int | None = None,
+                 dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory (x, y) given to the Python API, checked as a data file's arrays are."""
+    return _checked(where, {"x": np.asarray(x), "y": np.asarray(y)}, input_shape, classes, dtype, "x")
+
+
 def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = decode_x(path, arrays), arrays["y"]
     if x.ndim == 0:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import fgcompile
 from conftest import MODELS
 from fgcompile.cli import main
-from fgcompile.errors import FgcompileError, ModelError, SpecError
+from fgcompile.errors import DataError, FgcompileError, ModelError, SpecError
 
 CNN = MODELS / "digits_cnn" / "w8a8.onnx"
 DATA = MODELS / "data" / "digits_target_train.npz"
@@ -215,7 +215,8 @@ def test_api_argument_types(tmp_path):
         fgcompile.compile_model(CNN, spec={"mm": 3})
     with pytest.raises(SpecError, match=r"spec=.*a TrainSpec.*not int"):
         fgcompile.compile_model(CNN, spec=5)
-    with pytest.raises(ModelError, match=r"model=.*a path or an onnx.ModelProto.*not NoneType"):
+    with pytest.raises(ModelError, match=r"model=…\): takes the path of an .onnx file or an onnx.ModelProto, not "
+                                         r"NoneType"):
         fgcompile.compile_model(None)
     with pytest.raises(SpecError, match=r"TrainSpec\(m=8.7\): m takes an int, not float"):
         fgcompile.TrainSpec(m=8.7)
@@ -233,6 +234,10 @@ def test_api_argument_types(tmp_path):
         fgcompile.evaluate(None, DATA)
     with pytest.raises(FgcompileError, match=r"evaluate\(data=…\).*\(x, y\).*not int"):
         fgcompile.evaluate(CNN, 5)
+    with pytest.raises(DataError, match=r"evaluate\(data=\(x, y\)\): x is a single number"):
+        fgcompile.evaluate(CNN, (1, 2))
+    with pytest.raises(DataError, match=r"evaluate\(data=\(x, y\)\): x has shape \[3, 64\]"):
+        fgcompile.evaluate(CNN, (np.zeros((3, 64), np.float32), np.zeros(3, np.int64)))
     with pytest.raises(FgcompileError, match=r"evaluate\(batch=0\)"):
         fgcompile.evaluate(CNN, DATA, batch=0)
     with pytest.raises(FgcompileError, match=r"evaluate\(session=…\).*SessionSettings"):
