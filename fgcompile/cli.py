@@ -14,6 +14,7 @@ from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADR
                             PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 JSON = "fgcompile.json"   # ctx.meta key: the command was asked for --json (on the command line or in --config)
 
 
@@ -21,6 +22,13 @@ class Group(click.Group):
     """Turns FgcompileError into a one-paragraph message and exit status 2, never a traceback. Under
     --json an error (click's usage errors too) is also one JSON object on stdout, {"error", "kind"}, so
     a pipeline reading stdout always gets JSON."""
+
+    def add_command(self, cmd, name=None):
+        # --log-level after the command too (`fgcompile compile --log-level debug ...`); it wins over the one before
+        cmd.params.append(click.Option(["--log-level"], type=click.Choice(LOG_LEVELS), is_eager=True,
+                                       expose_value=False, callback=_log_level_after,
+                                       help="As `fgcompile --log-level`, given after the command."))
+        super().add_command(cmd, name)
 
     def parse_args(self, ctx, args):
         ctx.meta["fgcompile.args"] = list(args)
@@ -50,15 +58,24 @@ class Group(click.Group):
 
 @click.group(cls=Group)
 @click.version_option(__version__)
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="warning",
               show_default=True, help="Python logging level of fgcompile's messages (on stderr).")
 def main(log_level):
     """Compile quantized ONNX inference graphs into forward-gradient training graphs (QZO-FF).
 
     Shell completion (bash): eval "$(_FGCOMPILE_COMPLETE=bash_source fgcompile)"
     """
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    set_log_level(log_level)
+
+
+def set_log_level(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)
+
+
+def _log_level_after(_ctx, _param, level):
+    if level is not None:
+        set_log_level(level)
 
 
 def json_option(what: str = "the result as one JSON object"):
