@@ -34,6 +34,7 @@ else:                                       # Python 3.10
 
 MAX_BYTES = 2 ** 20          # a config is a few lines; a larger file is a wrong path (a model, a log)
 SECTIONS: list[str] = []     # the tables commands read, filled by option()
+NOT_OPTIONS = ("config", "help", "log_level")   # flags about the invocation, not the command's options
 INT64 = 2 ** 63              # TOML integers are 64-bit; a wider one cannot even be printed in decimal
 
 
@@ -50,7 +51,7 @@ def read(path, section: str, params: list[click.Parameter], ctx: click.Context |
                        f"{', '.join(f'[{s}]' for s in SECTIONS)}.")
         if key not in SECTIONS:
             raise fail(f"unknown table [{key}]; the tables are {', '.join(f'[{s}]' for s in SECTIONS)}.")
-    options = {long_name(p): p for p in params if isinstance(p, click.Option) and p.name not in ("config", "help")}
+    options = {long_name(p): p for p in params if isinstance(p, click.Option) and p.name not in NOT_OPTIONS}
     defaults = {}
     for key, value in table.get(section, {}).items():
         name = key.replace("_", "-")

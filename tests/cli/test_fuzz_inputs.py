@@ -1,5 +1,7 @@
 """Fuzz: a seeded mutator edits the shipped models, a compiled folder's files, checkpoints and .npz data
-(byte flips, truncation, dtype/shape/metadata edits) and runs the CLI on each in-process.
+(byte flips, truncation, dtype/shape/metadata edits), and writes --config files (values of every TOML type
+for the commands' options, unknown keys and tables, deep nesting, binary garbage, a FIFO, a folder or
+/dev/zero as the file), and runs the CLI on each in-process.
 
 Every case must exit 0 or 2 without a traceback, change no file outside its output, and any output it
 writes must load in onnxruntime. FGCOMPILE_FUZZ_SEED picks another run (the default suite uses seed 0).
@@ -8,13 +10,16 @@ import io
 import json
 import os
 import shutil
+import threading
 
+import click
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 
 from conftest import MODELS
+from fgcompile import config
 from fgcompile.cli import main
 from fgcompile.runtime import checkpoint
 from fgcompile.session import make_session
@@ -179,7 +184,8 @@ def run_case(work, args, outputs, label):
     assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), \
         f"{label}: {r.output}\n{r.exception!r}"
     if r.exit_code == 2:
-        assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, f"{label}: {r.output}"
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, f"{label}: {r.output}"
+        assert not r.stdout or set(json.loads(r.stdout)) == {"error", "kind"}, f"{label}: {r.output}"   # --json
     after = files_under(work)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert all(any(k == o or k.startswith(o + os.sep) for o in outputs) for k in changed), \
@@ -243,3 +249,110 @@ def test_mutated_data(tmp_path, base, i, rng):
         shutil.copytree(base / f"c{i % len(SHIPPED)}", out)
         run_case(tmp_path, ["train", out, "--data", data, "--epochs", "1", "--quiet", "--restart"],
                  [f"out{os.sep}checkpoint.npz", f"out{os.sep}train_log.jsonl"], label)
+
+
+# ------------------------------------------------------------------------------------------------- --config files
+TOML_VALUES = ["0", "1", "-1", "2", "64", "100000", "8.7", "0.5", "-0.0", "1e308", "inf", "-inf", "nan", "true",
+               "false", '"8"', '"16"', '"fc2"', '""', '"ce"', '"cosine"', '"data.npz"', '"../x.npz"', '"\\u00e9\\n"',
+               "[]", "[1, 2]", '["fc2"]', '[["x"]]', "[true]", "{}", "{a = 1}", "{a = {b = [1]}}",
+               "9223372036854775807", "-9223372036854775808", "0x" + "f" * 40, "1979-05-27T07:32:00Z",
+               "07:32:00", "'''two\nlines'''"]
+
+
+TYPED_VALUES = {int: ["0", "1", "-1", "2", "3", "64", "4096", "2147483648", "9223372036854775807"],
+                float: ["0.0", "0.5", "1.0", "-1.0", "1e308", "1e-300", "inf", "nan", "16"],
+                bool: ["true", "false"], str: ['""', '"fc2"', '"conv1"', '"data.npz"', '"nope.npz"', '"."', '"c.toml"']}
+
+
+def typed_value(param, rng) -> str:
+    """A value of the option's own type: a choice, or an edge of its int/float/bool/string range."""
+    if isinstance(param.type, click.Choice):
+        return f'"{param.type.choices[rng.integers(len(param.type.choices))]}"'
+    kind = {"integer": int, "float": float, "boolean": bool}.get(param.type.name, str)
+    values = TYPED_VALUES[bool if param.is_flag else kind]
+    value = values[rng.integers(len(values))]
+    return f"[{value}]" if param.multiple else value
+
+
+def toml_config(section: str, rng) -> bytes:
+    """A config for `section`: its options with values of their own type or of any TOML type, unknown keys
+    and tables, or a broken file."""
+    roll = rng.random()
+    if roll < 0.06:
+        return bytes(rng.integers(0, 256, int(rng.integers(1, 400)), dtype=np.uint8))
+    if roll < 0.12:
+        depth = int(rng.integers(100, 100_000))
+        open_, close = ("[", "]") if rng.random() < 0.5 else ("{a = ", "}")
+        return f"[{section}]\nm = {open_ * depth}{close * depth}\n".encode()
+    params = [p for p in main.commands[section].params if p.name not in config.NOT_OPTIONS and isinstance(p, click.Option)]
+    lines = [f"[{section}]"] if rng.random() < 0.9 else [f"[{['trian', 'compile', 'train', 'x.y'][rng.integers(4)]}]"]
+    for _ in range(int(rng.integers(1, 4))):
+        param = params[rng.integers(len(params))]
+        key = config.long_name(param) if rng.random() < 0.9 else param.name    # python names are refused
+        if rng.random() < 0.05:
+            key = ["mm", "as-json", "memory-budget-mb", "config", "log-level", "x" * 300][rng.integers(6)]
+        value = typed_value(param, rng) if rng.random() < 0.7 else TOML_VALUES[rng.integers(len(TOML_VALUES))]
+        lines.append(f"{key} = {value}")
+    if rng.random() < 0.1:
+        lines.insert(0, ["m = 3", "compile = 3", "train = []", "[[compile]]"][rng.integers(4)])
+    text = "\n".join(lines) + "\n"
+    return BYTE_MUTATORS[rng.integers(3)](text.encode(), rng) if rng.random() < 0.1 else text.encode()
+
+
+def config_path(tmp_path, section: str, rng):
+    """The config file: usually a TOML file, sometimes a FIFO, a folder, /dev/zero, a model or nothing."""
+    path = tmp_path / "c.toml"
+    kind = rng.integers(0, 24)
+    if kind == 0:
+        os.mkfifo(path)
+    elif kind == 1:
+        path.mkdir()
+    elif kind == 2:
+        os.symlink("/dev/zero", path)
+    elif kind == 3:
+        os.symlink(SHIPPED[0], path)
+    elif kind != 4:          # 4: no such file
+        path.write_bytes(toml_config(section, rng))
+    return path
+
+
+def unblock(fifo):
+    """If a reader ever opened the FIFO it would block: open its other end after 10 s (then exit 0 shows it)."""
+    def open_writer():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:      # no reader: nothing blocks
+            pass
+    timer = threading.Timer(10, open_writer)
+    timer.start()
+    return timer
+
+
+@pytest.fixture(scope="module")
+def fresh(base):
+    """A compiled folder with no training yet, for train to start."""
+    out = base / "fresh"
+    assert CliRunner().invoke(main, ["compile", str(SHIPPED[0]), "-o", str(out), "--m", "1"]).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("i,rng", cases(3, 60), ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_mutated_configs(tmp_path, base, fresh, i, rng):
+    section = "train" if i % 3 == 0 else "compile"
+    cfg = config_path(tmp_path, section, rng)
+    shutil.copy(base / "data.npz", tmp_path / "data.npz")
+    label = f"seed {SEED} case {i}: [{section}] config"
+    timer = unblock(cfg) if cfg.is_fifo() else None
+    try:
+        if section == "compile":
+            run_case(tmp_path, ["compile", SHIPPED[i % len(SHIPPED)], "-o", tmp_path / "out", "--config", cfg,
+                                "--m", "1"], ["out"], label)
+        else:
+            out = tmp_path / "out"
+            shutil.copytree(fresh, out)
+            run_case(tmp_path, ["train", out, "--config", cfg, "--data", tmp_path / "data.npz", "--epochs", "1",
+                                "--batch", "32", "--quiet"],
+                     [f"out{os.sep}checkpoint.npz", f"out{os.sep}train_log.jsonl"], label)
+    finally:
+        if timer:
+            timer.cancel()
