@@ -95,7 +95,7 @@ def test_verify_command_prints_the_table(tmp_path):
     assert len(lines) == 1 + len(RUNTIMES)
     assert all(line.split()[2:5] == ["yes", "yes", "yes"] for line in lines[1:] if "ORT_" in line)
     bad = CliRunner().invoke(main, ["verify", str(tmp_path / "out"), "--steps", "0"])
-    assert bad.exit_code == 2 and "--steps 0" in bad.output
+    assert bad.exit_code == 2 and "'--steps': 0 is not in the range 1<=x<=1000" in bad.output
 
 
 def test_the_loop_form_runs_the_same_on_every_runtime(tmp_path):
