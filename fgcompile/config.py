@@ -35,7 +35,7 @@ else:                                       # Python 3.10
 MAX_BYTES = 2 ** 20          # a config is a few lines; a larger file is a wrong path (a model, a log)
 SECTIONS: list[str] = []     # the tables commands read, filled by option()
 NOT_OPTIONS = ("config", "help", "log_level")   # flags about the invocation, not the command's options
-INT64 = 2 ** 63              # TOML integers are 64-bit; a wider one cannot even be printed in decimal
+INT64 = 2 ** 63              # TOML integers are 64-bit (a longer hex literal may not even print in decimal)
 
 
 def read(path, section: str, params: list[click.Parameter], ctx: click.Context | None = None) -> dict:
