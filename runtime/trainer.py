@@ -76,7 +76,7 @@ class Trainer:
         return self.out / name if self.out is not None else f"the in-memory {name}"
 
     def _initial(self):
-        state, _ = checkpoint.load(self.out / LAYOUT.state, self.contract)
+        state, _ = checkpoint.load(self.out / LAYOUT.state, self.contract, self.train_sha256)
         return state, {"step": 0, "bad_steps": 0}
 
     def load_data(self, path):
@@ -175,7 +175,7 @@ class Trainer:
                "data_sha256": data_digest(x, y), "lr_numerator": self.lr_numerator}
         has_checkpoint = self.out is not None and (self.out / LAYOUT.checkpoint).exists()
         if has_checkpoint and not (resume or restart):
-            _, meta = checkpoint.load(self.out / LAYOUT.checkpoint)
+            _, meta = checkpoint.load(self.out / LAYOUT.checkpoint, self.contract, self.train_sha256)
             raise OutputError(f"{self.out}: already holds a trained checkpoint (step {meta['step']}); training "
                               "from the start would discard it. Pass --resume to continue it, or --restart to "
                               "start over (the checkpoint and train_log.jsonl are replaced).")
