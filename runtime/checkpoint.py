@@ -14,6 +14,7 @@ compile passes when it is the initial state source.onnx gives on this compile's 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -75,7 +76,17 @@ def _check_compile(path: pathlib.Path, arrays: dict, meta: dict, contract: Contr
 
 
 def _meta_ok(meta) -> bool:
-    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
-    return (isinstance(meta, dict) and count(meta.get("step")) and count(meta.get("bad_steps", 0))
+    return (isinstance(meta, dict) and _count(meta.get("step")) and _count(meta.get("bad_steps", 0))
             and isinstance(meta.get("run"), (dict, type(None)))
-            and isinstance(meta.get("train_sha256"), (str, type(None))))
+            and isinstance(meta.get("train_sha256"), (str, type(None))) and _sums_ok(meta.get("epoch_sums")))
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _sums_ok(sums) -> bool:
+    """The sums of the current epoch's metrics (steps, loss, accuracy); older checkpoints have none."""
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return sums is None or (isinstance(sums, dict) and _count(sums.get("steps")) and real(sums.get("loss"))
+                            and real(sums.get("accuracy")))

@@ -31,6 +31,7 @@ from fgcompile.spec import SCHEDULES, RunDefaults
 LOGGER = logging.getLogger("fgcompile.train")
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
 RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs", "lr_numerator")
+NO_SUMS = {"steps": 0, "loss": 0.0, "accuracy": 0.0}   # of an epoch's good steps; the checkpoint carries them
 
 
 class Trainer:
@@ -131,23 +132,25 @@ class Trainer:
         (x, y), (xv, yv), batch = self._begin(data, val, epochs, batch, schedule, resume, restart, allow_changed_run)
         per_epoch = len(y) // batch
         start, total = self.meta["step"], epochs * per_epoch
-        history, window = [], []
+        self._carry_epoch(start, per_epoch)
+        history = []
         bar = _progress(total, start, progress)
         t0 = time.perf_counter()
         for step, epoch, last_of_epoch, idx in _batch_order(self.spec.seed, len(y), batch, per_epoch, start, total):
             metrics = self._step(x[idx], y[idx], step, self.lr_numerator_at(step, total, schedule), max_bad_steps)
             if metrics is not None:
-                window.append(metrics)
+                sums = self.meta["epoch_sums"]
+                sums.update(steps=sums["steps"] + 1, loss=sums["loss"] + metrics[0],
+                            accuracy=sums["accuracy"] + metrics[1])
             self.meta["step"] = step + 1
             if bar is not None:
                 bar.update(1)
-                if window:
-                    bar.set_postfix(loss=f"{window[-1][0]:.3f}", acc=f"{window[-1][1]:.2f}")
+                if metrics is not None:
+                    bar.set_postfix(loss=f"{metrics[0]:.3f}", acc=f"{metrics[1]:.2f}")
+            if last_of_epoch:   # before its checkpoint: a resume from that checkpoint never replays the epoch
+                history.append(self._end_epoch(epoch, step, time.perf_counter() - t0, xv, yv))
             if (step + 1) % checkpoint_every == 0 or step + 1 == total:
                 self._save(step + 1)
-            if last_of_epoch:
-                history.append(self._end_epoch(epoch, step, window, time.perf_counter() - t0, xv, yv))
-                window = []
             if stop_after is not None and step + 1 - start >= stop_after:
                 break
         if bar is not None:
@@ -208,12 +211,24 @@ class Trainer:
                                  "values or lower --lr.")
         return None
 
-    def _end_epoch(self, epoch: int, step: int, window: list, seconds: float, xv, yv) -> dict:
-        """The epoch's record (train metrics over its good steps, validation when given), logged and
-        appended to OUT/train_log.jsonl."""
+    def _carry_epoch(self, start: int, per_epoch: int) -> None:
+        """Start the sums of the epoch's metrics: empty at an epoch's first step, else the checkpoint's (the
+        steps before the resume), so a resumed epoch logs what an uninterrupted one does."""
+        if start % per_epoch == 0 or "epoch_sums" not in self.meta:
+            if start % per_epoch:
+                self.notes.append(f"epoch {start // per_epoch + 1}'s train_loss and train_accuracy cover its steps "
+                                  f"from {start} on only: the checkpoint (from an older fgcompile) does not carry "
+                                  "the metrics of its earlier steps")
+            self.meta["epoch_sums"] = dict(NO_SUMS)
+
+    def _end_epoch(self, epoch: int, step: int, seconds: float, xv, yv) -> dict:
+        """The epoch's record (train metrics: the mean over its good steps, validation when given), logged
+        and appended to OUT/train_log.jsonl; the epoch's sums start again."""
+        sums, self.meta["epoch_sums"] = self.meta["epoch_sums"], dict(NO_SUMS)
+        n = sums["steps"]
         record = {"epoch": epoch + 1, "step": step + 1, "bad_steps": self.meta["bad_steps"],
-                  "train_loss": float(np.mean([w[0] for w in window])) if window else None,
-                  "train_accuracy": float(np.mean([w[1] for w in window])) if window else None,
+                  "train_loss": sums["loss"] / n if n else None,
+                  "train_accuracy": sums["accuracy"] / n if n else None,
                   "seconds": round(seconds, 3)}
         if xv is not None:
             v = self.evaluate(xv, yv)
