@@ -6,7 +6,7 @@ import pathlib
 from fgcompile import folder, modelio
 from fgcompile.artifact import LAYOUT
 from fgcompile.errors import ModelError
-from .data import load_data, load_inputs
+from .data import read
 from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, running
 from .metrics import score
 from .trainer import latest_state, session_of
@@ -32,11 +32,7 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
         sess, state = session_of(model, target, session=session), {}
     names = [i.name for i in sess.get_inputs() if i.name not in state]
     data_input = sess.get_inputs()[0]
-    if isinstance(data, tuple):
-        x, y = data
-    elif len(names) > 1:   # one .npz array per data input
-        x, y = load_inputs(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess))
-    else:
-        x, y = load_data(data, data_input.shape, class_count(sess), input_dtype(sess, data_input.name))
+    x, y = read(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess),
+                "evaluate(data)")
     with running(target / LAYOUT.eval if target.is_dir() else target):
         return score(sess, data_input.name, x, y, state, batch)

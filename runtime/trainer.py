@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import pathlib
 import time
@@ -20,10 +21,10 @@ import numpy as np
 import onnx
 
 from fgcompile import folder, modelio, validate
-from fgcompile.artifact import LAYOUT, Contract
+from fgcompile.artifact import LAYOUT, Compiled, Contract
 from fgcompile.errors import DataError, FgcompileError, ModelError, OutputError, SpecError
 from . import checkpoint, tune
-from .data import data_digest, feeds, load_data, load_inputs
+from .data import data_digest, feeds, read
 from .metrics import score
 from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
 from fgcompile.spec import SCHEDULES, RunDefaults
@@ -39,6 +40,9 @@ class Trainer:
     compile_model (nothing written; `state` holds the weights, `export_model` takes the trainer)."""
 
     def __init__(self, out_dir, threads: int = 0, session: SessionSettings | None = None):
+        if not isinstance(out_dir, (str, os.PathLike, Compiled)):
+            raise SpecError(f"Trainer({out_dir!r:.60}): takes a compiled folder (a path) or the result of "
+                            f"fgcompile.compile_model; got {type(out_dir).__name__}.")
         session = session or SessionSettings(threads=threads)
         self.compiled = None if isinstance(out_dir, (str, os.PathLike)) else out_dir
         if self.compiled is not None:
@@ -80,15 +84,14 @@ class Trainer:
         state, _ = checkpoint.load(self.out / LAYOUT.state, self.contract, self.train_sha256)
         return state, {"step": 0, "bad_steps": 0}
 
-    def load_data(self, path):
-        names = self.contract.data_inputs
-        if len(names) > 1:
-            return load_inputs(path, {n: (input_shape(self.eval_sess, n), input_dtype(self.eval_sess, n))
-                                      for n in names}, self.classes)
-        return load_data(path, self.data_shape, self.classes, input_dtype(self.eval_sess, self.io.data))
+    def load_data(self, data, where: str = "data"):
+        """(x, y) of a .npz path, or of (x, y) given in memory, checked against the model's data inputs."""
+        inputs = {n: (input_shape(self.eval_sess, n), input_dtype(self.eval_sess, n)) for n in self.contract.data_inputs}
+        return read(data, inputs, self.classes, where)
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
+        x, y = self.load_data((x, y), "evaluate(x, y)")
         with running(self._path(LAYOUT.eval)):
             return score(self.eval_sess, self.io.data, x, y, self.state, batch)
 
@@ -112,8 +115,12 @@ class Trainer:
         if schedule is not None and schedule not in SCHEDULES:
             raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
         for flag, value in (("--epochs", epochs), ("--batch", batch), ("--checkpoint-every", checkpoint_every)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise SpecError(f"fit({flag[2:].replace('-', '_')}={value!r:.40}): takes a whole number of at least 1.")
             if value < 1:
                 raise SpecError(f"{flag} {value}: must be at least 1.")
+        if lr is not None and (not isinstance(lr, numbers.Real) or isinstance(lr, bool)):
+            raise SpecError(f"fit(lr={lr!r:.40}): takes a rate in LSBs per unit of ĝ (a number), or None.")
         if resume and restart:
             raise SpecError("--resume and --restart contradict each other: pass one.")
         if self.out is None:                   # in memory: no folder, no checkpoint, nothing to resume
@@ -164,8 +171,8 @@ class Trainer:
             if os.path.lexists(self.out / name) and not (self.out / name).is_file():
                 raise OutputError(f"{self.out / name}: is not a regular file (a folder or special file); "
                                   f"train writes its {name} there. Move it away.")
-        x, y = self.load_data(data) if not isinstance(data, tuple) else data
-        xv, yv = (self.load_data(val) if not isinstance(val, tuple) else val) if val is not None else (None, None)
+        x, y = self.load_data(data, "fit(data)")
+        xv, yv = self.load_data(val, "fit(val)") if val is not None else (None, None)
         fixed_batch = self.data_shape[0] if isinstance(self.data_shape[0], int) else None
         if fixed_batch is not None and len(y) < fixed_batch:
             raise DataError(f"{data}: holds {len(y)} examples, fewer than the model's fixed batch of {fixed_batch}. "

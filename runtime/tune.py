@@ -92,7 +92,7 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
     seed = trainer.spec.seed if seed is None else seed
     if not 0 <= seed < 2 ** 32 - seeds:
         raise SpecError(f"--seed {seed}: must be in [0, 2**32 - {seeds}) (one seed per trial).")
-    x, y = trainer.load_data(data) if not isinstance(data, tuple) else data
+    x, y = trainer.load_data(data, "tune(data)")
     if len(y) and (y == y[0]).all():
         raise DataError(f"{data if not isinstance(data, tuple) else 'the data'}: all {len(y)} labels are class "
                         f"{y[0]}; a rate chosen on one class is meaningless (every rate that keeps predicting it "
