@@ -11,35 +11,14 @@ import textwrap
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import fgcompile
 from conftest import MODELS
-from fgcompile.cli import main
 from fgcompile.errors import FgcompileError
 from fgcompile.runtime import checkpoint
+from test_bad_input_catalogue import CNN, TRAIN, invoke, refused, snapshot
 
-CNN = MODELS / "digits_cnn" / "w8a8.onnx"
-TRAIN = MODELS / "data" / "digits_target_train.npz"
 TEST = MODELS / "data" / "digits_target_test.npz"
-
-
-def invoke(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in r.output and not isinstance(r.exception, (AttributeError, TypeError, KeyError)), r.output
-    return r
-
-
-def refused(r, message):
-    assert r.exit_code == 2, r.output
-    assert message in r.output, r.output
-    assert len(r.output.strip().splitlines()) == 1, r.output   # one paragraph
-
-
-def snapshot(folder):
-    """Every file under folder with its bytes (the lock file holds the pid of the last run: not content)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".fgcompile.lock"}
 
 
 @pytest.fixture(scope="module")
