@@ -294,8 +294,8 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @click.option("--seeds", default=RunDefaults.seeds, show_default=True,
               help="Runs per rate and fold (seeds S, S+1, …); scores are their mean.")
 @click.option("--folds", type=int, default=None,
-              help=f"K-fold cross-validation: every example validates once, K runs per rate and seed "
-                   f"[{RunDefaults.folds}; 1 with --holdout].")
+              help=f"K-fold cross-validation (K >= 2): every example validates once, K runs per rate and seed "
+                   f"[{RunDefaults.folds}; none with --holdout].")
 @click.option("--holdout", type=float, default=None,
               help=f"Validate on one held-out share of --data instead (e.g. {RunDefaults.holdout}): one run per "
                    "rate and seed.")

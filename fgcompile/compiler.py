@@ -12,10 +12,11 @@ import pathlib
 import numpy as np
 import onnx
 
-from fgcompile import folder, modelio
+from fgcompile import folder, modelio, validate
 from fgcompile.artifact import LAYOUT, Compiled
 from fgcompile.errors import ModelError, wrong_type
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime import checkpoint
 from fgcompile.spec import TrainSpec
 
 
@@ -50,6 +51,8 @@ def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path
     with folder.staged(out, "compiled", source_path) as staging:
         modelio.save_model(compiled.train, staging / LAYOUT.train)
         modelio.save_model(compiled.eval, staging / LAYOUT.eval)
-        modelio.save_npz(staging / LAYOUT.state, compiled.state)
+        # the state records its train.onnx as a checkpoint does: another compile's is refused on load
+        checkpoint.save(staging / LAYOUT.state, compiled.state,
+                        {"step": 0, "train_sha256": validate.file_sha256(staging / LAYOUT.train)})
         modelio.save_model(compiled.source, staging / LAYOUT.source)
     return out

@@ -5,11 +5,13 @@ array per input, named as the input (e.g. input_ids, attention_mask), plus `y` (
 Compact files may store `x` as integer codes with a float `x_scale` (and optional `x_offset`): the input
 is then x_offset + x_scale * x in float32 (the shipped keyword-spotting features are uint8 this way).
 
-load_data validates against the model's input shape and class count and says what to fix.
+load_data validates against the model's input shape and class count and says what to fix; `read` checks
+(x, y) given in memory (the Python API) the same way.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 
 import numpy as np
@@ -27,12 +29,6 @@ def load_data(path, input_shape: list | None = None, classes: int | None = None,
     arrays = npzfile.read_npz(path, ["x", "y"], "data file (.npz with arrays x and y)",
                               "Save inputs as x and integer class labels as y: " + FIX, optional=("x_scale", "x_offset"))
     return _checked(path, arrays, input_shape, classes, dtype, "x")
-
-
-def check_arrays(where: str, x, y, input_shape: list | None = None, classes: int | None = None,
-                 dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """In-memory (x, y) given to the Python API, checked as a data file's arrays are."""
-    return _checked(where, {"x": np.asarray(x), "y": np.asarray(y)}, input_shape, classes, dtype, "x")
 
 
 def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +95,51 @@ def load_inputs(path, inputs: dict, classes: int | None = None) -> tuple[Inputs,
     arrays = npzfile.read_npz(path, names + ["y"], f"data file (.npz with arrays {', '.join(names)} and y)",
                               f"Save one array per model input, named as the input, and the labels as y: "
                               f"numpy.savez(path, {'=..., '.join(names)}=..., y=...).")
+    return _checked_inputs(path, arrays, arrays["y"], inputs, classes)
+
+
+def _checked_inputs(where, xs: dict, y, inputs: dict, classes) -> tuple[Inputs, np.ndarray]:
     checked = {}
     for name, (shape, dtype) in inputs.items():
-        x, y = _checked(path, {"x": arrays[name], "y": arrays["y"]}, shape, classes, dtype, name)
-        checked[name] = x
+        checked[name], y = _checked(where, {"x": xs[name], "y": y}, shape, classes, dtype, name)
     return Inputs(checked), y
+
+
+def read(data, inputs: dict, classes: int | None, where: str):
+    """(x, y) of `data`, checked against the model's data inputs (name -> (shape, dtype)): the path of a
+    .npz, or (x, y) in memory, checked as a file's arrays are (x: an array, or a dict of one array per input
+    for a model with several). `where` names the argument in messages, e.g. "fit(data)"."""
+    if isinstance(data, (str, os.PathLike)):
+        if len(inputs) > 1:
+            return load_inputs(data, inputs, classes)
+        (shape, dtype), = inputs.values()
+        return load_data(data, shape, classes, dtype)
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Inputs):
+        return data                   # slices of inputs checked when they were read (tune's folds)
+    several = len(inputs) > 1
+    if not (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], dict if several else np.ndarray)
+            and isinstance(data[1], np.ndarray)):
+        raise _not_arrays(data, inputs, where)
+    if not several:
+        (shape, dtype), = inputs.values()
+        return _checked(where, {"x": data[0], "y": data[1]}, shape, classes, dtype, "x")
+    missing = [n for n in inputs if not isinstance(data[0].get(n), np.ndarray)]
+    if missing:
+        raise DataError(f"{where}: x has no array for the model input {missing[0]!r}; pass one array per input "
+                        f"({', '.join(inputs)}).")
+    return _checked_inputs(where, data[0], data[1], inputs, classes)
+
+
+def _not_arrays(data, inputs: dict, where: str) -> DataError:
+    got = (f"({', '.join(type(a).__name__ for a in data)})" if isinstance(data, tuple) and len(data) == 2
+           else f"a tuple of {len(data)}" if isinstance(data, tuple) else type(data).__name__)
+    if len(inputs) > 1:
+        x, fix = (f"a dict of one array per input ({', '.join(inputs)})",
+                  "Pass x as {" + ", ".join(f"{n!r}: array" for n in inputs) + "}.")
+    else:
+        x, fix = "an array", "Convert them with numpy.asarray."
+    return DataError(f"{where}: takes the path of a .npz data file, or a tuple (x, y) of numpy arrays (x {x}, y the "
+                     f"int64 labels); got {got}. {fix}")
 
 
 def data_digest(x, y: np.ndarray) -> str:

@@ -7,7 +7,7 @@ import pathlib
 from fgcompile import folder, modelio
 from fgcompile.artifact import LAYOUT
 from fgcompile.errors import ModelError, SpecError, wrong_type
-from .data import Inputs, check_arrays, load_data, load_inputs
+from .data import read
 from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, running
 from .metrics import score
 from .trainer import latest_state, session_of
@@ -35,15 +35,8 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
         sess, state = session_of(model, target, session=session), {}
     names = [i.name for i in sess.get_inputs() if i.name not in state]
     data_input = sess.get_inputs()[0]
-    if isinstance(data, tuple) and isinstance(data[0], Inputs):
-        x, y = data
-    elif isinstance(data, tuple):
-        x, y = check_arrays("evaluate(data=(x, y))", *data, data_input.shape, class_count(sess),
-                            input_dtype(sess, data_input.name))
-    elif len(names) > 1:   # one .npz array per data input
-        x, y = load_inputs(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess))
-    else:
-        x, y = load_data(data, data_input.shape, class_count(sess), input_dtype(sess, data_input.name))
+    x, y = read(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess),
+                "evaluate(data)")
     with running(target / LAYOUT.eval if target.is_dir() else target):
         return score(sess, data_input.name, x, y, state, batch)
 
@@ -52,8 +45,6 @@ def _check_arguments(model_or_out, data, batch, session) -> None:
     if not isinstance(model_or_out, (str, os.PathLike)):
         raise wrong_type("evaluate(model_or_out=…)", "the path of an .onnx model or of a compiled folder",
                          model_or_out, ModelError)
-    if not (isinstance(data, (str, os.PathLike)) or isinstance(data, tuple) and len(data) == 2):
-        raise wrong_type("evaluate(data=…)", "the path of an .npz holding x and y, or a tuple (x, y) of arrays", data)
     if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
         raise SpecError(f"evaluate(batch={batch!r}): takes a positive int, the examples per run.")
     if session is not None and not isinstance(session, SessionSettings):

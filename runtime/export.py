@@ -125,9 +125,9 @@ def export_model(out_dir, path) -> dict:
         protected[folder.marker(out)["source"]] = f"the model {out} was compiled from"
     modelio.check_output_file(path, protected)
     modelio.remove_stale_temps(path.parent)
-    train, contract, _ = open_train_graph(out)
+    train, contract, train_sha256 = open_train_graph(out)
     model = modelio.load_model(out / LAYOUT.source)
-    initial, _ = checkpoint.load(out / LAYOUT.state, contract)
+    initial, _ = checkpoint.load(out / LAYOUT.state, contract, train_sha256)
     inits = validate.check_source(model, initial, contract, out / LAYOUT.source)
     report = write_state(model, inits, contract, latest_state(out, contract), matrices(train, contract),
                          out / LAYOUT.source)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import pathlib
 import time
@@ -20,10 +21,10 @@ import numpy as np
 import onnx
 
 from fgcompile import folder, modelio, validate
-from fgcompile.artifact import LAYOUT, Contract
+from fgcompile.artifact import LAYOUT, Compiled, Contract
 from fgcompile.errors import DataError, FgcompileError, ModelError, OutputError, SpecError
 from . import checkpoint, tune
-from .data import data_digest, feeds, load_data, load_inputs
+from .data import data_digest, feeds, read
 from .metrics import score
 from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, make_session, running
 from fgcompile.spec import SCHEDULES, RunDefaults
@@ -31,6 +32,7 @@ from fgcompile.spec import SCHEDULES, RunDefaults
 LOGGER = logging.getLogger("fgcompile.train")
 # run settings a bit-identical resume needs unchanged (epochs only matters to the cosine schedule)
 RESUME_KEYS = ("batch", "examples", "data_sha256", "schedule", "epochs", "lr_numerator")
+NO_SUMS = {"steps": 0, "loss": 0.0, "accuracy": 0.0}   # of an epoch's good steps; the checkpoint carries them
 
 
 class Trainer:
@@ -38,6 +40,9 @@ class Trainer:
     compile_model (nothing written; `state` holds the weights, `export_model` takes the trainer)."""
 
     def __init__(self, out_dir, threads: int = 0, session: SessionSettings | None = None):
+        if not isinstance(out_dir, (str, os.PathLike, Compiled)):
+            raise SpecError(f"Trainer({out_dir!r:.60}): takes a compiled folder (a path) or the result of "
+                            f"fgcompile.compile_model; got {type(out_dir).__name__}.")
         session = session or SessionSettings(threads=threads)
         self.compiled = None if isinstance(out_dir, (str, os.PathLike)) else out_dir
         if self.compiled is not None:
@@ -76,18 +81,17 @@ class Trainer:
         return self.out / name if self.out is not None else f"the in-memory {name}"
 
     def _initial(self):
-        state, _ = checkpoint.load(self.out / LAYOUT.state, self.contract)
+        state, _ = checkpoint.load(self.out / LAYOUT.state, self.contract, self.train_sha256)
         return state, {"step": 0, "bad_steps": 0}
 
-    def load_data(self, path):
-        names = self.contract.data_inputs
-        if len(names) > 1:
-            return load_inputs(path, {n: (input_shape(self.eval_sess, n), input_dtype(self.eval_sess, n))
-                                      for n in names}, self.classes)
-        return load_data(path, self.data_shape, self.classes, input_dtype(self.eval_sess, self.io.data))
+    def load_data(self, data, where: str = "data"):
+        """(x, y) of a .npz path, or of (x, y) given in memory, checked against the model's data inputs."""
+        inputs = {n: (input_shape(self.eval_sess, n), input_dtype(self.eval_sess, n)) for n in self.contract.data_inputs}
+        return read(data, inputs, self.classes, where)
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
+        x, y = self.load_data((x, y), "evaluate(x, y)")
         with running(self._path(LAYOUT.eval)):
             return score(self.eval_sess, self.io.data, x, y, self.state, batch)
 
@@ -111,8 +115,12 @@ class Trainer:
         if schedule is not None and schedule not in SCHEDULES:
             raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
         for flag, value in (("--epochs", epochs), ("--batch", batch), ("--checkpoint-every", checkpoint_every)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise SpecError(f"fit({flag[2:].replace('-', '_')}={value!r:.40}): takes a whole number of at least 1.")
             if value < 1:
                 raise SpecError(f"{flag} {value}: must be at least 1.")
+        if lr is not None and (not isinstance(lr, numbers.Real) or isinstance(lr, bool)):
+            raise SpecError(f"fit(lr={lr!r:.40}): takes a rate in LSBs per unit of ĝ (a number), or None.")
         if resume and restart:
             raise SpecError("--resume and --restart contradict each other: pass one.")
         if self.out is None:                   # in memory: no folder, no checkpoint, nothing to resume
@@ -131,23 +139,25 @@ class Trainer:
         (x, y), (xv, yv), batch = self._begin(data, val, epochs, batch, schedule, resume, restart, allow_changed_run)
         per_epoch = len(y) // batch
         start, total = self.meta["step"], epochs * per_epoch
-        history, window = [], []
+        self._carry_epoch(start, per_epoch)
+        history = []
         bar = _progress(total, start, progress)
         t0 = time.perf_counter()
         for step, epoch, last_of_epoch, idx in _batch_order(self.spec.seed, len(y), batch, per_epoch, start, total):
             metrics = self._step(x[idx], y[idx], step, self.lr_numerator_at(step, total, schedule), max_bad_steps)
             if metrics is not None:
-                window.append(metrics)
+                sums = self.meta["epoch_sums"]
+                sums.update(steps=sums["steps"] + 1, loss=sums["loss"] + metrics[0],
+                            accuracy=sums["accuracy"] + metrics[1])
             self.meta["step"] = step + 1
             if bar is not None:
                 bar.update(1)
-                if window:
-                    bar.set_postfix(loss=f"{window[-1][0]:.3f}", acc=f"{window[-1][1]:.2f}")
+                if metrics is not None:
+                    bar.set_postfix(loss=f"{metrics[0]:.3f}", acc=f"{metrics[1]:.2f}")
+            if last_of_epoch:   # before its checkpoint: a resume from that checkpoint never replays the epoch
+                history.append(self._end_epoch(epoch, step, time.perf_counter() - t0, xv, yv))
             if (step + 1) % checkpoint_every == 0 or step + 1 == total:
                 self._save(step + 1)
-            if last_of_epoch:
-                history.append(self._end_epoch(epoch, step, window, time.perf_counter() - t0, xv, yv))
-                window = []
             if stop_after is not None and step + 1 - start >= stop_after:
                 break
         if bar is not None:
@@ -161,8 +171,8 @@ class Trainer:
             if os.path.lexists(self.out / name) and not (self.out / name).is_file():
                 raise OutputError(f"{self.out / name}: is not a regular file (a folder or special file); "
                                   f"train writes its {name} there. Move it away.")
-        x, y = self.load_data(data) if not isinstance(data, tuple) else data
-        xv, yv = (self.load_data(val) if not isinstance(val, tuple) else val) if val is not None else (None, None)
+        x, y = self.load_data(data, "fit(data)")
+        xv, yv = self.load_data(val, "fit(val)") if val is not None else (None, None)
         fixed_batch = self.data_shape[0] if isinstance(self.data_shape[0], int) else None
         if fixed_batch is not None and len(y) < fixed_batch:
             raise DataError(f"{data}: holds {len(y)} examples, fewer than the model's fixed batch of {fixed_batch}. "
@@ -175,7 +185,7 @@ class Trainer:
                "data_sha256": data_digest(x, y), "lr_numerator": self.lr_numerator}
         has_checkpoint = self.out is not None and (self.out / LAYOUT.checkpoint).exists()
         if has_checkpoint and not (resume or restart):
-            _, meta = checkpoint.load(self.out / LAYOUT.checkpoint)
+            _, meta = checkpoint.load(self.out / LAYOUT.checkpoint, self.contract, self.train_sha256)
             raise OutputError(f"{self.out}: already holds a trained checkpoint (step {meta['step']}); training "
                               "from the start would discard it. Pass --resume to continue it, or --restart to "
                               "start over (the checkpoint and train_log.jsonl are replaced).")
@@ -208,12 +218,24 @@ class Trainer:
                                  "values or lower --lr.")
         return None
 
-    def _end_epoch(self, epoch: int, step: int, window: list, seconds: float, xv, yv) -> dict:
-        """The epoch's record (train metrics over its good steps, validation when given), logged and
-        appended to OUT/train_log.jsonl."""
+    def _carry_epoch(self, start: int, per_epoch: int) -> None:
+        """Start the sums of the epoch's metrics: empty at an epoch's first step, else the checkpoint's (the
+        steps before the resume), so a resumed epoch logs what an uninterrupted one does."""
+        if start % per_epoch == 0 or "epoch_sums" not in self.meta:
+            if start % per_epoch:
+                self.notes.append(f"epoch {start // per_epoch + 1}'s train_loss and train_accuracy cover its steps "
+                                  f"from {start} on only: the checkpoint (from an older fgcompile) does not carry "
+                                  "the metrics of its earlier steps")
+            self.meta["epoch_sums"] = dict(NO_SUMS)
+
+    def _end_epoch(self, epoch: int, step: int, seconds: float, xv, yv) -> dict:
+        """The epoch's record (train metrics: the mean over its good steps, validation when given), logged
+        and appended to OUT/train_log.jsonl; the epoch's sums start again."""
+        sums, self.meta["epoch_sums"] = self.meta["epoch_sums"], dict(NO_SUMS)
+        n = sums["steps"]
         record = {"epoch": epoch + 1, "step": step + 1, "bad_steps": self.meta["bad_steps"],
-                  "train_loss": float(np.mean([w[0] for w in window])) if window else None,
-                  "train_accuracy": float(np.mean([w[1] for w in window])) if window else None,
+                  "train_loss": sums["loss"] / n if n else None,
+                  "train_accuracy": sums["accuracy"] / n if n else None,
                   "seconds": round(seconds, 3)}
         if xv is not None:
             v = self.evaluate(xv, yv)

@@ -74,10 +74,13 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
          seeds: int = RunDefaults.seeds, holdout: float | None = None, seed: int | None = None,
          echo=None, schedule: str = RunDefaults.schedule, folds: int | None = None) -> dict:
     """Try every rate of the grid under `schedule` (each rate the peak of a cosine one) on held-out parts
-    of `data` (a path, or (x, y)): each of `folds` folds in turn (default RunDefaults.folds; 1 when a
-    `holdout` share is given), or that share. Return the record; a Trainer of a compiled folder also
+    of `data` (a path, or (x, y)): each of `folds` >= 2 folds in turn (default RunDefaults.folds), or a
+    `holdout` share of it. Data whose labels are all one class is refused. Return the record; a Trainer of a compiled folder also
     writes it to OUT/tune.json (under the folder's lock). The trainer's own state is not changed. echo:
     called with one progress line per rate."""
+    if folds is not None and folds < 2:   # one "fold" validates nothing it did not fit: it would be a holdout
+        raise SpecError(f"--folds {folds}: must be at least 2 (or use --holdout F for one split, e.g. --holdout "
+                        f"{RunDefaults.holdout}).")
     folds = (1 if holdout is not None else RunDefaults.folds) if folds is None else folds
     if folds > 1 and holdout is not None:
         raise SpecError(f"--holdout {holdout:g} with --folds {folds}: K folds each hold out 1/K of the data; "
@@ -89,7 +92,11 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
     seed = trainer.spec.seed if seed is None else seed
     if not 0 <= seed < 2 ** 32 - seeds:
         raise SpecError(f"--seed {seed}: must be in [0, 2**32 - {seeds}) (one seed per trial).")
-    x, y = trainer.load_data(data) if not isinstance(data, tuple) else data
+    x, y = trainer.load_data(data, "tune(data)")
+    if len(y) and (y == y[0]).all():
+        raise DataError(f"{data if not isinstance(data, tuple) else 'the data'}: all {len(y)} labels are class "
+                        f"{y[0]}; a rate chosen on one class is meaningless (every rate that keeps predicting it "
+                        "scores the same). Tune on training data with at least two classes, or pass --lr to train.")
     splits = [split(len(y), seed, holdout)] if folds == 1 else fold_splits(len(y), seed, folds)
     fixed = trainer.data_shape[0] if isinstance(trainer.data_shape[0], int) else None
     fit, val = min(len(f) for f, _ in splits), min(len(v) for _, v in splits)
@@ -123,7 +130,7 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
 
 
 def _check_budget(epochs: int, batch: int, seeds: int, holdout: float, folds: int) -> None:
-    for flag, value in (("--epochs", epochs), ("--batch", batch), ("--seeds", seeds), ("--folds", folds)):
+    for flag, value in (("--epochs", epochs), ("--batch", batch), ("--seeds", seeds)):
         if value < 1:
             raise SpecError(f"{flag} {value}: must be at least 1.")
     if seeds > 16:

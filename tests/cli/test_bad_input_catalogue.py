@@ -386,7 +386,13 @@ def test_edited_contract(tmp_path, out, case):
 
 def test_bias_widening_flipped_is_caught_by_the_source_check(tmp_path, out):
     import json
+    from fgcompile import validate
+    from fgcompile.runtime import checkpoint
     set_contract(out, lambda c: json.dumps({**c, "state": [c["state"][0], {**c["state"][1], "widened": False}]}))
+    refused(invoke("eval", out, "--data", TRAIN), "state.npz: belongs to another compile")   # train.onnx changed
+    # bound to the edited train.onnx, the state passes that check and the source check catches the edit
+    checkpoint.save(out / "state.npz", checkpoint.load(out / "state.npz")[0],
+                    {"step": 0, "train_sha256": validate.file_sha256(out / "train.onnx")})
     refused(invoke("export", out, "-o", tmp_path / "a.onnx"), "does not match the contract")
     assert not (tmp_path / "a.onnx").exists()
 

@@ -148,7 +148,7 @@ BAD = {
     "wrong shape": (lambda tmp: ["--data", MODELS / "data" / "kws_target_train.npz"], "the model input is"),
     "holdout and folds": (lambda tmp: ["--data", TRAIN, "--holdout", 0.3, "--folds", 5],
                           "--holdout 0.3 with --folds 5: K folds each hold out 1/K of the data; pass one"),
-    "zero folds": (lambda tmp: ["--data", TRAIN, "--folds", 0], "--folds 0: must be at least 1"),
+    "zero folds": (lambda tmp: ["--data", TRAIN, "--folds", 0], "--folds 0: must be at least 2"),
     "folds too small": (lambda tmp: ["--data", small(tmp), "--folds", 5],
                         "holds 40 examples; --folds 5 leaves 32 to fit and 8 to validate"),
 }

@@ -34,7 +34,8 @@ def test_trainer_skips_and_counts_bad_steps(tmp_path):
     compiled = compile_model(source, TrainSpec())
     write_compiled(compiled, tmp_path / "o")
     x = X.copy()
-    x[:32] = np.inf  # batch 64 = all the data: every step sees the bad samples
+    x[:32] = np.finfo(np.float32).max  # finite (data with NaN/Inf is refused) but overflows the float path;
+    # batch 64 = all the data: every step sees the bad samples
     t = Trainer(tmp_path / "o")
     t.fit((x, Y), epochs=3, batch=64, progress=False)
     assert t.meta["bad_steps"] == 3

@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from conftest import MODELS, shipped
+from fgcompile import validate
 from fgcompile.cli import main
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.runtime import checkpoint
@@ -116,7 +117,8 @@ def test_headroom_lets_weights_grow_and_export_refits_their_scale(tmp_path):
     grown = state[s.name].copy()
     grown[0, 0] = s.qmax                         # 4x the int8 range on row 0
     state[s.name] = grown
-    checkpoint.save(out / "checkpoint.npz", state, {"step": 1, "bad_steps": 0})
+    checkpoint.save(out / "checkpoint.npz", state, {"step": 1, "bad_steps": 0,   # as train writes it: bound to train.onnx
+                                                    "train_sha256": validate.file_sha256(out / "train.onnx")})
     report = export_model(out, tmp_path / "a.onnx")
     adapted = onnx.load(tmp_path / "a.onnx")
     new = {i.name: numpy_helper.to_array(i) for i in adapted.graph.initializer}
