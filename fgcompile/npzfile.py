@@ -61,7 +61,13 @@ def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, fail) -> n
         if version not in ((1, 0), (2, 0), (3, 0)):
             raise fail(f"array {key!r} has an unknown .npy format version {version}")
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(f, max_header_size=10000)
+        try:
+            shape, fortran, dtype = reader(f, max_header_size=10000)
+        except Exception as exc:  # numpy parses the header as a Python literal: SyntaxError, tokenize's
+            # TokenError, ValueError, MemoryError, RecursionError, ... all mean a corrupt header
+            raise fail(f"not a readable .npz (array {key!r} has a corrupt .npy header: {type(exc).__name__})") from None
+        if any(d < 0 for d in shape):
+            raise fail(f"not a readable .npz (array {key!r} declares a negative shape {list(shape)})")
         if dtype.hasobject:
             raise fail(f"array {key!r} holds Python objects (dtype {dtype}); store plain numbers")
         declared = int(np.prod(shape, dtype=object)) * dtype.itemsize

@@ -46,7 +46,8 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
                         "or store integer codes with a scalar x_scale (and x_offset) beside them.")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integer class indices (int64).")
-    x, y = x.astype(dtype, copy=False), y.astype(np.int64, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):   # past float32's range: Inf, refused below by name
+        x, y = x.astype(dtype, copy=False), y.astype(np.int64, copy=False)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{path}: y has shape {list(y.shape)} but {x_name} holds {len(x)} samples; y must be [{len(x)}].")
     if len(y) == 0:
@@ -58,7 +59,8 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
                             f"(first axis: batch). Reshape {x_name} to match.")
     if np.issubdtype(dtype, np.floating) and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
-        raise DataError(f"{path}: {x_name} holds NaN or Inf in {bad} samples. Clean or drop them.")
+        raise DataError(f"{path}: {x_name} holds NaN or Inf in {bad} samples (values past float32's range, "
+                        "about ±3.4e38, count as Inf). Clean or drop them.")
     if classes is not None and (y.min() < 0 or y.max() >= classes):
         raise DataError(f"{path}: labels range over [{y.min()}, {y.max()}] but the model has {classes} "
                         f"classes (0..{classes - 1}). Fix y.")
@@ -120,4 +122,5 @@ def decode_x(path, arrays: dict) -> np.ndarray:
         raise DataError(f"{path}: x_scale/x_offset need integer codes in x (found {x.dtype}) and float scalars "
                         f"(found shapes {np.shape(scale)} and {np.shape(offset)}). Store x as uint8 or int16 codes "
                         "with x_scale and x_offset as float32 scalars, or store x as float32 alone.")
-    return (np.float32(offset) + np.float32(scale) * x.astype(np.float32)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):   # Inf past float32's range: _checked names it
+        return (np.float32(offset) + np.float32(scale) * x.astype(np.float32)).astype(np.float32)
