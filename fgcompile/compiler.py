@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 import onnx
 
 from fgcompile import folder, modelio
 from fgcompile.artifact import LAYOUT, Compiled
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.runtime import data
 from fgcompile.spec import TrainSpec
 
 
@@ -21,6 +23,8 @@ def compile_model(model, spec: TrainSpec | None = None, calibration=None) -> Com
     `calibration`: float32 model inputs (e.g. the training data's x) for --precondition."""
     if not isinstance(model, onnx.ModelProto):
         model = modelio.load_model(model)
+    if calibration is not None:   # before any pass: a wrong shape would fail inside precondition's session
+        data.check_shape("calibration inputs", np.asarray(calibration), data.model_input(model))
     return compile_graph(model, spec or TrainSpec(), calibration)
 
 

@@ -52,11 +52,7 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
         raise DataError(f"{path}: y has shape {list(y.shape)} but {x_name} holds {len(x)} samples; y must be [{len(x)}].")
     if len(y) == 0:
         raise DataError(f"{path}: holds no samples.")
-    if input_shape is not None:
-        fixed = [(i, d) for i, d in enumerate(input_shape[1:], start=1) if isinstance(d, int) and d > 0]
-        if x.ndim != len(input_shape) or any(x.shape[i] != d for i, d in fixed):
-            raise DataError(f"{path}: {x_name} has shape {list(x.shape)} but the model input is {input_shape} "
-                            f"(first axis: batch). Reshape {x_name} to match.")
+    check_shape(path, x, input_shape, x_name)
     if np.issubdtype(dtype, np.floating) and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
         raise DataError(f"{path}: {x_name} holds NaN or Inf in {bad} samples (values past float32's range, "
@@ -65,6 +61,31 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
         raise DataError(f"{path}: labels range over [{y.min()}, {y.max()}] but the model has {classes} "
                         f"classes (0..{classes - 1}). Fix y.")
     return x, y
+
+
+def check_shape(path, x: np.ndarray, input_shape: list | None, x_name: str = "x") -> None:
+    """DataError unless x [N, ...] fits the model input's shape (free axes, e.g. a named batch, match any)."""
+    if input_shape is None:
+        return
+    fixed = [(i, d) for i, d in enumerate(input_shape[1:], start=1) if isinstance(d, int) and d > 0]
+    if x.ndim != len(input_shape) or any(x.shape[i] != d for i, d in fixed):
+        raise DataError(f"{path}: {x_name} has shape {list(x.shape)} but the model input is {input_shape} "
+                        f"(first axis: batch). Reshape {x_name} to match.")
+
+
+def model_input(model) -> list | None:
+    """The shape of an ONNX model's first data input (a graph input that is not an initializer, the one
+    analyze feeds): ints, and names or None for free axes; None when the model declares no such shape."""
+    inits = {i.name for i in model.graph.initializer}
+    t = next((i for i in model.graph.input if i.name not in inits), None)
+    if t is None or not t.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.type.tensor_type.shape.dim]
+
+
+def load_calibration(path, model) -> np.ndarray:
+    """x of a --calibration .npz, checked against the model's input like training data."""
+    return load_data(path, model_input(model))[0]
 
 
 class Inputs:
