@@ -24,7 +24,7 @@ def compile_model(model, spec: TrainSpec | None = None, calibration=None) -> Com
     if not isinstance(model, onnx.ModelProto):
         model = modelio.load_model(model)
     if calibration is not None:   # before any pass: a wrong shape would fail inside precondition's session
-        data.check_shape("calibration inputs", np.asarray(calibration), data.model_input(model))
+        data.check_calibration("calibration inputs", np.asarray(calibration), data.model_input(model))
     return compile_graph(model, spec or TrainSpec(), calibration)
 
 

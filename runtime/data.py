@@ -83,9 +83,21 @@ def model_input(model) -> list | None:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.type.tensor_type.shape.dim]
 
 
+def check_calibration(where, x: np.ndarray, input_shape: list | None) -> None:
+    """Calibration inputs x must fit the model input and fill at least one batch where it is fixed."""
+    check_shape(where, x, input_shape)
+    fixed = input_shape[0] if input_shape and isinstance(input_shape[0], int) and input_shape[0] > 0 else None
+    if fixed is not None and len(x) < fixed:
+        raise DataError(f"{where}: holds {len(x)} examples, fewer than the model's fixed batch of {fixed}. Add "
+                        "examples, or re-export the model with a dynamic batch axis.")
+
+
 def load_calibration(path, model) -> np.ndarray:
     """x of a --calibration .npz, checked against the model's input like training data."""
-    return load_data(path, model_input(model))[0]
+    shape = model_input(model)
+    x = load_data(path, shape)[0]
+    check_calibration(path, x, shape)
+    return x
 
 
 class Inputs:
