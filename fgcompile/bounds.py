@@ -2,9 +2,10 @@
 stay bounded whatever the model declares:
 
     nodes       at most max_nodes() nodes (subgraphs included), and no training graph past it when the
-                suffix is cloned 2m times: compile time and memory grow linearly with the node count, about
-                1 s and 15 MB per 1,000 nodes (a 49k-node chain: 53 s and 0.66 GB on 2 busy cores; a third
-                of it in onnxruntime's session creation, the rest spread over onnx-graphsurgeon's walks)
+                suffix is cloned 2m times: compile time and memory grow linearly with the node count, up to
+                about 1 s and 15 MB per 1,000 nodes (chains of 49k nodes: 23-53 s and 0.66-0.71 GB on 2
+                shared cores; a third of it in onnxruntime's session creation, the rest spread over
+                onnx-graphsurgeon's walks, none of them quadratic)
     tensors     no tensor whose static shape needs more than npzfile.max_bytes(), the cap on the arrays
                 fgcompile reads (a 64 GiB ConstantOfShape compiles, then fails the first training step)
 """
@@ -47,7 +48,7 @@ def check_node_count(model: onnx.ModelProto) -> None:
     count, limit = node_count(model.graph), max_nodes()
     if count > limit:
         raise ModelError(f"the model has {count:,} nodes, over the limit of {limit:,} that bounds compile's time "
-                         f"and memory (roughly 1 s and 15 MB per 1,000 nodes). Compile a smaller model, or raise "
+                         f"and memory (up to about 1 s and 15 MB per 1,000 nodes). Compile a smaller model, or raise "
                          f"the limit with {NODES_VARIABLE}={count}.")
 
 
