@@ -6,8 +6,8 @@ stay bounded whatever the model declares:
                 about 1 s and 15 MB per 1,000 nodes (chains of 49k nodes: 23-53 s and 0.66-0.71 GB on 2
                 shared cores; a third of it in onnxruntime's session creation, the rest spread over
                 onnx-graphsurgeon's walks, none of them quadratic)
-    tensors     no tensor whose static shape needs more than npzfile.max_bytes(), the cap on the arrays
-                fgcompile reads (a 64 GiB ConstantOfShape compiles, then fails the first training step)
+    tensors     no tensor whose static shape needs more than max_bytes(), the cap on the arrays fgcompile
+                reads from .npz files too (a 64 GiB ConstantOfShape compiles, then fails the first training step)
 """
 from __future__ import annotations
 
@@ -18,22 +18,38 @@ import onnx
 from onnx import helper
 
 from fgcompile.errors import CompileError, ModelError, SpecError
-from fgcompile.npzfile import max_bytes
 
 MAX_NODES = 50_000
 NODES_VARIABLE = "FGCOMPILE_MAX_NODES"
 
 
+def _limit(variable: str, default: int, unit: str) -> int:
+    raw = os.environ.get(variable)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SpecError(f"{variable}={raw!r}: not a positive whole number of {unit}. Set it to one, or unset it "
+                        f"(default {default}).")
+    return value
+
+
 def max_nodes() -> int:
     """The most nodes compile builds a graph of: MAX_NODES, or FGCOMPILE_MAX_NODES."""
-    raw = os.environ.get(NODES_VARIABLE)
-    if not raw:
-        return MAX_NODES
+    return _limit(NODES_VARIABLE, MAX_NODES, "nodes")
+
+
+def max_bytes() -> int:
+    """The largest array fgcompile inflates or a model may declare: half the machine's memory
+    (FGCOMPILE_MAX_ARRAY_BYTES overrides)."""
     try:
-        return int(raw)
-    except ValueError:
-        raise SpecError(f"{NODES_VARIABLE}={raw!r}: not a whole number of nodes. Set it to e.g. 200000, or "
-                        "unset it.") from None
+        half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        half = 8 * 2 ** 30
+    return _limit("FGCOMPILE_MAX_ARRAY_BYTES", half, "bytes")
 
 
 def node_count(graph: onnx.GraphProto) -> int:

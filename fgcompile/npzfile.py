@@ -5,7 +5,6 @@ refused with a message instead of exhausting memory.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import zipfile
 import zlib
@@ -13,20 +12,11 @@ import zlib
 import numpy as np
 
 from fgcompile import modelio
+from fgcompile.bounds import max_bytes
 from fgcompile.errors import DataError
 
 MAX_RATIO = 200                # declared / compressed bytes above this, for a large array, is a zip bomb
 RATIO_FLOOR = 64 * 2 ** 20     # arrays smaller than this may compress as well as they like
-
-
-def max_bytes() -> int:
-    """The largest array fgcompile inflates: half the machine's memory (FGCOMPILE_MAX_ARRAY_BYTES overrides)."""
-    if os.environ.get("FGCOMPILE_MAX_ARRAY_BYTES"):
-        return int(os.environ["FGCOMPILE_MAX_ARRAY_BYTES"])
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2 ** 30
 
 
 def read_npz(path, keys, what: str, fix: str, error=DataError, optional=()) -> dict:

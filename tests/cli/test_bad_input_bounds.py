@@ -124,6 +124,12 @@ def test_the_node_bound_is_raised_by_its_variable(tmp_path, monkeypatch):
     assert run("compile", model, "-o", tmp_path / "out", "--m", "2").exit_code == 0
 
 
+@pytest.mark.parametrize("variable", ["FGCOMPILE_MAX_NODES", "FGCOMPILE_MAX_ARRAY_BYTES"])
+def test_a_limit_variable_that_is_not_a_count_is_named(tmp_path, monkeypatch, variable):
+    monkeypatch.setenv(variable, "lots")
+    refused(tmp_path, ["compile", CNN, "-o", tmp_path / "out"], f"{variable}='lots': not a positive whole number")
+
+
 def test_a_cloned_suffix_past_the_bound_is_refused_before_it_is_built(tmp_path, monkeypatch):
     """2m copies of a 300-node suffix with an op no branch rule carries: 2·64·300 nodes, over the bound."""
     model = save(fan_after(300), tmp_path / "fan.onnx")
