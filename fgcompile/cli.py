@@ -224,11 +224,11 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
     from fgcompile.compiler import compile_model, write_compiled
     from fgcompile.modelio import load_model
     from fgcompile.report import describe_compile
-    from fgcompile.runtime.data import load_data
+    from fgcompile.runtime.data import load_calibration
     spec = make_spec(kw)
     t0 = time.perf_counter()
     source = load_model(model)
-    x = load_data(calibration)[0] if calibration else None
+    x = load_calibration(calibration, source) if calibration else None
     compiled = compile_model(source, spec, calibration=x)
     write_compiled(compiled, out, force=force, source_path=model)
     seconds = time.perf_counter() - t0

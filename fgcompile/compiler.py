@@ -16,7 +16,7 @@ from fgcompile import folder, modelio, validate
 from fgcompile.artifact import LAYOUT, Compiled
 from fgcompile.errors import ModelError, wrong_type
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.runtime import checkpoint
+from fgcompile.runtime import checkpoint, data
 from fgcompile.spec import TrainSpec
 
 
@@ -33,6 +33,8 @@ def compile_model(model, spec: TrainSpec | None = None, calibration=None) -> Com
                          "training data's x; fgcompile.runtime.data.load_data reads an .npz)", calibration)
     if not isinstance(model, onnx.ModelProto):
         model = modelio.load_model(model)
+    if calibration is not None:   # before any pass: a wrong shape would fail inside precondition's session
+        data.check_calibration("calibration inputs", calibration, data.model_input(model))
     return compile_graph(model, spec, calibration)
 
 

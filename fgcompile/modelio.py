@@ -69,6 +69,12 @@ def load_model(path) -> onnx.ModelProto:
         for location in _external_files(model):
             if os.path.lexists(path.parent / location):
                 regular_file(path.parent / location, "external data file of the model")
+        total = model.ByteSize() + _external_bytes(model, path.parent)
+        if total > PROTOBUF_LIMIT:   # checked before reading: onnx.checker and onnxruntime fail on it late
+            raise ModelError(f"{path}: {total / 2 ** 30:.2f} GiB with its external data, over the 2 GiB limit of an "
+                             "ONNX protobuf: fgcompile holds the model, and writes each compiled graph, as one "
+                             "protobuf. Compile a smaller model (fewer or narrower layers, or weights quantized to "
+                             "fewer bits).")
         onnx.load_external_data_for_model(model, str(path.parent))
     except ModelError:
         raise
@@ -106,6 +112,21 @@ def _external_files(model: onnx.ModelProto) -> set:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
     return {next((e.value for e in t.external_data if e.key == "location"), "")
             for t in _get_all_tensors(model) if uses_external_data(t)} - {""}
+
+
+def _external_bytes(model: onnx.ModelProto, folder: pathlib.Path) -> int:
+    """The bytes the model's external data adds once loaded: each tensor's `length`, else the rest of its
+    file after `offset` (a missing file counts 0; loading names it)."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    total = 0
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            if info.length:
+                total += int(info.length)
+            elif os.path.isfile(folder / info.location):
+                total += max(os.path.getsize(folder / info.location) - int(info.offset or 0), 0)
+    return total
 
 
 def default_mode(directory: bool = False) -> int:

@@ -5,7 +5,6 @@ refused with a message instead of exhausting memory.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import zipfile
 import zlib
@@ -13,20 +12,11 @@ import zlib
 import numpy as np
 
 from fgcompile import modelio
+from fgcompile.bounds import max_bytes
 from fgcompile.errors import DataError
 
 MAX_RATIO = 200                # declared / compressed bytes above this, for a large array, is a zip bomb
 RATIO_FLOOR = 64 * 2 ** 20     # arrays smaller than this may compress as well as they like
-
-
-def max_bytes() -> int:
-    """The largest array fgcompile inflates: half the machine's memory (FGCOMPILE_MAX_ARRAY_BYTES overrides)."""
-    if os.environ.get("FGCOMPILE_MAX_ARRAY_BYTES"):
-        return int(os.environ["FGCOMPILE_MAX_ARRAY_BYTES"])
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2 ** 30
 
 
 def read_npz(path, keys, what: str, fix: str, error=DataError, optional=()) -> dict:
@@ -61,7 +51,13 @@ def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, fail) -> n
         if version not in ((1, 0), (2, 0), (3, 0)):
             raise fail(f"array {key!r} has an unknown .npy format version {version}")
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(f, max_header_size=10000)
+        try:
+            shape, fortran, dtype = reader(f, max_header_size=10000)
+        except Exception as exc:  # numpy parses the header as a Python literal: SyntaxError, tokenize's
+            # TokenError, ValueError, MemoryError, RecursionError, ... all mean a corrupt header
+            raise fail(f"not a readable .npz (array {key!r} has a corrupt .npy header: {type(exc).__name__})") from None
+        if any(d < 0 for d in shape):
+            raise fail(f"not a readable .npz (array {key!r} declares a negative shape {list(shape)})")
         if dtype.hasobject:
             raise fail(f"array {key!r} holds Python objects (dtype {dtype}); store plain numbers")
         declared = int(np.prod(shape, dtype=object)) * dtype.itemsize

@@ -15,6 +15,7 @@ node per original node; a tensor that depends on the perturbed weights is folded
     reductions
     MatMul / Gemm          frozen B: folded; a perturbed B: one wide product (passes/wide_product.py);
                            two branched operands: a batched MatMul on the leading axis
+    Expand                 leading, to [2m, *shape] (the prompt tokens of passes/prompts.py)
     Conv, perturbed W      one Conv per branch kernel on that branch's rows of the folded batch (or on
                            the shared unbranched input), concatenated on the batch axis
 Any other op (or a case a rule cannot carry) is a Refusal that names the node, the op and why; pair then
@@ -143,6 +144,17 @@ def reshape(s: BranchedTensors, node, ins, attrs):
         s.emit(node, "Reshape", [s.fold(ins[0]), np.array(shape, np.int64)], attrs, folded=True)
     else:   # on the leading form a 0 still copies the same (shifted) input axis
         s.emit(node, "Reshape", [s.lead(ins[0]), np.array([s.n] + shape, np.int64)], attrs, folded=False)
+
+
+def expand(s: BranchedTensors, node, ins, attrs):
+    """Expand(X, shape) as Expand(X', [2m, *shape]): X' is X on the leading form, padded after the branch
+    axis to the output's rank (a broadcast moves no axis, so the branch axis stays first)."""
+    _only_first_stacked(s, ins, "Expand")
+    out = node.outputs[0].shape
+    if out is None:
+        raise Unstackable("unknown rank")
+    target = s.b.op("Concat", [np.array([s.n], np.int64), ins[1]], {"axis": 0}, dtype=np.int64)
+    s.emit(node, "Expand", [s.padded(s.lead(ins[0]), len(out)), target], attrs, folded=False)
 
 
 def transpose(s: BranchedTensors, node, ins, attrs):
@@ -283,7 +295,7 @@ RULES = {op: elementwise for op in (
     "Softmax", "LogSoftmax", "LayerNormalization", "Hardmax", "Concat", "Gather")} | {op: reduce for op in (
     "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2")} | {
     "DequantizeLinear": dequantize, "Conv": conv, "Reshape": reshape, "Transpose": transpose, "Squeeze": squeeze,
-    "Unsqueeze": squeeze, "MatMul": matmul, "Gemm": gemm}
+    "Unsqueeze": squeeze, "MatMul": matmul, "Gemm": gemm, "Expand": expand}
 
 
 def _trained_conv(s: BranchedTensors, node, ins):

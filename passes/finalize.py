@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.artifact import METADATA_KEY, Contract, EvalContract
 from fgcompile.errors import CompileError
+from fgcompile import modelio
 from fgcompile.session import make_session
 from .context import Context, Pass
 
@@ -26,6 +27,11 @@ def to_model(graph: gs.Graph, inputs: list, outputs: list, contract: Contract | 
     model.ir_version = IR_VERSION
     model.producer_name = "fgcompile"
     onnx.helper.set_model_props(model, {METADATA_KEY: contract.to_json()})
+    size = model.ByteSize()
+    if size > modelio.PROTOBUF_LIMIT:   # else onnx.checker fails with "Failed to serialize proto"
+        raise CompileError(f"the compiled {contract.format} graph would be {size / 2 ** 30:.2f} GiB, over the 2 GiB "
+                           "limit of an ONNX protobuf. Train fewer or smaller tensors (--last, --train) or compile "
+                           "a smaller model.")
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)

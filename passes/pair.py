@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from fgcompile import bounds
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
 from .formulas import Z_MAX, chunked, compute_shape, elements_per_word, train_bytes
@@ -306,6 +307,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                                f"({mapping}). Use --branches auto or cloned, or train other tensors.")
         reason = None if isinstance(mapping, dict) else reason or str(mapping)
         form = "stacked" if isinstance(mapping, dict) else "cloned"
+        if form == "cloned":
+            bounds.check_cloned(len(graph.nodes) - len(needed), len(needed), 2 * ctx.spec.m, reason or str(mapping))
         logits = mapping[tap] if form == "stacked" else _cloned(b, graph, ctx, needed, perturbed, parts)
     kept = {id(n) for n in suffix}
     graph.nodes = [n for n in graph.nodes if id(n) not in kept]

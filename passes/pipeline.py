@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from fgcompile import __version__, grid
+from fgcompile import __version__, bounds, grid
 from fgcompile.artifact import Compiled, Contract, EvalContract, Inputs, LrNumerator, Outputs, Probes
 from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
@@ -28,7 +28,9 @@ from .formulas import TIE_TOLERANCE
 
 def check_source(model: onnx.ModelProto) -> None:
     """Refuse what no pass should see: an opset outside what we and onnxruntime support, an invalid
-    graph, or one onnxruntime cannot load (the compiled graph would fail the same way)."""
+    graph, or one onnxruntime cannot load (the compiled graph would fail the same way); and, first, one past
+    fgcompile/bounds.py's limits."""
+    bounds.check_node_count(model)
     version = opset.version(model)
     if version < opset.MIN_OPSET:
         raise ModelError(f"the model is opset {version}; QDQ quantization needs opset >= {opset.MIN_OPSET}. "
@@ -41,6 +43,7 @@ def check_source(model: onnx.ModelProto) -> None:
     except Exception as exc:
         raise ModelError(f"the input model fails onnx.checker ({str(exc).splitlines()[0]}); fix or re-export "
                          "it before compiling.") from None
+    bounds.check_declared_sizes(model)
     try:
         make_session(model)
     except Exception as exc:

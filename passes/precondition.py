@@ -58,7 +58,10 @@ def _activations(graph: gs.Graph, ctx: Context, names: list[str]) -> dict[str, n
     probe.cleanup()
     sess = make_session(gs.export_onnx(probe))
     x = np.asarray(ctx.calibration, np.float32)
-    runs = [sess.run(names, {ctx.io.data_input: x[i:i + 256]}) for i in range(0, len(x), 256)]
+    fixed = next((t.shape[0] for t in probe.inputs if t.name == ctx.io.data_input and t.shape), None)
+    step = fixed if isinstance(fixed, int) and fixed > 0 else 256
+    end = len(x) - len(x) % step if step == fixed else len(x)   # whole batches where the model fixes one
+    runs = [sess.run(names, {ctx.io.data_input: x[i:i + step]}) for i in range(0, end, step)]
     return {n: np.concatenate([r[k].reshape(-1, r[k].shape[-1]) for r in runs]).astype(np.float64)
             for k, n in enumerate(names)}
 

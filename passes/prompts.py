@@ -25,14 +25,26 @@ from .context import Context, Pass
 PROMPT, PROMPT_NODE = "prompt", "fgcompile/prompt/expand"
 
 
+def _over_tokens(norm: gs.Node) -> bool:
+    h = norm.inputs[0]
+    return h.shape is not None and len(h.shape) == 3 and isinstance(h.shape[2], int)
+
+
+def _choices(graph: gs.Graph) -> str:
+    names = [repr(n.name) for n in graph.nodes if n.op == "LayerNormalization" and _over_tokens(n)]
+    return f"LayerNormalizations over [batch, tokens, features]: {', '.join(names) or 'none'}"
+
+
 def _block_input(graph: gs.Graph, at: str) -> gs.Variable:
     norms = [n for n in graph.nodes if n.op == "LayerNormalization"]
     if at:
         norms = [n for n in norms if n.name == at]
+        if not norms and any(_over_tokens(n) for n in graph.nodes if n.op == "LayerNormalization"):
+            raise CompileError(f"--prompt-at {at!r}: the model has no LayerNormalization {at!r} "
+                               f"({_choices(graph)}). Name one of those, or leave --prompt-at out (the first).")
     for n in norms:
-        h = n.inputs[0]
-        if h.shape is not None and len(h.shape) == 3 and isinstance(h.shape[2], int):
-            return h
+        if _over_tokens(n):
+            return n.inputs[0]
     where = f"LayerNormalization {at!r}" if at else "any LayerNormalization"
     raise CompileError(f"--prompts: no sequence axis found: {where} with an input shaped [batch, tokens, features] "
                        "(static features). Prompts need a transformer block; name one with --prompt-at "
@@ -68,6 +80,10 @@ def appended(model: onnx.ModelProto, count: int, at: str, seed: int) -> onnx.Mod
 
 
 def run(model: onnx.ModelProto, ctx: Context) -> onnx.ModelProto:
+    if ctx.spec.prompt_at and not ctx.spec.prompts:
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+        raise CompileError(f"--prompt-at {ctx.spec.prompt_at!r} says where prompt tokens go, but --prompts is 0 "
+                           f"({_choices(graph)}). Add --prompts N, or drop --prompt-at.")
     if ctx.spec.prompts:
         ctx.source = appended(model, ctx.spec.prompts, ctx.spec.prompt_at, ctx.spec.seed)
         ctx.notes.append(f"{ctx.spec.prompts} prompt tokens appended (initializer {PROMPT!r})")

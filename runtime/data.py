@@ -48,23 +48,58 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
                         "or store integer codes with a scalar x_scale (and x_offset) beside them.")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integer class indices (int64).")
-    x, y = x.astype(dtype, copy=False), y.astype(np.int64, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):   # past float32's range: Inf, refused below by name
+        x, y = x.astype(dtype, copy=False), y.astype(np.int64, copy=False)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{path}: y has shape {list(y.shape)} but {x_name} holds {len(x)} samples; y must be [{len(x)}].")
     if len(y) == 0:
         raise DataError(f"{path}: holds no samples.")
-    if input_shape is not None:
-        fixed = [(i, d) for i, d in enumerate(input_shape[1:], start=1) if isinstance(d, int) and d > 0]
-        if x.ndim != len(input_shape) or any(x.shape[i] != d for i, d in fixed):
-            raise DataError(f"{path}: {x_name} has shape {list(x.shape)} but the model input is {input_shape} "
-                            f"(first axis: batch). Reshape {x_name} to match.")
+    check_shape(path, x, input_shape, x_name)
     if np.issubdtype(dtype, np.floating) and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
-        raise DataError(f"{path}: {x_name} holds NaN or Inf in {bad} samples. Clean or drop them.")
+        raise DataError(f"{path}: {x_name} holds NaN or Inf in {bad} samples (values past float32's range, "
+                        "about ±3.4e38, count as Inf). Clean or drop them.")
     if classes is not None and (y.min() < 0 or y.max() >= classes):
         raise DataError(f"{path}: labels range over [{y.min()}, {y.max()}] but the model has {classes} "
                         f"classes (0..{classes - 1}). Fix y.")
     return x, y
+
+
+def check_shape(path, x: np.ndarray, input_shape: list | None, x_name: str = "x") -> None:
+    """DataError unless x [N, ...] fits the model input's shape (free axes, e.g. a named batch, match any)."""
+    if input_shape is None:
+        return
+    fixed = [(i, d) for i, d in enumerate(input_shape[1:], start=1) if isinstance(d, int) and d > 0]
+    if x.ndim != len(input_shape) or any(x.shape[i] != d for i, d in fixed):
+        raise DataError(f"{path}: {x_name} has shape {list(x.shape)} but the model input is {input_shape} "
+                        f"(first axis: batch). Reshape {x_name} to match.")
+
+
+def model_input(model) -> list | None:
+    """The shape of an ONNX model's first data input (a graph input that is not an initializer, the one
+    analyze feeds): ints, and names or None for free axes; None when the model declares no such shape."""
+    inits = {i.name for i in model.graph.initializer}
+    t = next((i for i in model.graph.input if i.name not in inits), None)
+    if t is None or not t.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.type.tensor_type.shape.dim]
+
+
+def check_calibration(where, x: np.ndarray, input_shape: list | None) -> None:
+    """Calibration inputs x must fit the model input and fill at least one batch where it is fixed."""
+    check_shape(where, x, input_shape)
+    fixed = input_shape[0] if input_shape and isinstance(input_shape[0], int) and input_shape[0] > 0 else None
+    if fixed is not None and len(x) < fixed:
+        raise DataError(f"{where}: holds {len(x)} examples, fewer than the model's fixed batch of {fixed}. Add "
+                        "examples, or re-export the model with a dynamic batch axis.")
+
+
+def load_calibration(path, model) -> np.ndarray:
+    """x of a --calibration .npz, checked against the model's input like training data."""
+    shape = model_input(model)
+    x = load_data(path, shape)[0]
+    check_calibration(path, x, shape)
+    return x
 
 
 class Inputs:
@@ -162,4 +197,5 @@ def decode_x(path, arrays: dict) -> np.ndarray:
         raise DataError(f"{path}: x_scale/x_offset need integer codes in x (found {x.dtype}) and float scalars "
                         f"(found shapes {np.shape(scale)} and {np.shape(offset)}). Store x as uint8 or int16 codes "
                         "with x_scale and x_offset as float32 scalars, or store x as float32 alone.")
-    return (np.float32(offset) + np.float32(scale) * x.astype(np.float32)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):   # Inf past float32's range: _checked names it
+        return (np.float32(offset) + np.float32(scale) * x.astype(np.float32)).astype(np.float32)
