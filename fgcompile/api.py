@@ -14,7 +14,6 @@ import os
 
 import onnx
 
-from fgcompile import modelio
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.errors import ModelError, SpecError
 from fgcompile.runtime import export as _export, tune as _tune
@@ -41,15 +40,16 @@ def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
                       schedule=schedule, folds=folds)
 
 
-def export_model(trained, path=None):
+def export_model(trained, path=None, force: bool = False):
     """A compiled folder (and the .onnx path to write): writes it and returns the rounding report, as
     `fgcompile export`. An in-memory Trainer, or compile_model's result: returns (ModelProto, report),
-    and also writes `path` when given."""
+    and also writes `path` when given. An existing `path` is replaced only if fgcompile exported it, or
+    with force."""
     if isinstance(trained, (str, os.PathLike)) or (isinstance(trained, Trainer) and trained.compiled is None):
         folder = trained if not isinstance(trained, Trainer) else trained.out
         if path is None:
             raise SpecError("export_model(folder, path): pass the .onnx path to write.")
-        return _export.export_model(folder, path)
+        return _export.export_model(folder, path, force)
     compiled = trained.compiled if isinstance(trained, Trainer) else trained
     model, report = _export.export_state(compiled.source, compiled.contract, trained.state,
                                          _export.matrices(compiled.train, compiled.contract))
@@ -58,5 +58,6 @@ def export_model(trained, path=None):
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"the exported model fails onnx.checker ({str(exc).splitlines()[0]}).") from None
     if path is not None:
-        modelio.save_model(model, path)
+        _export.check_export_path(path, {}, force)
+        _export.save_exported(model, path)
     return model, report

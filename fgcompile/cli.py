@@ -23,6 +23,13 @@ class Group(click.Group):
             logging.getLogger("fgcompile").debug("the error's traceback", exc_info=True)
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:   # a full disk in a write no atomic writer wraps (the training log's append)
+            from fgcompile.modelio import NO_SPACE, no_space
+            if exc.errno not in NO_SPACE:
+                raise
+            logging.getLogger("fgcompile").debug("the error's traceback", exc_info=True)
+            click.echo(f"error: {no_space(exc.filename or 'an output file', None)}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=Group)
@@ -295,15 +302,16 @@ def eval_cmd(model_or_out, data, as_json, **kw):
 @click.argument("folder", metavar="OUT", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), help="Adapted .onnx to write.")
 @click.option("--output", "output_alias", type=click.Path(), hidden=True)   # its name before -o/--out
+@click.option("--force", is_flag=True, help="Replace an existing file that is not a model fgcompile exported.")
 @json_option
-def export(folder, out, output_alias, as_json):
+def export(folder, out, output_alias, force, as_json):
     """Write the trained weights of OUT into a plain QDQ inference model."""
     from fgcompile.report import describe_export
     from fgcompile.runtime.export import export_model
     output = out or output_alias
     if output is None:
         raise click.UsageError("Missing option '-o' / '--out'.")
-    report = export_model(folder, output)
+    report = export_model(folder, output, force)
     if as_json:
         click.echo(json.dumps({"out": output, "tensors": report}))
         return
@@ -355,10 +363,11 @@ def batch(in_dir, out, jobs, timeout, force, **kw):
               help="digits: the default model (8x8 digits, a rotated sensor); kws: keyword spotting on "
                    "synthesized speech, heard through a cheap microphone.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo(out, epochs, task, quiet):
+@click.option("--force", is_flag=True, help="Delete files you added to OUT/compiled (the demo replaces that folder).")
+def demo(out, epochs, task, quiet, force):
     """The main job on a shipped model: adapt it to the target domain on-device style."""
     from fgcompile.demo import run_demo
-    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet, task=task)
+    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet, task=task, force=force)
 
 
 if __name__ == "__main__":

@@ -220,8 +220,7 @@ class Trainer:
             record.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
         LOGGER.info("epoch %s", json.dumps(record))
         if self.out is not None:
-            with open(self.out / LAYOUT.log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_line(self.out / LAYOUT.log, json.dumps(record))
         return record
 
     def _check_run(self, before: dict | None, now: dict, allow: bool) -> None:
@@ -327,6 +326,20 @@ def _batch_order(seed: int, n: int, batch: int, per_epoch: int, start: int, tota
         if epoch != perm_epoch:
             perm, perm_epoch = np.random.default_rng([seed, epoch]).permutation(n), epoch
         yield step, epoch, pos == per_epoch - 1, perm[pos * batch:(pos + 1) * batch]
+
+
+def _append_line(path: pathlib.Path, line: str) -> None:
+    """Append one line whole or not at all: a failed write (a full disk) is cut back off."""
+    with open(path, "ab") as f:
+        start = f.tell()
+        try:
+            f.write(f"{line}\n".encode())
+            f.flush()
+        except OSError as exc:
+            f.truncate(start)
+            if exc.errno in modelio.NO_SPACE:
+                raise modelio.no_space(path, len(line) + 1) from None
+            raise
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
