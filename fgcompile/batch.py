@@ -21,7 +21,7 @@ from fgcompile import folder, modelio
 from fgcompile.artifact import LAYOUT
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.report import format_table
-from fgcompile.errors import FgcompileError, SpecError
+from fgcompile.errors import FgcompileError, OutputError, SpecError
 from fgcompile.spec import TrainSpec
 
 SUMMARY = "summary.json"
@@ -49,6 +49,26 @@ def compile_one(path: str, out_dir: str, spec: TrainSpec, force: bool = False) -
 def folder_name(model: pathlib.Path) -> str:
     """The output folder of one model: its stem, unless that is the summary's own name."""
     return model.stem if model.stem != SUMMARY else f"{model.stem}_model"
+
+
+def _check_out(out_dir: pathlib.Path, models: list, force: bool) -> None:
+    """OUT must be a folder (or new), and its summary.json new or one that batch wrote (any file, with force)."""
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder; -o takes the folder to write the compiled "
+                          "models into. Choose another -o.")
+    summary = out_dir / SUMMARY
+    modelio.check_output_file(summary, {p: "an input model" for p in models})
+    if os.path.exists(summary) and not force and not _is_summary(summary):
+        raise OutputError(f"{summary}: exists and is not a summary fgcompile batch wrote; batch writes its summary "
+                          "there. Move the file away, choose another -o, or pass --force to replace it.")
+
+
+def _is_summary(path: pathlib.Path) -> bool:
+    try:
+        rows = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"model", "status"} <= r.keys() for r in rows)
 
 
 def output_folders(models: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
@@ -94,7 +114,7 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
     models = sorted(in_dir.glob("*.onnx"))
     if not models:
         raise FgcompileError(f"{in_dir}: holds no .onnx files.")
-    modelio.check_output_file(out_dir / SUMMARY, {p: "an input model" for p in models})
+    _check_out(out_dir, models, force)
     plan = output_folders(models, out_dir)
     jobs = min(jobs, len(models), os.cpu_count() or 1)
     pending, running, rows, interrupted = [m for m in models if not isinstance(plan[m], str)], {}, [], False

@@ -174,7 +174,8 @@ def inspect(model, m, momentum, sharpness, as_json):
 @main.command("compile")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
-@click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log).")
+@click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log) or "
+              "files fgcompile did not write (they are deleted).")
 @click.option("--calibration", type=click.Path(), default=None,
               help="Inputs (.npz with x, y; e.g. the training data) for --precondition, frozen at compile time.")
 @spec_options
@@ -339,7 +340,8 @@ def verify(out, steps, data, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(), help="One compiled folder per model + summary.json.")
 @click.option("--jobs", default=2, show_default=True, help="Parallel processes (at most one per model and CPU).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds one model may take before it is stopped.")
-@click.option("--force", is_flag=True, help="Replace compiled folders in OUT that hold training.")
+@click.option("--force", is_flag=True, help="Replace compiled folders in OUT that hold training or files fgcompile did "
+              "not write, and an OUT/summary.json batch did not write.")
 @spec_options
 @config.option("compile")
 def batch(in_dir, out, jobs, timeout, force, **kw):

@@ -191,3 +191,16 @@ def test_demo_in_a_read_only_folder_names_it_and_suggests_o(tmp_path, monkeypatc
         r = invoke("demo", "--epochs", 1, "--quiet")
         refused(r, f"{ro / 'fgcompile-demo'}: cannot write here (Read-only file system)")
         assert "-o DIR" in r.output and os.listdir(ro) == []
+
+
+def test_batch_keeps_a_summary_json_and_a_file_it_did_not_write(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(CNN, src / "a.onnx")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text('{"the user\'s": "numbers"}')
+    (tmp_path / "file").write_text("the user's work")
+    before = snapshot(tmp_path)
+    refused(invoke("batch", src, "-o", tmp_path / "out"), "is not a summary fgcompile batch wrote")
+    refused(invoke("batch", src, "-o", tmp_path / "file"), "exists and is not a folder")
+    assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path / "out")) == ["summary.json"]
