@@ -68,7 +68,7 @@ def _is_summary(path: pathlib.Path) -> bool:
         rows = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
-    return isinstance(rows, list) and all(isinstance(r, dict) and {"model", "status"} <= r.keys() for r in rows)
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and {"model", "status"} <= r.keys() for r in rows)
 
 
 def output_folders(models: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
