@@ -148,12 +148,13 @@ def no_space(path, needed: int | None) -> NoSpaceError:
     needed and how much the disk has free."""
     where = pathlib.Path(path).parent
     try:
-        free = f"{human_bytes(shutil.disk_usage(where).free)} free in {where}"
+        free = human_bytes(shutil.disk_usage(where).free)
     except OSError:
-        free = f"free space in {where} unknown"
-    need = f"writing it needs {human_bytes(needed)}" if needed is not None else "the write needs more"
-    return NoSpaceError(f"{path}: no space left on the device (or quota exceeded): {need}, {free}; the file is "
-                       "as it was before. Free some space there, or write to another disk (another -o or folder).")
+        free = "an unknown amount"
+    need = human_bytes(needed) if needed is not None else "more space"
+    return NoSpaceError(f"{path}: no space left on the device (or quota exceeded): writing it needs {need} and "
+                        f"{where} has {free} free; it is left as it was. Free some space there, or write to "
+                        "another disk (another -o or folder).")
 
 
 def process_alive(pid: int) -> bool:

@@ -128,6 +128,8 @@ def check_export_path(path, protected: dict, force: bool = False) -> None:
 
 
 def is_exported(path) -> bool:
+    if modelio.regular_file(path, "model") > modelio.PROTOBUF_LIMIT:
+        return False
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not ONNX at all: protobuf's DecodeError, or anything a random file makes it raise

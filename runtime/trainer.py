@@ -9,6 +9,7 @@ A step whose loss is NaN or Inf keeps the old state and is counted (bad_steps).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -329,16 +330,17 @@ def _batch_order(seed: int, n: int, batch: int, per_epoch: int, start: int, tota
 
 
 def _append_line(path: pathlib.Path, line: str) -> None:
-    """Append one line whole or not at all: a failed write (a full disk) is cut back off."""
-    with open(path, "ab") as f:
+    """Append one line whole or not at all: a write the disk cut short is cut back off."""
+    data = f"{line}\n".encode()
+    with open(path, "ab", buffering=0) as f:
         start = f.tell()
         try:
-            f.write(f"{line}\n".encode())
-            f.flush()
+            if f.write(data) != len(data):   # a short write: the disk filled mid-line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         except OSError as exc:
             f.truncate(start)
             if exc.errno in modelio.NO_SPACE:
-                raise modelio.no_space(path, len(line) + 1) from None
+                raise modelio.no_space(path, len(data)) from None
             raise
 
 
