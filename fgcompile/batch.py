@@ -61,6 +61,10 @@ def _check_out(out_dir: pathlib.Path, models: list, force: bool) -> None:
     if os.path.exists(summary) and not force and not _is_summary(summary):
         raise OutputError(f"{summary}: exists and is not a summary fgcompile batch wrote; batch writes its summary "
                           "there. Move the file away, choose another -o, or pass --force to replace it.")
+    try:   # now, not after every model has compiled into a folder it cannot write
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write here ({exc.strerror}). Choose a writable folder with -o.") from None
 
 
 def _is_summary(path: pathlib.Path) -> bool:
@@ -152,7 +156,6 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
                 rows.append(_failed(model, t0, "stopped by Ctrl-C before it finished.", status="cancelled"))
     _check_owners(rows, plan)
     rows.sort(key=lambda r: r["model"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     modelio.save_json(out_dir / SUMMARY, rows)
     return rows, interrupted
 

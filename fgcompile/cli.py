@@ -28,7 +28,9 @@ class Group(click.Group):
             if exc.errno not in NO_SPACE:
                 raise
             logging.getLogger("fgcompile").debug("the error's traceback", exc_info=True)
-            click.echo(f"error: {no_space(exc.filename or 'an output file', None)}", err=True)
+            click.echo(f"error: {no_space(exc.filename, None)}" if exc.filename else "error: no space left on the "
+                       "device (or quota exceeded) while writing an output. Free some space, or write to another disk.",
+                       err=True)
             sys.exit(2)
 
 

@@ -204,3 +204,12 @@ def test_batch_keeps_a_summary_json_and_a_file_it_did_not_write(tmp_path):
     refused(invoke("batch", src, "-o", tmp_path / "out"), "is not a summary fgcompile batch wrote")
     refused(invoke("batch", src, "-o", tmp_path / "file"), "exists and is not a folder")
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path / "out")) == ["summary.json"]
+
+
+def test_batch_into_a_read_only_folder_fails_before_compiling(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(CNN, src / "a.onnx")
+    with mounted(tmp_path / "ro", "ro,size=64k") as ro:
+        refused(invoke("batch", src, "-o", ro / "out"), f"{ro / 'out'}: cannot write here (Read-only file system)")
+        assert os.listdir(ro) == []
