@@ -66,7 +66,7 @@ def test_batch_a_symlink_loop_or_odd_entry_is_one_failed_row(tmp_path):
     (src / "dangling.onnx").symlink_to("nowhere.onnx")
     (src / "folder.onnx").mkdir()
     os.mkfifo(src / "pipe.onnx")
-    r = invoke("batch", src, "-o", tmp_path / "out", "--m", 1, "--jobs", 1)
+    r = invoke("batch", src, "-o", tmp_path / "out", "--m", 1, "--jobs", 2)
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     rows = batch_rows(tmp_path / "out")
     assert sorted(rows) == sorted(os.listdir(src))
@@ -74,6 +74,21 @@ def test_batch_a_symlink_loop_or_odd_entry_is_one_failed_row(tmp_path):
     assert "symbolic links" in rows["loop.onnx"]["error"]
     assert "no such file" in rows["dangling.onnx"]["error"]
     assert "is a folder" in rows["folder.onnx"]["error"] and "is a FIFO" in rows["pipe.onnx"]["error"]
+
+
+def test_batch_fails_an_ok_row_whose_folder_another_model_replaced(tmp_path, monkeypatch):
+    """The net under output_folders: two names that still meet in one folder (as on a case-insensitive disk)."""
+    from fgcompile import batch
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(CNN, src / "A.onnx")
+    shutil.copy(ATTN, src / "b.onnx")
+    monkeypatch.setattr(batch, "output_folders", lambda models, out: {m: out / "a" for m in models})
+    r = invoke("batch", src, "-o", tmp_path / "out", "--m", 1, "--jobs", 1)
+    assert r.exit_code == 1, r.output
+    rows = batch_rows(tmp_path / "out")
+    assert rows["b.onnx"]["status"] == "ok" and compiled_from(tmp_path / "out" / "a", src / "b.onnx")
+    assert rows["A.onnx"]["status"] == "error" and "another model of this batch wrote" in rows["A.onnx"]["error"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +113,18 @@ def test_export_replaces_only_a_model_fgcompile_exported(tmp_path, trained):
     assert invoke("export", trained, "-o", tmp_path / "adapted.onnx").exit_code == 0   # its own export
     assert invoke("export", trained, "-o", tmp_path / "notes.txt", "--force").exit_code == 0
     onnx.checker.check_model(onnx.load(str(tmp_path / "notes.txt")))
+
+
+def test_the_api_export_of_a_model_in_memory_keeps_a_users_file(tmp_path):
+    from fgcompile import api
+    from fgcompile.errors import OutputError
+    (tmp_path / "notes.txt").write_text("the user's work")
+    compiled = api.compile_model(CNN, api.TrainSpec(m=1))
+    with pytest.raises(OutputError, match="is not a model fgcompile exported"):
+        api.export_model(compiled, tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "the user's work"
+    api.export_model(compiled, tmp_path / "adapted.onnx")
+    api.export_model(compiled, tmp_path / "adapted.onnx")   # its own export: replaced
 
 
 def test_compile_names_the_users_files_in_a_compiled_folder_and_keeps_them(tmp_path):
