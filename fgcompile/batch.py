@@ -72,7 +72,8 @@ def _is_summary(path: pathlib.Path) -> bool:
         rows = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
-    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and {"model", "status"} <= r.keys() for r in rows)
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and {"model", "status"} <= r.keys()
+                                                         for r in rows)
 
 
 def output_folders(models: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
@@ -92,7 +93,8 @@ def output_folders(models: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
         what = reserved.get(target) or ("a folder that holds the output folder"
                                         if root.startswith(target.rstrip(os.sep) + os.sep) else None)
         if what:
-            plan[model] = f"{model.name}: its output folder {dest} would be {what}. Rename the model, e.g. to model.onnx."
+            plan[model] = (f"{model.name}: its output folder {dest} would be {what}. Rename the model, e.g. to "
+                           "model.onnx.")
         else:
             claims[target].append(model)
     for group in claims.values():
