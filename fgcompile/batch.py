@@ -57,8 +57,11 @@ def _check_out(out_dir: pathlib.Path, models: list, force: bool) -> None:
         raise OutputError(f"{out_dir}: exists and is not a folder; -o takes the folder to write the compiled "
                           "models into. Choose another -o.")
     summary = out_dir / SUMMARY
+    if os.path.isdir(summary):
+        raise OutputError(f"{summary}: is a folder where batch writes its summary. Move it away, or choose another "
+                          "-o.")
     modelio.check_output_file(summary, {p: "an input model" for p in models})
-    if os.path.exists(summary) and not force and not _is_summary(summary):
+    if os.path.lexists(summary) and not force and not _is_summary(summary):   # a dangling symlink too
         raise OutputError(f"{summary}: exists and is not a summary fgcompile batch wrote; batch writes its summary "
                           "there. Move the file away, choose another -o, or pass --force to replace it.")
     try:   # now, not after every model has compiled into a folder it cannot write

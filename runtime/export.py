@@ -122,17 +122,17 @@ def check_export_path(path, protected: dict, force: bool = False) -> None:
     exported (or any regular file, with force); never one of the `protected` files {path: what it is}."""
     path = pathlib.Path(path)
     modelio.check_output_file(path, protected)
-    if os.path.exists(path) and not force and not is_exported(path):
+    if os.path.lexists(path) and not force and not is_exported(path):   # a dangling symlink too
         raise OutputError(f"{path}: exists and is not a model fgcompile exported; export replaces only its own "
                           "exports. Choose another -o path, or pass --force to replace the file.")
 
 
 def is_exported(path) -> bool:
-    if modelio.regular_file(path, "model") > modelio.PROTOBUF_LIMIT:
-        return False
     try:
+        if modelio.regular_file(path, "model") > modelio.PROTOBUF_LIMIT:
+            return False
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ONNX at all: protobuf's DecodeError, or anything a random file makes it raise
+    except Exception:  # gone, special, or not ONNX at all (protobuf's DecodeError, or anything a random file raises)
         return False
     return any(p.key == EXPORTED_KEY for p in model.metadata_props)
 

@@ -103,12 +103,13 @@ def test_export_replaces_only_a_model_fgcompile_exported(tmp_path, trained):
     shutil.copy(TRAIN, tmp_path / "train.npz")
     (tmp_path / "notes.txt").write_text("the user's work")
     shutil.copy(CNN, tmp_path / "theirs.onnx")   # an ONNX model, but not one fgcompile exported
+    (tmp_path / "link.onnx").symlink_to("elsewhere.onnx")
     before = snapshot(tmp_path)
-    for name in ("train.npz", "notes.txt", "theirs.onnx"):
+    for name in ("train.npz", "notes.txt", "theirs.onnx", "link.onnx"):
         r = invoke("export", trained, "-o", tmp_path / name)
         refused(r, f"{tmp_path / name}: exists and is not a model fgcompile exported")
         assert "--force" in r.output
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before and os.readlink(tmp_path / "link.onnx") == "elsewhere.onnx"
     assert invoke("export", trained, "-o", tmp_path / "adapted.onnx").exit_code == 0
     assert invoke("export", trained, "-o", tmp_path / "adapted.onnx").exit_code == 0   # its own export
     assert invoke("export", trained, "-o", tmp_path / "notes.txt", "--force").exit_code == 0
@@ -230,7 +231,14 @@ def test_batch_keeps_a_summary_json_and_a_file_it_did_not_write(tmp_path):
     before = snapshot(tmp_path)
     refused(invoke("batch", src, "-o", tmp_path / "out"), "is not a summary fgcompile batch wrote")
     refused(invoke("batch", src, "-o", tmp_path / "file"), "exists and is not a folder")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "summary.json").symlink_to("elsewhere.json")
+    refused(invoke("batch", src, "-o", tmp_path / "linked"), "is not a summary fgcompile batch wrote")
+    (tmp_path / "folder" / "summary.json").mkdir(parents=True)
+    refused(invoke("batch", src, "-o", tmp_path / "folder"), "is a folder where batch writes its summary")
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path / "out")) == ["summary.json"]
+    assert os.readlink(tmp_path / "linked" / "summary.json") == "elsewhere.json"
+    assert os.listdir(tmp_path / "folder") == ["summary.json"]
 
 
 def test_batch_into_a_read_only_folder_fails_before_compiling(tmp_path):
