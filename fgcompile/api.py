@@ -43,8 +43,7 @@ def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
 def export_model(trained, path=None, force: bool = False):
     """A compiled folder (and the .onnx path to write): writes it and returns the rounding report, as
     `fgcompile export`. An in-memory Trainer, or compile_model's result: returns (ModelProto, report),
-    and also writes `path` when given. An existing `path` is replaced only if fgcompile exported it, or
-    with force."""
+    and also writes `path` when given."""
     if isinstance(trained, (str, os.PathLike)) or (isinstance(trained, Trainer) and trained.compiled is None):
         folder = trained if not isinstance(trained, Trainer) else trained.out
         if path is None:

@@ -23,15 +23,6 @@ class Group(click.Group):
             logging.getLogger("fgcompile").debug("the error's traceback", exc_info=True)
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except OSError as exc:   # a full disk in a write no atomic writer wraps (the training log's append)
-            from fgcompile.modelio import NO_SPACE, no_space
-            if exc.errno not in NO_SPACE:
-                raise
-            logging.getLogger("fgcompile").debug("the error's traceback", exc_info=True)
-            click.echo(f"error: {no_space(exc.filename, None)}" if exc.filename else "error: no space left on the "
-                       "device (or quota exceeded) while writing an output. Free some space, or write to another disk.",
-                       err=True)
-            sys.exit(2)
 
 
 @click.group(cls=Group)
@@ -304,8 +295,8 @@ def eval_cmd(model_or_out, data, as_json, **kw):
 @main.command()
 @click.argument("folder", metavar="OUT", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), help="Adapted .onnx to write.")
-@click.option("--output", "output_alias", type=click.Path(), hidden=True)   # its name before -o/--out
 @click.option("--force", is_flag=True, help="Replace an existing file that is not a model fgcompile exported.")
+@click.option("--output", "output_alias", type=click.Path(), hidden=True)   # its name before -o/--out
 @json_option
 def export(folder, out, output_alias, force, as_json):
     """Write the trained weights of OUT into a plain QDQ inference model."""

@@ -12,7 +12,6 @@ import onnx
 
 from fgcompile import folder, modelio
 from fgcompile.artifact import LAYOUT, Compiled
-from fgcompile.errors import NoSpaceError
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.spec import TrainSpec
 
@@ -29,18 +28,22 @@ def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path
                    own_training: bool = False) -> pathlib.Path:
     """Write the folder as a whole: build it beside OUT, then swap it in, so OUT is either the old
     folder or the complete new one (an old checkpoint, which would not match the new graph, goes).
-    OUT must be new, empty or a compiled folder (one holding training or files fgcompile did not write
-    only with force; training also with own_training), and must not hold source_path, the file the model
-    was read from. A full disk is a NoSpaceError that says how much the whole folder needs."""
+    OUT must be new, empty or a compiled folder (one holding training only with force or own_training,
+    one holding files fgcompile did not write only with force), and must not
+    hold source_path, the file the model was read from."""
     out = pathlib.Path(out_dir)
     folder.recover(out)
     folder.check_replaceable(out, [source_path] if source_path else [], force, own_training=own_training)
-    files = {LAYOUT.train: compiled.train.SerializeToString(), LAYOUT.eval: compiled.eval.SerializeToString(),
-             LAYOUT.state: modelio.npz_bytes(compiled.state), LAYOUT.source: compiled.source.SerializeToString()}
-    try:
-        with folder.staged(out, "compiled", source_path) as staging:
-            for name, data in files.items():
-                modelio.write_bytes(staging / name, data)
-    except NoSpaceError:
-        raise modelio.no_space(out, sum(map(len, files.values()))) from None
+    # a full disk names the folder and what all of it needs, not the one file that found the disk full
+    with modelio.space_for(out, _size(compiled)), folder.staged(out, "compiled", source_path) as staging:
+        modelio.save_model(compiled.train, staging / LAYOUT.train)
+        modelio.save_model(compiled.eval, staging / LAYOUT.eval)
+        modelio.save_npz(staging / LAYOUT.state, compiled.state)
+        modelio.save_model(compiled.source, staging / LAYOUT.source)
     return out
+
+
+def _size(compiled: Compiled) -> int:
+    """The bytes the folder's files take (the .npz headers aside)."""
+    return sum(m.ByteSize() for m in (compiled.train, compiled.eval, compiled.source)) + \
+        sum(a.nbytes for a in compiled.state.values())

@@ -26,7 +26,3 @@ class DataError(FgcompileError):
 
 class OutputError(FgcompileError):
     """An output path cannot be written."""
-
-
-class NoSpaceError(OutputError):
-    """A write found its disk (or the user's quota) full; the message says how much it needed."""

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fgcompile.errors import ModelError, NoSpaceError, OutputError
+from fgcompile.errors import ModelError, OutputError
 
 
 PROTOBUF_LIMIT = 2 ** 31 - 1   # bytes: protobuf cannot parse a larger message
@@ -143,6 +143,10 @@ def human_bytes(n: float) -> str:
         n /= 1024
 
 
+class NoSpaceError(OutputError):
+    """A write found its disk (or the user's quota) full; the message says how much it needed."""
+
+
 def no_space(path, needed: int | None) -> NoSpaceError:
     """The error for a write to PATH that found its disk (or the user's quota) full: how much the write
     needed and how much the disk has free."""
@@ -155,6 +159,16 @@ def no_space(path, needed: int | None) -> NoSpaceError:
     return NoSpaceError(f"{path}: no space left on the device (or quota exceeded): writing it needs {need} and "
                         f"{where} has {free} free; it is left as it was. Free some space there, or write to "
                         "another disk (another -o or folder).")
+
+
+@contextlib.contextmanager
+def space_for(path, size: int):
+    """Report a full disk inside the block as one write of `size` bytes to PATH (a folder written file by
+    file)."""
+    try:
+        yield
+    except NoSpaceError:
+        raise no_space(path, size) from None
 
 
 def process_alive(pid: int) -> bool:
@@ -237,14 +251,10 @@ def save_model(model: onnx.ModelProto, path) -> None:
     write_bytes(path, model.SerializeToString())
 
 
-def npz_bytes(arrays: dict) -> bytes:
+def save_npz(path, arrays: dict) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def save_npz(path, arrays: dict) -> None:
-    write_bytes(path, npz_bytes(arrays))
+    write_bytes(path, buf.getvalue())
 
 
 def save_json(path, obj) -> None:
