@@ -2,8 +2,8 @@
 the crash-safe swap, recovery after a crash, and the exclusive lock of a run.
 
 Replace rule: `compile -o OUT` replaces OUT only if it is missing, empty, or holds the marker (a folder
-fgcompile compiled); a compiled folder that holds training (checkpoint or log) needs --force; an OUT that
-equals or contains the input model is never replaced.
+fgcompile compiled); a compiled folder that holds training (checkpoint or log) or files fgcompile did not write
+(named in the refusal) needs --force; an OUT that equals or contains the input model is never replaced.
 Swap: OUT → .OUT.fgcompile-old-PID, staging → OUT, then the old one is removed. A crash between the two
 renames leaves OUT missing and the old folder beside it; the next run that touches OUT puts it back.
 Everything fgcompile leaves behind after kill -9 (staging folders, old folders, .tmp files) carries
@@ -79,7 +79,8 @@ def marker(folder) -> dict:
         return {}
 
 
-def check_replaceable(out, inputs=(), force: bool = False, kind: str = "compiled", own_training: bool = False) -> None:
+def check_replaceable(out, inputs=(), force: bool = False, kind: str = "compiled",
+                      own_training: bool = False) -> None:
     """Raise OutputError unless OUT may be (re)written as a `kind` folder (see the module's rule).
     own_training: the caller made OUT's training itself (the demo) and may discard it without force."""
     out = pathlib.Path(out)
@@ -191,7 +192,7 @@ def locked(folder, action: str = "train"):
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:   # the pid only names the holder: a full disk must not stop a run that writes elsewhere
+        except OSError as exc:   # the pid only names the holder: a full disk must not stop a run writing elsewhere
             if exc.errno not in modelio.NO_SPACE:
                 raise
         yield
