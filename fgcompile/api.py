@@ -14,7 +14,6 @@ import os
 
 import onnx
 
-from fgcompile import modelio
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.artifact import Compiled
 from fgcompile.errors import ModelError, SpecError, wrong_type
@@ -42,7 +41,7 @@ def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
                       schedule=schedule, folds=folds)
 
 
-def export_model(trained, path=None):
+def export_model(trained, path=None, force: bool = False):
     """A compiled folder (and the .onnx path to write): writes it and returns the rounding report, as
     `fgcompile export`. An in-memory Trainer, or compile_model's result: returns (ModelProto, report),
     and also writes `path` when given."""
@@ -55,7 +54,7 @@ def export_model(trained, path=None):
         folder = trained if not isinstance(trained, Trainer) else trained.out
         if path is None:
             raise SpecError("export_model(folder, path): pass the .onnx path to write.")
-        return _export.export_model(folder, path)
+        return _export.export_model(folder, path, force)
     compiled = trained.compiled if isinstance(trained, Trainer) else trained
     model, report = _export.export_state(compiled.source, compiled.contract, trained.state,
                                          _export.matrices(compiled.train, compiled.contract))
@@ -64,5 +63,6 @@ def export_model(trained, path=None):
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"the exported model fails onnx.checker ({str(exc).splitlines()[0]}).") from None
     if path is not None:
-        modelio.save_model(model, path)
+        _export.check_export_path(path, {}, force)
+        _export.save_exported(model, path)
     return model, report

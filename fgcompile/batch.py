@@ -6,6 +6,7 @@ end of the run. Ctrl-C stops the running children promptly and still writes the 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -16,11 +17,11 @@ import sys
 import tempfile
 import time
 
-from fgcompile import modelio
+from fgcompile import folder, modelio
 from fgcompile.artifact import LAYOUT
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.report import format_table
-from fgcompile.errors import FgcompileError, SpecError
+from fgcompile.errors import FgcompileError, OutputError, SpecError
 from fgcompile.spec import TrainSpec
 
 SUMMARY = "summary.json"
@@ -50,6 +51,65 @@ def folder_name(model: pathlib.Path) -> str:
     return model.stem if model.stem != SUMMARY else f"{model.stem}_model"
 
 
+def _check_out(out_dir: pathlib.Path, models: list, force: bool) -> None:
+    """OUT must be a folder (or new), and its summary.json new or one that batch wrote (any file, with force)."""
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder; -o takes the folder to write the compiled "
+                          "models into. Choose another -o.")
+    summary = out_dir / SUMMARY
+    if os.path.isdir(summary):
+        raise OutputError(f"{summary}: is a folder where batch writes its summary. Move it away, or choose another "
+                          "-o.")
+    modelio.check_output_file(summary, {p: "an input model" for p in models})
+    if os.path.lexists(summary) and not force and not _is_summary(summary):   # a dangling symlink too
+        raise OutputError(f"{summary}: exists and is not a summary fgcompile batch wrote; batch writes its summary "
+                          "there. Move the file away, choose another -o, or pass --force to replace it.")
+    try:   # now, not after every model has compiled into a folder it cannot write
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write here ({exc.strerror}). Choose a writable folder with -o.") from None
+
+
+def _is_summary(path: pathlib.Path) -> bool:
+    try:
+        rows = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and {"model", "status"} <= r.keys()
+                                                         for r in rows)
+
+
+def output_folders(models: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
+    """{model: its output folder, or why it gets none}, decided for every model before any compiles.
+
+    A folder must be a folder of its own inside OUT: not OUT itself, a folder holding OUT (`..onnx`,
+    `...onnx`) or the summary. Where several models map to one folder (`summary.json.onnx` and
+    `summary.json_model.onnx`, or a symlink in OUT), the model whose stem is the folder's name keeps it
+    (else the first by name) and the others fail, so no model's output silently replaces another's.
+    """
+    root = os.path.realpath(out_dir)
+    reserved = {root: "the output folder itself", os.path.realpath(out_dir / SUMMARY): "the batch's summary file"}
+    plan, claims = {}, collections.defaultdict(list)
+    for model in models:
+        dest = out_dir / folder_name(model)
+        target = os.path.realpath(dest)
+        what = reserved.get(target) or ("a folder that holds the output folder"
+                                        if root.startswith(target.rstrip(os.sep) + os.sep) else None)
+        if what:
+            plan[model] = (f"{model.name}: its output folder {dest} would be {what}. Rename the model, e.g. to "
+                           "model.onnx.")
+        else:
+            claims[target].append(model)
+    for group in claims.values():
+        group.sort(key=lambda m: (folder_name(m) != m.stem, m.name))
+        first = group[0]
+        plan[first] = out_dir / folder_name(first)
+        for model in group[1:]:
+            plan[model] = (f"{model.name}: its output folder {out_dir / folder_name(model)} is also {first.name}'s, "
+                           "and one would replace the other. Rename one of the two models.")
+    return plan
+
+
 def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: float = 600.0, force: bool = False,
                   on_done=None) -> tuple[list[dict], bool]:
     """(rows sorted by model, interrupted). At most min(jobs, models, CPUs) children run at once."""
@@ -63,21 +123,25 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
     models = sorted(in_dir.glob("*.onnx"))
     if not models:
         raise FgcompileError(f"{in_dir}: holds no .onnx files.")
-    modelio.check_output_file(out_dir / SUMMARY, {p: "an input model" for p in models})
+    _check_out(out_dir, models, force)
+    plan = output_folders(models, out_dir)
     jobs = min(jobs, len(models), os.cpu_count() or 1)
-    pending, running, rows, interrupted = list(models), {}, [], False
+    pending, running, rows, interrupted = [m for m in models if not isinstance(plan[m], str)], {}, [], False
 
     def finish(row):
         rows.append(row)
         if on_done:
             on_done(row)
 
+    for model in models:
+        if isinstance(plan[model], str):
+            finish(_failed(model, time.monotonic(), plan[model]))
     with tempfile.TemporaryDirectory(prefix="fgcompile-batch-") as scratch:
         try:
             while pending or running:
                 while pending and len(running) < jobs:
                     model = pending.pop(0)
-                    running[model] = _start(model, out_dir / folder_name(model), spec, force, pathlib.Path(scratch))
+                    running[model] = _start(model, plan[model], spec, force, pathlib.Path(scratch))
                 for model, (proc, t0, result) in list(running.items()):
                     if proc.poll() is None and time.monotonic() - t0 <= timeout:
                         continue
@@ -95,10 +159,21 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
             for model, (proc, t0, _) in running.items():
                 _stop(proc)
                 rows.append(_failed(model, t0, "stopped by Ctrl-C before it finished.", status="cancelled"))
+    _check_owners(rows, plan)
     rows.sort(key=lambda r: r["model"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     modelio.save_json(out_dir / SUMMARY, rows)
     return rows, interrupted
+
+
+def _check_owners(rows: list[dict], plan: dict) -> None:
+    """An "ok" row's folder must hold its own model's output: the marker names the model it came from. (A
+    case-insensitive output disk can still map two names to one folder.)"""
+    by_name = {m.name: m for m in plan}
+    for row in rows:
+        model = by_name[row["model"]]
+        if row["status"] == "ok" and folder.marker(plan[model]).get("source") != os.path.realpath(model):
+            row.update(status="error", error=f"{plan[model]}: another model of this batch wrote the same folder "
+                                             "(a case-insensitive disk?). Rename one of the two models.")
 
 
 def _pause() -> None:

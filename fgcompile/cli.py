@@ -212,7 +212,8 @@ def inspect(model, m, momentum, sharpness, as_json):
 @main.command("compile")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
-@click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log).")
+@click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log) or "
+              "files fgcompile did not write (they are deleted).")
 @click.option("--calibration", type=click.Path(), default=None,
               help="Inputs (.npz with x, y; e.g. the training data) for --precondition, frozen at compile time.")
 @spec_options
@@ -339,16 +340,17 @@ def eval_cmd(model_or_out, data, as_json, **kw):
 @main.command()
 @click.argument("folder", metavar="OUT", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), help="Adapted .onnx to write.")
+@click.option("--force", is_flag=True, help="Replace an existing file that is not a model fgcompile exported.")
 @click.option("--output", "output_alias", type=click.Path(), hidden=True)   # its name before -o/--out
 @json_option()
-def export(folder, out, output_alias, as_json):
+def export(folder, out, output_alias, force, as_json):
     """Write the trained weights of OUT into a plain QDQ inference model."""
     from fgcompile.report import describe_export
     from fgcompile.runtime.export import export_model
     output = out or output_alias
     if output is None:
         raise click.UsageError("Missing option '-o' / '--out'.")
-    report = export_model(folder, output)
+    report = export_model(folder, output, force)
     if as_json:
         click.echo(json.dumps({"out": output, "tensors": report}))
         return
@@ -377,7 +379,8 @@ def verify(out, steps, data, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(), help="One compiled folder per model + summary.json.")
 @click.option("--jobs", default=2, show_default=True, help="Parallel processes (at most one per model and CPU).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds one model may take before it is stopped.")
-@click.option("--force", is_flag=True, help="Replace compiled folders in OUT that hold training.")
+@click.option("--force", is_flag=True, help="Replace compiled folders in OUT that hold training or files fgcompile did "
+              "not write, and an OUT/summary.json batch did not write.")
 @spec_options
 @config.option("compile")
 def batch(in_dir, out, jobs, timeout, force, **kw):
@@ -401,10 +404,11 @@ def batch(in_dir, out, jobs, timeout, force, **kw):
               help="digits: the default model (8x8 digits, a rotated sensor); kws: keyword spotting on "
                    "synthesized speech, heard through a cheap microphone.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo(out, epochs, task, quiet):
+@click.option("--force", is_flag=True, help="Delete files you added to OUT/compiled (the demo replaces that folder).")
+def demo(out, epochs, task, quiet, force):
     """The main job on a shipped model: adapt it to the target domain on-device style."""
     from fgcompile.demo import run_demo
-    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet, task=task)
+    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet, task=task, force=force)
 
 
 if __name__ == "__main__":

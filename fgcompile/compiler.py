@@ -38,10 +38,12 @@ def compile_model(model, spec: TrainSpec | None = None, calibration=None) -> Com
     return compile_graph(model, spec, calibration)
 
 
-def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path=None) -> pathlib.Path:
+def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path=None,
+                   own_training: bool = False) -> pathlib.Path:
     """Write the folder as a whole: build it beside OUT, then swap it in, so OUT is either the old
     folder or the complete new one (an old checkpoint, which would not match the new graph, goes).
-    OUT must be new, empty or a compiled folder (one holding training only with force), and must not
+    OUT must be new, empty or a compiled folder (one holding training only with force or own_training,
+    one holding files fgcompile did not write only with force), and must not
     hold source_path, the file the model was read from."""
     if not isinstance(compiled, Compiled):
         raise wrong_type("write_compiled(compiled=…)", "compile_model's result", compiled)
@@ -49,8 +51,9 @@ def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path
         raise wrong_type("write_compiled(out_dir=…)", "the path of the folder to write", out_dir)
     out = pathlib.Path(out_dir)
     folder.recover(out)
-    folder.check_replaceable(out, [source_path] if source_path else [], force)
-    with folder.staged(out, "compiled", source_path) as staging:
+    folder.check_replaceable(out, [source_path] if source_path else [], force, own_training=own_training)
+    # a full disk names the folder and what all of it needs, not the one file that found the disk full
+    with modelio.space_for(out, _size(compiled)), folder.staged(out, "compiled", source_path) as staging:
         modelio.save_model(compiled.train, staging / LAYOUT.train)
         modelio.save_model(compiled.eval, staging / LAYOUT.eval)
         # the state records its train.onnx as a checkpoint does: another compile's is refused on load
@@ -58,3 +61,9 @@ def write_compiled(compiled: Compiled, out_dir, force: bool = False, source_path
                         {"step": 0, "train_sha256": validate.file_sha256(staging / LAYOUT.train)})
         modelio.save_model(compiled.source, staging / LAYOUT.source)
     return out
+
+
+def _size(compiled: Compiled) -> int:
+    """The bytes the folder's files take (the .npz headers aside)."""
+    return sum(m.ByteSize() for m in (compiled.train, compiled.eval, compiled.source)) + \
+        sum(a.nbytes for a in compiled.state.values())

@@ -21,7 +21,7 @@ from fgcompile.runtime.export import export_model
 from fgcompile.runtime.trainer import Trainer
 from fgcompile.runtime.tune import tune
 from fgcompile.spec import TrainSpec
-from fgcompile.errors import SpecError
+from fgcompile.errors import OutputError, SpecError
 
 
 TASKS = {"digits": None, "kws": "kws_dscnn"}   # task -> shipped model (None: the manifest's default)
@@ -38,7 +38,10 @@ def task_files(task: str = "digits") -> dict:
 
 
 def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpec | None = None, echo=print,
-             progress: bool = True, task: str = "digits") -> dict:
+             progress: bool = True, task: str = "digits", force: bool = False) -> dict:
+    """Run the demo into OUT_DIR: a new or empty folder, or an earlier demo's, whose compiled folder (and
+    its training), adapted.onnx and training.png it replaces. Files the user added to OUT_DIR/compiled
+    would go with it: they need force."""
     files = task_files(task)
     epochs = DEFAULTS[task][0] if epochs is None else epochs
     spec = spec or DEFAULTS[task][1]
@@ -46,9 +49,14 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     if epochs < 1 or batch < 1:
         raise SpecError(f"--epochs {epochs}: the demo trains at least one epoch.")
     folder.recover(out)
-    folder.check_replaceable(out, [files["model"]], force=True, kind="demo")
+    folder.check_replaceable(out, [files["model"]], kind="demo")
+    folder.check_replaceable(out / "compiled", [files["model"]], force, own_training=True)
     if not (out / LAYOUT.marker).exists():
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:   # e.g. the default -o in a read-only working folder
+            raise OutputError(f"{modelio.real_path(out)}: cannot write here ({exc.strerror}). Pass -o DIR with a "
+                              "writable folder.") from None
         modelio.save_json(out / LAYOUT.marker, {"kind": "demo"})
     source = modelio.load_model(files["model"])
     echo(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
@@ -56,7 +64,7 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     from fgcompile.runtime.data import load_data
     train_x = load_data(files["target_train"])[0]   # whitening calibrates on the training inputs only
     compiled = compile_model(source, spec, calibration=train_x)
-    write_compiled(compiled, out / "compiled", force=True, source_path=files["model"])
+    write_compiled(compiled, out / "compiled", force, source_path=files["model"], own_training=True)
     echo(f"compiled: {out / 'compiled'}")
     for line in describe_compile(compiled.contract):
         echo(f"  {line}")
@@ -68,7 +76,7 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     history = trainer.fit(files["target_train"], files["target_test"], epochs=epochs, batch=batch,
                           progress=progress, restart=True)
     after = {d: evaluate(out / "compiled", files[d]) for d in ("source_test", "target_test")}
-    report = export_model(out / "compiled", out / "adapted.onnx")
+    report = export_model(out / "compiled", out / "adapted.onnx", force=True)   # the demo folder's own file
     exported = {d: evaluate(out / "adapted.onnx", files[d]) for d in ("source_test", "target_test")}
     echo("")
     for line in format_table(("split", "before", "after", "exported"),

@@ -2,8 +2,8 @@
 the crash-safe swap, recovery after a crash, and the exclusive lock of a run.
 
 Replace rule: `compile -o OUT` replaces OUT only if it is missing, empty, or holds the marker (a folder
-fgcompile compiled); a compiled folder that holds training (checkpoint or log) needs --force; an OUT that
-equals or contains the input model is never replaced.
+fgcompile compiled); a compiled folder that holds training (checkpoint or log) or files fgcompile did not write
+(named in the refusal) needs --force; an OUT that equals or contains the input model is never replaced.
 Swap: OUT → .OUT.fgcompile-old-PID, staging → OUT, then the old one is removed. A crash between the two
 renames leaves OUT missing and the old folder beside it; the next run that touches OUT puts it back.
 Everything fgcompile leaves behind after kill -9 (staging folders, old folders, .tmp files) carries
@@ -79,12 +79,14 @@ def marker(folder) -> dict:
         return {}
 
 
-def check_replaceable(out, inputs=(), force: bool = False, kind: str = "compiled") -> None:
-    """Raise OutputError unless OUT may be (re)written as a `kind` folder (see the module's rule)."""
+def check_replaceable(out, inputs=(), force: bool = False, kind: str = "compiled",
+                      own_training: bool = False) -> None:
+    """Raise OutputError unless OUT may be (re)written as a `kind` folder (see the module's rule).
+    own_training: the caller made OUT's training itself (the demo) and may discard it without force."""
     out = pathlib.Path(out)
-    real = out.resolve()
+    real = modelio.real_path(out)
     for source in inputs:
-        src = pathlib.Path(source).resolve()
+        src = modelio.real_path(source)
         if src == real or real in src.parents:
             raise OutputError(f"{out}: this output folder holds the input {source}; writing it would delete "
                               "the input. Choose an -o folder outside the input's folder, e.g. -o compiled/.")
@@ -102,8 +104,16 @@ def check_replaceable(out, inputs=(), force: bool = False, kind: str = "compiled
         raise OutputError(f"{out}: the folder exists and was not written by fgcompile ({len(entries)} entries, "
                           f"e.g. {sorted(entries)[0]!r}); fgcompile replaces only folders it wrote. Choose a new "
                           "or empty -o folder.")
+    if kind != "compiled" or force:
+        return
+    # the swap replaces the whole folder: anything in it that fgcompile did not write would go with it
+    foreign = sorted(n for n in entries if n not in LAYOUT.names() and not modelio.is_temp(n))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{out}: holds files fgcompile did not write ({shown}) that recompiling would delete. "
+                          "Move them out of the folder, choose another -o, or pass --force to delete them.")
     trained = [n for n in (LAYOUT.checkpoint, LAYOUT.log) if n in entries]
-    if trained and not force:
+    if trained and not own_training:
         raise OutputError(f"{out}: holds training ({', '.join(trained)}) that recompiling would discard. Export "
                           f"it first (fgcompile export {out} -o adapted.onnx), choose another -o, or pass --force "
                           "to replace it.")
@@ -115,23 +125,36 @@ def staged(out, kind: str = "compiled", source=None):
     in for OUT. On failure OUT is untouched and the staging folder is gone."""
     out = pathlib.Path(out)
     if out.is_symlink():
-        out = out.resolve()
+        out = modelio.real_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.{_STAGING}-{os.getpid()}-", dir=out.parent))
-        staging.chmod(modelio.default_mode(directory=True))
-        info = {"kind": kind, "fgcompile": __version__}
-        if source is not None:
-            info["source"] = str(pathlib.Path(source).resolve())
-        modelio.save_json(staging / LAYOUT.marker, info)
-        (staging / LAYOUT.lock).touch()
     except OSError as exc:
+        if exc.errno in modelio.NO_SPACE:
+            raise modelio.no_space(out, None) from None
         raise OutputError(f"{out}: cannot write here ({exc.strerror}). Choose a writable folder with -o.") from None
     try:
+        _mark(staging, kind, source)
         yield staging
         _swap(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mark(staging: pathlib.Path, kind: str, source) -> None:
+    """The staging folder's permissions, marker and lock file."""
+    info = {"kind": kind, "fgcompile": __version__}
+    if source is not None:
+        info["source"] = str(modelio.real_path(source))
+    try:
+        staging.chmod(modelio.default_mode(directory=True))
+        modelio.save_json(staging / LAYOUT.marker, info)
+        (staging / LAYOUT.lock).touch()
+    except OSError as exc:
+        if exc.errno in modelio.NO_SPACE:
+            raise modelio.no_space(staging, None) from None
+        raise OutputError(f"{staging.parent}: cannot write here ({exc.strerror}). Choose a writable folder with "
+                          "-o.") from None
 
 
 def _swap(staging: pathlib.Path, out: pathlib.Path) -> None:
@@ -166,8 +189,12 @@ def locked(folder, action: str = "train"):
             raise OutputError(f"{folder}: another fgcompile process (pid {holder}) is using this folder; cannot "
                               f"{action} it at the same time. Wait for that process to finish (or stop it), "
                               "or use another folder.") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:   # the pid only names the holder: a full disk must not stop a run writing elsewhere
+            if exc.errno not in modelio.NO_SPACE:
+                raise
         yield
     finally:
         os.close(fd)

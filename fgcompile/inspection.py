@@ -40,6 +40,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import ModelError
+from fgcompile.modelio import human_bytes
 from fgcompile.grid import WIDENING, training_grid
 from fgcompile.report import format_table
 from fgcompile.spec import TrainSpec
@@ -140,8 +141,8 @@ def format_inspection(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> st
     head = ("site", "op", "role", "tensor", "shape", "dtype", "axis", "params", "trains on", "train mem",
             "loop mem")
     body = [(r.site, r.op, r.role, r.tensor, "x".join(map(str, r.shape)) or "scalar", r.dtype,
-             "-" if r.axis is None else str(r.axis), str(r.params), r.grid, _human(r.train_bytes),
-             _human(r.loop_bytes)) for r in rows]
+             "-" if r.axis is None else str(r.axis), str(r.params), r.grid, human_bytes(r.train_bytes),
+             human_bytes(r.loop_bytes)) for r in rows]
     sites = {r.site for r in rows}
     norms = {r.site for r in rows if r.role == "scale"}
     total = sum(r.params for r in rows)
@@ -150,10 +151,3 @@ def format_inspection(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> st
                "(normalization sites train when named with --train)")
     out += [f"stays float: {f.node} ({f.op}: {', '.join(f.tensors)}): {f.why}" for f in floats]
     return "\n".join(out)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024

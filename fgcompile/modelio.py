@@ -5,11 +5,13 @@ A reader gets either a whole file or none: no command leaves a half-written outp
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import pathlib
 import re
+import shutil
 import stat
 import tempfile
 
@@ -141,6 +143,55 @@ TEMP_TAG = "fgcompile"
 _TEMP = re.compile(rf"^\..+\.{TEMP_TAG}-(\d+)-\w+\.tmp$")
 
 
+def is_temp(name: str) -> bool:
+    """Whether NAME is the temp file of one of fgcompile's atomic writes."""
+    return _TEMP.match(name) is not None
+
+
+def real_path(path) -> pathlib.Path:
+    """PATH with every symlink resolved; a symlink loop stays as it is (pathlib's resolve() raises
+    RuntimeError on one before Python 3.13), so that the command reading it reports ELOOP as one error."""
+    return pathlib.Path(os.path.realpath(path))
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+class NoSpaceError(OutputError):
+    """A write found its disk (or the user's quota) full; the message says how much it needed."""
+
+
+def no_space(path, needed: int | None) -> NoSpaceError:
+    """The error for a write to PATH that found its disk (or the user's quota) full: how much the write
+    needed and how much the disk has free."""
+    where = pathlib.Path(path).parent
+    try:
+        free = human_bytes(shutil.disk_usage(where).free)
+    except OSError:
+        free = "an unknown amount"
+    need = human_bytes(needed) if needed is not None else "more space"
+    return NoSpaceError(f"{path}: no space left on the device (or quota exceeded): writing it needs {need} and "
+                        f"{where} has {free} free; it is left as it was. Free some space there, or write to "
+                        "another disk (another -o or folder).")
+
+
+@contextlib.contextmanager
+def space_for(path, size: int):
+    """Report a full disk inside the block as one write of `size` bytes to PATH (a folder written file by
+    file)."""
+    try:
+        yield
+    except NoSpaceError:
+        raise no_space(path, size) from None
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -164,8 +215,9 @@ def remove_stale_temps(folder) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
+def atomic_path(path, size: int | None = None):
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`. A full disk is an
+    OutputError that says `size`, the bytes the write needed; `path` and the disk are left as they were."""
     path = pathlib.Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,13 +225,19 @@ def atomic_path(path):
         os.fchmod(fd, default_mode())
         os.close(fd)
     except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space(path, size) from None
         raise OutputError(f"{path}: cannot write here ({exc.strerror}). Choose a writable output "
                           "directory with -o.") from None
     try:
         yield pathlib.Path(tmp)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())   # a delayed-allocation file system may report ENOSPC only here
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space(path, size) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -189,9 +247,9 @@ def check_output_file(path, protected: dict) -> None:
     """Raise OutputError unless PATH may be replaced by a regular file: it must not be a folder or a special
     file (a FIFO, a device such as /dev/null), nor one of the `protected` files {path: what it is}."""
     path = pathlib.Path(path)
-    real = path.resolve()
+    real = real_path(path)
     for other, what in protected.items():
-        other = pathlib.Path(other).resolve()
+        other = real_path(other)
         if real == other or other in real.parents:
             raise OutputError(f"{path}: is {what}; writing there would destroy it. Choose another output "
                               "file, e.g. -o adapted.onnx.")
@@ -206,7 +264,7 @@ def check_output_file(path, protected: dict) -> None:
 
 
 def write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, len(data)) as tmp:
         tmp.write_bytes(data)
 
 
@@ -229,7 +287,8 @@ def save_figure(fig, path, dpi: int = 100) -> pathlib.Path:
     import matplotlib.pyplot as plt
     path = pathlib.Path(path)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
+    write_bytes(path, buf.getvalue())
     return path

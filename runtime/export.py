@@ -12,15 +12,17 @@ and dtypes as the input model; the report says what the rounding and any refit s
 """
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fgcompile import folder, modelio, validate
+from fgcompile import __version__, folder, modelio, validate
 from fgcompile.artifact import LAYOUT, Contract, StateTensor, Whitening
-from fgcompile.errors import ModelError
+from fgcompile.errors import ModelError, OutputError
 from fgcompile.grid import deployed_scale, narrow, requantize, round_half_away
 from . import checkpoint
 from .trainer import latest_state, open_train_graph, session_of
@@ -112,9 +114,41 @@ def _bias(model, inits, name: str, value: np.ndarray, factor: float, ratio: np.n
     return q.astype(np.int32), float((q != b).mean())
 
 
-def export_model(out_dir, path) -> dict:
-    """Write OUT's latest state into a copy of its source model at PATH. PATH must be a regular file (or
-    new), not a file of OUT and not the model OUT was compiled from."""
+EXPORTED_KEY = "fgcompile-exported"   # the metadata_props entry by which export knows a model it wrote
+
+
+def check_export_path(path, protected: dict, force: bool = False) -> None:
+    """Raise OutputError unless PATH may be written: new, or a regular file that is a model fgcompile
+    exported (or any regular file, with force); never one of the `protected` files {path: what it is}."""
+    path = pathlib.Path(path)
+    modelio.check_output_file(path, protected)
+    if os.path.lexists(path) and not force and not is_exported(path):   # a dangling symlink too
+        raise OutputError(f"{path}: exists and is not a model fgcompile exported; export replaces only its own "
+                          "exports. Choose another -o path, or pass --force to replace the file.")
+
+
+def is_exported(path) -> bool:
+    try:
+        if modelio.regular_file(path, "model") > modelio.PROTOBUF_LIMIT:
+            return False
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # gone, special, or not ONNX at all (protobuf's DecodeError, or anything a random file raises)
+        return False
+    return any(p.key == EXPORTED_KEY for p in model.metadata_props)
+
+
+def save_exported(model: onnx.ModelProto, path) -> None:
+    """Write the exported model with the metadata entry that marks it as fgcompile's."""
+    for p in [p for p in model.metadata_props if p.key == EXPORTED_KEY]:
+        model.metadata_props.remove(p)
+    model.metadata_props.add(key=EXPORTED_KEY, value=json.dumps({"fgcompile": __version__}))
+    modelio.save_model(model, path)
+
+
+def export_model(out_dir, path, force: bool = False) -> dict:
+    """Write OUT's latest state into a copy of its source model at PATH. PATH must be new or a model
+    fgcompile exported (any regular file with force), not a file of OUT and not the model OUT was
+    compiled from."""
     out, path = pathlib.Path(out_dir), pathlib.Path(path)
     folder.recover(out)
     if not (out / LAYOUT.train).is_file() or not (out / LAYOUT.source).is_file():
@@ -123,7 +157,7 @@ def export_model(out_dir, path) -> dict:
     protected = {out: f"inside the compiled folder {out}"}
     if folder.marker(out).get("source"):
         protected[folder.marker(out)["source"]] = f"the model {out} was compiled from"
-    modelio.check_output_file(path, protected)
+    check_export_path(path, protected, force)
     modelio.remove_stale_temps(path.parent)
     train, contract, train_sha256 = open_train_graph(out)
     model = modelio.load_model(out / LAYOUT.source)
@@ -137,7 +171,7 @@ def export_model(out_dir, path) -> dict:
         raise ModelError(f"{out / LAYOUT.source}: the exported model fails onnx.checker ({str(exc).splitlines()[0]}). "
                          "Recompile the model.") from None
     session_of(model, path)  # the exported file must load in stock onnxruntime
-    modelio.save_model(model, path)
+    save_exported(model, path)
     return report
 
 

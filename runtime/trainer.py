@@ -9,6 +9,7 @@ A step whose loss is NaN or Inf keeps the old state and is counted (bad_steps).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -242,8 +243,7 @@ class Trainer:
             record.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
         LOGGER.info("epoch %s", json.dumps(record))
         if self.out is not None:
-            with open(self.out / LAYOUT.log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_line(self.out / LAYOUT.log, json.dumps(record))
         return record
 
     def _check_run(self, before: dict | None, now: dict, allow: bool) -> None:
@@ -349,6 +349,21 @@ def _batch_order(seed: int, n: int, batch: int, per_epoch: int, start: int, tota
         if epoch != perm_epoch:
             perm, perm_epoch = np.random.default_rng([seed, epoch]).permutation(n), epoch
         yield step, epoch, pos == per_epoch - 1, perm[pos * batch:(pos + 1) * batch]
+
+
+def _append_line(path: pathlib.Path, line: str) -> None:
+    """Append one line whole or not at all: a write the disk cut short is cut back off."""
+    data = f"{line}\n".encode()
+    with open(path, "ab", buffering=0) as f:
+        start = f.tell()
+        try:
+            if f.write(data) != len(data):   # a short write: the disk filled mid-line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        except OSError as exc:
+            f.truncate(start)
+            if exc.errno in modelio.NO_SPACE:
+                raise modelio.no_space(path, len(data)) from None
+            raise
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
