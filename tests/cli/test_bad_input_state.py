@@ -133,33 +133,6 @@ def test_a_checkpoint_without_the_epochs_sums_resumes_and_says_what_the_epoch_co
     assert [h["epoch"] for h in log_of(out)] == [1, 2]
 
 
-def one_class(tmp_path):
-    d = np.load(TRAIN)
-    np.savez(tmp_path / "one.npz", x=d["x"], y=np.full_like(d["y"], 3))
-    return tmp_path / "one.npz"
-
-
-TUNE_CASES = {
-    "one fold": (lambda tmp: ["--data", TRAIN, "--folds", 1],
-                 "--folds 1: must be at least 2 (or use --holdout F for one split"),
-    "zero folds": (lambda tmp: ["--data", TRAIN, "--folds", 0],
-                   "--folds 0: must be at least 2 (or use --holdout F for one split"),
-    "one fold and a holdout": (lambda tmp: ["--data", TRAIN, "--folds", 1, "--holdout", 0.2],
-                               "--folds 1: must be at least 2 (or use --holdout F for one split"),
-    "one class": (lambda tmp: ["--data", one_class(tmp), "--holdout", 0.2],
-                  "one.npz: all 500 labels are class 3; a rate chosen on one class is meaningless"),
-}
-
-
-@pytest.mark.parametrize("case", list(TUNE_CASES))
-def test_tune_refuses_one_fold_and_one_class(tmp_path, out, case):
-    args, message = TUNE_CASES[case]
-    args = args(tmp_path)
-    kept = snapshot(out)
-    refused(invoke("tune", out, "--epochs", 1, *args), message)
-    assert snapshot(out) == kept
-
-
 @pytest.fixture(scope="module")
 def compiled():
     return fgcompile.compile_model(CNN, fgcompile.TrainSpec(m=2))

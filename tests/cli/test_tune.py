@@ -138,6 +138,12 @@ def small(tmp_path):
     return tmp_path / "small.npz"
 
 
+def one_class(tmp_path):
+    d = np.load(TRAIN)
+    np.savez(tmp_path / "one.npz", x=d["x"], y=np.full_like(d["y"], 3))
+    return tmp_path / "one.npz"
+
+
 BAD = {
     "missing data": (lambda tmp: ["--data", tmp / "nope.npz"], "nope.npz: no such file"),
     "too small to split": (lambda tmp: ["--data", small(tmp), "--holdout", 0.2],
@@ -149,6 +155,12 @@ BAD = {
     "holdout and folds": (lambda tmp: ["--data", TRAIN, "--holdout", 0.3, "--folds", 5],
                           "--holdout 0.3 with --folds 5: K folds each hold out 1/K of the data; pass one"),
     "zero folds": (lambda tmp: ["--data", TRAIN, "--folds", 0], "--folds 0: must be at least 2"),
+    "one fold": (lambda tmp: ["--data", TRAIN, "--folds", 1],
+                 "--folds 1: must be at least 2 (or use --holdout F for one split"),
+    "one fold and a holdout": (lambda tmp: ["--data", TRAIN, "--folds", 1, "--holdout", 0.2],
+                               "--folds 1: must be at least 2 (or use --holdout F for one split"),
+    "one class": (lambda tmp: ["--data", one_class(tmp), "--holdout", 0.2],
+                  "one.npz: all 500 labels are class 3; a rate chosen on one class is meaningless"),
     "folds too small": (lambda tmp: ["--data", small(tmp), "--folds", 5],
                         "holds 40 examples; --folds 5 leaves 32 to fit and 8 to validate"),
 }
