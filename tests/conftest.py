@@ -12,6 +12,11 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))   # the benchmark modules are scripts, not an installed package
 
 
+def pytest_configure(config):
+    # also outside the checkout (CI's wheel job), where pyproject's marker list is not read
+    config.addinivalue_line("markers", "slow: rebuilds and heavy measurements; deselected by default")
+
+
 @pytest.fixture(scope="session")
 def target_train():
     d = np.load(MODELS / "data" / "digits_target_train.npz")
