@@ -33,6 +33,45 @@ def test_bce_chain_matches_reference(labels, branches):
     run_chain(detector(labels), spec, detection_data(labels), steps=6)
 
 
+def quantize_static_detector(tmp_path):
+    """x [B, 6] -> Gemm -> Relu -> Gemm -> Sigmoid in float, quantized by onnxruntime's quantize_static (QDQ,
+    uint8 activations): Q/DQ pairs around the logit and the probability, as shipped detectors have them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in (
+        ("w1", rng.normal(size=(8, 6)) / 3), ("b1", np.zeros(8)), ("w2", rng.normal(size=(1, 8)) / 3), ("b2", np.zeros(1)))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["z"], transB=1), helper.make_node("Sigmoid", ["z"], ["p"])]
+    graph = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "float.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": detection_data(n=64, seed=k)[0]} for k in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(tmp_path / "q.onnx")
+
+
+@pytest.mark.parametrize("branches", ["auto", "loop"])
+def test_quantize_static_detector_matches_reference(tmp_path, branches):
+    model = quantize_static_detector(tmp_path)
+    assert [n.op_type for n in model.graph.node][-4:] == ["DequantizeLinear", "Sigmoid", "QuantizeLinear",
+                                                          "DequantizeLinear"]
+    spec = TrainSpec(m=4, branches=branches)
+    compiled = compile_graph(model, spec)
+    assert compiled.contract.loss_tap == "z" and compiled.contract.spec.loss == "bce"
+    run_chain(model, spec, detection_data(), steps=6)
+
+
 def test_bce_loss_pass_matches_reference_per_branch():
     """The loss pass alone: loss_plus/loss_minus of one step equal qzoff.loss on the reference's logits of
     each perturbed branch (rtol 1e-5), and accuracy is the share of z > 0 ⇔ y = 1 over branches."""
