@@ -66,9 +66,13 @@ def head_of(model: onnx.ModelProto) -> Head:
 
 
 def check_classes(kind: str, classes: int | None, output: str = "") -> None:
-    """ModelError for a softmax/identity output with one class: a detector needs a Sigmoid output."""
+    """ModelError for a softmax/identity output with one class (a detector needs a Sigmoid output), or a
+    Sigmoid output whose label axis is not fixed (the labels' shape, [n] or [n, K], depends on it)."""
+    where = f" ({output!r}, [batch, {classes or '?'}])" if output else f" ([batch, {classes or '?'}])"
+    if kind == "sigmoid" and classes is None:
+        raise ModelError(f"the Sigmoid output{where} has no fixed number of labels, so the labels' shape ([n] for "
+                         "one, [n, K] for K) is unknown. Re-export the model with a fixed last axis.")
     if kind == "softmax" and classes == 1:
-        where = f" ({output!r}, [batch, 1])" if output else " ([batch, 1])"
         raise ModelError(f"the output has one class{where}; a detector needs a Sigmoid output (use --loss bce) or "
                          "two classes. Re-export the model with a Sigmoid on its output, or with one score per "
                          "class (e.g. [background, keyword]).")

@@ -29,7 +29,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "loss")
     F, L, m = b.f32, Typed(b, np.int64), ctx.spec.m
     one_label = ctx.spec.loss != "bce" or ctx.io.classes == 1
-    labels = gs.Variable("labels", dtype=np.int64, shape=["batch"] if one_label else ["batch", ctx.io.classes or "labels"])
+    labels = gs.Variable("labels", dtype=np.int64, shape=["batch"] if one_label else ["batch", ctx.io.classes])
     graph.inputs.append(labels)
     logits, bx = ctx.branches.logits, ctx.branches.logits_branch_axis
     batch_axis = 1 - bx

@@ -73,12 +73,12 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str,
 
 
 def _detection_labels(path, y: np.ndarray, n: int, labels: int | None) -> np.ndarray:
-    """The 0/1 labels of a Sigmoid output with `labels` per example: [n] for one ([n, 1] is taken too),
-    [n, K] for K."""
-    one = labels == 1 or labels is None and y.ndim == 1
+    """The 0/1 labels of a Sigmoid output with `labels` per example (fixed: fgcompile/heads.py): [n] for one
+    ([n, 1] is taken too), [n, K] for K."""
+    one = labels == 1
     if one and y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    want = [n] if one else [n, labels if labels is not None else (y.shape[1] if y.ndim == 2 else "K")]
+    want = [n] if one else [n, labels]
     if list(y.shape) != want:
         per = "one label per example" if one else f"{want[1]} labels per example (multi-label)"
         raise DataError(f"{path}: y has shape {list(y.shape)} but the model's Sigmoid output has {per}; y must be "

@@ -107,8 +107,11 @@ def test_loss_auto_and_refusals():
         compile_graph(qdq_graphs.dense_chain(0), TrainSpec(m=1, loss="bce"))
     with pytest.raises(SpecError, match="--loss ce: the model's output is a Sigmoid"):
         compile_graph(detector(), TrainSpec(m=1, loss="ce"))
-    with pytest.raises(ModelError, match="^the output has one class"):
+    with pytest.raises(ModelError, match=r"^the output has one class \('.*', \[batch, 1\]\); a detector needs"):
         compile_graph(qdq_graphs.dense_chain(0, widths=(6, 8, 1)), TrainSpec(m=1))
+    from fgcompile import heads
+    with pytest.raises(ModelError, match=r"Sigmoid output \(\[batch, \?\]\) has no fixed number of labels"):
+        heads.check_classes("sigmoid", None)
 
 
 # ----------------------------------------------------------------------------------------- metrics
