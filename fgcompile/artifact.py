@@ -102,7 +102,7 @@ class Whitening:
 class Inputs:
     """The training graph's input names per role (the data input is the first of data_inputs)."""
     data: str
-    labels: str = "labels"   # int64 [B]
+    labels: str = "labels"   # int64 [B]: class indices, or 0/1 ([B, K] for a multi-label Sigmoid head)
     seed: str = "seed"       # int32: the run's seed, two's-complement bits of a value in [0, 2**32)
     step: str = "step"       # int32: the training step k; z derives from (seed, step)
     lr: str = "lr"           # int32: the learning-rate numerator, η = lr / 2**shift
@@ -155,6 +155,7 @@ class Contract:
     stream: str
     probes: Probes | None = None
     precondition: list = dataclasses.field(default_factory=list)   # [Whitening]
+    head: str = "softmax"      # the output's head (fgcompile/heads.py): softmax | sigmoid
     format: str = TRAIN_FORMAT
     version: str = ""
 
@@ -167,7 +168,7 @@ class Contract:
                 "model_output": self.model_output, "loss_tap": self.loss_tap, "branches": self.branches,
                 "branches_reason": self.branches_reason, "tie_tolerance": self.tie_tolerance,
                 "probes": dataclasses.asdict(self.probes) if self.probes else None,
-                "precondition": [dataclasses.asdict(p) for p in self.precondition]}
+                "precondition": [dataclasses.asdict(p) for p in self.precondition], "head": self.head}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Contract":
@@ -179,7 +180,7 @@ class Contract:
                    loss_tap=d.get("loss_tap", ""), branches=d.get("branches", "cloned"),
                    branches_reason=d.get("branches_reason"), tie_tolerance=d.get("tie_tolerance", 0.0),
                    stream=d.get("stream", ""), probes=Probes(**probes) if isinstance(probes, dict) else None,
-                   precondition=[Whitening(**p) for p in d.get("precondition") or []],
+                   precondition=[Whitening(**p) for p in d.get("precondition") or []], head=d.get("head", "softmax"),
                    format=d.get("format", TRAIN_FORMAT), version=d.get("version", ""))
 
     def to_json(self) -> str:

@@ -10,6 +10,7 @@ import click
 from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
 from fgcompile.runtime.conformance import MAX_STEPS
+from fgcompile.runtime.metrics import FALSE_ALARM
 from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS,
                             PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
@@ -133,7 +134,10 @@ def spec_options(f):
         spec_option("--lr-shift", "lr_shift", help="η = lr_input / 2**shift (fixed point)."),
         spec_option("--perturbation", "perturbation", PERTURBATIONS),
         spec_option("--density", "density", help="Nonzero fraction of ternary z."),
-        spec_option("--loss", "loss", LOSSES),
+        spec_option("--loss", "loss", LOSSES,
+                    help="ce/mse: class scores, one class index per example; bce: 0/1 labels on the logit before a "
+                         "Sigmoid output [batch, K] (a detector, or K labels per example); auto: bce for a Sigmoid "
+                         "output, else ce."),
         spec_option("--estimator", "estimator", ESTIMATORS, help="sign: Sign-m-SPSA; spsa: quantized m-SPSA."),
         spec_option("--spsa-gain", "spsa_gain", help="m-SPSA: c = round(gain·ΔL)."),
         spec_option("--rounding", "rounding", ROUNDINGS),
@@ -308,7 +312,8 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @config.option("tune")
 def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as_json, **kw):
     """Choose the learning rate of OUT under a schedule by K-fold cross-validation on DATA (or on one
-    held-out share of it); `train` then uses both (OUT/tune.json)."""
+    held-out share of it); `train` then uses both (OUT/tune.json). Rates are scored by validation accuracy;
+    a Sigmoid output (a detector) by validation ROC AUC; ties by the lower loss."""
     from fgcompile.api import tune
     from fgcompile.report import describe_tune
     record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, folds=folds, seed=seed,
@@ -325,16 +330,18 @@ def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as
 @main.command("eval")
 @click.argument("model_or_out", type=click.Path())
 @click.option("--data", required=True, type=click.Path())
+@click.option("--false-alarm", type=float, default=FALSE_ALARM, show_default=True, metavar="F",
+              help="A Sigmoid output (a detector): report the miss rate where at most this share of the negatives "
+                   "fires, in (0, 1).")
 @session_options
 @json_option()
-def eval_cmd(model_or_out, data, as_json, **kw):
-    """Accuracy and mean cross-entropy of a model file or a compiled folder."""
+def eval_cmd(model_or_out, data, false_alarm, as_json, **kw):
+    """Accuracy and mean cross-entropy of a model file or a compiled folder; for a Sigmoid output (a
+    detector) accuracy at 0.5, binary cross-entropy, ROC AUC and the miss rate at a false-alarm rate."""
+    from fgcompile.report import describe_eval
     from fgcompile.runtime.evaluate import evaluate
-    r = evaluate(model_or_out, data, session=make_session_settings(kw))
-    if as_json:
-        click.echo(json.dumps(r))
-        return
-    click.echo(f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  ({r['samples']} samples)")
+    r = evaluate(model_or_out, data, session=make_session_settings(kw), false_alarm=false_alarm)
+    click.echo(json.dumps(r) if as_json else describe_eval(r))
 
 
 @main.command()

@@ -39,6 +39,15 @@ def describe_compile(contract: Contract) -> list[str]:
     return lines
 
 
+def describe_eval(r: dict) -> str:
+    """`fgcompile eval`'s line (runtime/evaluate.py's result); a Sigmoid head's adds AUC and the miss rate."""
+    line = f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}"
+    if "auc" in r:
+        shown = lambda v: "n/a (one class in the data)" if v is None else f"{v:.4f}"
+        line += f"  AUC {shown(r['auc'])}  miss rate {shown(r['miss_rate'])} at false-alarm rate {r['false_alarm']:g}"
+    return f"{line}  ({r['samples']} samples)"
+
+
 def describe_tune(record: dict) -> str:
     """What `fgcompile tune` chose and on what (runtime/tune.py's record)."""
     sp = record["split"]

@@ -15,7 +15,7 @@ import typing
 from fgcompile.errors import SpecError
 
 PERTURBATIONS = ("rademacher", "ternary", "gaussian")
-LOSSES = ("ce", "mse")
+LOSSES = ("auto", "ce", "mse", "bce")   # auto: bce for a Sigmoid output, else ce (TrainSpec.for_head)
 ESTIMATORS = ("sign", "spsa")
 ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
@@ -80,7 +80,7 @@ class TrainSpec:
     lr_shift: int = 8
     perturbation: str = "rademacher"
     density: float = 1.0
-    loss: str = "ce"
+    loss: str = "auto"
     estimator: str = "sign"
     spsa_gain: float = 64.0
     rounding: str = "nearest"
@@ -129,6 +129,20 @@ class TrainSpec:
             eps, lr = GRID_DEFAULTS[16 if grid_bits >= 16 else 8]
         return dataclasses.replace(self, eps=self.eps if self.eps is not None else eps,
                                    lr=self.lr if self.lr is not None else lr)
+
+    def for_head(self, head: str) -> "TrainSpec":
+        """The loss of a model whose output head (fgcompile/heads.py) is `head`: auto resolves to bce for a
+        Sigmoid output, ce otherwise; a loss that cannot train the head is refused."""
+        if self.loss == "auto":
+            return dataclasses.replace(self, loss="bce" if head == "sigmoid" else "ce")
+        if self.loss == "bce" and head != "sigmoid":
+            raise SpecError("--loss bce: the model's output is not a Sigmoid; bce trains 0/1 labels on the logit "
+                            "before a Sigmoid output [batch, K]. Use --loss ce (or auto) for class scores.")
+        if self.loss != "bce" and head == "sigmoid":
+            raise SpecError(f"--loss {self.loss}: the model's output is a Sigmoid (a detector or multi-label head); "
+                            f"{self.loss} reads class scores and would learn nothing from it. Use --loss bce (or "
+                            "auto).")
+        return self
 
     @property
     def lr_numerator(self) -> int:

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from fgcompile.artifact import METADATA_KEY, REQUIRED_KEYS, REQUIRED_STATE_KEYS, TRAIN_FORMAT, Contract
 from fgcompile.errors import FgcompileError, ModelError, SpecError
 from fgcompile.grid import WIDENED_QMAX, widen
+from fgcompile.heads import HEADS
 
 INT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32")
 
@@ -54,6 +55,8 @@ def contract_problem(contract, model: onnx.ModelProto) -> str | None:
         value = contract["lr_numerator"].get(key)
         if not isinstance(value, int) or isinstance(value, bool):
             return f"lr_numerator.{key} is missing or not an integer"
+    if contract.get("head", "softmax") not in HEADS:
+        return f"head {contract['head']!r} is none of {', '.join(HEADS)}"
     if not contract["state"]:
         return "the state list is empty"
     for s in contract["state"]:

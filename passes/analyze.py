@@ -11,13 +11,14 @@ integer grid by passes/floatgrid.py when they train.
 
 Precondition: an ONNX graph (gs.Graph) of opset >= 13.
 Postcondition: the graph is unchanged (but topologically sorted); ctx.io holds the data inputs, the
-output, the loss tap and the sites in topological order of their consumers.
+output, its head and loss tap (fgcompile/heads.py) and the sites in topological order of their consumers.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from fgcompile import heads
 from fgcompile.errors import CompileError, ModelError
 from .context import ModelIO, Parameter, Pass, WeightSite
 
@@ -117,16 +118,18 @@ def is_quantized(graph: gs.Graph) -> bool:
     return any(n.op in QUANTIZED_OPS for n in graph.nodes)
 
 
-def loss_tap(output: gs.Tensor) -> str:
-    """The tensor the loss reads: the model output, or the float tensor before a trailing
-    QuantizeLinear -> DequantizeLinear on it. An 8-bit grid on the logits hides the loss change of a
-    ±ε·z step (every pair ties), so training reads the last layer's output before requantization."""
-    dq = output.inputs[0] if output.inputs else None
-    if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs:
-        q = dq.inputs[0].inputs[0]
-        if q.op == "QuantizeLinear" and len(dq.inputs[0].outputs) == 1:
-            return q.inputs[0].name
-    return output.name
+def head(graph: gs.Graph) -> heads.Head:
+    """The output's head and the tensor the loss reads (fgcompile/heads.py): the model output, or the float
+    tensor before a trailing QuantizeLinear -> DequantizeLinear on it (a Sigmoid head: its logit). An 8-bit
+    grid on the logits hides the loss change of a ±ε·z step (every pair ties), so training reads the last
+    layer's output before requantization."""
+    tensors = graph.tensors()
+
+    def producer(name):
+        t = tensors.get(name)
+        node = t.inputs[0] if t is not None and t.inputs else None
+        return None if node is None else (node.op, [i.name for i in node.inputs], len(t.outputs))
+    return heads.read_head(graph.outputs[0].name, producer)
 
 
 def run(graph: gs.Graph, ctx) -> gs.Graph:
@@ -150,11 +153,14 @@ def run(graph: gs.Graph, ctx) -> gs.Graph:
     if out_shape is not None and len(out_shape) != 2:
         raise CompileError(f"output {output!r} has shape {out_shape}; fgcompile needs class scores "
                            "shaped [batch, classes] for its loss.")
+    found = head(graph)
+    classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+    heads.check_classes(found.kind, classes, output)
     sites = find_weight_sites(graph)
     if not any(s.kind == "product" for s in sites):
         from .dialects.unsupported import explain
         raise CompileError(explain(graph))
-    ctx.io = ModelIO([t.name for t in data], output, loss_tap(graph.outputs[0]), sites)
+    ctx.io = ModelIO([t.name for t in data], output, found.tap, sites, found.kind, classes)
     return graph
 
 

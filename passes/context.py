@@ -96,7 +96,10 @@ class ModelIO:          # analyze
     data_inputs: list[str]   # every data input, in graph order (train/eval read one .npz array each)
     output: str
     loss_tap: str            # what the loss reads: the output, or its float input before a trailing Q/DQ
+                             # (a Sigmoid head's: the logit before the Sigmoid; fgcompile/heads.py)
     sites: list[WeightSite]
+    head: str = "softmax"    # softmax | sigmoid (fgcompile/heads.py)
+    classes: int | None = None   # the output's last axis (a Sigmoid head's labels per example), when fixed
 
     @property
     def data_input(self) -> str:

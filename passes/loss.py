@@ -2,13 +2,17 @@
 
     ce:  L = mean_b( −log_softmax(logits_b)[y_b] )
     mse: L = mean_{b,c}( (softmax(logits_b)_c − onehot(y_b)_c)² )      (Brier score)
+    bce: L = mean_{b,k}( max(z_bk, 0) − z_bk·y_bk + log(1 + e^−|z_bk|) )   (z: the logit before a Sigmoid
+         output, y ∈ {0, 1}; the logistic loss in the form that neither overflows nor loses e^−|z|)
 All 2m branches arrive stacked as [2m, B, C] and are reduced at once; loss_plus = L[0:m], loss_minus = L[m:2m].
-Also reports loss (mean of all branch losses) and accuracy (mean of all branches' top-1 hits): cheap
-training metrics of the weights around W.
+Also reports loss (mean of all branch losses) and accuracy (mean of all branches' hits: top-1 for ce/mse,
+z > 0 ⇔ y = 1 per label for bce, i.e. the probability thresholded at 0.5): cheap training metrics of
+the weights around W.
 
-Precondition: ctx.branches.logits from pair, float [2m, B, C] (or [B, 2m, C]: logits_branch_axis 1).
-Postcondition: input `labels` (int64 [B]); ctx.losses.plus, .minus float [m] (`loss_plus`, `loss_minus`);
-.metrics holds `loss` and `accuracy` (float scalars).
+Precondition: ctx.branches.logits from pair, float [2m, B, C] (or [B, 2m, C]: logits_branch_axis 1); the
+spec's loss resolved (not auto).
+Postcondition: input `labels` (int64 [B]; [B, K] for bce with K > 1 labels); ctx.losses.plus, .minus float
+[m] (`loss_plus`, `loss_minus`); .metrics holds `loss` and `accuracy` (float scalars).
 """
 from __future__ import annotations
 
@@ -23,29 +27,53 @@ i64 = lambda *v: np.array(v, np.int64)
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "loss")
-    F, L, m = b.f32, Typed(b, np.int64), ctx.spec.m
-    labels = gs.Variable("labels", dtype=np.int64, shape=["batch"])
+    F, m = b.f32, ctx.spec.m
+    one_label = ctx.spec.loss != "bce" or ctx.io.classes == 1
+    labels = gs.Variable("labels", dtype=np.int64, shape=["batch"] if one_label else ["batch", ctx.io.classes])
     graph.inputs.append(labels)
-    logits, bx = ctx.branches.logits, ctx.branches.logits_branch_axis
-    batch_axis = 1 - bx
-    spread = [1, 1, 1]
-    spread[bx] = 2 * m
-    if ctx.spec.loss == "ce":
-        idx = L.Expand(L.Unsqueeze(labels, i64(bx, 2)), i64(*spread))
-        picked = F.GatherElements(F.LogSoftmax(logits, axis=-1), idx, axis=2)
-        per_branch = F.Neg(F.ReduceMean(picked, i64(batch_axis, 2), keepdims=0))
-    else:
-        prob = F.Softmax(logits, axis=-1)
-        depth = L.Gather(L.Shape(logits), i64(-1))
-        onehot = F.Unsqueeze(F.OneHot(labels, depth, np.array([0, 1], np.float32), axis=-1), i64(bx))
-        diff = F.Sub(prob, onehot)
-        per_branch = F.ReduceMean(F.Mul(diff, diff), i64(batch_axis, 2), keepdims=0)
+    per_branch, hits = LOSSES[ctx.spec.loss](b, ctx.branches.logits, labels, ctx.branches.logits_branch_axis, m)
     plus = F.Slice(per_branch, i64(0), i64(m), hint="plus", name="loss_plus", shape=[m])
     minus = F.Slice(per_branch, i64(m), i64(2 * m), hint="minus", name="loss_minus", shape=[m])
     loss = F.ReduceMean(per_branch, keepdims=0, hint="mean", name="loss", shape=[])
-    hits = b.op("Equal", [L.ArgMax(logits, axis=-1, keepdims=0), L.Unsqueeze(labels, i64(bx))], dtype=bool)
     accuracy = F.ReduceMean(b.cast(hits, np.float32), keepdims=0, hint="acc", name="accuracy", shape=[])
     ctx.losses = Losses(labels, plus, minus, [loss, accuracy])
     return graph
+
+
+# each loss: (b, logits, labels, branch axis bx, m) -> (per-branch loss float [2m], hits bool); batch axis 1 − bx
+def _ce(b: Builder, logits, labels, bx: int, m: int):
+    spread = [1, 1, 1]
+    spread[bx] = 2 * m
+    L = Typed(b, np.int64)
+    idx = L.Expand(L.Unsqueeze(labels, i64(bx, 2)), i64(*spread))
+    picked = b.f32.GatherElements(b.f32.LogSoftmax(logits, axis=-1), idx, axis=2)
+    return b.f32.Neg(b.f32.ReduceMean(picked, i64(1 - bx, 2), keepdims=0)), _top1(b, logits, labels, bx)
+
+
+def _mse(b: Builder, logits, labels, bx: int, m: int):
+    F, L = b.f32, Typed(b, np.int64)
+    depth = L.Gather(L.Shape(logits), i64(-1))
+    onehot = F.Unsqueeze(F.OneHot(labels, depth, np.array([0, 1], np.float32), axis=-1), i64(bx))
+    diff = F.Sub(F.Softmax(logits, axis=-1), onehot)
+    return F.ReduceMean(F.Mul(diff, diff), i64(1 - bx, 2), keepdims=0), _top1(b, logits, labels, bx)
+
+
+def _top1(b: Builder, logits, labels, bx: int):
+    L = Typed(b, np.int64)
+    return b.op("Equal", [L.ArgMax(logits, axis=-1, keepdims=0), L.Unsqueeze(labels, i64(bx))], dtype=bool)
+
+
+def _bce(b: Builder, z, labels, bx: int, m: int):
+    """z: the logits before the Sigmoid; labels 0/1, [B] (one label) or [B, K]; hits: z > 0 ⇔ y = 1."""
+    F = b.f32
+    y = labels if len(labels.shape) == 2 else b.op("Unsqueeze", [labels, i64(1)], dtype=np.int64)   # [B, K]
+    y = b.op("Unsqueeze", [y, i64(bx)], dtype=np.int64)                                             # beside the branches
+    t = b.cast(y, np.float32)
+    per = F.Add(F.Sub(F.Relu(z), F.Mul(z, t)), F.Softplus(F.Neg(F.Abs(z))))
+    hits = b.op("Equal", [b.op("Greater", [z, np.array(0, np.float32)], dtype=bool), b.cast(y, bool)], dtype=bool)
+    return F.ReduceMean(per, i64(1 - bx, 2), keepdims=0), hits
+
+
+LOSSES = {"ce": _ce, "mse": _mse, "bce": _bce}
 
 PASS = Pass("loss", run, reads=("branches",), adds=("losses",))

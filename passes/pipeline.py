@@ -63,10 +63,10 @@ def _load(model: onnx.ModelProto, ctx: Context) -> gs.Graph:
 
 
 def _resolve(graph: gs.Graph, ctx: Context) -> gs.Graph:
-    """eps/lr left unset follow the training grid's resolution (fgcompile/grid.py); the spec records
-    whether whitening happened."""
+    """eps/lr left unset follow the training grid's resolution (fgcompile/grid.py), the loss the output's
+    head (TrainSpec.for_head); the spec records whether whitening happened."""
     bits = grid.resolution_bits([t.contract() for t in ctx.trainables])
-    ctx.spec = dataclasses.replace(ctx.spec.resolve(bits),
+    ctx.spec = dataclasses.replace(ctx.spec.resolve(bits).for_head(ctx.io.head),
                                    precondition="whiten" if ctx.preconditioned else "none")
     return graph
 
@@ -89,7 +89,7 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
         spec=spec, inputs=Inputs(ctx.io.data_input), data_inputs=ctx.io.data_inputs, outputs=Outputs(),
         state=[t.contract() for t in ctx.trainables] + ctx.buffers.entries,
         lr_numerator=LrNumerator(spec.lr_shift, spec.lr_numerator, ctx.update.lr_max),
-        model_output=ctx.io.output, loss_tap=ctx.io.loss_tap, branches=ctx.branches.form,
+        model_output=ctx.io.output, loss_tap=ctx.io.loss_tap, head=ctx.io.head, branches=ctx.branches.form,
         branches_reason=ctx.branches.reason, tie_tolerance=TIE_TOLERANCE, stream=prng.STREAM,
         probes=Probes(ctx.estimate.coefficients.name,   # the loop form holds no whole z to probe
                       [] if ctx.branches.form == "loop" else [z[t.name].name for t in ctx.trainables]),

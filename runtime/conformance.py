@@ -245,7 +245,8 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
         x, y = trainer.load_data(data)
     else:
         names = contract.data_inputs
-        arrays = {n: _synthetic(input_shape(sess, n), class_count(sess), batch, input_dtype(sess, n)) for n in names}
+        arrays = {n: _synthetic(input_shape(sess, n), class_count(sess), batch, input_dtype(sess, n), contract.head)
+                  for n in names}
         x, y = arrays[names[0]] if len(names) == 1 else (Inputs({n: a[0] for n, a in arrays.items()}),
                                                           arrays[names[0]][1])
     batch = shape[0] if isinstance(shape[0], int) else min(batch, len(y))
@@ -282,13 +283,17 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     return rows
 
 
-def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32,
+               head: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
     """Seeded uniform [0, 1) inputs of the model's input shape (integer inputs: ids 0 and 1, valid for any
-    vocabulary of two or more) and random labels, when no data is given."""
+    vocabulary of two or more) and random labels (a Sigmoid head's: 0/1, [n, K] for K > 1), when no data
+    is given."""
     rng = np.random.default_rng(0)
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
     n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 4 * batch
     x = rng.integers(0, 2, [n] + dims) if np.issubdtype(np.dtype(dtype), np.integer) else rng.uniform(0, 1, [n] + dims)
+    if head == "sigmoid":
+        return x.astype(dtype), rng.integers(0, 2, n if classes == 1 else (n, classes or 1)).astype(np.int64)
     return x.astype(dtype), rng.integers(0, classes or 2, n).astype(np.int64)
 
 

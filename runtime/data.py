@@ -1,12 +1,14 @@
 """Data files: .npz with `x` (shaped like the model input: float32, or integers such as token ids for a
-model whose input is integer) and `y` (int64 class labels). A model with several data inputs reads one
-array per input, named as the input (e.g. input_ids, attention_mask), plus `y` (load_inputs → Inputs).
+model whose input is integer) and `y` (int64 class labels [n]; for a Sigmoid output (fgcompile/heads.py)
+0/1 labels, [n] for a detector's [batch, 1] output, [n, K] for K labels per example). A model with several
+data inputs reads one array per input, named as the input (e.g. input_ids, attention_mask), plus `y`
+(load_inputs → Inputs).
 
 Compact files may store `x` as integer codes with a float `x_scale` (and optional `x_offset`): the input
 is then x_offset + x_scale * x in float32 (the shipped keyword-spotting features are uint8 this way).
 
-load_data validates against the model's input shape and class count and says what to fix; `read` checks
-(x, y) given in memory (the Python API) the same way.
+load_data validates against the model's input shape, head and class count and says what to fix; `read`
+checks (x, y) given in memory (the Python API) the same way.
 """
 from __future__ import annotations
 
@@ -23,15 +25,17 @@ FIX = "Save it with numpy.savez(path, x=..., y=...)."
 
 
 def load_data(path, input_shape: list | None = None, classes: int | None = None,
-              dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """x as the model's input dtype (`dtype`: float32, or an integer type for token ids) and y as int64."""
+              dtype=np.float32, head: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
+    """x as the model's input dtype (`dtype`: float32, or an integer type for token ids) and y as int64.
+    classes: the output's last axis; head: softmax (y holds class indices) or sigmoid (0/1 labels)."""
     path = pathlib.Path(path)
     arrays = npzfile.read_npz(path, ["x", "y"], "data file (.npz with arrays x and y)",
                               "Save inputs as x and integer class labels as y: " + FIX, optional=("x_scale", "x_offset"))
-    return _checked(path, arrays, input_shape, classes, dtype, "x")
+    return _checked(path, arrays, input_shape, classes, dtype, "x", head)
 
 
-def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tuple[np.ndarray, np.ndarray]:
+def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str,
+             head: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
     x, y = decode_x(path, arrays), arrays["y"]
     if x.ndim == 0:
         raise DataError(f"{path}: {x_name} is a single number (0-d); it must hold samples along its first axis. {FIX}")
@@ -46,11 +50,14 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
     elif not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: {x_name} has dtype {x.dtype}; the model takes float32 inputs. Convert {x_name} to float32, "
                         "or store integer codes with a scalar x_scale (and x_offset) beside them.")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integer class indices (int64).")
+    if not (np.issubdtype(y.dtype, np.integer) or head == "sigmoid" and y.dtype == bool):
+        raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integer "
+                        f"{'0/1 labels' if head == 'sigmoid' else 'class indices'} (int64).")
     with np.errstate(over="ignore", invalid="ignore"):   # past float32's range: Inf, refused below by name
         x, y = x.astype(dtype, copy=False), y.astype(np.int64, copy=False)
-    if y.ndim != 1 or len(y) != len(x):
+    if head == "sigmoid":
+        y = _detection_labels(path, y, len(x), classes)
+    elif y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{path}: y has shape {list(y.shape)} but {x_name} holds {len(x)} samples; y must be [{len(x)}].")
     if len(y) == 0:
         raise DataError(f"{path}: holds no samples.")
@@ -59,10 +66,28 @@ def _checked(path, arrays: dict, input_shape, classes, dtype, x_name: str) -> tu
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
         raise DataError(f"{path}: {x_name} holds NaN or Inf in {bad} samples (values past float32's range, "
                         "about ±3.4e38, count as Inf). Clean or drop them.")
-    if classes is not None and (y.min() < 0 or y.max() >= classes):
+    if head != "sigmoid" and classes is not None and (y.min() < 0 or y.max() >= classes):
         raise DataError(f"{path}: labels range over [{y.min()}, {y.max()}] but the model has {classes} "
                         f"classes (0..{classes - 1}). Fix y.")
     return x, y
+
+
+def _detection_labels(path, y: np.ndarray, n: int, labels: int | None) -> np.ndarray:
+    """The 0/1 labels of a Sigmoid output with `labels` per example (fixed: fgcompile/heads.py): [n] for one
+    ([n, 1] is taken too), [n, K] for K."""
+    one = labels == 1
+    if one and y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    want = [n] if one else [n, labels]
+    if list(y.shape) != want:
+        per = "one label per example" if one else f"{want[1]} labels per example (multi-label)"
+        raise DataError(f"{path}: y has shape {list(y.shape)} but the model's Sigmoid output has {per}; y must be "
+                        f"{want} of 0/1{'' if one else ', one column per label'}. Fix y.")
+    bad = y[(y != 0) & (y != 1)]
+    if bad.size:
+        raise DataError(f"{path}: y holds {bad.size} labels outside {{0, 1}} (e.g. {bad.flat[0]}); the model's "
+                        "Sigmoid output takes 0/1 labels (1: the event, e.g. the keyword; 0: not). Fix y.")
+    return y
 
 
 def check_shape(path, x: np.ndarray, input_shape: list | None, x_name: str = "x") -> None:
@@ -123,32 +148,33 @@ def feeds(name: str, x) -> dict:
     return dict(x.arrays) if isinstance(x, Inputs) else {name: x}
 
 
-def load_inputs(path, inputs: dict, classes: int | None = None) -> tuple[Inputs, np.ndarray]:
+def load_inputs(path, inputs: dict, classes: int | None = None, head: str = "softmax") -> tuple[Inputs, np.ndarray]:
     """inputs: name -> (shape, dtype) of each data input; the .npz holds one array per name, plus y."""
     path = pathlib.Path(path)
     names = list(inputs)
     arrays = npzfile.read_npz(path, names + ["y"], f"data file (.npz with arrays {', '.join(names)} and y)",
                               f"Save one array per model input, named as the input, and the labels as y: "
                               f"numpy.savez(path, {'=..., '.join(names)}=..., y=...).")
-    return _checked_inputs(path, arrays, arrays["y"], inputs, classes)
+    return _checked_inputs(path, arrays, arrays["y"], inputs, classes, head)
 
 
-def _checked_inputs(where, xs: dict, y, inputs: dict, classes) -> tuple[Inputs, np.ndarray]:
+def _checked_inputs(where, xs: dict, y, inputs: dict, classes, head: str = "softmax") -> tuple[Inputs, np.ndarray]:
     checked = {}
     for name, (shape, dtype) in inputs.items():
-        checked[name], y = _checked(where, {"x": xs[name], "y": y}, shape, classes, dtype, name)
+        checked[name], y = _checked(where, {"x": xs[name], "y": y}, shape, classes, dtype, name, head)
     return Inputs(checked), y
 
 
-def read(data, inputs: dict, classes: int | None, where: str):
-    """(x, y) of `data`, checked against the model's data inputs (name -> (shape, dtype)): the path of a
-    .npz, or (x, y) in memory, checked as a file's arrays are (x: an array, or a dict of one array per input
-    for a model with several). `where` names the argument in messages, e.g. "fit(data)"."""
+def read(data, inputs: dict, classes: int | None, where: str, head: str = "softmax"):
+    """(x, y) of `data`, checked against the model's data inputs (name -> (shape, dtype)) and output (its
+    last axis `classes` and its head, fgcompile/heads.py): the path of a .npz, or (x, y) in memory, checked
+    as a file's arrays are (x: an array, or a dict of one array per input for a model with several).
+    `where` names the argument in messages, e.g. "fit(data)"."""
     if isinstance(data, (str, os.PathLike)):
         if len(inputs) > 1:
-            return load_inputs(data, inputs, classes)
+            return load_inputs(data, inputs, classes, head)
         (shape, dtype), = inputs.values()
-        return load_data(data, shape, classes, dtype)
+        return load_data(data, shape, classes, dtype, head)
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Inputs):
         return data                   # slices of inputs checked when they were read (tune's folds)
     several = len(inputs) > 1
@@ -157,12 +183,12 @@ def read(data, inputs: dict, classes: int | None, where: str):
         raise _not_arrays(data, inputs, where)
     if not several:
         (shape, dtype), = inputs.values()
-        return _checked(where, {"x": data[0], "y": data[1]}, shape, classes, dtype, "x")
+        return _checked(where, {"x": data[0], "y": data[1]}, shape, classes, dtype, "x", head)
     missing = [n for n in inputs if not isinstance(data[0].get(n), np.ndarray)]
     if missing:
         raise DataError(f"{where}: x has no array for the model input {missing[0]!r}; pass one array per input "
                         f"({', '.join(inputs)}).")
-    return _checked_inputs(where, data[0], data[1], inputs, classes)
+    return _checked_inputs(where, data[0], data[1], inputs, classes, head)
 
 
 def _not_arrays(data, inputs: dict, where: str) -> DataError:

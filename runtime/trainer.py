@@ -88,13 +88,13 @@ class Trainer:
     def load_data(self, data, where: str = "data"):
         """(x, y) of a .npz path, or of (x, y) given in memory, checked against the model's data inputs."""
         inputs = {n: (input_shape(self.eval_sess, n), input_dtype(self.eval_sess, n)) for n in self.contract.data_inputs}
-        return read(data, inputs, self.classes, where)
+        return read(data, inputs, self.classes, where, self.contract.head)
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
         x, y = self.load_data((x, y), "evaluate(x, y)")
         with running(self._path(LAYOUT.eval)):
-            return score(self.eval_sess, self.io.data, x, y, self.state, batch)
+            return score(self.eval_sess, self.io.data, x, y, self.state, batch, self.contract.head)
 
     # ----------------------------------------------------------------------------------------- train
     def lr_numerator_at(self, step: int, total: int, schedule: str) -> int:
@@ -241,6 +241,8 @@ class Trainer:
         if xv is not None:
             v = self.evaluate(xv, yv)
             record.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
+            if "auc" in v:   # a Sigmoid head (runtime/metrics.py)
+                record.update(val_auc=v["auc"], val_miss_rate=v["miss_rate"])
         LOGGER.info("epoch %s", json.dumps(record))
         if self.out is not None:
             _append_line(self.out / LAYOUT.log, json.dumps(record))

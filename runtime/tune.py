@@ -14,7 +14,8 @@ graph and is not tuned). The protocol, recorded in OUT/tune.json:
              fold's fit split for `epochs` epochs under the schedule (constant, or cosine from that peak
              rate; the Trainer's batch order and perturbations for s), score its validation split
     choice   the highest validation accuracy, the mean over trials; ties go to the lower mean validation
-             loss, then the lower rate
+             loss, then the lower rate. A Sigmoid head (a detector, fgcompile/heads.py) is judged by its
+             ROC AUC instead of accuracy (the mean over the trials that have one), then the same ties
 Only the file given as data is read: never test data. `train` without --lr/--schedule uses the chosen
 rate/schedule (Trainer._rate); tune.json names the train.onnx it belongs to, so a record of another compile
 is refused. Records from before the schedule was recorded were tuned under the constant schedule.
@@ -152,15 +153,19 @@ def _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, see
                 trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, schedule=schedule, progress=False)
                 v = trial.evaluate(x[val], y[val])
                 runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}
-                            | ({"fold": k} if len(splits) > 1 else {}))
+                            | ({"val_auc": v["auc"]} if "auc" in v else {}) | ({"fold": k} if len(splits) > 1 else {}))
         score = {"lr": lr, "lr_numerator": numerator,
                  "val_accuracy": statistics.mean(r["val_accuracy"] for r in runs),
                  "val_loss": statistics.mean(r["val_loss"] for r in runs), "runs": runs}
+        if trainer.contract.head == "sigmoid":   # a fold without both classes has no AUC
+            aucs = [r["val_auc"] for r in runs if r["val_auc"] is not None]
+            score["val_auc"] = statistics.mean(aucs) if aucs else None
         scores.append(score)
         if echo is not None:
-            echo(f"tune {i + 1}/{len(grid_rates)}: lr {lr:g}: validation accuracy {score['val_accuracy']:.2%}, "
+            judged = f"AUC {_shown(score['val_auc'])}" if "val_auc" in score else f"accuracy {score['val_accuracy']:.2%}"
+            echo(f"tune {i + 1}/{len(grid_rates)}: lr {lr:g}: validation {judged}, "
                  f"loss {score['val_loss']:.4f} ({time.perf_counter() - t0:.1f} s)")
-    best = max(scores, key=lambda r: (r["val_accuracy"], -r["val_loss"], -r["lr"]))
+    best = max(scores, key=lambda r: (_judged(r), -r["val_loss"], -r["lr"]))
     return {"format": FORMAT, "fgcompile": __version__,
             "data": {"sha256": data_digest(x, y), "examples": len(y)},
             "split": protocol,
@@ -168,6 +173,17 @@ def _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, see
             "schedule": schedule, "grid": [lr for lr, _ in grid_rates], "scores": scores,
             "choice": {"lr": best["lr"], "lr_numerator": best["lr_numerator"], "schedule": schedule},
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _judged(score: dict) -> float:
+    """What a rate is chosen by: validation AUC for a Sigmoid head (none: lowest), else accuracy."""
+    if "val_auc" in score:
+        return -math.inf if score["val_auc"] is None else score["val_auc"]
+    return score["val_accuracy"]
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def fresh(trainer, seed: int):

@@ -22,8 +22,8 @@ class Chain:
         self.inits.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def qdq(self, x, scale):
-        s, zp = self.init(self.name("as"), np.float32(scale)), self.init(self.name("azp"), np.uint8(0))
+    def qdq(self, x, scale, zero_point=0):
+        s, zp = self.init(self.name("as"), np.float32(scale)), self.init(self.name("azp"), np.uint8(zero_point))
         q = self.name("q")
         self.nodes.append(helper.make_node("QuantizeLinear", [x, s, zp], [q], name=q))
         d = self.name("d")
@@ -64,8 +64,10 @@ class Chain:
 
 
 def dense_chain(seed: int, widths=(6, 8, 5), ops=("Gemm", "MatMul"), dtype=np.int8, per_channel=True,
-                relu=True, batch="batch") -> onnx.ModelProto:
-    """x [B, widths[0]] -> (Gemm | MatMul+Add) per layer -> logits [B, widths[-1]]."""
+                relu=True, batch="batch", sigmoid=False) -> onnx.ModelProto:
+    """x [B, widths[0]] -> (Gemm | MatMul+Add) per layer -> logits [B, widths[-1]]. sigmoid: a detector
+    (widths[-1] = 1) or multi-label head as quantize_static leaves it: the logits on a signed grid (zero
+    point 128), then Sigmoid -> Q/DQ (scale 1/256) -> probabilities [B, widths[-1]]."""
     c = Chain(np.random.default_rng(seed))
     h = c.qdq("x", 1 / 64)
     act = 1 / 64
@@ -80,8 +82,10 @@ def dense_chain(seed: int, widths=(6, 8, 5), ops=("Gemm", "MatMul"), dtype=np.in
             h = c.op("Add", [c.op("MatMul", [h, w]), c.bias(fout, act, ws)])
         if relu and not last:
             h = c.op("Relu", [h])
-        h = c.qdq(h, 1 / 16)
+        h = c.qdq(h, 1 / 16, 128 if sigmoid and last else 0)
         act = 1 / 16
+    if sigmoid:
+        h = c.qdq(c.op("Sigmoid", [h]), 1 / 256)
     return _model(c, "x", [batch, widths[0]], h, [batch, widths[-1]])
 
 

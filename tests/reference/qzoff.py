@@ -199,6 +199,12 @@ def _bypass_requant(model: onnx.ModelProto, trained: list[str]) -> None:
 
 
 def loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.float32:
+    """ce, mse: y holds class indices [B]. bce: the logits are a Sigmoid's input [B, K] and y its 0/1
+    labels ([B] when K = 1, else [B, K]): mean of max(z, 0) − z·y + log(1 + e^−|z|)."""
+    if kind == "bce":
+        z = logits.astype(np.float32)
+        t = y.reshape(len(z), -1).astype(np.float32)
+        return np.float32((np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))).mean())
     z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
     if kind == "ce":
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
