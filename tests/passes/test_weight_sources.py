@@ -2,6 +2,7 @@
 through Identity nodes, float weights through QuantizeLinear) compile to the same sites and train to the
 same weights; what cannot be folded is named for what it is; inspect accounts for every product; --freeze
 keeps chosen sites out of training."""
+import pathlib
 import sys
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from conftest import MODELS, shipped
 from qdq_graphs import conv_chain, dense_chain, qdq_model
 from steps import Steps
-from weight_sources import as_constants, fake_quant, float16_weight, stft_frontend
+from weight_sources import as_constants, fake_quant, float16_weight, products, stft_frontend
 from fgcompile.errors import CompileError, SpecError
 from fgcompile.inspection import format_inspection, inspect_graph
 from fgcompile.passes import canonicalize
@@ -24,6 +25,7 @@ from test_step_matches_reference import run_chain
 sys.path.insert(0, str(MODELS / "recipes"))
 import build_dialects  # noqa: E402
 
+RESNET = pathlib.Path(__file__).resolve().parents[1] / "data" / "resnet18_fakequant.onnx"   # build_fakequant.py
 SHIPPED = [f"{arch}/{form}.onnx" for arch in ("digits_cnn", "kws_dscnn", "digits_attn") for form in ("w8a8", "w16a8")]
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 
@@ -191,6 +193,7 @@ def accounting_models():
     yield from ((name, shipped(name)) for name in SHIPPED)
     yield from ((f"constants {name}", as_constants(shipped(name))) for name in SHIPPED[::2])
     yield "fake-quant constants", as_constants(fake_quant(shipped("kws_dscnn/w8a8.onnx")))
+    yield "torch fake-quant ResNet-18", onnx.load(RESNET)
     yield "stft", stft_frontend()
     yield "float16", float16_weight()
     yield "float8", _float8_weight()
@@ -215,6 +218,24 @@ def test_inspect_accounts_for_every_product():
         assert listed == sorted(products), label
         assert not sites & {f.node for f in floats}, label
         assert all(f.why for f in floats), label
+
+
+def test_torchscript_fakequant_resnet18_trains_every_conv():
+    """A real torch.onnx.export(dynamo=False) of a fake-quant ResNet-18 (models/recipes/build_fakequant.py):
+    activation scales and zero points are Constant nodes, and the weights' zero points one initializer per
+    shape that later layers read through Identity nodes. Before: 5 of its 21 products were sites, none of
+    the others listed, and --last 2 trained blocks.6.conv1 and fc. After: all 21, and --last 2 is the last two."""
+    model = onnx.load(RESNET)
+    assert sum(n.op_type == "Identity" for n in model.graph.node) >= 12
+    assert sum(n.op_type == "Constant" for n in model.graph.node) >= 20
+    rows, floats = inspect_graph(model, m=2)
+    assert sorted({r.site for r in rows}) == sorted(products(model)) and len(products(model)) == 21 and not floats
+    compiled = compile_graph(model, TrainSpec(m=2, last=2))
+    assert [s.site for s in compiled.contract.state if s.role == "weight"] == ["/blocks/blocks.7/conv2/Conv", "/fc/Gemm"]
+
+
+def test_torchscript_fakequant_resnet18_steps_match_the_reference(target_train):
+    run_chain(onnx.load(RESNET), TrainSpec(m=2, last=2), target_train, steps=3)
 
 
 def test_attention_products_say_they_have_no_weight():
