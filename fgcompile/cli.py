@@ -181,7 +181,8 @@ def spec_options(f):
 
 def make_spec(kw) -> TrainSpec:
     return TrainSpec(train=kw.pop("train"), last=kw.pop("last"), freeze=kw.pop("freeze"),
-                     include_bias=not kw.pop("no_bias"), m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"), lr_shift=kw.pop("lr_shift"),
+                     include_bias=not kw.pop("no_bias"), m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"),
+                     lr_shift=kw.pop("lr_shift"),
                      perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
                      estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),

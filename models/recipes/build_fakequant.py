@@ -6,8 +6,9 @@
 torch is needed here only (a recipe venv; fgcompile never imports it). The model is ResNet-18's layout
 written by hand (torchvision is not needed): a 3x3 stem, four stages of two BasicBlocks (widths 4, 8, 16,
 32; the first block of stages 2-4 strides 2 and has a 1x1 downsample Conv), global average pooling and a
-Linear: 20 Conv and a Gemm, the 21 products of ResNet-18. No BatchNorm (as after folding). It reads the digits images [B, 1, 8, 8] and
-is trained for a few epochs on the source digits so that its weights mean something.
+Linear: 20 Conv and a Gemm, the 21 products of ResNet-18. No BatchNorm (as after folding). It reads the
+digits images [B, 1, 8, 8] and is trained for a few epochs on the source digits so that its weights mean
+something (207 KB; float weights, as fake-quant exports store them).
 
 Quantization is torch's fake-quant as QAT exports write it: every weight through
 torch.fake_quantize_per_channel_affine (int8, symmetric, zero point 0, scale max|W|/127 per output

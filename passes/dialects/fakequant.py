@@ -42,7 +42,8 @@ def _grid(node: gs.Node) -> np.dtype:
 def unfoldable(node: gs.Node) -> str | None:
     """Why the QuantizeLinear `node` cannot be folded into an integer initializer, or None when it can."""
     ins = [t for t in node.inputs if t.name]
-    computed = [what for what, t in zip(("its input", "its scale", "its zero point"), ins) if not isinstance(t, gs.Constant)]
+    computed = [what for what, t in zip(("its input", "its scale", "its zero point"), ins)
+                if not isinstance(t, gs.Constant)]
     if computed:
         return f"{' and '.join(computed)} {'is' if len(computed) == 1 else 'are'} computed in the graph, not stored"
     if node.attrs.get("block_size", 0):
@@ -64,8 +65,7 @@ def run(graph: gs.Graph) -> int:
             continue
         w, scale = node.inputs[0], node.inputs[1]
         zp = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros((), _grid(node))
-        values = quantize(w.values, np.asarray(scale.values), None if zp is None else np.asarray(zp),
-                          int(node.attrs.get("axis", 1)))
+        values = quantize(w.values, np.asarray(scale.values), np.asarray(zp), int(node.attrs.get("axis", 1)))
         name = f"{w.name}_quantized"
         while name in taken:
             name += "_"

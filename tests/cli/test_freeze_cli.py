@@ -57,7 +57,8 @@ CASES = {
                                          "lower --last or freeze fewer"),
     "--train names only frozen sites": (["--freeze", "conv10", "--train", "conv10"],
                                         "--train 'conv10' matches no weight site that --freeze 'conv10' leaves"),
-    "freeze in --config not a list": (config_file('[compile]\nfreeze = "conv10"\n'), "freeze"),
+    "freeze in --config not a list": (config_file('[compile]\nfreeze = "conv10"\n'),
+                                     "freeze = 'conv10': a string, but --freeze is repeatable and takes a list"),
     "freeze in --config matching nothing": (config_file('[compile]\nfreeze = ["nothing"]\n'),
                                             "--freeze 'nothing' matches no weight site"),
 }
@@ -86,7 +87,8 @@ def test_a_weight_that_cannot_fold_is_named(user_files):
     before = snapshot(user_files)
     r = invoke("compile", user_files / "half.onnx", "-o", user_files / "out")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-    assert "cannot be folded (a float16 weight: fgcompile folds float32 weights only) (1 nodes, e.g. 'gemm')" in r.output
+    assert "cannot be folded (a float16 weight: fgcompile folds float32 weights only) (1 nodes, e.g. 'gemm')" \
+        in r.output
     assert "block or float8" not in r.output
     assert snapshot(user_files) == before
     r = invoke("inspect", user_files / "half.onnx")

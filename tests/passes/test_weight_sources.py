@@ -28,6 +28,7 @@ import build_dialects  # noqa: E402
 RESNET = pathlib.Path(__file__).resolve().parents[1] / "data" / "resnet18_fakequant.onnx"   # build_fakequant.py
 SHIPPED = [f"{arch}/{form}.onnx" for arch in ("digits_cnn", "kws_dscnn", "digits_attn") for form in ("w8a8", "w16a8")]
 PRODUCTS = ("Conv", "Gemm", "MatMul")
+LEFTOVER_PRODUCTS = ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "QGemm")   # dialects may leave
 
 
 def feeds(model, n=16, seed=0):
@@ -208,10 +209,7 @@ def test_inspect_accounts_for_every_product():
     """Every Conv/Gemm/MatMul (and every product a dialect left) is a site or a row saying why it is not."""
     for label, model in accounting_models():
         graph_nodes = canonicalize.canonical(model)[0].graph.node
-        products = [n.name for n in graph_nodes
-                    if n.op_type in PRODUCTS + ("MatMulInteger", "ConvInteger", "QGemm") or n.op_type.startswith("QLinear")
-                    and n.op_type not in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearGlobalAveragePool",
-                                          "QLinearAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSoftmax")]
+        products = [n.name for n in graph_nodes if n.op_type in PRODUCTS + LEFTOVER_PRODUCTS]
         rows, floats = inspect_graph(model, m=2)
         sites = {r.site for r in rows if r.op not in ("LayerNormalization", "BatchNormalization")}
         listed = sorted(sites | {f.node for f in floats if f.kind != "recurrent"})
@@ -231,7 +229,8 @@ def test_torchscript_fakequant_resnet18_trains_every_conv():
     rows, floats = inspect_graph(model, m=2)
     assert sorted({r.site for r in rows}) == sorted(products(model)) and len(products(model)) == 21 and not floats
     compiled = compile_graph(model, TrainSpec(m=2, last=2))
-    assert [s.site for s in compiled.contract.state if s.role == "weight"] == ["/blocks/blocks.7/conv2/Conv", "/fc/Gemm"]
+    last_two = ["/blocks/blocks.7/conv2/Conv", "/fc/Gemm"]
+    assert [s.site for s in compiled.contract.state if s.role == "weight"] == last_two
 
 
 def test_torchscript_fakequant_resnet18_steps_match_the_reference(target_train):
@@ -273,7 +272,8 @@ def test_freeze_keeps_a_site_out_whatever_last_and_train_say():
 
 
 FREEZE_REFUSED = {
-    "matches nothing": (dict(freeze=("nothing",)), "--freeze 'nothing' matches no weight site. Sites: conv10, conv26, gemm47."),
+    "matches nothing": (dict(freeze=("nothing",)),
+                        "--freeze 'nothing' matches no weight site. Sites: conv10, conv26, gemm47."),
     "invalid regex": (dict(freeze=("(",)), "--freeze '(': not a valid regular expression"),
     "freezes everything": (dict(freeze=(".",)), "--freeze '.' freezes every weight site (conv10, conv26, gemm47); "
                                                  "nothing is left to train"),
