@@ -70,7 +70,11 @@ def test_the_rewrite_is_what_torchscript_writes():
                 for n in source.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
     assert len(qdq) - len(identities) == len(distinct) < len(qdq) / 4   # one stored source per zero point
     x, _ = feeds(m)
-    np.testing.assert_array_equal(make_session(m).run(None, {"x": x})[0], make_session(source).run(None, {"x": x})[0])
+    want = make_session(source).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(make_session(m).run(None, {"x": x})[0], want)
+    canonical, notes = canonicalize.canonical(m)   # and so does what the passes read
+    assert notes[0].startswith(f"{len(m.graph.node) - len(source.graph.node)} Constant nodes and Identity copies")
+    np.testing.assert_array_equal(make_session(canonical).run(None, {"x": x})[0], want)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -136,6 +140,26 @@ def test_constants_keep_graph_outputs_subgraph_names_and_tied_weights():
     assert {n.input[0] for n in canonical.graph.node if n.name in ("dqw", "dqw2")} == {"W"}
     with pytest.raises(CompileError, match="'W' is shared by 2 nodes"):
         compile_graph(m, TrainSpec(m=2))
+
+
+def test_constants_keep_names_a_subgraph_reads():
+    """An Identity whose output an If branch reads by name stays (the Constant it reads becomes an
+    initializer, visible in the branch too); the model computes the same."""
+    h = onnx.helper
+    branch = lambda k: h.make_graph([h.make_node("Add", ["c_copy", "x"], [f"out{k}"])], f"b{k}", [],
+                                    [h.make_tensor_value_info(f"out{k}", onnx.TensorProto.FLOAT, [2])])
+    nodes = [h.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.float32([1, 2]), "c")),
+             h.make_node("Identity", ["c"], ["c_copy"]),
+             h.make_node("If", ["flag"], ["y"], then_branch=branch(0), else_branch=branch(1))]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("flag", onnx.TensorProto.BOOL, []),
+                                  h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    m.ir_version = 10
+    canonical, _ = canonicalize.canonical(m)
+    assert [n.op_type for n in canonical.graph.node] == ["Identity", "If"] and canonical.graph.initializer[0].name == "c"
+    feed = {"flag": np.array(True), "x": np.float32([3, 4])}
+    np.testing.assert_array_equal(make_session(canonical).run(None, feed)[0], make_session(m).run(None, feed)[0])
 
 
 def test_constants_leave_initializer_models_alone():
