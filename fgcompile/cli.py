@@ -124,7 +124,10 @@ def spec_options(f):
     options = [
         click.option("--train", "train", multiple=True, metavar="REGEX",
                      help="Train weight sites whose site/weight/bias name matches (repeatable)."),
-        spec_option("--last", "last", help="Train the N weight sites nearest the output."),
+        spec_option("--last", "last", help="Train the N weight sites nearest the output (frozen ones not counted)."),
+        click.option("--freeze", "freeze", multiple=True, metavar="REGEX",
+                     help="Never train the weight sites whose site/weight/bias name matches, even when --last or "
+                          "--train reaches them (repeatable; e.g. a fixed STFT basis)."),
         click.option("--no-bias", is_flag=True, help="Do not train the biases of the chosen sites."),
         spec_option("--m", "m", help="Perturbations per step (2m forwards)."),
         spec_option("--eps", "eps", type=int,
@@ -181,8 +184,9 @@ def spec_options(f):
 
 
 def make_spec(kw) -> TrainSpec:
-    return TrainSpec(train=kw.pop("train"), last=kw.pop("last"), include_bias=not kw.pop("no_bias"),
-                     m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"), lr_shift=kw.pop("lr_shift"),
+    return TrainSpec(train=kw.pop("train"), last=kw.pop("last"), freeze=kw.pop("freeze"),
+                     include_bias=not kw.pop("no_bias"), m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"),
+                     lr_shift=kw.pop("lr_shift"),
                      perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
                      estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),

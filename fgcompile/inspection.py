@@ -46,6 +46,7 @@ from fgcompile.report import format_table
 from fgcompile.spec import TrainSpec
 from fgcompile.passes import canonicalize, floatgrid
 from fgcompile.passes.analyze import find_weight_sites, is_quantized
+from fgcompile.passes.dialects import unsupported
 from fgcompile.passes.formulas import bias_stride, train_bytes
 from fgcompile.passes.pipeline import check_source
 
@@ -65,6 +66,7 @@ class ParamRow:
     grid: str            # the grid it trains on
     train_bytes: int     # stacked (or cloned) branches
     loop_bytes: int      # --branches loop
+    note: str = ""       # e.g. a kernel that looks like a fixed transform
 
 
 @dataclasses.dataclass
@@ -73,6 +75,7 @@ class FloatLayer:
     op: str
     tensors: list[str]
     why: str
+    kind: str = "recurrent"   # "recurrent", or passes/dialects/unsupported.py's pattern
 
 
 def _grid(graph: gs.Graph, site, tensor, role: str, bits: int, headroom: int) -> tuple[str, int]:
@@ -94,8 +97,32 @@ def _grid(graph: gs.Graph, site, tensor, role: str, bits: int, headroom: int) ->
     return tensor.dtype, np.dtype(tensor.dtype).itemsize
 
 
-def float_layers(graph: gs.Graph) -> list[FloatLayer]:
-    """Recurrent layers, whose weights no common quantizer quantizes, and products with float weights."""
+FIXED_TAPS = 64          # a learned Conv kernel rarely spans 64 samples of one channel; an STFT basis does
+INPUT_PATH = ("QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Unsqueeze")
+
+
+def fixed_transform(graph: gs.Graph, site) -> str:
+    """A note when the Conv `site` looks like a fixed basis (an STFT or filterbank written as a Conv): no
+    bias, one input channel per group, at least FIXED_TAPS taps, reading a model input through nothing but
+    Q/DQ, Cast and reshapes. A heuristic: it only suggests --freeze."""
+    w = site.weight
+    if site.op != "Conv" or site.bias is not None or len(w.shape) < 3 or w.shape[1] != 1 \
+            or int(np.prod(w.shape[2:])) < FIXED_TAPS:
+        return ""
+    x = next(n for n in graph.nodes if n.name == site.name).inputs[0]
+    while x.inputs and x.inputs[0].op in INPUT_PATH:
+        x = x.inputs[0].inputs[0]
+    if x not in graph.inputs:
+        return ""
+    return (f"{site.name} (Conv {'x'.join(map(str, w.shape))}, no bias, on the model input {x.name!r}) looks like a "
+            f"fixed transform (an STFT or filterbank basis); if it is one, keep it out of training with "
+            f"--freeze '^{site.name}$'")
+
+
+def float_layers(graph: gs.Graph, sites=()) -> list[FloatLayer]:
+    """Every layer with weights that does not train: recurrent layers, whose weights no common quantizer
+    quantizes, and each Conv/Gemm/MatMul (or leftover integer/QOperator product) that is not among
+    `sites`, with unsupported.py's reason. With the sites, this accounts for every product."""
     rows = []
     for node in graph.nodes:
         consts = [t.name for t in node.inputs if isinstance(t, gs.Constant) and t.values.dtype == np.float32
@@ -104,9 +131,9 @@ def float_layers(graph: gs.Graph) -> list[FloatLayer]:
             rows.append(FloatLayer(node.name, node.op, consts, "recurrent weights stay float: onnxruntime's "
                                    "quantizers (static and dynamic) leave LSTM/GRU/RNN weights unquantized, and "
                                    "fgcompile trains integer-grid parameters on products and normalizations only"))
-        elif node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and node.inputs[1].name in consts:
-            rows.append(FloatLayer(node.name, node.op, [node.inputs[1].name],
-                                   "float weight, not quantized: quantize this layer to train it"))
+    for node, pattern, detail in unsupported.reasons(graph, sites):
+        rows.append(FloatLayer(node.name, node.op, [node.inputs[1].name], unsupported.describe(pattern, detail),
+                               pattern))
     return rows
 
 
@@ -120,15 +147,16 @@ def inspect_graph(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = Trai
         raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "
                          "inference graphs. Quantize it first with onnxruntime.quantization.quantize_static "
                          "(quant_format=QuantFormat.QDQ).")
-    rows = []
-    for s in find_weight_sites(graph):
+    rows, sites = [], find_weight_sites(graph)
+    for s in sites:
         for role, t in (("weight" if s.kind == "product" else "scale", s.weight), ("bias", s.bias)):
             if t is None:
                 continue
             grid, size = _grid(graph, s, t, role, bits, headroom)
             cost = [train_bytes(t.numel, size, m, loop, momentum, sharpness, conv=s.op == "Conv") for loop in (False, True)]
-            rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid, *cost))
-    return rows, float_layers(graph)
+            note = fixed_transform(graph, s) if role == "weight" else ""
+            rows.append(ParamRow(s.name, s.op, role, t.name, t.shape, t.dtype, t.axis, t.numel, grid, *cost, note))
+    return rows, float_layers(graph, sites)
 
 
 def inspect_model(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = TrainSpec.bits,
@@ -149,5 +177,7 @@ def format_inspection(rows: list[ParamRow], floats: list[FloatLayer] = ()) -> st
     out = format_table(head, body)
     out.append(f"{len(sites) - len(norms)} weight sites, {len(norms)} normalization sites, {total} parameters "
                "(normalization sites train when named with --train)")
-    out += [f"stays float: {f.node} ({f.op}: {', '.join(f.tensors)}): {f.why}" for f in floats]
+    out += [f"note: {r.note}" for r in rows if r.note]
+    out += [f"{'no weight' if f.kind == 'activations' else 'stays float'}: {f.node} ({f.op}: {', '.join(f.tensors)}): "
+            f"{f.why}" for f in floats]
     return "\n".join(out)

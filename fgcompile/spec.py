@@ -66,12 +66,15 @@ class TrainSpec:
 
     train: regexes on weight names (initializer or site name); empty means use `last`.
     last: train the N weight sites nearest the output (default 1), each with its bias.
+    freeze: regexes on site, weight or bias names; a matching site never trains (`last` counts the sites
+        left, and freeze wins over train).
     lr: learning rate η, stored as the integer numerator round(lr * 2**lr_shift).
     density: share of nonzero ternary entries, applied in steps of 1/128 (rounded, at least 1/128).
     """
 
     train: tuple[str, ...] = ()
     last: int = 1
+    freeze: tuple[str, ...] = ()
     include_bias: bool = True
     m: int = 64   # stacked branches make m cheap; m = 32 gained 4-9 points over m = 8, and m = 64 with the
     # cosine schedule another 2 on the transformer at 30 epochs (benchmarks, #15)
@@ -103,6 +106,7 @@ class TrainSpec:
     def __post_init__(self):
         check_field_types(self)
         object.__setattr__(self, "train", tuple(self.train))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
         self.validate()
 
     @classmethod
@@ -156,12 +160,12 @@ class TrainSpec:
         need(1 <= self.m <= 64, f"--m {self.m}: the number of perturbations must be 1..64.")
         need(0 <= self.prompts <= 1024, f"--prompts {self.prompts}: the number of prompt tokens must be 0..1024.")
         need(self.last >= 1, f"--last {self.last}: train at least one weight site (use --last 1 or more).")
-        for pattern in self.train:
+        for flag, pattern in [("--train", p) for p in self.train] + [("--freeze", p) for p in self.freeze]:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise SpecError(f"--train {pattern!r}: not a valid regular expression ({exc}). Escape special "
-                                "characters, e.g. --train 'fc2\\.weight'.") from None
+                raise SpecError(f"{flag} {pattern!r}: not a valid regular expression ({exc}). Escape special "
+                                f"characters, e.g. {flag} 'fc2\\.weight'.") from None
         need(self.headroom in HEADROOMS, f"--headroom {self.headroom}: choose a power of two 1..256.")
         need(self.precondition in PRECONDITIONS,
              f"--precondition {self.precondition!r}: choose one of {', '.join(PRECONDITIONS)}.")

@@ -221,7 +221,8 @@ def write_state(model, inits: dict, contract: Contract, state: dict, matrices: d
             except (ValueError, IndexError, KeyError) as exc:   # shapes that disagree with the contract
                 raise ModelError(f"{where}: {s.name!r} cannot be re-quantized ({exc}); the folder was "
                                  "edited or damaged. Recompile the model.") from None
-        elif s.role == "bias" and (s.widened or s.site in ratios) and s.dtype == "int32":
+        elif s.role == "bias" and (s.widened or s.site in ratios) and s.dtype == "int32" and s.float_grid is None:
+            # (a float bias on its own grid, as torch fake-quant exports keep it, owes nothing to the weight's scale)
             exported, inexact = _bias(model, inits, s.name, value, factor, ratios.get(s.site, np.ones(1)))
             report[s.name] = {"narrowed": "int32->int32", "inexact_fraction": inexact}
         elif s.widened:   # an 8-bit Add bias or normalization scale: widened by 256 only

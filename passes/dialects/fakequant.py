@@ -9,12 +9,14 @@ onnxruntime's QuantizeLinear bit for bit.
 
 Precondition: any graph.  Postcondition: each QuantizeLinear whose input, scale and zero point are
 constants and whose output feeds only DequantizeLinear nodes is gone; those DequantizeLinear nodes read
-an integer initializer named after the float weight (`<W>_quantized`). Blocked (block_size) and
-float8 quantization are left as they are. Returns how many were folded.
+an integer initializer named after the float weight (`<W>_quantized`). What cannot fold exactly (block or
+float8 quantization, a float16 weight, a computed scale) is left as it is; `unfoldable` says why, for
+passes/dialects/unsupported.py. Returns how many were folded.
 """
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 
@@ -30,26 +32,40 @@ def quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int)
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
-def _foldable(node: gs.Node) -> bool:
+def _grid(node: gs.Node) -> np.dtype:
+    """What a QuantizeLinear writes: its zero point's dtype, else output_dtype's, else uint8."""
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        return np.dtype(node.inputs[2].values.dtype)
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs.get("output_dtype", onnx.TensorProto.UINT8)))
+
+
+def unfoldable(node: gs.Node) -> str | None:
+    """Why the QuantizeLinear `node` cannot be folded into an integer initializer, or None when it can."""
     ins = [t for t in node.inputs if t.name]
-    if node.op != "QuantizeLinear" or not all(isinstance(t, gs.Constant) for t in ins):
-        return False
-    if node.attrs.get("block_size", 0) or "output_dtype" in node.attrs and len(ins) < 3:
-        return False
-    zp = ins[2].values if len(ins) > 2 else None
-    return (ins[0].values.dtype == np.float32 and (zp is None or np.issubdtype(zp.dtype, np.integer))
-            and all(u.op == "DequantizeLinear" for u in node.outputs[0].outputs))
+    computed = [what for what, t in zip(("its input", "its scale", "its zero point"), ins)
+                if not isinstance(t, gs.Constant)]
+    if computed:
+        return f"{' and '.join(computed)} {'is' if len(computed) == 1 else 'are'} computed in the graph, not stored"
+    if node.attrs.get("block_size", 0):
+        return f"block quantization, block_size {node.attrs['block_size']}: scales vary inside a channel"
+    if not np.issubdtype(_grid(node), np.integer):
+        return f"quantization to {_grid(node).name}, a float grid fgcompile does not train"
+    if ins[0].values.dtype != np.float32:
+        return f"a {ins[0].values.dtype.name} weight: fgcompile folds float32 weights only"
+    others = sorted({u.op for u in node.outputs[0].outputs if u.op != "DequantizeLinear"})
+    if others:
+        return f"its output also feeds {', '.join(others)}, not only DequantizeLinear"
+    return None
 
 
 def run(graph: gs.Graph) -> int:
     folded, taken = 0, set(graph.tensors())
     for node in list(graph.nodes):
-        if not _foldable(node):
+        if node.op != "QuantizeLinear" or unfoldable(node):
             continue
         w, scale = node.inputs[0], node.inputs[1]
-        zp = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else None
-        values = quantize(w.values, np.asarray(scale.values), None if zp is None else np.asarray(zp),
-                          int(node.attrs.get("axis", 1)))
+        zp = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros((), _grid(node))
+        values = quantize(w.values, np.asarray(scale.values), np.asarray(zp), int(node.attrs.get("axis", 1)))
         name = f"{w.name}_quantized"
         while name in taken:
             name += "_"
