@@ -70,7 +70,7 @@ WRONG_VALUES = {
     "a number for a flag": ("no-bias = 1", ["no-bias = 1", "true or false"]),
     "a string for a list": ('train = "fc2"', ["train = 'fc2'", 'e.g. train = ["…"]']),
     "numbers in a list": ("train = [1, 2]", ["train = [", "a list of strings"]),
-    "not a choice": ('loss = "hinge"', ["loss", "'hinge' is not one of 'ce', 'mse'"]),
+    "not a choice": ('loss = "hinge"', ["loss", "'hinge' is not one of 'auto', 'ce', 'mse', 'bce'"]),
     "a bool for a choice": ("bits = true", ["bits = true", "one of 8, 16"]),
     "beyond 64 bits": ("seed = 0x" + "f" * 20000, ["seed", "64-bit"]),
     "deep nesting": ("m = " + "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
