@@ -23,6 +23,7 @@ from fgcompile.spec import TrainSpec
 from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum, opset, pair,
                precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
+from .dialects import quant_dtype
 from .formulas import TIE_TOLERANCE
 
 
@@ -45,7 +46,7 @@ def check_source(model: onnx.ModelProto) -> None:
                          "it before compiling.") from None
     bounds.check_declared_sizes(model)
     try:
-        make_session(model)
+        make_session(quant_dtype.loadable(model))     # as canonicalize will leave it
     except Exception as exc:
         reason = str(exc).split(" : ")[-1].splitlines()[0][:300]
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model ({reason}). Re-export "
