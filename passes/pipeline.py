@@ -20,8 +20,8 @@ from fgcompile.artifact import Compiled, Contract, EvalContract, Inputs, LrNumer
 from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
-from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum, opset, pair,
-               precondition, prng, prompts, select, sparsify, update, widen)
+from . import (activations, analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum,
+               opset, pair, precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .dialects import quant_dtype
 from .formulas import TIE_TOLERANCE
@@ -103,6 +103,7 @@ PASSES = [
     canonicalize.PASS,
     prompts.PASS,
     Pass("load", _load, reads=("source",)),
+    activations.PASS,     # int8 activation pairs as uint8 (the same values)
     analyze.PASS,
     select.PASS,
     floatgrid.PASS,
