@@ -120,6 +120,10 @@ def nncf_like() -> onnx.ModelProto:
     gemm.input[0] = q.input[0]
     model.graph.node.remove(dq)
     model.graph.node.remove(q)
+    read = {i for n in model.graph.node for i in n.input}
+    kept = [i for i in model.graph.initializer if i.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     model.opset_import[0].version = 18
     onnx.checker.check_model(model, full_check=True)
     return model
