@@ -185,8 +185,9 @@ def test_small_models_compile_in_every_form(build, options, digits_x):
     if "branches" in options:
         assert compiled.contract.branches == options["branches"]
     np.testing.assert_array_equal(eval_outputs(compiled, digits_x), source_outputs(source, digits_x))
-    for graph in (compiled.train, compiled.eval):   # onnxruntime's default optimizations load them
-        make_session(graph)
+    fused = make_session(compiled.eval).run(None, {"x": digits_x, **compiled.state})[0]   # default optimizations
+    np.testing.assert_array_equal(fused, make_session(source).run(None, {"x": digits_x})[0])
+    make_session(compiled.train)
     assert activation_zero_point_dtypes(compiled.source) == {TensorProto.INT8}
 
 
