@@ -12,6 +12,9 @@ propagation wrote on a QuantizeLinear it inserted after a Reshape/Unsqueeze read
 which --bits 16 raises an opset-18 model to). Such a source can load (its zero points listed as graph
 inputs are not constant, or its opset is 18) while every compiled graph failed validation.
 """
+import pathlib
+import tempfile
+
 import numpy as np
 import onnx
 import pytest
@@ -141,16 +144,11 @@ def quantize_static_int8(name: str) -> onnx.ModelProto:
 
         def get_next(self):
             return next(self.it, None)
-    out = _tmp_dir() / f"{name}_s8.onnx"
-    quantize_static(str(MODELS / name / "fp32.onnx"), str(out), Batches(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
-    return onnx.load(out)
-
-
-def _tmp_dir():
-    import pathlib
-    import tempfile
-    return pathlib.Path(tempfile.mkdtemp(prefix="fgc-s8-"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "s8.onnx"
+        quantize_static(str(MODELS / name / "fp32.onnx"), str(out), Batches(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+        return onnx.load(out)
 
 
 def activation_zero_point_dtypes(model: onnx.ModelProto) -> set:
@@ -211,7 +209,8 @@ def test_reencoded_shipped_models_compile_to_the_uint8_graph(name, options):
     np.testing.assert_array_equal(make_session(compiled.eval).run(None, {"x": x, **compiled.state})[0],
                                   make_session(source).run(None, {"x": x})[0])
     assert activation_zero_point_dtypes(compiled.source) == {TensorProto.INT8}
-    assert _ops_and_constants(compiled.train) == _ops_and_constants(compile_graph(original, TrainSpec(**options)).train)
+    uint8 = compile_graph(original, TrainSpec(**options))
+    assert _ops_and_constants(compiled.train) == _ops_and_constants(uint8.train)
 
 
 def _ops_and_constants(model: onnx.ModelProto) -> list:
