@@ -132,8 +132,9 @@ def nncf_like() -> onnx.ModelProto:
     return model
 
 
-def quantize_static_int8(name: str) -> onnx.ModelProto:
-    """The shipped fp32 model through quantize_static with int8 activations (QuantType.QInt8)."""
+def quantize_static_int8(name: str, form: str = "QDQ") -> onnx.ModelProto:
+    """The shipped fp32 model through quantize_static with int8 activations (QuantType.QInt8), as QDQ or
+    QOperator (QLinearConv, ... with int8 zero points)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     x = np.load(MODELS / "data" / "digits_source_train.npz")["x"][:64]
@@ -146,7 +147,7 @@ def quantize_static_int8(name: str) -> onnx.ModelProto:
             return next(self.it, None)
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "s8.onnx"
-        quantize_static(str(MODELS / name / "fp32.onnx"), str(out), Batches(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(MODELS / name / "fp32.onnx"), str(out), Batches(), quant_format=QuantFormat[form],
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
         return onnx.load(out)
 
@@ -253,13 +254,21 @@ def test_steps_match_reference(model, options, target_train):
     run_chain(model(), TrainSpec(**options), target_train, steps=3)
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "digits_attn"])
-def test_quantize_static_int8_activations(name, digits_x):
-    source = quantize_static_int8(name)
-    assert activation_zero_point_dtypes(source) == {TensorProto.INT8}
+@pytest.mark.parametrize("name,form", [("digits_cnn", "QDQ"), ("digits_attn", "QDQ"), ("digits_attn", "QOperator")])
+def test_quantize_static_int8_activations(name, form, digits_x):
+    """quantize_static(activation_type=QInt8) models compile; the eval graph equals the source bit for bit
+    (QOperator under onnxruntime's default optimizations, where the canonical QDQ fuses back into its
+    kernels)."""
+    source = quantize_static_int8(name, form)
+    if form == "QDQ":
+        assert activation_zero_point_dtypes(source) == {TensorProto.INT8}
+    optimization = "disable" if form == "QDQ" else "all"
+    want = make_session(source, settings=SessionSettings(optimization=optimization)).run(None, {"x": digits_x})[0]
     for options in (dict(), dict(last=3), dict(last=2, branches="loop")):
         compiled = compile_graph(source, TrainSpec(**options))
-        np.testing.assert_array_equal(eval_outputs(compiled, digits_x), source_outputs(source, digits_x))
+        got = make_session(compiled.eval, settings=SessionSettings(optimization=optimization)).run(
+            None, {"x": digits_x, **compiled.state})[0]
+        np.testing.assert_array_equal(got, want)
 
 
 def test_export_keeps_int8_activations_and_loads(target_train):
