@@ -309,3 +309,22 @@ def test_cli_compiles_the_issue_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert path.read_bytes() == before
     assert (tmp_path / "out" / "train.onnx").exists()
+
+
+def test_a_source_onnxruntime_breaks_is_refused_with_the_fix(tmp_path):
+    """At opset 21 onnxruntime cannot load the NNCF-like model itself (it quantizes the unquantized
+    Reshape's output with a QuantizeLinear its S8→U8 rewrite breaks). compile says so in one paragraph,
+    naming the node and the re-encoding, instead of "Re-export it at opset 21" (it is opset 21); it writes
+    nothing and leaves the user's file as it was."""
+    model = nncf_like()
+    model.opset_import[0].version = 21
+    path = tmp_path / "nncf21.onnx"
+    onnx.save(model, path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = CliRunner().invoke(main, ["compile", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: onnxruntime ") and result.output.count("\n") == 1
+    assert "Traceback" not in result.output
+    assert "after node 'reshape" in result.output and "(Reshape)" in result.output
+    assert "Re-encode its int8 activations as uint8 with zero point + 128" in result.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
