@@ -49,9 +49,9 @@ def check_source(model: onnx.ModelProto) -> None:
         make_session(quant_dtype.loadable(model))     # as canonicalize will leave it
     except Exception as exc:
         reason = str(exc).split(" : ")[-1].splitlines()[0][:300]
-        raise ModelError(quant_dtype.propagation_failure(model, reason) or
-                         f"onnxruntime {ort.__version__} cannot load the input model ({reason}). Re-export "
-                         "it at opset 21 with ops onnxruntime supports.") from None
+        raise ModelError(quant_dtype.propagation_failure(model, reason) or f"onnxruntime {ort.__version__} cannot "
+                         f"load the input model ({reason}). Re-export it at opset 21 with ops onnxruntime "
+                         "supports.") from None
 
 
 def _check(model: onnx.ModelProto, ctx: Context) -> onnx.ModelProto:

@@ -72,8 +72,8 @@ def propagation_failure(model: onnx.ModelProto, reason: str) -> str | None:
     tensor = found.group(1).removesuffix("_q")     # onnxruntime names the inserted node <tensor>_q
     node = next((n for n in model.graph.node if tensor in n.output), None)
     where = f"node {node.name!r} ({node.op_type})" if node is not None else f"tensor {tensor!r}"
-    return (f"onnxruntime {ort.__version__}'s graph optimizer cannot load this model's int8 activations: after {where}, which reads "
-            f"an int8 DequantizeLinear and is not quantized again, it inserts a QuantizeLinear that its int8-to-uint8 "
-            f"rewrite then breaks ({found.group(0)}). The model is valid ONNX. Re-encode its int8 activations as "
-            "uint8 with zero point + 128 (the same values), or add a QuantizeLinear/DequantizeLinear pair after "
-            "that node, or export it at opset 20 or lower.")
+    return (f"onnxruntime {ort.__version__}'s graph optimizer cannot load this model's int8 activations: after "
+            f"{where}, which reads an int8 DequantizeLinear and is not quantized again, it inserts a QuantizeLinear "
+            f"that its int8-to-uint8 rewrite then breaks ({found.group(0)}). The model is valid ONNX. Re-encode its "
+            "int8 activations as uint8 with zero point + 128 (the same values), or add a QuantizeLinear/"
+            "DequantizeLinear pair after that node, or export it at opset 20 or lower.")
