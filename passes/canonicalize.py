@@ -1,6 +1,6 @@
 """canonicalize: rewrite what quantizers export into the one dialect the passes read, before analyze.
 
-    constants → lowbit → names → qoperator → dynamic → fakequant    (one module each in passes/dialects/)
+    quant_dtype → constants → lowbit → names → qoperator → dynamic → fakequant   (one module each in passes/dialects/)
 
 Precondition: a ModelProto that passed the pipeline's source check.
 Postcondition: a ModelProto computing the same function, with unique node names, where quantized
@@ -14,13 +14,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .context import Context, Pass
-from .dialects import constants, dynamic, fakequant, lowbit, names, qoperator
+from .dialects import constants, dynamic, fakequant, lowbit, names, qoperator, quant_dtype
 
 
 def canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     notes = []
+    if n := quant_dtype.run(model_copy):
+        notes.append(f"{n} QuantizeLinear output_dtype attributes dropped (their zero points give the type)")
     if n := constants.run(model_copy):
         notes.append(f"{n} Constant nodes and Identity copies of constants read as initializers")
     if n := lowbit.run(model_copy):

@@ -20,9 +20,10 @@ from fgcompile.artifact import Compiled, Contract, EvalContract, Inputs, LrNumer
 from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
-from . import (analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum, opset, pair,
-               precondition, prng, prompts, select, sparsify, update, widen)
+from . import (activations, analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum,
+               opset, pair, precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
+from .dialects import quant_dtype
 from .formulas import TIE_TOLERANCE
 
 
@@ -45,11 +46,12 @@ def check_source(model: onnx.ModelProto) -> None:
                          "it before compiling.") from None
     bounds.check_declared_sizes(model)
     try:
-        make_session(model)
+        make_session(quant_dtype.loadable(model))     # as canonicalize will leave it
     except Exception as exc:
         reason = str(exc).split(" : ")[-1].splitlines()[0][:300]
-        raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model ({reason}). Re-export "
-                         "it at opset 21 with ops onnxruntime supports.") from None
+        raise ModelError(quant_dtype.propagation_failure(model, reason) or f"onnxruntime {ort.__version__} cannot "
+                         f"load the input model ({reason}). Re-export it at opset 21 with ops onnxruntime "
+                         "supports.") from None
 
 
 def _check(model: onnx.ModelProto, ctx: Context) -> onnx.ModelProto:
@@ -102,6 +104,7 @@ PASSES = [
     canonicalize.PASS,
     prompts.PASS,
     Pass("load", _load, reads=("source",)),
+    activations.PASS,     # int8 activation pairs as uint8 (the same values)
     analyze.PASS,
     select.PASS,
     floatgrid.PASS,

@@ -28,7 +28,7 @@ def test_an_exception_in_a_pass_names_it_and_the_passes_before():
         _compile(_with(Pass("broken", broken), after="select"))
     msg = str(err.value)
     assert "pass 'broken'" in msg and "KeyError" in msg and "'missing'" in msg
-    assert "after check, canonicalize, prompts, load, analyze, select)" in msg
+    assert "after check, canonicalize, prompts, load, activations, analyze, select)" in msg
 
 
 def test_a_pass_that_does_not_set_what_it_adds_is_named():
