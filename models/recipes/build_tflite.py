@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tf2onnx  # noqa: E402
 from onnx import version_converter  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,8 +71,8 @@ def load(rel: str) -> tuple[np.ndarray, np.ndarray]:
 
 def add_noise(x: np.ndarray, rng: np.random.Generator, p: float = 0.8) -> np.ndarray:
     """kws_model.add_noise in numpy: a flat noise floor 10-40 dB below each clip's mean band power, mixed
-    in the power domain into a share p of the clips. Without it the detector, trained on clean speech,
-    reads the device's noise floor as "not the keyword" everywhere (target outputs below 2/256)."""
+    in the power domain into a share p of the clips. Without it a first version of the detector scored
+    every target clip below 2/256: it read the device's noise floor as "not the keyword"."""
     power = 10 ** ((x * (DB_HI - DB_LO) + DB_LO) / 10)
     level = power.sum(2, keepdims=True).mean(3, keepdims=True) / MELS
     snr = 10 + 30 * rng.random((len(x), 1, 1, 1))
@@ -178,7 +179,7 @@ def build(name: str, make_model, data: dict, detector: bool, epochs: int, output
         model.fit(x, y, batch_size=32, epochs=epochs, verbose=0)
     rng = np.random.default_rng(SEED)
     calib = x[rng.permutation(len(x))[:200]]
-    if detector:   # as kws_model.py calibrates: the noisy clips' ranges too, or the device's noise clips
+    if detector:   # as kws_model.py calibrates: 200 clean and 200 noise-augmented clips
         calib = np.concatenate([calib, add_noise(x[rng.permutation(len(x))[:200]], rng, p=1.0)])
     for split in ("source_test", "target_test"):
         print(name, split, "keras float", scores(model.predict(data[split][0], verbose=0), data[split][1], detector))
@@ -209,14 +210,9 @@ def main():
                             "labels": f"1 where y == {KEYWORD} ('{WORD}'), else 0", "keyword": KEYWORD,
                             "output": "sigmoid", **build("kws_detect_int8", detector_model, kws, True, 20, "prob")},
     }
-    man["tflite"] = {"versions": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx_version()}, "models": section}
+    man["tflite"] = {"versions": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__}, "models": section}
     man_path.write_text(json.dumps(man, indent=2) + "\n")
     print(json.dumps(man["tflite"], indent=2))
-
-
-def tf2onnx_version() -> str:
-    import tf2onnx
-    return tf2onnx.__version__
 
 
 if __name__ == "__main__":
