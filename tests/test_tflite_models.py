@@ -16,8 +16,6 @@ from fgcompile.session import make_session
 
 TFLITE = models.manifest()["tflite"]["models"]
 DETECTOR = "kws_detect_int8"
-NEEDS_BCE = pytest.mark.xfail(strict=True,
-                              reason="a [batch, 1] sigmoid output needs --loss bce and 0/1 labels (issue #31)")
 
 
 def data(name: str, split: str, tmp_path=None) -> tuple[np.ndarray, np.ndarray]:
@@ -88,19 +86,22 @@ def test_digits_eval_reaches_the_recorded_accuracy(tmp_path):
         assert abs(json.loads(r.stdout)["accuracy"] - entry[f"{split}_accuracy"]) <= 0.005
 
 
-@NEEDS_BCE
-def test_detector_eval_reaches_the_recorded_accuracy(tmp_path):
+def test_detector_eval_reaches_the_recorded_auc(tmp_path):
+    """AUC is threshold-free; accuracy may differ by the clips whose 8-bit probability is exactly 0.5
+    (fgcompile counts p > 0.5 as the keyword, as its in-graph logit > 0; the recipe counted p >= 0.5)."""
     entry = TFLITE[DETECTOR]
     for split in ("source_test", "target_test"):
         data(DETECTOR, split, tmp_path)
         r = run("eval", models.path(entry["file"]), "--data", tmp_path / f"{split}.npz", "--json")
         assert r.exit_code == 0, r.output
-        assert abs(json.loads(r.stdout)["accuracy"] - entry[f"{split}_accuracy"]) <= 0.005
+        result = json.loads(r.stdout)
+        assert abs(result["auc"] - entry[f"{split}_auc"]) <= 0.005
+        assert abs(result["accuracy"] - entry[f"{split}_accuracy"]) <= 0.01
 
 
-def workflow(name: str, tmp_path) -> float:
+def workflow(name: str, tmp_path) -> dict:
     """compile, train one epoch on the target train split, verify, export, eval the export on target
-    test, all with the defaults; returns the exported model's target test accuracy."""
+    test, all with the defaults; returns eval's record of the exported model on target test."""
     out = tmp_path / "out"
     for split in ("target_train", "target_test"):
         data(name, split, tmp_path)
@@ -113,13 +114,12 @@ def workflow(name: str, tmp_path) -> float:
         assert r.exit_code == 0, (args[0], r.output)
     r = run("eval", tmp_path / "adapted.onnx", "--data", tmp_path / "target_test.npz", "--json")
     assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)["accuracy"]
+    return json.loads(r.stdout)
 
 
 def test_digits_workflow_with_the_defaults(tmp_path):
-    assert workflow("digits_int8", tmp_path) > TFLITE["digits_int8"]["target_test_accuracy"]
+    assert workflow("digits_int8", tmp_path)["accuracy"] > TFLITE["digits_int8"]["target_test_accuracy"]
 
 
-@NEEDS_BCE
 def test_detector_workflow_with_the_defaults(tmp_path):
-    assert workflow(DETECTOR, tmp_path) >= 0.5
+    assert workflow(DETECTOR, tmp_path)["auc"] > TFLITE[DETECTOR]["target_test_auc"]
