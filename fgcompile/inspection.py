@@ -39,13 +39,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from fgcompile.errors import ModelError
 from fgcompile.modelio import human_bytes
 from fgcompile.grid import WIDENING, training_grid
 from fgcompile.report import format_table
 from fgcompile.spec import TrainSpec
 from fgcompile.passes import canonicalize, floatgrid
-from fgcompile.passes.analyze import find_weight_sites, is_quantized
+from fgcompile.passes.analyze import check_quantized, find_weight_sites
 from fgcompile.passes.dialects import unsupported
 from fgcompile.passes.formulas import bias_stride, train_bytes
 from fgcompile.passes.pipeline import check_source
@@ -143,10 +142,7 @@ def inspect_graph(model: onnx.ModelProto, m: int = TrainSpec.m, bits: int = Trai
     TrainSpec(m=m, momentum=momentum, sharpness=sharpness)   # the same checks and messages as compile
     check_source(model)   # what compile refuses first (an invalid graph, opset), inspect refuses too
     graph = gs.import_onnx(canonicalize.canonical(model)[0])
-    if not is_quantized(graph):
-        raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "
-                         "inference graphs. Quantize it first with onnxruntime.quantization.quantize_static "
-                         "(quant_format=QuantFormat.QDQ).")
+    check_quantized(graph)
     rows, sites = [], find_weight_sites(graph)
     for s in sites:
         for role, t in (("weight" if s.kind == "product" else "scale", s.weight), ("bias", s.bias)):

@@ -118,6 +118,30 @@ def is_quantized(graph: gs.Graph) -> bool:
     return any(n.op in QUANTIZED_OPS for n in graph.nodes)
 
 
+def check_quantized(graph: gs.Graph) -> None:
+    """ModelError unless the graph holds a quantized op; it names the If/Loop/Scan nodes whose branches
+    hold the layers, which quantize_static leaves float (it does not quantize inside subgraphs)."""
+    if is_quantized(graph):
+        return
+    nested = [n.name for n in graph.nodes if any(_holds_products(g) for g in _subgraphs(n))]
+    where = (f" Its layers sit inside the branches of {', '.join(repr(n) for n in nested[:3])} "
+             "(If/Loop/Scan), which quantize_static does not quantize: "
+             "export the model with the branch taken (e.g. a fixed sample rate), then quantize it."
+             if nested else "")
+    raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ inference "
+                     "graphs. Quantize it first, e.g. onnxruntime.quantization.quantize_static(..., "
+                     f"quant_format=QuantFormat.QDQ).{where}")
+
+
+def _subgraphs(node: gs.Node) -> list[gs.Graph]:
+    return [v for v in node.attrs.values() if isinstance(v, gs.Graph)]
+
+
+def _holds_products(graph: gs.Graph) -> bool:
+    return any(n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or any(_holds_products(g) for g in _subgraphs(n))
+               for n in graph.nodes)
+
+
 def head(graph: gs.Graph) -> heads.Head:
     """The output's head and the tensor the loss reads (fgcompile/heads.py): the model output, or the float
     tensor before a trailing QuantizeLinear -> DequantizeLinear on it (a Sigmoid head: its logit). An 8-bit
@@ -134,10 +158,7 @@ def head(graph: gs.Graph) -> heads.Head:
 
 def run(graph: gs.Graph, ctx) -> gs.Graph:
     """Fill ctx.io (data inputs, output, loss tap, sites), or raise on a graph fgcompile cannot train."""
-    if not is_quantized(graph):
-        raise ModelError("the model is not quantized (no DequantizeLinear node): fgcompile trains QDQ "
-                         "inference graphs. Quantize it first, e.g. onnxruntime.quantization."
-                         "quantize_static(..., quant_format=QuantFormat.QDQ).")
+    check_quantized(graph)
     data = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
     if not data:
         raise CompileError("the model has no data input.")

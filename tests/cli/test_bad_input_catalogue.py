@@ -29,6 +29,23 @@ def external_data_missing(tmp):
     return tmp / "ext.onnx"
 
 
+def layers_inside_if(tmp):
+    """A float model whose layers sit in an If's branches (on a sample rate, say), as quantize_static
+    leaves it: nothing quantized."""
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+
+    def branch(name, scale):
+        w = helper.make_tensor(f"W_{name}", TensorProto.FLOAT, [4, 3], [scale] * 12)
+        out = helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["batch", 3])
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"W_{name}"], [f"y_{name}"])], name, [], [out], [w])
+    cond = helper.make_tensor("at_16k", TensorProto.BOOL, [], [True])
+    node = helper.make_node("If", ["at_16k"], ["y"], name="by_rate", then_branch=branch("then", 1.0),
+                            else_branch=branch("else", 0.5))
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], [cond]), opset_imports=[helper.make_opsetid("", 21)])
+
+
 def model_file(build):
     def make(tmp):
         p = tmp / "model.onnx"
@@ -47,6 +64,7 @@ COMPILE_CASES = {
     "non-ONNX bytes": (model_file(b"\x89PNG this is not a model"), [], "not a readable ONNX model"),
     "truncated ONNX": (model_file(lambda t: CNN.read_bytes()[:20000]), [], "truncated"),
     "float model": (model_file(lambda t: onnx.load(MODELS / "digits_cnn" / "fp32.onnx")), [], "not quantized"),
+    "layers inside an If": (model_file(layers_inside_if), [], "sit inside the branches of 'by_rate' (If/Loop/Scan)"),
     "no weight sites": (model_file(lambda t: qdq_model(consumer="Add")), [], "no weight sites"),
     "unsupported op on trained path": (model_file(lambda t: qdq_model(extra_after="Dropout")), [],
                                        "'bad_node' (Dropout) lies on the trained path"),
