@@ -5,7 +5,9 @@
               Sigmoid and before the requantization around it: the probability's 8-bit grid would hide
               the loss change of a ±ε·z step, as the CE tap's logits grid would.
     softmax   any other output [batch, C]: class scores, one class index per example (ce, mse). The loss
-              reads it before a trailing Q→DQ. C = 1 is refused: one class cannot be wrong.
+              reads it before a trailing Q→DQ, and before a trailing Softmax (TFLite classifiers end in
+              one): cross-entropy of the probabilities' own log-softmax would be neither the loss nor its
+              gradient. C = 1 is refused: one class cannot be wrong.
 
 The walk is written once over a `producer` view of the graph, so the compiler's onnx-graphsurgeon graph
 and the runtime's ModelProto (a plain model file, which has no contract) read the head the same way.
@@ -29,6 +31,7 @@ Producer = Callable[[str], "tuple[str, list[str], int] | None"]
 class Head:
     kind: Literal["softmax", "sigmoid"]
     tap: str             # the tensor the loss reads
+    probabilities: bool = False   # the output is a Softmax's: eval's cross-entropy reads its log
 
 
 def read_head(output: str, producer: Producer) -> Head:
@@ -37,6 +40,8 @@ def read_head(output: str, producer: Producer) -> Head:
     node = producer(scores)
     if node is not None and node[0] == "Sigmoid":
         return Head("sigmoid", _before_requant(node[1][0], producer))
+    if node is not None and node[0] == "Softmax":
+        return Head("softmax", _before_requant(node[1][0], producer), probabilities=True)
     return Head("softmax", scores)
 
 

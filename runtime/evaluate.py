@@ -28,7 +28,8 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
     if target.is_dir():
         if not (target / LAYOUT.eval).is_file():
             raise ModelError(f"{target}: no {LAYOUT.eval} here; pass a model file or a folder from `fgcompile compile`.")
-        sess = session_of(modelio.load_model(target / LAYOUT.eval), target / LAYOUT.eval, session=session)
+        model = modelio.load_model(target / LAYOUT.eval)
+        sess = session_of(model, target / LAYOUT.eval, session=session)
         contract = open_train_graph(target)[1]
         state, head = latest_state(target, contract), contract.head
     else:
@@ -47,7 +48,8 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
     x, y = read(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess),
                 "evaluate(data)", head)
     with running(target / LAYOUT.eval if target.is_dir() else target):
-        return score(sess, data_input.name, x, y, state, batch, head, false_alarm)
+        return score(sess, data_input.name, x, y, state, batch, head, false_alarm,
+                     probabilities=heads.head_of(model).probabilities)
 
 
 def _check_arguments(model_or_out, data, batch, session, false_alarm) -> None:

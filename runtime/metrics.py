@@ -25,6 +25,11 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
+def nll(p: np.ndarray, y: np.ndarray) -> float:
+    """Cross-entropy of a Softmax output's probabilities (clipped: an 8-bit probability may be 0)."""
+    return float(-np.log(np.clip(p[np.arange(len(y)), y].astype(np.float64), P_CLIP, 1)).mean())
+
+
 def binary_cross_entropy(p: np.ndarray, y: np.ndarray) -> float:
     p = np.clip(p.astype(np.float64), P_CLIP, 1 - P_CLIP)
     return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean())
@@ -71,11 +76,12 @@ def detection(p: np.ndarray, y: np.ndarray, false_alarm: float = FALSE_ALARM) ->
 
 
 def score(sess: ort.InferenceSession, data_input: str, x: np.ndarray, y: np.ndarray, state: dict,
-          batch: int = 512, head: str = "softmax", false_alarm: float = FALSE_ALARM) -> dict:
+          batch: int = 512, head: str = "softmax", false_alarm: float = FALSE_ALARM,
+          probabilities: bool = False) -> dict:
     """Run `sess` over x (an array, or Inputs for several data inputs) in batches (state tensors fed
     alongside) and score its first output (a Sigmoid head's by `detection`). A model with a fixed batch
     N runs in chunks of N; the last chunk is padded with its first sample and the padding's outputs
-    dropped."""
+    dropped. `probabilities`: the output is a Softmax's, whose cross-entropy is its own negative log."""
     fixed = next(i.shape[0] for i in sess.get_inputs() if i.name == data_input)
     names = {i.name for i in sess.get_inputs()}
     state = {k: v for k, v in state.items() if k in names}   # training buffers are not inputs of eval
@@ -90,4 +96,5 @@ def score(sess: ort.InferenceSession, data_input: str, x: np.ndarray, y: np.ndar
     out = np.concatenate(chunks)
     if head == "sigmoid":
         return detection(out, y, false_alarm)
-    return {"accuracy": float((out.argmax(1) == y).mean()), "loss": cross_entropy(out, y), "samples": len(y)}
+    loss = nll(out, y) if probabilities else cross_entropy(out, y)
+    return {"accuracy": float((out.argmax(1) == y).mean()), "loss": loss, "samples": len(y)}

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import onnx
 
-from fgcompile import folder, modelio, validate
+from fgcompile import folder, heads, modelio, validate
 from fgcompile.artifact import LAYOUT, Compiled, Contract
 from fgcompile.errors import DataError, FgcompileError, ModelError, OutputError, SpecError
 from . import checkpoint, tune
@@ -57,8 +57,9 @@ class Trainer:
         train_model, self.contract, self.train_sha256 = open_train_graph(self.out)
         self.spec = self.contract.spec
         self.sess = session_of(train_model, self.out / LAYOUT.train, session=session)
-        self.eval_sess = session_of(modelio.load_model(self.out / LAYOUT.eval), self.out / LAYOUT.eval, session=session)
-        self._init_io()
+        eval_model = modelio.load_model(self.out / LAYOUT.eval)
+        self.eval_sess = session_of(eval_model, self.out / LAYOUT.eval, session=session)
+        self._init_io(eval_model)
         self.state, self.meta = self._initial()
         self.initial_state = dict(self.state)
 
@@ -68,12 +69,13 @@ class Trainer:
         self.spec = self.contract.spec
         self.sess = session_of(compiled.train, "the in-memory training graph", session=session)
         self.eval_sess = session_of(compiled.eval, "the in-memory eval graph", session=session)
-        self._init_io()
+        self._init_io(compiled.eval)
         self.state, self.meta = dict(compiled.state), {"step": 0, "bad_steps": 0}
         self.initial_state = dict(self.state)
 
-    def _init_io(self) -> None:
+    def _init_io(self, eval_model) -> None:
         self.io = self.contract.inputs
+        self.probabilities = heads.head_of(eval_model).probabilities   # eval's loss of a Softmax output
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.classes = class_count(self.eval_sess)
         self.data_shape = input_shape(self.eval_sess, self.io.data)
@@ -94,7 +96,8 @@ class Trainer:
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
         x, y = self.load_data((x, y), "evaluate(x, y)")
         with running(self._path(LAYOUT.eval)):
-            return score(self.eval_sess, self.io.data, x, y, self.state, batch, self.contract.head)
+            return score(self.eval_sess, self.io.data, x, y, self.state, batch, self.contract.head,
+                         probabilities=self.probabilities)
 
     # ----------------------------------------------------------------------------------------- train
     def lr_numerator_at(self, step: int, total: int, schedule: str) -> int:
