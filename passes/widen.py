@@ -27,8 +27,14 @@ from .context import Context, Pass
 from .formulas import bias_stride
 
 
-def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str) -> None:
-    node.inputs[index] = gs.Constant(name, np.asarray(values))  # 0-d arithmetic yields numpy scalars
+def _replace_input(node: gs.Node, index: int, values: np.ndarray, name: str, tensors: dict | None = None) -> None:
+    """Feed NODE's input INDEX a constant NAME of VALUES: the graph's own when it already has one of that
+    name and value (a scale or zero point shared by several widened weights, as tf2onnx writes them; a
+    second constant of the same name makes onnx-graphsurgeon warn once per reader), else a new one."""
+    values = np.asarray(values)   # 0-d arithmetic yields numpy scalars
+    have = (tensors or {}).get(name)
+    same = isinstance(have, gs.Constant) and have.values.dtype == values.dtype and np.array_equal(have.values, values)
+    node.inputs[index] = have if same else gs.Constant(name, values)
 
 
 def _scale(graph: gs.Graph, tensor, new_dtype, factor: float) -> None:
@@ -44,9 +50,10 @@ def _scale(graph: gs.Graph, tensor, new_dtype, factor: float) -> None:
     suffix = f"__x{factor:g}" if np.dtype(new_dtype).name == tensor.dtype else f"__{np.dtype(new_dtype).name}"
     _replace_input(dq, 0, w.astype(new_dtype), tensor.name)
     scale = np.asarray(tensors[tensor.scale_name].values, np.float32) / np.float32(factor)
-    _replace_input(dq, 1, scale, f"{tensor.scale_name}{suffix}")
+    _replace_input(dq, 1, scale, f"{tensor.scale_name}{suffix}", tensors)
     if len(dq.inputs) > 2:
-        _replace_input(dq, 2, _times(dq.inputs[2].values, factor).astype(new_dtype), f"{tensor.zero_point_name}{suffix}")
+        _replace_input(dq, 2, _times(dq.inputs[2].values, factor).astype(new_dtype), f"{tensor.zero_point_name}{suffix}",
+                       tensors)
     tensor.dtype = np.dtype(new_dtype).name
     tensor.scale_name = f"{tensor.scale_name}{suffix}"
     tensor.zero_point_name = f"{tensor.zero_point_name}{suffix}" if len(dq.inputs) > 2 else None
