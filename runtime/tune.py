@@ -153,16 +153,19 @@ def _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, see
                 trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, schedule=schedule, progress=False)
                 v = trial.evaluate(x[val], y[val])
                 runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}
-                            | ({"val_auc": v["auc"]} if "auc" in v else {}) | ({"fold": k} if len(splits) > 1 else {}))
+                            | ({"val_auc": v["auc"], "val_miss_rate": v["miss_rate"]} if "auc" in v else {})
+                            | ({"fold": k} if len(splits) > 1 else {}))
         score = {"lr": lr, "lr_numerator": numerator,
                  "val_accuracy": statistics.mean(r["val_accuracy"] for r in runs),
                  "val_loss": statistics.mean(r["val_loss"] for r in runs), "runs": runs}
-        if trainer.contract.head == "sigmoid":   # a fold without both classes has no AUC
-            aucs = [r["val_auc"] for r in runs if r["val_auc"] is not None]
-            score["val_auc"] = statistics.mean(aucs) if aucs else None
+        if trainer.contract.head == "sigmoid":   # a fold without both classes has no AUC nor miss rate
+            for key in ("val_auc", "val_miss_rate"):
+                known = [r[key] for r in runs if r[key] is not None]
+                score[key] = statistics.mean(known) if known else None
         scores.append(score)
         if echo is not None:
-            judged = f"AUC {_shown(score['val_auc'])}" if "val_auc" in score else f"accuracy {score['val_accuracy']:.2%}"
+            judged = (f"AUC {_shown(score['val_auc'])}, miss rate {_shown(score['val_miss_rate'])}"
+                      if "val_auc" in score else f"accuracy {score['val_accuracy']:.2%}")
             echo(f"tune {i + 1}/{len(grid_rates)}: lr {lr:g}: validation {judged}, "
                  f"loss {score['val_loss']:.4f} ({time.perf_counter() - t0:.1f} s)")
     best = max(scores, key=lambda r: (_judged(r), -r["val_loss"], -r["lr"]))

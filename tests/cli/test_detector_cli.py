@@ -2,6 +2,7 @@
 default --loss (bce), trains on 0/1 labels (the loss goes down), exports, and eval/tune judge it by ROC
 AUC and the miss rate at a false-alarm rate; the new option and labels have their bad-input cases."""
 import json
+import statistics
 
 import numpy as np
 import onnx
@@ -91,7 +92,9 @@ def test_tune_scores_a_detector_by_auc(files, compiled, tmp_path):
     record = json.loads(r.output)
     best = max(record["scores"], key=lambda s: (s["val_auc"], -s["val_loss"], -s["lr"]))
     assert record["choice"]["lr"] == best["lr"]
-    assert all("val_auc" in run for s in record["scores"] for run in s["runs"])
+    assert all({"val_auc", "val_miss_rate"} <= set(run) for s in record["scores"] for run in s["runs"])
+    for s in record["scores"]:   # each rate's miss rate is the mean of its trials'
+        assert s["val_miss_rate"] == statistics.mean(run["val_miss_rate"] for run in s["runs"])
 
 
 # ------------------------------------------------------------------------------------ bad input
