@@ -43,13 +43,13 @@ SPLITS = ("source_train", "source_test", "target_train", "target_test")
 
 
 class DSCNN(nn.Module):
-    def __init__(self, c: int = CHANNELS, blocks: int = BLOCKS):
+    def __init__(self, c: int = CHANNELS, blocks: int = BLOCKS, outputs: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, c, (9, 3), stride=2, padding=(4, 1)), nn.BatchNorm2d(c), nn.ReLU())
         self.blocks = nn.ModuleList(nn.Sequential(
             nn.Conv2d(c, c, 3, stride=2 if i == 0 else 1, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU(),
             nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU()) for i in range(blocks))
-        self.fc = nn.Linear(c, 10)
+        self.fc = nn.Linear(c, outputs)
 
     def forward(self, x):
         h = self.stem(x)
@@ -102,7 +102,8 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
     return w.numpy().astype(np.float32), b.numpy().astype(np.float32)
 
 
-def to_onnx(m: DSCNN) -> onnx.ModelProto:
+def to_onnx(m: DSCNN, sigmoid: bool = False) -> onnx.ModelProto:
+    """The folded DS-CNN as fp32 ONNX; sigmoid: a detector's head, Sigmoid on the Gemm's logits."""
     g = OnnxWriter()
 
     def conv(h, conv_mod, bn, name, **attrs):
@@ -114,12 +115,14 @@ def to_onnx(m: DSCNN) -> onnx.ModelProto:
     for i, blk in enumerate(m.blocks):
         stride = blk[0].stride[0]
         h = conv(h, blk[0], blk[1], f"block{i}.dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride],
-                 group=CHANNELS)
+                 group=blk[0].groups)
         h = conv(h, blk[3], blk[4], f"block{i}.pw", kernel_shape=[1, 1])
     h = g.op("ReduceMean", [h, g.init("pool_axes", np.array([2, 3], np.int64))], "pool", keepdims=0)
-    g.op("Gemm", [h, g.init("fc.weight", m.fc.weight.detach().numpy()), g.init("fc.bias", m.fc.bias.detach().numpy())],
-         "logits", transB=1)
-    return g.model("logits", in_shape=(1, MELS, 49))
+    out = g.op("Gemm", [h, g.init("fc.weight", m.fc.weight.detach().numpy()), g.init("fc.bias", m.fc.bias.detach().numpy())],
+               "logits", transB=1)
+    if sigmoid:
+        out = g.op("Sigmoid", [out], "prob")
+    return g.model(out, in_shape=(1, MELS, 49), outputs=m.fc.out_features)
 
 
 def main():
@@ -134,8 +137,8 @@ def main():
     # calibrate on clean and noise-augmented source clips: the ranges the model was trained to see
     gen = torch.Generator().manual_seed(SEED + 1)
     calib = np.concatenate([xs[:200], add_noise(torch.tensor(xs[200:400]), gen, p=1.0).numpy()])
-    quantize(out / "fp32.onnx", out / "w8a8.onnx", calib, QuantType.QInt8)
-    quantize(out / "fp32.onnx", out / "w16a8.onnx", calib, QuantType.QInt16)
+    quantize(out / "fp32.onnx", out / "w8a8.onnx", calib, QuantType.QInt8, [])
+    quantize(out / "fp32.onnx", out / "w16a8.onnx", calib, QuantType.QInt16, [])
     entry = {"source": "models/recipes/kws_model.py", "data": "espeak-ng speech (models/recipes/kws_data.py)",
              "splits": {s: f"data/kws_{s}.npz" for s in SPLITS}, "variants": {}}
     for variant in ("fp32", "w8a8", "w16a8"):
