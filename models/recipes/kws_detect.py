@@ -26,14 +26,15 @@ import pathlib
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
 from onnxruntime.quantization import QuantType
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import onnx  # noqa: E402
 from build_zoo import quantize  # noqa: E402
+import kws_model  # noqa: E402
 from kws_data import WORDS  # noqa: E402
 from kws_model import DSCNN, SEED, SPLITS, add_noise, to_onnx  # noqa: E402
 
@@ -46,26 +47,12 @@ KEYWORD = "up"
 CHANNELS, BLOCKS, EPOCHS = 32, 3, 20   # smaller than kws_dscnn's 48 x 4 x 30: one binary decision
 
 
-def train(x: np.ndarray, y: np.ndarray, epochs: int = EPOCHS, lr: float = 3e-3, batch: int = 64) -> DSCNN:
-    torch.set_num_threads(1)   # on a busy 2-core machine, two threads ran 16x slower than one
-    torch.manual_seed(SEED)
-    gen = torch.Generator().manual_seed(SEED)
-    model = DSCNN(CHANNELS, BLOCKS, outputs=1)
-    opt = torch.optim.Adam(model.parameters(), lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * ((len(x) + batch - 1) // batch))
-    xs, ys = torch.tensor(x), torch.tensor(y, dtype=torch.float32)[:, None]
+def train(x: np.ndarray, y: np.ndarray) -> DSCNN:
+    """kws_model's training (Adam, one-cycle rate, noise augmentation) of the smaller one-output DS-CNN on
+    the logistic loss, positives weighted by the negatives-to-positives ratio."""
     loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y) - y.sum()) / y.sum(), dtype=torch.float32))
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xs), generator=gen)
-        for b in range(0, len(xs), batch):
-            i = perm[b:b + batch]
-            opt.zero_grad()
-            loss(model(add_noise(xs[i], gen)), ys[i]).backward()
-            opt.step()
-            sched.step()
-        print(f"epoch {epoch + 1}/{epochs}", flush=True)
-    return model.eval()
+    return kws_model.train(x, y.astype(np.float32)[:, None], epochs=EPOCHS,
+                           build=lambda: DSCNN(CHANNELS, BLOCKS, outputs=1), loss=loss)
 
 
 def scores(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> dict:
