@@ -1,6 +1,7 @@
 """Build the keyword detector kws_detect: "up" against the nine other words, one Sigmoid output [batch, 1],
 a smaller DS-CNN of kws_model.py's family pretrained on the clean source speech (with its noise
-augmentation), written as fp32 ONNX and quantized w8a8 and w16a8 like kws_dscnn.
+augmentation), written as fp32 ONNX and quantized w8a8 and w16a8 as kws_dscnn is (kws_model.write_variants:
+build_zoo.quantize's QDQ with uint8 activations, the Sigmoid's output included).
 
 Run from the repository root after kws_data.py (needs torch 2.13.0 CPU, scikit-learn and scipy):
 
@@ -21,22 +22,18 @@ miss rate at a 5% false-alarm rate (fgcompile.runtime.metrics.detection, how det
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
-from onnxruntime.quantization import QuantType
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from build_zoo import quantize  # noqa: E402
 import kws_model  # noqa: E402
 from kws_data import WORDS  # noqa: E402
-from kws_model import DSCNN, SEED, SPLITS, add_noise, to_onnx  # noqa: E402
+from kws_model import DSCNN, SPLITS, to_onnx, write_variants  # noqa: E402
 
 from fgcompile.models import keyword_vs_rest  # noqa: E402
 from fgcompile.runtime.data import load_data  # noqa: E402
@@ -71,28 +68,12 @@ def main():
     model = train(xs, ys)
     print(f"DS-CNN detector: {sum(p.numel() for p in model.parameters() if p.requires_grad)} trained parameters "
           "(BatchNorm folded on export)")
-    out = ROOT / "kws_detect"
-    out.mkdir(exist_ok=True)
-    onnx.save(to_onnx(model, sigmoid=True), out / "fp32.onnx")
-    gen = torch.Generator().manual_seed(SEED + 1)   # kws_model's calibration: clean and noise-augmented source
-    calib = np.concatenate([xs[:200], add_noise(torch.tensor(xs[200:400]), gen, p=1.0).numpy()])
-    quantize(out / "fp32.onnx", out / "w8a8.onnx", calib, QuantType.QInt8, [])
-    quantize(out / "fp32.onnx", out / "w16a8.onnx", calib, QuantType.QInt16, [])
     entry = {"source": "models/recipes/kws_detect.py", "data": "espeak-ng speech (models/recipes/kws_data.py)",
              "splits": {s: f"data/kws_{s}.npz" for s in SPLITS},
              "keyword": {"word": KEYWORD, "class": keyword, "labels": "fgcompile.models.keyword_vs_rest"},
-             "false_alarm": 0.05, "variants": {}}
-    for variant in ("fp32", "w8a8", "w16a8"):
-        path = out / f"{variant}.onnx"
-        entry["variants"][variant] = {"file": f"kws_detect/{variant}.onnx", "bytes": path.stat().st_size}
-        for s in ("source_test", "target_test"):
-            for k, v in scores(path, *data[s]).items():
-                entry["variants"][variant][f"{s}_{k}"] = v
-    print(json.dumps(entry["variants"], indent=1))
-    manifest_path = ROOT / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["models"]["kws_detect"] = entry
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+             "false_alarm": 0.05}
+    write_variants("kws_detect", to_onnx(model, sigmoid=True), xs, entry, lambda path: {
+        f"{s}_{k}": v for s in ("source_test", "target_test") for k, v in scores(path, *data[s]).items()})
 
 
 if __name__ == "__main__":

@@ -133,28 +133,33 @@ def main():
     model = train(xs, ys)
     print(f"DS-CNN: {sum(p.numel() for p in model.parameters() if p.requires_grad)} trained parameters "
           "(BatchNorm folded on export)")
-    out = ROOT / "kws_dscnn"
+    entry = {"source": "models/recipes/kws_model.py", "data": "espeak-ng speech (models/recipes/kws_data.py)",
+             "splits": {s: f"data/kws_{s}.npz" for s in SPLITS}}
+    write_variants("kws_dscnn", to_onnx(model), xs, entry, lambda path: {
+        "source_test_accuracy": accuracy(path, *data["source_test"]),
+        "target_test_accuracy": accuracy(path, *data["target_test"])})
+
+
+def write_variants(name: str, model: onnx.ModelProto, xs: np.ndarray, entry: dict, measure) -> None:
+    """Write NAME/fp32.onnx and its w8a8 and w16a8 quantizations, and record them in the manifest as
+    models[NAME] = entry plus `variants`: each file's size and `measure(path)` (a dict)."""
+    out = ROOT / name
     out.mkdir(exist_ok=True)
-    onnx.save(to_onnx(model), out / "fp32.onnx")
+    onnx.save(model, out / "fp32.onnx")
     # calibrate on clean and noise-augmented source clips: the ranges the model was trained to see
     gen = torch.Generator().manual_seed(SEED + 1)
     calib = np.concatenate([xs[:200], add_noise(torch.tensor(xs[200:400]), gen, p=1.0).numpy()])
     quantize(out / "fp32.onnx", out / "w8a8.onnx", calib, QuantType.QInt8, [])
     quantize(out / "fp32.onnx", out / "w16a8.onnx", calib, QuantType.QInt16, [])
-    entry = {"source": "models/recipes/kws_model.py", "data": "espeak-ng speech (models/recipes/kws_data.py)",
-             "splits": {s: f"data/kws_{s}.npz" for s in SPLITS}, "variants": {}}
+    entry = {**entry, "variants": {}}
     for variant in ("fp32", "w8a8", "w16a8"):
         path = out / f"{variant}.onnx"
-        entry["variants"][variant] = {
-            "file": f"kws_dscnn/{variant}.onnx", "bytes": path.stat().st_size,
-            "source_test_accuracy": accuracy(path, *data["source_test"]),
-            "target_test_accuracy": accuracy(path, *data["target_test"])}
+        entry["variants"][variant] = {"file": f"{name}/{variant}.onnx", "bytes": path.stat().st_size, **measure(path)}
     print(json.dumps(entry["variants"], indent=1))
     manifest_path = ROOT / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["models"]["kws_dscnn"] = entry
+    manifest["models"][name] = entry
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()
