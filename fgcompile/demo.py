@@ -2,7 +2,7 @@
 
 Tasks: `digits` (the default model, digits_cnn), `kws` (keyword spotting, kws_dscnn, adapted to a
 cheap microphone) and `detect` (kws_detect, one Sigmoid output: "up" against the other words, adapted to
-the same microphone; judged by ROC AUC and the miss rate at a 5% false-alarm rate, the metrics.FALSE_ALARM).
+the same microphone; judged by ROC AUC and the miss rate at a 5% false-alarm rate, metrics.FALSE_ALARM).
 
 inspect → compile (w16a8 training of the last layer) → eval before → tune lr by 5-fold cross-validation
 on the target-domain train split → train on all of it → eval after → export → eval the exported model in stock
@@ -26,7 +26,8 @@ from fgcompile.errors import OutputError, SpecError
 
 
 TASKS = {"digits": None, "kws": "kws_dscnn", "detect": "kws_detect"}   # task -> shipped model (None: the default)
-# per task: (epochs, TrainSpec) the demo uses when not given (kws: measured, see models/README.md)
+# per task: (epochs, TrainSpec) the demo uses when not given (kws: measured, see models/README.md; detect:
+# benchmarks/results/detect.md)
 DEFAULTS = {"digits": (30, TrainSpec()), "kws": (10, TrainSpec()), "detect": (10, TrainSpec())}
 
 
@@ -92,19 +93,23 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     same = [n.op_type for n in source.graph.node] == [n.op_type for n in adapted.graph.node]
     echo(f"export: {'the same' if same else 'NOT the same'} {len(source.graph.node)} nodes (op types, in order) "
          "as the input model")
-    detector = before["target_test"].get("miss_rate") is not None
-    metric = ("miss_rate", f"miss rate at {before['target_test'].get('false_alarm', 0):.0%} false alarms") if detector \
-        else ("accuracy", "accuracy")
+    metric = ("miss_rate", f"miss rate at {before['target_test']['false_alarm']:.0%} false alarms") \
+        if is_detection(before) else ("accuracy", "accuracy")
     plot = plot_history(history, before["target_test"][metric[0]], out / "training.png", *metric)
     echo(f"\nexported: {out / 'adapted.onnx'}\nplot: {plot}")
     return {"before": before, "after": after, "exported": exported, "history": history, "same_structure": same}
 
 
+def is_detection(results: dict) -> bool:
+    """Whether evaluate's results per split are a Sigmoid head's (metrics.detection: auc, miss_rate)."""
+    return "miss_rate" in results["target_test"]
+
+
 def before_after_table(before: dict, after: dict, exported: dict) -> list[str]:
-    """The demo's table: accuracy per test split; for a detector (its results hold an auc) also the ROC
-    AUC and the miss rate at the false-alarm rate they were read at."""
+    """The demo's table: accuracy per test split; for a detector also the ROC AUC and the miss rate at the
+    false-alarm rate they were read at."""
     splits = ("target_test", "source_test")
-    if before["target_test"].get("auc") is None:
+    if not is_detection(before):
         return format_table(("split", "before", "after", "exported"),
                             [(d, *(f"{r[d]['accuracy']:.2%}" for r in (before, after, exported))) for d in splits],
                             right=(1, 2, 3))

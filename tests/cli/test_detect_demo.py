@@ -48,5 +48,5 @@ def test_table_adds_auc_and_miss_rate_for_a_detector():
     assert [l.split()[:3] for l in lines[-6:]] == [
         ["target_test", "accuracy", "90.00%"], ["target_test", "AUC", "0.9500"], ["target_test", "miss@5%FA", "25.00%"],
         ["source_test", "accuracy", "90.00%"], ["source_test", "AUC", "0.9500"], ["source_test", "miss@5%FA", "0.00%"]]
-    plain = {"target_test": {"accuracy": 0.5, "auc": None}, "source_test": {"accuracy": 0.75}}
+    plain = {"target_test": {"accuracy": 0.5, "loss": 1.0}, "source_test": {"accuracy": 0.75, "loss": 0.5}}
     assert before_after_table(plain, plain, plain)[-2].split() == ["target_test", "50.00%", "50.00%", "50.00%"]
