@@ -49,6 +49,7 @@ OPS = {
                                                      for i, d in enumerate(s.long().tolist())]),
     "Transpose": lambda x, perm: x.permute(*perm),
     "Softmax": lambda x, axis=-1: torch.softmax(x, axis),
+    "Sigmoid": lambda x: torch.sigmoid(x),
     "LayerNormalization": lambda x, w, b, axis=-1, epsilon=1e-5: F.layer_norm(
         x, x.shape[axis:], w, b, epsilon),
     "ReduceMean": lambda x, axes, keepdims=1: x.mean(dim=axes.long().tolist(), keepdim=bool(keepdims)),
@@ -58,9 +59,11 @@ OPS = {
 class OnnxTorch(torch.nn.Module):
     """An fp32 ONNX graph as a torch module; `trained` initializers become Parameters, the rest buffers."""
 
-    def __init__(self, model: onnx.ModelProto, trained: list[str]):
+    def __init__(self, model: onnx.ModelProto, trained: list[str], output: str | None = None):
+        """output: the tensor forward returns (default: the graph's first output), e.g. a Sigmoid's logit."""
         super().__init__()
         self.graph = model.graph
+        self.output = output or model.graph.output[0].name
         missing = [op for op in {n.op_type for n in model.graph.node} if op not in OPS]
         if missing:
             raise NotImplementedError(f"the backprop baseline has no torch op for {sorted(missing)}")
@@ -111,7 +114,7 @@ class OnnxTorch(torch.nn.Module):
                 continue
             args = [env[i] if i else None for i in node.input]
             env[node.output[0]] = OPS[node.op_type](*args, **_attrs(node))
-        return env[self.graph.output[0].name]
+        return env[self.output]
 
 
 def _key(name: str) -> str:
@@ -119,12 +122,21 @@ def _key(name: str) -> str:
 
 
 def fine_tune(model: onnx.ModelProto, trained: list[str], x: np.ndarray, y: np.ndarray, epochs: int,
-              batch: int, lr: float, seed: int = 0, optimizer: str = "adam") -> OnnxTorch:
-    """Fine-tune `trained` on (x, y) with cross-entropy; the batches follow the fgcompile Trainer's
+              batch: int, lr: float, seed: int = 0, optimizer: str = "adam", loss: str = "ce") -> OnnxTorch:
+    """Fine-tune `trained` on (x, y) with cross-entropy (`loss` ce), or for a Sigmoid output (bce) the
+    logistic loss on the logit before the Sigmoid, which the returned net then outputs (fgcompile's bce
+    tap); the batches follow the fgcompile Trainer's
     order (permutation of rng([seed, epoch]), remainder dropped), so both methods see the same examples.
     The frozen part of the graph runs once over x (its values do not change), each step only the rest."""
     torch.manual_seed(seed)
-    net = OnnxTorch(model, trained)
+    if loss == "bce":
+        from fgcompile.heads import head_of
+        net = OnnxTorch(model, trained, output=head_of(model).tap)
+        y = y.reshape(len(y), -1).astype(np.float32)
+        criterion = F.binary_cross_entropy_with_logits
+    else:
+        net = OnnxTorch(model, trained)
+        criterion = F.cross_entropy
     params = list(net.params.values())
     opt = torch.optim.Adam(params, lr) if optimizer == "adam" else torch.optim.SGD(params, lr, momentum=0.9)
     xs, ys = torch.tensor(x), torch.tensor(y)
@@ -137,7 +149,7 @@ def fine_tune(model: onnx.ModelProto, trained: list[str], x: np.ndarray, y: np.n
         for pos in range(per_epoch):
             idx = perm[pos * batch:(pos + 1) * batch]
             opt.zero_grad()
-            F.cross_entropy(logits(idx), ys[idx]).backward()
+            criterion(logits(idx), ys[idx]).backward()
             opt.step()
     return net
 

@@ -1,7 +1,8 @@
 """demo: the main job on a shipped model and its data, end to end.
 
-Tasks: `digits` (the default model, digits_cnn) and `kws` (keyword spotting, kws_dscnn, adapted to a
-cheap microphone).
+Tasks: `digits` (the default model, digits_cnn), `kws` (keyword spotting, kws_dscnn, adapted to a
+cheap microphone) and `detect` (kws_detect, one Sigmoid output: "up" against the other words, adapted to
+the same microphone; judged by ROC AUC and the miss rate at a 5% false-alarm rate, metrics.FALSE_ALARM).
 
 inspect → compile (w16a8 training of the last layer) → eval before → tune lr by 5-fold cross-validation
 on the target-domain train split → train on all of it → eval after → export → eval the exported model in stock
@@ -24,17 +25,21 @@ from fgcompile.spec import TrainSpec
 from fgcompile.errors import OutputError, SpecError
 
 
-TASKS = {"digits": None, "kws": "kws_dscnn"}   # task -> shipped model (None: the manifest's default)
-# per task: (epochs, TrainSpec) the demo uses when not given (kws: measured, see models/README.md)
-DEFAULTS = {"digits": (30, TrainSpec()), "kws": (10, TrainSpec())}
+TASKS = {"digits": None, "kws": "kws_dscnn", "detect": "kws_detect"}   # task -> shipped model (None: the default)
+# per task: (epochs, TrainSpec) the demo uses when not given (kws: measured, see models/README.md; detect:
+# benchmarks/results/detect.md)
+DEFAULTS = {"digits": (30, TrainSpec()), "kws": (10, TrainSpec()), "detect": (10, TrainSpec())}
 
 
 def task_files(task: str = "digits") -> dict:
-    """The task's w8a8 model and its data splits (a model's own `splits`, else the manifest's `data`)."""
+    """The task's w8a8 model and its data splits (a model's own `splits`, else the manifest's `data`): paths,
+    or for a detector of one keyword (x, y) in memory, relabelled keyword-vs-rest (models.split)."""
     man = models.manifest()
-    entry = man["models"][TASKS[task] or man["default"]]
+    name = TASKS[task] or man["default"]
+    entry = man["models"][name]
+    splits = entry.get("splits", man["data"])
     return {"model": models.path(entry["variants"]["w8a8"]["file"]),
-            **{k: models.path(v) for k, v in entry.get("splits", man["data"]).items()}}
+            **{k: models.split(name, k) if "keyword" in entry else models.path(v) for k, v in splits.items()}}
 
 
 def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpec | None = None, echo=print,
@@ -62,7 +67,8 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     echo(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
     echo(format_inspection(inspect_model(source, m=spec.m, bits=spec.bits, headroom=spec.headroom)) + "\n")
     from fgcompile.runtime.data import load_data
-    train_x = load_data(files["target_train"])[0]   # whitening calibrates on the training inputs only
+    train = files["target_train"]
+    train_x = (train if isinstance(train, tuple) else load_data(train))[0]   # whitening calibrates on it only
     compiled = compile_model(source, spec, calibration=train_x)
     write_compiled(compiled, out / "compiled", force, source_path=files["model"], own_training=True)
     echo(f"compiled: {out / 'compiled'}")
@@ -79,9 +85,7 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     report = export_model(out / "compiled", out / "adapted.onnx", force=True)   # the demo folder's own file
     exported = {d: evaluate(out / "adapted.onnx", files[d]) for d in ("source_test", "target_test")}
     echo("")
-    for line in format_table(("split", "before", "after", "exported"),
-                             [(d, *(f"{r[d]['accuracy']:.2%}" for r in (before, after, exported)))
-                              for d in ("target_test", "source_test")], right=(1, 2, 3)):
+    for line in before_after_table(before, after, exported):
         echo(line)
     for name, r in report.items():
         echo(f"export: {name} {describe_export(r)}")
@@ -89,12 +93,38 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     same = [n.op_type for n in source.graph.node] == [n.op_type for n in adapted.graph.node]
     echo(f"export: {'the same' if same else 'NOT the same'} {len(source.graph.node)} nodes (op types, in order) "
          "as the input model")
-    plot = plot_history(history, before["target_test"]["accuracy"], out / "training.png")
+    metric = ("miss_rate", f"miss rate at {before['target_test']['false_alarm']:.0%} false alarms") \
+        if is_detection(before) else ("accuracy", "accuracy")
+    plot = plot_history(history, before["target_test"][metric[0]], out / "training.png", *metric)
     echo(f"\nexported: {out / 'adapted.onnx'}\nplot: {plot}")
     return {"before": before, "after": after, "exported": exported, "history": history, "same_structure": same}
 
 
-def plot_history(history: list[dict], start_accuracy: float, path) -> pathlib.Path:
+def is_detection(results: dict) -> bool:
+    """Whether evaluate's results per split are a Sigmoid head's (metrics.detection: auc, miss_rate)."""
+    return "miss_rate" in results["target_test"]
+
+
+def before_after_table(before: dict, after: dict, exported: dict) -> list[str]:
+    """The demo's table: accuracy per test split; for a detector also the ROC AUC and the miss rate at the
+    false-alarm rate they were read at."""
+    splits = ("target_test", "source_test")
+    if not is_detection(before):
+        return format_table(("split", "before", "after", "exported"),
+                            [(d, *(f"{r[d]['accuracy']:.2%}" for r in (before, after, exported))) for d in splits],
+                            right=(1, 2, 3))
+    fa = before["target_test"]["false_alarm"]
+    metrics = (("accuracy", "accuracy", "{:.2%}"), ("auc", "AUC", "{:.4f}"),
+               ("miss_rate", f"miss@{fa:.0%}FA", "{:.2%}"))
+    return format_table(("split", "metric", "before", "after", "exported"),
+                        [(d, label, *(fmt.format(r[d][key]) for r in (before, after, exported)))
+                         for d in splits for key, label, fmt in metrics], right=(2, 3, 4))
+
+
+def plot_history(history: list[dict], start: float, path, metric: str = "accuracy",
+                 label: str = "accuracy") -> pathlib.Path:
+    """Loss per epoch, and the target-test `metric` (a history's val_<metric>) from its value `start` before
+    training."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -103,8 +133,8 @@ def plot_history(history: list[dict], start_accuracy: float, path) -> pathlib.Pa
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train (mean of ± branches)")
     ax1.plot(epochs, [h["val_loss"] for h in history], label="target test")
     ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax2.plot([0] + epochs, [start_accuracy] + [h["val_accuracy"] for h in history], label="target test")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="target-domain accuracy")
+    ax2.plot([0] + epochs, [start] + [h[f"val_{metric}"] for h in history], label="target test")
+    ax2.set(xlabel="epoch", ylabel=label, title=f"target-domain {label}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()

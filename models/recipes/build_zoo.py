@@ -136,11 +136,11 @@ class OnnxWriter:
         b = self.init(f"{name}.bias", lin.bias.detach().numpy())
         return self.op("Add", [self.op("MatMul", [x, w], f"{name}.matmul"), b], f"{name}.out")
 
-    def model(self, out, in_shape=(1, 8, 8)):
+    def model(self, out, in_shape=(1, 8, 8), outputs=10):
         graph = helper.make_graph(
             self.nodes, "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *in_shape])],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 10])],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", outputs])],
             self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="fgcompile-zoo")

@@ -43,13 +43,13 @@ SPLITS = ("source_train", "source_test", "target_train", "target_test")
 
 
 class DSCNN(nn.Module):
-    def __init__(self, c: int = CHANNELS, blocks: int = BLOCKS):
+    def __init__(self, c: int = CHANNELS, blocks: int = BLOCKS, outputs: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, c, (9, 3), stride=2, padding=(4, 1)), nn.BatchNorm2d(c), nn.ReLU())
         self.blocks = nn.ModuleList(nn.Sequential(
             nn.Conv2d(c, c, 3, stride=2 if i == 0 else 1, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU(),
             nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU()) for i in range(blocks))
-        self.fc = nn.Linear(c, 10)
+        self.fc = nn.Linear(c, outputs)
 
     def forward(self, x):
         h = self.stem(x)
@@ -73,11 +73,13 @@ def add_noise(x: torch.Tensor, gen: torch.Generator, p: float = 0.8) -> torch.Te
     return torch.where(keep, x, mixed)
 
 
-def train(x: np.ndarray, y: np.ndarray, epochs: int = 30, lr: float = 3e-3, batch: int = 64) -> DSCNN:
+def train(x: np.ndarray, y: np.ndarray, epochs: int = 30, lr: float = 3e-3, batch: int = 64, build=DSCNN,
+          loss=nn.functional.cross_entropy) -> DSCNN:
+    """Adam with a one-cycle rate on noise-augmented x: `build()` the model (after seeding), `loss(out, y)`."""
     torch.set_num_threads(1)   # on a busy 2-core machine, two threads ran 16x slower than one
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    model = DSCNN()
+    model = build()
     opt = torch.optim.Adam(model.parameters(), lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * ((len(x) + batch - 1) // batch))
     xs, ys = torch.tensor(x), torch.tensor(y)
@@ -87,7 +89,7 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int = 30, lr: float = 3e-3, batc
         for b in range(0, len(xs), batch):
             i = perm[b:b + batch]
             opt.zero_grad()
-            nn.functional.cross_entropy(model(add_noise(xs[i], gen)), ys[i]).backward()
+            loss(model(add_noise(xs[i], gen)), ys[i]).backward()
             opt.step()
             sched.step()
         print(f"epoch {epoch + 1}/{epochs}", flush=True)
@@ -102,7 +104,8 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
     return w.numpy().astype(np.float32), b.numpy().astype(np.float32)
 
 
-def to_onnx(m: DSCNN) -> onnx.ModelProto:
+def to_onnx(m: DSCNN, sigmoid: bool = False) -> onnx.ModelProto:
+    """The folded DS-CNN as fp32 ONNX; sigmoid: a detector's head, Sigmoid on the Gemm's logits."""
     g = OnnxWriter()
 
     def conv(h, conv_mod, bn, name, **attrs):
@@ -114,12 +117,14 @@ def to_onnx(m: DSCNN) -> onnx.ModelProto:
     for i, blk in enumerate(m.blocks):
         stride = blk[0].stride[0]
         h = conv(h, blk[0], blk[1], f"block{i}.dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride],
-                 group=CHANNELS)
+                 group=blk[0].groups)
         h = conv(h, blk[3], blk[4], f"block{i}.pw", kernel_shape=[1, 1])
     h = g.op("ReduceMean", [h, g.init("pool_axes", np.array([2, 3], np.int64))], "pool", keepdims=0)
-    g.op("Gemm", [h, g.init("fc.weight", m.fc.weight.detach().numpy()), g.init("fc.bias", m.fc.bias.detach().numpy())],
-         "logits", transB=1)
-    return g.model("logits", in_shape=(1, MELS, 49))
+    out = g.op("Gemm", [h, g.init("fc.weight", m.fc.weight.detach().numpy()), g.init("fc.bias", m.fc.bias.detach().numpy())],
+               "logits", transB=1)
+    if sigmoid:
+        out = g.op("Sigmoid", [out], "prob")
+    return g.model(out, in_shape=(1, MELS, 49), outputs=m.fc.out_features)
 
 
 def main():
@@ -128,28 +133,33 @@ def main():
     model = train(xs, ys)
     print(f"DS-CNN: {sum(p.numel() for p in model.parameters() if p.requires_grad)} trained parameters "
           "(BatchNorm folded on export)")
-    out = ROOT / "kws_dscnn"
+    entry = {"source": "models/recipes/kws_model.py", "data": "espeak-ng speech (models/recipes/kws_data.py)",
+             "splits": {s: f"data/kws_{s}.npz" for s in SPLITS}}
+    write_variants("kws_dscnn", to_onnx(model), xs, entry, lambda path: {
+        "source_test_accuracy": accuracy(path, *data["source_test"]),
+        "target_test_accuracy": accuracy(path, *data["target_test"])})
+
+
+def write_variants(name: str, model: onnx.ModelProto, xs: np.ndarray, entry: dict, measure) -> None:
+    """Write NAME/fp32.onnx and its w8a8 and w16a8 quantizations, and record them in the manifest as
+    models[NAME] = entry plus `variants`: each file's size and `measure(path)` (a dict)."""
+    out = ROOT / name
     out.mkdir(exist_ok=True)
-    onnx.save(to_onnx(model), out / "fp32.onnx")
+    onnx.save(model, out / "fp32.onnx")
     # calibrate on clean and noise-augmented source clips: the ranges the model was trained to see
     gen = torch.Generator().manual_seed(SEED + 1)
     calib = np.concatenate([xs[:200], add_noise(torch.tensor(xs[200:400]), gen, p=1.0).numpy()])
-    quantize(out / "fp32.onnx", out / "w8a8.onnx", calib, QuantType.QInt8)
-    quantize(out / "fp32.onnx", out / "w16a8.onnx", calib, QuantType.QInt16)
-    entry = {"source": "models/recipes/kws_model.py", "data": "espeak-ng speech (models/recipes/kws_data.py)",
-             "splits": {s: f"data/kws_{s}.npz" for s in SPLITS}, "variants": {}}
+    quantize(out / "fp32.onnx", out / "w8a8.onnx", calib, QuantType.QInt8, [])
+    quantize(out / "fp32.onnx", out / "w16a8.onnx", calib, QuantType.QInt16, [])
+    entry = {**entry, "variants": {}}
     for variant in ("fp32", "w8a8", "w16a8"):
         path = out / f"{variant}.onnx"
-        entry["variants"][variant] = {
-            "file": f"kws_dscnn/{variant}.onnx", "bytes": path.stat().st_size,
-            "source_test_accuracy": accuracy(path, *data["source_test"]),
-            "target_test_accuracy": accuracy(path, *data["target_test"])}
+        entry["variants"][variant] = {"file": f"{name}/{variant}.onnx", "bytes": path.stat().st_size, **measure(path)}
     print(json.dumps(entry["variants"], indent=1))
     manifest_path = ROOT / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["models"]["kws_dscnn"] = entry
+    manifest["models"][name] = entry
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()
