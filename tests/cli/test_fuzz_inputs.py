@@ -1,7 +1,8 @@
 """Fuzz: a seeded mutator edits the shipped models, a compiled folder's files, checkpoints and .npz data
 (byte flips, truncation, dtype/shape/metadata edits), and writes --config files (values of every TOML type
 for the commands' options, unknown keys and tables, deep nesting, binary garbage, a FIFO, a folder or
-/dev/zero as the file), and runs the CLI on each in-process.
+/dev/zero as the file), and values of --freeze, --false-alarm and export's --force, and runs the CLI on each
+in-process (batch folders: test_fuzz_batch.py).
 
 Every case must exit 0 or 2 without a traceback, change no file outside its output, and any output it
 writes must load in onnxruntime. FGCOMPILE_FUZZ_SEED picks another run (the default suite uses seed 0).
