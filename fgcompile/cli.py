@@ -108,8 +108,11 @@ def make_session_settings(kw):
     return SessionSettings(threads=kw.pop("threads"), optimization=kw.pop("optimization"), provider=kw.pop("provider"))
 
 
+GRID_NAMES = {16: "16-bit", 14: "int8 widened (--bits 16, headroom 4: a 14-bit grid)", 8: "--bits 8"}
+
+
 def _grid_defaults(i: int) -> str:
-    return ", ".join(f"{bits}-bit {values[i]:g}" for bits, values in GRID_DEFAULTS.items())
+    return ", ".join(f"{GRID_NAMES.get(bits, f'{bits}-bit')} {values[i]:g}" for bits, values in GRID_DEFAULTS.items())
 
 
 def spec_option(flag: str, field: str, choices=None, **kw):
@@ -197,7 +200,7 @@ def make_spec(kw) -> TrainSpec:
                      sharpness=kw.pop("sharpness"))
 
 
-@main.command()
+@main.command(short_help="List a model's trainable parameters and what stays float.")
 @click.argument("model", type=click.Path())
 @click.option("--m", "m", default=TrainSpec.m, show_default=True, help="Perturbations per step, for the memory estimate.")
 @click.option("--momentum", default=TrainSpec.momentum, show_default=True, type=float,
@@ -217,7 +220,7 @@ def inspect(model, m, momentum, sharpness, as_json):
                if as_json else format_inspection(rows, floats))
 
 
-@main.command("compile")
+@main.command("compile", short_help="Compile a quantized model into a training folder.")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace a compiled OUT even if it holds training (checkpoint, log) or "
@@ -251,7 +254,7 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
         click.echo(f"  {line}")
 
 
-@main.command()
+@main.command(short_help="Train a compiled folder on data.")
 @click.argument("out", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Training .npz (x float32, y int64).")
 @click.option("--val", type=click.Path(), help="Validation .npz, evaluated each epoch.")
@@ -294,7 +297,7 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
     click.echo(f"state: {out}/checkpoint.npz (step {trainer.meta['step']}, bad steps {trainer.meta['bad_steps']})")
 
 
-@main.command("tune")
+@main.command("tune", short_help="Choose the learning rate by cross-validation.")
 @click.argument("out", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Training .npz; seeded folds (or a share) of it validate.")
 @click.option("--epochs", default=RunDefaults.epochs, show_default=True,
@@ -331,7 +334,7 @@ def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as
                "--schedule is given")
 
 
-@main.command("eval")
+@main.command("eval", short_help="Accuracy and loss of a model or a compiled folder.")
 @click.argument("model_or_out", type=click.Path())
 @click.option("--data", required=True, type=click.Path())
 @click.option("--false-alarm", type=float, default=FALSE_ALARM, show_default=True, metavar="F",
@@ -348,7 +351,7 @@ def eval_cmd(model_or_out, data, false_alarm, as_json, **kw):
     click.echo(json.dumps(r) if as_json else describe_eval(r))
 
 
-@main.command()
+@main.command(short_help="Write the trained weights into a plain QDQ model.")
 @click.argument("folder", metavar="OUT", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), help="Adapted .onnx to write.")
 @click.option("--force", is_flag=True, help="Replace an existing file that is not a model fgcompile exported.")
@@ -370,7 +373,7 @@ def export(folder, out, output_alias, force, as_json):
     click.echo(f"exported {output}")
 
 
-@main.command()
+@main.command(short_help="Compare chained training steps across runtimes.")
 @click.argument("out", type=click.Path())
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=20, show_default=True,
               help="Chained training steps per runtime.")
@@ -385,7 +388,7 @@ def verify(out, steps, data, as_json):
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Compile every model of a folder; a summary table.")
 @click.argument("in_dir", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="One compiled folder per model + summary.json.")
 @click.option("--jobs", default=2, show_default=True, help="Parallel processes (at most one per model and CPU).")
@@ -408,7 +411,7 @@ def batch(in_dir, out, jobs, timeout, force, **kw):
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Adapt a shipped model to its target domain.")
 @click.option("-o", "--out", default="fgcompile-demo", show_default=True, type=click.Path())
 @click.option("--epochs", type=int, default=None, help="Training epochs (default: 30 for digits, 10 for kws and detect).")
 @click.option("--task", type=click.Choice(["digits", "kws", "detect"]), default="digits", show_default=True,
