@@ -390,4 +390,5 @@ def _progress(total: int, start: int, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, initial=start, unit="step", desc="train", dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal, where its carriage-return frames would fill a log
+    return tqdm(total=total, initial=start, unit="step", desc="train", dynamic_ncols=True, leave=False, disable=None)

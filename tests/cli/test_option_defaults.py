@@ -15,3 +15,4 @@ def test_every_spec_option_defaults_to_trainspec():
             assert option.default == (str(want) if isinstance(option.default, str) else want), name
     inspect_m = next(p for p in main.commands["inspect"].params if p.name == "m")
     assert inspect_m.default == TrainSpec.m
+
