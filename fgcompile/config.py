@@ -20,17 +20,13 @@ from __future__ import annotations
 import difflib
 import math
 import pathlib
-import sys
 
 import click
 
 from fgcompile import modelio
 from fgcompile.errors import SpecError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:                                       # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 MAX_BYTES = 2 ** 20          # a config is a few lines; a larger file is a wrong path (a model, a log)
 SECTIONS: list[str] = []     # the tables commands read, filled by option()

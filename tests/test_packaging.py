@@ -1,15 +1,11 @@
 """The wheel ships every folder of models/ that holds files, and carries the license."""
 import pathlib
-import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+import tomllib
 
 
 @pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="run from an installed wheel, not a checkout")
