@@ -252,6 +252,8 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
     click.echo(f"compiled {model} -> {out} in {seconds:.2f}s")
     for line in describe_compile(compiled.contract):
         click.echo(f"  {line}")
+    for note in compiled.notes:
+        click.echo(f"note: {note}", err=True)
 
 
 @main.command(short_help="Train a compiled folder on data.")

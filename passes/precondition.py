@@ -87,13 +87,17 @@ def _requantize(w_kn: np.ndarray, p: np.ndarray, per_channel: bool, qmax: int, q
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     ctx.preconditioned = []
-    if ctx.calibration is None:
-        return graph
     nodes = {n.name: n for n in graph.nodes}
-    tensors = graph.tensors()
     chosen = [(t, nodes[t.site]) for t in ctx.trainables if t.role == "weight"]
     chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen]
     chosen = [c for c in chosen if c[2] is not None]
+    if ctx.calibration is None:
+        if chosen and ctx.spec.precondition == "auto":   # the user may not know what they left out
+            ctx.notes.append("whitening is off: --precondition auto whitens a trained Gemm/MatMul's input only "
+                             "with calibration inputs. Pass --calibration TRAIN.npz (the training data): whitened "
+                             "inputs let the sign steps train faster and further (README: Whitened input)")
+        return graph
+    tensors = graph.tensors()
     if not chosen and ctx.spec.precondition == "auto":
         return graph
     if not chosen:

@@ -130,11 +130,11 @@ class Trainer:
         if self.out is None:                   # in memory: no folder, no checkpoint, nothing to resume
             if resume or restart:
                 raise SpecError("resume/restart need a compiled folder; an in-memory Trainer keeps its state.")
-            self.lr_numerator, schedule, self.lr_note = self._rate(lr, schedule)
+            self.lr_numerator, schedule, self.lr_note = self._rate(lr, schedule, epochs)
             return self._fit(data, val, epochs, batch, False, checkpoint_every, schedule, max_bad_steps,
                              progress, stop_after, False, allow_changed_run)
         with folder.locked(self.out, "train"):
-            self.lr_numerator, schedule, self.lr_note = self._rate(lr, schedule)
+            self.lr_numerator, schedule, self.lr_note = self._rate(lr, schedule, epochs)
             return self._fit(data, val, epochs, batch, resume, checkpoint_every, schedule, max_bad_steps,
                              progress, stop_after, restart, allow_changed_run)
 
@@ -266,9 +266,10 @@ class Trainer:
         if changed:
             self.notes.append(f"resuming with a changed run: {shown}")
 
-    def _rate(self, lr: float | None, schedule: str | None) -> tuple[int, str, str | None]:
+    def _rate(self, lr: float | None, schedule: str | None, epochs: int) -> tuple[int, str, str | None]:
         """(lr numerator, schedule, a note) of a run: each as given, else OUT/tune.json's choice (the note
-        says which), else the compiled rate and RunDefaults.schedule."""
+        says which, and warns when the run's epochs or schedule are not the ones it was tuned for: the best
+        rate moves with the budget), else the compiled rate and RunDefaults.schedule."""
         c = self.contract.lr_numerator
         if lr is not None:
             numerator = c.of(lr)
@@ -291,9 +292,13 @@ class Trainer:
             taken.append(f"the {schedule} schedule")
         other = f"; tuned under the {choice['schedule']} schedule, not {schedule}" \
             if lr is None and schedule != choice["schedule"] else ""
-        return numerator, schedule, (f"{' and '.join(taken)} from {self.out / LAYOUT.tune} (chosen by fgcompile tune"
-                                     f"{other}; compiled lr: {c.default / (1 << c.shift):g}; --lr/--schedule "
-                                     "override)")
+        note = (f"{' and '.join(taken)} from {self.out / LAYOUT.tune} (chosen by fgcompile tune{other}; compiled lr: "
+                f"{c.default / (1 << c.shift):g}; --lr/--schedule override)")
+        if lr is None and choice["epochs"] not in (None, epochs):
+            note += (f". Warning: that rate was tuned for {choice['epochs']} epochs and this run trains {epochs}; the "
+                     f"best rate moves with the budget: run `fgcompile tune {self.out} --data TRAIN.npz --epochs "
+                     f"{epochs}` first")
+        return numerator, schedule, note
 
     def _save(self, step: int) -> None:
         if self.out is None:

@@ -198,7 +198,8 @@ def fresh(trainer, seed: int):
 
 
 def read_choice(out: pathlib.Path, train_sha256: str | None) -> dict | None:
-    """OUT/tune.json's choice {lr, lr_numerator, schedule}, or None when there is none; a damaged record,
+    """OUT/tune.json's choice {lr, lr_numerator, schedule} and the epochs it was tuned for (None if the
+    record does not say), or None when there is none; a damaged record,
     or one of another compile, is refused (the run would otherwise train at a rate nobody chose)."""
     path = pathlib.Path(out) / LAYOUT.tune
     if not os.path.lexists(path):
@@ -218,4 +219,6 @@ def read_choice(out: pathlib.Path, train_sha256: str | None) -> dict | None:
         raise DataError(f"{path}: its schedule {choice['schedule']!r} is none of {', '.join(SCHEDULES)}. {fix}")
     if train_sha256 is not None and record.get("train_sha256") != train_sha256:
         raise DataError(f"{path}: was tuned for another compile of this folder (its train.onnx differs). {fix}")
-    return {"schedule": "constant", **choice}        # records from before the schedule: tuned constant
+    budget = record.get("budget")
+    epochs = budget.get("epochs") if isinstance(budget, dict) and isinstance(budget.get("epochs"), int) else None
+    return {"schedule": "constant", **choice, "epochs": epochs}   # records from before the schedule: tuned constant

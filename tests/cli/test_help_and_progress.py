@@ -1,4 +1,5 @@
-"""What a newcomer reads: the top-level help's command summaries, and a log without progress frames."""
+"""What a newcomer reads: the top-level help's command summaries, compile's notes (whitening left off),
+and a log without progress frames."""
 import subprocess
 import sys
 
@@ -24,3 +25,13 @@ def test_train_writes_no_progress_frames_into_a_log(tmp_path):
     r = run("train", out, "--data", MODELS / "data" / "digits_target_train.npz", "--epochs", "1")
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "step/s" not in r.stderr
+
+
+def test_compile_says_when_whitening_is_off(tmp_path):
+    model, data = MODELS / "digits_cnn" / "w8a8.onnx", MODELS / "data" / "digits_target_train.npz"
+    note = "note: whitening is off: --precondition auto whitens a trained Gemm/MatMul's input only with calibration"
+    r = CliRunner().invoke(main, ["compile", str(model), "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0 and note in r.stderr and "--calibration TRAIN.npz" in r.stderr
+    for extra in (["--calibration", str(data)], ["--precondition", "none"]):
+        r = CliRunner().invoke(main, ["compile", str(model), "-o", str(tmp_path / "b"), "--force", *extra])
+        assert r.exit_code == 0 and "whitening is off" not in r.output, extra

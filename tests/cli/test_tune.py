@@ -122,6 +122,18 @@ def test_train_uses_the_tuned_rate_and_an_explicit_lr_wins(out, compiled, target
     assert r.exit_code == 2 and "lr_numerator 512 -> " in r.output
 
 
+def test_train_warns_when_its_epochs_are_not_the_tuned_ones(out):
+    assert run("tune", out, "--data", TRAIN, "--epochs", 1, "--holdout", 0.2, "--threads", 1).exit_code == 0
+    r = run("train", out, "--data", TRAIN, "--epochs", 2, "--quiet", "--threads", 1)
+    assert r.exit_code == 0, r.output
+    assert "Warning: that rate was tuned for 1 epochs and this run trains 2" in r.output
+    assert f"run `fgcompile tune {out} --data TRAIN.npz --epochs 2` first" in r.output
+    r = run("train", out, "--data", TRAIN, "--epochs", 1, "--restart", "--quiet", "--threads", 1)
+    assert r.exit_code == 0 and "from " + str(out / "tune.json") in r.output and "Warning" not in r.output
+    r = run("train", out, "--data", TRAIN, "--epochs", 2, "--restart", "--lr", 2, "--quiet", "--threads", 1)
+    assert r.exit_code == 0 and "Warning" not in r.output        # an explicit rate is the user's choice
+
+
 def snapshot(folder):
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
             if p.is_file()}
