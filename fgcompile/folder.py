@@ -126,19 +126,27 @@ def staged(out, kind: str = "compiled", source=None):
     out = pathlib.Path(out)
     if out.is_symlink():
         out = modelio.real_path(out)
-    try:
+    with _writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.{_STAGING}-{os.getpid()}-", dir=out.parent))
-    except OSError as exc:
-        if exc.errno in modelio.NO_SPACE:
-            raise modelio.no_space(out, None) from None
-        raise OutputError(f"{out}: cannot write here ({exc.strerror}). Choose a writable folder with -o.") from None
     try:
-        _mark(staging, kind, source)
+        with _writing(out):
+            _mark(staging, kind, source)
         yield staging
         _swap(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writing(out: pathlib.Path):
+    """An OSError while making OUT's staging folder: a full disk says so, anything else is 'cannot write here'."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in modelio.NO_SPACE:
+            raise modelio.no_space(out, None) from None
+        raise OutputError(f"{out}: cannot write here ({exc.strerror}). Choose a writable folder with -o.") from None
 
 
 def _mark(staging: pathlib.Path, kind: str, source) -> None:
@@ -146,15 +154,9 @@ def _mark(staging: pathlib.Path, kind: str, source) -> None:
     info = {"kind": kind, "fgcompile": __version__}
     if source is not None:
         info["source"] = str(modelio.real_path(source))
-    try:
-        staging.chmod(modelio.default_mode(directory=True))
-        modelio.save_json(staging / LAYOUT.marker, info)
-        (staging / LAYOUT.lock).touch()
-    except OSError as exc:
-        if exc.errno in modelio.NO_SPACE:
-            raise modelio.no_space(staging, None) from None
-        raise OutputError(f"{staging.parent}: cannot write here ({exc.strerror}). Choose a writable folder with "
-                          "-o.") from None
+    staging.chmod(modelio.default_mode(directory=True))
+    modelio.save_json(staging / LAYOUT.marker, info)
+    (staging / LAYOUT.lock).touch()
 
 
 def _swap(staging: pathlib.Path, out: pathlib.Path) -> None:
