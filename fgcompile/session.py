@@ -19,7 +19,6 @@ OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exte
                 "all": "ORT_ENABLE_ALL"}
 
 
-
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))     # what a container or taskset lets this process use

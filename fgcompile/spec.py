@@ -12,7 +12,7 @@ import reprlib
 import types
 import typing
 
-from fgcompile.errors import SpecError
+from fgcompile.errors import SpecError, wrong_type
 
 PERTURBATIONS = ("rademacher", "ternary", "gaussian")
 LOSSES = ("auto", "ce", "mse", "bce")   # auto: bce for a Sigmoid output, else ce (TrainSpec.for_head)
@@ -115,7 +115,7 @@ class TrainSpec:
         if spec is None or isinstance(spec, cls):
             return spec or cls()
         if not isinstance(spec, dict):
-            raise SpecError(f"{where}: takes a TrainSpec or a dict of its fields, not {type(spec).__name__}.")
+            raise wrong_type(where, "a TrainSpec or a dict of its fields", spec)
         fields = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in spec if k not in fields]
         if unknown:
