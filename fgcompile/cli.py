@@ -186,6 +186,20 @@ def spec_options(f):
     return f
 
 
+replay_option = click.option(
+    "--replay", type=click.Path(), default=None, metavar="SOURCE.npz",
+    help="Source-domain examples trained alongside --data, so the model keeps the source domain (give the same "
+         "file to tune and train).")
+
+
+def with_replay(trainer, data, replay):
+    """--data, or --data followed by the --replay examples, read as the trainer's model reads them."""
+    if replay is None:
+        return data
+    from fgcompile.runtime.data import replayed
+    return replayed(trainer.load_data(data, "--data"), trainer.load_data(replay, "--replay"))
+
+
 def make_spec(kw) -> TrainSpec:
     return TrainSpec(train=kw.pop("train"), last=kw.pop("last"), freeze=kw.pop("freeze"),
                      include_bias=not kw.pop("no_bias"), m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"),
@@ -260,6 +274,7 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
 @click.argument("out", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Training .npz (x float32, y int64).")
 @click.option("--val", type=click.Path(), help="Validation .npz, evaluated each epoch.")
+@replay_option
 @click.option("--epochs", default=RunDefaults.epochs, show_default=True)
 @click.option("--batch", default=RunDefaults.batch, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.npz.")
@@ -279,12 +294,12 @@ def compile_cmd(model, out, force, as_json, calibration, **kw):
 @session_options
 @json_option()
 @config.option("train")
-def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, checkpoint_every, schedule,
+def train(out, data, val, replay, epochs, batch, resume, restart, allow_changed_run, checkpoint_every, schedule,
           lr, max_bad_steps, quiet, as_json, **kw):
     """Train the compiled folder OUT on DATA; metrics go to OUT/train_log.jsonl."""
     from fgcompile.runtime.trainer import Trainer
     trainer = Trainer(out, session=make_session_settings(kw))
-    history = trainer.fit(data, val, epochs=epochs, batch=batch, resume=resume, checkpoint_every=checkpoint_every,
+    history = trainer.fit(with_replay(trainer, data, replay), val, epochs=epochs, batch=batch, resume=resume, checkpoint_every=checkpoint_every,
                           schedule=schedule, max_bad_steps=max_bad_steps, progress=not (quiet or as_json),
                           restart=restart, allow_changed_run=allow_changed_run, lr=lr)
     for note in trainer.notes:
@@ -302,6 +317,7 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @main.command("tune", short_help="Choose the learning rate by cross-validation.")
 @click.argument("out", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Training .npz; seeded folds (or a share) of it validate.")
+@replay_option
 @click.option("--epochs", default=RunDefaults.epochs, show_default=True,
               help="Epochs per trial: the epochs you will train (a shorter budget favours a larger rate).")
 @click.option("--batch", default=RunDefaults.batch, show_default=True)
@@ -319,15 +335,16 @@ def train(out, data, val, epochs, batch, resume, restart, allow_changed_run, che
 @session_options
 @json_option()
 @config.option("tune")
-def tune_cmd(out, data, epochs, batch, seeds, holdout, folds, seed, schedule, as_json, **kw):
+def tune_cmd(out, data, replay, epochs, batch, seeds, holdout, folds, seed, schedule, as_json, **kw):
     """Choose the learning rate of OUT under a schedule by K-fold cross-validation on DATA (or on one
     held-out share of it); `train` then uses both (OUT/tune.json). Rates are scored by validation accuracy;
     a Sigmoid output (a detector) by validation ROC AUC; ties by the lower loss."""
     from fgcompile.api import tune
     from fgcompile.report import describe_tune
-    record = tune(out, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, folds=folds, seed=seed,
-                  schedule=schedule, session=make_session_settings(kw),
-                  echo=None if as_json else lambda s: click.echo(s, err=True))
+    from fgcompile.runtime.trainer import Trainer
+    trainer = Trainer(out, session=make_session_settings(kw))
+    record = tune(trainer, with_replay(trainer, data, replay), epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, folds=folds, seed=seed,
+                  schedule=schedule, echo=None if as_json else lambda s: click.echo(s, err=True))
     if as_json:
         click.echo(json.dumps(record))
         return
@@ -413,6 +430,34 @@ def batch(in_dir, out, jobs, timeout, force, **kw):
         sys.exit(1)
 
 
+@main.command(short_help="Adapt a model to new data in one step: compile, tune, train, export.")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Target-domain training .npz (x, y).")
+@click.option("-o", "--out", type=click.Path(), default=None,
+              help="Output folder: compiled/, adapted.onnx, training.png [MODEL's name + '-adapted'].")
+@click.option("--epochs", default=RunDefaults.epochs, show_default=True, help="Training epochs (tune chooses lr for them).")
+@click.option("--batch", default=RunDefaults.batch, show_default=True)
+@click.option("--val", type=click.Path(), help="Target-domain test .npz: reported before/after and each epoch.")
+@click.option("--source", type=click.Path(), help="Source-domain test .npz: reported before/after (what is kept).")
+@replay_option
+@click.option("--force", is_flag=True, help="Delete files you added to OUT/compiled (adapt replaces that folder).")
+@click.option("--quiet", is_flag=True, help="Print only the before/after table and the files written.")
+@spec_options
+@json_option()
+@config.option("compile")
+def adapt(model, data, out, epochs, batch, val, source, replay, force, quiet, as_json, **kw):
+    """Adapt MODEL to DATA: compile it (DATA whitens the trained layers' inputs), choose the learning rate
+    by 5-fold cross-validation at EPOCHS, train, export OUT/adapted.onnx and print a before/after table
+    on --val (else DATA) and --source."""
+    from fgcompile.adapt import run_adapt
+    quiet = quiet or as_json
+    result = run_adapt(model, data, out, epochs=epochs, batch=batch, spec=make_spec(kw), val=val, source=source,
+                       replay=replay, force=force, echo=(lambda s: None) if quiet else click.echo,
+                       show=(lambda s: None) if as_json else click.echo, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "history"}))
+
+
 @main.command(short_help="Adapt a shipped model to its target domain.")
 @click.option("-o", "--out", default="fgcompile-demo", show_default=True, type=click.Path())
 @click.option("--epochs", type=int, default=None, help="Training epochs (default: 30 for digits, 10 for kws and detect).")
@@ -421,12 +466,14 @@ def batch(in_dir, out, jobs, timeout, force, **kw):
                    "synthesized speech, heard through a cheap microphone; detect: a one-keyword detector (\"up\" "
                    "vs the rest, a Sigmoid output) on the same microphone, judged by AUC and the miss rate at 5% "
                    "false alarms.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--replay/--no-replay", default=True, show_default=True,
+              help="Train the source-domain train split alongside the target's, so the source domain is kept.")
+@click.option("--quiet", is_flag=True, help="Print only the before/after table and the files written.")
 @click.option("--force", is_flag=True, help="Delete files you added to OUT/compiled (the demo replaces that folder).")
-def demo(out, epochs, task, quiet, force):
+def demo(out, epochs, task, replay, quiet, force):
     """The main job on a shipped model: adapt it to the target domain on-device style."""
     from fgcompile.demo import run_demo
-    run_demo(out, epochs=epochs, echo=click.echo, progress=not quiet, task=task, force=force)
+    run_demo(out, epochs=epochs, echo=click.echo, task=task, force=force, replay=replay, quiet=quiet)
 
 
 if __name__ == "__main__":

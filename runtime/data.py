@@ -225,3 +225,12 @@ def decode_x(path, arrays: dict) -> np.ndarray:
                         "with x_scale and x_offset as float32 scalars, or store x as float32 alone.")
     with np.errstate(over="ignore", invalid="ignore"):   # Inf past float32's range: _checked names it
         return (np.float32(offset) + np.float32(scale) * x.astype(np.float32)).astype(np.float32)
+
+
+def replayed(data: tuple, replay: tuple) -> tuple:
+    """(x, y) of the training data followed by the replayed examples (both read and checked already, e.g. by
+    Trainer.load_data): source-domain examples kept in training so the model keeps what it did there."""
+    (x, y), (xr, yr) = data, replay
+    if isinstance(x, Inputs):
+        return Inputs({k: np.concatenate([v, xr.arrays[k]]) for k, v in x.arrays.items()}), np.concatenate([y, yr])
+    return np.concatenate([x, xr]), np.concatenate([y, yr])

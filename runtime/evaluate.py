@@ -43,13 +43,17 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
                              f"{', ...' if len(inputs) > 4 else ''}) but eval feeds only the data.{hint}")
         sess, state, head = session_of(model, target, session=session), {}, heads.head_of(model).kind
         heads.check_classes(head, class_count(sess), sess.get_outputs()[0].name)
-    names = [i.name for i in sess.get_inputs() if i.name not in state]
     data_input = sess.get_inputs()[0]
-    x, y = read(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess),
-                "evaluate(data)", head)
+    x, y = read_as(sess, data, "evaluate(data)", head, state)
     with running(target / LAYOUT.eval if target.is_dir() else target):
         return score(sess, data_input.name, x, y, state, batch, head, false_alarm,
                      probabilities=heads.head_of(model).probabilities)
+
+
+def read_as(sess, data, where: str, head: str, state=()) -> tuple:
+    """(x, y) of DATA checked against a session's data inputs (those not in `state`), output and head."""
+    names = [i.name for i in sess.get_inputs() if i.name not in state]
+    return read(data, {n: (input_shape(sess, n), input_dtype(sess, n)) for n in names}, class_count(sess), where, head)
 
 
 def _check_arguments(model_or_out, data, batch, session, false_alarm) -> None:

@@ -46,7 +46,8 @@ def run(*args):
 
 def refused(tmp_path, args, message, seconds=None):
     """`fgcompile ARGS` exits 2 with one paragraph holding `message`, within `seconds`, and changes no file
-    under tmp_path (the user's model and data; no output folder appears)."""
+    under tmp_path (the user's model and data; no output folder appears). `seconds` is a loose ceiling for
+    shared CI cores (unbounded, these inputs took 28-84 s; benchmarks/README.md has the measured times)."""
     before = snapshot(tmp_path)
     t0 = time.perf_counter()
     r = run(*args)
@@ -106,14 +107,14 @@ def fan_after(n: int):
 
 def test_a_100k_node_chain_is_refused_in_seconds(tmp_path):
     model = save(chain_before(100_000), tmp_path / "chain.onnx")
-    out = refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "100,0", seconds=5)
+    out = refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "100,0", seconds=20)
     assert "50,000" in out and "FGCOMPILE_MAX_NODES" in out
 
 
 def test_a_50k_wide_fan_is_refused_in_seconds(tmp_path):
     model = save(fan_before(50_000), tmp_path / "fan.onnx")
-    refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "FGCOMPILE_MAX_NODES", seconds=5)
-    refused(tmp_path, ["inspect", model], "FGCOMPILE_MAX_NODES", seconds=5)
+    refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "FGCOMPILE_MAX_NODES", seconds=20)
+    refused(tmp_path, ["inspect", model], "FGCOMPILE_MAX_NODES", seconds=20)
 
 
 def test_the_node_bound_is_raised_by_its_variable(tmp_path, monkeypatch):
@@ -134,7 +135,7 @@ def test_a_cloned_suffix_past_the_bound_is_refused_before_it_is_built(tmp_path, 
     """2m copies of a 300-node suffix with an op no branch rule carries: 2·64·300 nodes, over the bound."""
     model = save(fan_after(300), tmp_path / "fan.onnx")
     monkeypatch.setenv("FGCOMPILE_MAX_NODES", "20000")
-    out = refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "cloned", seconds=20)
+    out = refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "cloned", seconds=60)
     assert "--m" in out and "20,000" in out
     assert run("compile", model, "-o", tmp_path / "out", "--m", "4").exit_code == 0
 
@@ -172,7 +173,7 @@ def with_constant_of_shape(shape, op="ConstantOfShape"):
 def test_a_tensor_that_cannot_fit_is_refused_at_compile_and_inspect(tmp_path, op):
     model = save(with_constant_of_shape([8, 2 ** 31], op), tmp_path / "huge.onnx")
     for args in (["compile", model, "-o", tmp_path / "out"], ["inspect", model]):
-        out = refused(tmp_path, args, "'big'", seconds=10)
+        out = refused(tmp_path, args, "'big'", seconds=30)
         assert "64.0 GiB" in out and "FGCOMPILE_MAX_ARRAY_BYTES" in out and "'huge'" in out
 
 
@@ -219,7 +220,7 @@ def test_a_model_over_the_protobuf_limit_with_its_external_data_is_refused(tmp_p
 @pytest.mark.slow
 def test_a_real_2_2_gb_external_data_model_is_refused_before_reading_it(tmp_path):
     model = with_external_weight(tmp_path, 2_200_000_000)
-    refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "over the 2 GiB limit", seconds=5)
+    refused(tmp_path, ["compile", model, "-o", tmp_path / "out"], "over the 2 GiB limit", seconds=20)
 
 
 def test_a_compiled_graph_over_the_protobuf_limit_names_it(tmp_path, monkeypatch):

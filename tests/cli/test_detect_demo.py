@@ -16,7 +16,7 @@ def table(output: str) -> dict:
 
 
 def test_detect_demo_halves_the_target_miss_rate(tmp_path):
-    r = invoke("demo", "--task", "detect", "-o", tmp_path / "d", "--epochs", 3, "--quiet")
+    r = invoke("demo", "--task", "detect", "-o", tmp_path / "d", "--epochs", 3)
     assert r.exit_code == 0, r.output
     rows = table(r.output)
     shipped = models.manifest()["models"]["kws_detect"]["variants"]["w8a8"]

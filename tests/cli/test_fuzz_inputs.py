@@ -251,6 +251,9 @@ def test_mutated_data(tmp_path, base, i, rng):
         shutil.copytree(base / f"c{i % len(SHIPPED)}", out)
         run_case(tmp_path, ["train", out, "--data", data, "--epochs", "1", "--quiet", "--restart"],
                  [f"out{os.sep}checkpoint.npz", f"out{os.sep}train_log.jsonl"], label)
+    if i % 6 == 1:   # a mutated file as the source examples adapt replays (adapt runs tune: a few cases)
+        run_case(tmp_path, ["adapt", SHIPPED[0], "--data", base / "data.npz", "--replay", data, "--epochs", "1",
+                            "--m", "1", "-o", tmp_path / "adapted", "--quiet"], ["adapted"], label)
 
 
 # ------------------------------------------------------------------------------------------------- --config files
