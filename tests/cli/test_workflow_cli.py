@@ -96,7 +96,7 @@ def test_demo_improves_target_accuracy_by_ten_points(tmp_path):
 def test_kws_demo_recovers_ten_points_and_keeps_the_structure(tmp_path):
     """`fgcompile demo --task kws`: last-layer QZO-FF on the keyword spotter heard through the target
     microphone gains >= 10 points on target test; the exported model has the input's nodes."""
-    r = run("demo", "--task", "kws", "-o", tmp_path / "kws", "--quiet")
+    r = run("demo", "--task", "kws", "-o", tmp_path / "kws")
     assert r.exit_code == 0, r.output
     rows = {l.split()[0]: [float(v.rstrip("%")) for v in l.split()[1:]] for l in r.output.splitlines()
             if l.startswith(("target_test", "source_test"))}
