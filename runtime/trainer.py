@@ -112,20 +112,21 @@ class Trainer:
         if self.out is not None:
             sink.check_files(self.out)
         x, y = self.load_data(data, "fit(data)")
-        xv, yv = self.load_data(val, "fit(val)") if val is not None else (None, None)
+        val = self.load_data(val, "fit(val)") if val is not None else None
         plan = loop.plan(self.program, data, len(y), epochs, batch, schedule, peak, data_digest(x, y))
-        state, sums, self.notes, out = self.train_state, self._sums, [note] if note else [], None
+        state, sums, self.notes, records = self.train_state, self._sums, [note] if note else [], None
         if self.out is not None:
             resumed, resumed_sums, notes = sink.begin(self.out, self.program, plan, resume, restart, allow_changed_run)
-            state, sums = (resumed, resumed_sums) if resumed is not None else (state, sums)
+            if resumed is not None:
+                state, sums = resumed, resumed_sums
             self.notes += notes
-            out = sink.FolderSink(self.out, self.program, plan, checkpoint_every)
+            records = sink.FolderSink(self.out, self.program, plan, checkpoint_every)
         sums, note = loop.carried(sums, state.step, plan.per_epoch)
         self.notes += [note] if note else []
         self.train_state = state
         self.train_state, self._sums, history = loop.run(
-            self.program, state, (x, y), plan, val=(xv, yv) if val is not None else None, sink=out, sums=sums,
-            max_bad_steps=max_bad_steps, stop_after=stop_after, progress=progress, watch=self._reached)
+            self.program, state, (x, y), plan, val=val, sink=records, sums=sums, max_bad_steps=max_bad_steps,
+            stop_after=stop_after, progress=progress, watch=self._reached)
         return history
 
     def _reached(self, state: TrainState) -> None:
