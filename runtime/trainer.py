@@ -55,7 +55,7 @@ class Trainer:
         return self.program.spec
 
     @spec.setter
-    def spec(self, spec) -> None:      # another seed, as tune's trials (runtime/tune.py)
+    def spec(self, spec) -> None:      # e.g. another seed: fit then runs as tune's trial of that seed
         self.program = dataclasses.replace(self.program, spec=spec)
 
     @property
