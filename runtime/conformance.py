@@ -22,7 +22,7 @@ import onnx
 from fgcompile.artifact import Contract
 from fgcompile.report import format_table
 from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
-from .trainer import scalar_feeds, step_feeds
+from .step import scalar_feeds, step_feeds
 
 # verify runs every step on each installed runtime and holds each step's z and state (baseline and the runtime
 # compared) in memory, so its time and memory grow with the steps. A divergence shows within the first few
@@ -228,7 +228,8 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     from fgcompile.errors import FgcompileError, SpecError
     from fgcompile.session import class_count, input_dtype, input_shape
     from .data import Inputs, feeds
-    from .trainer import Trainer, latest_state
+    from .sink import latest_state
+    from .trainer import Trainer
 
     if not 1 <= steps <= MAX_STEPS:
         raise SpecError(f"--steps {steps}: must be 1..{MAX_STEPS} (each step's state is kept to compare).")

@@ -15,7 +15,8 @@ from fgcompile.errors import ModelError, SpecError, wrong_type
 from .data import read
 from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, running
 from .metrics import FALSE_ALARM, score
-from .trainer import latest_state, open_train_graph, session_of
+from .program import open_train_graph, session_of
+from .sink import latest_state
 
 
 def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | None = None,

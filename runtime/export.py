@@ -25,7 +25,8 @@ from fgcompile.artifact import LAYOUT, Contract, StateTensor, Whitening
 from fgcompile.errors import ModelError, OutputError
 from fgcompile.grid import deployed_scale, narrow, requantize, round_half_away
 from . import checkpoint
-from .trainer import latest_state, open_train_graph, session_of
+from .program import open_train_graph, session_of
+from .sink import latest_state
 
 
 def _array(inits: dict, name: str) -> np.ndarray:

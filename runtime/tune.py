@@ -17,13 +17,11 @@ graph and is not tuned). The protocol, recorded in OUT/tune.json:
              loss, then the lower rate. A Sigmoid head (a detector, fgcompile/heads.py) is judged by its
              ROC AUC instead of accuracy (the mean over the trials that have one), then the same ties
 Only the file given as data is read: never test data. `train` without --lr/--schedule uses the chosen
-rate/schedule (Trainer._rate); tune.json names the train.onnx it belongs to, so a record of another compile
+rate/schedule (runtime/rate.py); tune.json names the train.onnx it belongs to, so a record of another compile
 is refused. Records from before the schedule was recorded were tuned under the constant schedule.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
 import os
@@ -37,7 +35,9 @@ from fgcompile import __version__, folder, grid, modelio
 from fgcompile.artifact import LAYOUT, Contract
 from fgcompile.errors import DataError, OutputError, SpecError
 from fgcompile.spec import SCHEDULES, RunDefaults, lr_grid
+from . import loop
 from .data import data_digest
+from .state import TrainState
 
 FORMAT = "fgcompile-tune/1"
 MAX_RECORD_BYTES = 1 << 20
@@ -90,16 +90,17 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
     _check_budget(epochs, batch, seeds, holdout, folds)
     if schedule not in SCHEDULES:
         raise SpecError(f"--schedule {schedule!r}: choose {' or '.join(SCHEDULES)}.")
-    seed = trainer.spec.seed if seed is None else seed
+    program = trainer.program
+    seed = program.spec.seed if seed is None else seed
     if not 0 <= seed < 2 ** 32 - seeds:
         raise SpecError(f"--seed {seed}: must be in [0, 2**32 - {seeds}) (one seed per trial).")
-    x, y = trainer.load_data(data, "tune(data)")
+    x, y = program.load_data(data, "tune(data)")
     if len(y) and (y == y[0]).all():
         raise DataError(f"{data if not isinstance(data, tuple) else 'the data'}: all {len(y)} labels are class "
                         f"{y[0]}; a rate chosen on one class is meaningless (every rate that keeps predicting it "
                         "scores the same). Tune on training data with at least two classes, or pass --lr to train.")
     splits = [split(len(y), seed, holdout)] if folds == 1 else fold_splits(len(y), seed, folds)
-    fixed = trainer.data_shape[0] if isinstance(trainer.data_shape[0], int) else None
+    fixed = program.fixed_batch
     fit, val = min(len(f) for f, _ in splits), min(len(v) for _, v in splits)
     if val < MIN_VALIDATION or fit < max(1, fixed or 1):
         how = f"--holdout {holdout:g}" if folds == 1 else f"--folds {folds}"
@@ -107,23 +108,23 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
                         f"{how} leaves {fit} to fit and {val} to validate, and tune "
                         f"needs at least {MIN_VALIDATION} to validate and {max(1, fixed or 1)} to fit. Pass "
                         f"more training examples, or another {how.split()[0]}.")
-    grid_rates = rates(trainer.contract, schedule)
+    grid_rates = rates(program.contract, schedule)
     if not grid_rates:
         raise SpecError(f"no learning rate of the grid fits this graph's fixed point (lr_max "
-                        f"{trainer.contract.lr_numerator.max}, shift {trainer.contract.lr_numerator.shift}); pass --lr to "
+                        f"{program.contract.lr_numerator.max}, shift {program.contract.lr_numerator.shift}); pass --lr to "
                         "train instead.")
     protocol = {"method": SPLIT, "seed": seed, "holdout": holdout, "fit": len(splits[0][0]),
                 "validation": len(splits[0][1])} if folds == 1 else \
         {"method": FOLDS, "seed": seed, "folds": folds, "fit": [len(f) for f, _ in splits],
          "validation": [len(v) for _, v in splits]}
     if trainer.out is None:
-        return _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
+        return _sweep(program, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
     path = trainer.out / LAYOUT.tune
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OutputError(f"{path}: is not a regular file; tune writes its record there. Move it away.")
     with folder.locked(trainer.out, "tune"):
-        record = _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
-        record["train_sha256"] = trainer.train_sha256
+        record = _sweep(program, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
+        record["train_sha256"] = program.train_sha256
         if not isinstance(data, tuple):
             record["data"]["file"] = str(pathlib.Path(data).resolve())
         modelio.save_json(path, record)
@@ -142,23 +143,22 @@ def _check_budget(epochs: int, batch: int, seeds: int, holdout: float, folds: in
         raise SpecError(f"--holdout {holdout}: the share of the data held out must be in (0, 1), e.g. 0.2.")
 
 
-def _sweep(trainer, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo) -> dict:
+def _sweep(program, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo) -> dict:
     t0 = time.perf_counter()
     scores = []
     for i, (lr, numerator) in enumerate(grid_rates):
         runs = []
         for k, (fit, val) in enumerate(splits):
             for s in range(seed, seed + seeds):
-                trial = fresh(trainer, s)
-                trial.fit((x[fit], y[fit]), epochs=epochs, batch=batch, lr=lr, schedule=schedule, progress=False)
-                v = trial.evaluate(x[val], y[val])
+                state = trial(program, x[fit], y[fit], epochs, batch, numerator, schedule, s)
+                v = program.evaluate(state.tensors, x[val], y[val])
                 runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}
                             | ({"val_auc": v["auc"], "val_miss_rate": v["miss_rate"]} if "auc" in v else {})
                             | ({"fold": k} if len(splits) > 1 else {}))
         score = {"lr": lr, "lr_numerator": numerator,
                  "val_accuracy": statistics.mean(r["val_accuracy"] for r in runs),
                  "val_loss": statistics.mean(r["val_loss"] for r in runs), "runs": runs}
-        if trainer.contract.head == "sigmoid":   # a fold without both classes has no AUC nor miss rate
+        if program.contract.head == "sigmoid":   # a fold without both classes has no AUC nor miss rate
             for key in ("val_auc", "val_miss_rate"):
                 known = [r[key] for r in runs if r[key] is not None]
                 score[key] = statistics.mean(known) if known else None
@@ -189,12 +189,12 @@ def _shown(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def fresh(trainer, seed: int):
-    """A trainer on the same sessions, at the initial state, with another seed, that writes nothing."""
-    trial = copy.copy(trainer)
-    trial.out, trial.spec = None, dataclasses.replace(trainer.spec, seed=seed)
-    trial.state, trial.meta = dict(trainer.initial_state), {"step": 0, "bad_steps": 0}
-    return trial
+def trial(program, x, y, epochs: int, batch: int, numerator: int, schedule: str, seed: int):
+    """The state of one trial: a run from the initial state with `seed` (its perturbations and batch
+    order), as `train` would run it, writing nothing."""
+    program = program.with_seed(seed)
+    plan = loop.plan(program, "the data", len(y), epochs, batch, schedule, numerator)
+    return loop.run(program, TrainState(program.initial), (x, y), plan)[0]
 
 
 def read_choice(out: pathlib.Path, train_sha256: str | None) -> dict | None:

@@ -15,7 +15,7 @@ from conftest import MODELS
 from fgcompile.cli import main
 from fgcompile.errors import SpecError
 from fgcompile.report import describe_tune
-from fgcompile.runtime import trainer as trainer_module
+from fgcompile.runtime import step as step_module
 from fgcompile.spec import LR_GRIDS
 
 CNN = MODELS / "digits_cnn" / "w8a8.onnx"
@@ -227,8 +227,8 @@ def test_tune_under_cosine_records_it_and_train_feeds_the_graph_that_schedule(ou
         assert same == (schedule == "cosine")
 
     fed = []                               # the lr input of every step the graph runs
-    feeds = trainer_module.step_feeds
-    monkeypatch.setattr(trainer_module, "step_feeds", lambda c, xb, yb, seed, step, lr, state:
+    feeds = step_module.step_feeds
+    monkeypatch.setattr(step_module, "step_feeds", lambda c, xb, yb, seed, step, lr, state:
                         fed.append(lr) or feeds(c, xb, yb, seed, step, lr, state))
     total = 2 * (len(y) // 32)
     r = run("train", out, "--data", TRAIN, "--epochs", 2, "--quiet", "--threads", 1)
