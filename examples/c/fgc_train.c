@@ -202,15 +202,15 @@ static const char USAGE[] =
     "  --threads T onnxruntime intra-op threads (default 0: onnxruntime's choice)\n";
 
 int main(int argc, char **argv) {
-  const char *pos[4], *lr_arg = NULL, *seed_arg = NULL;
-  long long threads = 0;
+  const char *pos[4];
+  long long threads = 0, lr = 0, seed = -1;   /* 0, -1: the contract's */
   int npos = 0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) { fputs(USAGE, stdout); return 0; }
     int flag = !strcmp(argv[i], "--lr") || !strcmp(argv[i], "--seed") || !strcmp(argv[i], "--threads");
     if (flag && i + 1 == argc) die("%s needs a value (fgc_train --help).", argv[i]);
-    if (!strcmp(argv[i], "--lr")) lr_arg = argv[++i];
-    else if (!strcmp(argv[i], "--seed")) seed_arg = argv[++i];
+    if (!strcmp(argv[i], "--lr")) lr = parse_int(argv[++i], 1, INT32_MAX, "--lr");
+    else if (!strcmp(argv[i], "--seed")) seed = parse_int(argv[++i], 0, 4294967295LL, "--seed");
     else if (!strcmp(argv[i], "--threads")) threads = parse_int(argv[++i], 0, 1024, "--threads");
     else if (argv[i][0] == '-' && argv[i][1] == '-') die("unknown option %s (fgc_train --help).", argv[i]);
     else if (npos == 4) die("too many arguments (%s); fgc_train --help.", argv[i]);
@@ -231,7 +231,6 @@ int main(int argc, char **argv) {
   Entry entries[MAX_TENSORS];
   long long batches;
   size_t n_entries = read_manifest(run_dir, entries, &batches);
-  if (mkdir(final_dir, 0777) != 0 && errno != EEXIST) die("%s: cannot create it (%s).", final_dir, strerror(errno));
   for (size_t i = 0; i < n_entries; i++) {
     char path[1024];
     struct stat st;
@@ -261,8 +260,9 @@ int main(int argc, char **argv) {
     die("%s: its contract is not format " CONTRACT ", the one this driver speaks. Recompile the model with this "
         "fgcompile, or update the driver.", model);
   long long lr_max = contract_int(json, "lr_numerator", "max", model);
-  long long lr = lr_arg ? parse_int(lr_arg, 1, lr_max, "--lr") : contract_int(json, "lr_numerator", "default", model);
-  long long seed = seed_arg ? parse_int(seed_arg, 0, 4294967295LL, "--seed") : contract_int(json, "spec", "seed", model);
+  if (lr > lr_max) die("--lr %lld: %s takes lr numerators up to %lld (its lr_numerator.max).", lr, model, lr_max);
+  if (!lr) lr = contract_int(json, "lr_numerator", "default", model);
+  if (seed < 0) seed = contract_int(json, "spec", "seed", model);
   uint32_t seed_bits = (uint32_t)seed;
   int32_t seed32, step32 = 0, lr32 = (int32_t)lr;
   memcpy(&seed32, &seed_bits, sizeof seed32);   /* int32 input: the two's-complement bits of seed */
@@ -345,6 +345,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n_in; i++)
       if (feeds[i] && strcmp(feeds[i]->role, "state")) ort->ReleaseValue(in[i]);
   }
+  if (mkdir(final_dir, 0777) != 0 && errno != EEXIST) die("%s: cannot create it (%s).", final_dir, strerror(errno));
   for (size_t j = 0; j < n_state; j++) write_state(final_dir, state[j]);
   printf("%lld steps (%lld with a non-finite loss, skipped); the final state is in %s\n", steps, bad, final_dir);
   return 0;
