@@ -15,6 +15,8 @@ sys.path.insert(0, str(BENCHMARKS))   # the benchmark modules are scripts, not a
 def pytest_configure(config):
     # also outside the checkout (CI's wheel job), where pyproject's marker list is not read
     config.addinivalue_line("markers", "slow: rebuilds and heavy measurements; deselected by default")
+    config.addinivalue_line("markers", "cdriver: the example C driver (examples/c); skipped without cc and onnxruntime's "
+                                       "C headers (.ci/c-driver installs them)")
 
 
 @pytest.fixture(scope="session")
