@@ -1,4 +1,4 @@
-"""An independent numpy reference of one QZO-FF step, written from the README's formulas.
+"""An independent numpy reference of one QZO-FF step, written from the formulas of docs/reference.md.
 
 It does not import fgcompile's passes. It reads the compiled graph's documented contract (which tensors
 train, their grid, the spec) and evaluates losses by running the *original inference model* in
@@ -74,7 +74,7 @@ def contract(model: onnx.ModelProto) -> dict:
 
 class InferenceOracle:
     """The source model on the training grids the contract names, with trainables fed as inputs and the
-    loss tap as an output. Widening, headroom and preconditioning are the README's formulas, coded here
+    loss tap as an output. Widening, headroom and preconditioning are docs/reference.md's formulas, coded here
     independently; `matrices` holds the whitening matrices P by name (read from train.onnx)."""
 
     def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None):
