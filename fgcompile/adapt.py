@@ -21,7 +21,8 @@ from fgcompile.report import describe_compile, describe_export, describe_tune, f
 from fgcompile.runtime.data import replayed
 from fgcompile.runtime.evaluate import evaluate, read_as
 from fgcompile.runtime.export import export_model
-from fgcompile.runtime.trainer import Trainer, session_of
+from fgcompile.runtime.program import session_of
+from fgcompile.runtime.trainer import Trainer
 from fgcompile.runtime.tune import tune
 from fgcompile.spec import RunDefaults, TrainSpec
 
@@ -53,7 +54,7 @@ def prepare(out, model_path, kind: str, force: bool) -> pathlib.Path:
     return out
 
 
-def run_adapt(model, data, out=None, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
+def run_adapt(model, data, out=None, epochs: int = RunDefaults.adapt_epochs, batch: int = RunDefaults.batch,
               spec: TrainSpec | None = None, val=None, source=None, replay=None, force: bool = False,
               echo=print, progress: bool = True, kind: str = "adapt", show=None) -> dict:
     """Adapt MODEL (a path) to DATA (a .npz path, or (x, y)) into OUT. val: target-domain test data (else the

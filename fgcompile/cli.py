@@ -355,19 +355,28 @@ def tune_cmd(out, data, replay, epochs, batch, seeds, holdout, folds, seed, sche
 
 @main.command("eval", short_help="Accuracy and loss of a model or a compiled folder.")
 @click.argument("model_or_out", type=click.Path())
-@click.option("--data", required=True, type=click.Path())
+@click.option("--data", required=True, type=click.Path(), multiple=True,
+              help="Test .npz; repeat it to report several (e.g. the target and the source domain's).")
 @click.option("--false-alarm", type=float, default=FALSE_ALARM, show_default=True, metavar="F",
               help="A Sigmoid output (a detector): report the miss rate where at most this share of the negatives "
                    "fires, in (0, 1).")
 @session_options
-@json_option()
+@json_option("one JSON object (with several --data: {\"results\": [one per file, with its \"data\"]})")
 def eval_cmd(model_or_out, data, false_alarm, as_json, **kw):
-    """Accuracy and mean cross-entropy of a model file or a compiled folder; for a Sigmoid output (a
-    detector) accuracy at 0.5, binary cross-entropy, ROC AUC and the miss rate at a false-alarm rate."""
+    """Accuracy and mean cross-entropy of a model file or a compiled folder on each --data; for a Sigmoid
+    output (a detector) accuracy at 0.5, binary cross-entropy, ROC AUC and the miss rate at a false-alarm rate."""
     from fgcompile.report import describe_eval
     from fgcompile.runtime.evaluate import evaluate
-    r = evaluate(model_or_out, data, session=make_session_settings(kw), false_alarm=false_alarm)
-    click.echo(json.dumps(r) if as_json else describe_eval(r))
+    session = make_session_settings(kw)
+    results = [evaluate(model_or_out, d, session=session, false_alarm=false_alarm) for d in data]
+    if len(data) == 1:
+        click.echo(json.dumps(results[0]) if as_json else describe_eval(results[0]))
+    elif as_json:
+        click.echo(json.dumps({"results": [{"data": d, **r} for d, r in zip(data, results)]}))
+    else:
+        width = max(len(d) for d in data)
+        for d, r in zip(data, results):
+            click.echo(f"{d:<{width}}  {describe_eval(r)}")
 
 
 @main.command(short_help="Write the trained weights into a plain QDQ model.")
@@ -435,7 +444,8 @@ def batch(in_dir, out, jobs, timeout, force, **kw):
 @click.option("--data", required=True, type=click.Path(), help="Target-domain training .npz (x, y).")
 @click.option("-o", "--out", type=click.Path(), default=None,
               help="Output folder: compiled/, adapted.onnx, training.png [MODEL's name + '-adapted'].")
-@click.option("--epochs", default=RunDefaults.epochs, show_default=True, help="Training epochs (tune chooses lr for them).")
+@click.option("--epochs", default=RunDefaults.adapt_epochs, show_default=True,
+              help="Training epochs (tune chooses lr for them; 300 gets the most from a small data set).")
 @click.option("--batch", default=RunDefaults.batch, show_default=True)
 @click.option("--val", type=click.Path(), help="Target-domain test .npz: reported before/after and each epoch.")
 @click.option("--source", type=click.Path(), help="Source-domain test .npz: reported before/after (what is kept).")

@@ -18,8 +18,6 @@ from fgcompile.cli import main
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 pytestmark = pytest.mark.skipif(not README.exists(), reason="README.md is not beside the tests (installed wheel)")
 TEXT = README.read_text(encoding="utf-8") if README.exists() else ""
-# documented ahead of the code; a command that uses them is skipped until its command has them
-PENDING_FLAGS = {"--replay", "--no-replay"}
 
 
 def blocks(lang: str) -> list[str]:
@@ -36,16 +34,6 @@ def commands() -> list[list[str]]:
     return found
 
 
-def missing(args: list[str]) -> str | None:
-    """Why this command cannot run on this checkout yet (a command or flag documented ahead), or None."""
-    cmd = main.commands.get(args[0])
-    if cmd is None:
-        return f"`fgcompile {args[0]}` is not registered yet"
-    flags = {o for p in cmd.params for o in p.opts + p.secondary_opts}
-    pending = sorted(a for a in args if a in PENDING_FLAGS and a not in flags)
-    return f"`fgcompile {args[0]}` has no {', '.join(pending)} yet" if pending else None
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
@@ -60,9 +48,6 @@ def test_readme_has_commands():
 
 @pytest.mark.parametrize("args", commands(), ids=lambda a: " ".join(a[:2]))
 def test_readme_command_runs(args, workdir, monkeypatch):
-    why = missing(args)
-    if why:
-        pytest.skip(why)
     monkeypatch.chdir(workdir)
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, f"fgcompile {shlex.join(args)}\n{r.output}"
@@ -92,16 +77,14 @@ def test_readme_is_a_manual():
 
 
 def test_readme_command_table_flags_exist():
-    """Every --flag in a row of the command table exists on that command (flags documented ahead excepted)."""
+    """Every --flag in a row of the command table exists on that command."""
     rows = [line for line in TEXT.splitlines() if line.startswith("| `")]
     rows = [(re.match(r"\| `(\w+)", line)[1], line) for line in rows if re.match(r"\| `\w+[ `]", line)]
-    rows = [(name, line) for name, line in rows if name in main.commands or name == "adapt"]
+    rows = [(name, line) for name, line in rows if name in main.commands]
     assert {name for name, _ in rows} >= {"adapt", "inspect", "compile", "tune", "train", "eval", "export",
                                           "verify", "batch", "demo"}
     for name, line in rows:
-        cmd = main.commands.get(name)
-        if cmd is None:
-            continue
+        cmd = main.commands[name]
         known = {o for p in cmd.params for o in p.opts + p.secondary_opts}
-        unknown = [f for f in re.findall(r"--[a-z][a-z-]*", line) if f not in known | PENDING_FLAGS]
+        unknown = [f for f in re.findall(r"--[a-z][a-z-]*", line) if f not in known]
         assert not unknown, f"`fgcompile {name}` has no {unknown}"

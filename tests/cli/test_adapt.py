@@ -109,3 +109,16 @@ def test_adapt_refuses_a_folder_it_did_not_write(tmp_path, small):
     r = invoke("adapt", CNN, "--data", small / "target.npz", "-o", tmp_path / "a", "--epochs", 1)
     refused(r, "was not written by fgcompile")
     assert snapshot(tmp_path) == kept
+
+
+def test_eval_reports_each_data_file(tmp_path):
+    target, source = DATA / "digits_target_test.npz", DATA / "digits_source_test.npz"
+    r = invoke("eval", CNN, "--data", target, "--data", source, "--json")
+    assert r.exit_code == 0, r.output
+    both = json.loads(r.output)["results"]
+    alone = [json.loads(invoke("eval", CNN, "--data", d, "--json").output) for d in (target, source)]
+    assert [b.pop("data") for b in both] == [str(target), str(source)] and both == alone
+    assert abs(alone[0]["accuracy"] - 0.5926) < 1e-4 and abs(alone[1]["accuracy"] - 0.965) < 1e-4
+    text = invoke("eval", CNN, "--data", target, "--data", source).output.splitlines()
+    assert len(text) == 2 and text[1].startswith(str(source)) and "accuracy 0.9650" in text[1]
+    refused(invoke("eval", CNN, "--data", target, "--data", DATA / "kws_source_test.npz"), "model input is")
