@@ -144,7 +144,9 @@ def spec_options(f):
                     help="ce/mse: class scores, one class index per example; bce: 0/1 labels on the logit before a "
                          "Sigmoid output [batch, K] (a detector, or K labels per example); auto: bce for a Sigmoid "
                          "output, else ce."),
-        spec_option("--estimator", "estimator", ESTIMATORS, help="sign: Sign-m-SPSA; spsa: quantized m-SPSA."),
+        spec_option("--estimator", "estimator", ESTIMATORS, help="sign: Sign-m-SPSA; spsa: quantized m-SPSA; node: perturb each trained Gemm/MatMul's output per "
+                    "example (±ε output LSBs) and step by the sign of each example's loss difference times its "
+                    "clean input (stacked form, no whitening yet)."),
         spec_option("--spsa-gain", "spsa_gain", help="m-SPSA: c = round(gain·ΔL)."),
         spec_option("--rounding", "rounding", ROUNDINGS),
         spec_option("--bits", "bits", BITS, help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),

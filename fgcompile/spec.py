@@ -16,7 +16,7 @@ from fgcompile.errors import SpecError, wrong_type
 
 PERTURBATIONS = ("rademacher", "ternary", "gaussian")
 LOSSES = ("auto", "ce", "mse", "bce")   # auto: bce for a Sigmoid output, else ce (TrainSpec.for_head)
-ESTIMATORS = ("sign", "spsa")
+ESTIMATORS = ("sign", "spsa", "node")   # node: per-example activity perturbation (passes/node.py)
 ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
@@ -34,8 +34,18 @@ GRID_DEFAULTS = {16: (64, 128.0), 14: (16, 16.0), 8: (1, 1.0)}
 LR_GRIDS = {16: (32.0, 64.0, 128.0, 256.0, 512.0), 14: (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0), 8: (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)}
 
 
-def lr_grid(grid_bits: int) -> tuple[float, ...]:
-    """The learning rates worth trying on a training grid of `grid_bits` bits (others: the default ×¼…×4)."""
+# The node estimator's ĝ sums a clean integer input (|a| <= 255) over every example and direction, so its
+# rate is this much smaller than weight perturbation's for the same weight steps; ε is in output LSBs.
+NODE_LR_DIVISOR = 256
+NODE_EPS = 1
+
+
+def lr_grid(grid_bits: int, estimator: str = "sign") -> tuple[float, ...]:
+    """The learning rates worth trying on a training grid of `grid_bits` bits (others: the default ×¼…×4);
+    for the node estimator its default ×⅛…×8 (no lower than the fixed point's 2^-8)."""
+    if estimator == "node":
+        lr = TrainSpec(estimator="node").resolve(grid_bits).lr
+        return tuple(lr * 2.0 ** k for k in range(-3, 4) if lr * 2.0 ** k >= 2.0 ** -8)
     if grid_bits in LR_GRIDS:
         return LR_GRIDS[grid_bits]
     lr = TrainSpec().resolve(grid_bits).lr
@@ -134,6 +144,8 @@ class TrainSpec:
             eps, lr = (max(1, GRID_DEFAULTS[16][0] >> (16 - grid_bits)), GRID_DEFAULTS[16][1] / 2 ** (16 - grid_bits))
         else:
             eps, lr = GRID_DEFAULTS[16 if grid_bits >= 16 else 8]
+        if self.estimator == "node":
+            eps, lr = NODE_EPS, max(lr / NODE_LR_DIVISOR, 2.0 ** -self.lr_shift)
         return dataclasses.replace(self, eps=self.eps if self.eps is not None else eps,
                                    lr=self.lr if self.lr is not None else lr)
 
@@ -196,6 +208,8 @@ class TrainSpec:
              f"--density {self.density} applies to --perturbation ternary only.")
         need(self.loss in LOSSES, f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
         need(self.estimator in ESTIMATORS, f"--estimator {self.estimator!r}: choose {' or '.join(ESTIMATORS)}.")
+        if self.estimator == "node":
+            self._validate_node()
         need(self.rounding in ROUNDINGS, f"--rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}.")
         need(self.branches in BRANCH_FORMS,
              f"--branches {self.branches!r}: choose one of {', '.join(BRANCH_FORMS)}.")
@@ -204,6 +218,20 @@ class TrainSpec:
         need(self.bits in BITS, f"--bits {self.bits}: choose 8 (keep int8) or 16 (widen int8 to int16).")
         need(0 < self.spsa_gain < 2 ** 16, f"--spsa-gain {self.spsa_gain}: must be in (0, 65536).")
         need(0 <= self.seed < 2 ** 32, f"--seed {self.seed}: must be in [0, 2**32) (the graph's seed input is 32-bit).")
+
+
+    def _validate_node(self) -> None:
+        """What the first slice of node perturbation supports (issue #25)."""
+        others = [flag for flag, on in (("--perturbation " + self.perturbation, self.perturbation != "rademacher"),
+                                        ("--momentum", self.momentum > 0), ("--sharpness", self.sharpness > 0),
+                                        ("--kernel-norm", self.kernel_norm), ("--sparsity", self.sparsity > 0),
+                                        ("--prompts", self.prompts > 0),
+                                        ("--branches " + self.branches, self.branches not in ("auto", "stacked")),
+                                        ("--precondition whiten", self.precondition == "whiten")) if on]
+        if others:
+            raise SpecError(f"--estimator node does not take {others[0]} yet: it perturbs trained Gemm/MatMul "
+                            "outputs with ±1 noise in the stacked branch form, without whitening. Drop "
+                            f"{others[0].split()[0]}, or use --estimator sign.")
 
 
 def check_field_types(obj) -> None:

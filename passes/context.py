@@ -131,6 +131,8 @@ class Perturbations:    # prng
     # z_words(b, name, first, count) -> int8 [m, count·elements per word] of one trainable: its words first .. first +
     # count − 1 (first an int32 [1] tensor known at run time) of every zᵢ, for a piece of the tensor
     z_words: Callable | None = None
+    # per_example(b, t, count) -> int8 [m, count]: the node estimator's ±1 noise of trainable t's stream
+    per_example: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -143,11 +145,23 @@ class Branches:         # pair
 
 
 @dataclasses.dataclass
+class NodeLayer:        # node: one trained Gemm/MatMul as the node estimator reads it back
+    site: str
+    weight: "Trainable | None"
+    bias: "Trainable | None"
+    noise: gs.Tensor                    # int8 [m, B, *out]: uᵢ,b (the + branches add it, the − branches subtract)
+    q: gs.Tensor                        # the clean integer input [B, ..., in] (uint8 or int8)
+    zero_point: gs.Constant             # its zero point (a = q − zp)
+    layout: Literal["kn", "nk"]         # the weight's [in, out] (MatMul, Gemm) or [out, in] (Gemm transB)
+
+
+@dataclasses.dataclass
 class Losses:           # loss
     labels: gs.Variable
     plus: gs.Tensor                     # float [m]
     minus: gs.Tensor                    # float [m]
     metrics: list[gs.Tensor]            # loss, accuracy (float scalars)
+    per_example: gs.Tensor | None = None   # float [2m, B]: each example's loss per branch (--estimator node)
 
 
 @dataclasses.dataclass
@@ -193,6 +207,7 @@ class Context:
     losses: Losses | None = None
     estimate: Estimate | None = None
     update: Update | None = None
+    node: list[NodeLayer] | None = None   # node: the trained layers' noise and clean inputs (--estimator node)
     buffers: Buffers | None = None      # momentum (empty without --momentum and --sharpness)
     contract: Contract | None = None
     train_model: onnx.ModelProto | None = None

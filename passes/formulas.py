@@ -36,7 +36,7 @@ def bias_stride(weight_scale, bias_scale, widening: float = 1) -> int:
 
 
 def coefficient_bound(spec) -> int:
-    return 1 if spec.estimator == "sign" else SPSA_CLIP
+    return 1 if spec.estimator in ("sign", "node") else SPSA_CLIP
 
 
 def lr_bound(spec) -> int:
@@ -44,8 +44,14 @@ def lr_bound(spec) -> int:
     return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (grad_bound(spec) * gain)
 
 
+NODE_GRAD_MAX = 1 << 20   # the node estimator saturates ĝ here (passes/node.py): its sum over examples has no
+                          # static bound, and the rate still reaches 2047/256 LSBs per unit of ĝ
+
+
 def grad_bound(spec) -> int:
-    """max |ĝ| = m·c_max·z_max, before kernel-wise normalization."""
+    """max |ĝ| = m·c_max·z_max, before kernel-wise normalization (the node estimator: its saturation)."""
+    if spec.estimator == "node":
+        return NODE_GRAD_MAX
     return spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation]
 
 

@@ -12,7 +12,8 @@ the weights around W.
 Precondition: ctx.branches.logits from pair, float [2m, B, C] (or [B, 2m, C]: logits_branch_axis 1); the
 spec's loss resolved (not auto).
 Postcondition: input `labels` (int64 [B]; [B, K] for bce with K > 1 labels); ctx.losses.plus, .minus float
-[m] (`loss_plus`, `loss_minus`); .metrics holds `loss` and `accuracy` (float scalars).
+[m] (`loss_plus`, `loss_minus`); .metrics holds `loss` and `accuracy` (float scalars); for --estimator node,
+.per_example float [2m, B]: each example's loss per branch (its mean over classes or labels).
 """
 from __future__ import annotations
 
@@ -31,23 +32,29 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     one_label = ctx.spec.loss != "bce" or ctx.io.classes == 1
     labels = gs.Variable("labels", dtype=np.int64, shape=["batch"] if one_label else ["batch", ctx.io.classes])
     graph.inputs.append(labels)
-    per_branch, hits = LOSSES[ctx.spec.loss](b, ctx.branches.logits, labels, ctx.branches.logits_branch_axis, m)
+    bx = ctx.branches.logits_branch_axis
+    terms, hits = LOSSES[ctx.spec.loss](b, ctx.branches.logits, labels, bx, m)
+    per_branch = F.ReduceMean(terms, i64(1 - bx, 2), keepdims=0)
     plus = F.Slice(per_branch, i64(0), i64(m), hint="plus", name="loss_plus", shape=[m])
     minus = F.Slice(per_branch, i64(m), i64(2 * m), hint="minus", name="loss_minus", shape=[m])
     loss = F.ReduceMean(per_branch, keepdims=0, hint="mean", name="loss", shape=[])
     accuracy = F.ReduceMean(b.cast(hits, np.float32), keepdims=0, hint="acc", name="accuracy", shape=[])
     ctx.losses = Losses(labels, plus, minus, [loss, accuracy])
+    if ctx.spec.estimator == "node":
+        per_example = F.ReduceMean(terms, i64(2), keepdims=0, hint="per_example")
+        ctx.losses.per_example = per_example if bx == 0 else F.Transpose(per_example, perm=[1, 0])
     return graph
 
 
-# each loss: (b, logits, labels, branch axis bx, m) -> (per-branch loss float [2m], hits bool); batch axis 1 − bx
+# each loss: (b, logits, labels, branch axis bx, m) -> (terms, hits bool): the loss is the mean of the terms
+# over the batch axis 1 − bx and axis 2 (classes or labels)
 def _ce(b: Builder, logits, labels, bx: int, m: int):
     spread = [1, 1, 1]
     spread[bx] = 2 * m
     L = Typed(b, np.int64)
     idx = L.Expand(L.Unsqueeze(labels, i64(bx, 2)), i64(*spread))
     picked = b.f32.GatherElements(b.f32.LogSoftmax(logits, axis=-1), idx, axis=2)
-    return b.f32.Neg(b.f32.ReduceMean(picked, i64(1 - bx, 2), keepdims=0)), _top1(b, logits, labels, bx)
+    return b.f32.Neg(picked), _top1(b, logits, labels, bx)
 
 
 def _mse(b: Builder, logits, labels, bx: int, m: int):
@@ -55,7 +62,7 @@ def _mse(b: Builder, logits, labels, bx: int, m: int):
     depth = L.Gather(L.Shape(logits), i64(-1))
     onehot = F.Unsqueeze(F.OneHot(labels, depth, np.array([0, 1], np.float32), axis=-1), i64(bx))
     diff = F.Sub(F.Softmax(logits, axis=-1), onehot)
-    return F.ReduceMean(F.Mul(diff, diff), i64(1 - bx, 2), keepdims=0), _top1(b, logits, labels, bx)
+    return F.Mul(diff, diff), _top1(b, logits, labels, bx)
 
 
 def _top1(b: Builder, logits, labels, bx: int):
@@ -71,7 +78,7 @@ def _bce(b: Builder, z, labels, bx: int, m: int):
     t = b.cast(y, np.float32)
     per = F.Add(F.Sub(F.Relu(z), F.Mul(z, t)), F.Softplus(F.Neg(F.Abs(z))))
     hits = b.op("Equal", [b.op("Greater", [z, np.array(0, np.float32)], dtype=bool), b.cast(y, bool)], dtype=bool)
-    return F.ReduceMean(per, i64(1 - bx, 2), keepdims=0), hits
+    return per, hits
 
 
 LOSSES = {"ce": _ce, "mse": _mse, "bce": _bce}

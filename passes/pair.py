@@ -27,7 +27,7 @@ from fgcompile import bounds
 from fgcompile.errors import CompileError
 from .context import Branches, Context, Pass
 from .formulas import Z_MAX, chunked, compute_shape, elements_per_word, train_bytes
-from .graph_ops import Builder, clone_nodes, downstream_nodes, upstream_nodes
+from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes
 from .branch_rules import Refusal, stack_suffix
 
 UNCLONABLE = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
@@ -289,7 +289,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     # only the nodes the loss reads: the trailing requantization of the output is not needed per branch
     needed = upstream_nodes(suffix, tap)
     if ctx.spec.requant_bypass:
-        needed = upstream_nodes(_bypass_requant(needed), tap)
+        needed = upstream_nodes(bypass_requant(needed), tap)
     form, reason = _form(ctx, needed)
     if form == "loop":
         logits = _looped(b, graph, ctx, centre, needed)
@@ -325,32 +325,6 @@ def _branch_major(logits) -> tuple[gs.Tensor, int]:
     if node is not None and node.op == "Transpose" and list(node.attrs.get("perm", [])) == [1, 0, 2]:
         return node.inputs[0], 1
     return logits, 0
-
-
-WEIGHTED = {"Conv", "ConvTranspose", "MatMul", "Gemm", "ConvInteger", "MatMulInteger"}
-
-
-def _bypass_requant(nodes):
-    """Read each activation Q→DQ pair after the suffix's last weighted op (Conv, MatMul, Gemm) as its
-    float input. There, on a uint8 grid, most ±ε steps of a weight vanish in the rounding and the losses
-    see a staircase (the transformer's classifier requantizes its MatMul output before the bias Add).
-    Before a weighted op the pair stays: it is what lets onnxruntime run that op as an int8 kernel, and
-    a mid-network step spent 1783 of 1885 ms in float Conv without it. The deployed model keeps its
-    requantization everywhere (only the branches skip it). Mutates `nodes`, which pair removes anyway."""
-    made = {t.name: n for n in nodes for t in n.outputs}
-    before_weighted = set()   # ids of nodes with a weighted op downstream (or that are one)
-    for node in reversed(nodes):
-        if node.op in WEIGHTED or any(id(c) in before_weighted for t in node.outputs for c in t.outputs):
-            before_weighted.add(id(node))
-    for node in nodes:
-        if id(node) in before_weighted:
-            continue
-        for k, t in enumerate(node.inputs):
-            dq = made.get(t.name)
-            q = made.get(dq.inputs[0].name) if dq is not None and dq.op == "DequantizeLinear" else None
-            if q is not None and q.op == "QuantizeLinear" and not isinstance(q.inputs[0], gs.Constant):
-                node.inputs[k] = q.inputs[0]
-    return nodes
 
 
 PASS = Pass("pair", run, reads=("io", "trainables", "state", "perturbations"), adds=("branches",))

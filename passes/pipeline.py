@@ -21,7 +21,7 @@ from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 from . import (activations, analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum,
-               opset, pair, precondition, prng, prompts, select, sparsify, update, widen)
+               node, opset, pair, precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .dialects import quant_dtype
 from .formulas import TIE_TOLERANCE
@@ -94,9 +94,21 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
         model_output=ctx.io.output, loss_tap=ctx.io.loss_tap, head=ctx.io.head, branches=ctx.branches.form,
         branches_reason=ctx.branches.reason, tie_tolerance=TIE_TOLERANCE, stream=prng.STREAM,
         probes=Probes(ctx.estimate.coefficients.name,   # the loop form holds no whole z to probe
-                      [] if ctx.branches.form == "loop" else [z[t.name].name for t in ctx.trainables]),
+                      [] if ctx.branches.form == "loop" or spec.estimator == "node" else
+                      [z[t.name].name for t in ctx.trainables]),
         precondition=ctx.preconditioned, version=__version__)
     return graph
+
+
+def _by_estimator(weight: Pass, node_pass: Pass) -> Pass:
+    """The pass of weight perturbation, or the node estimator's (passes/node.py) under --estimator node; the
+    chosen pass's own reads and adds are checked inside."""
+    def run(graph, ctx):
+        chosen = node_pass if ctx.spec.estimator == "node" else weight
+        if chosen is node_pass:
+            return run_passes([node_pass], graph, ctx)
+        return weight.run(graph, ctx)
+    return Pass(weight.name, run, reads=weight.reads, adds=weight.adds)
 
 
 PASSES = [
@@ -115,9 +127,9 @@ PASSES = [
     Pass("eval graph", _eval_graph, reads=("io", "trainables", "state"), adds=("eval_model",)),
     prng.PASS,
     momentum.PASS,        # --momentum / --sharpness (else nothing)
-    pair.PASS,
+    _by_estimator(pair.PASS, node.PAIR),
     loss.PASS,
-    estimate.PASS,
+    _by_estimator(estimate.PASS, node.ESTIMATE),
     momentum.UPDATE,      # the buffer's next value, from the raw ĝ
     kernelnorm.PASS,      # --kernel-norm (else nothing)
     sparsify.PASS,        # --sparsity (else nothing)

@@ -33,7 +33,8 @@ Postcondition: `seed` and `step` inputs (int32 scalars); ctx.perturbations.z[nam
 .z_at(b, i), a stream index known at run time whose salt is hashed in-graph: int8 [*shape], the same
 values as row i; or with .z_words for a range of a tensor's hash words, so a piece of it is drawn alone);
 .round_noise[name] int32 [*shape] when rounding is stochastic; .sparse_noise[name] int32 [*shape] in
-[0, 2^16) when a sparse update draws. No existing node changes.
+[0, 2^16) when a sparse update draws; .per_example(b, t, count) draws the node estimator's noise (stream
+i of trainable t, a count known at run time). No existing node changes.
 """
 from __future__ import annotations
 
@@ -252,6 +253,25 @@ def words_drawer(b: Builder, seed, step, spec, trainables):
     return z_words
 
 
+def example_drawer(seed, step, spec):
+    """per_example(b, t, count) -> int8 [m, count]: the ±1 noise of the node estimator for trainable index t
+    (its layer's stream id), streams i = 0..m−1, elements 0..count−1 (count an int64 scalar tensor known
+    when the graph runs: the batch times the layer's output per example). The same hash as z: element j
+    of stream i is bit j mod 32 of word j div 32 of key[t, i]."""
+    def per_example(b: Builder, t: int, count):
+        words = b.op("Div", [b.op("Add", [count, np.array(31, np.int64)], dtype=np.int64), np.array(32, np.int64)],
+                     dtype=np.int64)
+        counter = b.op("Range", [np.array(0, np.int32), b.cast(words, np.int32), np.array(1, np.int32)],
+                       dtype=np.int32)
+        keys = b.op("Unsqueeze", [_keys(b, seed, step, int32(salts(t, np.arange(spec.m)))),
+                                  np.array([1], np.int64)], dtype=np.int32)                  # [m, 1]
+        v = _mix(b, b.i32.Add(keys, b.i32.Mul(counter, int32(GOLDEN))))                     # [m, words]
+        u = _z_of_words(b, v, spec.m, spec)
+        end = b.op("Unsqueeze", [count, np.array([0], np.int64)], dtype=np.int64)
+        return b.op("Slice", [u, np.array([0], np.int64), end, np.array([1], np.int64)], dtype=np.int8)
+    return per_example
+
+
 def _split(b: Builder, flat, trainables, padded: list[int], rows: int) -> dict:
     """{name: [rows, *shape] piece} (padding dropped) of a [rows, Σ padded] tensor, one per trainable."""
     parts = [flat] if len(trainables) == 1 else b.op("Split", [flat, np.array(padded, np.int64)], {"axis": 1},
@@ -282,6 +302,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     ctx.perturbations = Perturbations(seed, step, z, {})
     ctx.perturbations.z_at, ctx.perturbations.momentum_at = drawer(seed, step, spec, ctx.trainables)
     ctx.perturbations.z_words = words_drawer(b, seed, step, spec, ctx.trainables)
+    ctx.perturbations.per_example = example_drawer(seed, step, spec)
     if spec.rounding == "stochastic":
         u, padded = _chunks(b, seed, step, sizes, range(spec.m, spec.m + 1), NOISE_BITS)
         u = b.op("BitwiseAnd", [u, np.array((1 << spec.lr_shift) - 1, np.int32)], dtype=np.int32)

@@ -65,7 +65,7 @@ def rates(contract: Contract, schedule: str = RunDefaults.schedule) -> list[tupl
     """(lr, numerator) of the grid for this graph's training grid and schedule, within the graph's fixed
     point range."""
     c = contract.lr_numerator
-    lrs = list(lr_grid(grid.resolution_bits(contract.state)))
+    lrs = list(lr_grid(grid.resolution_bits(contract.state), contract.spec.estimator))
     lrs += [2 * lrs[-1]] if schedule == "cosine" else []     # its mean rate is half the peak
     grid_rates = [(lr, c.of(lr)) for lr in lrs]
     return [(lr, n) for lr, n in grid_rates if 1 <= n <= c.max]

@@ -77,7 +77,10 @@ class InferenceOracle:
     loss tap as an output. Widening, headroom and preconditioning are docs/reference.md's formulas, coded here
     independently; `matrices` holds the whitening matrices P by name (read from train.onnx)."""
 
-    def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None):
+    def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None,
+                 edit=None):
+        """edit(model, c): a last change to the oracle's model before the requantization bypass (the node
+        estimator's noise inputs)."""
         buffers = [s for s in c["state"] if s["role"] == "momentum"]   # training state, not weights
         c = dict(c, state=parameters(c))
         model = onnx.ModelProto()
@@ -110,6 +113,8 @@ class InferenceOracle:
             self._precondition(model, inits, c, pre, matrices[pre["matrix"]], consumers, dq_by_init)
         if todo and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 21:  # int16 DequantizeLinear arrived in opset 21
             model = onnx.version_converter.convert_version(model, 21)
+        if edit is not None:
+            edit(model, c)
         if c["spec"].get("requant_bypass"):
             _bypass_requant(model, [s["name"] for s in c["state"]])
         self.initial = {s["name"]: numpy_helper.to_array(inits[s["name"]]) for s in c["state"]}
@@ -371,3 +376,114 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
         near |= np.abs(np.abs(d * np.float32(spec["spsa_gain"])) % 1 - 0.5) < 1e-3
     return new, {"loss_plus": np.array(lp), "loss_minus": np.array(lm), "coef": coef,
                  "near_tie": bool(near.any())}
+
+
+# ---- node (activity) perturbation: --estimator node --------------------------------------------------
+
+class NodeLayer:
+    """A trained Gemm/MatMul site as the node estimator sees it, read from the source model: its product's
+    output (where the noise is added), the QuantizeLinear scale that reads it (the noise unit), its integer
+    input q with zero point (a = q − zp), the weight layout ("kn" or Gemm transB "nk"), and its stream
+    (the index of the site's first trained tensor)."""
+
+    def __init__(self, model: onnx.ModelProto, c: dict, site: str):
+        nodes = {n.name: n for n in model.graph.node}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        node = nodes[site]
+        self.site, self.output = site, node.output[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.layout = "nk" if node.op_type == "Gemm" and attrs.get("transB", 0) else "kn"
+        dq = producer[node.input[0]]
+        self.q = dq.input[0]
+        zp = inits[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else np.zeros((), np.uint8)
+        self.zero_point, self.q_type = int(zp), helper.np_dtype_to_tensor_dtype(zp.dtype)
+        quant = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == self.output)
+        self.unit = np.float32(c["spec"]["eps"]) * np.float32(inits[quant.input[1]])
+        params = parameters(c)
+        self.stream = next(t for t, s in enumerate(params) if s["site"] == site)
+        self.weight = next((s["name"] for s in params if s["site"] == site and s["role"] == "weight"), None)
+        self.bias = next((s["name"] for s in params if s["site"] == site and s["role"] == "bias"), None)
+        self.noise = site + "__ref_noise"
+
+
+def node_layers(source: onnx.ModelProto, c: dict) -> list[NodeLayer]:
+    sites = []
+    for s in parameters(c):
+        if s["site"] not in sites:
+            sites.append(s["site"])
+    return [NodeLayer(source, c, site) for site in sites]
+
+
+def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False) -> InferenceOracle:
+    """The inference oracle with, at each trained site, y ← y + noise (a float input [B, ...] shaped like
+    the product's output) before whatever reads y, and the site's integer input q as an output."""
+    layers = node_layers(source, c)
+
+    def edit(model, c):
+        for layer in layers:    # the product writes y__ref_clean; the Add writes y, which everything reads
+            at = next(k for k, n in enumerate(model.graph.node) if n.name == layer.site)
+            model.graph.node[at].output[0] = layer.output + "__ref_clean"
+            model.graph.node.insert(at + 1, helper.make_node("Add", [layer.output + "__ref_clean", layer.noise],
+                                                             [layer.output]))
+            model.graph.input.append(helper.make_tensor_value_info(layer.noise, onnx.TensorProto.FLOAT, None))
+            model.graph.output.append(helper.make_tensor_value_info(layer.q, layer.q_type, None))
+            model.graph.output.append(helper.make_tensor_value_info(layer.output + "__ref_clean", onnx.TensorProto.FLOAT,
+                                                                    None))
+    oracle = InferenceOracle(source, c, optimized=optimized, edit=edit)
+    oracle.layers = layers
+    return oracle
+
+
+def per_example_loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
+    """float32 [B]: each example's loss (its mean over classes or labels where `loss` takes one)."""
+    return np.array([loss(logits[b:b + 1], y[b:b + 1], kind) for b in range(len(logits))], np.float32)
+
+
+def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int):
+    """One node-perturbation step (README: --estimator node), from the formulas alone:
+        u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j
+        L±_{i,b} = the loss of example b with every trained layer's output y ± ε·unit·u_{i,b}
+        s_{i,b}  = sign(L⁺ − L⁻) (ties → 0);  V_b = Σ_i s_{i,b}·u_{i,b}
+        ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too), ĝ_bias = Σ_b V_b,
+        each saturated to ±NODE_GRAD_MAX, then the integer update."""
+    spec, m, layers = c["spec"], c["spec"]["m"], oracle.layers
+    weights = {s["name"]: state[s["name"]] for s in parameters(c)}
+    B = len(y)
+    names = [oracle.tap] + [k for layer in layers for k in (layer.q, layer.output + "__ref_clean")]
+
+    def run(noise):
+        feeds = {**(x if isinstance(x, dict) else {oracle.data: x}), **weights, **noise}
+        return dict(zip(names, oracle.sess.run(names, feeds)))
+    clean = run({layer.noise: np.zeros(1, np.float32) for layer in layers})
+    shapes = {layer.site: clean[layer.output + "__ref_clean"].shape for layer in layers}
+    u = {layer.site: [perturbation(seed, step_no, layer.stream, i, int(np.prod(shapes[layer.site])), "rademacher", 1.0)
+                      .reshape(shapes[layer.site]) for i in range(m)] for layer in layers}
+    lp, lm = np.zeros((m, B), np.float32), np.zeros((m, B), np.float32)
+    for i in range(m):
+        for sign, out in ((1, lp), (-1, lm)):
+            noise = {layer.noise: (sign * u[layer.site][i]).astype(np.float32) * layer.unit for layer in layers}
+            out[i] = per_example_loss(run(noise)[oracle.tap], y, spec["loss"])
+    d = lp - lm
+    d = np.where(np.isnan(d), np.float32(0), d)
+    scale = np.maximum(np.abs(lp), np.abs(lm))
+    tie = np.abs(d) <= scale * np.float32(c["tie_tolerance"])
+    s = np.sign(np.where(tie, np.float32(0), d)).astype(np.int64)
+    grads = {}
+    for layer in layers:
+        v = sum(s[i].reshape((B,) + (1,) * (len(shapes[layer.site]) - 1)) * u[layer.site][i] for i in range(m))
+        v = v.reshape(-1, v.shape[-1])                                                   # [rows, out]
+        a = clean[layer.q].astype(np.int64) - layer.zero_point
+        a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
+        if layer.weight:
+            g = a.T @ v                                                                  # [in, out]
+            grads[layer.weight] = np.clip(g.T if layer.layout == "nk" else g, -NODE_GRAD_MAX, NODE_GRAD_MAX)
+        if layer.bias:
+            grads[layer.bias] = np.clip(v.sum(axis=0), -NODE_GRAD_MAX, NODE_GRAD_MAX)
+    new = update(c, state, grads, lr, seed, step_no)
+    ratio = np.abs(d) / (scale * c["tie_tolerance"] + 1e-30)
+    return new, {"loss_plus": lp.mean(axis=1), "loss_minus": lm.mean(axis=1), "coef": s,
+                 "near_tie": bool(((ratio > 0.5) & (ratio < 2.0)).any())}
+
+
+NODE_GRAD_MAX = 2 ** 20   # README: |ĝ| saturates there (binds only past m·rows·255 > 2^20)

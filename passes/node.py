@@ -1,0 +1,163 @@
+"""node: node (activity) perturbation of the trained Gemm/MatMul layers, per example (--estimator node).
+
+For each direction i = 0..m−1 and example b, every trained layer's product output y (after its matmul and
+a Gemm's bias, before any requantization) moves by ±ε output LSBs along integer noise uᵢ,b ∈ {±1}^out:
+
+    y±ᵢ,b = y_b ± ε·s_out·uᵢ,b        s_out: the scale of the QuantizeLinear that reads y (ε·s_out LSBs survive it)
+    uᵢ,b   = stream i of the layer (prng's per_example; the layer's stream id is its first trainable's index),
+             element b·n + j for the n outputs of one example
+    sᵢ,b   = sign(L⁺ᵢ,b − L⁻ᵢ,b)          per-example losses (loss.per_example); a tie (estimate's tolerance) → 0
+    V_b    = Σᵢ sᵢ,b·uᵢ,b                int8 (|V| <= m <= 64)
+    ĝ_W    = Σ_b a_b ⊗ V_b               a_b = q_b − zp, the layer's clean integer input: one MatMulInteger
+                                         [in, rows]·[rows, out] (rows: the examples, times tokens for a 3-D input),
+                                         transposed for a Gemm transB weight [out, in]
+    ĝ_bias = Σ_b V_b
+    both saturated to ±NODE_GRAD_MAX; then the integer update (update.py) unchanged.
+
+The branches run the trained layers on their shared, unperturbed weights: the 2m noisy forwards are one
+stacked suffix (branch_rules) whose only branched inputs are the noise tensors; the trained layers' clean
+inputs come from an unperturbed copy of the suffix up to the deepest of them.
+
+Precondition (refused with a SpecError otherwise): every trained site is a Gemm (transA = 0) or MatMul with
+a 2-D weight, reads a per-tensor DequantizeLinear of an integer activation, and its output is read by a
+per-tensor QuantizeLinear; ctx.perturbations.per_example from prng.
+Postcondition: like pair's (ctx.branches in the stacked form, the suffix replaced) plus ctx.node; then
+`estimate` (NODE_ESTIMATE here) gives ctx.estimate.grad[name] int32 [*shape] and .coefficients int32 [m, B].
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from fgcompile.errors import SpecError
+from .branch_rules import Refusal, stack_suffix
+from .context import Branches, Context, Estimate, NodeLayer, Pass
+from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE
+from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes
+
+SUPPORTED = "trained Gemm/MatMul layers with a quantized input and a requantized output"
+
+
+def _refuse(site: str, why: str):
+    raise SpecError(f"--estimator node: site {site!r} {why}. It supports {SUPPORTED} for now (e.g. digits_cnn "
+                    "--last 2); train such layers, or use --estimator sign.")
+
+
+def _layer_parts(ctx: Context, node: gs.Node):
+    """(q, zero point, QuantizeLinear scale, layout) of a trained site, or a SpecError naming what is missing."""
+    if node.op not in ("Gemm", "MatMul") or node.op == "Gemm" and node.attrs.get("transA", 0):
+        _refuse(node.name, f"is a {node.op}{' with transA' if node.op == 'Gemm' else ''}")
+    dq = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or not all(
+            isinstance(t, gs.Constant) and t.values.size == 1 for t in dq.inputs[1:]):
+        _refuse(node.name, "does not read a per-tensor dequantized integer activation")
+    zp = dq.inputs[2] if len(dq.inputs) > 2 else gs.Constant(f"{node.name}__zero_point",
+                                                               np.zeros((), np.dtype(dq.inputs[0].dtype)))
+    quant = [c for c in node.outputs[0].outputs if c.op == "QuantizeLinear"]
+    if len(quant) != 1 or not isinstance(quant[0].inputs[1], gs.Constant) or quant[0].inputs[1].values.size != 1:
+        _refuse(node.name, "has no per-tensor requantization of its output to size the noise by")
+    if len(node.inputs[1].shape or []) != 2:
+        _refuse(node.name, f"has a weight of shape {node.inputs[1].shape}, not 2-D")
+    layout = "nk" if node.op == "Gemm" and node.attrs.get("transB", 0) else "kn"
+    return dq.inputs[0], zp, np.float32(quant[0].inputs[1].values.reshape(())), layout
+
+
+def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    b, m = Builder(graph, "node"), ctx.spec.m
+    graph.toposort()
+    nodes = {n.name: n for n in graph.nodes}
+    sites = list(dict.fromkeys(tr.site for tr in ctx.trainables))
+    parts = {site: _layer_parts(ctx, nodes[site]) for site in sites}
+    tap = ctx.io.loss_tap
+    suffix = downstream_nodes(graph, list(ctx.state.inputs.values()))
+    needed = upstream_nodes(suffix, tap)
+    if ctx.spec.requant_bypass:
+        needed = upstream_nodes(bypass_requant(needed), tap)
+    outputs = {site: nodes[site].outputs[0] for site in sites}
+    noisy = {id(n) for n in downstream_nodes(graph, list(outputs.values()))}
+    rewritten = [n for n in needed if id(n) in noisy]         # run on the branch axis, then removed
+    # the clean forward up to each trained input made inside the noisy part, before the noise is wired in
+    upstream = {id(u) for q, *_ in parts.values() for u in upstream_nodes(rewritten, q.name)}
+    clean = [n for n in rewritten if id(n) in upstream]
+    clean_of = clone_nodes(graph, clean, {}, "__clean")
+    layers, stacked, order = [], {}, []
+    for t, site in enumerate(sites):
+        q, zp, unit, layout = parts[site]
+        y = outputs[site]
+        stream = next(k for k, tr in enumerate(ctx.trainables) if tr.site == site)
+        per = [d for d in y.shape[1:]]
+        if not all(isinstance(d, int) for d in per):
+            _refuse(site, f"has an output of non-static shape {y.shape}")
+        q_clean = clean_of.get(q.name, q)      # its batch axis is the examples' (y is rewritten below)
+        count = b.op("Mul", [b.op("Gather", [b.op("Shape", [q_clean], dtype=np.int64), np.array(0, np.int64)],
+                                  dtype=np.int64), np.array(int(np.prod(per)), np.int64)], dtype=np.int64)
+        u = b.op("Reshape", [ctx.perturbations.per_example(b, stream, count), np.array([m, -1] + per, np.int64)],
+                 dtype=np.int8, shape=[m, y.shape[0]] + per, hint=f"{site}.u")
+        both = b.op("Concat", [u, b.op("Neg", [u], dtype=np.int8)], {"axis": 0}, dtype=np.int8)
+        noise = b.f32.Mul(b.cast(both, np.float32), np.float32(ctx.spec.eps) * unit, hint=f"{site}.noise",
+                          shape=[2 * m, y.shape[0]] + per)
+        placeholder = gs.Variable(f"node/{site}.noise", dtype=np.float32, shape=y.shape)
+        stacked[placeholder.name] = noise
+        moved = gs.Variable(f"node/{site}.noisy", dtype=np.float32, shape=y.shape)
+        for consumer in rewritten:
+            consumer.inputs = [moved if x is y else x for x in consumer.inputs]
+        tap = moved.name if y.name == tap else tap
+        order.append((nodes[site], gs.Node("Add", f"node/{site}.add", {}, [y, placeholder], [moved])))
+        tr = {tr.role: tr for tr in ctx.trainables if tr.site == site}
+        layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), u, q_clean, zp, layout))
+    adds = {id(site_node): add for site_node, add in order}
+    branched = []
+    for n in needed:
+        if id(n) in noisy:
+            branched.append(n)
+        if id(n) in adds:
+            branched.append(adds[id(n)])
+    mapping = stack_suffix(graph, branched, stacked, 2 * m, tap)
+    if isinstance(mapping, Refusal):
+        raise SpecError(f"--estimator node runs in the stacked branch form only, and the trained suffix cannot "
+                        f"run on a branch axis ({mapping}). Train other layers, or use --estimator sign.")
+    kept = {id(n) for n in needed if id(n) not in noisy}     # the trained layers' clean products, weight DQs
+    gone = {id(n) for n in suffix if id(n) not in kept}
+    graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+    graph.outputs = []
+    w32 = {tr.name: b.cast(ctx.state.inputs[tr.name], np.int32) for tr in ctx.trainables}
+    ctx.branches = Branches(w32, mapping[tap], 0, "stacked", None)
+    ctx.node = layers
+    return graph
+
+
+def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    b, m = Builder(graph, "node_estimate"), ctx.spec.m
+    F, I = b.f32, b.i32
+    per = ctx.losses.per_example                                              # [2m, B]
+    plus = F.Slice(per, np.array([0], np.int64), np.array([m], np.int64), np.array([0], np.int64))
+    minus = F.Slice(per, np.array([m], np.int64), np.array([2 * m], np.int64), np.array([0], np.int64))
+    d = F.Sub(plus, minus, hint="d")
+    # as estimate.py: a NaN d (or an Inf loss) compares false, like a tie, and gives 0
+    informative = b.op("Greater", [F.Abs(d), F.Mul(F.Max(F.Abs(plus), F.Abs(minus)), TIE_TOLERANCE)], dtype=bool)
+    s = b.cast(F.Sign(F.Where(informative, d, 0.0)), np.int8, hint="s")      # [m, B]
+    grad = {}
+    for layer in ctx.node:
+        rank = len(layer.noise.shape)                                         # [m, B, *out]
+        si = b.op("Unsqueeze", [s, np.arange(2, rank, dtype=np.int64)], dtype=np.int8) if rank > 2 else s
+        v = I.ReduceSum(b.cast(b.op("Mul", [layer.noise, si], dtype=np.int8), np.int32), np.array([0], np.int64),
+                        keepdims=0, hint="v")                                 # [B, *out]
+        out = layer.noise.shape[-1]
+        rows = I.Reshape(v, np.array([-1, out], np.int64))                    # [rows, out]
+        if layer.weight is not None:
+            a = b.op("Reshape", [layer.q, np.array([-1, layer.q.shape[-1]], np.int64)], dtype=layer.q.dtype)
+            a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=layer.q.dtype)               # [in, rows]
+            g = b.op("MatMulInteger", [a_t, b.cast(rows, np.int8), layer.zero_point], dtype=np.int32)  # [in, out]
+            g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
+            grad[layer.weight.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
+                                                np.array(layer.weight.shape, np.int64), hint="g")
+        if layer.bias is not None:
+            g = I.ReduceSum(rows, np.array([0], np.int64), keepdims=0)
+            grad[layer.bias.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
+                                              np.array(layer.bias.shape, np.int64), hint="g_bias")
+    ctx.estimate = Estimate(b.cast(s, np.int32, hint="c"), grad)
+    return graph
+
+
+PAIR = Pass("node", run, reads=("io", "trainables", "state", "perturbations"), adds=("branches", "node"))
+ESTIMATE = Pass("node estimate", estimate, reads=("trainables", "branches", "losses", "node"), adds=("estimate",))
