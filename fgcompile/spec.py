@@ -191,6 +191,8 @@ class TrainSpec:
         need(0 <= self.sharpness <= 4096, f"--sharpness {self.sharpness}: ρ is in weight LSBs and must be 0..4096.")
         need(self.sparse_mode in SPARSE_MODES,
              f"--sparse-mode {self.sparse_mode!r}: choose one of {', '.join(SPARSE_MODES)}.")
+        if self.estimator == "node":
+            self._validate_node()
         if self.eps is None or self.lr is None:
             return  # checked again once resolve() fills them
         need(1 <= self.eps <= 4096, f"--eps {self.eps}: ε is in weight LSBs and must be 1..4096.")
@@ -208,8 +210,6 @@ class TrainSpec:
              f"--density {self.density} applies to --perturbation ternary only.")
         need(self.loss in LOSSES, f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
         need(self.estimator in ESTIMATORS, f"--estimator {self.estimator!r}: choose {' or '.join(ESTIMATORS)}.")
-        if self.estimator == "node":
-            self._validate_node()
         need(self.rounding in ROUNDINGS, f"--rounding {self.rounding!r}: choose {' or '.join(ROUNDINGS)}.")
         need(self.branches in BRANCH_FORMS,
              f"--branches {self.branches!r}: choose one of {', '.join(BRANCH_FORMS)}.")

@@ -6,7 +6,7 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
     y±ᵢ,b = y_b ± ε·s_out·uᵢ,b        s_out: the scale of the QuantizeLinear that reads y (ε·s_out LSBs survive it)
     uᵢ,b   = stream i of the layer (prng's per_example; the layer's stream id is its first trainable's index),
              element b·n + j for the n outputs of one example
-    sᵢ,b   = sign(L⁺ᵢ,b − L⁻ᵢ,b)          per-example losses (loss.per_example); a tie (estimate's tolerance) → 0
+    sᵢ,b   = sign(L⁺ᵢ,b − L⁻ᵢ,b)          per-example losses (loss.per_example); 0 for a tie: |d| <= 2^-19·max(|L⁺|, |L⁻|, 1)
     V_b    = Σᵢ sᵢ,b·uᵢ,b                int8 (|V| <= m <= 64)
     ĝ_W    = Σ_b a_b ⊗ V_b               a_b = q_b − zp, the layer's clean integer input: one MatMulInteger
                                          [in, rows]·[rows, out] (rows: the examples, times tokens for a 3-D input),
@@ -133,9 +133,13 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     plus = F.Slice(per, np.array([0], np.int64), np.array([m], np.int64), np.array([0], np.int64))
     minus = F.Slice(per, np.array([m], np.int64), np.array([2 * m], np.int64), np.array([0], np.int64))
     d = F.Sub(plus, minus, hint="d")
-    # as estimate.py: a NaN d (or an Inf loss) compares false, like a tie, and gives 0
-    informative = b.op("Greater", [F.Abs(d), F.Mul(F.Max(F.Abs(plus), F.Abs(minus)), TIE_TOLERANCE)], dtype=bool)
-    s = b.cast(F.Sign(F.Where(informative, d, 0.0)), np.int8, hint="s")      # [m, B]
+    # as estimate.py (a NaN d or an Inf loss compares false, like a tie, and gives 0), but relative to at least
+    # 1: one example's loss near 0 comes from a log-sum-exp near log(1), known to ~2^-23 there, so the runtime's
+    # and another's rounding could give two tiny losses either order
+    scale = F.Max(F.Max(F.Abs(plus), F.Abs(minus)), np.float32(1.0))
+    informative = b.op("Greater", [F.Abs(d), F.Mul(scale, TIE_TOLERANCE)], dtype=bool)
+    c = b.cast(F.Sign(F.Where(informative, d, 0.0)), np.int32, hint="c")     # [m, B]: where the step leaves float
+    s = b.cast(c, np.int8, hint="s")
     grad = {}
     for layer in ctx.node:
         rank = len(layer.noise.shape)                                         # [m, B, *out]
@@ -155,7 +159,7 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
             g = I.ReduceSum(rows, np.array([0], np.int64), keepdims=0)
             grad[layer.bias.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
                                               np.array(layer.bias.shape, np.int64), hint="g_bias")
-    ctx.estimate = Estimate(b.cast(s, np.int32, hint="c"), grad)
+    ctx.estimate = Estimate(c, grad)
     return graph
 
 

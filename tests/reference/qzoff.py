@@ -435,16 +435,32 @@ def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False) -> In
     return oracle
 
 
+_LOG_SOFTMAX = None
+
+
 def per_example_loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
-    """float32 [B]: each example's loss (its mean over classes or labels where `loss` takes one)."""
-    return np.array([loss(logits[b:b + 1], y[b:b + 1], kind) for b in range(len(logits))], np.float32)
+    """float32 [B]: each example's loss (its mean over classes or labels where `loss` takes one). ce takes
+    its log-softmax from onnxruntime's LogSoftmax: a confident example's loss (~1e-6) is a log-sum-exp near
+    log 1, where numpy's and onnxruntime's roundings differ by ~2^-23, so two branches' losses could order
+    differently and one sign flip; the logits themselves come from the oracle either way."""
+    if kind != "ce":
+        return np.array([loss(logits[b:b + 1], y[b:b + 1], kind) for b in range(len(logits))], np.float32)
+    global _LOG_SOFTMAX
+    if _LOG_SOFTMAX is None:
+        graph = helper.make_graph([helper.make_node("LogSoftmax", ["z"], ["p"], axis=-1)], "log_softmax",
+                                  [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        _LOG_SOFTMAX = ort.InferenceSession(model.SerializeToString(), unfused(), providers=["CPUExecutionProvider"])
+    logp = _LOG_SOFTMAX.run(["p"], {"z": np.ascontiguousarray(logits, np.float32)})[0]
+    return -logp[np.arange(len(y)), y]
 
 
 def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int):
     """One node-perturbation step (README: --estimator node), from the formulas alone:
         u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j
         L±_{i,b} = the loss of example b with every trained layer's output y ± ε·unit·u_{i,b}
-        s_{i,b}  = sign(L⁺ − L⁻) (ties → 0);  V_b = Σ_i s_{i,b}·u_{i,b}
+        s_{i,b}  = sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));  V_b = Σ_i s_{i,b}·u_{i,b}
         ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too), ĝ_bias = Σ_b V_b,
         each saturated to ±NODE_GRAD_MAX, then the integer update."""
     spec, m, layers = c["spec"], c["spec"]["m"], oracle.layers
@@ -466,7 +482,7 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
             out[i] = per_example_loss(run(noise)[oracle.tap], y, spec["loss"])
     d = lp - lm
     d = np.where(np.isnan(d), np.float32(0), d)
-    scale = np.maximum(np.abs(lp), np.abs(lm))
+    scale = np.maximum(np.maximum(np.abs(lp), np.abs(lm)), np.float32(1))     # a tie relative to at least 1
     tie = np.abs(d) <= scale * np.float32(c["tie_tolerance"])
     s = np.sign(np.where(tie, np.float32(0), d)).astype(np.int64)
     grads = {}

@@ -1,0 +1,91 @@
+"""--estimator node (passes/node.py): chained steps match the numpy reference (qzoff.node_step) bit for bit,
+its parts match the reference's formulas, and what it does not support yet is refused by name."""
+import numpy as np
+import pytest
+
+from conftest import shipped
+from fgcompile.errors import SpecError
+from fgcompile.passes.pipeline import compile_graph
+from fgcompile.spec import TrainSpec, lr_grid
+from reference import qzoff
+from steps import Steps
+
+BATCH, SEED = 32, 1000
+
+
+def run_chain(model_file, spec, data, steps, optimization="disable"):
+    """Chained steps of the compiled graph and of the reference from the same state: every state tensor
+    equal after every step; returns how many weight values the steps changed (so the test is not vacuous)."""
+    compiled = compile_graph(shipped(model_file), spec)
+    c = qzoff.contract(compiled.train)
+    oracle = qzoff.node_oracle(compiled.source, c, optimized=optimization == "all")
+    run = Steps(compiled, optimization=optimization)
+    graph_state, ref_state, changed = dict(compiled.state), dict(compiled.state), 0
+    x, y = data
+    for k in range(steps):
+        idx = np.arange(k * BATCH, (k + 1) * BATCH) % len(y)
+        lr = c["lr_numerator"]["default"]
+        out = run(x[idx], y[idx], SEED, k, lr, graph_state)
+        ref_state, diag = qzoff.node_step(oracle, c, ref_state, x[idx], y[idx], SEED, k, lr)
+        np.testing.assert_allclose(out["loss_plus"], diag["loss_plus"], rtol=1e-5)
+        for s in c["state"]:
+            np.testing.assert_array_equal(out[s["output"]], ref_state[s["name"]], err_msg=f"step {k} {s['name']}")
+            changed += int((out[s["output"]] != graph_state[s["name"]]).sum())
+        graph_state = {s["name"]: out[s["output"]] for s in c["state"]}
+    return changed
+
+
+@pytest.mark.parametrize("optimization", ["disable", "all"])
+@pytest.mark.parametrize("model_file,options", [
+    ("digits_cnn/w8a8.onnx", dict(last=2)),                       # fc1 + fc2: Gemm transB, fc2's output is the tap
+    ("digits_cnn/w16a8.onnx", dict(last=2)),
+    ("digits_cnn/w8a8.onnx", dict(last=2, bits=8, headroom=1)),   # on the int8 grid
+    ("digits_attn/w8a8.onnx", dict(last=3)),                      # mlp1, mlp2, head: MatMul on [B, T, D] tokens
+])
+def test_node_chain_matches_reference(model_file, options, optimization, target_train):
+    spec = TrainSpec(estimator="node", m=4, **options)
+    assert run_chain(model_file, spec, target_train, steps=5, optimization=optimization) > 0
+
+
+def test_node_trains_only_the_named_mlp(target_train):
+    """mlp1 and mlp2 of the transformer, the head frozen after them: the noise of mlp2 reaches the loss
+    through the frozen head, and the clean input of mlp2 comes from the unperturbed copy."""
+    spec = TrainSpec(estimator="node", m=3, train=("mlp1", "mlp2"))
+    assert run_chain("digits_attn/w8a8.onnx", spec, target_train, steps=4) > 0
+
+
+def test_node_noise_and_gradient_parts(target_train):
+    """One step's per-example signs are the reference's, and the graph's ĝ is Σ_b a_b ⊗ V_b of the
+    reference's formulas (through the update at rate 1 with shift 0: W − ĝ, unsaturated)."""
+    spec = TrainSpec(estimator="node", m=2, last=2, lr_shift=0, lr=1.0, bits=16)
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), spec)
+    c = qzoff.contract(compiled.train)
+    x, y = target_train[0][:BATCH], target_train[1][:BATCH]
+    out = Steps(compiled, probes=[compiled.contract.probes.coefficients])(x, y, SEED, 0, 1)
+    _, diag = qzoff.node_step(qzoff.node_oracle(compiled.source, c), c, dict(compiled.state), x, y, SEED, 0, 1)
+    np.testing.assert_array_equal(out[compiled.contract.probes.coefficients], diag["coef"])
+    assert compiled.contract.probes.z == [] and out[compiled.contract.probes.coefficients].shape == (2, BATCH)
+    assert np.abs(diag["coef"]).sum() > BATCH     # most examples have a nonzero sign
+
+
+@pytest.mark.parametrize("options,named", [
+    (dict(last=3), "Conv"),                                 # conv2 of digits_cnn
+    (dict(last=2, branches="cloned"), "--branches cloned"),
+    (dict(last=2, branches="loop"), "--branches loop"),
+    (dict(last=2, precondition="whiten"), "--precondition whiten"),
+    (dict(last=2, perturbation="ternary", density=0.5), "--perturbation ternary"),
+    (dict(last=2, momentum=0.5), "--momentum"),
+])
+def test_node_refuses_what_it_does_not_support(options, named):
+    with pytest.raises(SpecError, match="--estimator node") as err:
+        compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", m=2, **options))
+    assert named in str(err.value)
+
+
+def test_node_defaults_and_rates():
+    """ε is one output LSB; the rate is weight perturbation's / 256 (ĝ sums |a| <= 255 over examples), and
+    tune's grid brackets it."""
+    spec = TrainSpec(estimator="node").resolve(14)
+    assert spec.eps == 1 and spec.lr == TrainSpec().resolve(14).lr / 256
+    grid = lr_grid(14, "node")
+    assert min(grid) < spec.lr < max(grid) and all(v >= 2 ** -8 for v in grid)
