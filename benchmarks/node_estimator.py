@@ -1,7 +1,8 @@
 """Node perturbation against the default estimator on digits_cnn (issue #25, first slice).
 
-Per (depth, estimator): compile (the default estimator whitened on the training data, as `adapt` does;
-node without whitening, which it does not support yet), choose the rate with `tune` (5 folds, the run's
+Per (depth, estimator): compile with the training data as whitening calibration, as `adapt` does (the
+default estimator reparametrizes the weight; node preconditions its step, ΔW ∝ P²·ĝ; --no-whitening turns
+both off), choose the rate with `tune` (5 folds, the run's
 epochs, on seed 0's compile), train each seed on all of the target train split, export, and score the
 exported model on the target test split. One JSON line per run on stdout.
 
@@ -23,14 +24,14 @@ from fgcompile.session import SessionSettings
 ESTIMATORS = {"node": dict(estimator="node", m=8), "sign": dict()}
 
 
-def run(last: int, name: str, seeds: list[int], epochs: int, model: str) -> None:
+def run(last: int, name: str, seeds: list[int], epochs: int, model: str, whiten: bool = True) -> None:
     train, test = np.load("models/data/digits_target_train.npz"), "models/data/digits_target_test.npz"
     data = (train["x"], train["y"])
     rate = None
     for seed in seeds:
         start = time.time()
         spec = fgcompile.TrainSpec(last=last, seed=seed, **ESTIMATORS[name])
-        compiled = fgcompile.compile_model(onnx.load(model), spec, calibration=train["x"])
+        compiled = fgcompile.compile_model(onnx.load(model), spec, calibration=train["x"] if whiten else None)
         trainer = fgcompile.Trainer(compiled, session=SessionSettings(threads=1))
         if rate is None:
             choice = fgcompile.tune(trainer, data, epochs=epochs, folds=5)
@@ -40,7 +41,7 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str) -> None
             fgcompile.export_model(trainer, f"{tmp}/adapted.onnx")
             acc = fgcompile.evaluate(f"{tmp}/adapted.onnx", test)
         print(json.dumps({"model": model, "last": last, "estimator": name, "spec": ESTIMATORS[name], "seed": seed,
-                          "epochs": epochs, "lr": rate, "exported_accuracy": acc["accuracy"], "seconds": round(time.time() - start, 1)}),
+                          "whitened": compiled.contract.spec.precondition == "whiten", "epochs": epochs, "lr": rate, "exported_accuracy": acc["accuracy"], "seconds": round(time.time() - start, 1)}),
               flush=True)
 
 
@@ -51,7 +52,8 @@ if __name__ == "__main__":
     p.add_argument("--last", type=int, nargs="+", default=[2, 1])
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
     p.add_argument("--model", default="models/digits_cnn/w8a8.onnx")
+    p.add_argument("--no-whitening", action="store_true")
     a = p.parse_args()
     for last in a.last:
         for name in a.estimators:
-            run(last, name, a.seeds, a.epochs, a.model)
+            run(last, name, a.seeds, a.epochs, a.model, not a.no_whitening)

@@ -99,6 +99,16 @@ class Whitening:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepWhitening:
+    """A node-perturbation site whose step is preconditioned (passes/node.py): ĝ_W correlates the noise with
+    a' = quantize(a·P², scale) (int8, zero point 0) instead of the integer input; the weights stay put."""
+    site: str
+    input: str
+    matrix: str        # the initializer P² [in, in]
+    scale: float       # the quantization scale of a·P²
+
+
+@dataclasses.dataclass(frozen=True)
 class Inputs:
     """The training graph's input names per role (the data input is the first of data_inputs)."""
     data: str
@@ -156,6 +166,7 @@ class Contract:
     probes: Probes | None = None
     precondition: list = dataclasses.field(default_factory=list)   # [Whitening]
     head: str = "softmax"      # the output's head (fgcompile/heads.py): softmax | sigmoid
+    step_whitening: list = dataclasses.field(default_factory=list)   # [StepWhitening] (--estimator node)
     format: str = TRAIN_FORMAT
     version: str = ""
 
@@ -168,7 +179,8 @@ class Contract:
                 "model_output": self.model_output, "loss_tap": self.loss_tap, "branches": self.branches,
                 "branches_reason": self.branches_reason, "tie_tolerance": self.tie_tolerance,
                 "probes": dataclasses.asdict(self.probes) if self.probes else None,
-                "precondition": [dataclasses.asdict(p) for p in self.precondition], "head": self.head}
+                "precondition": [dataclasses.asdict(p) for p in self.precondition], "head": self.head,
+                "step_whitening": [dataclasses.asdict(p) for p in self.step_whitening]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Contract":
@@ -181,6 +193,7 @@ class Contract:
                    branches_reason=d.get("branches_reason"), tie_tolerance=d.get("tie_tolerance", 0.0),
                    stream=d.get("stream", ""), probes=Probes(**probes) if isinstance(probes, dict) else None,
                    precondition=[Whitening(**p) for p in d.get("precondition") or []], head=d.get("head", "softmax"),
+                   step_whitening=[StepWhitening(**p) for p in d.get("step_whitening") or []],
                    format=d.get("format", TRAIN_FORMAT), version=d.get("version", ""))
 
     def to_json(self) -> str:

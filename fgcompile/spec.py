@@ -226,11 +226,11 @@ class TrainSpec:
                                         ("--momentum", self.momentum > 0), ("--sharpness", self.sharpness > 0),
                                         ("--kernel-norm", self.kernel_norm), ("--sparsity", self.sparsity > 0),
                                         ("--prompts", self.prompts > 0),
-                                        ("--branches " + self.branches, self.branches not in ("auto", "stacked")),
-                                        ("--precondition whiten", self.precondition == "whiten")) if on]
+                                        ("--branches " + self.branches, self.branches not in ("auto", "stacked")))
+                  if on]
         if others:
             raise SpecError(f"--estimator node does not take {others[0]} yet: it perturbs trained Gemm/MatMul "
-                            "outputs with ±1 noise in the stacked branch form, without whitening. Drop "
+                            "outputs with ±1 noise in the stacked branch form. Drop "
                             f"{others[0].split()[0]}, or use --estimator sign.")
 
 

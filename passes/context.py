@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from fgcompile.artifact import Contract, StateTensor, Whitening
+from fgcompile.artifact import Contract, StateTensor, StepWhitening, Whitening
 from fgcompile.spec import TrainSpec
 
 
@@ -152,6 +152,8 @@ class NodeLayer:        # node: one trained Gemm/MatMul as the node estimator re
     noise: gs.Tensor                    # int8 [m, B, *out]: uᵢ,b (the + branches add it, the − branches subtract)
     q: gs.Tensor                        # the clean integer input [B, ..., in] (uint8 or int8)
     zero_point: gs.Constant             # its zero point (a = q − zp)
+    scale: gs.Constant                  # its scale
+    whitening: "tuple[StepWhitening, gs.Constant] | None"   # a' = quantize(a·P², scale) replaces q − zp
     layout: Literal["kn", "nk"]         # the weight's [in, out] (MatMul, Gemm) or [out, in] (Gemm transB)
 
 
@@ -200,6 +202,8 @@ class Context:
     io: ModelIO | None = None
     trainables: list[Trainable] | None = None   # select; floatgrid, widen and precondition refine them
     preconditioned: list[Whitening] | None = None   # precondition: contract entries, one per whitened site
+    # precondition, --estimator node: (contract entry, its P² constant) per whitened site
+    step_whitening: list[tuple[StepWhitening, gs.Constant]] | None = None
     state: State | None = None
     eval_model: onnx.ModelProto | None = None
     perturbations: Perturbations | None = None

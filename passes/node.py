@@ -12,6 +12,8 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
                                          [in, rows]·[rows, out] (rows: the examples, times tokens for a 3-D input),
                                          transposed for a Gemm transB weight [out, in]
     ĝ_bias = Σ_b V_b
+    whitened (with --calibration): a_b → a'_b = quantize(a_b·P², s) int8, P = (M/(tr M/K) + λI)^(−1/2) of the
+    layer's input (passes/precondition.py), so the step is ΔW ∝ P²·ĝ_W; the weights stay on their grid
     both saturated to ±NODE_GRAD_MAX; then the integer update (update.py) unchanged.
 
 The branches run the trained layers on their shared, unperturbed weights: the 2m noisy forwards are one
@@ -59,7 +61,7 @@ def _layer_parts(ctx: Context, node: gs.Node):
     if len(node.inputs[1].shape or []) != 2:
         _refuse(node.name, f"has a weight of shape {node.inputs[1].shape}, not 2-D")
     layout = "nk" if node.op == "Gemm" and node.attrs.get("transB", 0) else "kn"
-    return dq.inputs[0], zp, np.float32(quant[0].inputs[1].values.reshape(())), layout
+    return dq.inputs[0], zp, np.float32(quant[0].inputs[1].values.reshape(())), layout, dq.inputs[1]
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -82,7 +84,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     clean_of = clone_nodes(graph, clean, {}, "__clean")
     layers, stacked, order = [], {}, []
     for t, site in enumerate(sites):
-        q, zp, unit, layout = parts[site]
+        q, zp, unit, layout, scale = parts[site]
         y = outputs[site]
         stream = next(k for k, tr in enumerate(ctx.trainables) if tr.site == site)
         per = [d for d in y.shape[1:]]
@@ -104,7 +106,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         tap = moved.name if y.name == tap else tap
         order.append((nodes[site], gs.Node("Add", f"node/{site}.add", {}, [y, placeholder], [moved])))
         tr = {tr.role: tr for tr in ctx.trainables if tr.site == site}
-        layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), u, q_clean, zp, layout))
+        white = next((w for w in ctx.step_whitening or [] if w[0].site == site), None)
+        layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), u, q_clean, zp, scale, white, layout))
     adds = {id(site_node): add for site_node, add in order}
     branched = []
     for n in needed:
@@ -150,8 +153,13 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
         rows = I.Reshape(v, np.array([-1, out], np.int64))                    # [rows, out]
         if layer.weight is not None:
             a = b.op("Reshape", [layer.q, np.array([-1, layer.q.shape[-1]], np.int64)], dtype=layer.q.dtype)
-            a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=layer.q.dtype)               # [in, rows]
-            g = b.op("MatMulInteger", [a_t, b.cast(rows, np.int8), layer.zero_point], dtype=np.int32)  # [in, out]
+            zero = [layer.zero_point]
+            if layer.whitening is not None:     # a' = quantize(a·P², s): int8, zero point 0
+                entry, matrix = layer.whitening
+                a = F.MatMul(b.op("DequantizeLinear", [a, layer.scale, layer.zero_point], dtype=np.float32), matrix)
+                a, zero = b.op("QuantizeLinear", [a, np.float32(entry.scale), np.int8(0)], dtype=np.int8), []
+            a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                     # [in, rows]
+            g = b.op("MatMulInteger", [a_t, b.cast(rows, np.int8)] + zero, dtype=np.int32)    # [in, out]
             g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
             grad[layer.weight.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
                                                 np.array(layer.weight.shape, np.int64), hint="g")

@@ -69,7 +69,7 @@ def _resolve(graph: gs.Graph, ctx: Context) -> gs.Graph:
     head (TrainSpec.for_head); the spec records whether whitening happened."""
     bits = grid.resolution_bits([t.contract() for t in ctx.trainables])
     ctx.spec = dataclasses.replace(ctx.spec.resolve(bits).for_head(ctx.io.head),
-                                   precondition="whiten" if ctx.preconditioned else "none")
+                                   precondition="whiten" if ctx.preconditioned or ctx.step_whitening else "none")
     return graph
 
 
@@ -96,7 +96,7 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
         probes=Probes(ctx.estimate.coefficients.name,   # the loop form holds no whole z to probe
                       [] if ctx.branches.form == "loop" or spec.estimator == "node" else
                       [z[t.name].name for t in ctx.trainables]),
-        precondition=ctx.preconditioned, version=__version__)
+        precondition=ctx.preconditioned, step_whitening=[w for w, _ in ctx.step_whitening or []], version=__version__)
     return graph
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from fgcompile.artifact import Whitening
+from fgcompile.artifact import StepWhitening, Whitening
 from fgcompile.errors import CompileError
 from fgcompile.grid import round_half_away
 from fgcompile.session import make_session
@@ -87,10 +87,7 @@ def _requantize(w_kn: np.ndarray, p: np.ndarray, per_channel: bool, qmax: int, q
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     ctx.preconditioned = []
-    if ctx.spec.estimator == "node":    # its whitening is a preconditioner on the step (#25), not built yet
-        if ctx.calibration is not None:
-            ctx.notes.append("whitening is off: --estimator node does not whiten yet (the calibration is unused)")
-        return graph
+    ctx.step_whitening = []
     nodes = {n.name: n for n in graph.nodes}
     chosen = [(t, nodes[t.site]) for t in ctx.trainables if t.role == "weight"]
     chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen]
@@ -109,6 +106,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                            "(scaled per output channel); compile with "
                            "--precondition none.")
     acts = _activations(graph, ctx, [node.inputs[0].name for _, node, _ in chosen])
+    if ctx.spec.estimator == "node":
+        return _step_whitening(graph, ctx, chosen, acts)
     b = Builder(graph, "precondition")
     for t, node, layout in chosen:
         a = node.inputs[0]
@@ -129,6 +128,20 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                 bias.stride = bias_stride(s_new, tensors[bias.tensor.scale_name].values)
         ctx.preconditioned.append(Whitening(t.site, t.name, a.name, matrix.name, layout, RIDGE,
                                             [float(v) for v in s_new.ravel()]))
+    return graph
+
+
+def _step_whitening(graph: gs.Graph, ctx: Context, chosen, acts) -> gs.Graph:
+    """--estimator node: the weights stay on their deployed grid and the step is preconditioned instead,
+    ΔW ∝ P²·ĝ_W: the node estimator correlates its noise with a' = quantize(a·P², s) (int8), s = max|a·P²|/127
+    over the calibration rows. Only records it, with the P² constant (passes/node.py builds the nodes)."""
+    for t, node, layout in chosen:
+        a = acts[node.inputs[0].name]
+        p = whitening(a)
+        p2 = (p @ p).astype(np.float32)
+        scale = float(np.float32(max(np.abs(a @ p2.astype(np.float64)).max(), 1e-30) / 127))
+        matrix = gs.Constant(f"{t.name}__step_whitening", p2)
+        ctx.step_whitening.append((StepWhitening(t.site, node.inputs[0].name, matrix.name, scale), matrix))
     return graph
 
 

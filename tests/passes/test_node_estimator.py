@@ -13,12 +13,14 @@ from steps import Steps
 BATCH, SEED = 32, 1000
 
 
-def run_chain(model_file, spec, data, steps, optimization="disable"):
+def run_chain(model_file, spec, data, steps, optimization="disable", calibration=None):
     """Chained steps of the compiled graph and of the reference from the same state: every state tensor
     equal after every step; returns how many weight values the steps changed (so the test is not vacuous)."""
-    compiled = compile_graph(shipped(model_file), spec)
+    compiled = compile_graph(shipped(model_file), spec, calibration)
     c = qzoff.contract(compiled.train)
-    oracle = qzoff.node_oracle(compiled.source, c, optimized=optimization == "all")
+    assert len(c["step_whitening"]) == (0 if calibration is None else len(qzoff.node_layers(compiled.source, c)))
+    oracle = qzoff.node_oracle(compiled.source, c, optimized=optimization == "all",
+                               matrices=qzoff.matrices(compiled.train, c))
     run = Steps(compiled, optimization=optimization)
     graph_state, ref_state, changed = dict(compiled.state), dict(compiled.state), 0
     x, y = data
@@ -47,6 +49,18 @@ def test_node_chain_matches_reference(model_file, options, optimization, target_
     assert run_chain(model_file, spec, target_train, steps=5, optimization=optimization) > 0
 
 
+@pytest.mark.parametrize("optimization", ["disable", "all"])
+@pytest.mark.parametrize("model_file,options", [
+    ("digits_cnn/w8a8.onnx", dict(last=2)),
+    ("digits_attn/w16a8.onnx", dict(last=3)),
+])
+def test_whitened_node_chain_matches_reference(model_file, options, optimization, target_train):
+    """With calibration the step is preconditioned, a' = quantize(a·P², s): the weights keep their grid."""
+    spec = TrainSpec(estimator="node", m=4, **options)
+    assert run_chain(model_file, spec, target_train, steps=5, optimization=optimization,
+                     calibration=target_train[0][:300]) > 0
+
+
 def test_node_trains_only_the_named_mlp(target_train):
     """mlp1 and mlp2 of the transformer, the head frozen after them: the noise of mlp2 reaches the loss
     through the frozen head, and the clean input of mlp2 comes from the unperturbed copy."""
@@ -72,7 +86,6 @@ def test_node_noise_and_gradient_parts(target_train):
     (dict(last=3), "Conv"),                                 # conv2 of digits_cnn
     (dict(last=2, branches="cloned"), "--branches cloned"),
     (dict(last=2, branches="loop"), "--branches loop"),
-    (dict(last=2, precondition="whiten"), "--precondition whiten"),
     (dict(last=2, perturbation="ternary", density=0.5), "--perturbation ternary"),
     (dict(last=2, momentum=0.5), "--momentum"),
 ])

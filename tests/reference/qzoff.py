@@ -169,7 +169,7 @@ def _set_input(model, node, k: int, value: np.ndarray, suffix: str) -> None:
 def matrices(train: onnx.ModelProto, c: dict) -> dict:
     """The whitening matrices the contract names, from the training graph's initializers (a Loop body's
     included)."""
-    names = {p["matrix"] for p in c.get("precondition", [])}
+    names = {p["matrix"] for p in c.get("precondition", []) + c.get("step_whitening", [])}
     graphs, found = [train.graph], {}
     while graphs:
         g = graphs.pop()
@@ -405,6 +405,9 @@ class NodeLayer:
         self.weight = next((s["name"] for s in params if s["site"] == site and s["role"] == "weight"), None)
         self.bias = next((s["name"] for s in params if s["site"] == site and s["role"] == "bias"), None)
         self.noise = site + "__ref_noise"
+        self.input = node.input[0]
+        self.whitening = next((w for w in c.get("step_whitening") or [] if w["site"] == site), None)
+        self.white = site + "__ref_white"
 
 
 def node_layers(source: onnx.ModelProto, c: dict) -> list[NodeLayer]:
@@ -415,9 +418,10 @@ def node_layers(source: onnx.ModelProto, c: dict) -> list[NodeLayer]:
     return [NodeLayer(source, c, site) for site in sites]
 
 
-def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False) -> InferenceOracle:
+def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None) -> InferenceOracle:
     """The inference oracle with, at each trained site, y ← y + noise (a float input [B, ...] shaped like
-    the product's output) before whatever reads y, and the site's integer input q as an output."""
+    the product's output) before whatever reads y, and the site's integer input q as an output (and, for a
+    whitened step, a' = quantize(a·P², s) with P² by name in `matrices`, from train.onnx)."""
     layers = node_layers(source, c)
 
     def edit(model, c):
@@ -428,6 +432,19 @@ def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False) -> In
                                                              [layer.output]))
             model.graph.input.append(helper.make_tensor_value_info(layer.noise, onnx.TensorProto.FLOAT, None))
             model.graph.output.append(helper.make_tensor_value_info(layer.q, layer.q_type, None))
+            if layer.whitening is not None:    # a' = QuantizeLinear(rows of a · P², s, int8 0)
+                w = layer.whitening
+                model.graph.initializer.extend([
+                    numpy_helper.from_array(matrices[w["matrix"]], w["matrix"] + "_ref"),
+                    numpy_helper.from_array(np.array([-1, matrices[w["matrix"]].shape[0]], np.int64), w["matrix"] + "_ref_rows"),
+                    numpy_helper.from_array(np.float32(w["scale"]), w["matrix"] + "_ref_scale"),
+                    numpy_helper.from_array(np.int8(0), w["matrix"] + "_ref_zero")])
+                model.graph.node.extend([
+                    helper.make_node("Reshape", [layer.input, w["matrix"] + "_ref_rows"], [layer.white + "_rows"]),
+                    helper.make_node("MatMul", [layer.white + "_rows", w["matrix"] + "_ref"], [layer.white + "_float"]),
+                    helper.make_node("QuantizeLinear", [layer.white + "_float", w["matrix"] + "_ref_scale",
+                                                        w["matrix"] + "_ref_zero"], [layer.white])])
+                model.graph.output.append(helper.make_tensor_value_info(layer.white, onnx.TensorProto.INT8, None))
             model.graph.output.append(helper.make_tensor_value_info(layer.output + "__ref_clean", onnx.TensorProto.FLOAT,
                                                                     None))
     oracle = InferenceOracle(source, c, optimized=optimized, edit=edit)
@@ -461,12 +478,14 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j
         L±_{i,b} = the loss of example b with every trained layer's output y ± ε·unit·u_{i,b}
         s_{i,b}  = sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));  V_b = Σ_i s_{i,b}·u_{i,b}
-        ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too), ĝ_bias = Σ_b V_b,
+        ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too; a whitened step
+              takes a = QuantizeLinear(a_float·P², s) instead), ĝ_bias = Σ_b V_b,
         each saturated to ±NODE_GRAD_MAX, then the integer update."""
     spec, m, layers = c["spec"], c["spec"]["m"], oracle.layers
     weights = {s["name"]: state[s["name"]] for s in parameters(c)}
     B = len(y)
-    names = [oracle.tap] + [k for layer in layers for k in (layer.q, layer.output + "__ref_clean")]
+    names = [oracle.tap] + [k for layer in layers for k in (layer.q, layer.output + "__ref_clean")] + \
+        [layer.white for layer in layers if layer.whitening is not None]
 
     def run(noise):
         feeds = {**(x if isinstance(x, dict) else {oracle.data: x}), **weights, **noise}
@@ -489,7 +508,8 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     for layer in layers:
         v = sum(s[i].reshape((B,) + (1,) * (len(shapes[layer.site]) - 1)) * u[layer.site][i] for i in range(m))
         v = v.reshape(-1, v.shape[-1])                                                   # [rows, out]
-        a = clean[layer.q].astype(np.int64) - layer.zero_point
+        a = clean[layer.white].astype(np.int64) if layer.whitening is not None else \
+            clean[layer.q].astype(np.int64) - layer.zero_point
         a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
         if layer.weight:
             g = a.T @ v                                                                  # [in, out]
