@@ -18,7 +18,8 @@ def run_chain(model_file, spec, data, steps, optimization="disable", calibration
     equal after every step; returns how many weight values the steps changed (so the test is not vacuous)."""
     compiled = compile_graph(shipped(model_file), spec, calibration)
     c = qzoff.contract(compiled.train)
-    assert len(c["step_whitening"]) == (0 if calibration is None else len(qzoff.node_layers(compiled.source, c)))
+    assert len(c["step_whitening"]) == (len(qzoff.node_layers(compiled.source, c)) if spec.precondition == "whiten"
+                                        else 0)
     oracle = qzoff.node_oracle(compiled.source, c, optimized=optimization == "all",
                                matrices=qzoff.matrices(compiled.train, c))
     run = Steps(compiled, optimization=optimization)
@@ -56,7 +57,7 @@ def test_node_chain_matches_reference(model_file, options, optimization, target_
 ])
 def test_whitened_node_chain_matches_reference(model_file, options, optimization, target_train):
     """With calibration the step is preconditioned, a' = quantize(a·P², s): the weights keep their grid."""
-    spec = TrainSpec(estimator="node", m=4, **options)
+    spec = TrainSpec(estimator="node", m=4, precondition="whiten", **options)
     assert run_chain(model_file, spec, target_train, steps=5, optimization=optimization,
                      calibration=target_train[0][:300]) > 0
 
@@ -93,6 +94,13 @@ def test_node_refuses_what_it_does_not_support(options, named):
     with pytest.raises(SpecError, match="--estimator node") as err:
         compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", m=2, **options))
     assert named in str(err.value)
+
+
+def test_node_whitens_only_when_asked(target_train):
+    """--precondition auto with calibration leaves node's step unwhitened (it measured lower) and says so."""
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", m=2, last=2),
+                             target_train[0][:300])
+    assert compiled.contract.step_whitening == [] and any("--precondition whiten" in n for n in compiled.notes)
 
 
 def test_node_defaults_and_rates():
