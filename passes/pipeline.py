@@ -102,13 +102,18 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
 
 def _by_estimator(weight: Pass, node_pass: Pass) -> Pass:
     """The pass of weight perturbation, or the node estimator's (passes/node.py) under --estimator node; the
-    chosen pass's own reads and adds are checked inside."""
+    chosen pass's own reads and adds are checked inside. What only the node pass adds is left empty ([])
+    by weight perturbation."""
+    extra = tuple(f for f in node_pass.adds if f not in weight.adds)
+
     def run(graph, ctx):
-        chosen = node_pass if ctx.spec.estimator == "node" else weight
-        if chosen is node_pass:
+        if ctx.spec.estimator == "node":
             return run_passes([node_pass], graph, ctx)
-        return weight.run(graph, ctx)
-    return Pass(weight.name, run, reads=weight.reads, adds=weight.adds)
+        graph = weight.run(graph, ctx)
+        for field in extra:
+            setattr(ctx, field, [])
+        return graph
+    return Pass(weight.name, run, reads=weight.reads, adds=weight.adds + extra)
 
 
 PASSES = [

@@ -153,4 +153,4 @@ def _step_whitening(graph: gs.Graph, ctx: Context, chosen, acts) -> gs.Graph:
     return graph
 
 
-PASS = Pass("precondition", run, reads=("io", "trainables"), adds=("preconditioned",))
+PASS = Pass("precondition", run, reads=("io", "trainables"), adds=("preconditioned", "step_whitening"))
