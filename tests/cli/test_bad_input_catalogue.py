@@ -79,6 +79,11 @@ COMPILE_CASES = {
     "lr below resolution": (model_file(lambda t: onnx.load(CNN)), ["--lr", "0.001"], "fixed-point resolution"),
     "train pattern matches nothing": (model_file(lambda t: onnx.load(CNN)), ["--train", "^nothing$"],
                                       "matches no weight site"),
+    "node estimator on a Conv": (model_file(lambda t: onnx.load(CNN)), ["--estimator", "node", "--last", "3"],
+                                 "site 'conv2' is a Conv"),
+    "node estimator in the loop form": (model_file(lambda t: onnx.load(CNN)),
+                                        ["--estimator", "node", "--branches", "loop"],
+                                        "does not take --branches loop yet"),
 }
 
 
