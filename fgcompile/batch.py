@@ -10,6 +10,7 @@ the driver decides the output folders and writes them, so the folders and summar
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -147,6 +148,11 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int | None = None, tim
     models = sorted(in_dir.glob("*.onnx"))
     if not models:
         raise FgcompileError(f"{in_dir}: holds no .onnx files.")
+    with cluster.connected(address) if backend == "ray" else contextlib.nullcontext() as ray:   # before OUT is made
+        return _batch(models, out_dir, spec, jobs, timeout, force, on_done, ray)
+
+
+def _batch(models, out_dir, spec, jobs, timeout, force, on_done, ray) -> tuple[list[dict], bool]:
     _check_out(out_dir, models, force)
     plan = output_folders(models, out_dir)
     rows = []
@@ -160,8 +166,8 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int | None = None, tim
         if isinstance(plan[model], str):
             finish(_failed(model, time.monotonic(), plan[model]))
     pending = [m for m in models if not isinstance(plan[m], str)]
-    if backend == "ray":
-        interrupted = _run_ray(pending, plan, spec, force, jobs, timeout, finish, rows, address)
+    if ray is not None:
+        interrupted = _run_ray(ray, pending, plan, spec, force, jobs, timeout, finish, rows)
     else:
         interrupted = _run_local(pending, plan, spec, force, min(jobs or 2, len(models), os.cpu_count() or 1),
                                  timeout, finish, rows)
@@ -204,30 +210,29 @@ def _run_local(pending, plan, spec, force, jobs, timeout, finish, rows) -> bool:
     return False
 
 
-def _run_ray(pending, plan, spec, force, jobs, timeout, finish, rows, address) -> bool:
+def _run_ray(ray, pending, plan, spec, force, jobs, timeout, finish, rows) -> bool:
     """Compile `pending` as Ray tasks, at most `jobs` (default: the cluster's CPUs) at a time; the driver
     writes each result as the local child would. True when Ctrl-C stopped them."""
-    with cluster.connected(address) as ray:
-        compile_task, jobs, running = cluster.task(_timed_compile), jobs or cluster.cpus(ray), {}
-        try:
-            while pending or running:
-                while pending and len(running) < jobs:
-                    model = pending.pop(0)
-                    running[compile_task(str(model), spec)] = (model, time.monotonic())
-                done, _ = ray.wait(list(running), num_returns=1, timeout=POLL)
-                for ref in done:
-                    model, t0 = running.pop(ref)
-                    finish(_task_row(ray, ref, model, plan[model], force, t0))
-                for ref, (model, t0) in list(running.items()):
-                    if time.monotonic() - t0 > timeout:
-                        ray.cancel(ref, force=True)
-                        del running[ref]
-                        finish(_failed(model, t0, _timed_out(timeout)))
-        except KeyboardInterrupt:
-            for ref, (model, t0) in running.items():
-                ray.cancel(ref, force=True)
-                rows.append(_failed(model, t0, "stopped by Ctrl-C before it finished.", status="cancelled"))
-            return True
+    compile_task, jobs, running = cluster.task(_timed_compile), jobs or cluster.cpus(ray), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                model = pending.pop(0)
+                running[compile_task(str(model), spec)] = (model, time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=POLL)
+            for ref in done:
+                model, t0 = running.pop(ref)
+                finish(_task_row(ray, ref, model, plan[model], force, t0))
+            for ref, (model, t0) in list(running.items()):
+                if time.monotonic() - t0 > timeout:
+                    ray.cancel(ref, force=True)
+                    del running[ref]
+                    finish(_failed(model, t0, _timed_out(timeout)))
+    except KeyboardInterrupt:
+        for ref, (model, t0) in running.items():
+            ray.cancel(ref, force=True)
+            rows.append(_failed(model, t0, "stopped by Ctrl-C before it finished.", status="cancelled"))
+        return True
     return False
 
 

@@ -86,6 +86,8 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
     called with one progress line per rate. backend "ray": every trial a Ray task (fgcompile/cluster.py, at
     `address`), with the same scores and choice as "local", bit for bit."""
     cluster.check_backend(backend, address)
+    if backend == "ray":
+        cluster.import_ray()   # a missing extra is said before any data is read
     if folds is not None and folds < 2:   # one "fold" validates nothing it did not fit: it would be a holdout
         raise SpecError(f"--folds {folds}: must be at least 2 (or use --holdout F for one split, e.g. --holdout "
                         f"{RunDefaults.holdout}).")
@@ -125,11 +127,11 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
         {"method": FOLDS, "seed": seed, "folds": folds, "fit": [len(f) for f, _ in splits],
          "validation": [len(v) for _, v in splits]}
     with contextlib.ExitStack() as stack:
-        path = None if trainer.out is None else _record_path(trainer.out, stack)
         runs_of = functools.partial(_local_trials, program, x, y, splits, epochs, batch, schedule)
         if backend == "ray":
             runs_of = _ray_trials(stack.enter_context(cluster.connected(address)), trainer, x, y, splits, epochs,
                                   batch, schedule)
+        path = None if trainer.out is None else _record_path(trainer.out, stack)
         record = _sweep(program, x, y, protocol, grid_rates, epochs, batch, seed, seeds, len(splits), schedule, echo,
                         runs_of)
         if path is None:
