@@ -194,9 +194,9 @@ def test_backend_ray_without_ray_installed(tmp_path, compiled, data, monkeypatch
     assert not (tmp_path / "out").exists() and sorted(os.listdir(compiled)) == before
 
 
-def cli(*args, env=None):
-    """fgcompile in a process of its own: no ray.init of these tests' to reuse."""
-    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
+def cli(*args, env=None, cluster=False):
+    """fgcompile in a process of its own: no ray.init of these tests' to reuse (cluster: RAY_ADDRESS's, if set)."""
+    environ = {k: v for k, v in os.environ.items() if cluster or k != "RAY_ADDRESS"} | (env or {})
     return subprocess.run([sys.executable, "-m", "fgcompile.cli", *map(str, args)], capture_output=True, text=True,
                           env=environ, timeout=120)
 
@@ -215,3 +215,28 @@ def test_an_unreachable_address_is_one_paragraph(tmp_path, how):
     expected = "not a Ray address; give the head node's HOST:PORT" if how == "not an address" else \
         f"cannot connect to the Ray cluster at {closed}"
     assert expected in error[0] and "ray start --head" in error[0] and not (tmp_path / "out").exists()
+
+
+@needs_ray
+def test_a_model_past_the_timeout_is_a_row(cluster, tmp_path):
+    for name in ("a", "b", "c"):
+        shutil.copy(CNN, tmp_path / f"{name}.onnx")
+    r = run("batch", tmp_path, "-o", tmp_path / "out", "--backend", "ray", "--timeout", "0.001", code=1)
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [row["model"] for row in rows] == ["a.onnx", "b.onnx", "c.onnx"]
+    assert all("stopped after the --timeout of 0.001 s" in row["error"] for row in rows), rows
+    assert os.listdir(tmp_path / "out") == ["summary.json"] and "0 compiled, 3 failed" in r.stdout
+
+
+@needs_ray
+def test_fgcompile_variables_reach_the_workers(tmp_path):
+    """The command's own ray.init passes FGCOMPILE_* on, so a worker compiles under the same limits."""
+    for source in (CNN, MODELS / "kws_dscnn" / "w8a8.onnx"):
+        shutil.copy(source, tmp_path / f"{source.parent.name}.onnx")
+    limit = {"FGCOMPILE_MAX_NODES": "5"}
+    local = cli("batch", tmp_path, "-o", tmp_path / "local", env=limit)
+    remote = cli("batch", tmp_path, "-o", tmp_path / "ray", "--backend", "ray", env=limit, cluster=True)
+    assert (local.returncode, remote.returncode) == (1, 1), remote.stderr
+    assert "Traceback" not in remote.stderr
+    assert summary(tmp_path / "ray") == summary(tmp_path / "local")
+    assert all("over the limit of 5" in row["error"] for row in summary(tmp_path / "ray"))
