@@ -22,6 +22,7 @@ import fgcompile
 import ray_faults
 from conftest import MODELS
 from fgcompile.cli import main
+from fgcompile.errors import DataError
 
 try:
     import ray
@@ -240,3 +241,16 @@ def test_fgcompile_variables_reach_the_workers(tmp_path):
     assert "Traceback" not in remote.stderr
     assert summary(tmp_path / "ray") == summary(tmp_path / "local")
     assert all("over the limit of 5" in row["error"] for row in summary(tmp_path / "ray"))
+
+
+@needs_ray
+def test_a_folder_recompiled_under_a_ray_tune_is_its_own_error(cluster, tmp_path, data):
+    """A worker rebuilds the Program from the folder; one whose train.onnx is no longer the driver's is refused
+    with the worker's DataError, not a Ray traceback."""
+    out = tmp_path / "out"
+    run("compile", CNN, "-o", out, "--m", "8")
+    trainer = fgcompile.Trainer(out)
+    run("compile", CNN, "-o", out, "--m", "4")
+    with pytest.raises(DataError, match="train.onnx changed while tune ran"):
+        fgcompile.tune(trainer, str(data), epochs=1, folds=2, seeds=1, backend="ray")
+    assert not (out / "tune.json").exists()
