@@ -23,7 +23,6 @@ is refused. Records from before the schedule was recorded were tuned under the c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -35,12 +34,11 @@ import time
 import numpy as np
 
 from fgcompile import __version__, cluster, folder, grid, modelio
-from fgcompile.artifact import LAYOUT, Compiled, Contract
-from fgcompile.errors import BackendError, DataError, FgcompileError, OutputError, SpecError
+from fgcompile.artifact import LAYOUT, Contract
+from fgcompile.errors import DataError, OutputError, SpecError
 from fgcompile.spec import SCHEDULES, RunDefaults, lr_grid
 from . import loop
 from .data import data_digest
-from .program import Program
 from .state import TrainState
 
 FORMAT = "fgcompile-tune/1"
@@ -129,8 +127,9 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
     with contextlib.ExitStack() as stack:
         runs_of = functools.partial(_local_trials, program, x, y, splits, epochs, batch, schedule)
         if backend == "ray":
-            runs_of = _ray_trials(stack.enter_context(cluster.connected(address)), trainer, x, y, splits, epochs,
-                                  batch, schedule)
+            from .ray_trials import runs_on
+            runs_of = runs_on(stack.enter_context(cluster.connected(address)), trainer, x, y, splits, epochs, batch,
+                              schedule)
         path = None if trainer.out is None else _record_path(trainer.out, stack)
         record = _sweep(program, x, y, protocol, grid_rates, epochs, batch, seed, seeds, len(splits), schedule, echo,
                         runs_of)
@@ -202,65 +201,6 @@ def _local_trials(program, x, y, splits, epochs, batch, schedule, trials):
     """runs_of in this process: one trial after another, each rate's scores as soon as they are known."""
     for rate in trials:
         yield [scored_trial(program, x, y, splits[k], epochs, batch, n, schedule, s) for n, k, s in rate]
-
-
-def _ray_trials(ray, trainer, x, y, splits, epochs, batch, schedule):
-    """runs_of on Ray: every trial a task, all submitted at once; each rate's scores as they come in. The
-    tasks rebuild the Program from the folder (or the in-memory Compiled): sessions do not pickle."""
-    program, run_trial = trainer.program, cluster.task(_remote_trial)
-    source = trainer.out if trainer.out is not None else ray.put(trainer.compiled)
-    data = ray.put((x, y))
-
-    def runs_of(trials):
-        refs = [[run_trial(source, trainer.session, program.spec, program.train_sha256, data, splits[k],
-                                  epochs, batch, n, schedule, s) for n, k, s in rate] for rate in trials]
-        try:
-            for rate in refs:
-                yield _results(ray, rate)
-        except BaseException:   # a trial failed, or Ctrl-C: stop the trials still running
-            every = [r for rate in refs for r in rate]
-            for ref in ray.wait(every, num_returns=len(every), timeout=0)[1]:
-                ray.cancel(ref, force=True)
-            raise
-    return runs_of
-
-
-def _results(ray, refs) -> list[dict]:
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:   # the trial raised: its own error, as the local run raises it
-        if isinstance(exc.cause, FgcompileError):
-            raise exc.cause from None
-        raise BackendError(f"a tune trial failed on its Ray worker: {_first_line(exc.cause or exc)}") from None
-    except ray.exceptions.RayError as exc:
-        raise BackendError(f"a tune trial's Ray task failed ({_first_line(exc)}); a lost worker is retried "
-                           f"{cluster.RETRIES} times (out of memory? a node lost?). Run tune again.") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
-_PROGRAMS: dict = {}   # a worker's Programs by (folder, train.onnx sha256, session): a trial reuses its sessions
-
-
-def _remote_trial(source, session, spec, train_sha256, data, split, epochs, batch, numerator, schedule, seed) -> dict:
-    """scored_trial on a Ray worker, with the driver's Program rebuilt from `source` (a folder or a Compiled)."""
-    if isinstance(source, Compiled):
-        program = Program.of_compiled(source, session)
-    else:
-        key = (str(source), train_sha256, session)
-        if key not in _PROGRAMS:
-            _PROGRAMS.clear()
-            program = Program.of_folder(pathlib.Path(source), session, recover=False)
-            if program.train_sha256 != train_sha256:
-                raise DataError(f"{source}: its {LAYOUT.train} changed while tune ran (another compile?). Run "
-                                "tune again.")
-            _PROGRAMS[key] = program
-        program = _PROGRAMS[key]
-    x, y = data
-    return scored_trial(dataclasses.replace(program, spec=spec), x, y, split, epochs, batch, numerator, schedule,
-                        seed)
 
 
 def scored_trial(program, x, y, split, epochs: int, batch: int, numerator: int, schedule: str, seed: int) -> dict:
