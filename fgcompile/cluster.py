@@ -16,7 +16,7 @@ import contextlib
 import os
 import socket
 
-from fgcompile.errors import BackendError
+from fgcompile.errors import BackendError, SpecError
 
 BACKENDS = ("local", "ray")
 INSTALL = "pip install 'fgcompile[ray]'"
@@ -34,7 +34,6 @@ def import_ray():
 
 
 def check_backend(backend: str, address: str | None) -> None:
-    from fgcompile.errors import SpecError
     if backend not in BACKENDS:
         raise SpecError(f"--backend {backend!r}: choose {' or '.join(BACKENDS)}.")
     if address is not None and backend != "ray":
