@@ -67,21 +67,22 @@ def summary(folder: pathlib.Path) -> list:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> pathlib.Path:
-    """A folder of the shipped models (w8a8, tflite dialects, the test data's) and one that is not a model."""
+    """A folder of the shipped models (w8a8 and w16a8, the tflite dialect's, the test data's) and two that fail:
+    a float model and a file that is not a model."""
     folder = tmp_path_factory.mktemp("models")
-    for source in sorted(MODELS.glob("*/w8a8.onnx")):
-        shutil.copy(source, folder / f"{source.parent.name}.onnx")
+    for source in sorted(MODELS.glob("*/w*a8.onnx")) + [MODELS / "digits_cnn" / "fp32.onnx"]:
+        shutil.copy(source, folder / f"{source.parent.name}_{source.name}")
     for source in sorted(MODELS.glob("tflite/*.onnx")) + sorted((TESTS / "data").glob("*.onnx")):
         shutil.copy(source, folder / source.name)
     (folder / "not_a_model.onnx").write_bytes(b"\x89PNG this is not a model")
-    assert len(list(folder.iterdir())) >= 6
+    assert len(list(folder.iterdir())) >= 12
     return folder
 
 
 @pytest.fixture(scope="module")
 def local_batch(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
-    r = run("batch", models, "-o", out, code=1)   # the non-model fails
+    r = run("batch", models, "-o", out, code=1)   # the float model and the non-model fail
     return out, r
 
 
@@ -90,9 +91,9 @@ def test_batch_on_ray_writes_the_local_folders_and_summary(cluster, models, loca
     local, local_run = local_batch
     out = tmp_path / "out"
     r = run("batch", models, "-o", out, "--backend", "ray", code=1)
-    assert tree(out) == tree(local) and len(tree(out)) >= 6 * 6
+    assert tree(out) == tree(local) and len(tree(out)) >= 10 * 6
     assert summary(out) == summary(local)
-    assert [row["status"] for row in summary(out)].count("error") == 1
+    assert [row["status"] for row in summary(out)].count("error") == 2
     progress = lambda res: sorted(line for line in res.stderr.splitlines() if line.startswith("  "))
     assert progress(r) == progress(local_run)
 
