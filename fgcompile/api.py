@@ -30,15 +30,16 @@ __all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evalua
 def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
          seeds: int = RunDefaults.seeds, holdout: float | None = None, seed: int | None = None,
          session: SessionSettings | None = None, echo=None, schedule: str = RunDefaults.schedule,
-         folds: int | None = None) -> dict:
+         folds: int | None = None, backend: str = "local", address: str | None = None) -> dict:
     """Choose the learning rate under `schedule` (cosine: the rate is its peak, or constant) by `folds`-fold
     cross-validation on `data` (default 5), or on a held-out `holdout` share of it (runtime/tune.py has the
     protocol), and return the record. `trained`: a compiled folder (the record also goes to OUT/tune.json,
     whose rate and schedule `train`/Trainer.fit then use unless given), compile_model's result, or a
-    Trainer of either (its state is left as it is)."""
+    Trainer of either (its state is left as it is). backend "ray" runs every trial as a Ray task (at
+    `address`, else RAY_ADDRESS, else a local instance) with the same scores and choice."""
     trainer = trained if isinstance(trained, Trainer) else Trainer(trained, session=session)
     return _tune.tune(trainer, data, epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, seed=seed, echo=echo,
-                      schedule=schedule, folds=folds)
+                      schedule=schedule, folds=folds, backend=backend, address=address)
 
 
 def export_model(trained, path=None, force: bool = False):

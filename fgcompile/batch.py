@@ -1,12 +1,16 @@
-"""batch: compile every .onnx in a folder, one child process per model; one bad model never stops the rest.
+"""batch: compile every .onnx in a folder, one child process (or Ray task) per model; one bad model never
+stops the rest.
 
 Each model runs in its own process (`python -m fgcompile.batch`), so a model that crashes the
 interpreter, is killed by the OOM killer or hangs past --timeout becomes one row of the summary, not the
 end of the run. Ctrl-C stops the running children promptly and still writes the summary of what finished.
+With backend "ray" each model's load and compile is a Ray task instead (retried when its worker is lost);
+the driver decides the output folders and writes them, so the folders and summary are the local backend's.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from fgcompile import folder, modelio
+from fgcompile import cluster, folder, modelio
 from fgcompile.artifact import LAYOUT
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.report import format_table
@@ -29,21 +33,38 @@ POLL = 0.05  # seconds between looks at the children
 
 
 def compile_one(path: str, out_dir: str, spec: TrainSpec, force: bool = False) -> dict:
+    """One model's summary row: compile it and write its folder (what a local child process runs)."""
     t0 = time.perf_counter()
+    return written(path, compile_source(path, spec), out_dir, force, t0)
+
+
+def compile_source(path: str, spec: TrainSpec):
+    """The compiled model, or the text of the error that stopped it (what a Ray task runs)."""
+    try:
+        return compile_model(modelio.load_model(path), spec)
+    except Exception as exc:  # an unexpected failure in one model is reported, not raised
+        return _error_text(exc)
+
+
+def written(path: str, compiled, out_dir, force: bool, t0: float) -> dict:
+    """The row of one model once compile_source's result is written to out_dir (t0: when it started)."""
     row = {"model": pathlib.Path(path).name, "status": "ok", "trainable_params": None, "graph_bytes": None,
            "seconds": None, "error": None}
-    try:
-        source = modelio.load_model(path)
-        compiled = compile_model(source, spec)
-        dest = write_compiled(compiled, out_dir, force=force, source_path=path)
-        row["trainable_params"] = int(sum(v.size for v in compiled.state.values()))
-        row["graph_bytes"] = (dest / LAYOUT.train).stat().st_size
-    except FgcompileError as exc:
-        row.update(status="error", error=str(exc))
-    except Exception as exc:  # an unexpected failure in one model is reported, not raised
-        row.update(status="error", error=f"internal error: {type(exc).__name__}: {exc}")
+    if isinstance(compiled, str):
+        row.update(status="error", error=compiled)
+    else:
+        try:
+            dest = write_compiled(compiled, out_dir, force=force, source_path=path)
+            row["trainable_params"] = int(sum(v.size for v in compiled.state.values()))
+            row["graph_bytes"] = (dest / LAYOUT.train).stat().st_size
+        except Exception as exc:
+            row.update(status="error", error=_error_text(exc))
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def _error_text(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, FgcompileError) else f"internal error: {type(exc).__name__}: {exc}"
 
 
 def folder_name(model: pathlib.Path) -> str:
@@ -110,23 +131,31 @@ def output_folders(models: list[pathlib.Path], out_dir: pathlib.Path) -> dict:
     return plan
 
 
-def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: float = 600.0, force: bool = False,
-                  on_done=None) -> tuple[list[dict], bool]:
-    """(rows sorted by model, interrupted). At most min(jobs, models, CPUs) children run at once."""
+def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int | None = None, timeout: float = 600.0,
+                  force: bool = False, on_done=None, backend: str = "local",
+                  address: str | None = None) -> tuple[list[dict], bool]:
+    """(rows sorted by model, interrupted). backend "local": at most min(jobs (default 2), models, CPUs)
+    child processes at once; "ray": one Ray task per model (fgcompile/cluster.py), at most jobs (default the
+    cluster's CPUs) at once. Either way the driver decides every output folder and writes every file."""
     in_dir, out_dir = pathlib.Path(in_dir), pathlib.Path(out_dir)
+    cluster.check_backend(backend, address)
     if not in_dir.is_dir():
         raise FgcompileError(f"{in_dir}: not a folder. Pass the folder that holds the .onnx models.")
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise SpecError(f"--jobs {jobs}: must be at least 1.")
     if not timeout > 0:
         raise SpecError(f"--timeout {timeout}: must be a positive number of seconds.")
     models = sorted(in_dir.glob("*.onnx"))
     if not models:
         raise FgcompileError(f"{in_dir}: holds no .onnx files.")
+    with cluster.connected(address) if backend == "ray" else contextlib.nullcontext() as ray:   # before OUT is made
+        return _batch(models, out_dir, spec, jobs, timeout, force, on_done, ray)
+
+
+def _batch(models, out_dir, spec, jobs, timeout, force, on_done, ray) -> tuple[list[dict], bool]:
     _check_out(out_dir, models, force)
     plan = output_folders(models, out_dir)
-    jobs = min(jobs, len(models), os.cpu_count() or 1)
-    pending, running, rows, interrupted = [m for m in models if not isinstance(plan[m], str)], {}, [], False
+    rows = []
 
     def finish(row):
         rows.append(row)
@@ -136,6 +165,26 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
     for model in models:
         if isinstance(plan[model], str):
             finish(_failed(model, time.monotonic(), plan[model]))
+    pending = [m for m in models if not isinstance(plan[m], str)]
+    if ray is not None:
+        interrupted = _run_ray(ray, pending, plan, spec, force, jobs, timeout, finish, rows)
+    else:
+        interrupted = _run_local(pending, plan, spec, force, min(jobs or 2, len(models), os.cpu_count() or 1),
+                                 timeout, finish, rows)
+    _check_owners(rows, plan)
+    rows.sort(key=lambda r: r["model"])
+    modelio.save_json(out_dir / SUMMARY, rows)
+    return rows, interrupted
+
+
+def _timed_out(timeout: float) -> str:
+    return f"stopped after the --timeout of {timeout:g} s. Raise --timeout or compile this model on its own to see " \
+           "where it hangs."
+
+
+def _run_local(pending, plan, spec, force, jobs, timeout, finish, rows) -> bool:
+    """Compile `pending` in child processes, `jobs` at a time; True when Ctrl-C stopped them."""
+    running = {}
     with tempfile.TemporaryDirectory(prefix="fgcompile-batch-") as scratch:
         try:
             while pending or running:
@@ -147,22 +196,61 @@ def batch_compile(in_dir, out_dir, spec: TrainSpec, jobs: int = 2, timeout: floa
                         continue
                     if proc.returncode is None:
                         _stop(proc)
-                        row = _failed(model, t0, f"stopped after the --timeout of {timeout:g} s. Raise --timeout "
-                                                 "or compile this model on its own to see where it hangs.")
+                        row = _failed(model, t0, _timed_out(timeout))
                     else:
                         row = _row(model, proc, t0, result)
                     del running[model]
                     finish(row)
                 _pause()
         except KeyboardInterrupt:
-            interrupted = True
             for model, (proc, t0, _) in running.items():
                 _stop(proc)
                 rows.append(_failed(model, t0, "stopped by Ctrl-C before it finished.", status="cancelled"))
-    _check_owners(rows, plan)
-    rows.sort(key=lambda r: r["model"])
-    modelio.save_json(out_dir / SUMMARY, rows)
-    return rows, interrupted
+            return True
+    return False
+
+
+def _run_ray(ray, pending, plan, spec, force, jobs, timeout, finish, rows) -> bool:
+    """Compile `pending` as Ray tasks, at most `jobs` (default: the cluster's CPUs) at a time; the driver
+    writes each result as the local child would. True when Ctrl-C stopped them."""
+    compile_task, jobs, running = cluster.task(_timed_compile), jobs or cluster.cpus(ray), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                model = pending.pop(0)
+                running[compile_task(str(model), spec)] = (model, time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=POLL)
+            for ref in done:
+                model, t0 = running.pop(ref)
+                finish(_task_row(ray, ref, model, plan[model], force, t0))
+            for ref, (model, t0) in list(running.items()):
+                if time.monotonic() - t0 > timeout:
+                    ray.cancel(ref, force=True)
+                    del running[ref]
+                    finish(_failed(model, t0, _timed_out(timeout)))
+    except KeyboardInterrupt:
+        for ref, (model, t0) in running.items():
+            ray.cancel(ref, force=True)
+            rows.append(_failed(model, t0, "stopped by Ctrl-C before it finished.", status="cancelled"))
+        return True
+    return False
+
+
+def _timed_compile(path: str, spec: TrainSpec):
+    """(seconds, compile_source's result): the Ray task of one model."""
+    t0 = time.perf_counter()
+    compiled = compile_source(path, spec)
+    return time.perf_counter() - t0, compiled
+
+
+def _task_row(ray, ref, model: pathlib.Path, out: pathlib.Path, force: bool, t0: float) -> dict:
+    try:
+        seconds, compiled = ray.get(ref)
+    except ray.exceptions.RayError as exc:   # its worker was lost more often than the task is retried
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return _failed(model, t0, f"its Ray task failed ({why}); a lost worker is retried {cluster.RETRIES} "
+                                  "times (out of memory? a node lost?).")
+    return written(str(model), compiled, out, force, time.perf_counter() - seconds)
 
 
 def _check_owners(rows: list[dict], plan: dict) -> None:

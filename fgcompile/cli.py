@@ -103,6 +103,19 @@ def session_options(f):
     return f
 
 
+def backend_options(what: str):
+    """--backend and --address of a command whose `what` can run as Ray tasks."""
+    def add(f):
+        f = click.option("--address", default=None, metavar="HOST:PORT",
+                         help="The Ray cluster to run on (with --backend ray) [RAY_ADDRESS; with neither, ray.init() "
+                              "starts a local instance, or joins the one `ray start` began on this machine]. Its "
+                              "workers read the input files at the same paths (one host or a shared filesystem).")(f)
+        return click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                            help=f"local: {what} on this machine; ray: one Ray task each, rerun when its worker "
+                                 "is lost (pip install 'fgcompile[ray]').")(f)
+    return add
+
+
 def make_session_settings(kw):
     from fgcompile.session import SessionSettings
     return SessionSettings(threads=kw.pop("threads"), optimization=kw.pop("optimization"), provider=kw.pop("provider"))
@@ -334,10 +347,11 @@ def train(out, data, val, replay, epochs, batch, resume, restart, allow_changed_
 @click.option("--seed", type=int, default=None, help="Seed S of the split and the first run [the compiled seed].")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=RunDefaults.schedule, show_default=True,
               help="The schedule you will train with; under cosine each rate is its peak.")
+@backend_options("trials one after another")
 @session_options
 @json_option()
 @config.option("tune")
-def tune_cmd(out, data, replay, epochs, batch, seeds, holdout, folds, seed, schedule, as_json, **kw):
+def tune_cmd(out, data, replay, epochs, batch, seeds, holdout, folds, seed, schedule, backend, address, as_json, **kw):
     """Choose the learning rate of OUT under a schedule by K-fold cross-validation on DATA (or on one
     held-out share of it); `train` then uses both (OUT/tune.json). Rates are scored by validation accuracy;
     a Sigmoid output (a detector) by validation ROC AUC; ties by the lower loss."""
@@ -346,7 +360,8 @@ def tune_cmd(out, data, replay, epochs, batch, seeds, holdout, folds, seed, sche
     from fgcompile.runtime.trainer import Trainer
     trainer = Trainer(out, session=make_session_settings(kw))
     record = tune(trainer, with_replay(trainer, data, replay), epochs=epochs, batch=batch, seeds=seeds, holdout=holdout, folds=folds, seed=seed,
-                  schedule=schedule, echo=None if as_json else lambda s: click.echo(s, err=True))
+                  schedule=schedule, backend=backend, address=address,
+                  echo=None if as_json else lambda s: click.echo(s, err=True))
     if as_json:
         click.echo(json.dumps(record))
         return
@@ -421,16 +436,20 @@ def verify(out, steps, data, as_json):
 @main.command(short_help="Compile every model of a folder; a summary table.")
 @click.argument("in_dir", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="One compiled folder per model + summary.json.")
-@click.option("--jobs", default=2, show_default=True, help="Parallel processes (at most one per model and CPU).")
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds one model may take before it is stopped.")
+@click.option("--jobs", type=int, default=None,
+              help="Models compiled at once [2 processes, at most one per CPU; with --backend ray: the cluster's CPUs].")
+@click.option("--timeout", default=600.0, show_default=True,
+              help="Seconds one model may take before it is stopped (with --backend ray: from its task's submission).")
 @click.option("--force", is_flag=True, help="Replace compiled folders in OUT that hold training or files fgcompile did "
               "not write, and an OUT/summary.json batch did not write.")
+@backend_options("processes")
 @spec_options
 @config.option("compile")
-def batch(in_dir, out, jobs, timeout, force, **kw):
-    """Compile every .onnx in IN_DIR, one process per model; exits 1 if any model failed."""
+def batch(in_dir, out, jobs, timeout, force, backend, address, **kw):
+    """Compile every .onnx in IN_DIR, one process (or Ray task) per model; exits 1 if any model failed."""
     from fgcompile.batch import batch_compile, format_summary
     rows, interrupted = batch_compile(in_dir, out, make_spec(kw), jobs=jobs, timeout=timeout, force=force,
+                                      backend=backend, address=address,
                                       on_done=lambda r: click.echo(f"  {r['status']:9s} {r['model']}", err=True))
     click.echo(format_summary(rows))
     click.echo(f"summary: {out}/summary.json")

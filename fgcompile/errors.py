@@ -29,6 +29,10 @@ class OutputError(FgcompileError):
     """An output path cannot be written."""
 
 
+class BackendError(FgcompileError):
+    """The distributed engine (--backend ray) is not installed or cannot be reached."""
+
+
 def wrong_type(where: str, takes: str, value, error: type[FgcompileError] | None = None) -> FgcompileError:
     """The error for a Python API argument of the wrong type, e.g. `compile_model(spec=…): takes a TrainSpec
     or a dict of its fields, not int.` (a SpecError unless `error` says otherwise)."""

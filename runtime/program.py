@@ -39,9 +39,11 @@ class Program:
     probabilities: bool          # eval's output is a Softmax's (its loss is the negative log)
 
     @classmethod
-    def of_folder(cls, out: pathlib.Path, session: SessionSettings) -> Program:
-        """The Program of a compiled folder; ModelError when it holds no training graph."""
-        folder.recover(out)
+    def of_folder(cls, out: pathlib.Path, session: SessionSettings, recover: bool = True) -> Program:
+        """The Program of a compiled folder; ModelError when it holds no training graph. recover: first undo
+        what a killed run left (not on a Ray worker, whose process ids are another host's)."""
+        if recover:
+            folder.recover(out)
         if not (out / LAYOUT.train).is_file():
             raise ModelError(f"{out}: no {LAYOUT.train} here. Run `fgcompile compile MODEL.onnx -o {out}` first.")
         train_model, contract, sha = open_train_graph(out)

@@ -36,7 +36,7 @@ class Trainer:
         if not isinstance(out_dir, (str, os.PathLike, Compiled)):
             raise SpecError(f"Trainer({out_dir!r:.60}): takes a compiled folder (a path) or the result of "
                             f"fgcompile.compile_model; got {type(out_dir).__name__}.")
-        session = session or SessionSettings(threads=threads)
+        self.session = session = session or SessionSettings(threads=threads)   # a Ray trial rebuilds the Program with it
         if isinstance(out_dir, Compiled):
             self.compiled, self.out = out_dir, None
             self.program = Program.of_compiled(out_dir, session)

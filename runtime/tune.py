@@ -22,6 +22,8 @@ is refused. Records from before the schedule was recorded were tuned under the c
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -31,7 +33,7 @@ import time
 
 import numpy as np
 
-from fgcompile import __version__, folder, grid, modelio
+from fgcompile import __version__, cluster, folder, grid, modelio
 from fgcompile.artifact import LAYOUT, Contract
 from fgcompile.errors import DataError, OutputError, SpecError
 from fgcompile.spec import SCHEDULES, RunDefaults, lr_grid
@@ -73,12 +75,17 @@ def rates(contract: Contract, schedule: str = RunDefaults.schedule) -> list[tupl
 
 def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,
          seeds: int = RunDefaults.seeds, holdout: float | None = None, seed: int | None = None,
-         echo=None, schedule: str = RunDefaults.schedule, folds: int | None = None) -> dict:
+         echo=None, schedule: str = RunDefaults.schedule, folds: int | None = None, backend: str = "local",
+         address: str | None = None) -> dict:
     """Try every rate of the grid under `schedule` (each rate the peak of a cosine one) on held-out parts
     of `data` (a path, or (x, y)): each of `folds` >= 2 folds in turn (default RunDefaults.folds), or a
     `holdout` share of it. Data whose labels are all one class is refused. Return the record; a Trainer of a compiled folder also
     writes it to OUT/tune.json (under the folder's lock). The trainer's own state is not changed. echo:
-    called with one progress line per rate."""
+    called with one progress line per rate. backend "ray": every trial a Ray task (fgcompile/cluster.py, at
+    `address`), with the same scores and choice as "local", bit for bit."""
+    cluster.check_backend(backend, address)
+    if backend == "ray":
+        cluster.import_ray()   # a missing extra is said before any data is read
     if folds is not None and folds < 2:   # one "fold" validates nothing it did not fit: it would be a holdout
         raise SpecError(f"--folds {folds}: must be at least 2 (or use --holdout F for one split, e.g. --holdout "
                         f"{RunDefaults.holdout}).")
@@ -117,18 +124,31 @@ def tune(trainer, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaul
                 "validation": len(splits[0][1])} if folds == 1 else \
         {"method": FOLDS, "seed": seed, "folds": folds, "fit": [len(f) for f, _ in splits],
          "validation": [len(v) for _, v in splits]}
-    if trainer.out is None:
-        return _sweep(program, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
-    path = trainer.out / LAYOUT.tune
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise OutputError(f"{path}: is not a regular file; tune writes its record there. Move it away.")
-    with folder.locked(trainer.out, "tune"):
-        record = _sweep(program, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo)
+    with contextlib.ExitStack() as stack:
+        runs_of = functools.partial(_local_trials, program, x, y, splits, epochs, batch, schedule)
+        if backend == "ray":
+            from .ray_trials import runs_on
+            runs_of = runs_on(stack.enter_context(cluster.connected(address)), trainer, x, y, splits, epochs, batch,
+                              schedule)
+        path = None if trainer.out is None else _record_path(trainer.out, stack)
+        record = _sweep(program, x, y, protocol, grid_rates, epochs, batch, seed, seeds, len(splits), schedule, echo,
+                        runs_of)
+        if path is None:
+            return record
         record["train_sha256"] = program.train_sha256
         if not isinstance(data, tuple):
             record["data"]["file"] = str(pathlib.Path(data).resolve())
         modelio.save_json(path, record)
     return record
+
+
+def _record_path(out: pathlib.Path, stack: contextlib.ExitStack) -> pathlib.Path:
+    """OUT/tune.json, checked writable, with OUT's lock held for the rest of the stack."""
+    path = out / LAYOUT.tune
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputError(f"{path}: is not a regular file; tune writes its record there. Move it away.")
+    stack.enter_context(folder.locked(out, "tune"))
+    return path
 
 
 def _check_budget(epochs: int, batch: int, seeds: int, holdout: float, folds: int) -> None:
@@ -143,18 +163,17 @@ def _check_budget(epochs: int, batch: int, seeds: int, holdout: float, folds: in
         raise SpecError(f"--holdout {holdout}: the share of the data held out must be in (0, 1), e.g. 0.2.")
 
 
-def _sweep(program, x, y, splits, protocol, grid_rates, epochs, batch, seed, seeds, schedule, echo) -> dict:
+def _sweep(program, x, y, protocol, grid_rates, epochs, batch, seed, seeds, folds, schedule, echo, runs_of) -> dict:
+    """The record of the sweep; runs_of(trials) yields, per rate, the scores of its trials (a list of
+    (lr_numerator, fold, seed)), in order."""
     t0 = time.perf_counter()
+    trials = [[(numerator, k, s) for k in range(folds) for s in range(seed, seed + seeds)]
+              for _, numerator in grid_rates]
     scores = []
-    for i, (lr, numerator) in enumerate(grid_rates):
-        runs = []
-        for k, (fit, val) in enumerate(splits):
-            for s in range(seed, seed + seeds):
-                state = trial(program, x[fit], y[fit], epochs, batch, numerator, schedule, s)
-                v = program.evaluate(state.tensors, x[val], y[val])
-                runs.append({"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}
-                            | ({"val_auc": v["auc"], "val_miss_rate": v["miss_rate"]} if "auc" in v else {})
-                            | ({"fold": k} if len(splits) > 1 else {}))
+    for i, ((lr, numerator), results) in enumerate(zip(grid_rates, runs_of(trials))):
+        runs = [{"seed": s, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}
+                | ({"val_auc": v["auc"], "val_miss_rate": v["miss_rate"]} if "auc" in v else {})
+                | ({"fold": k} if folds > 1 else {}) for (_, k, s), v in zip(trials[i], results)]
         score = {"lr": lr, "lr_numerator": numerator,
                  "val_accuracy": statistics.mean(r["val_accuracy"] for r in runs),
                  "val_loss": statistics.mean(r["val_loss"] for r in runs), "runs": runs}
@@ -176,6 +195,19 @@ def _sweep(program, x, y, splits, protocol, grid_rates, epochs, batch, seed, see
             "schedule": schedule, "grid": [lr for lr, _ in grid_rates], "scores": scores,
             "choice": {"lr": best["lr"], "lr_numerator": best["lr_numerator"], "schedule": schedule},
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _local_trials(program, x, y, splits, epochs, batch, schedule, trials):
+    """runs_of in this process: one trial after another, each rate's scores as soon as they are known."""
+    for rate in trials:
+        yield [scored_trial(program, x, y, splits[k], epochs, batch, n, schedule, s) for n, k, s in rate]
+
+
+def scored_trial(program, x, y, split, epochs: int, batch: int, numerator: int, schedule: str, seed: int) -> dict:
+    """The validation scores of one trial: trial() on the split's fit part, evaluated on its validation part."""
+    fit, val = split
+    state = trial(program, x[fit], y[fit], epochs, batch, numerator, schedule, seed)
+    return program.evaluate(state.tensors, x[val], y[val])
 
 
 def _judged(score: dict) -> float:
