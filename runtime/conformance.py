@@ -11,6 +11,7 @@ differs from the baseline (onnxruntime with graph optimizations off, which runs 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import tempfile
@@ -106,19 +107,24 @@ class StepRecord:
 
 
 def chain(train: onnx.ModelProto, contract: Contract, state: dict, batches: list, runtime: Runtime,
-          seed: int = 0) -> list[StepRecord]:
-    """len(batches) chained steps on `runtime`: each step's state is the previous step's output there."""
+          seed: int = 0, lrs: list[int] | None = None) -> list[StepRecord]:
+    """len(batches) chained steps on `runtime`: each step's state is the previous step's output there.
+    lrs: step k's lr numerator (default: the compiled rate at every step)."""
     probes, outputs = contract.probes, contract.outputs
     model = with_outputs(train, probes.z + [probes.coefficients])
     run = runtime.make(model)
     names = probes.z + [probes.coefficients, outputs.loss_plus, outputs.loss_minus] + [s.output for s in contract.state]
     records = []
     for k, (x, y) in enumerate(batches):
-        out = run(names, step_feeds(contract, x, y, seed, k, contract.lr_numerator.default, state))
+        out = run(names, step_feeds(contract, x, y, seed, k, _lr(contract, lrs, k), state))
         zs, (c, lp, lm), new = out[:len(probes.z)], out[len(probes.z):len(probes.z) + 3], out[len(probes.z) + 3:]
         state = {s.name: v for s, v in zip(contract.state, new)}
         records.append(StepRecord(zs, c, state, np.stack([lp, lm])))
     return records
+
+
+def _lr(contract: Contract, lrs: list[int] | None, k: int) -> int:
+    return contract.lr_numerator.default if lrs is None else lrs[k]
 
 
 def integer_part(train: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
@@ -131,7 +137,7 @@ def integer_part(train: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
 
 
 def chain_integer_part(part: onnx.ModelProto, contract: Contract, state: dict, coefficients: list[np.ndarray],
-                       runtime: Runtime, seed: int = 0) -> list[StepRecord]:
+                       runtime: Runtime, seed: int = 0, lrs: list[int] | None = None) -> list[StepRecord]:
     """Chained steps of the integer part with the given cᵢ per step."""
     run = runtime.make(part)
     probes = contract.probes
@@ -139,7 +145,7 @@ def chain_integer_part(part: onnx.ModelProto, contract: Contract, state: dict, c
     records = []
     for k, c in enumerate(coefficients):
         feeds = {probes.coefficients: np.asarray(c, np.int32), **state,
-                 **scalar_feeds(contract, seed, k, contract.lr_numerator.default)}
+                 **scalar_feeds(contract, seed, k, _lr(contract, lrs, k))}
         out = run(names, feeds)
         state = {s.name: v for s, v in zip(contract.state, out[len(probes.z):])}
         records.append(StepRecord(out[:len(probes.z)], np.asarray(c), state, np.zeros(0)))
@@ -217,8 +223,42 @@ def _ort_optimized(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
         return onnx.load(path)
 
 
-def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
-    """Run `steps` chained steps of the compiled folder on every installed runtime; one row each:
+def trainer_batches(trainer, data, steps: int, epochs: int, batch: int | None, schedule: str | None = None,
+                    lr: float | None = None) -> tuple[list, list[int], str | None]:
+    """(batches, lr numerators, a note) of the trainer's steps 0..steps-1 on `data` (None: seeded synthetic
+    examples): the plan, permutation and rate that `fgcompile train OUT --data DATA --epochs E --batch B`
+    takes (runtime/loop.py's plan and batch_order, runtime/rate.py's choose: OUT/tune.json's choice is
+    honoured as train honours it). batch None: the model's fixed batch, else RunDefaults.batch."""
+    from fgcompile.errors import SpecError
+    from fgcompile.session import class_count, input_dtype, input_shape
+    from fgcompile.spec import RunDefaults
+    from . import loop, rate
+    from .data import Inputs
+
+    program = trainer.program
+    batch = batch if batch is not None else (program.fixed_batch or RunDefaults.batch)
+    peak, schedule, note = rate.choose(trainer.contract, lr, schedule, epochs, trainer.out, trainer.train_sha256)
+    if data is not None:
+        x, y = trainer.load_data(data)
+    else:   # enough examples that the plan covers the steps
+        names, sess = trainer.contract.data_inputs, program.eval
+        n = batch * max(4, -(-steps // epochs))
+        arrays = {name: _synthetic(input_shape(sess, name), class_count(sess), batch, input_dtype(sess, name),
+                                   trainer.contract.head, n) for name in names}
+        x, y = arrays[names[0]] if len(names) == 1 else (Inputs({k: a[0] for k, a in arrays.items()}),
+                                                          arrays[names[0]][1])
+    plan = loop.plan(program, data, len(y), epochs, batch, schedule, peak)
+    if steps > plan.total:
+        raise SpecError(f"--steps {steps}: the run trains only {plan.total} steps ({epochs} epochs of "
+                        f"{plan.per_epoch} batches of {plan.batch}). Pass --steps {plan.total} or fewer, or more --epochs.")
+    order = [idx for _, _, _, idx in itertools.islice(loop.batch_order(program.spec.seed, plan, 0), steps)]
+    return [(x[idx], y[idx]) for idx in order], [plan.lr_at(k) for k in range(steps)], note
+
+
+def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs: int | None = None,
+           schedule: str | None = None, lr: float | None = None, runtimes: list[Runtime] | None = None) -> list[dict]:
+    """Run the trainer's steps 0..steps-1 of the compiled folder (from its initial state, with the batches,
+    seed and lr numerators `fgcompile train` feeds: trainer_batches) on every installed runtime; one row each:
     runtime, config, identical (z, coefficients and state of every step), integer_part (the same with
     the baseline's cᵢ fed in), eval (eval.onnx outputs on the first batch), first_divergence."""
     import pathlib
@@ -226,9 +266,8 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     from fgcompile import modelio
     from fgcompile.artifact import LAYOUT
     from fgcompile.errors import FgcompileError, SpecError
-    from fgcompile.session import class_count, input_dtype, input_shape
-    from .data import Inputs, feeds
-    from .sink import latest_state
+    from fgcompile.spec import RunDefaults
+    from .data import feeds
     from .trainer import Trainer
 
     if not 1 <= steps <= MAX_STEPS:
@@ -239,43 +278,30 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     contract = trainer.contract
     if contract.probes is None:
         raise FgcompileError(f"{out}: compiled by an fgcompile without conformance probes. Compile it again.")
-    state = latest_state(out)
-    sess = make_session(eval_model)
-    shape = input_shape(sess, contract.inputs.data)
-    if data is not None:
-        x, y = trainer.load_data(data)
-    else:
-        names = contract.data_inputs
-        arrays = {n: _synthetic(input_shape(sess, n), class_count(sess), batch, input_dtype(sess, n), contract.head)
-                  for n in names}
-        x, y = arrays[names[0]] if len(names) == 1 else (Inputs({n: a[0] for n, a in arrays.items()}),
-                                                          arrays[names[0]][1])
-    batch = shape[0] if isinstance(shape[0], int) else min(batch, len(y))
-    starts = [(k * batch) % max(len(y) - batch + 1, 1) for k in range(steps)]
-    batches = [(x[s:s + batch], y[s:s + batch]) for s in starts]
-    base = chain(train, contract, state, batches, BASELINE)
+    state, seed = trainer.initial_state, trainer.spec.seed
+    batches, lrs, _ = trainer_batches(trainer, data, steps, epochs or RunDefaults.epochs, batch, schedule, lr)
+    base = chain(train, contract, state, batches, BASELINE, seed, lrs)
     part = integer_part(train, contract)
     coefficients = [r.coefficients for r in base]
-    base_part = chain_integer_part(part, contract, state, coefficients, BASELINE)
+    base_part = chain_integer_part(part, contract, state, coefficients, BASELINE, seed, lrs)
     params = {s.name for s in contract.parameters()}   # eval.onnx takes no training buffers
     eval_feeds = {**feeds(contract.inputs.data, batches[0][0]), **{k: v for k, v in state.items() if k in params}}
     eval_out = [eval_model.graph.output[0].name]
     base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
     rows = []
-    for runtime in installed():
+    for runtime in installed() if runtimes is None else runtimes:
         row = {"runtime": runtime.name, "config": runtime.config}
         try:
-            got = chain(train, contract, state, batches, runtime)
+            got = chain(train, contract, state, batches, runtime, seed, lrs)
             diff = first_difference(base, got)
             row["identical"] = diff is None
             row["integer_part"] = first_difference(
-                base_part, chain_integer_part(part, contract, state, coefficients, runtime)) is None
+                base_part, chain_integer_part(part, contract, state, coefficients, runtime, seed, lrs)) is None
             row["eval"] = _same(runtime.make(eval_model)(eval_out, eval_feeds)[0], base_eval)
             if diff is not None:
                 k, what = diff
-                feeds = step_feeds(contract, *batches[k], contract.spec.seed, k, contract.lr_numerator.default,
-                                   state if k == 0 else base[k - 1].state)
-                row["first_divergence"] = f"step {k}, {what}: {first_divergence(train, feeds, runtime)}"
+                step_in = step_feeds(contract, *batches[k], seed, k, lrs[k], state if k == 0 else base[k - 1].state)
+                row["first_divergence"] = f"step {k}, {what}: {first_divergence(train, step_in, runtime)}"
         except Exception as exc:            # a runtime that cannot run the graph is a result, not a crash
             row.update(identical=False, integer_part=False, eval=False,
                        first_divergence=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -285,13 +311,13 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
 
 
 def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32,
-               head: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
+               head: str = "softmax", examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded uniform [0, 1) inputs of the model's input shape (integer inputs: ids 0 and 1, valid for any
     vocabulary of two or more) and random labels (a Sigmoid head's: 0/1, [n, K] for K > 1), when no data
     is given."""
     rng = np.random.default_rng(0)
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
-    n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 4 * batch
+    n = examples or (shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 4 * batch)
     x = rng.integers(0, 2, [n] + dims) if np.issubdtype(np.dtype(dtype), np.integer) else rng.uniform(0, 1, [n] + dims)
     if head == "sigmoid":
         return x.astype(dtype), rng.integers(0, 2, n if classes == 1 else (n, classes or 1)).astype(np.int64)

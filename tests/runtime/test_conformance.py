@@ -108,3 +108,39 @@ def test_the_loop_form_runs_the_same_on_every_runtime(tmp_path):
     rows = conformance.verify(tmp_path / "out", steps=2)
     assert {r["runtime"] for r in rows} >= {"onnxruntime", "onnx.reference"}
     assert all(r["identical"] and r["integer_part"] for r in rows if r["runtime"] != "openvino"), rows
+
+
+def test_verify_feeds_the_trainers_steps(tmp_path, monkeypatch):
+    """verify's step k gets the batch, seed, step and lr numerator that `fgcompile train` gives step k: the
+    same permutation (a new one each epoch; 80 examples in batches of 32 cross an epoch every 2 steps) and
+    the cosine rate over the run's --epochs."""
+    from fgcompile.compiler import compile_model, write_compiled
+    from fgcompile.runtime import step as step_module
+    from fgcompile.runtime.trainer import Trainer
+    out = tmp_path / "out"
+    write_compiled(compile_model(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, seed=7)), out)
+    d = np.load(MODELS / "data" / "digits_target_train.npz")
+    np.savez(tmp_path / "d.npz", x=d["x"][:80], y=d["y"][:80])
+    steps, epochs = 5, 3
+    contract = Trainer(out).contract
+    not_state = [contract.inputs.data, contract.inputs.labels, contract.inputs.seed, contract.inputs.step,
+                 contract.inputs.lr]
+
+    def spy(calls, real):
+        def record(*args, **kw):
+            feeds = real(*args, **kw)
+            calls.append({k: np.array(feeds[k]) for k in not_state})
+            return feeds
+        return record
+
+    verified, trained = [], []
+    monkeypatch.setattr(conformance, "step_feeds", spy(verified, conformance.step_feeds))
+    conformance.verify(out, steps, tmp_path / "d.npz", batch=32, epochs=epochs, runtimes=[conformance.BASELINE])
+    monkeypatch.setattr(step_module, "step_feeds", spy(trained, step_module.step_feeds))
+    Trainer(out).fit(tmp_path / "d.npz", epochs=epochs, batch=32, stop_after=steps, progress=False)
+    assert len(trained) == steps and len(verified) >= steps
+    for k, (v, t) in enumerate(zip(verified[:steps], trained)):
+        assert all(np.array_equal(v[n], t[n]) for n in not_state), f"step {k}"
+    assert len({int(t[contract.inputs.lr]) for t in trained}) > 1, "the cosine rate moves"
+    assert int(trained[0][contract.inputs.seed]) == 7
+    assert not np.array_equal(trained[0][contract.inputs.labels], d["y"][:32]), "shuffled, not slices"
