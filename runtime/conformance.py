@@ -35,21 +35,26 @@ Runner = Callable[[list[str], dict], list[np.ndarray]]
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
+    """supported: the README calls it supported, so verify exits nonzero when it differs; else its row is
+    informational and `note` says why (e.g. "bf16": it runs float ops at a lower precision)."""
     name: str
     config: str
     make: Callable[[onnx.ModelProto], Runner]
+    settings: SessionSettings | None = None     # onnxruntime's
+    supported: bool = True
+    note: str = ""
 
 
-def _ort(level: str) -> Runtime:
-    """onnxruntime at optimization `level` (named as onnxruntime names it, e.g. ORT_DISABLE_ALL)."""
+def _ort(level: str, threads: int = 0) -> Runtime:
+    """onnxruntime at optimization `level` (named as onnxruntime names it, e.g. ORT_DISABLE_ALL) with
+    `threads` intra-op threads (0: onnxruntime's default)."""
+    settings = SessionSettings(optimization=next(k for k, v in OPTIMIZATION.items() if v == level), threads=threads)
+
     def make(model):
-        sess = make_session(model, settings=_settings(level))
+        sess = make_session(model, settings=settings)
         return lambda outputs, feeds: sess.run(outputs, feeds)
-    return Runtime("onnxruntime", level, make)
-
-
-def _settings(level: str) -> SessionSettings:
-    return SessionSettings(optimization=next(k for k, v in OPTIMIZATION.items() if v == level))
+    config = level + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
+    return Runtime("onnxruntime", config, make, settings)
 
 
 def _reference(model) -> Runner:
@@ -58,31 +63,93 @@ def _reference(model) -> Runner:
     return lambda outputs, feeds: evaluator.run(outputs, feeds)
 
 
-def _openvino(model) -> Runner:
+def _openvino(precision: str | None) -> Callable[[onnx.ModelProto], Runner]:
+    """OpenVINO's CPU plugin at `precision` (None: its default, bf16 or f16 where the CPU has them)."""
+    def make(model):
+        import openvino as ov
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
+
+        def run(outputs, feeds):
+            result = compiled(feeds)
+            return [np.asarray(result[compiled.output(name)]) for name in outputs]
+        return run
+    return make
+
+
+def _openvino_default_precision() -> str:
     import openvino as ov
-    core = ov.Core()
-    # f32: the CPU plugin would otherwise run float ops in bf16 where the CPU has it
-    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def _tract(model) -> Runner:
+    """tract (the `tract` package), its symbolic batch axis left as the model declares it."""
+    import tract
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path)
+        typed = tract.onnx().load(path).into_model()
+    produced = [o.name for o in model.graph.output]    # tract names outputs by their node; the order is the graph's
+    runnable = typed.into_runnable()
 
     def run(outputs, feeds):
-        result = compiled(feeds)
-        return [np.asarray(result[compiled.output(name)]) for name in outputs]
+        by_name = dict(zip(produced, runnable.run([np.asarray(feeds[n]) for n in names])))
+        return [by_name[name].to_numpy() for name in outputs]
+    return run
+
+
+def _tvm(model) -> Runner:
+    """TVM's Relax ONNX frontend, built for the host CPU (llvm)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    mod = from_onnx(model, keep_params_in_input=False)
+    vm = relax.VirtualMachine(relax.build(mod, target="llvm"), tvm.cpu())
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    produced = [o.name for o in model.graph.output]
+
+    def run(outputs, feeds):
+        result = vm["main"](*[tvm.nd.array(np.asarray(feeds[n])) for n in names])
+        result = [result] if len(produced) == 1 else list(result)
+        by_name = {n: r.numpy() for n, r in zip(produced, result)}
+        return [by_name[name] for name in outputs]
     return run
 
 
 BASELINE = _ort("ORT_DISABLE_ALL")
+THREADS = (1, 2)
+# the runtimes verify looks for beyond onnxruntime and the ONNX reference: (name, module to import)
+OPTIONAL = (("openvino", "openvino"), ("tract", "tract"), ("tvm", "tvm"))
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
 
 
 def installed() -> list[Runtime]:
-    """Every runtime configuration available here, the baseline first."""
-    found = [BASELINE, _ort("ORT_ENABLE_ALL"), Runtime("onnx.reference", "ReferenceEvaluator", _reference)]
-    try:
-        import openvino  # noqa: F401
-        found.append(Runtime("openvino", "CPU f32", _openvino))
-    except ImportError:
-        pass
+    """Every runtime configuration available here, the baseline first: onnxruntime at every optimization
+    level with 1 and 2 intra-op threads, the ONNX reference evaluator, OpenVINO at f32 and at its default
+    precision, tract and TVM. OpenVINO's default precision, tract and TVM are informational."""
+    found = [BASELINE] + [_ort(level, t) for level in OPTIMIZATION.values() for t in THREADS]
+    found.append(Runtime("onnx.reference", "ReferenceEvaluator", _reference))
+    if _importable("openvino"):
+        found.append(Runtime("openvino", "CPU f32", _openvino("f32")))
+        precision = _openvino_default_precision()
+        found.append(Runtime("openvino", f"CPU default ({precision})", _openvino(None), supported=False,
+                             note=precision))
+    if _importable("tract"):
+        found.append(Runtime("tract", "CPU", _tract, supported=False, note="not in the README's supported list"))
+    if _importable("tvm"):
+        found.append(Runtime("tvm", "llvm", _tvm, supported=False, note="not in the README's supported list"))
     return found
+
+
+def missing() -> list[str]:
+    """The optional runtimes verify checks for that are not installed here."""
+    return [name for name, module in OPTIONAL if not _importable(module)]
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -170,10 +237,10 @@ def first_divergence(model: onnx.ModelProto, feeds: dict, runtime: Runtime) -> s
     sum differ by ULPs everywhere, an integer step is what moves the losses), as text. onnxruntime with
     optimizations runs its own optimized graph: that graph's nodes are compared (run unoptimized), so a
     fused node (QLinearSoftmax, QGemm, …) can be named."""
-    graph_model = _ort_optimized(model, runtime.config) if runtime.name == "onnxruntime" else model
+    graph_model = _ort_optimized(model, runtime.settings) if runtime.settings is not None else model
     names = [o for node in graph_model.graph.node for o in node.output if o]
     base_values = _values(model, feeds, BASELINE, names)
-    runner = BASELINE if runtime.name == "onnxruntime" else runtime
+    runner = BASELINE if runtime.settings is not None else runtime
     values = _values(graph_model, feeds, runner, [n for n in names if n in base_values])
     found = []
     for node in graph_model.graph.node:
@@ -216,10 +283,10 @@ def _values(model, feeds, runtime: Runtime, names: list[str]) -> dict:
     return dict(zip(available, runtime.make(probed)(available, feeds)))
 
 
-def _ort_optimized(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
+def _ort_optimized(model: onnx.ModelProto, settings: SessionSettings) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, settings=_settings(level), optimized_path=path)
+        make_session(model, settings=settings, optimized_path=path)
         return onnx.load(path)
 
 
@@ -290,7 +357,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs
     base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
     rows = []
     for runtime in installed() if runtimes is None else runtimes:
-        row = {"runtime": runtime.name, "config": runtime.config}
+        row = {"runtime": runtime.name, "config": runtime.config, "supported": runtime.supported}
         try:
             got = chain(train, contract, state, batches, runtime, seed, lrs)
             diff = first_difference(base, got)
@@ -302,12 +369,25 @@ def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs
                 k, what = diff
                 step_in = step_feeds(contract, *batches[k], seed, k, lrs[k], state if k == 0 else base[k - 1].state)
                 row["first_divergence"] = f"step {k}, {what}: {first_divergence(train, step_in, runtime)}"
+            same = row["identical"] and row["integer_part"]
+            row["result"] = "identical" if same else "DIFFERS" if runtime.supported else \
+                f"differs (informational: {runtime.note})"
         except Exception as exc:            # a runtime that cannot run the graph is a result, not a crash
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             row.update(identical=False, integer_part=False, eval=False,
-                       first_divergence=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                       result="CANNOT RUN" if runtime.supported else "cannot run (informational)",
+                       first_divergence=f"{runtime.name}: cannot run: {type(exc).__name__}: {reason}")
         logging.getLogger("fgcompile.verify").info("%s %s: %s", runtime.name, runtime.config, row)
         rows.append(row)
+    if runtimes is None:
+        rows += [{"runtime": name, "config": "-", "supported": False, "identical": None, "integer_part": None,
+                  "eval": None, "result": "not installed (informational)"} for name in missing()]
     return rows
+
+
+def failing(rows: list[dict]) -> list[dict]:
+    """The rows that make `verify` exit nonzero: a supported runtime that differs or cannot run the graph."""
+    return [r for r in rows if r["supported"] and not (r["identical"] and r["integer_part"])]
 
 
 def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32,
@@ -325,7 +405,7 @@ def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32,
 
 
 def format_rows(rows: list[dict]) -> str:
-    yes = lambda v: "yes" if v else "NO"
-    return "\n".join(format_table(("runtime", "config", "identical", "integer part", "eval", "first divergence"),
-                                  [(r["runtime"], r["config"], yes(r["identical"]), yes(r["integer_part"]),
+    yes = lambda v: "-" if v is None else "yes" if v else "NO"
+    return "\n".join(format_table(("runtime", "config", "result", "integer part", "eval", "first divergence"),
+                                  [(r["runtime"], r["config"], r["result"], yes(r["integer_part"]),
                                     yes(r["eval"]), r.get("first_divergence", "-")) for r in rows]))
