@@ -11,6 +11,7 @@ differs from the baseline (onnxruntime with graph optimizations off, which runs 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import tempfile
@@ -34,21 +35,26 @@ Runner = Callable[[list[str], dict], list[np.ndarray]]
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
+    """supported: the README calls it supported, so verify exits nonzero when it differs; else its row is
+    informational and `note` says why (e.g. "bf16": it runs float ops at a lower precision)."""
     name: str
     config: str
     make: Callable[[onnx.ModelProto], Runner]
+    settings: SessionSettings | None = None     # onnxruntime's
+    supported: bool = True
+    note: str = ""
 
 
-def _ort(level: str) -> Runtime:
-    """onnxruntime at optimization `level` (named as onnxruntime names it, e.g. ORT_DISABLE_ALL)."""
+def _ort(level: str, threads: int = 0) -> Runtime:
+    """onnxruntime at optimization `level` (named as onnxruntime names it, e.g. ORT_DISABLE_ALL) with
+    `threads` intra-op threads (0: onnxruntime's default)."""
+    settings = SessionSettings(optimization=next(k for k, v in OPTIMIZATION.items() if v == level), threads=threads)
+
     def make(model):
-        sess = make_session(model, settings=_settings(level))
+        sess = make_session(model, settings=settings)
         return lambda outputs, feeds: sess.run(outputs, feeds)
-    return Runtime("onnxruntime", level, make)
-
-
-def _settings(level: str) -> SessionSettings:
-    return SessionSettings(optimization=next(k for k, v in OPTIMIZATION.items() if v == level))
+    config = level + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
+    return Runtime("onnxruntime", config, make, settings)
 
 
 def _reference(model) -> Runner:
@@ -57,31 +63,93 @@ def _reference(model) -> Runner:
     return lambda outputs, feeds: evaluator.run(outputs, feeds)
 
 
-def _openvino(model) -> Runner:
+def _openvino(precision: str | None) -> Callable[[onnx.ModelProto], Runner]:
+    """OpenVINO's CPU plugin at `precision` (None: its default, bf16 or f16 where the CPU has them)."""
+    def make(model):
+        import openvino as ov
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
+
+        def run(outputs, feeds):
+            result = compiled(feeds)
+            return [np.asarray(result[compiled.output(name)]) for name in outputs]
+        return run
+    return make
+
+
+def _openvino_default_precision() -> str:
     import openvino as ov
-    core = ov.Core()
-    # f32: the CPU plugin would otherwise run float ops in bf16 where the CPU has it
-    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def _tract(model) -> Runner:
+    """tract (the `tract` package), its symbolic batch axis left as the model declares it."""
+    import tract
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path)
+        typed = tract.onnx().load(path).into_model()
+    produced = [o.name for o in model.graph.output]    # tract names outputs by their node; the order is the graph's
+    runnable = typed.into_runnable()
 
     def run(outputs, feeds):
-        result = compiled(feeds)
-        return [np.asarray(result[compiled.output(name)]) for name in outputs]
+        by_name = dict(zip(produced, runnable.run([np.asarray(feeds[n]) for n in names])))
+        return [by_name[name].to_numpy() for name in outputs]
+    return run
+
+
+def _tvm(model) -> Runner:
+    """TVM's Relax ONNX frontend, built for the host CPU (llvm)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    mod = from_onnx(model, keep_params_in_input=False)
+    vm = relax.VirtualMachine(relax.build(mod, target="llvm"), tvm.cpu())
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    produced = [o.name for o in model.graph.output]
+
+    def run(outputs, feeds):
+        result = vm["main"](*[tvm.nd.array(np.asarray(feeds[n])) for n in names])
+        result = [result] if len(produced) == 1 else list(result)
+        by_name = {n: r.numpy() for n, r in zip(produced, result)}
+        return [by_name[name] for name in outputs]
     return run
 
 
 BASELINE = _ort("ORT_DISABLE_ALL")
+THREADS = (1, 2)
+# the runtimes verify looks for beyond onnxruntime and the ONNX reference: (name, module to import)
+OPTIONAL = (("openvino", "openvino"), ("tract", "tract"), ("tvm", "tvm"))
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
 
 
 def installed() -> list[Runtime]:
-    """Every runtime configuration available here, the baseline first."""
-    found = [BASELINE, _ort("ORT_ENABLE_ALL"), Runtime("onnx.reference", "ReferenceEvaluator", _reference)]
-    try:
-        import openvino  # noqa: F401
-        found.append(Runtime("openvino", "CPU f32", _openvino))
-    except ImportError:
-        pass
+    """Every runtime configuration available here, the baseline first: onnxruntime at every optimization
+    level with 1 and 2 intra-op threads, the ONNX reference evaluator, OpenVINO at f32 and at its default
+    precision, tract and TVM. OpenVINO's default precision, tract and TVM are informational."""
+    found = [BASELINE] + [_ort(level, t) for level in OPTIMIZATION.values() for t in THREADS]
+    found.append(Runtime("onnx.reference", "ReferenceEvaluator", _reference))
+    if _importable("openvino"):
+        found.append(Runtime("openvino", "CPU f32", _openvino("f32")))
+        precision = _openvino_default_precision()
+        found.append(Runtime("openvino", f"CPU default ({precision})", _openvino(None), supported=False,
+                             note=precision))
+    if _importable("tract"):
+        found.append(Runtime("tract", "CPU", _tract, supported=False, note="not in the README's supported list"))
+    if _importable("tvm"):
+        found.append(Runtime("tvm", "llvm", _tvm, supported=False, note="not in the README's supported list"))
     return found
+
+
+def missing() -> list[str]:
+    """The optional runtimes verify checks for that are not installed here."""
+    return [name for name, module in OPTIONAL if not _importable(module)]
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -106,19 +174,24 @@ class StepRecord:
 
 
 def chain(train: onnx.ModelProto, contract: Contract, state: dict, batches: list, runtime: Runtime,
-          seed: int = 0) -> list[StepRecord]:
-    """len(batches) chained steps on `runtime`: each step's state is the previous step's output there."""
+          seed: int = 0, lrs: list[int] | None = None) -> list[StepRecord]:
+    """len(batches) chained steps on `runtime`: each step's state is the previous step's output there.
+    lrs: step k's lr numerator (default: the compiled rate at every step)."""
     probes, outputs = contract.probes, contract.outputs
     model = with_outputs(train, probes.z + [probes.coefficients])
     run = runtime.make(model)
     names = probes.z + [probes.coefficients, outputs.loss_plus, outputs.loss_minus] + [s.output for s in contract.state]
     records = []
     for k, (x, y) in enumerate(batches):
-        out = run(names, step_feeds(contract, x, y, seed, k, contract.lr_numerator.default, state))
+        out = run(names, step_feeds(contract, x, y, seed, k, _lr(contract, lrs, k), state))
         zs, (c, lp, lm), new = out[:len(probes.z)], out[len(probes.z):len(probes.z) + 3], out[len(probes.z) + 3:]
         state = {s.name: v for s, v in zip(contract.state, new)}
         records.append(StepRecord(zs, c, state, np.stack([lp, lm])))
     return records
+
+
+def _lr(contract: Contract, lrs: list[int] | None, k: int) -> int:
+    return contract.lr_numerator.default if lrs is None else lrs[k]
 
 
 def integer_part(train: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
@@ -131,7 +204,7 @@ def integer_part(train: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
 
 
 def chain_integer_part(part: onnx.ModelProto, contract: Contract, state: dict, coefficients: list[np.ndarray],
-                       runtime: Runtime, seed: int = 0) -> list[StepRecord]:
+                       runtime: Runtime, seed: int = 0, lrs: list[int] | None = None) -> list[StepRecord]:
     """Chained steps of the integer part with the given cᵢ per step."""
     run = runtime.make(part)
     probes = contract.probes
@@ -139,7 +212,7 @@ def chain_integer_part(part: onnx.ModelProto, contract: Contract, state: dict, c
     records = []
     for k, c in enumerate(coefficients):
         feeds = {probes.coefficients: np.asarray(c, np.int32), **state,
-                 **scalar_feeds(contract, seed, k, contract.lr_numerator.default)}
+                 **scalar_feeds(contract, seed, k, _lr(contract, lrs, k))}
         out = run(names, feeds)
         state = {s.name: v for s, v in zip(contract.state, out[len(probes.z):])}
         records.append(StepRecord(out[:len(probes.z)], np.asarray(c), state, np.zeros(0)))
@@ -164,10 +237,10 @@ def first_divergence(model: onnx.ModelProto, feeds: dict, runtime: Runtime) -> s
     sum differ by ULPs everywhere, an integer step is what moves the losses), as text. onnxruntime with
     optimizations runs its own optimized graph: that graph's nodes are compared (run unoptimized), so a
     fused node (QLinearSoftmax, QGemm, …) can be named."""
-    graph_model = _ort_optimized(model, runtime.config) if runtime.name == "onnxruntime" else model
+    graph_model = _ort_optimized(model, runtime.settings) if runtime.settings is not None else model
     names = [o for node in graph_model.graph.node for o in node.output if o]
     base_values = _values(model, feeds, BASELINE, names)
-    runner = BASELINE if runtime.name == "onnxruntime" else runtime
+    runner = BASELINE if runtime.settings is not None else runtime
     values = _values(graph_model, feeds, runner, [n for n in names if n in base_values])
     found = []
     for node in graph_model.graph.node:
@@ -210,15 +283,49 @@ def _values(model, feeds, runtime: Runtime, names: list[str]) -> dict:
     return dict(zip(available, runtime.make(probed)(available, feeds)))
 
 
-def _ort_optimized(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
+def _ort_optimized(model: onnx.ModelProto, settings: SessionSettings) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, settings=_settings(level), optimized_path=path)
+        make_session(model, settings=settings, optimized_path=path)
         return onnx.load(path)
 
 
-def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
-    """Run `steps` chained steps of the compiled folder on every installed runtime; one row each:
+def trainer_batches(trainer, data, steps: int, epochs: int, batch: int | None, schedule: str | None = None,
+                    lr: float | None = None) -> tuple[list, list[int], str | None]:
+    """(batches, lr numerators, a note) of the trainer's steps 0..steps-1 on `data` (None: seeded synthetic
+    examples): the plan, permutation and rate that `fgcompile train OUT --data DATA --epochs E --batch B`
+    takes (runtime/loop.py's plan and batch_order, runtime/rate.py's choose: OUT/tune.json's choice is
+    honoured as train honours it). batch None: the model's fixed batch, else RunDefaults.batch."""
+    from fgcompile.errors import SpecError
+    from fgcompile.session import class_count, input_dtype, input_shape
+    from fgcompile.spec import RunDefaults
+    from . import loop, rate
+    from .data import Inputs
+
+    program = trainer.program
+    batch = batch if batch is not None else (program.fixed_batch or RunDefaults.batch)
+    peak, schedule, note = rate.choose(trainer.contract, lr, schedule, epochs, trainer.out, trainer.train_sha256)
+    if data is not None:
+        x, y = trainer.load_data(data)
+    else:   # enough examples that the plan covers the steps
+        names, sess = trainer.contract.data_inputs, program.eval
+        n = batch * max(4, -(-steps // epochs))
+        arrays = {name: _synthetic(input_shape(sess, name), class_count(sess), batch, input_dtype(sess, name),
+                                   trainer.contract.head, n) for name in names}
+        x, y = arrays[names[0]] if len(names) == 1 else (Inputs({k: a[0] for k, a in arrays.items()}),
+                                                          arrays[names[0]][1])
+    plan = loop.plan(program, data, len(y), epochs, batch, schedule, peak)
+    if steps > plan.total:
+        raise SpecError(f"--steps {steps}: the run trains only {plan.total} steps ({epochs} epochs of "
+                        f"{plan.per_epoch} batches of {plan.batch}). Pass --steps {plan.total} or fewer, or more --epochs.")
+    order = [idx for _, _, _, idx in itertools.islice(loop.batch_order(program.spec.seed, plan, 0), steps)]
+    return [(x[idx], y[idx]) for idx in order], [plan.lr_at(k) for k in range(steps)], note
+
+
+def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs: int | None = None,
+           schedule: str | None = None, lr: float | None = None, runtimes: list[Runtime] | None = None) -> list[dict]:
+    """Run the trainer's steps 0..steps-1 of the compiled folder (from its initial state, with the batches,
+    seed and lr numerators `fgcompile train` feeds: trainer_batches) on every installed runtime; one row each:
     runtime, config, identical (z, coefficients and state of every step), integer_part (the same with
     the baseline's cᵢ fed in), eval (eval.onnx outputs on the first batch), first_divergence."""
     import pathlib
@@ -226,9 +333,8 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     from fgcompile import modelio
     from fgcompile.artifact import LAYOUT
     from fgcompile.errors import FgcompileError, SpecError
-    from fgcompile.session import class_count, input_dtype, input_shape
-    from .data import Inputs, feeds
-    from .sink import latest_state
+    from fgcompile.spec import RunDefaults
+    from .data import feeds
     from .trainer import Trainer
 
     if not 1 <= steps <= MAX_STEPS:
@@ -239,59 +345,59 @@ def verify(out_dir, steps: int = 20, data=None, batch: int = 32) -> list[dict]:
     contract = trainer.contract
     if contract.probes is None:
         raise FgcompileError(f"{out}: compiled by an fgcompile without conformance probes. Compile it again.")
-    state = latest_state(out)
-    sess = make_session(eval_model)
-    shape = input_shape(sess, contract.inputs.data)
-    if data is not None:
-        x, y = trainer.load_data(data)
-    else:
-        names = contract.data_inputs
-        arrays = {n: _synthetic(input_shape(sess, n), class_count(sess), batch, input_dtype(sess, n), contract.head)
-                  for n in names}
-        x, y = arrays[names[0]] if len(names) == 1 else (Inputs({n: a[0] for n, a in arrays.items()}),
-                                                          arrays[names[0]][1])
-    batch = shape[0] if isinstance(shape[0], int) else min(batch, len(y))
-    starts = [(k * batch) % max(len(y) - batch + 1, 1) for k in range(steps)]
-    batches = [(x[s:s + batch], y[s:s + batch]) for s in starts]
-    base = chain(train, contract, state, batches, BASELINE)
+    state, seed = trainer.initial_state, trainer.spec.seed
+    batches, lrs, _ = trainer_batches(trainer, data, steps, epochs or RunDefaults.epochs, batch, schedule, lr)
+    base = chain(train, contract, state, batches, BASELINE, seed, lrs)
     part = integer_part(train, contract)
     coefficients = [r.coefficients for r in base]
-    base_part = chain_integer_part(part, contract, state, coefficients, BASELINE)
+    base_part = chain_integer_part(part, contract, state, coefficients, BASELINE, seed, lrs)
     params = {s.name for s in contract.parameters()}   # eval.onnx takes no training buffers
     eval_feeds = {**feeds(contract.inputs.data, batches[0][0]), **{k: v for k, v in state.items() if k in params}}
     eval_out = [eval_model.graph.output[0].name]
     base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
     rows = []
-    for runtime in installed():
-        row = {"runtime": runtime.name, "config": runtime.config}
+    for runtime in installed() if runtimes is None else runtimes:
+        row = {"runtime": runtime.name, "config": runtime.config, "supported": runtime.supported}
         try:
-            got = chain(train, contract, state, batches, runtime)
+            got = chain(train, contract, state, batches, runtime, seed, lrs)
             diff = first_difference(base, got)
             row["identical"] = diff is None
             row["integer_part"] = first_difference(
-                base_part, chain_integer_part(part, contract, state, coefficients, runtime)) is None
+                base_part, chain_integer_part(part, contract, state, coefficients, runtime, seed, lrs)) is None
             row["eval"] = _same(runtime.make(eval_model)(eval_out, eval_feeds)[0], base_eval)
             if diff is not None:
                 k, what = diff
-                feeds = step_feeds(contract, *batches[k], contract.spec.seed, k, contract.lr_numerator.default,
-                                   state if k == 0 else base[k - 1].state)
-                row["first_divergence"] = f"step {k}, {what}: {first_divergence(train, feeds, runtime)}"
+                step_in = step_feeds(contract, *batches[k], seed, k, lrs[k], state if k == 0 else base[k - 1].state)
+                row["first_divergence"] = f"step {k}, {what}: {first_divergence(train, step_in, runtime)}"
+            same = row["identical"] and row["integer_part"]
+            row["result"] = "identical" if same else "DIFFERS" if runtime.supported else \
+                f"differs (informational: {runtime.note})"
         except Exception as exc:            # a runtime that cannot run the graph is a result, not a crash
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             row.update(identical=False, integer_part=False, eval=False,
-                       first_divergence=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                       result="CANNOT RUN" if runtime.supported else "cannot run (informational)",
+                       first_divergence=f"{runtime.name}: cannot run: {type(exc).__name__}: {reason}")
         logging.getLogger("fgcompile.verify").info("%s %s: %s", runtime.name, runtime.config, row)
         rows.append(row)
+    if runtimes is None:
+        rows += [{"runtime": name, "config": "-", "supported": False, "identical": None, "integer_part": None,
+                  "eval": None, "result": "not installed (informational)"} for name in missing()]
     return rows
 
 
+def failing(rows: list[dict]) -> list[dict]:
+    """The rows that make `verify` exit nonzero: a supported runtime that differs or cannot run the graph."""
+    return [r for r in rows if r["supported"] and not (r["identical"] and r["integer_part"])]
+
+
 def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32,
-               head: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
+               head: str = "softmax", examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded uniform [0, 1) inputs of the model's input shape (integer inputs: ids 0 and 1, valid for any
     vocabulary of two or more) and random labels (a Sigmoid head's: 0/1, [n, K] for K > 1), when no data
     is given."""
     rng = np.random.default_rng(0)
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
-    n = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 4 * batch
+    n = examples or (shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 4 * batch)
     x = rng.integers(0, 2, [n] + dims) if np.issubdtype(np.dtype(dtype), np.integer) else rng.uniform(0, 1, [n] + dims)
     if head == "sigmoid":
         return x.astype(dtype), rng.integers(0, 2, n if classes == 1 else (n, classes or 1)).astype(np.int64)
@@ -299,7 +405,7 @@ def _synthetic(shape: list, classes: int | None, batch: int, dtype=np.float32,
 
 
 def format_rows(rows: list[dict]) -> str:
-    yes = lambda v: "yes" if v else "NO"
-    return "\n".join(format_table(("runtime", "config", "identical", "integer part", "eval", "first divergence"),
-                                  [(r["runtime"], r["config"], yes(r["identical"]), yes(r["integer_part"]),
+    yes = lambda v: "-" if v is None else "yes" if v else "NO"
+    return "\n".join(format_table(("runtime", "config", "result", "integer part", "eval", "first divergence"),
+                                  [(r["runtime"], r["config"], r["result"], yes(r["integer_part"]),
                                     yes(r["eval"]), r.get("first_divergence", "-")) for r in rows]))
