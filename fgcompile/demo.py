@@ -11,7 +11,7 @@ splits.
 from __future__ import annotations
 
 from fgcompile import models, modelio
-from fgcompile.adapt import before_after_table, is_detection, plot_history, run_adapt   # noqa: F401 (re-exported)
+from fgcompile.adapt import run_adapt
 from fgcompile.inspection import format_inspection, inspect_model
 from fgcompile.errors import SpecError
 from fgcompile.spec import TrainSpec

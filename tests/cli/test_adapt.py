@@ -2,6 +2,7 @@
 trains, train, export), bit for bit; --replay is the same as training on the concatenated file; the demo's
 --quiet prints the table and the files only; adapt's bad input is refused before anything is written."""
 import json
+import os
 
 import numpy as np
 import onnx
@@ -90,7 +91,15 @@ ADAPT_CASES = {
     "missing replay file": (lambda s: ["--replay", s / "nope.npz"], "nope.npz"),
     "source of another model": (lambda s: ["--source", DATA / "kws_source_test.npz"], "model input is"),
     "zero epochs": (lambda s: ["--epochs", 0], "--epochs 0"),
+    "replay is a folder": (lambda s: ["--replay", s], "is a folder, not a data file"),
+    "replay is a FIFO": (lambda s: ["--replay", fifo(s / "pipe")], "is a FIFO"),
 }
+
+
+def fifo(path):
+    if not path.exists():
+        os.mkfifo(path)
+    return path
 
 
 @pytest.mark.parametrize("case", list(ADAPT_CASES))
@@ -122,3 +131,9 @@ def test_eval_reports_each_data_file(tmp_path):
     text = invoke("eval", CNN, "--data", target, "--data", source).output.splitlines()
     assert len(text) == 2 and text[1].startswith(str(source)) and "accuracy 0.9650" in text[1]
     refused(invoke("eval", CNN, "--data", target, "--data", DATA / "kws_source_test.npz"), "model input is")
+
+
+def test_adapt_refuses_an_output_that_is_a_file(tmp_path, small):
+    (tmp_path / "a").write_text("the user's")
+    refused(invoke("adapt", CNN, "--data", small / "target.npz", "-o", tmp_path / "a"), "exists and is not a folder")
+    assert (tmp_path / "a").read_text() == "the user's"

@@ -5,7 +5,7 @@ import onnx
 
 from conftest import MODELS
 from fgcompile import models
-from fgcompile.demo import before_after_table
+from fgcompile.adapt import before_after_table
 from test_bad_input_catalogue import invoke, refused, snapshot
 
 
