@@ -34,9 +34,9 @@ def default_out(model) -> pathlib.Path:
     return pathlib.Path(f"{pathlib.Path(model).stem}-adapted")
 
 
-def prepare(out, model_path, kind: str, force: bool) -> pathlib.Path:
-    """OUT made ready for a run of `kind`: new, empty, or an earlier run's of that kind, whose compiled folder,
-    ADAPTED and PLOT the run replaces. Files the user added to OUT/compiled would go with it: they need force."""
+def check_out(out, model_path, kind: str, force: bool) -> None:
+    """Refuse OUT unless it is new, empty, or an earlier run's of `kind`, whose compiled folder, ADAPTED and
+    PLOT the run replaces. Files the user added to OUT/compiled would go with it: they need force."""
     out = pathlib.Path(out)
     folder.recover(out)
     folder.check_replaceable(out, [model_path], kind=kind)
@@ -44,6 +44,10 @@ def prepare(out, model_path, kind: str, force: bool) -> pathlib.Path:
     for name in (ADAPTED, PLOT):
         if (out / name).is_dir():
             raise OutputError(f"{out / name}: is a folder; {kind} writes its {name} there. Move it away.")
+
+
+def make_out(out: pathlib.Path, kind: str) -> None:
+    """OUT created and marked as a `kind` folder of fgcompile's (kept as it is if it already is one)."""
     if not (out / LAYOUT.marker).exists():
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +55,6 @@ def prepare(out, model_path, kind: str, force: bool) -> pathlib.Path:
             raise OutputError(f"{modelio.real_path(out)}: cannot write here ({exc.strerror}). Pass -o DIR with a "
                               "writable folder.") from None
         modelio.save_json(out / LAYOUT.marker, {"kind": kind})
-    return out
 
 
 def run_adapt(model, data, out=None, epochs: int = RunDefaults.adapt_epochs, batch: int = RunDefaults.batch,
@@ -67,7 +70,7 @@ def run_adapt(model, data, out=None, epochs: int = RunDefaults.adapt_epochs, bat
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SpecError(f"{flag} {value!r}: takes a whole number of at least 1.")
     out = pathlib.Path(out if out is not None else default_out(model))
-    folder.check_replaceable(out, [model], kind=kind)   # refused before anything is read
+    check_out(out, model, kind, force)   # refused before anything is read
     source_model = modelio.load_model(model)
     sets = {"target_test" if val is not None else "target_train": val if val is not None else data}
     if source is not None:
@@ -79,7 +82,7 @@ def run_adapt(model, data, out=None, epochs: int = RunDefaults.adapt_epochs, bat
     if replay is not None:
         train = replayed(train, replay)
     compiled = compile_model(source_model, spec, calibration=train[0])  # whitening calibrates on what it trains on
-    prepare(out, model, kind, force)   # the first write, once every input has been read and checked
+    make_out(out, kind)   # the first write, once every input has been read and checked
     write_compiled(compiled, out / "compiled", force, source_path=model, own_training=True)
     echo(f"compiled: {out / 'compiled'}")
     for line in describe_compile(compiled.contract):

@@ -83,10 +83,16 @@ def _openvino_default_precision() -> str:
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
 
 
+def _data_inputs(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs a runner feeds, in order (those that are not also initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
 def _tract(model) -> Runner:
     """tract (the `tract` package), its symbolic batch axis left as the model declares it."""
     import tract
-    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    names = _data_inputs(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         onnx.save(model, path)
@@ -107,7 +113,7 @@ def _tvm(model) -> Runner:
     from tvm.relax.frontend.onnx import from_onnx
     mod = from_onnx(model, keep_params_in_input=False)
     vm = relax.VirtualMachine(relax.build(mod, target="llvm"), tvm.cpu())
-    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    names = _data_inputs(model)
     produced = [o.name for o in model.graph.output]
 
     def run(outputs, feeds):
