@@ -23,6 +23,7 @@ import onnx
 from fgcompile.artifact import Contract
 from fgcompile.report import format_table
 from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
+from fgcompile.passes.replay import COEFFICIENTS, replay_graph
 from .step import scalar_feeds, step_feeds
 
 # verify runs every step on each installed runtime and holds each step's z and state (baseline and the runtime
@@ -201,27 +202,22 @@ def _lr(contract: Contract, lrs: list[int] | None, k: int) -> int:
 
 
 def integer_part(train: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
-    """The graph from (cᵢ, seed, step, lr, state) to (z, next state): what fgcompile guarantees."""
-    probes, io = contract.probes, contract.inputs
-    inputs = [probes.coefficients, io.seed, io.step, io.lr] + [s.name for s in contract.state]
-    outputs = probes.z + [s.output for s in contract.state]
-    inferred = onnx.shape_inference.infer_shapes(train)
-    return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
+    """The graph from (cᵢ, seed, step, lr, state) to (next state, z): what fgcompile guarantees (the replay
+    graph, passes/replay.py, with the zᵢ as outputs too)."""
+    return replay_graph(train, contract, extra=tuple(contract.probes.z))
 
 
 def chain_integer_part(part: onnx.ModelProto, contract: Contract, state: dict, coefficients: list[np.ndarray],
                        runtime: Runtime, seed: int = 0, lrs: list[int] | None = None) -> list[StepRecord]:
     """Chained steps of the integer part with the given cᵢ per step."""
     run = runtime.make(part)
-    probes = contract.probes
-    names = probes.z + [s.output for s in contract.state]
+    names = [s.output for s in contract.state] + contract.probes.z
     records = []
     for k, c in enumerate(coefficients):
-        feeds = {probes.coefficients: np.asarray(c, np.int32), **state,
-                 **scalar_feeds(contract, seed, k, _lr(contract, lrs, k))}
+        feeds = {COEFFICIENTS: np.asarray(c, np.int32), **state, **scalar_feeds(contract, seed, k, _lr(contract, lrs, k))}
         out = run(names, feeds)
-        state = {s.name: v for s, v in zip(contract.state, out[len(probes.z):])}
-        records.append(StepRecord(out[:len(probes.z)], np.asarray(c), state, np.zeros(0)))
+        state = {s.name: v for s, v in zip(contract.state, out)}
+        records.append(StepRecord(out[len(state):], np.asarray(c), state, np.zeros(0)))
     return records
 
 

@@ -344,13 +344,29 @@ def update(c: dict, state: dict, grads: dict, lr: int, seed: int, step_no: int) 
     return new
 
 
+def applied(c: dict, state: dict, coef, zs: dict, seed: int, step_no: int, lr: int) -> dict:
+    """The new state of a step whose coefficients are `coef` (zs: the step's, momentum-guided when on)."""
+    new = update(c, state, gradient(c, coef, zs, state, seed, step_no), lr, seed, step_no)
+    if len(parameters(c)) < len(c["state"]):
+        new.update(momentum_next(c, state, coef, zs))
+    return new
+
+
+def replay(c: dict, state: dict, coef, seed: int, step_no: int, lr: int) -> dict:
+    """A weight-perturbation step replayed from its coefficients alone (what a server does with a device's
+    upload): the same zᵢ from (seed, step), no data, no forward."""
+    zs = perturbations(c, seed, step_no)
+    if c["spec"].get("momentum", 0) > 0:
+        zs = momentum_guided(c, zs, state, seed, step_no)
+    return applied(c, state, np.asarray(coef, np.int64), zs, seed, step_no, lr)
+
+
 def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int) -> tuple[dict, dict]:
     """One QZO-FF step (step number step_no of a run seeded `seed`): returns (new state, diagnostics
     with the losses and coefficients)."""
     assert c["stream"] == STREAM, c["stream"]
     spec = c["spec"]
     m, eps = spec["m"], spec["eps"]
-    buffered = len(parameters(c)) < len(c["state"])
     zs = perturbations(c, seed, step_no)
     if spec.get("momentum", 0) > 0:
         zs = momentum_guided(c, zs, state, seed, step_no)
@@ -362,9 +378,7 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
                                     s["qmin"], s["qmax"]).astype(s["dtype"]) for s in parameters(c)}
             out.append(loss(oracle.logits(x, w), y, spec["loss"]))
     coef = coefficients(lp, lm, c)
-    new = update(c, state, gradient(c, coef, zs, state, seed, step_no), lr, seed, step_no)
-    if buffered:
-        new.update(momentum_next(c, state, coef, zs))
+    new = applied(c, state, coef, zs, seed, step_no, lr)
     # |d| / (τ·max|L|): between 1/2 and 2 a runtime's few-ULP rounding can land on either side of a tie
     d = np.array(lp, np.float32) - np.array(lm, np.float32)
     scale = np.maximum(np.abs(np.array(lp, np.float32)), np.abs(np.array(lm, np.float32)))
