@@ -115,25 +115,35 @@ def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.fft.irfft(spectrum, n)
 
 
-def room_impulse() -> np.ndarray:
-    """A fixed 80 ms exponentially decaying reverb tail (RT60 ~0.12 s) after the direct path."""
-    rng = np.random.default_rng([SEED, 1])
-    t = np.arange(int(0.08 * RATE)) / RATE
-    ir = 0.3 * rng.standard_normal(len(t)) * np.exp(-6.9 * t / 0.12)
+def room_impulse(length_s: float = 0.08, rt60_s: float = 0.12, rng: np.random.Generator | None = None) -> np.ndarray:
+    """An exponentially decaying reverb tail after the direct path; the defaults are the target room's
+    fixed 80 ms tail (RT60 ~0.12 s, drawn from rng([SEED, 1]))."""
+    rng = np.random.default_rng([SEED, 1]) if rng is None else rng
+    t = np.arange(int(length_s * RATE)) / RATE
+    ir = 0.3 * rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60_s)
     ir[0] = 1.0
     return ir / np.sqrt(np.sum(ir ** 2))
 
 
-def device(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The target microphone: 300-3400 Hz band-pass, room reverb, then pink noise and 50 Hz hum (with
-    its odd harmonics) together at SNR_DB below the clip's power."""
-    heard = fftconvolve(sosfilt(DEVICE_FILTER, clip), ROOM)[:len(clip)]
+def band_pass(low_hz: float, high_hz: float) -> np.ndarray:
+    """A microphone's 4th-order Butterworth band-pass as second-order sections."""
+    return butter(4, [low_hz, high_hz], btype="bandpass", fs=RATE, output="sos")
+
+
+def device(clip: np.ndarray, rng: np.random.Generator, sos: np.ndarray | None = None, room: np.ndarray | None = None,
+           snr_db: float = SNR_DB, hum_hz: float = 50.0) -> np.ndarray:
+    """A microphone in a room: band-pass `sos`, reverb `room`, then pink noise and `hum_hz` mains hum (with
+    its odd harmonics) together at `snr_db` below the clip's power. The defaults are the target microphone
+    (300-3400 Hz, ROOM, 30 dB, 50 Hz); recipes/fleet_data.py draws them per device."""
+    sos = DEVICE_FILTER if sos is None else sos
+    room = ROOM if room is None else room
+    heard = fftconvolve(sosfilt(sos, clip), room)[:len(clip)]
     t = np.arange(len(clip)) / RATE
     phase = rng.uniform(0, 2 * np.pi)
-    hum = sum(np.sin(2 * np.pi * 50 * h * t + h * phase) / h for h in (1, 3, 5))
+    hum = sum(np.sin(2 * np.pi * hum_hz * h * t + h * phase) / h for h in (1, 3, 5))
     noise = pink_noise(len(clip), rng)
     interference = noise / np.std(noise) + hum / np.std(hum)
-    gain = np.sqrt(np.mean(heard ** 2) / np.mean(interference ** 2) / 10 ** (SNR_DB / 10))
+    gain = np.sqrt(np.mean(heard ** 2) / np.mean(interference ** 2) / 10 ** (snr_db / 10))
     return heard + gain * interference
 
 
@@ -155,24 +165,35 @@ def log_mel(clips: np.ndarray) -> np.ndarray:
     return np.clip((db - DB_LO) / (DB_HI - DB_LO), 0.0, 1.0)
 
 
-DEVICE_FILTER = butter(4, [300.0, 3400.0], btype="bandpass", fs=RATE, output="sos")
+DEVICE_FILTER = band_pass(300.0, 3400.0)
 ROOM = room_impulse()
 MEL = mel_filterbank()
 
 
-def speaker_clips(s: dict) -> tuple[np.ndarray, np.ndarray]:
-    """One speaker's ten words as uint8 features [10, 40, 49] and labels; depends on nothing but `s`."""
-    rng = np.random.default_rng([SEED, 2, s["seed"]])
+def speaker_audio(s: dict, rng: np.random.Generator) -> np.ndarray:
+    """One speaker's ten words as clean 1 s clips [10, 16000], drawing speed, pitch, gain and placement
+    from `rng` (speaker_clips passes rng([SEED, 2, s["seed"]]))."""
     speed, pitch = int(rng.integers(120, 200)), int(rng.integers(25, 76))
     gain = 10 ** (rng.uniform(-12, 0) / 20)
     audio, rate = synthesize(f"{s['accent']}+{s['variant']}", speed, pitch)
     words = split_words(audio, rate)
     if len(words) != len(WORDS):
         raise RuntimeError(f"{s}: espeak-ng's recording split into {len(words)} words, not {len(WORDS)}")
-    clips = np.stack([place(gain * resample_poly(w, RATE, rate), rng) for w in words])
+    return np.stack([place(gain * resample_poly(w, RATE, rate), rng) for w in words])
+
+
+def features(clips: np.ndarray) -> np.ndarray:
+    """[N, 16000] audio -> uint8 codes [N, 40, 49] of log_mel (x_scale = 1/255 decodes them)."""
+    return np.round(255.0 * log_mel(clips)).astype(np.uint8)
+
+
+def speaker_clips(s: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One speaker's ten words as uint8 features [10, 40, 49] and labels; depends on nothing but `s`."""
+    rng = np.random.default_rng([SEED, 2, s["seed"]])
+    clips = speaker_audio(s, rng)
     if s["domain"] == "target":
         clips = np.stack([device(c, rng) for c in clips])
-    return np.round(255.0 * log_mel(clips)).astype(np.uint8), np.arange(len(WORDS), dtype=np.int64)
+    return features(clips), np.arange(len(WORDS), dtype=np.int64)
 
 
 def build(out_dir: pathlib.Path, workers: int = 2) -> dict[str, pathlib.Path]:
