@@ -246,6 +246,8 @@ def _timed_compile(path: str, spec: TrainSpec):
 def _task_row(ray, ref, model: pathlib.Path, out: pathlib.Path, force: bool, t0: float) -> dict:
     try:
         seconds, compiled = ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:   # the task raised (Ray does not retry that): its own error
+        return _failed(model, t0, _error_text(exc.cause if isinstance(exc.cause, Exception) else exc))
     except ray.exceptions.RayError as exc:   # its worker was lost more often than the task is retried
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         return _failed(model, t0, f"its Ray task failed ({why}); a lost worker is retried {cluster.RETRIES} "

@@ -255,3 +255,17 @@ def test_a_folder_recompiled_under_a_ray_tune_is_its_own_error(cluster, tmp_path
     with pytest.raises(DataError, match="train.onnx changed while tune ran"):
         fgcompile.tune(trainer, str(data), epochs=1, folds=2, seeds=1, backend="ray")
     assert not (out / "tune.json").exists()
+
+
+@needs_ray
+def test_a_task_that_raises_is_its_own_error_not_a_lost_worker(cluster, tmp_path, monkeypatch):
+    """A batch task that raises (here the workers' refusal of a working folder they do not have) is its row's
+    error as the task raised it, not Ray's "ray::_in_folder() (pid=...)" line blamed on a lost worker."""
+    shutil.copy(CNN, tmp_path / "cnn.onnx")
+    monkeypatch.setattr(os, "getcwd", lambda: "/nonexistent/driver-folder")   # as if the driver ran on another host
+    r = run("batch", tmp_path, "-o", tmp_path / "out", "--backend", "ray", code=1)
+    monkeypatch.undo()
+    [row] = summary(tmp_path / "out")
+    assert row["error"].startswith("/nonexistent/driver-folder: the driver's working folder is not on this Ray "
+                                   "worker's host"), row["error"]
+    assert "pid=" not in row["error"] and "lost worker" not in row["error"] and "Traceback" not in r.output
