@@ -34,14 +34,15 @@ def default_out(model) -> pathlib.Path:
     return pathlib.Path(f"{pathlib.Path(model).stem}-adapted")
 
 
-def check_out(out, model_path, kind: str, force: bool) -> None:
-    """Refuse OUT unless it is new, empty, or an earlier run's of `kind`, whose compiled folder, ADAPTED and
-    PLOT the run replaces. Files the user added to OUT/compiled would go with it: they need force."""
+def check_out(out, model_path, kind: str, force: bool, files=(ADAPTED, PLOT), inputs=()) -> None:
+    """Refuse OUT unless it is new, empty, or an earlier run's of `kind`, whose compiled folder and `files`
+    the run replaces. Files the user added to OUT/compiled would go with it: they need force. inputs: other
+    files the run reads (none may be inside OUT)."""
     out = pathlib.Path(out)
     folder.recover(out)
-    folder.check_replaceable(out, [model_path], kind=kind)
-    folder.check_replaceable(out / "compiled", [model_path], force, own_training=True)
-    for name in (ADAPTED, PLOT):
+    folder.check_replaceable(out, [model_path, *inputs], kind=kind)
+    folder.check_replaceable(out / "compiled", [model_path, *inputs], force, own_training=True)
+    for name in files:
         if (out / name).is_dir():
             raise OutputError(f"{out / name}: is a folder; {kind} writes its {name} there. Move it away.")
 

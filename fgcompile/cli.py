@@ -498,6 +498,49 @@ def adapt(model, data, out, epochs, batch, val, source, replay, force, quiet, as
         click.echo(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
 
+@main.command(short_help="Simulate a fleet of devices adapting a model: alone, federated, centralized.")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(),
+              help="Fleet data .npz: x, y, device (0..N-1) and split (0 train, 1 test) per example.")
+@click.option("-o", "--out", type=click.Path(), default=None,
+              help="Output folder: compiled/, fleet.json, federated.onnx [MODEL's name + '-fleet'].")
+@click.option("--rounds", default=20, show_default=True, help="Federated rounds (alone and centralized train as many "
+              "epochs as the rounds add up to).")
+@click.option("--local-epochs", default=1, show_default=True, help="Epochs each device trains on its data per round.")
+@click.option("--batch", default=8, show_default=True, help="Examples per step (devices hold few).")
+@click.option("--lr", "lr_numerator", type=int, default=None,
+              help="The peak lr numerator [chosen by 5-fold cross-validation on the pooled training data].")
+@click.option("--modes", default=",".join(("alone", "federated", "centralized")), show_default=True,
+              help="What to simulate, comma-separated: alone, federated, centralized.")
+@click.option("--upload", type=click.Choice(["auto", "signs", "update"]), default="auto", show_default=True,
+              help="What a device sends per round: signs (weight perturbation: one bit per direction and step, the "
+                   "server replays them), update (its integer weight update); auto: signs where they replay.")
+@click.option("--backend", type=click.Choice(["local", "flower"]), default="local", show_default=True,
+              help="local: the devices one after another here; flower: Flower's simulation engine on Ray, one "
+                   "simulated node per device (pip install 'fgcompile[fleet]').")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="The Ray cluster Flower runs on (with --backend flower) [RAY_ADDRESS; else a local instance].")
+@click.option("--source", type=click.Path(), help="Source-domain test .npz: what each mode keeps.")
+@click.option("--force", is_flag=True, help="Delete files you added to OUT/compiled (fleet replaces that folder).")
+@click.option("--quiet", is_flag=True, help="Print only the report and the files written.")
+@spec_options
+@json_option()
+@config.option("compile")
+def fleet(model, data, out, rounds, local_epochs, batch, lr_numerator, modes, upload, backend, address, source, force,
+          quiet, as_json, **kw):
+    """Simulate a fleet of devices (DATA's device ids) adapting MODEL: each alone, in federated rounds, and
+    centrally on their pooled data; print accuracy per device before/after, what is kept on --source and the
+    bytes each device uploads per round."""
+    from fgcompile.fleet import run_fleet
+    quiet = quiet or as_json
+    report = run_fleet(model, data, out, rounds=rounds, local_epochs=local_epochs, batch=batch, lr=lr_numerator,
+                       modes=[m.strip() for m in modes.split(",") if m.strip()], upload=upload, backend=backend,
+                       address=address, source=source, spec=make_spec(kw), force=force,
+                       echo=(lambda s: None) if quiet else click.echo, show=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(report))
+
+
 @main.command(short_help="Adapt a shipped model to its target domain.")
 @click.option("-o", "--out", default="fgcompile-demo", show_default=True, type=click.Path())
 @click.option("--epochs", type=int, default=None, help="Training epochs (default: 30 for digits, 10 for kws and detect).")

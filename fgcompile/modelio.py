@@ -292,3 +292,16 @@ def save_figure(fig, path, dpi: int = 100) -> pathlib.Path:
     plt.close(fig)
     write_bytes(path, buf.getvalue())
     return path
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the named intermediate tensors (types from shape inference)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {o.name for o in out.graph.output}
+    inferred = onnx.shape_inference.infer_shapes(out)
+    types = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name in names:
+        if name not in known and name in types:
+            out.graph.output.append(onnx.helper.make_value_info(name, types[name]))
+    return out

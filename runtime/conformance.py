@@ -23,6 +23,7 @@ import onnx
 from fgcompile.artifact import Contract
 from fgcompile.report import format_table
 from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
+from fgcompile.modelio import with_outputs
 from fgcompile.passes.replay import COEFFICIENTS, replay_graph
 from .step import scalar_feeds, step_feeds
 
@@ -157,19 +158,6 @@ def installed() -> list[Runtime]:
 def missing() -> list[str]:
     """The optional runtimes verify checks for that are not installed here."""
     return [name for name, module in OPTIONAL if not _importable(module)]
-
-
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the named intermediate tensors (types from shape inference)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    known = {o.name for o in out.graph.output}
-    inferred = onnx.shape_inference.infer_shapes(out)
-    types = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    for name in names:
-        if name not in known and name in types:
-            out.graph.output.append(onnx.helper.make_value_info(name, types[name]))
-    return out
 
 
 @dataclasses.dataclass

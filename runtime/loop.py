@@ -48,9 +48,14 @@ class Plan:
         return self.epochs * self.per_epoch
 
     def lr_at(self, k: int) -> int:
-        if self.schedule == "cosine":
-            return max(1, int(round(self.lr_numerator * 0.5 * (1 + math.cos(math.pi * k / max(self.total, 1))))))
-        return self.lr_numerator
+        return rate_at(self.schedule, self.lr_numerator, k, self.total)
+
+
+def rate_at(schedule: str, peak: int, k: int, total: int) -> int:
+    """The lr numerator of step k of `total` (the module's formula)."""
+    if schedule == "cosine":
+        return max(1, int(round(peak * 0.5 * (1 + math.cos(math.pi * k / max(total, 1))))))
+    return peak
 
 
 def plan(program: Program, data, examples: int, epochs: int, batch: int, schedule: str, lr_numerator: int,

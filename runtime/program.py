@@ -39,15 +39,17 @@ class Program:
     probabilities: bool          # eval's output is a Softmax's (its loss is the negative log)
 
     @classmethod
-    def of_folder(cls, out: pathlib.Path, session: SessionSettings, recover: bool = True) -> Program:
+    def of_folder(cls, out: pathlib.Path, session: SessionSettings, recover: bool = True, probes: tuple = ()) -> Program:
         """The Program of a compiled folder; ModelError when it holds no training graph. recover: first undo
-        what a killed run left (not on a Ray worker, whose process ids are another host's)."""
+        what a killed run left (not on a Ray worker, whose process ids are another host's). probes: internal
+        tensors the train session outputs too (the contract's probes.coefficients, for runtime/fleet.py)."""
         if recover:
             folder.recover(out)
         if not (out / LAYOUT.train).is_file():
             raise ModelError(f"{out}: no {LAYOUT.train} here. Run `fgcompile compile MODEL.onnx -o {out}` first.")
         train_model, contract, sha = open_train_graph(out)
-        train = session_of(train_model, out / LAYOUT.train, session=session)
+        train = session_of(modelio.with_outputs(train_model, list(probes)) if probes else train_model, out / LAYOUT.train,
+                           session=session)
         eval_model = modelio.load_model(out / LAYOUT.eval)
         eval_session = session_of(eval_model, out / LAYOUT.eval, session=session)
         initial, _ = checkpoint.load(out / LAYOUT.state, contract, sha)

@@ -31,8 +31,10 @@ def step(program: Program, state: TrainState, batch: tuple, lr_numerator: int) -
             program.outputs, step_feeds(c, x, y, program.spec.seed, state.step, lr_numerator, state.tensors))))
     if not np.isfinite(out["loss"]):
         return dataclasses.replace(state, step=state.step + 1, bad_steps=state.bad_steps + 1), None
-    return (TrainState({s.name: out[s.output] for s in c.state}, state.step + 1, state.bad_steps),
-            {"loss": float(out["loss"]), "accuracy": float(out["accuracy"])})
+    metrics = {"loss": float(out["loss"]), "accuracy": float(out["accuracy"])}
+    if c.probes is not None and c.probes.coefficients in out:   # a program that outputs them (runtime/fleet.py)
+        metrics["coefficients"] = out[c.probes.coefficients]
+    return TrainState({s.name: out[s.output] for s in c.state}, state.step + 1, state.bad_steps), metrics
 
 
 def step_feeds(contract: Contract, x: np.ndarray, y: np.ndarray, seed: int, step: int, lr_numerator: int,

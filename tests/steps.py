@@ -1,6 +1,6 @@
 """Training steps of a compiled graph, the way the numeric tests run them: one session, the feeds built
 by the runtime's own step_feeds (so no test builds the seed/step/lr inputs by hand)."""
-from fgcompile.runtime.conformance import with_outputs
+from fgcompile.modelio import with_outputs
 from fgcompile.runtime.trainer import step_feeds
 from fgcompile.session import SessionSettings, make_session
 
