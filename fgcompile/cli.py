@@ -498,7 +498,7 @@ def adapt(model, data, out, epochs, batch, val, source, replay, force, quiet, as
         click.echo(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
 
-@main.command(short_help="Simulate a fleet of devices adapting a model: alone, federated, centralized.")
+@main.command(short_help="Simulate a fleet of devices adapting a model.")
 @click.argument("model", type=click.Path())
 @click.option("--data", required=True, type=click.Path(),
               help="Fleet data .npz: x, y, device (0..N-1) and split (0 train, 1 test) per example.")
@@ -508,8 +508,6 @@ def adapt(model, data, out, epochs, batch, val, source, replay, force, quiet, as
               "epochs as the rounds add up to).")
 @click.option("--local-epochs", default=1, show_default=True, help="Epochs each device trains on its data per round.")
 @click.option("--batch", default=8, show_default=True, help="Examples per step (devices hold few).")
-@click.option("--lr", "lr_numerator", type=int, default=None,
-              help="The peak lr numerator [chosen by 5-fold cross-validation on the pooled training data].")
 @click.option("--modes", default=",".join(("alone", "federated", "centralized")), show_default=True,
               help="What to simulate, comma-separated: alone, federated, centralized.")
 @click.option("--upload", type=click.Choice(["auto", "signs", "update"]), default="auto", show_default=True,
@@ -526,14 +524,15 @@ def adapt(model, data, out, epochs, batch, val, source, replay, force, quiet, as
 @spec_options
 @json_option()
 @config.option("compile")
-def fleet(model, data, out, rounds, local_epochs, batch, lr_numerator, modes, upload, backend, address, source, force,
-          quiet, as_json, **kw):
+def fleet(model, data, out, rounds, local_epochs, batch, modes, upload, backend, address, source, force, quiet, as_json,
+          **kw):
     """Simulate a fleet of devices (DATA's device ids) adapting MODEL: each alone, in federated rounds, and
     centrally on their pooled data; print accuracy per device before/after, what is kept on --source and the
-    bytes each device uploads per round."""
+    bytes each device uploads per round. The peak rate is --lr, else chosen by 5-fold cross-validation on the
+    devices' pooled training data."""
     from fgcompile.fleet import run_fleet
     quiet = quiet or as_json
-    report = run_fleet(model, data, out, rounds=rounds, local_epochs=local_epochs, batch=batch, lr=lr_numerator,
+    report = run_fleet(model, data, out, rounds=rounds, local_epochs=local_epochs, batch=batch,
                        modes=[m.strip() for m in modes.split(",") if m.strip()], upload=upload, backend=backend,
                        address=address, source=source, spec=make_spec(kw), force=force,
                        echo=(lambda s: None) if quiet else click.echo, show=(lambda s: None) if as_json else click.echo)

@@ -50,7 +50,7 @@ def connected(address: str | None = None):
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address not in (None, "auto", "local"):
-        _probe(address)
+        probe(address)
     env = {k: v for k, v in os.environ.items() if k.startswith("FGCOMPILE_")}
     try:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, logging_level="WARNING",
@@ -63,7 +63,8 @@ def connected(address: str | None = None):
         ray.shutdown()
 
 
-def _probe(address: str) -> None:
+def probe(address: str) -> None:
+    """BackendError unless the Ray address answers within PROBE seconds."""
     where = address.removeprefix("ray://")
     host, _, port = where.rpartition(":")
     if not host or not port.isdigit():

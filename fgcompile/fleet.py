@@ -19,12 +19,13 @@ The fleet data file: x, y as a data file, plus device (int, one id per example, 
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import statistics
 
 import numpy as np
 
-from fgcompile import heads, modelio
+from fgcompile import cluster, heads, modelio
 from fgcompile.adapt import check_out, make_out
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.errors import DataError, SpecError
@@ -107,7 +108,9 @@ def check_options(rounds, local_epochs, batch, modes, upload, backend, address) 
                         "leave out --address.")
     if backend == "flower":
         from fgcompile.runtime.flower import import_flower
-        import_flower()   # a missing extra is said before anything is read
+        import_flower()   # a missing extra, or an address that does not answer, is said before anything is read
+        if (address or os.environ.get("RAY_ADDRESS")) not in (None, "", "auto", "local"):
+            cluster.probe(address or os.environ["RAY_ADDRESS"])
     return tuple(m for m in MODES if m in modes)
 
 
@@ -115,7 +118,8 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
               modes=MODES, upload: str = "auto", backend: str = "local", address: str | None = None, source=None,
               spec: TrainSpec | None = None, force: bool = False, echo=print, show=None) -> dict:
     """Simulate the fleet of DATA (a fleet data file) adapting MODEL into OUT (see the module). lr: the peak
-    lr numerator (default: chosen by tune on the pooled training data). Returns the report."""
+    lr numerator (default: the compiled one when spec.lr is set, else chosen by tune on the pooled training
+    data). Returns the report."""
     spec, show = spec or TrainSpec(), show or echo
     modes = check_options(rounds, local_epochs, batch, modes, upload, backend, address)
     out = pathlib.Path(out if out is not None else f"{pathlib.Path(model).stem}-fleet")
@@ -127,6 +131,12 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
     pooled = (np.concatenate([d.train[0] for d in devices]), np.concatenate([d.train[1] for d in devices]))
     compiled = compile_model(source_model, spec, calibration=pooled[0])
     kind = sim.upload_kind(compiled.contract, upload) if "federated" in modes else None
+    top = compiled.contract.lr_numerator.max
+    if lr is None and spec.lr is not None:
+        lr = compiled.contract.lr_numerator.default
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int) or not 1 <= lr <= top):
+        raise SpecError(f"run_fleet(lr={lr!r}): the lr numerator of this graph must be a whole number in [1, {top}] "
+                        f"(the step is lr / 2^{compiled.contract.lr_numerator.shift}); leave it out to let tune choose.")
     make_out(out, "fleet")
     write_compiled(compiled, out / "compiled", force, source_path=model, own_training=True)
     echo(f"compiled: {out / 'compiled'} ({len(devices)} devices, {len(pooled[1])} training examples in all)")

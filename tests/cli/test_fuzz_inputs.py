@@ -401,3 +401,39 @@ def test_mutated_options(tmp_path, base, detector_data, i, rng):
                  [mine.name] if force else [], label)
         if not force:
             assert mine.read_bytes() == b"the user's own file", label
+
+
+# ------------------------------------------------------------------------------------------------- fleet
+MODES = ["alone", "federated", "centralized", "alone,federated", "", ",", "solo", "federated,federated", "ALONE"]
+COUNTS = ["1", "0", "-1", "2", "x", "1.5", ""]
+
+
+@pytest.fixture(scope="module")
+def fleet_data(tmp_path_factory):
+    """3 devices of the shipped digits fleet, 8 train and 4 test examples each, with their shifts."""
+    f = dict(np.load(MODELS / "data" / "fleet_digits.npz"))
+    keep = np.zeros(len(f["y"]), bool)
+    for d in range(3):
+        for split, n in ((0, 8), (1, 4)):
+            keep[np.flatnonzero((f["device"] == d) & (f["split"] == split))[:n]] = True
+    path = tmp_path_factory.mktemp("fleetfuzz") / "fleet.npz"
+    np.savez(path, **{k: f[k][keep] for k in ("x", "y", "device", "split")}, shift=f["shift"][:3],
+             shift_names=f["shift_names"])
+    return path
+
+
+@pytest.mark.parametrize("i,rng", cases(5, 24), ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_mutated_fleet_files_and_options(tmp_path, fleet_data, i, rng):
+    """A mutated fleet data file, or mutated fleet options: exit 0 or 2, nothing written outside OUT."""
+    label = f"seed {SEED} case {i}: fleet"
+    data = tmp_path / "fleet.npz"
+    if i % 2 == 0:
+        data.write_bytes(mutate_npz(fleet_data.read_bytes(), rng))
+        options = ["--rounds", "1"]
+    else:
+        data.write_bytes(fleet_data.read_bytes())
+        options = ["--modes", MODES[rng.integers(len(MODES))], "--rounds", COUNTS[rng.integers(len(COUNTS))],
+                   "--local-epochs", COUNTS[rng.integers(len(COUNTS))], "--batch", COUNTS[rng.integers(len(COUNTS))],
+                   "--upload", ["auto", "signs", "update", "bits"][rng.integers(4)]]
+    run_case(tmp_path, ["fleet", SHIPPED[i % len(SHIPPED)], "--data", data, "-o", tmp_path / "f", "--m", "1", "--lr", "8",
+                        "--quiet", *options], ["f"], label)
