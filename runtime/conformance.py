@@ -22,9 +22,9 @@ import onnx
 
 from fgcompile.artifact import Contract
 from fgcompile.report import format_table
-from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
 from fgcompile.modelio import with_outputs
-from fgcompile.passes.replay import COEFFICIENTS, replay_graph
+from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
+from .replay import replay_graph
 from .step import scalar_feeds, step_feeds
 
 # verify runs every step on each installed runtime and holds each step's z and state (baseline and the runtime
@@ -191,7 +191,7 @@ def _lr(contract: Contract, lrs: list[int] | None, k: int) -> int:
 
 def integer_part(train: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     """The graph from (cᵢ, seed, step, lr, state) to (next state, z): what fgcompile guarantees (the replay
-    graph, passes/replay.py, with the zᵢ as outputs too)."""
+    graph, runtime/replay.py, with the zᵢ as outputs too)."""
     return replay_graph(train, contract, extra=tuple(contract.probes.z))
 
 
@@ -202,7 +202,7 @@ def chain_integer_part(part: onnx.ModelProto, contract: Contract, state: dict, c
     names = [s.output for s in contract.state] + contract.probes.z
     records = []
     for k, c in enumerate(coefficients):
-        feeds = {COEFFICIENTS: np.asarray(c, np.int32), **state, **scalar_feeds(contract, seed, k, _lr(contract, lrs, k))}
+        feeds = {contract.probes.coefficients: np.asarray(c, np.int32), **state, **scalar_feeds(contract, seed, k, _lr(contract, lrs, k))}
         out = run(names, feeds)
         state = {s.name: v for s, v in zip(contract.state, out)}
         records.append(StepRecord(out[len(state):], np.asarray(c), state, np.zeros(0)))

@@ -6,7 +6,7 @@ its local epochs of steps k = r·S_d … (r+1)·S_d − 1, S_d its steps per rou
 them (loop.batch_order). What it sends back (its Upload):
     signs   weight perturbation: each step's coefficients cᵢ, one bit each (cᵢ = +1 / −1); the rare
             ties (cᵢ = 0) and bad steps (a NaN/Inf loss) follow as 16-bit exceptions. m bits per step.
-            The server replays them (passes/replay.py) and gets the device's update bit for bit, because
+            The server replays them (runtime/replay.py) and gets the device's update bit for bit, because
             the update is a function of (state, seed_d, k, lr, cᵢ) alone.
     update  any estimator: the integer difference of each trained tensor over the round, in the narrowest
             integer dtype that holds it, zlib-compressed.
@@ -27,10 +27,10 @@ import zlib
 import numpy as np
 
 from fgcompile.errors import SpecError
-from fgcompile.passes.replay import COEFFICIENTS, replay_graph, replayable
 from fgcompile.session import make_session
 from . import loop
 from .program import Program
+from .replay import replay_graph, replayable
 from .state import TrainState
 from .step import scalar_feeds, step
 
@@ -138,7 +138,7 @@ class Server:
             if bad[j]:
                 continue       # the device kept its state on a bad step
             k = u.round * u.steps + j
-            out = session.run(None, {COEFFICIENTS: coefficients[j], **tensors,
+            out = session.run(None, {c.probes.coefficients: coefficients[j], **tensors,
                                      **scalar_feeds(c, seed, k, self.schedule.lr_at(k, u.steps))})
             tensors = dict(zip(names, out))
         return tensors

@@ -51,6 +51,8 @@ def test_readme_has_commands():
 def test_readme_command_runs(args, workdir, monkeypatch):
     if "ray" in args and importlib.util.find_spec("ray") is None:
         pytest.skip("--backend ray needs the ray extra: pip install -e '.[test,ray]'")
+    if "flower" in args and importlib.util.find_spec("flwr") is None:
+        pytest.skip("--backend flower needs the fleet extra: pip install -e '.[test,fleet]'")
     monkeypatch.chdir(workdir)
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, f"fgcompile {shlex.join(args)}\n{r.output}"

@@ -1,4 +1,4 @@
-"""The replay graph (passes/replay.py) applies a step from its coefficients alone: fed the cᵢ a training step
+"""The replay graph (runtime/replay.py) applies a step from its coefficients alone: fed the cᵢ a training step
 computed, it gives that step's state bit for bit, equal to the numpy reference's replay, in every branch
 form and with the options that change the update; node perturbation and a graph without probes are refused."""
 import numpy as np
@@ -10,7 +10,7 @@ from fgcompile.spec import TrainSpec
 from conftest import shipped
 from fgcompile.errors import SpecError
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.passes.replay import COEFFICIENTS, REPLAY_FORMAT, replay_graph
+from fgcompile.runtime.replay import REPLAY_FORMAT, replay_graph
 from fgcompile.runtime.step import scalar_feeds
 from fgcompile.session import make_session
 from reference import qzoff
@@ -32,7 +32,7 @@ def test_replay_equals_the_trained_step_and_the_reference(model_file, options, t
     contract = compiled.contract
     replay = replay_graph(compiled.train, contract)
     names = {i.name for i in replay.graph.input}
-    assert names == {COEFFICIENTS, "seed", "step", "lr", *(s.name for s in contract.state)}
+    assert names == {contract.probes.coefficients, "seed", "step", "lr", *(s.name for s in contract.state)}
     assert [o.name for o in replay.graph.output] == [s.output for s in contract.state]
     assert REPLAY_FORMAT in replay.metadata_props[0].value
     onnx.checker.check_model(replay, full_check=True)
@@ -49,7 +49,7 @@ def test_replay_equals_the_trained_step_and_the_reference(model_file, options, t
         coef = out[contract.probes.coefficients]
         trained = train.next_state(out)
         replayed = dict(zip([s.name for s in contract.state], sess.run(None, {
-            COEFFICIENTS: coef, **state, **scalar_feeds(contract, SEED, k, lr)})))
+            contract.probes.coefficients: coef, **state, **scalar_feeds(contract, SEED, k, lr)})))
         ref = qzoff.replay(c, ref, coef, SEED, k, lr)
         for s in contract.state:
             np.testing.assert_array_equal(replayed[s.name], trained[s.name], err_msg=f"step {k} {s.name}")
@@ -66,9 +66,9 @@ def test_replay_of_other_coefficients_moves_the_other_way(target_train):
     sess = make_session(replay_graph(compiled.train, contract))
     coef = np.where(np.arange(contract.spec.m) % 3 == 0, 1, -1).astype(np.int32)
     feeds = {**compiled.state, **scalar_feeds(contract, SEED, 0, contract.lr_numerator.default)}
-    plus = sess.run(None, {COEFFICIENTS: coef, **feeds})
-    minus = sess.run(None, {COEFFICIENTS: -coef, **feeds})
-    zero = sess.run(None, {COEFFICIENTS: 0 * coef, **feeds})
+    plus = sess.run(None, {contract.probes.coefficients: coef, **feeds})
+    minus = sess.run(None, {contract.probes.coefficients: -coef, **feeds})
+    zero = sess.run(None, {contract.probes.coefficients: 0 * coef, **feeds})
     w = contract.state[0]
     start = compiled.state[w.name].astype(np.int64)
     np.testing.assert_array_equal(zero[0], compiled.state[w.name])
