@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import MODELS
+from test_adapt import fifo
 from test_bad_input_catalogue import CNN, invoke, refused, snapshot
 
 DATA = MODELS / "data"
@@ -98,7 +99,15 @@ FLEET_CASES = {
                                      "--upload signs: --estimator node"),
     "source of another model": (lambda t: ["--source", DATA / "kws_source_test.npz"], "model input is"),
     "missing data file": (lambda t: ["--data", t / "nope.npz"], "nope.npz"),
+    "data is a folder": (lambda t: ["--data", folder(t / "dir")], "is a folder, not a fleet data file"),
+    "data is a FIFO": (lambda t: ["--data", fifo(t / "pipe")], "is a FIFO"),
+    "source is a folder": (lambda t: ["--source", folder(t / "dir")], "is a folder, not a data file"),
 }
+
+
+def folder(path):
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.mark.parametrize("case", list(FLEET_CASES))
@@ -121,6 +130,12 @@ def test_fleet_refuses_a_folder_it_did_not_write_and_an_output_holding_its_data(
     kept = snapshot(tmp_path)
     refused(invoke("fleet", CNN, "--data", data, "-o", inside), "holds the input")
     assert snapshot(tmp_path) == kept
+
+
+def test_fleet_refuses_an_output_that_is_the_users_file(tmp_path, small):
+    (tmp_path / "f").write_text("the user's")
+    refused(invoke("fleet", CNN, "--data", small / "fleet.npz", "-o", tmp_path / "f"), "exists and is not a folder")
+    assert (tmp_path / "f").read_text() == "the user's"
 
 
 def test_flower_backend_without_flower_says_how_to_install(tmp_path, small, monkeypatch):
