@@ -1,11 +1,12 @@
 """fgcompile: compile quantized ONNX inference graphs into forward-gradient (QZO-FF) training graphs.
 
 The API (fgcompile/api.py) loads on first use, so `import fgcompile` stays light:
-compile_model, Trainer, export_model, evaluate, tune, TrainSpec, SessionSettings, write_compiled.
+compile_model, Trainer, export_model, evaluate, tune, TrainSpec, SessionSettings, write_compiled, run_fleet.
 """
 __version__ = "0.1.0"
 
-_API = ("compile_model", "write_compiled", "Trainer", "export_model", "evaluate", "tune", "TrainSpec", "SessionSettings")
+_API = ("compile_model", "write_compiled", "Trainer", "export_model", "evaluate", "tune", "TrainSpec", "SessionSettings",
+        "run_fleet")
 
 
 def __getattr__(name):

@@ -7,6 +7,7 @@ fgcompile.export_model, fgcompile.evaluate. Each works on a compiled folder or i
     record = fgcompile.tune("OUT/", "train.npz")            # choose lr on a held-out split (OUT/tune.json);
                                                             # schedule="cosine": its peak, for a cosine run
     adapted, report = fgcompile.export_model(trainer)       # a ModelProto; or export_model("OUT/", "a.onnx")
+    report = fgcompile.run_fleet("model.onnx", "fleet.npz", "OUT/")   # simulated devices (fgcompile/fleet.py)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import onnx
 from fgcompile.compiler import compile_model, write_compiled
 from fgcompile.artifact import Compiled
 from fgcompile.errors import ModelError, SpecError, wrong_type
+from fgcompile.fleet import run_fleet
 from fgcompile.runtime import export as _export, tune as _tune
 from fgcompile.runtime.evaluate import evaluate
 from fgcompile.session import SessionSettings
@@ -24,7 +26,7 @@ from fgcompile.runtime.trainer import Trainer
 from fgcompile.spec import RunDefaults, TrainSpec
 
 __all__ = ["compile_model", "write_compiled", "Trainer", "export_model", "evaluate", "tune", "TrainSpec",
-           "SessionSettings"]
+           "SessionSettings", "run_fleet"]
 
 
 def tune(trained, data, epochs: int = RunDefaults.epochs, batch: int = RunDefaults.batch,

@@ -1,5 +1,7 @@
 """The top-level API works in memory: compile a ModelProto, train it without a folder, export a
-ModelProto, and matches the folder workflow bit for bit."""
+ModelProto, and matches the folder workflow bit for bit; run_fleet is the fleet command."""
+import json
+
 import numpy as np
 
 import fgcompile
@@ -36,3 +38,16 @@ def test_session_settings_refuse_unknown_values():
     for bad in (dict(optimization="max"), dict(provider="NoSuchExecutionProvider"), dict(threads=-1)):
         with pytest.raises(fgcompile.api.SpecError):
             fgcompile.SessionSettings(**bad)
+
+
+def test_run_fleet_is_the_command(tmp_path):
+    """fgcompile.run_fleet returns the report `fgcompile fleet` writes, and writes nothing else but OUT."""
+    f = dict(np.load(MODELS / "data" / "fleet_digits.npz"))
+    keep = f["device"] < 2
+    np.savez(tmp_path / "fleet.npz", **{k: f[k][keep] for k in ("x", "y", "device", "split")})
+    report = fgcompile.run_fleet(MODELS / "digits_cnn" / "w8a8.onnx", tmp_path / "fleet.npz", tmp_path / "out",
+                                 rounds=1, lr=2048, modes=["federated"], spec=fgcompile.TrainSpec(m=8),
+                                 echo=lambda s: None)
+    assert report == json.loads((tmp_path / "out" / "fleet.json").read_text())
+    assert [d["device"] for d in report["devices"]] == [0, 1] and report["upload"]["kind"] == "signs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.npz", "out"]
