@@ -91,6 +91,20 @@ def _shifts(path, arrays: dict, n: int) -> list[dict]:
     return [{str(k): float(v) for k, v in zip(names, row)} for row in shift]
 
 
+def _check_batch(sess, devices: list[sim.Device], batch: int, data) -> None:
+    """A model whose batch axis is fixed trains at that batch only, on devices holding at least that many."""
+    fixed = sess.get_inputs()[0].shape[0]
+    if not isinstance(fixed, int):
+        return
+    if batch != fixed:
+        raise SpecError(f"--batch {batch}: the model's batch dimension is fixed at {fixed}. Pass --batch {fixed}, or "
+                        "re-export the model with a dynamic batch axis.")
+    short = [d.index for d in devices if len(d.train[1]) < fixed]
+    if short:
+        raise DataError(f"{data}: device {short[0]} holds fewer training examples than the model's fixed batch of "
+                        f"{fixed}. Give every device at least {fixed}, or re-export the model with a dynamic batch axis.")
+
+
 def check_options(rounds, local_epochs, batch, modes, upload, backend, address) -> tuple:
     for flag, value in (("--rounds", rounds), ("--local-epochs", local_epochs), ("--batch", batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -128,6 +142,7 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
     sess, head = session_of(source_model, model), heads.head_of(source_model).kind
     devices, shifts = read_fleet(data, sess, head)
     source_test = None if source is None else read_as(sess, source, "--source", head)
+    _check_batch(sess, devices, batch, data)
     pooled = (np.concatenate([d.train[0] for d in devices]), np.concatenate([d.train[1] for d in devices]))
     compiled = compile_model(source_model, spec, calibration=pooled[0])
     kind = sim.upload_kind(compiled.contract, upload) if "federated" in modes else None
@@ -183,7 +198,7 @@ def _setup(compiled: str, data: str, model: str, schedule: sim.Schedule):
     program = Program.of_folder(pathlib.Path(compiled), SessionSettings(), recover=False, probes=probes)
     source_model = modelio.load_model(model)
     devices, _ = read_fleet(data, session_of(source_model, model), heads.head_of(source_model).kind)
-    return program, sim.Server(program, train, schedule), devices
+    return program, sim.Server(program.contract, train, schedule), devices
 
 
 def _report(program: Program, devices: list, shifts: list, models: dict, source_test, history, schedule, kind,

@@ -91,8 +91,8 @@ def upload_kind(contract, asked: str = "auto") -> str:
 
 def device_round(program: Program, tensors: dict, device: Device, r: int, schedule: Schedule,
                  kind: str) -> tuple[Upload, dict]:
-    """One device's round from the global `tensors`: (its upload, its new tensors). `program` must output
-    its coefficients (with_coefficients) for a signs upload."""
+    """One device's round from the global `tensors`: (its upload, its new tensors). For a signs upload the
+    program's train session outputs the coefficients (Program.of_folder(..., probes=(probes.coefficients,)))."""
     plan = schedule.device_plan(device)
     steps, seed = plan.per_epoch * schedule.local_epochs, schedule.device_seed(device.index)
     state = TrainState(tensors, r * steps)
@@ -113,9 +113,8 @@ def device_round(program: Program, tensors: dict, device: Device, r: int, schedu
 class Server:
     """The global model's side: applies uploads in device order (replaying signs through the replay graph)."""
 
-    def __init__(self, program: Program, train_model, schedule: Schedule):
-        self.program, self.schedule = program, schedule
-        self.contract = program.contract
+    def __init__(self, contract, train_model, schedule: Schedule):
+        self.contract, self.schedule = contract, schedule
         self._replay = None
         self._train_model = train_model
 

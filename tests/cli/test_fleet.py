@@ -143,3 +143,22 @@ def test_flower_backend_without_flower_says_how_to_install(tmp_path, small, monk
     refused(invoke("fleet", CNN, "--data", small / "fleet.npz", "-o", tmp_path / "f", "--backend", "flower"),
             "pip install 'fgcompile[fleet]'")
     assert not (tmp_path / "f").exists()
+
+
+def test_a_fixed_batch_model_trains_at_its_batch_on_devices_that_hold_one(tmp_path):
+    import onnx
+    import qdq_graphs
+    onnx.save(qdq_graphs.dense_chain(3, widths=(64, 10), batch=4), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).uniform(0, 1, (20, 64)).astype(np.float32)
+    device, split = np.repeat([0, 1], 10), np.tile([0] * 6 + [1] * 4, 2)
+    np.savez(tmp_path / "f.npz", x=x, y=np.arange(20) % 10, device=device, split=split)
+    refused(invoke("fleet", tmp_path / "m.onnx", "--data", tmp_path / "f.npz", "-o", tmp_path / "o"),
+            "fixed at 4. Pass --batch 4")
+    few = np.concatenate([split[:10], [0] * 3 + [1] * 7])   # device 1 trains on 3 examples
+    np.savez(tmp_path / "g.npz", x=x, y=np.arange(20) % 10, device=device, split=few)
+    refused(invoke("fleet", tmp_path / "m.onnx", "--data", tmp_path / "g.npz", "-o", tmp_path / "o", "--batch", 4),
+            "device 1 holds fewer training examples than the model's fixed batch of 4")
+    assert not (tmp_path / "o").exists()
+    r = invoke("fleet", tmp_path / "m.onnx", "--data", tmp_path / "f.npz", "-o", tmp_path / "o", "--batch", 4,
+               "--rounds", 1, "--lr", 1, "--m", 2)
+    assert r.exit_code == 0, r.output

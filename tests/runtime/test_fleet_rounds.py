@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
 def test_the_server_replays_each_device_to_its_own_model(setup, spec):
     compiled, program, devices = setup(spec)
     schedule = fleet.Schedule(rounds=2, local_epochs=2, batch=8, lr_numerator=2048, seed=3)
-    server = fleet.Server(program, compiled.train, schedule)
+    server = fleet.Server(program.contract, compiled.train, schedule)
     c = qzoff.contract(compiled.train)
     start = dict(program.initial)
     moved = 0
@@ -94,7 +94,7 @@ def test_the_server_replays_each_device_to_its_own_model(setup, spec):
 def test_federated_applies_a_round_in_device_order(setup):
     compiled, program, devices = setup(TrainSpec(m=8))
     schedule = fleet.Schedule(rounds=2, local_epochs=1, batch=8, lr_numerator=2048, seed=0)
-    server = fleet.Server(program, compiled.train, schedule)
+    server = fleet.Server(program.contract, compiled.train, schedule)
     forward, history = fleet.federated(program, server, devices, schedule, "signs")
     backward, _ = fleet.federated(program, server, devices, schedule, "signs",
                                   run_round=lambda t, r: [fleet.device_round(program, t, d, r, schedule, "signs")[0]
