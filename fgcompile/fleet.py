@@ -161,7 +161,8 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
         lr = record["choice"]["lr_numerator"]
         echo(f"tune: lr numerator {lr} (5-fold cross-validation on the pooled training data)")
     schedule = sim.Schedule(rounds, local_epochs, batch, lr, compiled.contract.spec.seed)
-    setup = functools.partial(_setup, str(out / "compiled"), str(data), str(model), schedule)
+    # absolute: a Flower worker on a running Ray cluster has its own working folder
+    setup = functools.partial(_setup, *(str(pathlib.Path(p).resolve()) for p in (out / "compiled", data, model)), schedule)
     program, server, _ = setup()
     models = {"before": dict(program.initial)}
     history = None

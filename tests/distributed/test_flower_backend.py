@@ -38,10 +38,13 @@ def invoke(*args):
     return r
 
 
-def test_flower_rounds_equal_the_local_ones(tmp_path, small):
-    args = ["--data", small / "fleet.npz", "--rounds", 2, "--m", 8, "--lr", 8, "--modes", "federated", "--json"]
-    local = invoke("fleet", CNN, *args, "-o", tmp_path / "local")
-    flower = invoke("fleet", CNN, *args, "-o", tmp_path / "flower", "--backend", "flower")
+def test_flower_rounds_equal_the_local_ones(tmp_path, small, monkeypatch):
+    """With relative paths too: the workers of a running cluster work in their own folder."""
+    args = ["--rounds", 2, "--m", 8, "--lr", 8, "--modes", "federated", "--json"]
+    local = invoke("fleet", CNN, "--data", small / "fleet.npz", *args, "-o", tmp_path / "local")
+    (tmp_path / "fleet.npz").write_bytes((small / "fleet.npz").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    flower = invoke("fleet", CNN, "--data", "fleet.npz", *args, "-o", "flower", "--backend", "flower")
     assert local.exit_code == 0 and flower.exit_code == 0, flower.output
     a, b = json.loads(local.output), json.loads(flower.output)
     assert b.pop("backend") == "flower" and a.pop("backend") == "local"
