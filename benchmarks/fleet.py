@@ -7,9 +7,10 @@ calibration, tune the rate by 5-fold cross-validation on it, then the three mode
 max over devices of the accuracy on each device's own test data, the source test accuracy, and what a
 device uploads per round: its signs, the integer update it would send instead, the trained weights.
 With --flower, the first seed's federated rounds run again on Flower's simulation engine and the two
-federated models are compared byte for byte.
+federated models are compared byte for byte. With --replay the task's source training split is dealt out to
+the devices (`fleet --replay`).
 
-    python benchmarks/fleet.py --task digits --seeds 0,1,2 [--flower]
+    python benchmarks/fleet.py --task digits --seeds 0,1,2 [--flower] [--replay]
 """
 from __future__ import annotations
 
@@ -26,19 +27,22 @@ from fgcompile.fleet import run_fleet
 from fgcompile.spec import TrainSpec
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-TASKS = {"digits": ("digits_cnn", "fleet_digits.npz", "digits_source_test.npz"),
-         "kws": ("kws_dscnn", "fleet_kws.npz", "kws_source_test.npz")}
+TASKS = {"digits": ("digits_cnn", "fleet_digits.npz", "digits_source_test.npz", "digits_source_train.npz"),
+         "kws": ("kws_dscnn", "fleet_kws.npz", "kws_source_test.npz", "kws_source_train.npz")}
 
 
 def files(task: str) -> tuple:
-    model, data, source = TASKS[task]
-    return models.path(f"{model}/w8a8.onnx"), models.path(f"data/{data}"), models.path(f"data/{source}")
+    model, data, source, replay = TASKS[task]
+    return (models.path(f"{model}/w8a8.onnx"), models.path(f"data/{data}"), models.path(f"data/{source}"),
+            models.path(f"data/{replay}"))
 
 
-def run(task: str, seed: int, out: pathlib.Path, backend: str = "local", modes=None) -> tuple[dict, float]:
-    model, data, source = files(task)
+def run(task: str, seed: int, out: pathlib.Path, backend: str = "local", modes=None,
+        replay: bool = False) -> tuple[dict, float]:
+    model, data, source, source_train = files(task)
     t0 = time.perf_counter()
     report = run_fleet(model, data, out, spec=TrainSpec(seed=seed), source=source, backend=backend,
+                       replay=source_train if replay else None,
                        **({"modes": modes} if modes else {}), echo=lambda s: None, show=lambda s: None)
     return report, time.perf_counter() - t0
 
@@ -74,25 +78,28 @@ def main():
     ap.add_argument("--task", choices=list(TASKS), default="digits")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--flower", action="store_true", help="also run the first seed's federated rounds on Flower")
+    ap.add_argument("--replay", action="store_true", help="deal the source training split out to the devices")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     reports, seconds, identical = [], [], None
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            report, s = run(a.task, seed, pathlib.Path(tmp) / f"s{seed}")
+            report, s = run(a.task, seed, pathlib.Path(tmp) / f"s{seed}", replay=a.replay)
             reports.append(report)
             seconds.append(s)
             print(f"seed {seed}: {s:.0f} s, federated {report['summary']['federated']['mean']:.3f}, "
                   f"centralized {report['summary']['centralized']['mean']:.3f}", flush=True)
         if a.flower:
-            run(a.task, seeds[0], pathlib.Path(tmp) / "flower", backend="flower", modes=["federated"])
+            run(a.task, seeds[0], pathlib.Path(tmp) / "flower", backend="flower", modes=["federated"], replay=a.replay)
             identical = filecmp.cmp(pathlib.Path(tmp) / f"s{seeds[0]}" / "federated.onnx",
                                     pathlib.Path(tmp) / "flower" / "federated.onnx", shallow=False)
-    lines = table(a.task, reports, seconds, identical)
+    lines = table(a.task + (f" with {reports[0]['replayed']} source examples replayed" if a.replay else ""), reports,
+                  seconds, identical)
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"fleet-{a.task}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"fleet-{a.task}.json").write_text(json.dumps({"reports": reports, "seconds": seconds,
+    name = f"fleet-{a.task}" + ("-replay" if a.replay else "")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"reports": reports, "seconds": seconds,
                                                               "flower_identical": identical}, indent=1))
 
 

@@ -519,13 +519,16 @@ def adapt(model, data, out, epochs, batch, val, source, replay, force, quiet, as
 @click.option("--address", default=None, metavar="HOST:PORT",
               help="The Ray cluster Flower runs on (with --backend flower) [RAY_ADDRESS; else a local instance].")
 @click.option("--source", type=click.Path(), help="Source-domain test .npz: what each mode keeps.")
+@click.option("--replay", type=click.Path(), default=None, metavar="SOURCE.npz",
+              help="Source-domain training examples, dealt out to the devices and trained alongside their data, so "
+                   "the model keeps the source domain.")
 @click.option("--force", is_flag=True, help="Delete files you added to OUT/compiled (fleet replaces that folder).")
 @click.option("--quiet", is_flag=True, help="Print only the report and the files written.")
 @spec_options
 @json_option()
 @config.option("compile")
-def fleet(model, data, out, rounds, local_epochs, batch, modes, upload, backend, address, source, force, quiet, as_json,
-          **kw):
+def fleet(model, data, out, rounds, local_epochs, batch, modes, upload, backend, address, source, replay, force, quiet,
+          as_json, **kw):
     """Simulate a fleet of devices (DATA's device ids) adapting MODEL: each alone, in federated rounds, and
     centrally on their pooled data; print accuracy per device before/after, what is kept on --source and the
     bytes each device uploads per round. The peak rate is --lr, else chosen by 5-fold cross-validation on the
@@ -534,7 +537,7 @@ def fleet(model, data, out, rounds, local_epochs, batch, modes, upload, backend,
     quiet = quiet or as_json
     report = run_fleet(model, data, out, rounds=rounds, local_epochs=local_epochs, batch=batch,
                        modes=[m.strip() for m in modes.split(",") if m.strip()], upload=upload, backend=backend,
-                       address=address, source=source, spec=make_spec(kw), force=force,
+                       address=address, source=source, replay=replay, spec=make_spec(kw), force=force,
                        echo=(lambda s: None) if quiet else click.echo, show=(lambda s: None) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(report))

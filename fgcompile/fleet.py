@@ -18,6 +18,7 @@ The fleet data file: x, y as a data file, plus device (int, one id per example, 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pathlib
@@ -32,7 +33,7 @@ from fgcompile.errors import DataError, SpecError
 from fgcompile.npzfile import read_npz
 from fgcompile.report import format_table
 from fgcompile.runtime import fleet as sim
-from fgcompile.runtime.data import decode_x
+from fgcompile.runtime.data import decode_x, replayed
 from fgcompile.runtime.evaluate import read_as
 from fgcompile.runtime.export import export_state, matrices, save_exported
 from fgcompile.runtime.program import Program, open_train_graph, session_of
@@ -91,6 +92,16 @@ def _shifts(path, arrays: dict, n: int) -> list[dict]:
     return [{str(k): float(v) for k, v in zip(names, row)} for row in shift]
 
 
+def replay_shares(devices: list[sim.Device], replay: tuple | None) -> list[sim.Device]:
+    """Each device's training data followed by its share of the source-domain examples: device d of N keeps
+    examples d, d + N, d + 2N, … (so the pooled data holds each once); the devices unchanged without replay."""
+    if replay is None:
+        return devices
+    x, y = replay
+    return [dataclasses.replace(d, train=replayed(d.train, (x[d.index::len(devices)], y[d.index::len(devices)])))
+            for d in devices]
+
+
 def _check_batch(sess, devices: list[sim.Device], batch: int, data) -> None:
     """A model whose batch axis is fixed trains at that batch only, on devices holding at least that many."""
     fixed = sess.get_inputs()[0].shape[0]
@@ -130,20 +141,23 @@ def check_options(rounds, local_epochs, batch, modes, upload, backend, address) 
 
 def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, batch: int = 8, lr: int | None = None,
               modes=MODES, upload: str = "auto", backend: str = "local", address: str | None = None, source=None,
-              spec: TrainSpec | None = None, force: bool = False, echo=print, show=None) -> dict:
+              replay=None, spec: TrainSpec | None = None, force: bool = False, echo=print, show=None) -> dict:
     """Simulate the fleet of DATA (a fleet data file) adapting MODEL into OUT (see the module). lr: the peak
     lr numerator (default: the compiled one when spec.lr is set, else chosen by tune on the pooled training
-    data). Returns the report."""
+    data). replay: source-domain training examples, dealt out to the devices (replay_shares). Returns the
+    report."""
     spec, show = spec or TrainSpec(), show or echo
     modes = check_options(rounds, local_epochs, batch, modes, upload, backend, address)
     out = pathlib.Path(out if out is not None else f"{pathlib.Path(model).stem}-fleet")
-    check_out(out, model, "fleet", force, files=(FEDERATED, REPORT), inputs=[data] + ([source] if source else []))
+    check_out(out, model, "fleet", force, files=(FEDERATED, REPORT), inputs=[data] + [p for p in (source, replay) if p])
     source_model = modelio.load_model(model)
     sess, head = session_of(source_model, model), heads.head_of(source_model).kind
     devices, shifts = read_fleet(data, sess, head)
+    source_train = None if replay is None else read_as(sess, replay, "--replay", head)
+    devices = replay_shares(devices, source_train)
     source_test = None if source is None else read_as(sess, source, "--source", head)
     _check_batch(sess, devices, batch, data)
-    pooled = (np.concatenate([d.train[0] for d in devices]), np.concatenate([d.train[1] for d in devices]))
+    pooled = sim.pooled(devices)
     compiled = compile_model(source_model, spec, calibration=pooled[0])
     kind = sim.upload_kind(compiled.contract, upload) if "federated" in modes else None
     top = compiled.contract.lr_numerator.max
@@ -162,7 +176,8 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
         echo(f"tune: lr numerator {lr} (5-fold cross-validation on the pooled training data)")
     schedule = sim.Schedule(rounds, local_epochs, batch, lr, compiled.contract.spec.seed)
     # absolute: a Flower worker on a running Ray cluster has its own working folder
-    setup = functools.partial(_setup, *(str(pathlib.Path(p).resolve()) for p in (out / "compiled", data, model)), schedule)
+    setup = functools.partial(_setup, *(str(pathlib.Path(p).resolve()) for p in (out / "compiled", data, model)), schedule,
+                              None if replay is None else str(pathlib.Path(replay).resolve()))
     program, server, _ = setup()
     models = {"before": dict(program.initial)}
     history = None
@@ -180,6 +195,7 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
         echo(f"centralized: {rounds * local_epochs} epochs on the pooled training data")
         models["centralized"] = sim.centralized(program, devices, schedule)
     report = _report(program, devices, shifts, models, source_test, history, schedule, kind, backend)
+    report["replayed"] = 0 if source_train is None else len(source_train[1])
     if "federated" in modes:
         contract = compiled.contract
         exported, _ = export_state(compiled.source, contract, models["federated"], matrices(compiled.train, contract))
@@ -192,13 +208,15 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
     return report
 
 
-def _setup(compiled: str, data: str, model: str, schedule: sim.Schedule):
+def _setup(compiled: str, data: str, model: str, schedule: sim.Schedule, replay: str | None = None):
     """(program, server, devices) from the driver's files: here, and in each Flower worker process."""
     train, contract, _ = open_train_graph(pathlib.Path(compiled))
     probes = (contract.probes.coefficients,) if contract.probes else ()
     program = Program.of_folder(pathlib.Path(compiled), SessionSettings(), recover=False, probes=probes)
     source_model = modelio.load_model(model)
-    devices, _ = read_fleet(data, session_of(source_model, model), heads.head_of(source_model).kind)
+    sess, head = session_of(source_model, model), heads.head_of(source_model).kind
+    devices, _ = read_fleet(data, sess, head)
+    devices = replay_shares(devices, None if replay is None else read_as(sess, replay, "--replay", head))
     return program, sim.Server(program.contract, train, schedule), devices
 
 

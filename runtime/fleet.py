@@ -21,6 +21,7 @@ sends the same bytes, and the server's model is the same bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import zlib
 
@@ -29,6 +30,7 @@ import numpy as np
 from fgcompile.errors import SpecError
 from fgcompile.session import make_session
 from . import loop
+from .data import replayed
 from .program import Program
 from .replay import replay_graph, replayable
 from .state import TrainState
@@ -236,10 +238,14 @@ def alone(program: Program, devices: list[Device], schedule: Schedule) -> list[d
     return out
 
 
+def pooled(devices: list[Device]) -> tuple:
+    """(x, y) of every device's training data, in device order (several model inputs too)."""
+    return functools.reduce(replayed, [d.train for d in devices])
+
+
 def centralized(program: Program, devices: list[Device], schedule: Schedule) -> dict:
     """The tensors after training on the devices' pooled training data for the same epochs and rate."""
-    x = np.concatenate([d.train[0] for d in devices])
-    y = np.concatenate([d.train[1] for d in devices])
+    x, y = pooled(devices)
     plan = loop.Plan(min(schedule.batch, len(y)), schedule.rounds * schedule.local_epochs, schedule.schedule, len(y),
                      None, schedule.lr_numerator)
     state, _, _ = loop.run(program.with_seed(schedule.seed), TrainState(program.initial), (x, y), plan)

@@ -67,6 +67,27 @@ def test_fleet_chooses_the_rate_by_tune_when_not_given(tmp_path, small):
     assert not (tmp_path / "f" / "federated.onnx").exists() and "upload" not in json.loads(r.output)
 
 
+def test_replay_deals_the_source_examples_to_the_devices(tmp_path, small):
+    """--replay SRC is the same as a fleet file whose device d also trains on SRC's examples d, d + N, …"""
+    src = np.load(DATA / "digits_source_train.npz")
+    np.savez(tmp_path / "src.npz", x=src["x"][:9], y=src["y"][:9])
+    f = dict(np.load(small / "fleet.npz"))
+    extra = {"x": src["x"][:9], "y": src["y"][:9], "device": np.arange(9) % 3, "split": np.zeros(9, f["split"].dtype)}
+    order = np.argsort(extra["device"], kind="stable")       # each device's share after its own examples
+    np.savez(tmp_path / "both.npz", **{k: np.concatenate([f[k], extra[k][order].astype(f[k].dtype)])
+                                       for k in ("x", "y", "device", "split")})
+    args = ["--rounds", 2, "--m", 8, "--lr", 8, "--json"]
+    replay = invoke("fleet", CNN, "--data", small / "fleet.npz", "--replay", tmp_path / "src.npz", *args,
+                    "-o", tmp_path / "r")
+    both = invoke("fleet", CNN, "--data", tmp_path / "both.npz", *args, "-o", tmp_path / "b")
+    assert replay.exit_code == 0 and both.exit_code == 0, replay.output
+    a, b = json.loads(replay.output), json.loads(both.output)
+    assert a.pop("replayed") == 9 and b.pop("replayed") == 0
+    assert [d["train"] for d in a["devices"]] == [27, 27, 27]
+    assert a["summary"] == b["summary"] and a["upload"] == b["upload"]
+    assert (tmp_path / "r" / "federated.onnx").read_bytes() == (tmp_path / "b" / "federated.onnx").read_bytes()
+
+
 def fleet_file(path, drop=(), **changes):
     f = dict(np.load(DATA / "fleet_digits.npz"))
     keep = f["device"] < 3
@@ -99,6 +120,8 @@ FLEET_CASES = {
                                      "--upload signs: --estimator node"),
     "source of another model": (lambda t: ["--source", DATA / "kws_source_test.npz"], "model input is"),
     "missing data file": (lambda t: ["--data", t / "nope.npz"], "nope.npz"),
+    "replay of another model": (lambda t: ["--replay", DATA / "kws_source_train.npz"], "model input is"),
+    "replay is a FIFO": (lambda t: ["--replay", fifo(t / "pipe")], "is a FIFO"),
     "data is a folder": (lambda t: ["--data", folder(t / "dir")], "is a folder, not a fleet data file"),
     "data is a FIFO": (lambda t: ["--data", fifo(t / "pipe")], "is a FIFO"),
     "source is a folder": (lambda t: ["--source", folder(t / "dir")], "is a folder, not a data file"),

@@ -424,10 +424,19 @@ def fleet_data(tmp_path_factory):
 
 @pytest.mark.parametrize("i,rng", cases(5, 24), ids=lambda v: str(v) if isinstance(v, int) else "")
 def test_mutated_fleet_files_and_options(tmp_path, fleet_data, i, rng):
-    """A mutated fleet data file, or mutated fleet options: exit 0 or 2, nothing written outside OUT."""
+    """A mutated fleet data file or --replay file, or mutated fleet options: exit 0 or 2, nothing written outside
+    OUT."""
     label = f"seed {SEED} case {i}: fleet"
     data = tmp_path / "fleet.npz"
-    if i % 2 == 0:
+    if i % 4 == 2:   # a mutated file as the source examples the devices replay
+        data.write_bytes(fleet_data.read_bytes())
+        replay = tmp_path / "replay.npz"
+        d = np.load(MODELS / "data" / "digits_source_train.npz")
+        raw = io.BytesIO()
+        np.savez(raw, x=d["x"][:12], y=d["y"][:12])
+        replay.write_bytes(mutate_npz(raw.getvalue(), rng))
+        options = ["--rounds", "1", "--replay", replay]
+    elif i % 2 == 0:
         data.write_bytes(mutate_npz(fleet_data.read_bytes(), rng))
         options = ["--rounds", "1"]
     else:
