@@ -179,21 +179,7 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
     setup = functools.partial(_setup, *(str(pathlib.Path(p).resolve()) for p in (out / "compiled", data, model)), schedule,
                               None if replay is None else str(pathlib.Path(replay).resolve()))
     program, server, _ = setup()
-    models = {"before": dict(program.initial)}
-    history = None
-    if "alone" in modes:
-        echo(f"alone: {len(devices)} devices, {rounds * local_epochs} epochs each on their own data")
-        models["alone"] = sim.alone(program, devices, schedule)
-    if "federated" in modes:
-        echo(f"federated: {rounds} rounds of {local_epochs} local epoch(s), {kind} uploads, backend {backend}")
-        if backend == "flower":
-            from fgcompile.runtime import flower
-            models["federated"], history = flower.federated(setup, schedule, kind, len(devices), address, echo)
-        else:
-            models["federated"], history = sim.federated(program, server, devices, schedule, kind, echo=echo)
-    if "centralized" in modes:
-        echo(f"centralized: {rounds * local_epochs} epochs on the pooled training data")
-        models["centralized"] = sim.centralized(program, devices, schedule)
+    models, history = _simulate(program, server, setup, devices, modes, schedule, kind, backend, address, echo)
     report = _report(program, devices, shifts, models, source_test, history, schedule, kind, backend)
     report["replayed"] = 0 if source_train is None else len(source_train[1])
     if "federated" in modes:
@@ -206,6 +192,26 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
         show(line)
     show(f"\nreport: {out / REPORT}" + (f"\nfederated model: {out / FEDERATED}" if "federated" in modes else ""))
     return report
+
+
+def _simulate(program, server, setup, devices, modes, schedule, kind, backend, address, echo) -> tuple[dict, list]:
+    """({mode: the tensors, per device for alone}, the federated rounds' uploads or None)."""
+    models, history, epochs = {"before": dict(program.initial)}, None, schedule.rounds * schedule.local_epochs
+    if "alone" in modes:
+        echo(f"alone: {len(devices)} devices, {epochs} epochs each on their own data")
+        models["alone"] = sim.alone(program, devices, schedule)
+    if "federated" in modes:
+        echo(f"federated: {schedule.rounds} rounds of {schedule.local_epochs} local epoch(s), {kind} uploads, "
+             f"backend {backend}")
+        if backend == "flower":
+            from fgcompile.runtime import flower
+            models["federated"], history = flower.federated(setup, schedule, kind, len(devices), address, echo)
+        else:
+            models["federated"], history = sim.federated(program, server, devices, schedule, kind, echo=echo)
+    if "centralized" in modes:
+        echo(f"centralized: {epochs} epochs on the pooled training data")
+        models["centralized"] = sim.centralized(program, devices, schedule)
+    return models, history
 
 
 def _setup(compiled: str, data: str, model: str, schedule: sim.Schedule, replay: str | None = None):
