@@ -110,3 +110,17 @@ def test_node_defaults_and_rates():
     assert spec.eps == 1 and spec.lr == TrainSpec().resolve(14).lr / 256
     grid = lr_grid(14, "node")
     assert min(grid) < spec.lr < max(grid) and all(v >= 2 ** -8 for v in grid)
+
+
+def test_node_centres_the_logits_step(target_train):
+    """fc2 writes the logits the ce loss reads, and ce cannot see a shift of every logit: each example's V_b
+    loses its mean over the 10 outputs, so the bias step sums to at most B·n/2 (the rounding) over the
+    outputs. Uncentred, ±1 noise made it ~−m per example, and the logits drifted up until the deployed
+    output QuantizeLinear saturated them all (10% accuracy at lr 2^-7)."""
+    spec = TrainSpec(estimator="node", m=64, last=1, lr_shift=0, lr=1.0)
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), spec)
+    bias = next(s for s in compiled.contract.state if s.role == "bias")
+    x, y = target_train[0][:BATCH], target_train[1][:BATCH]
+    out = Steps(compiled)(x, y, SEED, 0, 1)
+    step = (compiled.state[bias.name].astype(np.int64) - out[bias.output]) // bias.stride      # ĝ_bias
+    assert np.abs(step).sum() > 10 * BATCH and abs(int(step.sum())) <= BATCH * 10 // 2
