@@ -12,7 +12,7 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
            V_b ← V_b − ⌊mean_j V_b,j⌉      (n outputs; mean rounded half away from 0; clipped to ±127, int8)
            the ce loss is blind to a shift of every logit, so its gradient has mean 0 over the outputs; V's
            mean is not 0 (E[sign(δ·u)·u] is not ∝ δ for ±1 noise: ~−1 at the label), and the logits drifted
-           up by it until the deployed output QuantizeLinear saturated them all (benchmarks/README.md)
+           up by it until the deployed output QuantizeLinear saturated them all (the test says by how much)
     ĝ_W    = Σ_b a_b ⊗ V_b               a_b = q_b − zp, the layer's clean integer input: one MatMulInteger
                                          [in, rows]·[rows, out] (rows: the examples, times tokens for a 3-D input),
                                          transposed for a Gemm transB weight [out, in]

@@ -6,6 +6,7 @@ import pytest
 from conftest import shipped
 from fgcompile.errors import SpecError
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.passes.precondition import STEP_RIDGE
 from fgcompile.spec import TrainSpec, lr_grid
 from reference import qzoff
 from steps import Steps
@@ -96,11 +97,16 @@ def test_node_refuses_what_it_does_not_support(options, named):
     assert named in str(err.value)
 
 
-def test_node_whitens_only_when_asked(target_train):
-    """--precondition auto with calibration leaves node's step unwhitened (it measured lower) and says so."""
-    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", m=2, last=2),
+def test_node_whitens_its_step_by_default(target_train):
+    """--precondition auto with calibration whitens node's step (ΔW ∝ P²·ĝ_W): the weight is not
+    reparametrized, and P is taken at the step's ridge (at weight perturbation's 1e-3, cond P² was 54,000)."""
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", m=2, last=1),
                              target_train[0][:300])
-    assert compiled.contract.step_whitening == [] and any("--precondition whiten" in n for n in compiled.notes)
+    (entry,) = compiled.contract.step_whitening
+    assert compiled.contract.precondition == [] and entry.site == "logits"
+    p2 = qzoff.matrices(compiled.train, qzoff.contract(compiled.train))[entry.matrix]
+    # P²'s eigenvalues are 1/(σ + λ) for the input's normalized second moment σ (mean 1, at most K = 64)
+    assert np.linalg.cond(p2.astype(np.float64)) <= (64 + STEP_RIDGE) / STEP_RIDGE * 1.001
 
 
 def test_node_defaults_and_rates():
