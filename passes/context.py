@@ -155,6 +155,7 @@ class NodeLayer:        # node: one trained Gemm/MatMul as the node estimator re
     scale: gs.Constant                  # its scale
     whitening: "tuple[StepWhitening, gs.Constant] | None"   # a' = quantize(a·P², scale) replaces q − zp
     layout: Literal["kn", "nk"]         # the weight's [in, out] (MatMul, Gemm) or [out, in] (Gemm transB)
+    centered: bool = False              # its output is the logits of the ce loss: V_b loses its mean over outputs
 
 
 @dataclasses.dataclass

@@ -8,6 +8,11 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
              element b·n + j for the n outputs of one example
     sᵢ,b   = sign(L⁺ᵢ,b − L⁻ᵢ,b)          per-example losses (loss.per_example); 0 for a tie: |d| <= 2^-19·max(|L⁺|, |L⁻|, 1)
     V_b    = Σᵢ sᵢ,b·uᵢ,b                int8 (|V| <= m <= 64)
+    centred, where y is the logits the ce loss reads (y = the loss tap):
+           V_b ← V_b − ⌊mean_j V_b,j⌉      (n outputs; mean rounded half away from 0; clipped to ±127, int8)
+           the ce loss is blind to a shift of every logit, so its gradient has mean 0 over the outputs; V's
+           mean is not 0 (E[sign(δ·u)·u] is not ∝ δ for ±1 noise: ~−1 at the label), and the logits drifted
+           up by it until the deployed output QuantizeLinear saturated them all (the test says by how much)
     ĝ_W    = Σ_b a_b ⊗ V_b               a_b = q_b − zp, the layer's clean integer input: one MatMulInteger
                                          [in, rows]·[rows, out] (rows: the examples, times tokens for a 3-D input),
                                          transposed for a Gemm transB weight [out, in]
@@ -105,9 +110,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
             consumer.inputs = [moved if x is y else x for x in consumer.inputs]
         tap = moved.name if y.name == tap else tap
         order.append((nodes[site], gs.Node("Add", f"node/{site}.add", {}, [y, placeholder], [moved])))
+        centered = y.name == ctx.io.loss_tap and ctx.spec.loss == "ce"
         tr = {tr.role: tr for tr in ctx.trainables if tr.site == site}
         white = next((w for w in ctx.step_whitening or [] if w[0].site == site), None)
-        layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), u, q_clean, zp, scale, white, layout))
+        layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), u, q_clean, zp, scale, white, layout,
+                                centered))
     adds = {id(site_node): add for site_node, add in order}
     branched = []
     for n in needed:
@@ -151,6 +158,10 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
                         keepdims=0, hint="v")                                 # [B, *out]
         out = layer.noise.shape[-1]
         rows = I.Reshape(v, np.array([-1, out], np.int64))                    # [rows, out]
+        if layer.centered:
+            total = I.ReduceSum(rows, np.array([1], np.int64), keepdims=1)
+            mean = I.Mul(I.Sign(total), I.Div(I.Add(I.Abs(total), out // 2), out), hint="mean")
+            rows = b.clip_int32(I.Sub(rows, mean), -127, 127)
         if layer.weight is not None:
             a = b.op("Reshape", [layer.q, np.array([-1, layer.q.shape[-1]], np.int64)], dtype=layer.q.dtype)
             zero = [layer.zero_point]

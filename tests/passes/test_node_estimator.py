@@ -6,6 +6,7 @@ import pytest
 from conftest import shipped
 from fgcompile.errors import SpecError
 from fgcompile.passes.pipeline import compile_graph
+from fgcompile.passes.precondition import STEP_RIDGE
 from fgcompile.spec import TrainSpec, lr_grid
 from reference import qzoff
 from steps import Steps
@@ -96,11 +97,16 @@ def test_node_refuses_what_it_does_not_support(options, named):
     assert named in str(err.value)
 
 
-def test_node_whitens_only_when_asked(target_train):
-    """--precondition auto with calibration leaves node's step unwhitened (it measured lower) and says so."""
-    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", m=2, last=2),
+def test_node_whitens_its_step_by_default(target_train):
+    """--precondition auto with calibration whitens node's step (ΔW ∝ P²·ĝ_W): the weight is not
+    reparametrized, and P is taken at the step's ridge (at weight perturbation's 1e-3, cond P² was 54,000)."""
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", m=2, last=1),
                              target_train[0][:300])
-    assert compiled.contract.step_whitening == [] and any("--precondition whiten" in n for n in compiled.notes)
+    (entry,) = compiled.contract.step_whitening
+    assert compiled.contract.precondition == [] and entry.site == "logits"
+    p2 = qzoff.matrices(compiled.train, qzoff.contract(compiled.train))[entry.matrix]
+    # P²'s eigenvalues are 1/(σ + λ) for the input's normalized second moment σ (mean 1, at most K = 64)
+    assert np.linalg.cond(p2.astype(np.float64)) <= (64 + STEP_RIDGE) / STEP_RIDGE * 1.001
 
 
 def test_node_defaults_and_rates():
@@ -110,3 +116,17 @@ def test_node_defaults_and_rates():
     assert spec.eps == 1 and spec.lr == TrainSpec().resolve(14).lr / 256
     grid = lr_grid(14, "node")
     assert min(grid) < spec.lr < max(grid) and all(v >= 2 ** -8 for v in grid)
+
+
+def test_node_centres_the_logits_step(target_train):
+    """fc2 writes the logits the ce loss reads, and ce cannot see a shift of every logit: each example's V_b
+    loses its mean over the 10 outputs, so the bias step sums to at most B·n/2 (the rounding) over the
+    outputs. Uncentred, ±1 noise made it ~−m per example, and the logits drifted up until the deployed
+    output QuantizeLinear saturated them all (10% accuracy at lr 2^-7)."""
+    spec = TrainSpec(estimator="node", m=64, last=1, lr_shift=0, lr=1.0)
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), spec)
+    bias = next(s for s in compiled.contract.state if s.role == "bias")
+    x, y = target_train[0][:BATCH], target_train[1][:BATCH]
+    out = Steps(compiled)(x, y, SEED, 0, 1)
+    step = (compiled.state[bias.name].astype(np.int64) - out[bias.output]) // bias.stride      # ĝ_bias
+    assert np.abs(step).sum() > 10 * BATCH and abs(int(step.sum())) <= BATCH * 10 // 2

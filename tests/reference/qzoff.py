@@ -492,6 +492,8 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j
         L±_{i,b} = the loss of example b with every trained layer's output y ± ε·unit·u_{i,b}
         s_{i,b}  = sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));  V_b = Σ_i s_{i,b}·u_{i,b}
+        V_b ← V_b − round(mean_j V_b,j) (half away from 0, clipped to ±127) where the layer's output is the
+              logits that the ce loss reads (the loss tap),
         ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too; a whitened step
               takes a = QuantizeLinear(a_float·P², s) instead), ĝ_bias = Σ_b V_b,
         each saturated to ±NODE_GRAD_MAX, then the integer update."""
@@ -522,6 +524,9 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     for layer in layers:
         v = sum(s[i].reshape((B,) + (1,) * (len(shapes[layer.site]) - 1)) * u[layer.site][i] for i in range(m))
         v = v.reshape(-1, v.shape[-1])                                                   # [rows, out]
+        if layer.output == oracle.tap and spec["loss"] == "ce":     # ce cannot see a shift of every logit
+            n, total = v.shape[-1], v.sum(axis=1, keepdims=True)
+            v = np.clip(v - np.sign(total) * ((np.abs(total) + n // 2) // n), -127, 127)
         a = clean[layer.white].astype(np.int64) if layer.whitening is not None else \
             clean[layer.q].astype(np.int64) - layer.zero_point
         a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
