@@ -5,7 +5,7 @@ A round of device d (its own shard, seed seed_d = seed + 1 + d) starts from the 
 its local epochs of steps k = r·S_d … (r+1)·S_d − 1, S_d its steps per round, batches as `train` orders
 them (loop.batch_order). What it sends back (its Upload):
     signs   weight perturbation: each step's coefficients cᵢ, one bit each (cᵢ = +1 / −1); the rare
-            ties (cᵢ = 0) and bad steps (a NaN/Inf loss) follow as 16-bit exceptions. m bits per step.
+            ties (cᵢ = 0) and bad steps (a NaN/Inf loss) follow as varint gaps. m bits per step.
             The server replays them (runtime/replay.py) and gets the device's update bit for bit, because
             the update is a function of (state, seed_d, k, lr, cᵢ) alone.
     update  any estimator: the integer difference of each trained tensor over the round, in the narrowest
@@ -150,25 +150,17 @@ class Server:
                 for s in self.contract.state}
 
 
-def _exception_width(steps: int, m: int) -> tuple[str, int]:
-    """The exceptions' dtype and bad-step flag: uint16 while steps·m fits below the flag, else uint32."""
-    return ("<u2", 1 << 15) if steps * m < 1 << 15 and steps < 1 << 15 else ("<u4", 1 << 31)
-
-
 def encode_signs(coefficients: np.ndarray, bad: np.ndarray, estimator: str) -> bytes:
-    """[steps, m] cᵢ → bytes: sign: one bit per cᵢ (1 for +1), then the exceptions, each the flat index of a
-    cᵢ = 0 or BAD | step for a bad step (uint16 where they fit, else uint32; the server knows steps and m);
-    spsa: the int8 cᵢ, then the bad steps."""
-    steps, m = coefficients.shape
+    """[steps, m] cᵢ → bytes: sign: one bit per cᵢ (1 for +1), then the ties (cᵢ = 0) as gaps between their
+    flat indices; spsa: the int8 cᵢ. Then, only if some step failed, a 0 and the failed steps as gaps. Gaps
+    are LEB128 varints, so a tie costs a byte while ties are at most 128 coefficients apart."""
     flat = coefficients.reshape(-1)
-    dtype, flag = _exception_width(steps, m)
     if estimator == "sign":
-        head = np.packbits(flat > 0).tobytes()
-        ties = np.flatnonzero(flat == 0)
+        head, ties = np.packbits(flat > 0).tobytes(), np.flatnonzero(flat == 0)
     else:
-        head = flat.astype(np.int8).tobytes()
-        ties = np.zeros(0, np.int64)
-    return head + np.concatenate([ties, np.flatnonzero(bad) | flag]).astype(dtype).tobytes()
+        head, ties = flat.astype(np.int8).tobytes(), np.zeros(0, np.int64)
+    failed = np.flatnonzero(bad)
+    return head + _gaps(ties) + (b"\0" + _gaps(failed) if len(failed) else b"")
 
 
 def decode_signs(payload: bytes, steps: int, m: int, estimator: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,14 +171,41 @@ def decode_signs(payload: bytes, steps: int, m: int, estimator: str) -> tuple[np
         c = np.where(np.unpackbits(np.frombuffer(payload[:size], np.uint8))[:n] > 0, 1, -1).astype(np.int32)
     else:
         c = np.frombuffer(payload[:size], np.int8).astype(np.int32)
-    dtype, flag = _exception_width(steps, m)
+    ties, failed = _positions(payload[size:])
+    c[ties] = 0
     bad = np.zeros(steps, bool)
-    for e in np.frombuffer(payload[size:], dtype).astype(np.int64):
-        if e & flag:
-            bad[e & ~flag] = True
-        else:
-            c[e] = 0
+    bad[failed] = True
     return c.reshape(steps, m), bad
+
+
+def _gaps(positions) -> bytes:
+    """Increasing positions as LEB128 varints of p₁ + 1, p₂ − p₁, …: every value >= 1, so a 0 byte separates."""
+    out, previous = bytearray(), -1
+    for p in positions:
+        gap, previous = int(p) - previous, int(p)
+        while gap >= 0x80:
+            out.append(gap & 0x7F | 0x80)
+            gap >>= 7
+        out.append(gap)
+    return bytes(out)
+
+
+def _positions(raw: bytes) -> tuple[list, list]:
+    """(tie positions, failed steps) of the varint gaps after the coefficients."""
+    lists, current, previous, value, shift = [], [], -1, 0, 0
+    for byte in raw:
+        if byte == 0 and shift == 0:      # the separator (a gap is never 0)
+            lists.append(current)
+            current, previous = [], -1
+            continue
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            previous += value
+            current.append(previous)
+            value, shift = 0, 0
+    lists.append(current)
+    return lists[0], lists[1] if len(lists) > 1 else []
 
 
 def encode_update(contract, before: dict, after: dict) -> bytes:

@@ -36,15 +36,17 @@ def test_signs_decode_to_the_coefficients(steps, m, estimator, seed, ties, bad):
         assert len(payload) == (steps * m + 7) // 8      # m bits per step, nothing else
 
 
-def test_wide_rounds_use_32_bit_exceptions():
+def test_a_tie_costs_a_byte_and_a_failed_step_is_marked_after_a_zero():
     c = np.ones((600, 64), np.int32)
-    c[599, 63] = 0
+    c[0, 0] = c[0, 5] = c[599, 63] = 0          # gaps 1, 5 and 38394 (three varint bytes)
     bad = np.zeros(600, bool)
     bad[598] = True
     payload = fleet.encode_signs(c, bad, "sign")
-    assert len(payload) == 600 * 64 // 8 + 2 * 4
+    assert len(payload) == 600 * 64 // 8 + (1 + 1 + 3) + 1 + 2
     got, got_bad = fleet.decode_signs(payload, 600, 64, "sign")
-    assert got[599, 63] == 0 and got_bad[598] and got_bad.sum() == 1
+    np.testing.assert_array_equal(got, c)
+    assert got_bad[598] and got_bad.sum() == 1
+    assert len(fleet.encode_signs(c, np.zeros(600, bool), "sign")) == 600 * 64 // 8 + 5   # no failed step: no 0
 
 
 @pytest.fixture(scope="module")
