@@ -14,7 +14,8 @@ conv), at batch 32 and one thread, the columns are
                 model; only those tensors require grad), an SGD step
     MeZO m=8    torch fp32 MeZO (benchmarks/mezo.py): 2 whole-model forwards per direction, perturbed in place
     ort-training  onnxruntime-training backprop (SGD) of the same tensors, where --ort-training-python names
-                an interpreter that has it (it cannot share a process with onnxruntime: it replaces it)
+                an interpreter that has it (it cannot share a process with onnxruntime: it replaces it).
+                A venv with onnxruntime-training==1.19.2, torch and onnx==1.16.2 works (1.19.2 loads IR <= 10).
 Time: ms per step, the columns interleaved round-robin in this process, median of --repeats blocks
 (benchmarks/step_cost.py's `timed`); a column whose first call takes longer than --slow seconds is timed by
 one more call alone (noted `n=1`). ort-training is timed in its own process. Memory: VmHWM of a fresh
