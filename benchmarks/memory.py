@@ -9,7 +9,11 @@ so `peak − baseline` is what the model, its activations and its optimizer stat
 Jobs:  inference  onnxruntime session of the original model
        training   onnxruntime session of train.onnx, state fed back each step (what a device runs)
        trainer    fgcompile's Trainer.fit on the compiled folder (the CLI's path, fgcompile imported)
-       backprop   torch autograd over the fp32 model, the same tensors trainable, Adam
+       backprop   torch autograd over the fp32 model, the same tensors trainable, Adam (or SGD)
+       mezo       MeZO in torch over the fp32 model (benchmarks/mezo.py): 2m forwards, no autograd
+       compile    fgcompile's compile_model + write_compiled of a spec (the compile's own peak)
+`measure` can stop a job at a wall-time or resident-memory limit (raising JobLimit), so a benchmark
+records "needs > 8 GB" or "over 5 minutes" as its result instead of swapping or hanging.
 """
 from __future__ import annotations
 
@@ -17,24 +21,49 @@ import json
 import pathlib
 import subprocess
 import sys
+import tempfile
+import time
 
 ITERATIONS = 20
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def measure(job: str, **args) -> dict:
-    """Run one job in a fresh interpreter; returns {"baseline_mb", "peak_mb", "model_mb"}."""
-    proc = subprocess.run([sys.executable, str(HERE / "memory.py"), job, json.dumps(args)],
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory job {job} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class JobLimit(RuntimeError):
+    """A job passed measure's timeout or limit_mb and was killed."""
 
 
-def _status_mb(key: str) -> float:
-    for line in open("/proc/self/status"):
+def measure(job: str, timeout: float = 600, limit_mb: float | None = None, **args) -> dict:
+    """Run one job in a fresh interpreter; returns {"baseline_mb", "peak_mb", "model_mb", "seconds"}.
+    Raises JobLimit when it runs past `timeout` seconds or its resident set passes `limit_mb`."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:   # a pipe could fill and block
+        proc = subprocess.Popen([sys.executable, str(HERE / "memory.py"), job, json.dumps(args)], stdout=out,
+                                stderr=err, text=True)
+        status = pathlib.Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            limit = f"over {timeout:.0f} s" if time.perf_counter() - t0 > timeout else None
+            try:
+                if limit_mb and _status_mb("VmRSS", status) > limit_mb:
+                    limit = f"over {limit_mb / 1024:g} GB"
+            except FileNotFoundError:   # it ended since the poll
+                pass
+            if limit:
+                proc.kill()
+                proc.wait()
+                raise JobLimit(f"memory job {job} stopped: {limit}")
+            time.sleep(0.05)
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory job {job} failed:\n{err.read()[-2000:]}")
+        return json.loads(out.read().strip().splitlines()[-1]) | {"seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _status_mb(key: str, path="/proc/self/status") -> float:
+    for line in open(path):
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
+    if str(path) != "/proc/self/status":   # a zombie's status has no Vm lines: it holds no memory
+        return 0.0
     raise RuntimeError(f"/proc/self/status has no {key} (the memory benchmark needs Linux)")
 
 
@@ -100,7 +129,8 @@ def _trainer(compiled: str, data: str, batch: int):
     return base
 
 
-def _backprop(model: str, trained: list, data: str, batch: int):
+def _backprop(model: str, trained: list, data: str, batch: int, iterations: int = ITERATIONS,
+              optimizer: str = "adam"):
     import onnx
     import torch
     sys.path.insert(0, str(HERE))
@@ -109,16 +139,43 @@ def _backprop(model: str, trained: list, data: str, batch: int):
     base = _rss_mb()
     x, y = _batch(data, batch)
     net = OnnxTorch(onnx.load(model), trained)
-    opt = torch.optim.Adam(list(net.params.values()), 1e-3)
+    params = list(net.params.values())
+    opt = torch.optim.Adam(params, 1e-3) if optimizer == "adam" else torch.optim.SGD(params, 1e-3)
     xs, ys = torch.tensor(x), torch.tensor(y)
-    for _ in range(ITERATIONS):
+    for _ in range(iterations):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(xs), ys).backward()
         opt.step()
     return base
 
 
-JOBS = {"inference": _inference, "training": _training, "trainer": _trainer, "backprop": _backprop}
+def _mezo(model: str, trained: list, data: str, batch: int, m: int, iterations: int = ITERATIONS):
+    import onnx
+    import torch
+    sys.path.insert(0, str(HERE))
+    from backprop import OnnxTorch
+    from mezo import mezo_step
+    torch.set_num_threads(1)
+    base = _rss_mb()
+    x, y = _batch(data, batch)
+    net = OnnxTorch(onnx.load(model), trained)
+    params = [p.requires_grad_(False) for p in net.params.values()]
+    xs, ys = torch.tensor(x), torch.tensor(y)
+    for k in range(iterations):
+        mezo_step(params, lambda: torch.nn.functional.cross_entropy(net(xs), ys), m, 1e-3, 1e-6, k)
+    return base
+
+
+def _compile(model: str, spec: dict, out: str):
+    from fgcompile.compiler import compile_model, write_compiled
+    base = _rss_mb()
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}   # JSON made `train` a list
+    write_compiled(compile_model(model, spec), out)
+    return base
+
+
+JOBS = {"inference": _inference, "training": _training, "trainer": _trainer, "backprop": _backprop, "mezo": _mezo,
+        "compile": _compile}
 
 if __name__ == "__main__":
     job, args = sys.argv[1], json.loads(sys.argv[2])

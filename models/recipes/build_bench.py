@@ -12,6 +12,9 @@ into the convolutions anyway). The graphs are written by hand, layer by layer as
     dscnn         1x49x10   DS-CNN-S keyword spotter (10x4 stem, 4 depthwise-separable blocks), 12 classes
     vit           3x96x96   ViT-tiny-style encoder (16x16 patches, 12 blocks, d=192, 3 heads, GELU MLP)
     resnet50      3x224x224 ResNet-50 (Bottlenecks [3, 4, 6, 3]): only for compile time
+    mobilenetv2_1000   3x96x96   MobileNetV2, width 1.0, 1000 classes  } real size, for
+    resnet18_1000      3x96x96   ResNet-18, 1000 classes               } benchmarks/real_size.py
+    resnet18_1000_224  3x224x224 ResNet-18, 1000 classes               }
 
 Each is quantized with onnxruntime's quantize_static: QDQ, per-channel weights, uint8 activations,
 int8 weights (w8a8) and int16 weights (w16a8), calibrated on random N(0, 1) inputs. Opset 21.
@@ -89,7 +92,7 @@ class Net:
         return model
 
 
-def resnet(blocks, bottleneck: bool, size: int) -> onnx.ModelProto:
+def resnet(blocks, bottleneck: bool, size: int, classes: int = 10) -> onnx.ModelProto:
     g = Net(18 if not bottleneck else 50)
     h = g.op("MaxPool", [g.relu(g.conv("x", 3, 64, 7, 2, hint="stem"))], kernel_shape=[3, 3], strides=[2, 2],
              pads=[1, 1, 1, 1])
@@ -109,10 +112,10 @@ def resnet(blocks, bottleneck: bool, size: int) -> onnx.ModelProto:
             skip = h if stride == 1 and cin == cout else g.conv(h, cin, cout, 1, stride, hint=f"{hint}.down")
             h = g.relu(g.op("Add", [y, skip]))
             cin = cout
-    return g.model(g.head(h, cin, 10), (3, size, size), 10)
+    return g.model(g.head(h, cin, classes), (3, size, size), classes)
 
 
-def mobilenetv2(width: float = 0.5) -> onnx.ModelProto:
+def mobilenetv2(width: float = 0.5, classes: int = 10) -> onnx.ModelProto:
     g = Net(2)
     div = lambda c: max(8, int(c * width + 4) // 8 * 8)
     cin = div(32)
@@ -129,7 +132,7 @@ def mobilenetv2(width: float = 0.5) -> onnx.ModelProto:
             cin = cout
     last = 1280
     h = g.relu6(g.conv(h, cin, last, 1, hint="last"))
-    return g.model(g.head(h, last, 10), (3, 96, 96), 10)
+    return g.model(g.head(h, last, classes), (3, 96, 96), classes)
 
 
 def dscnn() -> onnx.ModelProto:
@@ -177,6 +180,10 @@ BUILDS = {
     "dscnn": dscnn,
     "vit": vit,
     "resnet50": lambda: resnet([3, 4, 6, 3], True, 224),
+    # real size (benchmarks/real_size.py): ImageNet's 1000 classes, so the classifier is as large as deployed
+    "mobilenetv2_1000": lambda: mobilenetv2(1.0, 1000),
+    "resnet18_1000": lambda: resnet([2, 2, 2, 2], False, 96, 1000),
+    "resnet18_1000_224": lambda: resnet([2, 2, 2, 2], False, 224, 1000),
 }
 
 

@@ -149,3 +149,11 @@ def test_report_names_the_seeds():
                                                "budgets": {"30": {"examples": 100, "qzo_ff": {},
                                                                   "backprop": {"mean": 0.8, "std": 0.0, "lr": 0.003}}}}}}}
     assert "mean ± std over seeds 0,1,2,3,4;" in report.markdown(results)
+
+
+@pytest.mark.parametrize("limits,message", [({"limit_mb": 20}, "over 0.0195312 GB"), ({"timeout": 0.05}, "over 0 s")])
+def test_memory_probe_stops_a_job_at_its_limit(limits, message):
+    """real_size.py records "needs over 8 GB" or "over 300 s" as a row's result instead of swapping or hanging."""
+    with pytest.raises(memory.JobLimit, match=message):
+        memory.measure("inference", model=str(MODELS / "digits_cnn" / "w8a8.onnx"),
+                       data=str(MODELS / "data" / "digits_target_train.npz"), batch=32, **limits)
