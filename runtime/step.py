@@ -22,8 +22,9 @@ from .state import TrainState
 
 
 def step(program: Program, state: TrainState, batch: tuple, lr_numerator: int) -> tuple[TrainState, dict | None]:
-    """(the next state, {loss, accuracy} of the batch), or (the state with the step counted as bad, None)
-    when the loss is NaN or Inf. batch: (x, y) as Program.load_data gives them."""
+    """(the next state, {loss, accuracy} of the batch, and its coefficients cᵢ where the program's train session
+    outputs them: runtime/fleet.py), or (the state with the step counted as bad, None) when the loss is NaN or
+    Inf. batch: (x, y) as Program.load_data gives them."""
     x, y = batch
     c = program.contract
     with running(program.where["train"]):
