@@ -48,9 +48,7 @@ def connected(address: str | None = None):
     if ray.is_initialized():
         yield ray
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address not in (None, "auto", "local"):
-        probe(address)
+    address = checked_address(address)
     env = {k: v for k, v in os.environ.items() if k.startswith("FGCOMPILE_")}
     try:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, logging_level="WARNING",
@@ -61,6 +59,14 @@ def connected(address: str | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+def checked_address(address: str | None) -> str | None:
+    """--address, else RAY_ADDRESS, else None; a cluster's address must answer within PROBE seconds."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address not in (None, "auto", "local"):
+        probe(address)
+    return address
 
 
 def probe(address: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import pathlib
 import statistics
 
@@ -134,8 +133,7 @@ def check_options(rounds, local_epochs, batch, modes, upload, backend, address) 
     if backend == "flower":
         from fgcompile.runtime.flower import import_flower
         import_flower()   # a missing extra, or an address that does not answer, is said before anything is read
-        if (address or os.environ.get("RAY_ADDRESS")) not in (None, "", "auto", "local"):
-            cluster.probe(address or os.environ["RAY_ADDRESS"])
+        cluster.checked_address(address)
     return tuple(m for m in MODES if m in modes)
 
 
@@ -178,7 +176,7 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
     # absolute: a Flower worker on a running Ray cluster has its own working folder
     setup = functools.partial(_setup, *(str(pathlib.Path(p).resolve()) for p in (out / "compiled", data, model)), schedule,
                               None if replay is None else str(pathlib.Path(replay).resolve()))
-    program, server, _ = setup()
+    program, server = _program_and_server(str(out / "compiled"), schedule)
     models, history = _simulate(program, server, setup, devices, modes, schedule, kind, backend, address, echo)
     report = _report(program, devices, shifts, models, source_test, history, schedule, kind, backend)
     report["replayed"] = 0 if source_train is None else len(source_train[1])
@@ -215,15 +213,20 @@ def _simulate(program, server, setup, devices, modes, schedule, kind, backend, a
 
 
 def _setup(compiled: str, data: str, model: str, schedule: sim.Schedule, replay: str | None = None):
-    """(program, server, devices) from the driver's files: here, and in each Flower worker process."""
-    train, contract, _ = open_train_graph(pathlib.Path(compiled))
-    probes = (contract.probes.coefficients,) if contract.probes else ()
-    program = Program.of_folder(pathlib.Path(compiled), SessionSettings(), recover=False, probes=probes)
+    """(program, server, devices) from the driver's files, for Flower's server and each of its worker processes."""
     source_model = modelio.load_model(model)
     sess, head = session_of(source_model, model), heads.head_of(source_model).kind
     devices, _ = read_fleet(data, sess, head)
     devices = replay_shares(devices, None if replay is None else read_as(sess, replay, "--replay", head))
-    return program, sim.Server(program.contract, train, schedule), devices
+    return (*_program_and_server(compiled, schedule), devices)
+
+
+def _program_and_server(compiled: str, schedule: sim.Schedule):
+    """The compiled folder's Program (its train session also outputs the coefficients) and the Server."""
+    train, contract, _ = open_train_graph(pathlib.Path(compiled))
+    probes = (contract.probes.coefficients,) if contract.probes else ()
+    program = Program.of_folder(pathlib.Path(compiled), SessionSettings(), recover=False, probes=probes)
+    return program, sim.Server(program.contract, train, schedule)
 
 
 def _report(program: Program, devices: list, shifts: list, models: dict, source_test, history, schedule, kind,

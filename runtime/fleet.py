@@ -92,9 +92,10 @@ def upload_kind(contract, asked: str = "auto") -> str:
 
 
 def device_round(program: Program, tensors: dict, device: Device, r: int, schedule: Schedule,
-                 kind: str) -> tuple[Upload, dict]:
-    """One device's round from the global `tensors`: (its upload, its new tensors). For a signs upload the
-    program's train session outputs the coefficients (Program.of_folder(..., probes=(probes.coefficients,)))."""
+                 kind: str | None) -> tuple[Upload | None, dict]:
+    """One device's round from the global `tensors`: (its upload, its new tensors); kind None: no upload (a
+    device alone). For a signs upload the program's train session outputs the coefficients
+    (Program.of_folder(..., probes=(probes.coefficients,)))."""
     plan = schedule.device_plan(device)
     steps, seed = plan.per_epoch * schedule.local_epochs, schedule.device_seed(device.index)
     state = TrainState(tensors, r * steps)
@@ -106,6 +107,8 @@ def device_round(program: Program, tensors: dict, device: Device, r: int, schedu
         bad.append(metrics is None)
         coefficients.append(np.zeros(program.contract.spec.m, np.int32) if metrics is None
                             else metrics.get("coefficients"))
+    if kind is None:
+        return None, dict(state.tensors)
     update = encode_update(program.contract, tensors, state.tensors)
     payload = encode_signs(np.stack(coefficients), np.array(bad), program.contract.spec.estimator) \
         if kind == "signs" else update
@@ -252,7 +255,7 @@ def alone(program: Program, devices: list[Device], schedule: Schedule) -> list[d
     for d in devices:
         tensors = dict(program.initial)
         for r in range(schedule.rounds):
-            tensors = device_round(program, tensors, d, r, schedule, "update")[1]
+            tensors = device_round(program, tensors, d, r, schedule, None)[1]
         out.append(tensors)
     return out
 
