@@ -220,9 +220,10 @@ def _run_ray(ray, pending, plan, spec, force, jobs, timeout, finish, rows) -> bo
                 model = pending.pop(0)
                 running[compile_task(str(model), spec)] = (model, time.monotonic())
             done, _ = ray.wait(list(running), num_returns=1, timeout=POLL)
-            for ref in done:
+            for ref in done:   # one that ended during the wait but past its deadline is a timeout, as a local child
                 model, t0 = running.pop(ref)
-                finish(_task_row(ray, ref, model, plan[model], force, t0))
+                finish(_failed(model, t0, _timed_out(timeout)) if time.monotonic() - t0 > timeout
+                       else _task_row(ray, ref, model, plan[model], force, t0))
             for ref, (model, t0) in list(running.items()):
                 if time.monotonic() - t0 > timeout:
                     ray.cancel(ref, force=True)
