@@ -167,6 +167,7 @@ class Contract:
     precondition: list = dataclasses.field(default_factory=list)   # [Whitening]
     head: str = "softmax"      # the output's head (fgcompile/heads.py): softmax | sigmoid
     step_whitening: list = dataclasses.field(default_factory=list)   # [StepWhitening] (--estimator node)
+    estimator_reason: str = "given"   # --estimator auto's reason for spec.estimator (passes/plan.py)
     format: str = TRAIN_FORMAT
     version: str = ""
 
@@ -180,7 +181,8 @@ class Contract:
                 "branches_reason": self.branches_reason, "tie_tolerance": self.tie_tolerance,
                 "probes": dataclasses.asdict(self.probes) if self.probes else None,
                 "precondition": [dataclasses.asdict(p) for p in self.precondition], "head": self.head,
-                "step_whitening": [dataclasses.asdict(p) for p in self.step_whitening]}
+                "step_whitening": [dataclasses.asdict(p) for p in self.step_whitening],
+                "estimator_reason": self.estimator_reason}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Contract":
@@ -194,7 +196,7 @@ class Contract:
                    stream=d.get("stream", ""), probes=Probes(**probes) if isinstance(probes, dict) else None,
                    precondition=[Whitening(**p) for p in d.get("precondition") or []], head=d.get("head", "softmax"),
                    step_whitening=[StepWhitening(**p) for p in d.get("step_whitening") or []],
-                   format=d.get("format", TRAIN_FORMAT), version=d.get("version", ""))
+                   estimator_reason=d.get("estimator_reason", "given"), format=d.get("format", TRAIN_FORMAT), version=d.get("version", ""))
 
     def to_json(self) -> str:
         return _dumps(self.to_dict())

@@ -11,7 +11,7 @@ from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
 from fgcompile.runtime.conformance import MAX_STEPS
 from fgcompile.runtime.metrics import FALSE_ALARM
-from fgcompile.spec import (BITS, BRANCH_FORMS, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS,
+from fgcompile.spec import (BITS, BRANCH_FORMS, DEFAULT_M, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS,
                             PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
 
@@ -145,7 +145,8 @@ def spec_options(f):
                      help="Never train the weight sites whose site/weight/bias name matches, even when --last or "
                           "--train reaches them (repeatable; e.g. a fixed STFT basis)."),
         click.option("--no-bias", is_flag=True, help="Do not train the biases of the chosen sites."),
-        spec_option("--m", "m", help="Perturbations per step (2m forwards)."),
+        spec_option("--m", "m", type=int, help="Perturbations per step (2m forwards) [by the estimator: "
+                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_M.items()) + "]."),
         spec_option("--eps", "eps", type=int,
                     help=f"Perturbation size ε in LSBs [by the training grid's bits: {_grid_defaults(0)}]."),
         spec_option("--lr", "lr", type=float,
@@ -157,9 +158,11 @@ def spec_options(f):
                     help="ce/mse: class scores, one class index per example; bce: 0/1 labels on the logit before a "
                          "Sigmoid output [batch, K] (a detector, or K labels per example); auto: bce for a Sigmoid "
                          "output, else ce."),
-        spec_option("--estimator", "estimator", ESTIMATORS, help="sign: Sign-m-SPSA; spsa: quantized m-SPSA; node: perturb each trained Gemm/MatMul's output per "
+        spec_option("--estimator", "estimator", ESTIMATORS,
+                    help="sign: Sign-m-SPSA; spsa: quantized m-SPSA; node: perturb each trained layer's output per "
                     "example (±ε output LSBs) and step by the sign of each example's loss difference times its "
-                    "clean input (stacked form, no whitening yet)."),
+                    "clean input (stacked form); auto: node when more than one layer trains and node takes "
+                    "every site and option, else sign."),
         spec_option("--spsa-gain", "spsa_gain", help="m-SPSA: c = round(gain·ΔL)."),
         spec_option("--rounding", "rounding", ROUNDINGS),
         spec_option("--bits", "bits", BITS, help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
@@ -231,7 +234,8 @@ def make_spec(kw) -> TrainSpec:
 
 @main.command(short_help="List a model's trainable parameters and what stays float.")
 @click.argument("model", type=click.Path())
-@click.option("--m", "m", default=TrainSpec.m, show_default=True, help="Perturbations per step, for the memory estimate.")
+@click.option("--m", "m", default=DEFAULT_M["sign"], show_default=True,
+              help="Weight perturbation's perturbations per step, for the memory estimate.")
 @click.option("--momentum", default=TrainSpec.momentum, show_default=True, type=float,
               help="Momentum-guided sampling share, for the memory estimate (its int32 buffer is state).")
 @click.option("--sharpness", default=TrainSpec.sharpness, show_default=True, type=int,

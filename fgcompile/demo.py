@@ -14,7 +14,7 @@ from fgcompile import models, modelio
 from fgcompile.adapt import run_adapt
 from fgcompile.inspection import format_inspection, inspect_model
 from fgcompile.errors import SpecError
-from fgcompile.spec import TrainSpec
+from fgcompile.spec import DEFAULT_M, TrainSpec
 
 
 TASKS = {"digits": None, "kws": "kws_dscnn", "detect": "kws_detect"}   # task -> shipped model (None: the default)
@@ -47,8 +47,9 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
         raise SpecError(f"--epochs {epochs!r}: the demo trains at least one epoch.")
     detail = (lambda _s: None) if quiet else echo
     detail(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
-    detail(format_inspection(inspect_model(modelio.load_model(files["model"]), m=spec.m, bits=spec.bits,
-                                           headroom=spec.headroom)) + "\n")
+    inspected = inspect_model(modelio.load_model(files["model"]), m=spec.m or DEFAULT_M["sign"], bits=spec.bits,
+                              headroom=spec.headroom)
+    detail(format_inspection(inspected) + "\n")
     return run_adapt(files["model"], files["target_train"], out_dir, epochs=epochs, batch=batch, spec=spec,
                      val=files["target_test"], source=files["source_test"],
                      replay=files["source_train"] if replay else None, force=force, echo=detail, show=echo,

@@ -23,7 +23,8 @@ def describe_compile(contract: Contract) -> list[str]:
               for p in contract.precondition]
     sp, numerator = contract.spec, contract.lr_numerator
     lines.append(f"m={sp.m} eps={sp.eps} lr={sp.lr} ({numerator.default}/2^{numerator.shift}) "
-                 f"{sp.perturbation} {sp.estimator} loss={sp.loss} on {contract.loss_tap}")
+                 f"{sp.perturbation} {sp.estimator} loss={sp.loss} on {contract.loss_tap}"
+                 + ("" if contract.estimator_reason == "given" else f" (estimator auto: {contract.estimator_reason})"))
     options = [part for part in (
         "kernel-wise normalized ĝ" if sp.kernel_norm else "",
         f"sparse update ({sp.sparse_mode}): {sp.sparsity:.0%} of each tensor unchanged per step" if sp.sparsity else "",

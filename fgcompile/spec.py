@@ -16,7 +16,12 @@ from fgcompile.errors import SpecError, wrong_type
 
 PERTURBATIONS = ("rademacher", "ternary", "gaussian")
 LOSSES = ("auto", "ce", "mse", "bce")   # auto: bce for a Sigmoid output, else ce (TrainSpec.for_head)
-ESTIMATORS = ("sign", "spsa", "node")   # node: per-example activity perturbation (passes/node.py)
+ESTIMATORS = ("auto", "sign", "spsa", "node")   # node: per-example activity perturbation (passes/node.py);
+# auto: node when it trains deeper than one layer and takes every site, else sign (passes/plan.py)
+# m when unset, per estimator: stacked branches make weight perturbation's m cheap, and m = 32 gained 4-9
+# points over m = 8 there (m = 64 with the cosine schedule another 2 on the transformer at 30 epochs);
+# node perturbation samples every example, and m = 8 trained fc1+fc2 as far (benchmarks/README.md)
+DEFAULT_M = {"sign": 64, "spsa": 64, "node": 8}
 ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
@@ -89,15 +94,14 @@ class TrainSpec:
     last: int = 1
     freeze: tuple[str, ...] = ()
     include_bias: bool = True
-    m: int = 64   # stacked branches make m cheap; m = 32 gained 4-9 points over m = 8, and m = 64 with the
-    # cosine schedule another 2 on the transformer at 30 epochs (benchmarks, #15)
+    m: int | None = None     # None: DEFAULT_M of the estimator (passes/plan.py)
     eps: int | None = None   # None: resolved by the training grid (see GRID_DEFAULTS)
     lr: float | None = None
     lr_shift: int = 8
     perturbation: str = "rademacher"
     density: float = 1.0
     loss: str = "auto"
-    estimator: str = "sign"
+    estimator: str = "auto"
     spsa_gain: float = 64.0
     rounding: str = "nearest"
     bits: int = 16  # 16: widen int8 trainable weights to int16 for training; 8: keep int8
@@ -172,7 +176,7 @@ class TrainSpec:
             if not ok:
                 raise SpecError(msg)
 
-        need(1 <= self.m <= 64, f"--m {self.m}: the number of perturbations must be 1..64.")
+        need(self.m is None or 1 <= self.m <= 64, f"--m {self.m}: the number of perturbations must be 1..64.")
         need(0 <= self.prompts <= 1024, f"--prompts {self.prompts}: the number of prompt tokens must be 0..1024.")
         need(self.last >= 1, f"--last {self.last}: train at least one weight site (use --last 1 or more).")
         for flag, pattern in [("--train", p) for p in self.train] + [("--freeze", p) for p in self.freeze]:
@@ -221,17 +225,19 @@ class TrainSpec:
 
 
     def _validate_node(self) -> None:
-        """What the first slice of node perturbation supports (issue #25)."""
-        others = [flag for flag, on in (("--perturbation " + self.perturbation, self.perturbation != "rademacher"),
-                                        ("--momentum", self.momentum > 0), ("--sharpness", self.sharpness > 0),
-                                        ("--kernel-norm", self.kernel_norm), ("--sparsity", self.sparsity > 0),
-                                        ("--prompts", self.prompts > 0),
-                                        ("--branches " + self.branches, self.branches not in ("auto", "stacked")))
-                  if on]
-        if others:
-            raise SpecError(f"--estimator node does not take {others[0]} yet: it perturbs trained Gemm/MatMul "
-                            "outputs with ±1 noise in the stacked branch form. Drop "
-                            f"{others[0].split()[0]}, or use --estimator sign.")
+        refusal = self.node_refusal()
+        if refusal:
+            raise SpecError(f"--estimator node does not take {refusal} yet: it perturbs trained layer outputs "
+                            f"with ±1 noise in the stacked branch form. Drop {refusal.split()[0]}, or use "
+                            "--estimator sign.")
+
+    def node_refusal(self) -> str | None:
+        """The first option given that node perturbation does not take yet, or None."""
+        return next((flag for flag, on in (
+            ("--perturbation " + self.perturbation, self.perturbation != "rademacher"),
+            ("--momentum", self.momentum > 0), ("--sharpness", self.sharpness > 0),
+            ("--kernel-norm", self.kernel_norm), ("--sparsity", self.sparsity > 0), ("--prompts", self.prompts > 0),
+            ("--branches " + self.branches, self.branches not in ("auto", "stacked"))) if on), None)
 
 
 def check_field_types(obj) -> None:

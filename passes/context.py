@@ -107,6 +107,13 @@ class ModelIO:          # analyze
         return self.data_inputs[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:             # plan: how the step is estimated, decided once
+    estimator: str                      # sign | spsa | node (--estimator auto resolved)
+    reason: str                         # why: "given", or auto's reason
+    m: int
+
+
 @dataclasses.dataclass
 class State:            # lift
     inputs: dict[str, gs.Variable]      # trainable name -> its graph input
@@ -196,12 +203,13 @@ class Update:           # update
 
 @dataclasses.dataclass
 class Context:
-    spec: TrainSpec                     # eps/lr filled in by the pipeline's `resolve` entry
+    spec: TrainSpec                     # estimator/m filled in by plan, eps/lr by the pipeline's `resolve`
     source: onnx.ModelProto             # the input, then its canonical form (export writes into it)
     calibration: np.ndarray | None = None   # float32 inputs [N, ...] for precondition
     notes: list[str] | None = None      # canonicalize, prompts: what they rewrote
     io: ModelIO | None = None
     trainables: list[Trainable] | None = None   # select; floatgrid, widen and precondition refine them
+    plan: Plan | None = None
     preconditioned: list[Whitening] | None = None   # precondition: contract entries, one per whitened site
     # precondition, --estimator node: (contract entry, its P² constant) per whitened site
     step_whitening: list[tuple[StepWhitening, gs.Constant]] | None = None

@@ -69,6 +69,11 @@ def _layer_parts(ctx: Context, node: gs.Node):
     return dq.inputs[0], zp, np.float32(quant[0].inputs[1].values.reshape(())), layout, dq.inputs[1]
 
 
+def check_site(node: gs.Node) -> None:
+    """A SpecError unless the node estimator can perturb this trained site (plan asks before choosing it)."""
+    _layer_parts(None, node)
+
+
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b, m = Builder(graph, "node"), ctx.spec.m
     graph.toposort()

@@ -21,7 +21,7 @@ from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
 from fgcompile.spec import TrainSpec
 from . import (activations, analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum,
-               node, opset, pair, precondition, prng, prompts, select, sparsify, update, widen)
+               node, opset, pair, plan, precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .dialects import quant_dtype
 from .formulas import TIE_TOLERANCE
@@ -96,7 +96,8 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
         probes=Probes(ctx.estimate.coefficients.name,   # the loop form holds no whole z to probe
                       [] if ctx.branches.form == "loop" or spec.estimator == "node" else
                       [z[t.name].name for t in ctx.trainables]),
-        precondition=ctx.preconditioned, step_whitening=[w for w, _ in ctx.step_whitening or []], version=__version__)
+        precondition=ctx.preconditioned, step_whitening=[w for w, _ in ctx.step_whitening or []],
+        estimator_reason=ctx.plan.reason, version=__version__)
     return graph
 
 
@@ -124,6 +125,7 @@ PASSES = [
     activations.PASS,     # int8 activation pairs as uint8 (the same values)
     analyze.PASS,
     select.PASS,
+    plan.PASS,            # the estimator and m (--estimator auto), read by every pass below
     floatgrid.PASS,
     widen.PASS,
     precondition.PASS,
@@ -139,7 +141,7 @@ PASSES = [
     kernelnorm.PASS,      # --kernel-norm (else nothing)
     sparsify.PASS,        # --sparsity (else nothing)
     update.PASS,
-    Pass("contract", _contract, reads=("io", "trainables", "perturbations", "branches", "estimate", "update",
+    Pass("contract", _contract, reads=("io", "plan", "trainables", "perturbations", "branches", "estimate", "update",
                                        "preconditioned", "buffers"), adds=("contract",)),
     finalize.PASS,
 ]

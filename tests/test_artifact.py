@@ -21,7 +21,7 @@ def test_the_runtime_imports_neither_the_passes_nor_graphsurgeon():
 
 def test_contract_round_trips_through_json(target_train, tmp_path):
     """from_dict reads every key to_dict writes, whitening entries included; the folder holds the layout."""
-    compiled = compile_model(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, last=2),
+    compiled = compile_model(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, last=2, estimator="sign"),
                              calibration=target_train[0][:64])
     written = qzoff.contract(compiled.train)
     assert written["precondition"] and json.loads(Contract.from_dict(written).to_json()) == written

@@ -59,7 +59,7 @@ def compiled(tmp_path_factory):
 
 # --config: each value is what the flag takes on the command line ----------------------------------------
 WRONG_VALUES = {
-    "a table for an int": ("m = {a = 1}", ["m = {", "a table", "an integer", "e.g. m = 64"]),
+    "a table for an int": ("m = {a = 1}", ["m = {", "a table", "an integer", "e.g. m = 1"]),
     "a list for an int": ("m = [1]", ["m = [", "a list", "an integer"]),
     "inf for an int": ("m = inf", ["m = inf", "an integer"]),
     "a fraction for an int": ("m = 8.7", ["m = 8.7", "a float", "an integer"]),
@@ -218,9 +218,9 @@ def test_api_argument_types(tmp_path):
     with pytest.raises(ModelError, match=r"model=…\): takes the path of an .onnx file or an onnx.ModelProto, not "
                                          r"NoneType"):
         fgcompile.compile_model(None)
-    with pytest.raises(SpecError, match=r"TrainSpec\(m=8.7\): m takes an int, not float"):
+    with pytest.raises(SpecError, match=r"TrainSpec\(m=8.7\): m takes an int or None, not float"):
         fgcompile.TrainSpec(m=8.7)
-    with pytest.raises(SpecError, match=r"m takes an int, not bool"):
+    with pytest.raises(SpecError, match=r"m takes an int or None, not bool"):
         fgcompile.TrainSpec(m=True)
     with pytest.raises(SpecError, match=r"train takes a list of str"):
         fgcompile.TrainSpec(train="fc2")

@@ -2,7 +2,7 @@
 import dataclasses
 
 from fgcompile.cli import main
-from fgcompile.spec import TrainSpec
+from fgcompile.spec import DEFAULT_M, TrainSpec
 
 
 def test_every_spec_option_defaults_to_trainspec():
@@ -14,5 +14,5 @@ def test_every_spec_option_defaults_to_trainspec():
             want = fields[name]   # a Choice of numbers (--bits, --headroom) holds them as strings
             assert option.default == (str(want) if isinstance(option.default, str) else want), name
     inspect_m = next(p for p in main.commands["inspect"].params if p.name == "m")
-    assert inspect_m.default == TrainSpec.m
+    assert TrainSpec.m is None and inspect_m.default == DEFAULT_M["sign"]   # inspect estimates weight perturbation
 

@@ -21,12 +21,12 @@ def _cloned(model, spec):
 
 @pytest.mark.parametrize("model_file, spec", [
     ("digits_cnn/w8a8.onnx", TrainSpec(m=4)),                       # wide Gemm, bias folded in
-    ("digits_cnn/w8a8.onnx", TrainSpec(m=3, last=2, bits=8)),        # fc1 -> Relu -> Q/DQ -> fc2, int8
-    ("digits_attn/w16a8.onnx", TrainSpec(m=4, last=2)),              # MatMul, Q/DQ, Add, ReduceMean?
+    ("digits_cnn/w8a8.onnx", TrainSpec(m=3, last=2, estimator="sign", bits=8)),  # fc1 -> Relu -> Q/DQ -> fc2, int8
+    ("digits_attn/w16a8.onnx", TrainSpec(m=4, last=2, estimator="sign")),              # MatMul, Q/DQ, Add, ReduceMean?
     ("digits_attn/w8a8.onnx", TrainSpec(m=2, include_bias=False, perturbation="gaussian")),
-    ("digits_cnn/w8a8.onnx", TrainSpec(m=2, last=3, bits=8)),        # trained conv2: one wide Conv, then folded
-    ("digits_cnn/w16a8.onnx", TrainSpec(m=3, last=4)),               # conv1 too: conv2 becomes a grouped Conv
-    ("digits_attn/w16a8.onnx", TrainSpec(m=2, last=8)),              # the whole block: attention, LayerNorm
+    ("digits_cnn/w8a8.onnx", TrainSpec(m=2, last=3, estimator="sign", bits=8)),  # trained conv2: one wide Conv, then folded
+    ("digits_cnn/w16a8.onnx", TrainSpec(m=3, last=4, estimator="sign")),  # conv1 too: conv2 becomes a grouped Conv
+    ("digits_attn/w16a8.onnx", TrainSpec(m=2, last=8, estimator="sign")),  # the whole block: attention, LayerNorm
     ("digits_attn/w8a8.onnx", TrainSpec(m=2, train=("q.weight",))),  # one mid-block MatMul, frozen rest folded
 ])
 def test_stacked_equals_cloned(model_file, spec, target_train):
@@ -34,8 +34,8 @@ def test_stacked_equals_cloned(model_file, spec, target_train):
 
 
 @pytest.mark.parametrize("model_file, spec", [
-    ("digits_cnn/w8a8.onnx", TrainSpec(m=3, last=3, bits=8)),        # a trained Conv inside the Loop body
-    ("digits_attn/w16a8.onnx", TrainSpec(m=2, last=8)),              # the transformer block
+    ("digits_cnn/w8a8.onnx", TrainSpec(m=3, last=3, estimator="sign", bits=8)),  # a trained Conv inside the Loop body
+    ("digits_attn/w16a8.onnx", TrainSpec(m=2, last=8, estimator="sign")),              # the transformer block
     ("digits_cnn/w8a8.onnx", TrainSpec(m=2, train=("conv2.weight",), bits=8)),   # frozen fc1, fc2 in the body
     ("digits_attn/w8a8.onnx", TrainSpec(m=2, train=("q.weight",))),  # one mid-block MatMul, frozen rest
 ])
@@ -44,7 +44,7 @@ def test_loop_equals_cloned(model_file, spec, target_train):
 
 
 @pytest.mark.parametrize("spec", [
-    TrainSpec(m=3, last=2, bits=8),             # fc2's A and bias stacked: Gemm -> MatMul, Mul(α), Add(β·C)
+    TrainSpec(m=3, last=2, estimator="sign", bits=8),  # fc2's A and bias stacked: Gemm -> MatMul, Mul(α), Add(β·C)
     TrainSpec(m=2, include_bias=False),         # wide fc2, frozen bias added after as β·C
 ])
 def test_gemm_alpha_beta_stack_like_clones(spec, target_train):
@@ -80,7 +80,7 @@ def _assert_same_steps(model, spec, target_train):
 
 
 def test_a_trained_conv_runs_its_kernels_on_the_folded_batch():
-    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, last=3))
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, last=3, estimator="sign"))
     contract = qzoff.contract(compiled.train)
     assert contract["branches"] == "stacked" and contract["branches_reason"] is None
     ops = [n.op_type for n in compiled.train.graph.node]
@@ -98,19 +98,19 @@ def _with_einsum(model):
 
 def test_an_op_without_a_rule_falls_back_to_clones_and_says_why():
     model = _with_einsum(shipped("digits_cnn/w8a8.onnx"))
-    compiled = compile_graph(model, TrainSpec(m=2, last=2))
+    compiled = compile_graph(model, TrainSpec(m=2, last=2, estimator="sign"))
     contract = qzoff.contract(compiled.train)
     assert contract["branches"] == "cloned" and "Einsum" in contract["branches_reason"]
     assert "no branch-axis rule for this op" in contract["branches_reason"]   # the refusal's reason
     assert sum(n.op_type == "Einsum" for n in compiled.train.graph.node) == 2 * 2
     with pytest.raises(CompileError, match="--branches stacked.*Einsum"):
-        compile_graph(model, TrainSpec(m=2, last=2, branches="stacked"))
+        compile_graph(model, TrainSpec(m=2, last=2, estimator="sign", branches="stacked"))
 
 
 def test_memory_budget_makes_auto_pick_the_loop():
     model = shipped("digits_cnn/w8a8.onnx")
-    roomy = compile_graph(model, TrainSpec(m=4, last=3, memory_budget_mb=1000))
-    tight = compile_graph(model, TrainSpec(m=4, last=3, memory_budget_mb=0.05))
+    roomy = compile_graph(model, TrainSpec(m=4, last=3, estimator="sign", memory_budget_mb=1000))
+    tight = compile_graph(model, TrainSpec(m=4, last=3, estimator="sign", memory_budget_mb=0.05))
     assert roomy.contract.branches == "stacked"
     assert tight.contract.branches == "loop" and "--memory-budget" in tight.contract.branches_reason
     assert any(n.op_type == "Loop" for n in tight.train.graph.node)
@@ -121,11 +121,11 @@ def test_auto_clones_a_wide_suffix_and_stacks_a_small_one(monkeypatch):
     branch and says why; its last layer alone stays stacked; past the frozen-weight cap it stays stacked."""
     from fgcompile.passes import pair
     model = shipped("kws_dscnn/w8a8.onnx")
-    wide = compile_graph(model, TrainSpec(m=2, last=3)).contract
+    wide = compile_graph(model, TrainSpec(m=2, last=3, estimator="sign")).contract
     assert wide.branches == "cloned" and "values per example" in wide.branches_reason
     assert compile_graph(model, TrainSpec(m=2, last=1)).contract.branches == "stacked"
     monkeypatch.setattr(pair, "CLONE_WEIGHTS", 0)
-    capped = compile_graph(model, TrainSpec(m=2, last=3)).contract
+    capped = compile_graph(model, TrainSpec(m=2, last=3, estimator="sign")).contract
     assert capped.branches == "stacked" and capped.branches_reason is None
 
 
@@ -140,7 +140,7 @@ def _perturbation_sized(compiled, m: int) -> list[str]:
 def test_loop_draws_each_perturbation_inside_the_loop():
     """The memory-bounded form holds one zᵢ at a time: no [m, *shape] z or [2m, *shape] weights outside
     its Loops (the stacked form has them, so the check can fail), and no z probe to materialize."""
-    model, spec = shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=3, last=3, bits=8)
+    model, spec = shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=3, last=3, estimator="sign", bits=8)
     looped = compile_graph(model, dataclasses.replace(spec, branches="loop"))
     assert _perturbation_sized(compile_graph(model, spec), 3)
     assert _perturbation_sized(looped, 3) == []
@@ -170,7 +170,7 @@ def test_loop_holds_no_wide_copy_of_a_large_weight(monkeypatch):
     trained Gemm/MatMul weight still has its whole float copy in the body: fc1 here.)"""
     monkeypatch.setattr(branch_rules, "PIECE", 1000)
     monkeypatch.setattr(formulas, "CHUNK", 1000)
-    spec = TrainSpec(m=4, last=3)
+    spec = TrainSpec(m=4, last=3, estimator="sign")
 
     def wide(compiled):
         large = {int(np.prod(s.shape)) for s in compiled.contract.state if len(s.shape) == 4}

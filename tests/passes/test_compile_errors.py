@@ -56,7 +56,7 @@ def test_train_patterns_select_sites():
 
 def test_last_larger_than_sites():
     with pytest.raises(SpecError, match="--last 9.*only 4 weight sites"):
-        compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=9))
+        compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=9, estimator="sign"))
 
 
 @pytest.mark.parametrize("kw,flag", [(dict(m=0), "--m"), (dict(eps=0), "--eps"), (dict(lr=-1.0), "--lr"),
@@ -75,6 +75,6 @@ def test_lr_that_would_overflow_is_refused():
 
 def test_all_compiled_graphs_load_and_check():
     for name in ("digits_cnn/w8a8.onnx", "digits_cnn/w16a8.onnx", "digits_attn/w8a8.onnx", "digits_attn/w16a8.onnx"):
-        c = compile_graph(shipped(name), TrainSpec(last=3, m=2))
+        c = compile_graph(shipped(name), TrainSpec(last=3, estimator="sign", m=2))
         onnx.checker.check_model(c.train, full_check=True)
         onnx.checker.check_model(c.eval, full_check=True)

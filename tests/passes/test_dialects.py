@@ -53,7 +53,7 @@ def test_canonical_model_computes_the_same_function(corpus, arch, dialect):
 
 @pytest.mark.parametrize("arch,dialect", CASES)
 def test_dialect_steps_match_reference(corpus, arch, dialect, target_train):
-    run_chain(corpus(arch, dialect), TrainSpec(m=2, last=2), target_train, steps=3)
+    run_chain(corpus(arch, dialect), TrainSpec(m=2, last=2, estimator="sign"), target_train, steps=3)
 
 
 @pytest.mark.parametrize("dialect", ["qoperator", "dynamic", "int4"])
@@ -139,7 +139,7 @@ def test_untrained_export_computes_the_source_function(corpus, arch, dialect, tm
     from fgcompile.compiler import compile_model, write_compiled
     from fgcompile.runtime.export import export_model
     source = corpus(arch, dialect)
-    compiled = compile_model(source, TrainSpec(m=2, last=2))
+    compiled = compile_model(source, TrainSpec(m=2, last=2, estimator="sign"))
     assert any(s.widened for s in compiled.contract.state)
     write_compiled(compiled, tmp_path / "out")
     export_model(tmp_path / "out", tmp_path / "adapted.onnx")

@@ -29,7 +29,7 @@ def _compiled_with_probes(spec: TrainSpec):
 
 @pytest.fixture(scope="module", params=[
     TrainSpec(m=4),
-    TrainSpec(m=3, last=2, perturbation="ternary", density=0.25, rounding="stochastic", lr=0.3),
+    TrainSpec(m=3, last=2, estimator="sign", perturbation="ternary", density=0.25, rounding="stochastic", lr=0.3),
     TrainSpec(m=2, estimator="spsa", spsa_gain=4000.0, perturbation="gaussian", lr_shift=0, lr=3.0),
     TrainSpec(m=4, kernel_norm=True, sparsity=0.5, sparse_mode="topk"),
 ], ids=["sign", "ternary-stochastic", "spsa-gaussian", "kernelnorm-topk"])

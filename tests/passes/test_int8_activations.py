@@ -32,8 +32,8 @@ from fgcompile.spec import TrainSpec
 from steps import Steps
 from test_step_matches_reference import run_chain
 
-FORMS = [dict(), dict(last=2), dict(last=2, branches="stacked"), dict(last=2, branches="cloned"),
-         dict(last=2, branches="loop")]
+FORMS = [dict(), dict(last=2, estimator="sign"), dict(last=2, estimator="sign", branches="stacked"),
+         dict(last=2, branches="cloned"), dict(last=2, branches="loop")]
 
 
 def signed_activations(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -190,9 +190,10 @@ def test_small_models_compile_in_every_form(build, options, digits_x):
     assert activation_zero_point_dtypes(compiled.source) == {TensorProto.INT8}
 
 
-RE_ENCODED = [("digits_cnn", dict()), ("digits_cnn", dict(last=3)), ("digits_cnn", dict(last=3, branches="loop")),
-              ("digits_attn", dict()), ("digits_attn", dict(last=3)), ("digits_attn", dict(last=3, branches="loop")),
-              ("digits_attn", dict(last=2, branches="cloned")), ("kws_dscnn", dict()), ("kws_dscnn", dict(last=2))]
+WEIGHT = dict(estimator="sign")
+RE_ENCODED = [("digits_cnn", dict()), ("digits_cnn", dict(last=3, **WEIGHT)), ("digits_cnn", dict(last=3, branches="loop")),
+              ("digits_attn", dict()), ("digits_attn", dict(last=3, **WEIGHT)), ("digits_attn", dict(last=3, branches="loop")),
+              ("digits_attn", dict(last=2, branches="cloned")), ("kws_dscnn", dict()), ("kws_dscnn", dict(last=2, **WEIGHT))]
 
 
 @pytest.mark.parametrize("name,options", RE_ENCODED)
@@ -244,11 +245,11 @@ def test_reencoded_model_trains_to_the_same_weights(model_file, options):
 
 
 @pytest.mark.parametrize("model,options", [
-    (issue_model, dict(m=2, last=2)),
+    (issue_model, dict(m=2, last=2, estimator="sign")),
     (issue_model, dict(m=2, last=2, branches="loop")),
     (nncf_like, dict(m=2, last=2, branches="cloned")),
     (lambda: signed_activations(shipped("digits_cnn/w8a8.onnx")), dict(m=2, last=2, branches="cloned")),
-    (lambda: quantize_static_int8("digits_attn"), dict(m=2, last=3)),
+    (lambda: quantize_static_int8("digits_attn"), dict(m=2, last=3, estimator="sign")),
 ], ids=["tflite-stacked", "tflite-loop", "nncf-cloned", "cnn-cloned", "attn-quantize_static"])
 def test_steps_match_reference(model, options, target_train):
     run_chain(model(), TrainSpec(**options), target_train, steps=3)
@@ -264,7 +265,7 @@ def test_quantize_static_int8_activations(name, form, digits_x):
         assert activation_zero_point_dtypes(source) == {TensorProto.INT8}
     optimization = "disable" if form == "QDQ" else "all"
     want = make_session(source, settings=SessionSettings(optimization=optimization)).run(None, {"x": digits_x})[0]
-    for options in (dict(), dict(last=3), dict(last=2, branches="loop")):
+    for options in (dict(), dict(last=3, estimator="sign"), dict(last=2, branches="loop")):
         compiled = compile_graph(source, TrainSpec(**options))
         got = make_session(compiled.eval, settings=SessionSettings(optimization=optimization)).run(
             None, {"x": digits_x, **compiled.state})[0]
@@ -275,7 +276,7 @@ def test_export_keeps_int8_activations_and_loads(target_train):
     """Export writes the canonical source with the trained weights: its activations stay int8, and
     onnxruntime (default optimizations) loads it and computes what the trained eval graph does (at
     --bits 8, where export rounds nothing)."""
-    compiled = fgcompile.compile_model(issue_model(), TrainSpec(m=2, last=2, bits=8))
+    compiled = fgcompile.compile_model(issue_model(), TrainSpec(m=2, last=2, estimator="sign", bits=8))
     trainer = fgcompile.Trainer(compiled, session=SessionSettings(optimization="disable"))
     trainer.fit((target_train[0][:256], target_train[1][:256]), epochs=1, batch=64, progress=False)
     adapted, _ = fgcompile.export_model(trainer)

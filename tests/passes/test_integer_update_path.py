@@ -44,9 +44,9 @@ def descendants(model, names):
 
 
 @pytest.mark.parametrize("spec", [TrainSpec(), TrainSpec(m=3, perturbation="ternary", density=0.1, bits=8),
-                                  TrainSpec(rounding="stochastic", perturbation="gaussian", last=2),
+                                  TrainSpec(rounding="stochastic", perturbation="gaussian", last=2, estimator="sign"),
                                   TrainSpec(estimator="spsa", loss="mse"),
-                                  TrainSpec(kernel_norm=True, sparsity=0.9, last=2),
+                                  TrainSpec(kernel_norm=True, sparsity=0.9, last=2, estimator="sign"),
                                   TrainSpec(sparsity=0.5, sparse_mode="random", momentum=0.5, sharpness=4)])
 @pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx"])
 def test_update_path_is_integer(model_file, spec):
@@ -70,7 +70,7 @@ def test_update_path_is_integer(model_file, spec):
     for node in crossing:
         vi = next(v for v in model.graph.value_info if v.name == node.output[0])
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        assert types[node.output[0]] == onnx.TensorProto.INT32 and dims == [spec.m]
+        assert types[node.output[0]] == onnx.TensorProto.INT32 and dims == [contract["spec"]["m"]]
     # the perturbed weights W± (one [2m, *shape] tensor per trained tensor), and everything that builds
     # them, are integer
     branch_weights = [o for n in model.graph.node if n.name.startswith("pair/") and ".perturbed" in n.name
@@ -78,7 +78,7 @@ def test_update_path_is_integer(model_file, spec):
     params = [s for s in contract["state"] if s["role"] != "momentum"]   # a momentum buffer is not perturbed
     assert len(branch_weights) == len(params)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
-    assert sorted(shapes[w][0] for w in branch_weights) == [2 * spec.m] * len(params)
+    assert sorted(shapes[w][0] for w in branch_weights) == [2 * contract["spec"]["m"]] * len(params)
     assert all(types[w] in INT_TYPES for w in branch_weights)
     perturbation_path = ancestors(model, branch_weights)
     assert any(n.op_type == "BitwiseXor" for n in perturbation_path.values())

@@ -50,11 +50,11 @@ def test_at_depth_only_the_pairs_after_the_last_weighted_op_are_bypassed():
     classifier's; the CNN has none after its last Gemm, so its deep graphs are the same both ways
     (benchmarks/run.py's --keep-requant rows at depth measure this)."""
     attn = shipped("digits_attn/w16a8.onnx")
-    on, off = (compile_graph(attn, TrainSpec(m=2, last=7, requant_bypass=b)).train for b in (True, False))
+    on, off = (compile_graph(attn, TrainSpec(m=2, last=7, estimator="sign", requant_bypass=b)).train for b in (True, False))
     count = lambda model, op: sum(n.op_type == op for n in model.graph.node)
     assert count(off, "QuantizeLinear") - count(on, "QuantizeLinear") == 1
     assert count(off, "DequantizeLinear") - count(on, "DequantizeLinear") == 1
     assert count(on, "QuantizeLinear") > 1     # the inner activation pairs of the block are still there
     cnn = shipped("digits_cnn/w16a8.onnx")
-    on, off = (compile_graph(cnn, TrainSpec(m=2, last=3, requant_bypass=b)).train for b in (True, False))
+    on, off = (compile_graph(cnn, TrainSpec(m=2, last=3, estimator="sign", requant_bypass=b)).train for b in (True, False))
     assert on.graph == off.graph

@@ -61,7 +61,7 @@ def test_chain_matches_reference(model_file, bits, perturbation, m, target_train
     dict(rounding="stochastic", lr=0.3),
     dict(perturbation="gaussian", m=2),
     dict(estimator="spsa", loss="mse", spsa_gain=4000.0),
-    dict(last=2, m=2),
+    dict(last=2, estimator="sign", m=2),
     dict(lr_shift=0, lr=3.0),
 ])
 def test_options_match_reference(options, target_train):
@@ -69,9 +69,9 @@ def test_options_match_reference(options, target_train):
 
 
 @pytest.mark.parametrize("model_file, options", [
-    ("digits_cnn/w8a8.onnx", dict(last=3, m=2, bits=8, headroom=1)),     # stacked: one wide trained Conv
-    ("digits_cnn/w16a8.onnx", dict(last=4, m=2)),                        # grouped Conv over stacked input
-    ("digits_attn/w16a8.onnx", dict(last=8, m=2)),                       # the whole transformer block
+    ("digits_cnn/w8a8.onnx", dict(last=3, estimator="sign", m=2, bits=8, headroom=1)),     # stacked: one wide trained Conv
+    ("digits_cnn/w16a8.onnx", dict(last=4, estimator="sign", m=2)),                        # grouped Conv over stacked input
+    ("digits_attn/w16a8.onnx", dict(last=8, estimator="sign", m=2)),                       # the whole transformer block
     ("digits_attn/w8a8.onnx", dict(train=("k.weight",), m=3)),           # one mid-block MatMul
     ("digits_cnn/w8a8.onnx", dict(last=3, m=2, bits=8, headroom=1, branches="loop")),  # a Loop over pairs
     ("digits_attn/w16a8.onnx", dict(last=8, m=2, branches="loop")),
@@ -107,7 +107,7 @@ def test_whitening_with_deeper_sites_matches_reference(model_file, last, branche
     frozen whitening MatMul sits between two trained sites, inside the suffix the branches rewrite, and
     every branch form must carry it (before pair sorted the suffix, the stacked Gemm read the unbranched
     tensor and the compile failed validation with a dangling 'precondition/whitened' tensor)."""
-    spec = TrainSpec(m=4, last=last, precondition="auto", branches=branches)
+    spec = TrainSpec(m=4, last=last, estimator="sign", precondition="auto", branches=branches)
     compiled = compile_graph(shipped(model_file), spec, target_train[0][:300])
     pre = qzoff.contract(compiled.train)["precondition"]
     weights = [s["name"] for s in qzoff.contract(compiled.train)["state"] if s["role"] == "weight"]
@@ -117,13 +117,13 @@ def test_whitening_with_deeper_sites_matches_reference(model_file, last, branche
 
 @pytest.mark.parametrize("model_file,options", [
     ("digits_cnn/w8a8.onnx", dict(kernel_norm=True)),
-    ("digits_attn/w8a8.onnx", dict(kernel_norm=True, last=2)),             # per-channel on axis 1 (MatMul)
+    ("digits_attn/w8a8.onnx", dict(kernel_norm=True, last=2, estimator="sign")),             # per-channel on axis 1 (MatMul)
     ("digits_cnn/w8a8.onnx", dict(sparsity=0.9)),                          # topk
-    ("digits_cnn/w8a8.onnx", dict(sparsity=0.5, sparse_mode="random", last=2)),
+    ("digits_cnn/w8a8.onnx", dict(sparsity=0.5, sparse_mode="random", last=2, estimator="sign")),
     ("digits_attn/w8a8.onnx", dict(sparsity=0.5, sparse_mode="threshold", estimator="spsa", spsa_gain=4000.0)),
     ("digits_cnn/w8a8.onnx", dict(sparsity=0.75, kernel_norm=True, rounding="stochastic", bits=8)),
     ("digits_cnn/w8a8.onnx", dict(momentum=0.5)),
-    ("digits_attn/w8a8.onnx", dict(momentum=0.25, last=2)),
+    ("digits_attn/w8a8.onnx", dict(momentum=0.25, last=2, estimator="sign")),
     ("digits_cnn/w8a8.onnx", dict(sharpness=16)),                         # ρ = ε
     ("digits_attn/w16a8.onnx", dict(sharpness=8, momentum=0.5, kernel_norm=True, sparsity=0.5)),
     ("digits_cnn/w8a8.onnx", dict(last=3, bits=8, headroom=1, branches="loop", sharpness=1, momentum=0.25)),
@@ -135,13 +135,13 @@ def test_enhancements_match_reference(model_file, options, target_train):
 
 
 @pytest.mark.parametrize("options", [
-    dict(last=3),                                                  # int16 weights moved in their own dtype
+    dict(last=3, estimator="sign"),                                                  # int16 weights moved in their own dtype
     dict(last=3, estimator="spsa", loss="mse", spsa_gain=4000.0),  # ĝ carried in int16
-    dict(last=2, perturbation="gaussian"),                         # |z| <= 4
-    dict(last=2, rounding="stochastic", lr=0.3),
-    dict(last=3, bits=8, headroom=1, kernel_norm=True, sparsity=0.5),
-    dict(last=3, eps=200),                                         # ε·z beyond int8: the int32 perturbation
-    dict(last=3, momentum=0.5),                                    # guided zᵢ: pieces sliced from the whole
+    dict(last=2, estimator="sign", perturbation="gaussian"),                         # |z| <= 4
+    dict(last=2, estimator="sign", rounding="stochastic", lr=0.3),
+    dict(last=3, estimator="sign", bits=8, headroom=1, kernel_norm=True, sparsity=0.5),
+    dict(last=3, estimator="sign", eps=200),                                         # ε·z beyond int8: the int32 perturbation
+    dict(last=3, estimator="sign", momentum=0.5),                                    # guided zᵢ: pieces sliced from the whole
 ])
 def test_loop_form_matches_reference(options, target_train, monkeypatch):
     """The loop form's narrow arithmetic (int8 zᵢ, weights moved in their own dtype, ĝ in int8/int16, the
@@ -159,10 +159,10 @@ def test_loop_form_matches_reference(options, target_train, monkeypatch):
 
 
 @pytest.mark.parametrize("model_file,options", [
-    ("digits_cnn/w8a8.onnx", dict(last=3)),                                      # int16 conv2, fc1
+    ("digits_cnn/w8a8.onnx", dict(last=3, estimator="sign")),                                      # int16 conv2, fc1
     ("digits_cnn/w8a8.onnx", dict(last=3, bits=8, headroom=1, estimator="spsa", spsa_gain=4000.0)),  # int8 W
     ("digits_cnn/w8a8.onnx", dict(last=2, perturbation="gaussian", branches="cloned")),
-    ("digits_attn/w8a8.onnx", dict(last=7)),                                     # the whole block and head
+    ("digits_attn/w8a8.onnx", dict(last=7, estimator="sign")),                                     # the whole block and head
 ])
 def test_stacked_narrow_perturbation_matches_reference(model_file, options, target_train, monkeypatch):
     """The stacked and cloned forms perturb a large tensor in its own dtype (int8 steps saturated to the
@@ -185,4 +185,4 @@ def test_pointwise_convs_match_reference(branches, chunk, monkeypatch):
     from fgcompile.runtime.data import load_data
     monkeypatch.setattr(formulas, "CHUNK", chunk)
     data = load_data(MODELS / "data" / "kws_target_train.npz")
-    run_chain("kws_dscnn/w8a8.onnx", TrainSpec(m=4, last=3, branches=branches), data, steps=4)
+    run_chain("kws_dscnn/w8a8.onnx", TrainSpec(m=4, last=3, estimator="sign", branches=branches), data, steps=4)

@@ -23,7 +23,7 @@ def test_unnamed_nodes_compile_cloned_and_match_reference(bits, target_train):
     for n in model.graph.node:
         n.name = ""
     for form in ("cloned", "stacked"):                # clones copy node names: both forms need unique ones
-        spec = TrainSpec(last=2, m=2, bits=bits, branches=form)
+        spec = TrainSpec(last=2, estimator="sign", m=2, bits=bits, branches=form)
         compiled = compile_graph(model, spec)
         assert compiled.contract.branches == form
         names = [n.name for n in compiled.train.graph.node]
@@ -37,7 +37,7 @@ def test_opset_rises_only_for_int16_dequantize(bits, headroom, opset, target_tra
     model = digits_conv_chain()
     model.opset_import[0].version = 18
     onnx.checker.check_model(model, full_check=True)
-    spec = TrainSpec(last=2, m=2, bits=bits, headroom=headroom)
+    spec = TrainSpec(last=2, estimator="sign", m=2, bits=bits, headroom=headroom)
     compiled = compile_graph(model, spec)
     for graph in (compiled.train, compiled.eval):
         assert next(o.version for o in graph.opset_import if o.domain == "") == opset

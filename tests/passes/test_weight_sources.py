@@ -96,7 +96,7 @@ def test_rewritten_model_trains_to_the_same_weights(arch):
     bit for bit, after each step (the sites share zero points in the rewritten model)."""
     source = shipped(f"{arch}/w8a8.onnx")
     n = sum(n.op_type in PRODUCTS for n in source.graph.node) - (2 if arch == "digits_attn" else 0)
-    spec = TrainSpec(m=2, last=n)
+    spec = TrainSpec(m=2, last=n, estimator="sign")
     compiled, states = train(source, spec)
     for rewritten in rewrites(source).values():
         again, again_states = train(rewritten, spec)
@@ -109,7 +109,7 @@ def test_rewritten_model_trains_to_the_same_weights(arch):
 
 
 def test_rewritten_model_steps_match_the_reference(target_train):
-    run_chain(as_constants(fake_quant(shipped("digits_cnn/w8a8.onnx"))), TrainSpec(m=2, last=2), target_train,
+    run_chain(as_constants(fake_quant(shipped("digits_cnn/w8a8.onnx"))), TrainSpec(m=2, last=2, estimator="sign"), target_train,
               steps=3)
 
 
@@ -118,7 +118,7 @@ def test_widened_shared_zero_points_stay_one_per_weight():
     m = as_constants(dense_chain(0, widths=(6, 6, 6, 5), ops=("Gemm",)))
     shared = [n for n in m.graph.node if n.op_type == "Identity"]
     assert len({n.input[0] for n in shared}) < len(shared)
-    compiled = compile_graph(m, TrainSpec(m=2, last=3))
+    compiled = compile_graph(m, TrainSpec(m=2, last=3, estimator="sign"))
     onnx.checker.check_model(compiled.train)
     make_session(compiled.train)
 
@@ -252,13 +252,13 @@ def test_torchscript_fakequant_resnet18_trains_every_conv():
     assert sum(n.op_type == "Constant" for n in model.graph.node) >= 20
     rows, floats = inspect_graph(model, m=2)
     assert sorted({r.site for r in rows}) == sorted(products(model)) and len(products(model)) == 21 and not floats
-    compiled = compile_graph(model, TrainSpec(m=2, last=2))
+    compiled = compile_graph(model, TrainSpec(m=2, last=2, estimator="sign"))
     last_two = ["/blocks/blocks.7/conv2/Conv", "/fc/Gemm"]
     assert [s.site for s in compiled.contract.state if s.role == "weight"] == last_two
 
 
 def test_torchscript_fakequant_resnet18_steps_match_the_reference(target_train):
-    run_chain(onnx.load(RESNET), TrainSpec(m=2, last=2), target_train, steps=3)
+    run_chain(onnx.load(RESNET), TrainSpec(m=2, last=2, estimator="sign"), target_train, steps=3)
 
 
 def test_attention_products_say_they_have_no_weight():
@@ -284,14 +284,14 @@ def trained(spec, model=None):
 
 
 def test_freeze_keeps_a_site_out_whatever_last_and_train_say():
-    assert trained(TrainSpec(m=2, last=3))[0] == ("conv10", "weight")
-    assert trained(TrainSpec(m=2, last=2, freeze=("conv10",))) == \
+    assert trained(TrainSpec(m=2, last=3, estimator="sign"))[0] == ("conv10", "weight")
+    assert trained(TrainSpec(m=2, last=2, estimator="sign", freeze=("conv10",))) == \
         [("conv26", "weight"), ("conv26", "bias"), ("gemm47", "weight"), ("gemm47", "bias")]
     assert trained(TrainSpec(m=2, train=("conv",), freeze=("^conv10$",))) == [("conv26", "weight"), ("conv26", "bias")]
     # --last counts the sites left: freezing the last site moves --last 1 to the one before it
     assert trained(TrainSpec(m=2, freeze=("gemm",))) == [("conv26", "weight"), ("conv26", "bias")]
     # a bias name freezes its whole site
-    assert trained(TrainSpec(m=2, last=2, freeze=("B42",))) == [("conv10", "weight"), ("conv26", "weight"),
+    assert trained(TrainSpec(m=2, last=2, estimator="sign", freeze=("B42",))) == [("conv10", "weight"), ("conv26", "weight"),
                                                                   ("conv26", "bias")]
 
 
@@ -301,7 +301,7 @@ FREEZE_REFUSED = {
     "invalid regex": (dict(freeze=("(",)), "--freeze '(': not a valid regular expression"),
     "freezes everything": (dict(freeze=(".",)), "--freeze '.' freezes every weight site (conv10, conv26, gemm47); "
                                                  "nothing is left to train"),
-    "last beyond what is left": (dict(freeze=("conv10",), last=3),
+    "last beyond what is left": (dict(freeze=("conv10",), last=3, estimator="sign"),
                                  "--last 3: the model has only 2 weight sites that --freeze leaves (1 frozen)"),
     "train only frozen": (dict(freeze=("conv10",), train=("conv10",)),
                           "--train 'conv10' matches no weight site that --freeze 'conv10' leaves"),

@@ -13,7 +13,7 @@ from fgcompile.spec import TrainSpec
 @pytest.mark.parametrize("bits,headroom", [(8, 1), (16, 1), (8, 4), (16, 4)])
 def test_eval_graph_equals_source(model_file, bits, headroom, target_test):
     source = shipped(model_file)
-    compiled = compile_graph(source, TrainSpec(bits=bits, last=2, headroom=headroom))
+    compiled = compile_graph(source, TrainSpec(bits=bits, last=2, estimator="sign", headroom=headroom))
     x = target_test[0]
     want = make_session(source).run(None, {"x": x})[0]
     got = make_session(compiled.eval).run(None, {"x": x, **compiled.state})[0]

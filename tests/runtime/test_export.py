@@ -25,7 +25,7 @@ def test_narrow_rounds_half_away_and_saturates():
 def test_exported_model_has_the_same_graph_and_the_trained_accuracy(tmp_path, target_test):
     source = shipped("digits_cnn/w8a8.onnx")
     out = tmp_path / "c"
-    write_compiled(compile_model(source, TrainSpec(last=2, headroom=1)), out)
+    write_compiled(compile_model(source, TrainSpec(last=2, estimator="sign", headroom=1)), out)
     Trainer(out).fit(MODELS / "data" / "digits_target_train.npz", epochs=4, progress=False)
     r = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "adapted.onnx")])
     assert r.exit_code == 0, r.output
@@ -96,7 +96,7 @@ def test_whitened_deeper_sites_fold_back_on_export(tmp_path, target_train, branc
     (fc1's 512 inputs amplify the training grid's rounding through P a little more)."""
     source = shipped("digits_cnn/w8a8.onnx")
     out = tmp_path / "c"
-    spec = TrainSpec(last=2, m=2, precondition="whiten", branches=branches)
+    spec = TrainSpec(last=2, estimator="sign", m=2, precondition="whiten", branches=branches)
     write_compiled(compile_model(source, spec, calibration=target_train[0][:300]), out)
     report = export_model(out, tmp_path / "start.onnx")
     src = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}

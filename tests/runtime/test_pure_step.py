@@ -23,7 +23,7 @@ N, BATCH, EPOCHS = 96, 16, 2          # 6 steps an epoch, 12 in all
 def compiled():
     # momentum 0.9: the state carries buffers beside the weights, so they are folded too
     return fgcompile.compile_model(shipped("digits_cnn/w8a8.onnx"),
-                                   TrainSpec(m=4, last=2, rounding="stochastic", momentum=0.9, seed=7))
+                                   TrainSpec(m=4, last=2, estimator="sign", rounding="stochastic", momentum=0.9, seed=7))
 
 
 @pytest.fixture(scope="module")

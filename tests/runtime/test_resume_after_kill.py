@@ -20,7 +20,7 @@ RUN = dict(epochs=3, batch=32, checkpoint_every=7, progress=False)
 
 def compiled(out):
     source = shipped("digits_cnn/w8a8.onnx")
-    write_compiled(compile_model(source, TrainSpec(m=2, rounding="stochastic", last=2)), out)
+    write_compiled(compile_model(source, TrainSpec(m=2, rounding="stochastic", last=2, estimator="sign")), out)
     return out
 
 

@@ -1,0 +1,61 @@
+"""plan: decide once how the step is estimated, so every later pass reads it instead of re-deriving it.
+
+    estimator  the one given, or for --estimator auto:
+               node    when the trained part is deeper than one layer (two sites or more) and node
+                       perturbation takes every trained site and every option given (passes/node.py):
+                       its variance grows with a layer's outputs, not its weights, and every example is
+                       its own sample, where m weight directions spread over 27-59x more weights at depth
+                       (benchmarks/README.md, "Node perturbation");
+               sign    otherwise: at the last layer alone Sign-m-SPSA trains as well, and it takes every
+                       site and option.
+    m          the one given, or 8 for node (2m + 2 suffix forwards; m = 8 trains as far as 64 there) and
+               64 for weight perturbation (stacked branches make m cheap).
+
+Precondition: ctx.trainables (select); the graph as analyze left it.
+Postcondition: ctx.plan; ctx.spec.estimator is sign, spsa or node and ctx.spec.m is set. The graph is unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_graphsurgeon as gs
+
+from fgcompile.errors import SpecError
+from fgcompile.spec import DEFAULT_M
+from .context import Context, Pass, Plan
+from .node import check_site
+
+
+def _node_refusal(graph: gs.Graph, ctx: Context) -> str | None:
+    """Why node perturbation cannot train this compile, or None."""
+    option = ctx.spec.node_refusal()
+    if option:
+        return f"it does not take {option} yet"
+    roles = sorted({t.role for t in ctx.trainables} - {"weight", "bias"})
+    if roles:
+        return f"it trains {roles[0]} tensors, which are not a layer's outputs"
+    nodes = {n.name: n for n in graph.nodes}
+    for site in dict.fromkeys(t.site for t in ctx.trainables):
+        try:
+            check_site(nodes[site])
+        except SpecError as exc:
+            return str(exc).split(". It supports")[0].removeprefix("--estimator node: ")
+    return None
+
+
+def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    spec = ctx.spec
+    estimator, reason = spec.estimator, "given"
+    if estimator == "auto":
+        sites = len(dict.fromkeys(t.site for t in ctx.trainables))
+        refusal = _node_refusal(graph, ctx) if sites > 1 else None
+        estimator, reason = (("node", f"{sites} layers train") if sites > 1 and not refusal else
+                             ("sign", f"node perturbation: {refusal}") if refusal else
+                             ("sign", "one layer trains, where weight perturbation does as well"))
+    m = spec.m if spec.m is not None else DEFAULT_M[estimator]
+    ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m)
+    ctx.plan = Plan(estimator, reason, m)
+    return graph
+
+
+PASS = Pass("plan", run, reads=("io", "trainables"), adds=("plan",))

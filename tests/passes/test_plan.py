@@ -1,0 +1,49 @@
+"""plan: --estimator auto decides once, records why, and compiles exactly what the choice given by hand does."""
+import onnx
+import pytest
+
+from conftest import shipped
+from fgcompile.passes.pipeline import compile_graph
+from fgcompile.spec import DEFAULT_M, TrainSpec
+
+
+def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    return a.graph.SerializeToString() == b.graph.SerializeToString()
+
+
+@pytest.mark.parametrize("model_file, last", [("digits_cnn/w8a8.onnx", 2), ("digits_attn/w8a8.onnx", 3)])
+def test_auto_trains_depth_with_node_perturbation(model_file, last):
+    auto = compile_graph(shipped(model_file), TrainSpec(last=last))
+    by_hand = compile_graph(shipped(model_file), TrainSpec(last=last, estimator="node"))
+    assert (auto.contract.spec.estimator, auto.contract.spec.m) == ("node", DEFAULT_M["node"])
+    assert auto.contract.estimator_reason == f"{last} layers train"
+    assert auto.contract.spec.lr == by_hand.contract.spec.lr and _same_graph(auto.train, by_hand.train)
+    assert by_hand.contract.estimator_reason == "given"
+
+
+def test_auto_keeps_weight_perturbation_at_the_last_layer():
+    auto = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec())
+    by_hand = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="sign"))
+    assert (auto.contract.spec.estimator, auto.contract.spec.m) == ("sign", DEFAULT_M["sign"])
+    assert "one layer trains" in auto.contract.estimator_reason and _same_graph(auto.train, by_hand.train)
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(momentum=0.25), "does not take --momentum"),
+    (dict(branches="loop"), "does not take --branches loop"),
+    (dict(perturbation="ternary"), "does not take --perturbation ternary"),
+])
+def test_auto_falls_back_to_sign_and_says_why(options, why):
+    contract = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=2, **options)).contract
+    assert contract.spec.estimator == "sign" and why in contract.estimator_reason
+
+
+def test_auto_falls_back_where_node_cannot_perturb_a_site():
+    """A site node perturbation does not take (here a normalization's scale, not a layer's output)."""
+    contract = compile_graph(shipped("digits_attn/w8a8.onnx"), TrainSpec(train=("ln", "head"))).contract
+    assert contract.spec.estimator == "sign" and "trains scale tensors" in contract.estimator_reason
+
+
+def test_a_given_m_wins_over_the_estimators_default():
+    contract = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=2, m=16)).contract
+    assert (contract.spec.estimator, contract.spec.m) == ("node", 16)
