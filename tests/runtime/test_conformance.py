@@ -131,6 +131,20 @@ def test_the_loop_form_runs_the_same_on_every_runtime(tmp_path):
     assert all("cannot run" in r["result"] and "Loop" in r["first_divergence"] for r in tract), tract
 
 
+def test_verify_runs_node_perturbation_without_an_integer_part(tmp_path, monkeypatch):
+    """--estimator node (auto's choice at --last 2): its step also reads the trained layers' inputs, so there
+    is no integer part from the cᵢ alone to check; the whole steps are still compared, and a runtime one
+    LSB off still fails."""
+    from fgcompile.compiler import compile_model, write_compiled
+    from fgcompile.runtime.trainer import Trainer
+    write_compiled(compile_model(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=2)), tmp_path / "out")
+    assert Trainer(tmp_path / "out").spec.estimator == "node"
+    monkeypatch.setattr(conformance, "installed", lambda: [conformance.BASELINE, shifted_state(True)])
+    rows = conformance.verify(tmp_path / "out", steps=2)
+    assert [(r["result"], r["integer_part"]) for r in rows[:2]] == [("identical", None), ("DIFFERS", None)]
+    assert conformance.failing(rows) == rows[1:2]
+
+
 def shifted_state(supported: bool) -> conformance.Runtime:
     """onnxruntime, but the last output of a step (a state tensor) is one LSB off: a runtime that differs."""
     def make(model):
