@@ -23,7 +23,7 @@ def run_chain(model_file, spec, data, steps, optimization="disable", calibration
                                         else 0)
     oracle = qzoff.node_oracle(compiled.source, c, optimized=optimization == "all",
                                matrices=qzoff.matrices(compiled.train, c))
-    run = Steps(compiled, optimization=optimization)
+    run = Steps(compiled, optimization=optimization, threads=1)     # as the oracle (qzoff.node_oracle says why)
     graph_state, ref_state, changed = dict(compiled.state), dict(compiled.state), 0
     x, y = data
     for k in range(steps):
@@ -45,6 +45,10 @@ def run_chain(model_file, spec, data, steps, optimization="disable", calibration
     ("digits_cnn/w16a8.onnx", dict(last=2)),
     ("digits_cnn/w8a8.onnx", dict(last=2, bits=8, headroom=1)),   # on the int8 grid
     ("digits_attn/w8a8.onnx", dict(last=3)),                      # mlp1, mlp2, head: MatMul on [B, T, D] tokens
+    ("digits_cnn/w8a8.onnx", dict(last=3)),                       # conv2 (stride 2, pads 1) + fc1 + fc2
+    ("digits_cnn/w8a8.onnx", dict(last=4)),                       # every layer: conv1 reads the quantized image
+    ("digits_cnn/w16a8.onnx", dict(last=3)),
+    ("digits_cnn/w8a8.onnx", dict(last=4, bits=16)),              # widened to the int16 grid
 ])
 def test_node_chain_matches_reference(model_file, options, optimization, target_train):
     spec = TrainSpec(estimator="node", m=4, **options)
@@ -55,6 +59,8 @@ def test_node_chain_matches_reference(model_file, options, optimization, target_
 @pytest.mark.parametrize("model_file,options", [
     ("digits_cnn/w8a8.onnx", dict(last=2)),
     ("digits_attn/w16a8.onnx", dict(last=3)),
+    ("digits_cnn/w8a8.onnx", dict(last=3)),                       # conv2's im2col patches whitened
+    ("digits_cnn/w16a8.onnx", dict(last=4)),
 ])
 def test_whitened_node_chain_matches_reference(model_file, options, optimization, target_train):
     """With calibration the step is preconditioned, a' = quantize(a·P², s): the weights keep their grid."""
@@ -85,7 +91,6 @@ def test_node_noise_and_gradient_parts(target_train):
 
 
 @pytest.mark.parametrize("options,named", [
-    (dict(last=3), "Conv"),                                 # conv2 of digits_cnn
     (dict(last=2, branches="cloned"), "--branches cloned"),
     (dict(last=2, branches="loop"), "--branches loop"),
     (dict(last=2, perturbation="ternary", density=0.5), "--perturbation ternary"),
@@ -130,3 +135,18 @@ def test_node_centres_the_logits_step(target_train):
     out = Steps(compiled)(x, y, SEED, 0, 1)
     step = (compiled.state[bias.name].astype(np.int64) - out[bias.output]) // bias.stride      # ĝ_bias
     assert np.abs(step).sum() > 10 * BATCH and abs(int(step.sum())) <= BATCH * 10 // 2
+
+
+def test_node_refuses_a_grouped_conv():
+    """A depthwise Conv's weight gradient is not one correlation over all input channels: refused by name."""
+    import onnx
+    from onnx import helper, numpy_helper
+    model = shipped("digits_cnn/w8a8.onnx")
+    inits = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(inits["conv2.weight_quantized"])[:, :1]         # [32, 1, 3, 3]: 16 groups of 2
+    inits["conv2.weight_quantized"].CopyFrom(numpy_helper.from_array(w, "conv2.weight_quantized"))
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    conv2.attribute.append(helper.make_attribute("group", 16))
+    onnx.checker.check_model(model)
+    with pytest.raises(SpecError, match="grouped Conv \\(group 16\\)"):
+        compile_graph(model, TrainSpec(estimator="node", m=2, last=3))
