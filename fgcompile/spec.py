@@ -21,6 +21,7 @@ ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
 SPARSE_MODES = ("topk", "random", "threshold")
+NODE_SCHEDULES = ("all", "alternate")   # node: which trained layers direction i perturbs (passes/node.py)
 HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BITS = (8, 16)   # 16: an 8-bit weight trains widened to 16 bits; 8: it keeps its grid
 # (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
@@ -98,6 +99,7 @@ class TrainSpec:
     density: float = 1.0
     loss: str = "auto"
     estimator: str = "sign"
+    node_schedule: str = "all"    # --estimator node: all trained layers per direction, or alternate: layer i mod L
     spsa_gain: float = 64.0
     rounding: str = "nearest"
     bits: int = 16  # 16: widen int8 trainable weights to int16 for training; 8: keep int8
@@ -191,6 +193,11 @@ class TrainSpec:
         need(0 <= self.sharpness <= 4096, f"--sharpness {self.sharpness}: ρ is in weight LSBs and must be 0..4096.")
         need(self.sparse_mode in SPARSE_MODES,
              f"--sparse-mode {self.sparse_mode!r}: choose one of {', '.join(SPARSE_MODES)}.")
+        need(self.node_schedule in NODE_SCHEDULES,
+             f"--node-schedule {self.node_schedule!r}: choose one of {', '.join(NODE_SCHEDULES)}.")
+        need(self.node_schedule == "all" or self.estimator == "node",
+             f"--node-schedule {self.node_schedule} applies to --estimator node only (weight perturbation perturbs "
+             "every trained tensor in every direction). Add --estimator node, or drop --node-schedule.")
         if self.estimator == "node":
             self._validate_node()
         if self.eps is None or self.lr is None:
@@ -229,7 +236,7 @@ class TrainSpec:
                                         ("--branches " + self.branches, self.branches not in ("auto", "stacked")))
                   if on]
         if others:
-            raise SpecError(f"--estimator node does not take {others[0]} yet: it perturbs trained Gemm/MatMul "
+            raise SpecError(f"--estimator node does not take {others[0]} yet: it perturbs trained Gemm/MatMul/Conv "
                             "outputs with ±1 noise in the stacked branch form. Drop "
                             f"{others[0].split()[0]}, or use --estimator sign.")
 

@@ -5,7 +5,8 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
 
     y±ᵢ,b = y_b ± ε·s_out·uᵢ,b        s_out: the scale of the QuantizeLinear that reads y (ε·s_out LSBs survive it)
     uᵢ,b   = stream i of the layer (prng's per_example; the layer's stream id is its first trainable's index),
-             element b·n + j for the n outputs of one example
+             element b·n + j for the n outputs of one example; --node-schedule alternate: 0 unless i mod L = l
+             for the layer's place l among the L trained layers (one trained layer per direction)
     sᵢ,b   = sign(L⁺ᵢ,b − L⁻ᵢ,b)          per-example losses (loss.per_example); 0 for a tie: |d| <= 2^-19·max(|L⁺|, |L⁻|, 1)
     V_b    = Σᵢ sᵢ,b·uᵢ,b                int8 (|V| <= m <= 64)
     centred, where y is the logits the ce loss reads (y = the loss tap):
@@ -127,6 +128,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                                   dtype=np.int64), np.array(int(np.prod(per)), np.int64)], dtype=np.int64)
         u = b.op("Reshape", [ctx.perturbations.per_example(b, stream, count), np.array([m, -1] + per, np.int64)],
                  dtype=np.int8, shape=[m, y.shape[0]] + per, hint=f"{site}.u")
+        if ctx.spec.node_schedule == "alternate" and len(sites) > 1:    # direction i: layer i mod L only
+            mine = (np.arange(m) % len(sites) == t).astype(np.int8).reshape([m] + [1] * (len(per) + 1))
+            u = b.op("Mul", [u, mine], dtype=np.int8, shape=[m, y.shape[0]] + per, hint=f"{site}.u_alternate")
         both = b.op("Concat", [u, b.op("Neg", [u], dtype=np.int8)], {"axis": 0}, dtype=np.int8)
         noise = b.f32.Mul(b.cast(both, np.float32), np.float32(ctx.spec.eps) * unit, hint=f"{site}.noise",
                           shape=[2 * m, y.shape[0]] + per)

@@ -49,6 +49,7 @@ def run_chain(model_file, spec, data, steps, optimization="disable", calibration
     ("digits_cnn/w8a8.onnx", dict(last=4)),                       # every layer: conv1 reads the quantized image
     ("digits_cnn/w16a8.onnx", dict(last=3)),
     ("digits_cnn/w8a8.onnx", dict(last=4, bits=16)),              # widened to the int16 grid
+    ("digits_cnn/w8a8.onnx", dict(last=3, node_schedule="alternate")),   # direction i: layer i mod 3
 ])
 def test_node_chain_matches_reference(model_file, options, optimization, target_train):
     spec = TrainSpec(estimator="node", m=4, **options)
@@ -61,6 +62,7 @@ def test_node_chain_matches_reference(model_file, options, optimization, target_
     ("digits_attn/w16a8.onnx", dict(last=3)),
     ("digits_cnn/w8a8.onnx", dict(last=3)),                       # conv2's im2col patches whitened
     ("digits_cnn/w16a8.onnx", dict(last=4)),
+    ("digits_cnn/w8a8.onnx", dict(last=4, node_schedule="alternate")),
 ])
 def test_whitened_node_chain_matches_reference(model_file, options, optimization, target_train):
     """With calibration the step is preconditioned, a' = quantize(a·P², s): the weights keep their grid."""

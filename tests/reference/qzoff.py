@@ -536,7 +536,8 @@ def per_example_loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray
 
 def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int):
     """One node-perturbation step (README: --estimator node), from the formulas alone:
-        u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j
+        u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j (schedule
+                   alternate: 0 unless i mod L is the layer's place among the L trained layers)
         L±_{i,b} = the loss of example b with every trained layer's output y ± ε·unit·u_{i,b}
         s_{i,b}  = sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));  V_b = Σ_i s_{i,b}·u_{i,b}
         V_b ← V_b − round(mean_j V_b,j) (half away from 0, clipped to ±127) where the layer's output is the
@@ -560,6 +561,9 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     shapes = {layer.site: clean[layer.output + "__ref_clean"].shape for layer in layers}
     u = {layer.site: [perturbation(seed, step_no, layer.stream, i, int(np.prod(shapes[layer.site])), "rademacher", 1.0)
                       .reshape(shapes[layer.site]) for i in range(m)] for layer in layers}
+    if spec.get("node_schedule", "all") == "alternate":     # direction i perturbs layer i mod L only
+        for k, layer in enumerate(layers):
+            u[layer.site] = [ui if i % len(layers) == k else 0 * ui for i, ui in enumerate(u[layer.site])]
     lp, lm = np.zeros((m, B), np.float32), np.zeros((m, B), np.float32)
     for i in range(m):
         for sign, out in ((1, lp), (-1, lm)):
