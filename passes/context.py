@@ -158,6 +158,7 @@ class NodeLayer:        # node: one trained Gemm/MatMul/Conv as the node estimat
     centered: bool = False              # its output is the logits of the ce loss: V_b loses its mean over outputs
     patches: "Patches | None" = None    # a Conv: its im2col geometry (ĝ_W is a Gemm's on the patch rows)
     image: tuple[int, int, int] | None = None   # a Conv: its input's [C, H, W]
+    groups: int = 1                     # a grouped Conv's groups: ĝ_W is one product per group
 
 
 @dataclasses.dataclass

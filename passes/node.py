@@ -21,6 +21,8 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
     a Conv (group 1, 2-D) is the same on its im2col rows: a row per output position (b, y, x), V_b,y,x ∈ Z^O,
     a_b,y,x its input patch (c, i, j) ↦ a[b, c, y·s + i·d − p, x·s + j·d − p] (the zero point outside), so
            ĝ_W[o, c, i, j] = Σ_{b,y,x} V[b, o, y, x]·a[b, c, y·s + i·d − p, x·s + j·d − p]   (_input_rows)
+    and a grouped Conv (G groups, depthwise at G = C) takes the input channels of o's group only:
+           ĝ_W[o, c, i, j] = Σ_{b,y,x} V[b, o, y, x]·a[b, G(o)·C/G + c, …]   (c < C/G; _grouped_product)
     whitened (with --calibration): a_b → a'_b = quantize(a_b·P², s) int8, P = (M/(tr M/K) + λI)^(−1/2) of the
     layer's input rows (a Conv's patches, P² [C·kh·kw]²; passes/precondition.py), so the step is ΔW ∝ P²·ĝ_W;
     the weights stay on their grid
@@ -31,7 +33,7 @@ stacked suffix (branch_rules) whose only branched inputs are the noise tensors; 
 inputs come from an unperturbed copy of the suffix up to the deepest of them.
 
 Precondition (refused with a SpecError otherwise): every trained site is a Gemm (transA = 0) or MatMul with
-a 2-D weight, or a Conv with group 1, a static 2-D kernel, explicit pads and a static input [B, C, H, W];
+a 2-D weight, or a Conv with a static 2-D kernel, explicit pads and a static input [B, C, H, W];
 it reads a per-tensor DequantizeLinear of an integer activation, and its output is read by a per-tensor
 QuantizeLinear; ctx.perturbations.per_example from prng.
 Postcondition: like pair's (ctx.branches in the stacked form, the suffix replaced) plus ctx.node; then
@@ -48,7 +50,7 @@ from .context import Branches, Context, Estimate, NodeLayer, Pass
 from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE, Patches
 from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes
 
-SUPPORTED = "trained Gemm/MatMul and 2-D Conv (group 1) layers with a quantized input and a requantized output"
+SUPPORTED = "trained Gemm/MatMul and 2-D Conv layers with a quantized input and a requantized output"
 
 
 def _refuse(site: str, why: str):
@@ -81,12 +83,8 @@ def _layer_parts(ctx: Context, node: gs.Node):
 
 
 def _conv_patches(node: gs.Node) -> Patches:
-    """The im2col geometry of a trained 2-D Conv with group 1 and explicit pads, else a SpecError."""
-    group, shape = node.attrs.get("group", 1), node.inputs[1].shape or []
-    if group != 1:
-        raise SpecError(f"--estimator node: site {node.name!r} is a grouped Conv (group {group}); node "
-                        "perturbation takes Conv sites with group 1 for now. Train other layers (e.g. --train "
-                        "with the names of group-1 Convs and Gemm/MatMul layers), or use --estimator sign.")
+    """The im2col geometry of a trained 2-D Conv with explicit pads, else a SpecError."""
+    shape = node.inputs[1].shape or []
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape):
         _refuse(node.name, f"is a Conv with a weight of shape {shape}, not a static 2-D kernel [O, C, kh, kw]")
     if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
@@ -146,7 +144,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         white = next((w for w in ctx.step_whitening or [] if w[0].site == site), None)
         image = tuple(nodes[site].inputs[0].shape[1:]) if patches else None
         layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), u, q_clean, zp, scale, white, layout,
-                                centered, patches, image))
+                                centered, patches, image, nodes[site].attrs.get("group", 1)))
     adds = {id(site_node): add for site_node, add in order}
     branched = []
     for n in needed:
@@ -186,6 +184,18 @@ def _input_rows(b: Builder, layer: NodeLayer):
     cols = b.op("Transpose", [cols], {"perm": [0, 2, 1]}, dtype=layer.q.dtype)                  # [B, P, C·k]
     return b.op("Reshape", [cols, np.array([-1, c * int(np.prod(layer.patches.kernel))], np.int64)],
                 dtype=layer.q.dtype, hint="patches")
+
+
+def _grouped_product(b: Builder, a, v, zero, groups: int):
+    """A grouped Conv's ĝ_W [G, O/G, C/G·kh·kw]: group k's output channels correlate with its own input
+    channels only, one batched MatMulInteger [G, C/G·kh·kw, rows]·[G, rows, O/G] (the patch columns (c, i, j)
+    of a group are contiguous)."""
+    a_g = b.op("Transpose", [b.op("Reshape", [a, np.array([0, groups, -1], np.int64)], dtype=a.dtype)],
+               {"perm": [1, 2, 0]}, dtype=a.dtype)                                      # [G, C/G·k, rows]
+    v_g = b.op("Transpose", [b.op("Reshape", [v, np.array([0, groups, -1], np.int64)], dtype=v.dtype)],
+               {"perm": [1, 0, 2]}, dtype=v.dtype)                                      # [G, rows, O/G]
+    g = b.op("MatMulInteger", [a_g, v_g] + zero, dtype=np.int32)                       # [G, C/G·k, O/G]
+    return b.i32.Transpose(g, perm=[0, 2, 1])
 
 
 def _positions(layer: NodeLayer) -> int:
@@ -228,9 +238,12 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
                 entry, matrix = layer.whitening
                 a = F.MatMul(b.op("DequantizeLinear", [a, layer.scale, layer.zero_point], dtype=np.float32), matrix)
                 a, zero = b.op("QuantizeLinear", [a, np.float32(entry.scale), np.int8(0)], dtype=np.int8), []
-            a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                     # [in, rows]
-            g = b.op("MatMulInteger", [a_t, b.cast(rows, np.int8)] + zero, dtype=np.int32)    # [in, out]
-            g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
+            if layer.groups > 1:
+                g = _grouped_product(b, a, b.cast(rows, np.int8), zero, layer.groups)           # [G, out/G, in/G]
+            else:
+                a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                 # [in, rows]
+                g = b.op("MatMulInteger", [a_t, b.cast(rows, np.int8)] + zero, dtype=np.int32)  # [in, out]
+                g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
             grad[layer.weight.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
                                                 np.array(layer.weight.shape, np.int64), hint="g")
         if layer.bias is not None:

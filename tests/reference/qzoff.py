@@ -415,6 +415,7 @@ class NodeLayer:
             self.strides = list(attrs.get("strides", [1, 1]))
             self.pads = list(attrs.get("pads", [0, 0, 0, 0]))
             self.dilations = list(attrs.get("dilations", [1, 1]))
+            self.group = attrs.get("group", 1)
         dq = producer[node.input[0]]
         self.q = dq.input[0]
         self.in_scale = np.float32(inits[dq.input[1]])
@@ -546,6 +547,7 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
               takes a = QuantizeLinear(a_float·P², s) instead), ĝ_bias = Σ_b V_b,
         for a Conv the rows are its output positions (b, y, x) and a_b its im2col patches (`patches`):
               ĝ_W[o, c, i, j] = Σ_{b,y,x} V[b, o, y, x]·a[b, c, y·s + i·d − p, x·s + j·d − p] (zero outside),
+              grouped (G groups): output o reads the input channels of its group, k·C/G + c for o in group k,
               whitened: a = QuantizeLinear(patches((q − zp)·scale)·P², s),
         each saturated to ±NODE_GRAD_MAX, then the integer update."""
     spec, m, layers = c["spec"], c["spec"]["m"], oracle.layers
@@ -592,9 +594,14 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         elif layer.whitening is not None:
             a = clean[layer.white].astype(np.int64)
         a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
-        if layer.weight:
+        if layer.weight and layer.layout == "conv":   # group k: its O/G outputs, its C/G input channels' patches
+            G = layer.group
+            cols, outs = a.shape[1] // G, v.shape[1] // G
+            g = np.concatenate([(a[:, k * cols:(k + 1) * cols].T @ v[:, k * outs:(k + 1) * outs]).T for k in range(G)])
+            grads[layer.weight] = np.clip(g.reshape(state[layer.weight].shape), -NODE_GRAD_MAX, NODE_GRAD_MAX)
+        elif layer.weight:
             g = a.T @ v                                                                  # [in, out]
-            g = g.T.reshape(state[layer.weight].shape) if layer.layout == "conv" else g.T if layer.layout == "nk" else g
+            g = g.T if layer.layout == "nk" else g
             grads[layer.weight] = np.clip(g, -NODE_GRAD_MAX, NODE_GRAD_MAX)
         if layer.bias:
             grads[layer.bias] = np.clip(v.sum(axis=0), -NODE_GRAD_MAX, NODE_GRAD_MAX)
