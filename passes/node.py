@@ -23,6 +23,10 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
            ĝ_W[o, c, i, j] = Σ_{b,y,x} V[b, o, y, x]·a[b, c, y·s + i·d − p, x·s + j·d − p]   (_input_rows)
     and a grouped Conv (G groups, depthwise at G = C) takes the input channels of o's group only:
            ĝ_W[o, c, i, j] = Σ_{b,y,x} V[b, o, y, x]·a[b, G(o)·C/G + c, …]   (c < C/G; _grouped_product)
+    and a Conv's ĝ_W and ĝ_bias are then divided by its H'·W' output positions (rounded half away from 0):
+           a mean over positions, so each tensor's step is sized as a Gemm's, by its examples only. Summed, the
+           shared rate let the Convs' steps outgrow the Gemms' (digits_cnn --last 4: conv1 has 64 positions,
+           conv2 16; 30 epochs, seed 0: 94.6% summed, 95.6% over √(H'·W'), 97.0% over H'·W')
     whitened (with --calibration): a_b → a'_b = quantize(a_b·P², s) int8, P = (M/(tr M/K) + λI)^(−1/2) of the
     layer's input rows (a Conv's patches, P² [C·kh·kw]²; passes/precondition.py), so the step is ΔW ∝ P²·ĝ_W;
     the weights stay on their grid
@@ -198,6 +202,14 @@ def _grouped_product(b: Builder, a, v, zero, groups: int):
     return b.i32.Transpose(g, perm=[0, 2, 1])
 
 
+def _position_mean(b: Builder, g, layer: NodeLayer):
+    """A Conv's ĝ divided by its H'·W' output positions, rounded half away from 0 (int32 Div truncates)."""
+    if layer.patches is None:
+        return g
+    n = _positions(layer)
+    return b.i32.Div(b.i32.Add(g, b.i32.Mul(b.i32.Sign(g), n // 2)), n, hint="position_mean")
+
+
 def _positions(layer: NodeLayer) -> int:
     """H'·W': the output positions of a Conv site."""
     return int(np.prod(layer.patches.out_size(*layer.image[1:])))
@@ -244,10 +256,12 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
                 a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                 # [in, rows]
                 g = b.op("MatMulInteger", [a_t, b.cast(rows, np.int8)] + zero, dtype=np.int32)  # [in, out]
                 g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
+            g = _position_mean(b, g, layer)
             grad[layer.weight.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
                                                 np.array(layer.weight.shape, np.int64), hint="g")
         if layer.bias is not None:
             g = I.ReduceSum(rows, np.array([0], np.int64), keepdims=0)
+            g = _position_mean(b, g, layer)
             grad[layer.bias.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
                                               np.array(layer.bias.shape, np.int64), hint="g_bias")
     ctx.estimate = Estimate(c, grad)

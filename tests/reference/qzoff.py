@@ -481,6 +481,11 @@ def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False, matri
     return oracle
 
 
+def _position_mean(g: np.ndarray, n: int) -> np.ndarray:
+    """g / n rounded half away from 0 (a Conv's ĝ over its n = H'·W' output positions)."""
+    return np.sign(g) * ((np.abs(g) + n // 2) // n)
+
+
 def patches(a: np.ndarray, layer: NodeLayer) -> np.ndarray:
     """im2col: rows [B·H'·W', C·kh·kw] of a [B, C, H, W] (zero outside), row (b, y, x), column (c, i, j):
     a[b, c, y·s_h + i·d_h − p_top, x·s_w + j·d_w − p_left]."""
@@ -549,6 +554,7 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
               ĝ_W[o, c, i, j] = Σ_{b,y,x} V[b, o, y, x]·a[b, c, y·s + i·d − p, x·s + j·d − p] (zero outside),
               grouped (G groups): output o reads the input channels of its group, k·C/G + c for o in group k,
               whitened: a = QuantizeLinear(patches((q − zp)·scale)·P², s),
+              then ĝ_W and ĝ_bias ← round_half_away(ĝ / (H'·W')), a mean over the output positions,
         each saturated to ±NODE_GRAD_MAX, then the integer update."""
     spec, m, layers = c["spec"], c["spec"]["m"], oracle.layers
     weights = {s["name"]: state[s["name"]] for s in parameters(c)}
@@ -579,6 +585,7 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     grads = {}
     for layer in layers:
         v = sum(s[i].reshape((B,) + (1,) * (len(shapes[layer.site]) - 1)) * u[layer.site][i] for i in range(m))
+        positions = int(np.prod(v.shape[2:])) if layer.layout == "conv" else 1   # H'·W'
         if layer.layout == "conv":                                  # rows: the output positions (b, y, x)
             v = v.transpose(0, 2, 3, 1)
         v = v.reshape(-1, v.shape[-1])                                                   # [rows, out]
@@ -598,13 +605,14 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
             G = layer.group
             cols, outs = a.shape[1] // G, v.shape[1] // G
             g = np.concatenate([(a[:, k * cols:(k + 1) * cols].T @ v[:, k * outs:(k + 1) * outs]).T for k in range(G)])
-            grads[layer.weight] = np.clip(g.reshape(state[layer.weight].shape), -NODE_GRAD_MAX, NODE_GRAD_MAX)
+            grads[layer.weight] = np.clip(_position_mean(g.reshape(state[layer.weight].shape), positions),
+                                          -NODE_GRAD_MAX, NODE_GRAD_MAX)
         elif layer.weight:
             g = a.T @ v                                                                  # [in, out]
             g = g.T if layer.layout == "nk" else g
             grads[layer.weight] = np.clip(g, -NODE_GRAD_MAX, NODE_GRAD_MAX)
         if layer.bias:
-            grads[layer.bias] = np.clip(v.sum(axis=0), -NODE_GRAD_MAX, NODE_GRAD_MAX)
+            grads[layer.bias] = np.clip(_position_mean(v.sum(axis=0), positions), -NODE_GRAD_MAX, NODE_GRAD_MAX)
     new = update(c, state, grads, lr, seed, step_no)
     ratio = np.abs(d) / (scale * c["tie_tolerance"] + 1e-30)
     return new, {"loss_plus": lp.mean(axis=1), "loss_minus": lm.mean(axis=1), "coef": s,
