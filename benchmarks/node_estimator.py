@@ -7,6 +7,9 @@ epochs, on seed 0's compile), train each seed on all of the target train split, 
 exported model on the target test split. One JSON line per run on stdout.
 
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 2 1
+    python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 3 4 --estimators node node-alternate sign
+
+node-alternate: --node-schedule alternate (direction i perturbs trained layer i mod L only).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import onnx
 import fgcompile
 from fgcompile.session import SessionSettings
 
-ESTIMATORS = {"node": dict(estimator="node", m=8), "sign": dict()}
+ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estimator="node", m=8, node_schedule="alternate"),
+              "sign": dict()}
 
 
 def run(last: int, name: str, seeds: list[int], epochs: int, model: str, whiten: bool = True) -> None:

@@ -11,8 +11,8 @@ from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
 from fgcompile.runtime.conformance import MAX_STEPS
 from fgcompile.runtime.metrics import FALSE_ALARM
-from fgcompile.spec import (BITS, BRANCH_FORMS, DEFAULT_M, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, PERTURBATIONS,
-                            PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
+from fgcompile.spec import (BITS, BRANCH_FORMS, DEFAULT_M, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, NODE_SCHEDULES,
+                            PERTURBATIONS, PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -159,10 +159,13 @@ def spec_options(f):
                          "Sigmoid output [batch, K] (a detector, or K labels per example); auto: bce for a Sigmoid "
                          "output, else ce."),
         spec_option("--estimator", "estimator", ESTIMATORS,
-                    help="sign: Sign-m-SPSA; spsa: quantized m-SPSA; node: perturb each trained layer's output per "
-                    "example (±ε output LSBs) and step by the sign of each example's loss difference times its "
-                    "clean input (stacked form); auto: node when more than one layer trains and node takes "
-                    "every site and option, else sign."),
+                    help="sign: Sign-m-SPSA; spsa: quantized m-SPSA; node: perturb each trained Gemm/MatMul/Conv's "
+                    "output per example (±ε output LSBs) and step by the sign of each example's loss difference "
+                    "times its clean input (stacked form; with --calibration the step is whitened); auto: node when "
+                    "more than one layer trains and node takes every site and option, else sign."),
+        spec_option("--node-schedule", "node_schedule", NODE_SCHEDULES,
+                    help="--estimator node: all (every direction perturbs every trained layer) or alternate "
+                         "(direction i perturbs trained layer i mod L only)."),
         spec_option("--spsa-gain", "spsa_gain", help="m-SPSA: c = round(gain·ΔL)."),
         spec_option("--rounding", "rounding", ROUNDINGS),
         spec_option("--bits", "bits", BITS, help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
@@ -223,7 +226,7 @@ def make_spec(kw) -> TrainSpec:
                      include_bias=not kw.pop("no_bias"), m=kw.pop("m"), eps=kw.pop("eps"), lr=kw.pop("lr"),
                      lr_shift=kw.pop("lr_shift"),
                      perturbation=kw.pop("perturbation"), density=kw.pop("density"), loss=kw.pop("loss"),
-                     estimator=kw.pop("estimator"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
+                     estimator=kw.pop("estimator"), node_schedule=kw.pop("node_schedule"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),
                      branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"),
                      prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"), headroom=int(kw.pop("headroom")),

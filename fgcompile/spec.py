@@ -26,6 +26,7 @@ ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
 SPARSE_MODES = ("topk", "random", "threshold")
+NODE_SCHEDULES = ("all", "alternate")   # node: which trained layers direction i perturbs (passes/node.py)
 HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BITS = (8, 16)   # 16: an 8-bit weight trains widened to 16 bits; 8: it keeps its grid
 # (eps, lr) in LSBs of the training grid when unset. On a 16-bit grid one int8 LSB is 256 LSBs: eps 64 and
@@ -102,6 +103,7 @@ class TrainSpec:
     density: float = 1.0
     loss: str = "auto"
     estimator: str = "auto"
+    node_schedule: str = "all"    # --estimator node: all trained layers per direction, or alternate: layer i mod L
     spsa_gain: float = 64.0
     rounding: str = "nearest"
     bits: int = 16  # 16: widen int8 trainable weights to int16 for training; 8: keep int8
@@ -195,6 +197,11 @@ class TrainSpec:
         need(0 <= self.sharpness <= 4096, f"--sharpness {self.sharpness}: ρ is in weight LSBs and must be 0..4096.")
         need(self.sparse_mode in SPARSE_MODES,
              f"--sparse-mode {self.sparse_mode!r}: choose one of {', '.join(SPARSE_MODES)}.")
+        need(self.node_schedule in NODE_SCHEDULES,
+             f"--node-schedule {self.node_schedule!r}: choose one of {', '.join(NODE_SCHEDULES)}.")
+        need(self.node_schedule == "all" or self.estimator in ("node", "auto"),
+             f"--node-schedule {self.node_schedule} applies to --estimator node only (weight perturbation perturbs "
+             "every trained tensor in every direction). Add --estimator node, or drop --node-schedule.")
         if self.estimator == "node":
             self._validate_node()
         if self.eps is None or self.lr is None:
@@ -227,7 +234,7 @@ class TrainSpec:
     def _validate_node(self) -> None:
         refusal = self.node_refusal()
         if refusal:
-            raise SpecError(f"--estimator node does not take {refusal} yet: it perturbs trained layer outputs "
+            raise SpecError(f"--estimator node does not take {refusal} yet: it perturbs trained Gemm/MatMul/Conv outputs "
                             f"with ±1 noise in the stacked branch form. Drop {refusal.split()[0]}, or use "
                             "--estimator sign.")
 

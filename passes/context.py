@@ -152,7 +152,7 @@ class Branches:         # pair
 
 
 @dataclasses.dataclass
-class NodeLayer:        # node: one trained Gemm/MatMul as the node estimator reads it back
+class NodeLayer:        # node: one trained Gemm/MatMul/Conv as the node estimator reads it back
     site: str
     weight: "Trainable | None"
     bias: "Trainable | None"
@@ -161,8 +161,11 @@ class NodeLayer:        # node: one trained Gemm/MatMul as the node estimator re
     zero_point: gs.Constant             # its zero point (a = q − zp)
     scale: gs.Constant                  # its scale
     whitening: "tuple[StepWhitening, gs.Constant] | None"   # a' = quantize(a·P², scale) replaces q − zp
-    layout: Literal["kn", "nk"]         # the weight's [in, out] (MatMul, Gemm) or [out, in] (Gemm transB)
+    layout: Literal["kn", "nk"]         # the weight's [in, out] (MatMul, Gemm) or [out, in] (Gemm transB, Conv)
     centered: bool = False              # its output is the logits of the ce loss: V_b loses its mean over outputs
+    patches: "Patches | None" = None    # a Conv: its im2col geometry (ĝ_W is a Gemm's on the patch rows)
+    image: tuple[int, int, int] | None = None   # a Conv: its input's [C, H, W]
+    groups: int = 1                     # a grouped Conv's groups: ĝ_W is one product per group
 
 
 @dataclasses.dataclass

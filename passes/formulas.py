@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 SPSA_CLIP = 127
@@ -110,3 +112,41 @@ def train_bytes(numel: int, grid_bytes: int, m: int, loop: bool = False, momentu
     rows, grad, copies = (1, 16, 1) if loop else (m, 8, 2 * m)
     guided = 8 * rows if momentum > 0 else 0              # per z row: the int32 noise and the Where's z
     return numel * (2 * grid_bytes + buffer + ascent + 18 * rows + guided + grad + copies * (12 + grid_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Patches:
+    """A 2-D Conv's im2col geometry, shared by node's graph (passes/node.py) and its calibration
+    (passes/precondition.py): row (b, y, x), column (c, i, j) of the patches is
+    a[b, c, y·s_h + i·d_h − p_top, x·s_w + j·d_w − p_left], zero outside a."""
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]        # top, left, bottom, right (ONNX order)
+    dilations: tuple[int, int]
+
+    @classmethod
+    def of_conv(cls, attrs: dict, weight_shape) -> "Patches":
+        return cls(tuple(weight_shape[2:]), tuple(attrs.get("strides", [1, 1])),
+                   tuple(attrs.get("pads", [0, 0, 0, 0])), tuple(attrs.get("dilations", [1, 1])))
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.kernel, self.strides, self.dilations, self.pads
+        return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+    def indices(self, h: int, w: int) -> np.ndarray:
+        """int64 [kh·kw, H'·W']: the flat index into the padded [H + pt + pb, W + pl + pr] image of kernel
+        tap (i, j) at output position (y, x)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        ho, wo = self.out_size(h, w)
+        width = w + self.pads[1] + self.pads[3]
+        rows = (np.arange(kh)[:, None, None, None] * dh + np.arange(ho)[None, None, :, None] * sh)
+        cols = (np.arange(kw)[None, :, None, None] * dw + np.arange(wo)[None, None, None, :] * sw)
+        return (rows * width + cols).reshape(kh * kw, ho * wo).astype(np.int64)
+
+    def rows(self, a: np.ndarray) -> np.ndarray:
+        """The patches of a [B, C, H, W] as rows [B·H'·W', C·kh·kw]."""
+        n, c, h, w = a.shape
+        pt, pl, pb, pr = self.pads
+        padded = np.pad(a, ((0, 0), (0, 0), (pt, pb), (pl, pr))).reshape(n, c, -1)
+        taken = padded[:, :, self.indices(h, w)]                       # [B, C, kh·kw, H'·W']
+        return taken.reshape(n, -1, taken.shape[-1]).transpose(0, 2, 1).reshape(-1, taken.shape[1] * taken.shape[2])

@@ -52,6 +52,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         estimator, reason = (("node", f"{sites} layers train") if sites > 1 and not refusal else
                              ("sign", f"node perturbation: {refusal}") if refusal else
                              ("sign", "one layer trains, where weight perturbation does as well"))
+    if estimator != "node" and spec.node_schedule != "all":
+        raise SpecError(f"--node-schedule {spec.node_schedule} applies to --estimator node only, and --estimator auto "
+                        f"chose {estimator} here ({reason}). Add --estimator node, or drop --node-schedule.")
     m = spec.m if spec.m is not None else DEFAULT_M[estimator]
     ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m)
     ctx.plan = Plan(estimator, reason, m)

@@ -21,7 +21,9 @@ Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale s'; its node re
 ctx.preconditioned holds one contract entry per such site. A site downstream of another trained weight
 is whitened too: its a·P node lies in the trained suffix, and pair carries it onto the branches like any
 frozen op. Other sites are unchanged. Without calibration data, or (precondition "auto") without an
-eligible site, the graph is unchanged.
+eligible site, the graph is unchanged. Under --estimator node the weights are not reparametrized:
+ctx.step_whitening holds (StepWhitening, P² constant) per trained Gemm/MatMul site and per group-1 2-D Conv,
+whose rows are its im2col patches (K = C·kh·kw); ctx.preconditioned is empty.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from fgcompile.errors import CompileError
 from fgcompile.grid import round_half_away
 from fgcompile.session import make_session
 from .context import Context, Pass
-from .formulas import bias_stride
+from .formulas import Patches, bias_stride
 from .graph_ops import Builder
 
 RIDGE = 1e-3
@@ -54,7 +56,7 @@ def whitening(a: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
 
 
 def _activations(graph: gs.Graph, ctx: Context, names: list[str]) -> dict[str, np.ndarray]:
-    """The float values of `names` on the calibration inputs, as rows [N·…, K] (float64)."""
+    """The float values of `names` on the calibration inputs, [N, …] (float64)."""
     probe = graph.copy()
     tensors = probe.tensors()
     probe.outputs = [tensors[n] for n in names]
@@ -67,8 +69,15 @@ def _activations(graph: gs.Graph, ctx: Context, names: list[str]) -> dict[str, n
     step = fixed if isinstance(fixed, int) and fixed > 0 else 256
     end = len(x) - len(x) % step if step == fixed else len(x)   # whole batches where the model fixes one
     runs = [sess.run(names, {ctx.io.data_input: x[i:i + step]}) for i in range(0, end, step)]
-    return {n: np.concatenate([r[k].reshape(-1, r[k].shape[-1]) for r in runs]).astype(np.float64)
-            for k, n in enumerate(names)}
+    return {n: np.concatenate([r[k] for r in runs]).astype(np.float64) for k, n in enumerate(names)}
+
+
+def _rows(a: np.ndarray, node: gs.Node) -> np.ndarray:
+    """The rows [N·…, K] a trained site multiplies by its weight: a Conv's im2col patches [N·H'·W', C·kh·kw],
+    else the rows of its last axis."""
+    if node.op == "Conv":
+        return Patches.of_conv(node.attrs, node.inputs[1].shape).rows(a)
+    return a.reshape(-1, a.shape[-1])
 
 
 def _layout(node: gs.Node, tensor) -> str | None:
@@ -97,6 +106,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     chosen = [(t, nodes[t.site]) for t in ctx.trainables if t.role == "weight"]
     chosen = [(t, node, _layout(node, t.tensor)) for t, node in chosen]
     chosen = [c for c in chosen if c[2] is not None]
+    if ctx.spec.estimator == "node":   # its step is whitened on a group-1 2-D Conv's patches too
+        chosen += [(t, node, "conv") for t, node in ((t, nodes[t.site]) for t in ctx.trainables if t.role == "weight")
+                   if node.op == "Conv" and node.attrs.get("group", 1) == 1 and len(t.tensor.shape) == 4]
     if ctx.calibration is None:
         if chosen and ctx.spec.precondition == "auto":   # the user may not know what they left out
             ctx.notes.append("whitening is off: --precondition auto whitens a trained Gemm/MatMul's input only "
@@ -116,7 +128,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "precondition")
     for t, node, layout in chosen:
         a = node.inputs[0]
-        p = whitening(acts[a.name]).astype(np.float32)
+        p = whitening(_rows(acts[a.name], node)).astype(np.float32)
         dq = node.inputs[1].inputs[0]
         s = np.asarray(tensors[t.tensor.scale_name].values, np.float32)
         w = tensors[t.name].values.astype(np.float64) * (s.reshape(-1, 1) if layout == "nk" and s.size > 1 else s)
@@ -140,9 +152,13 @@ def _step_whitening(graph: gs.Graph, ctx: Context, chosen, acts) -> gs.Graph:
     """--estimator node: the weights stay on their deployed grid and the step is preconditioned instead,
     ΔW ∝ P²·ĝ_W: the node estimator correlates its noise with a' = quantize(a·P², s) (int8), s = rms(a·P²)/32
     over the calibration rows (saturating past 4 rms: max/127 left the typical a' at a few LSBs, since the
-    whitened rows' max is ~18 rms on digits_cnn; measured 73% at 30 epochs against 83% unwhitened, at λ = 1e-3). Only records it, with the P² constant (passes/node.py builds the nodes)."""
+    whitened rows' max is ~18 rms on digits_cnn; measured 73% at 30 epochs against 83% unwhitened, at λ = 1e-3). A
+    group-1 Conv's rows are its im2col patches (P² is [C·kh·kw]²): on digits_cnn --last 3 (30 epochs, 3 seeds)
+    the patch form trained to 97.3%, a per-channel form (P_c² ⊗ I, P_c over the C channels) to 94.5%, conv2
+    unwhitened to 82.8% (benchmarks/README.md). Only records it, with the P² constant (passes/node.py builds
+    the nodes)."""
     for t, node, layout in chosen:
-        a = acts[node.inputs[0].name]
+        a = _rows(acts[node.inputs[0].name], node)
         p = whitening(a, STEP_RIDGE)
         p2 = (p @ p).astype(np.float32)
         white = a @ p2.astype(np.float64)

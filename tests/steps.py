@@ -8,12 +8,13 @@ from fgcompile.session import SessionSettings, make_session
 class Steps:
     """run = Steps(compiled); out = run(x, y, seed, step, lr_numerator, state) -> every output by name.
     optimization "disable" runs the ONNX ops as written, as the reference oracle does (qzoff.unfused);
-    probes: internal tensors (e.g. contract.probes.z) to return beside the graph's outputs."""
+    probes: internal tensors (e.g. contract.probes.z) to return beside the graph's outputs; threads:
+    onnxruntime's intra-op threads (0: its default)."""
 
-    def __init__(self, compiled, optimization: str = "disable", probes=()):
+    def __init__(self, compiled, optimization: str = "disable", probes=(), threads: int = 0):
         self.compiled, self.contract = compiled, compiled.contract
         model = with_outputs(compiled.train, list(probes)) if probes else compiled.train
-        self.sess = make_session(model, settings=SessionSettings(optimization=optimization))
+        self.sess = make_session(model, settings=SessionSettings(optimization=optimization, threads=threads))
         self.names = [o.name for o in self.sess.get_outputs()]
 
     def __call__(self, x, y, seed=0, step=0, lr_numerator=None, state=None) -> dict:

@@ -22,6 +22,17 @@ def with_opset(version):
     return m
 
 
+def conv2_auto_pad():
+    """digits_cnn with conv2's pads given as auto_pad SAME_UPPER (the same 4x4 output)."""
+    from onnx import helper
+    m = onnx.load(CNN)
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    kept = [a for a in conv2.attribute if a.name != "pads"]
+    del conv2.attribute[:]
+    conv2.attribute.extend(kept + [helper.make_attribute("auto_pad", "SAME_UPPER")])
+    return m
+
+
 def external_data_missing(tmp):
     onnx.save(onnx.load(CNN), tmp / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.data", size_threshold=0)
@@ -79,8 +90,15 @@ COMPILE_CASES = {
     "lr below resolution": (model_file(lambda t: onnx.load(CNN)), ["--lr", "0.001"], "fixed-point resolution"),
     "train pattern matches nothing": (model_file(lambda t: onnx.load(CNN)), ["--train", "^nothing$"],
                                       "matches no weight site"),
-    "node estimator on a Conv": (model_file(lambda t: onnx.load(CNN)), ["--estimator", "node", "--last", "3"],
-                                 "site 'conv2' is a Conv"),
+    "node estimator on an auto_pad Conv": (model_file(lambda t: conv2_auto_pad()), ["--estimator", "node", "--last", "3"],
+                                           "site 'conv2' is a Conv with auto_pad 'SAME_UPPER'"),
+    "node schedule without the node estimator": (model_file(lambda t: onnx.load(CNN)),
+                                                 ["--node-schedule", "alternate", "--estimator", "sign"],
+                                                 "applies to --estimator node only"),
+    "node schedule where auto chose sign": (model_file(lambda t: onnx.load(CNN)), ["--node-schedule", "alternate"],
+                                            "--estimator auto chose sign here (one layer trains"),
+    "unknown node schedule": (model_file(lambda t: onnx.load(CNN)), ["--estimator", "node", "--node-schedule", "each"],
+                              "'each' is not one of 'all', 'alternate'"),
     "node estimator in the loop form": (model_file(lambda t: onnx.load(CNN)),
                                         ["--estimator", "node", "--branches", "loop"],
                                         "does not take --branches loop yet"),

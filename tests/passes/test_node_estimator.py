@@ -14,16 +14,18 @@ from steps import Steps
 BATCH, SEED = 32, 1000
 
 
-def run_chain(model_file, spec, data, steps, optimization="disable", calibration=None):
+def run_chain(model_file, spec, data, steps, optimization="disable", calibration=None, whitened=None):
     """Chained steps of the compiled graph and of the reference from the same state: every state tensor
-    equal after every step; returns how many weight values the steps changed (so the test is not vacuous)."""
+    equal after every step; returns how many weight values the steps changed (so the test is not vacuous).
+    whitened: how many sites whiten their step (default: every trained site with precondition whiten)."""
     compiled = compile_graph(shipped(model_file), spec, calibration)
     c = qzoff.contract(compiled.train)
-    assert len(c["step_whitening"]) == (len(qzoff.node_layers(compiled.source, c)) if spec.precondition == "whiten"
-                                        else 0)
+    if whitened is None:
+        whitened = len(qzoff.node_layers(compiled.source, c)) if spec.precondition == "whiten" else 0
+    assert len(c["step_whitening"]) == whitened
     oracle = qzoff.node_oracle(compiled.source, c, optimized=optimization == "all",
                                matrices=qzoff.matrices(compiled.train, c))
-    run = Steps(compiled, optimization=optimization)
+    run = Steps(compiled, optimization=optimization, threads=1)     # as the oracle (qzoff.node_oracle says why)
     graph_state, ref_state, changed = dict(compiled.state), dict(compiled.state), 0
     x, y = data
     for k in range(steps):
@@ -45,6 +47,11 @@ def run_chain(model_file, spec, data, steps, optimization="disable", calibration
     ("digits_cnn/w16a8.onnx", dict(last=2)),
     ("digits_cnn/w8a8.onnx", dict(last=2, bits=8, headroom=1)),   # on the int8 grid
     ("digits_attn/w8a8.onnx", dict(last=3)),                      # mlp1, mlp2, head: MatMul on [B, T, D] tokens
+    ("digits_cnn/w8a8.onnx", dict(last=3)),                       # conv2 (stride 2, pads 1) + fc1 + fc2
+    ("digits_cnn/w8a8.onnx", dict(last=4)),                       # every layer: conv1 reads the quantized image
+    ("digits_cnn/w16a8.onnx", dict(last=3)),
+    ("digits_cnn/w8a8.onnx", dict(last=4, bits=16)),              # widened to the int16 grid
+    ("digits_cnn/w8a8.onnx", dict(last=3, node_schedule="alternate")),   # direction i: layer i mod 3
 ])
 def test_node_chain_matches_reference(model_file, options, optimization, target_train):
     spec = TrainSpec(estimator="node", m=4, **options)
@@ -55,6 +62,9 @@ def test_node_chain_matches_reference(model_file, options, optimization, target_
 @pytest.mark.parametrize("model_file,options", [
     ("digits_cnn/w8a8.onnx", dict(last=2)),
     ("digits_attn/w16a8.onnx", dict(last=3)),
+    ("digits_cnn/w8a8.onnx", dict(last=3)),                       # conv2's im2col patches whitened
+    ("digits_cnn/w16a8.onnx", dict(last=4)),
+    ("digits_cnn/w8a8.onnx", dict(last=4, node_schedule="alternate")),
 ])
 def test_whitened_node_chain_matches_reference(model_file, options, optimization, target_train):
     """With calibration the step is preconditioned, a' = quantize(a·P², s): the weights keep their grid."""
@@ -85,7 +95,6 @@ def test_node_noise_and_gradient_parts(target_train):
 
 
 @pytest.mark.parametrize("options,named", [
-    (dict(last=3), "Conv"),                                 # conv2 of digits_cnn
     (dict(last=2, branches="cloned"), "--branches cloned"),
     (dict(last=2, branches="loop"), "--branches loop"),
     (dict(last=2, perturbation="ternary", density=0.5), "--perturbation ternary"),
@@ -130,3 +139,39 @@ def test_node_centres_the_logits_step(target_train):
     out = Steps(compiled)(x, y, SEED, 0, 1)
     step = (compiled.state[bias.name].astype(np.int64) - out[bias.output]) // bias.stride      # ĝ_bias
     assert np.abs(step).sum() > 10 * BATCH and abs(int(step.sum())) <= BATCH * 10 // 2
+
+
+def grouped_conv2(groups: int = 16):
+    """digits_cnn with conv2 grouped: [32, 16/G, 3, 3], G = 16 (two output channels per input channel)."""
+    import onnx
+    from onnx import helper, numpy_helper
+    model = shipped("digits_cnn/w8a8.onnx")
+    inits = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(inits["conv2.weight_quantized"])[:, :16 // groups]
+    inits["conv2.weight_quantized"].CopyFrom(numpy_helper.from_array(w, "conv2.weight_quantized"))
+    next(n for n in model.graph.node if n.name == "conv2").attribute.append(helper.make_attribute("group", groups))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("optimization", ["disable", "all"])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_node_depthwise_chain_matches_reference(optimization, whiten):
+    """The keyword spotter's last block: a depthwise Conv (group 48, ĝ_W one product per channel), a 1x1
+    pointwise Conv and the classifier; whitened, the pointwise Conv's and the classifier's steps are (a grouped
+    Conv's is not)."""
+    from conftest import MODELS
+    from fgcompile.runtime.data import load_data
+    data = load_data(MODELS / "data" / "kws_target_train.npz")
+    spec = TrainSpec(estimator="node", m=3, last=3, precondition="whiten" if whiten else "auto")
+    compiled = compile_graph(shipped("kws_dscnn/w8a8.onnx"), spec, data[0][:200] if whiten else None)
+    assert sorted(w.site for w in compiled.contract.step_whitening) == (["block3.pw", "logits"] if whiten else [])
+    assert run_chain("kws_dscnn/w8a8.onnx", spec, data, steps=3, optimization=optimization,
+                     calibration=data[0][:200] if whiten else None, whitened=len(compiled.contract.step_whitening)) > 0
+
+
+def test_node_grouped_conv_chain_matches_reference(target_train, tmp_path):
+    """conv2 of digits_cnn grouped (16 groups of one input and two output channels), with fc1 and fc2."""
+    import onnx
+    onnx.save(grouped_conv2(), tmp_path / "grouped.onnx")
+    assert run_chain(tmp_path / "grouped.onnx", TrainSpec(estimator="node", m=4, last=3), target_train, steps=4) > 0

@@ -78,9 +78,9 @@ class InferenceOracle:
     independently; `matrices` holds the whitening matrices P by name (read from train.onnx)."""
 
     def __init__(self, source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None,
-                 edit=None):
+                 edit=None, threads: int = 0):
         """edit(model, c): a last change to the oracle's model before the requantization bypass (the node
-        estimator's noise inputs)."""
+        estimator's noise inputs); threads: onnxruntime's intra-op threads (0: its default)."""
         buffers = [s for s in c["state"] if s["role"] == "momentum"]   # training state, not weights
         c = dict(c, state=parameters(c))
         model = onnx.ModelProto()
@@ -126,6 +126,7 @@ class InferenceOracle:
         model.graph.output.append(helper.make_tensor_value_info(c["loss_tap"], onnx.TensorProto.FLOAT, None))
         self.initial.update({s["name"]: np.zeros(s["shape"], np.int32) for s in buffers})   # v starts at 0
         opts = ort.SessionOptions() if optimized else unfused()
+        opts.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.tap = c["loss_tap"]
 
@@ -395,10 +396,11 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
 # ---- node (activity) perturbation: --estimator node --------------------------------------------------
 
 class NodeLayer:
-    """A trained Gemm/MatMul site as the node estimator sees it, read from the source model: its product's
-    output (where the noise is added), the QuantizeLinear scale that reads it (the noise unit), its integer
-    input q with zero point (a = q − zp), the weight layout ("kn" or Gemm transB "nk"), and its stream
-    (the index of the site's first trained tensor)."""
+    """A trained Gemm/MatMul/Conv site as the node estimator sees it, read from the source model: its
+    product's output (where the noise is added), the QuantizeLinear scale that reads it (the noise unit), its
+    integer input q with zero point (a = q − zp) and scale, the weight layout ("kn", Gemm transB "nk", or
+    "conv" [O, C, kh, kw] with its kernel, strides, pads and dilations), and its stream (the index of the
+    site's first trained tensor)."""
 
     def __init__(self, model: onnx.ModelProto, c: dict, site: str):
         nodes = {n.name: n for n in model.graph.node}
@@ -408,8 +410,15 @@ class NodeLayer:
         self.site, self.output = site, node.output[0]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         self.layout = "nk" if node.op_type == "Gemm" and attrs.get("transB", 0) else "kn"
+        if node.op_type == "Conv":
+            self.layout, self.kernel = "conv", list(inits[producer[node.input[1]].input[0]].shape[2:])
+            self.strides = list(attrs.get("strides", [1, 1]))
+            self.pads = list(attrs.get("pads", [0, 0, 0, 0]))
+            self.dilations = list(attrs.get("dilations", [1, 1]))
+            self.group = attrs.get("group", 1)
         dq = producer[node.input[0]]
         self.q = dq.input[0]
+        self.in_scale = np.float32(inits[dq.input[1]])
         zp = inits[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else np.zeros((), np.uint8)
         self.zero_point, self.q_type = int(zp), helper.np_dtype_to_tensor_dtype(zp.dtype)
         quant = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == self.output)
@@ -446,7 +455,10 @@ def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False, matri
                                                              [layer.output]))
             model.graph.input.append(helper.make_tensor_value_info(layer.noise, onnx.TensorProto.FLOAT, None))
             model.graph.output.append(helper.make_tensor_value_info(layer.q, layer.q_type, None))
-            if layer.whitening is not None:    # a' = QuantizeLinear(rows of a · P², s, int8 0)
+            if layer.whitening is not None and layer.layout == "conv":   # a' from the patches (node_step)
+                layer.white_session = _white_session(matrices[layer.whitening["matrix"]], layer.whitening["scale"],
+                                                     optimized)
+            elif layer.whitening is not None:    # a' = QuantizeLinear(rows of a · P², s, int8 0)
                 w = layer.whitening
                 model.graph.initializer.extend([
                     numpy_helper.from_array(matrices[w["matrix"]], w["matrix"] + "_ref"),
@@ -461,9 +473,50 @@ def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False, matri
                 model.graph.output.append(helper.make_tensor_value_info(layer.white, onnx.TensorProto.INT8, None))
             model.graph.output.append(helper.make_tensor_value_info(layer.output + "__ref_clean", onnx.TensorProto.FLOAT,
                                                                     None))
-    oracle = InferenceOracle(source, c, optimized=optimized, edit=edit)
+    # one thread: with more, onnxruntime's float Gemm of a few rows splits its sum over K between threads
+    # (digits_cnn's fc1, K = 512: 32 rows differ in the last bit from 256 rows or one thread), which moves a
+    # requantization; the training graph's tests run one thread too
+    oracle = InferenceOracle(source, c, optimized=optimized, edit=edit, threads=1)
     oracle.layers = layers
     return oracle
+
+
+def _position_mean(g: np.ndarray, n: int) -> np.ndarray:
+    """g / n rounded half away from 0 (a Conv's ĝ over its n = H'·W' output positions)."""
+    return np.sign(g) * ((np.abs(g) + n // 2) // n)
+
+
+def patches(a: np.ndarray, layer: NodeLayer) -> np.ndarray:
+    """im2col: rows [B·H'·W', C·kh·kw] of a [B, C, H, W] (zero outside), row (b, y, x), column (c, i, j):
+    a[b, c, y·s_h + i·d_h − p_top, x·s_w + j·d_w − p_left]."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
+    pt, pl, pb, pr = layer.pads
+    B, C, H, W = a.shape
+    padded = np.zeros((B, C, H + pt + pb, W + pl + pr), a.dtype)
+    padded[:, :, pt:pt + H, pl:pl + W] = a
+    ho, wo = (H + pt + pb - dh * (kh - 1) - 1) // sh + 1, (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out = np.empty((B, ho, wo, C, kh, kw), a.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, :, :, i, j] = padded[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
+                                           j * dw:j * dw + sw * (wo - 1) + 1:sw].transpose(0, 2, 3, 1)
+    return out.reshape(B * ho * wo, C * kh * kw)
+
+
+def _white_session(p2: np.ndarray, scale: float, optimized: bool) -> ort.InferenceSession:
+    """QuantizeLinear(rows · P², s, int8 0): the whitened Conv patches, in onnxruntime as the Gemm sites'
+    a' is (the float MatMul's rounding is the runtime's)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["rows", "p2"], ["white"]),
+         helper.make_node("QuantizeLinear", ["white", "scale", "zero"], ["q"])], "white",
+        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("q", onnx.TensorProto.INT8, None)],
+        [numpy_helper.from_array(np.asarray(p2, np.float32), "p2"),
+         numpy_helper.from_array(np.float32(scale), "scale"), numpy_helper.from_array(np.int8(0), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions() if optimized else unfused()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 _LOG_SOFTMAX = None
@@ -489,19 +542,25 @@ def per_example_loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray
 
 def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int):
     """One node-perturbation step (README: --estimator node), from the formulas alone:
-        u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j
+        u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j (schedule
+                   alternate: 0 unless i mod L is the layer's place among the L trained layers)
         L±_{i,b} = the loss of example b with every trained layer's output y ± ε·unit·u_{i,b}
         s_{i,b}  = sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));  V_b = Σ_i s_{i,b}·u_{i,b}
         V_b ← V_b − round(mean_j V_b,j) (half away from 0, clipped to ±127) where the layer's output is the
               logits that the ce loss reads (the loss tap),
         ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too; a whitened step
               takes a = QuantizeLinear(a_float·P², s) instead), ĝ_bias = Σ_b V_b,
+        for a Conv the rows are its output positions (b, y, x) and a_b its im2col patches (`patches`):
+              ĝ_W[o, c, i, j] = Σ_{b,y,x} V[b, o, y, x]·a[b, c, y·s + i·d − p, x·s + j·d − p] (zero outside),
+              grouped (G groups): output o reads the input channels of its group, k·C/G + c for o in group k,
+              whitened: a = QuantizeLinear(patches((q − zp)·scale)·P², s),
+              then ĝ_W and ĝ_bias ← round_half_away(ĝ / (H'·W')), a mean over the output positions,
         each saturated to ±NODE_GRAD_MAX, then the integer update."""
     spec, m, layers = c["spec"], c["spec"]["m"], oracle.layers
     weights = {s["name"]: state[s["name"]] for s in parameters(c)}
     B = len(y)
     names = [oracle.tap] + [k for layer in layers for k in (layer.q, layer.output + "__ref_clean")] + \
-        [layer.white for layer in layers if layer.whitening is not None]
+        [layer.white for layer in layers if layer.whitening is not None and layer.layout != "conv"]
 
     def run(noise):
         feeds = {**(x if isinstance(x, dict) else {oracle.data: x}), **weights, **noise}
@@ -510,6 +569,9 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     shapes = {layer.site: clean[layer.output + "__ref_clean"].shape for layer in layers}
     u = {layer.site: [perturbation(seed, step_no, layer.stream, i, int(np.prod(shapes[layer.site])), "rademacher", 1.0)
                       .reshape(shapes[layer.site]) for i in range(m)] for layer in layers}
+    if spec.get("node_schedule", "all") == "alternate":     # direction i perturbs layer i mod L only
+        for k, layer in enumerate(layers):
+            u[layer.site] = [ui if i % len(layers) == k else 0 * ui for i, ui in enumerate(u[layer.site])]
     lp, lm = np.zeros((m, B), np.float32), np.zeros((m, B), np.float32)
     for i in range(m):
         for sign, out in ((1, lp), (-1, lm)):
@@ -523,18 +585,34 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     grads = {}
     for layer in layers:
         v = sum(s[i].reshape((B,) + (1,) * (len(shapes[layer.site]) - 1)) * u[layer.site][i] for i in range(m))
+        positions = int(np.prod(v.shape[2:])) if layer.layout == "conv" else 1   # H'·W'
+        if layer.layout == "conv":                                  # rows: the output positions (b, y, x)
+            v = v.transpose(0, 2, 3, 1)
         v = v.reshape(-1, v.shape[-1])                                                   # [rows, out]
         if layer.output == oracle.tap and spec["loss"] == "ce":     # ce cannot see a shift of every logit
             n, total = v.shape[-1], v.sum(axis=1, keepdims=True)
             v = np.clip(v - np.sign(total) * ((np.abs(total) + n // 2) // n), -127, 127)
-        a = clean[layer.white].astype(np.int64) if layer.whitening is not None else \
-            clean[layer.q].astype(np.int64) - layer.zero_point
+        a = clean[layer.q].astype(np.int64) - layer.zero_point
+        if layer.layout == "conv":
+            a = patches(a, layer)                                                        # [rows, C·kh·kw]
+            if layer.whitening is not None:
+                rows = a.astype(np.float32) * layer.in_scale
+                a = layer.white_session.run(["q"], {"rows": rows})[0].astype(np.int64)
+        elif layer.whitening is not None:
+            a = clean[layer.white].astype(np.int64)
         a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
-        if layer.weight:
+        if layer.weight and layer.layout == "conv":   # group k: its O/G outputs, its C/G input channels' patches
+            G = layer.group
+            cols, outs = a.shape[1] // G, v.shape[1] // G
+            g = np.concatenate([(a[:, k * cols:(k + 1) * cols].T @ v[:, k * outs:(k + 1) * outs]).T for k in range(G)])
+            grads[layer.weight] = np.clip(_position_mean(g.reshape(state[layer.weight].shape), positions),
+                                          -NODE_GRAD_MAX, NODE_GRAD_MAX)
+        elif layer.weight:
             g = a.T @ v                                                                  # [in, out]
-            grads[layer.weight] = np.clip(g.T if layer.layout == "nk" else g, -NODE_GRAD_MAX, NODE_GRAD_MAX)
+            g = g.T if layer.layout == "nk" else g
+            grads[layer.weight] = np.clip(g, -NODE_GRAD_MAX, NODE_GRAD_MAX)
         if layer.bias:
-            grads[layer.bias] = np.clip(v.sum(axis=0), -NODE_GRAD_MAX, NODE_GRAD_MAX)
+            grads[layer.bias] = np.clip(_position_mean(v.sum(axis=0), positions), -NODE_GRAD_MAX, NODE_GRAD_MAX)
     new = update(c, state, grads, lr, seed, step_no)
     ratio = np.abs(d) / (scale * c["tie_tolerance"] + 1e-30)
     return new, {"loss_plus": lp.mean(axis=1), "loss_minus": lm.mean(axis=1), "coef": s,
