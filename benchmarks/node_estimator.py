@@ -117,11 +117,11 @@ def table(lines: list[dict]) -> str:
     (exported int8 for fgcompile, fp32 for bp), or the refusal."""
     groups = {}
     for r in lines:
-        groups.setdefault((r["model"], r["last"], r["estimator"]), []).append(r)
-    label = {"node": "node, m = 8", "sign": "sign, m = 64 (default)", "bp": "fp32 Adam backprop"}
+        groups.setdefault((r["model"], r["last"], r["estimator"], r.get("spec", {}).get("m")), []).append(r)
+    label = {"node": "node, m = {m}", "sign": "sign, m = 64 (default)", "bp": "fp32 Adam backprop"}
     out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]
-    for (model, last, name), rs in groups.items():
-        head = f"| {model} | `--last {last}` | {label.get(name, name)} | "
+    for (model, last, name, m), rs in groups.items():
+        head = f"| {model} | `--last {last}` | {label.get(name, name).format(m=m)} | "
         if "refused" in rs[0]:
             out.append(head + f"– | – | refused: {rs[0]['refused'].split('. It supports')[0]} | – |")
             continue
@@ -143,9 +143,11 @@ if __name__ == "__main__":
     p.add_argument("--data", default=None, help="with an .onnx --model: TRAIN.npz,TEST.npz (default: digits target)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--no-whitening", action="store_true")
+    p.add_argument("--node-m", type=int, default=8, help="the node estimator's m (directions per step)")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
                    help="print the markdown table of these result files instead of running")
     a = p.parse_args()
+    ESTIMATORS["node"]["m"] = a.node_m
     if a.table:
         print(table([json.loads(line) for f in a.table for line in open(f) if line.strip()]), end="")
         raise SystemExit(0)

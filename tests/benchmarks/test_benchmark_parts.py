@@ -167,7 +167,7 @@ def test_node_estimator_picks_each_models_target_splits_and_tables_refusals():
     assert model.endswith("kws_dscnn/w8a8.onnx") and train.endswith("kws_target_train.npz") \
         and test.endswith("kws_target_test.npz")
     assert node_estimator.splits("digits_attn", None)[1].endswith("digits_target_train.npz")
-    rows = [{"model": "kws_dscnn", "last": 1, "estimator": "node", "seed": s, "lr": 0.5, "exported_accuracy": a}
+    rows = [{"model": "kws_dscnn", "last": 1, "estimator": "node", "spec": {"m": 8}, "seed": s, "lr": 0.5, "exported_accuracy": a}
             for s, a in ((0, 0.9), (1, 0.8))]
     rows.append({"model": "kws_dscnn", "last": 3, "estimator": "node",
                  "refused": "--estimator node: site 'block3.dw' is a Conv. It supports ..."})
