@@ -1,13 +1,18 @@
-"""Node perturbation against the default estimator on digits_cnn (issue #25, first slice).
+"""Node perturbation against the default estimator on the shipped models (issue #25).
 
-Per (depth, estimator): compile with the training data as whitening calibration, as `adapt` does (the
+Per (model, depth, estimator): compile with the training data as whitening calibration, as `adapt` does (the
 default estimator reparametrizes the weight; node preconditions its step, ΔW ∝ P²·ĝ; --no-whitening turns
-both off), choose the rate with `tune` (5 folds, the run's
-epochs, on seed 0's compile), train each seed on all of the target train split, export, and score the
-exported model on the target test split. One JSON line per run on stdout.
+both off), choose the rate with `tune` (5 folds, the run's epochs, on seed 0's compile), train each seed on
+all of the target train split, export, and score the exported model on the target test split. One JSON line
+per run on stdout (and appended to --out). --model is a shipped model's name (its target splits as `adapt`
+picks them: benchmarks/adapt.py's files_of) or an .onnx path (then --data names the directory or the two
+npz files). `--estimators bp` is fp32 Adam backprop of the same tensors (the fp32.onnx beside the
+model; lr by 5-fold validation over 1e-3, 3e-3, 1e-2 on seed 0), scored as fp32. A depth node refuses (e.g. a Conv site) is one line with its SpecError.
 
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 2 1
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 3 4 --estimators node node-alternate sign
+    python benchmarks/node_estimator.py --model digits_attn --last 3 7 1 --out /tmp/attn.jsonl
+    python benchmarks/node_estimator.py --model kws_dscnn --last 1 3 --out /tmp/kws.jsonl
 
 node-alternate: --node-schedule alternate (direction i perturbs trained layer i mod L only).
 """
@@ -15,38 +20,120 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import statistics
+import sys
 import tempfile
 import time
 
-import numpy as np
 import onnx
 
 import fgcompile
+from fgcompile.errors import SpecError
+from fgcompile.runtime.data import load_data
 from fgcompile.session import SessionSettings
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from adapt import files_of  # noqa: E402
+
 ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estimator="node", m=8, node_schedule="alternate"),
-              "sign": dict()}
+              "sign": dict(estimator="sign"), "bp": dict()}
+BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline
 
 
-def run(last: int, name: str, seeds: list[int], epochs: int, model: str, whiten: bool = True) -> None:
-    train, test = np.load("models/data/digits_target_train.npz"), "models/data/digits_target_test.npz"
-    data = (train["x"], train["y"])
+def splits(model: str, data: str | None) -> tuple[str, str, str]:
+    """(model path, target-train npz, target-test npz) of a shipped model's name or of an .onnx path."""
+    if not model.endswith(".onnx"):
+        f = files_of(model)
+        return str(f["model"]), str(f["target_train"]), str(f["target_test"])
+    if data is None:
+        return model, "models/data/digits_target_train.npz", "models/data/digits_target_test.npz"
+    train, _, test = data.partition(",")
+    return model, train, test
+
+
+def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: str | None = None,
+        whiten: bool = True, out: str | None = None) -> None:
+    path, train_path, test = splits(model, data)
+    xy = load_data(train_path)   # float32 x, also from integer codes with x_scale (the kws splits)
     rate = None
+
+    def emit(row: dict) -> None:
+        line = json.dumps({"model": model, "last": last, "estimator": name, "spec": ESTIMATORS[name], **row})
+        print(line, flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(line + "\n")
+
+    if name == "bp":
+        return backprop_rows(path, last, xy, load_data(test), seeds, epochs, emit)
     for seed in seeds:
         start = time.time()
         spec = fgcompile.TrainSpec(last=last, seed=seed, **ESTIMATORS[name])
-        compiled = fgcompile.compile_model(onnx.load(model), spec, calibration=train["x"] if whiten else None)
+        try:
+            compiled = fgcompile.compile_model(onnx.load(path), spec, calibration=xy[0] if whiten else None)
+        except SpecError as exc:
+            emit({"refused": str(exc)})
+            return
         trainer = fgcompile.Trainer(compiled, session=SessionSettings(threads=1))
+        tuned = None
         if rate is None:
-            choice = fgcompile.tune(trainer, data, epochs=epochs, folds=5)
-            rate = choice["choice"]["lr"]
-        trainer.fit(data, epochs=epochs, lr=rate, progress=False)
+            tuned = fgcompile.tune(trainer, xy, epochs=epochs, folds=5)
+            rate = tuned["choice"]["lr"]
+        trainer.fit(xy, epochs=epochs, lr=rate, progress=False)
         with tempfile.TemporaryDirectory() as tmp:
             fgcompile.export_model(trainer, f"{tmp}/adapted.onnx")
             acc = fgcompile.evaluate(f"{tmp}/adapted.onnx", test)
-        print(json.dumps({"model": model, "last": last, "estimator": name, "spec": ESTIMATORS[name], "seed": seed,
-                          "whitened": compiled.contract.spec.precondition == "whiten", "epochs": epochs, "lr": rate, "exported_accuracy": acc["accuracy"], "seconds": round(time.time() - start, 1)}),
-              flush=True)
+        emit({"seed": seed, "trained": [s.name for s in compiled.contract.state],
+              "whitened": compiled.contract.spec.precondition == "whiten", "epochs": epochs, "lr": rate,
+              "exported_accuracy": acc["accuracy"], "seconds": round(time.time() - start, 1),
+              **({"tune": _scores(tuned)} if tuned else {})})
+
+
+def backprop_rows(path: str, last: int, xy, test, seeds: list[int], epochs: int, emit) -> None:
+    """fp32 Adam backprop of the same tensors (the fp32.onnx beside the model), lr by 5-fold validation on
+    seed 0 (benchmarks/accuracy.select, run.py's grid), scored as the fp32 model on the target test split."""
+    import accuracy
+    import backprop
+    fp32_path = pathlib.Path(path).with_name("fp32.onnx")
+    quantized, fp32 = onnx.load(path), onnx.load(fp32_path)
+    state = [s.name for s in fgcompile.compile_model(quantized, fgcompile.TrainSpec(last=last)).contract.state]
+    names = accuracy.fp32_names(quantized, fp32, state)
+
+    def bp(lr, seed, tr, te, ep, b):
+        return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
+    start = time.time()
+    rate, val = accuracy.select(bp, BACKPROP_LR, seeds[:1], xy, epochs, 32, folds=5)
+    for seed in seeds:
+        emit({"seed": seed, "trained": names, "optimizer": "adam", "epochs": epochs, "lr": rate,
+              "fp32_accuracy": bp(rate, seed, xy, test, epochs, 32),
+              "seconds": round(time.time() - start, 1), **({"tune": val} if seed == seeds[0] else {})})
+        start = time.time()
+
+
+def _scores(tuned: dict) -> dict:
+    """tune's mean validation accuracy per rate."""
+    return {f"{r['lr']:g}": round(r["val_accuracy"], 4) for r in tuned["scores"]}
+
+
+def table(lines: list[dict]) -> str:
+    """A markdown table of JSON lines: per (model, depth, estimator) the rate, each seed's and the mean accuracy
+    (exported int8 for fgcompile, fp32 for bp), or the refusal."""
+    groups = {}
+    for r in lines:
+        groups.setdefault((r["model"], r["last"], r["estimator"], r.get("spec", {}).get("m")), []).append(r)
+    label = {"node": "node, m = {m}", "sign": "sign, m = 64 (default)", "bp": "fp32 Adam backprop"}
+    out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]
+    for (model, last, name, m), rs in groups.items():
+        head = f"| {model} | `--last {last}` | {label.get(name, name).format(m=m)} | "
+        if "refused" in rs[0]:
+            out.append(head + f"– | – | refused: {rs[0]['refused'].split('. It supports')[0]} | – |")
+            continue
+        acc = [100 * r.get("exported_accuracy", r.get("fp32_accuracy")) for r in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        out.append(head + f"{rs[0]['lr']:g} | {','.join(str(r['seed']) for r in rs)} | "
+                   f"{' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} ± {sd:.1f} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
@@ -55,9 +142,19 @@ if __name__ == "__main__":
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--last", type=int, nargs="+", default=[2, 1])
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
-    p.add_argument("--model", default="models/digits_cnn/w8a8.onnx")
+    p.add_argument("--model", default="models/digits_cnn/w8a8.onnx",
+                   help="a shipped model's name (digits_cnn, digits_attn, kws_dscnn, kws_detect) or an .onnx path")
+    p.add_argument("--data", default=None, help="with an .onnx --model: TRAIN.npz,TEST.npz (default: digits target)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--no-whitening", action="store_true")
+    p.add_argument("--node-m", type=int, default=8, help="the node estimator's m (directions per step)")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
+                   help="print the markdown table of these result files instead of running")
     a = p.parse_args()
+    ESTIMATORS["node"]["m"] = ESTIMATORS["node-alternate"]["m"] = a.node_m
+    if a.table:
+        print(table([json.loads(line) for f in a.table for line in open(f) if line.strip()]), end="")
+        raise SystemExit(0)
     for last in a.last:
         for name in a.estimators:
-            run(last, name, a.seeds, a.epochs, a.model, not a.no_whitening)
+            run(last, name, a.seeds, a.epochs, a.model, a.data, not a.no_whitening, a.out)

@@ -10,6 +10,8 @@ conv), at batch 32 and one thread, the columns are
     fg default  fgcompile compiled with TrainSpec()'s defaults, only last/train set (m = 64; no calibration,
                 so no whitening)
     fg m=8      the same with m = 8;  fg loop m=8: and --branches loop
+    fg node m=8 --estimator node --m 8 (node perturbation, stacked; Gemm/MatMul sites only: a Conv part is
+                recorded as its refusal)
     torch BP    torch fp32 autograd of the same tensors (benchmarks/backprop.py's interpreter of the fp32
                 model; only those tensors require grad), an SGD step
     MeZO m=8    torch fp32 MeZO (benchmarks/mezo.py): 2 whole-model forwards per direction, perturbed in place
@@ -50,7 +52,8 @@ from step_cost import step_feeds, timed  # noqa: E402
 
 MODELS = ("mobilenetv2_1000", "resnet18_1000", "resnet18_1000_224")
 PARTS = ("last 1", "last block", "mid")
-FG = {"fg default": {}, "fg m=8": {"m": 8}, "fg loop m=8": {"m": 8, "branches": "loop"}}
+FG = {"fg default": {}, "fg m=8": {"m": 8}, "fg loop m=8": {"m": 8, "branches": "loop"},
+      "fg node m=8": {"estimator": "node", "m": 8}}
 MEZO_M = 8
 COLUMNS = ("forward", *FG, "torch BP", f"MeZO m={MEZO_M}", "ort-training")
 
@@ -163,6 +166,8 @@ def run_row(name, label, options, path, fp32_path, source, fp32, work: pathlib.P
                                     iterations=args["iterations"])
     trained = None
     for column, extra in FG.items():
+        if column not in args["columns"]:
+            continue
         folder = work / column.replace(" ", "_").replace("=", "")
         compiled = fg_compile(path, options | extra, folder, limit_mb, args["compile_s"])
         row["compile"][column] = compiled
@@ -186,11 +191,13 @@ def run_row(name, label, options, path, fp32_path, source, fp32, work: pathlib.P
         return row
     row["fp32_trained"] = trained
     for column, job, extra in (("torch BP", "backprop", {"optimizer": "sgd"}), (f"MeZO m={MEZO_M}", "mezo", {"m": MEZO_M})):
+        if column not in args["columns"]:
+            continue
         row["memory"][column] = peak(job, limit_mb, model=str(fp32_path), trained=trained, data=str(npz),
                                      batch=args["batch"], iterations=args["iterations"], **extra)
-    fns |= {k: fn for k, fn in torch_steps(fp32, trained, x, y).items() if "error" not in row["memory"][k]}
+    fns |= {k: fn for k, fn in torch_steps(fp32, trained, x, y).items() if "error" not in row["memory"].get(k, {"error": 0})}
     row["ms"] |= round_robin(fns, args["repeats"], args["slow"])
-    if args["ort_training_python"]:
+    if args["ort_training_python"] and "ort-training" in args["columns"]:
         row["ms"]["ort-training"], row["memory"]["ort-training"] = ort_training(
             args["ort_training_python"], fp32_path, trained, npz, args["repeats"], limit_mb)
     return row
@@ -262,15 +269,19 @@ def report(result) -> str:
 @click.option("--compile-s", default=300.0, show_default=True)
 @click.option("--ort-training-python", default=None,
               help="A Python with onnxruntime-training installed (not this one: it replaces onnxruntime).")
+@click.option("--columns", default=",".join(COLUMNS), show_default=True,
+              help="The columns to run (the forward always runs; torch BP names the tensors' ratios' divisor).")
 @click.option("--out", default=str(HERE / "results" / "real-size"), show_default=True)
 def main(names, part_names, skip, quick, batch, repeats, iterations, slow, limit_gb, compile_s, ort_training_python,
-         out):
+         columns, out):
     names, wanted = names.split(","), tuple(part_names.split(","))
     if quick:
         names, wanted = [n for n in names if not n.endswith("_224")], ("last 1", "last block")
     skipped = {tuple(s.split(":")) for s in skip.split(",") if s}
     args = {"batch": batch, "repeats": repeats, "iterations": iterations, "slow": slow, "limit_gb": limit_gb,
-            "compile_s": compile_s, "ort_training_python": ort_training_python}
+            "compile_s": compile_s, "ort_training_python": ort_training_python, "columns": columns.split(",")}
+    if unknown := set(args["columns"]) - set(COLUMNS):
+        raise click.BadParameter(f"{sorted(unknown)}: not among {', '.join(COLUMNS)}", param_hint="--columns")
     result = {"machine": machine(), "batch": batch, "command": "python benchmarks/real_size.py " + " ".join(sys.argv[1:]),
               "skipped": sorted(":".join(s) for s in skipped), "rows": []}
     out = pathlib.Path(out)

@@ -157,3 +157,20 @@ def test_memory_probe_stops_a_job_at_its_limit(limits, message):
     with pytest.raises(memory.JobLimit, match=message):
         memory.measure("inference", model=str(MODELS / "digits_cnn" / "w8a8.onnx"),
                        data=str(MODELS / "data" / "digits_target_train.npz"), batch=32, **limits)
+
+
+def test_node_estimator_picks_each_models_target_splits_and_tables_refusals():
+    """benchmarks/node_estimator.py: the kws model trains on the kws splits (not digits'), and a depth node
+    refuses is a table row naming the refusal, not a crash or a silent gap."""
+    import node_estimator
+    model, train, test = node_estimator.splits("kws_dscnn", None)
+    assert model.endswith("kws_dscnn/w8a8.onnx") and train.endswith("kws_target_train.npz") \
+        and test.endswith("kws_target_test.npz")
+    assert node_estimator.splits("digits_attn", None)[1].endswith("digits_target_train.npz")
+    rows = [{"model": "kws_dscnn", "last": 1, "estimator": "node", "spec": {"m": 8}, "seed": s, "lr": 0.5, "exported_accuracy": a}
+            for s, a in ((0, 0.9), (1, 0.8))]
+    rows.append({"model": "kws_dscnn", "last": 3, "estimator": "node",
+                 "refused": "--estimator node: site 'block3.dw' is a Conv. It supports ..."})
+    text = node_estimator.table(rows)
+    assert "| 90.0 / 80.0 | 85.0 ± 7.1 |" in text
+    assert "refused: --estimator node: site 'block3.dw' is a Conv |" in text
