@@ -28,8 +28,8 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
            shared rate let the Convs' steps outgrow the Gemms' (digits_cnn --last 4: conv1 has 64 positions,
            conv2 16; 30 epochs, seed 0: 94.6% summed, 95.6% over √(H'·W'), 97.0% over H'·W')
     whitened (with --calibration): a_b → a'_b = quantize(a_b·P², s) int8, P = (M/(tr M/K) + λI)^(−1/2) of the
-    layer's input rows (a Conv's patches, P² [C·kh·kw]²; passes/precondition.py), so the step is ΔW ∝ P²·ĝ_W;
-    the weights stay on their grid
+    layer's input rows (a Conv's patches, P² = P_c² ⊗ I per channel; passes/precondition.py), so the step
+    is ΔW ∝ P²·ĝ_W; the weights stay on their grid
     both saturated to ±NODE_GRAD_MAX; then the integer update (update.py) unchanged.
 
 The branches run the trained layers on their shared, unperturbed weights: the 2m noisy forwards are one

@@ -23,7 +23,7 @@ is whitened too: its a·P node lies in the trained suffix, and pair carries it o
 frozen op. Other sites are unchanged. Without calibration data, or (precondition "auto") without an
 eligible site, the graph is unchanged. Under --estimator node the weights are not reparametrized:
 ctx.step_whitening holds (StepWhitening, P² constant) per trained Gemm/MatMul site and per group-1 2-D Conv,
-whose rows are its im2col patches (K = C·kh·kw); ctx.preconditioned is empty.
+whose rows are its im2col patches (K = C·kh·kw, P² per channel: P_c² ⊗ I); ctx.preconditioned is empty.
 """
 from __future__ import annotations
 
@@ -152,15 +152,21 @@ def _step_whitening(graph: gs.Graph, ctx: Context, chosen, acts) -> gs.Graph:
     """--estimator node: the weights stay on their deployed grid and the step is preconditioned instead,
     ΔW ∝ P²·ĝ_W: the node estimator correlates its noise with a' = quantize(a·P², s) (int8), s = rms(a·P²)/32
     over the calibration rows (saturating past 4 rms: max/127 left the typical a' at a few LSBs, since the
-    whitened rows' max is ~18 rms on digits_cnn; measured 73% at 30 epochs against 83% unwhitened, at λ = 1e-3). A
-    group-1 Conv's rows are its im2col patches (P² is [C·kh·kw]²): on digits_cnn --last 3 (30 epochs, 3 seeds)
-    the patch form trained to 97.3%, a per-channel form (P_c² ⊗ I, P_c over the C channels) to 94.5%, conv2
-    unwhitened to 82.8% (benchmarks/README.md). Only records it, with the P² constant (passes/node.py builds
-    the nodes)."""
+    whitened rows' max is ~18 rms on digits_cnn; measured 73% at 30 epochs against 83% unwhitened, at λ = 1e-3).
+    A group-1 Conv's rows are its im2col patches [N·H'·W', C·kh·kw], and its P² is per channel,
+    P² = P_c² ⊗ I_(kh·kw) with P_c from the input's channel second moment [C]² (every pixel a row): on
+    digits_cnn --last 3 (30 epochs, 3 seeds, ĝ a mean over positions) it trained to 97.5%, the full patch
+    covariance [C·kh·kw]² to 96.9%, conv2 unwhitened to 94.4% (benchmarks/README.md). Only records it, with the
+    P² constant (passes/node.py builds the nodes)."""
     for t, node, layout in chosen:
-        a = _rows(acts[node.inputs[0].name], node)
-        p = whitening(a, STEP_RIDGE)
-        p2 = (p @ p).astype(np.float32)
+        raw = acts[node.inputs[0].name]
+        a = _rows(raw, node)
+        if layout == "conv":
+            p_c = whitening(raw.transpose(0, 2, 3, 1).reshape(-1, raw.shape[1]), STEP_RIDGE)
+            p2 = np.kron(p_c @ p_c, np.eye(a.shape[1] // raw.shape[1])).astype(np.float32)
+        else:
+            p = whitening(a, STEP_RIDGE)
+            p2 = (p @ p).astype(np.float32)
         white = a @ p2.astype(np.float64)
         scale = float(np.float32(max(np.sqrt((white ** 2).mean()), 1e-30) / STEP_RMS))
         matrix = gs.Constant(f"{t.name}__step_whitening", p2)
