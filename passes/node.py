@@ -57,9 +57,17 @@ from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, u
 SUPPORTED = "trained Gemm/MatMul and 2-D Conv layers with a quantized input and a requantized output"
 
 
+class SiteRefused(SpecError):
+    """A trained site the node estimator cannot perturb; `reason` is the phrase plan records for auto."""
+
+    def __init__(self, site: str, why: str):
+        self.reason = f"site {site!r} {why}"
+        super().__init__(f"--estimator node: {self.reason}. It supports {SUPPORTED} for now (e.g. digits_cnn "
+                         "--last 2); train such layers, or use --estimator sign.")
+
+
 def _refuse(site: str, why: str):
-    raise SpecError(f"--estimator node: site {site!r} {why}. It supports {SUPPORTED} for now (e.g. digits_cnn "
-                    "--last 2); train such layers, or use --estimator sign.")
+    raise SiteRefused(site, why)
 
 
 def _layer_parts(ctx: Context, node: gs.Node):
@@ -99,9 +107,13 @@ def _conv_patches(node: gs.Node) -> Patches:
     return Patches.of_conv(node.attrs, shape)
 
 
-def check_site(node: gs.Node) -> None:
-    """A SpecError unless the node estimator can perturb this trained site (plan asks before choosing it)."""
-    _layer_parts(None, node)
+def site_refusal(node: gs.Node) -> str | None:
+    """Why the node estimator cannot perturb this trained site, or None (plan asks before choosing it)."""
+    try:
+        _layer_parts(None, node)
+    except SiteRefused as exc:
+        return exc.reason
+    return None
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from fgcompile.errors import SpecError
 from fgcompile.spec import DEFAULT_M
 from .context import Context, Pass, Plan
-from .node import check_site
+from .node import site_refusal
 
 
 def _node_refusal(graph: gs.Graph, ctx: Context) -> str | None:
@@ -35,12 +35,8 @@ def _node_refusal(graph: gs.Graph, ctx: Context) -> str | None:
     if roles:
         return f"it trains {roles[0]} tensors, which are not a layer's outputs"
     nodes = {n.name: n for n in graph.nodes}
-    for site in dict.fromkeys(t.site for t in ctx.trainables):
-        try:
-            check_site(nodes[site])
-        except SpecError as exc:
-            return str(exc).split(". It supports")[0].removeprefix("--estimator node: ")
-    return None
+    return next(filter(None, (site_refusal(nodes[site]) for site in dict.fromkeys(t.site for t in ctx.trainables))),
+                None)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:

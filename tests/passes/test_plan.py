@@ -44,6 +44,19 @@ def test_auto_falls_back_where_node_cannot_perturb_a_site():
     assert contract.spec.estimator == "sign" and "trains scale tensors" in contract.estimator_reason
 
 
+def test_auto_falls_back_at_a_site_node_refuses():
+    """conv2 with auto_pad (node takes explicit pads only): auto trains --last 3 with Sign-m-SPSA and says why."""
+    model = shipped("digits_cnn/w8a8.onnx")
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    kept = [a for a in conv2.attribute if a.name != "pads"]
+    del conv2.attribute[:]
+    conv2.attribute.extend(kept + [onnx.helper.make_attribute("auto_pad", "SAME_UPPER")])
+    contract = compile_graph(model, TrainSpec(last=3)).contract
+    assert contract.spec.estimator == "sign"
+    assert contract.estimator_reason == "node perturbation: site 'conv2' is a Conv with auto_pad 'SAME_UPPER' " \
+                                        "(explicit pads only)"
+
+
 def test_a_given_m_wins_over_the_estimators_default():
     contract = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=2, m=16)).contract
     assert (contract.spec.estimator, contract.spec.m) == ("node", 16)
