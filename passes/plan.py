@@ -26,7 +26,7 @@ from .context import Context, Pass, Plan
 from .node import site_refusal
 
 
-def _node_refusal(graph: gs.Graph, ctx: Context) -> str | None:
+def _node_refusal(graph: gs.Graph, ctx: Context, sites: list[str]) -> str | None:
     """Why node perturbation cannot train this compile, or None."""
     option = ctx.spec.node_refusal()
     if option:
@@ -35,19 +35,21 @@ def _node_refusal(graph: gs.Graph, ctx: Context) -> str | None:
     if roles:
         return f"it trains {roles[0]} tensors, which are not a layer's outputs"
     nodes = {n.name: n for n in graph.nodes}
-    return next(filter(None, (site_refusal(nodes[site]) for site in dict.fromkeys(t.site for t in ctx.trainables))),
-                None)
+    return next(filter(None, (site_refusal(nodes[site]) for site in sites)), None)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec = ctx.spec
     estimator, reason = spec.estimator, "given"
     if estimator == "auto":
-        sites = len(dict.fromkeys(t.site for t in ctx.trainables))
-        refusal = _node_refusal(graph, ctx) if sites > 1 else None
-        estimator, reason = (("node", f"{sites} layers train") if sites > 1 and not refusal else
-                             ("sign", f"node perturbation: {refusal}") if refusal else
-                             ("sign", "one layer trains, where weight perturbation does as well"))
+        sites = list(dict.fromkeys(t.site for t in ctx.trainables))
+        refusal = _node_refusal(graph, ctx, sites) if len(sites) > 1 else None
+        if len(sites) == 1:
+            estimator, reason = "sign", "one layer trains, where weight perturbation does as well"
+        elif refusal:
+            estimator, reason = "sign", f"node perturbation: {refusal}"
+        else:
+            estimator, reason = "node", f"{len(sites)} layers train"
     if estimator != "node" and spec.node_schedule != "all":
         raise SpecError(f"--node-schedule {spec.node_schedule} applies to --estimator node only, and --estimator auto "
                         f"chose {estimator} here ({reason}). Add --estimator node, or drop --node-schedule.")
