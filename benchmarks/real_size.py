@@ -7,11 +7,11 @@
 Per model and trained part (the classifier `--last 1`, the last block and the classifier, one mid-network
 conv), at batch 32 and one thread, the columns are
     forward     one int8 forward of the inference model (onnxruntime)
-    fg default  fgcompile compiled with TrainSpec()'s defaults, only last/train set (m = 64; no calibration,
-                so no whitening)
+    fg default  fgcompile compiled with TrainSpec()'s defaults, only last/train set (--estimator auto: node
+                perturbation, m = 8, when more than one layer trains, else sign weight perturbation, m = 64;
+                no calibration, so no whitening). The estimator and reason auto chose are recorded per row.
     fg m=8      the same with m = 8;  fg loop m=8: and --branches loop
-    fg node m=8 --estimator node --m 8 (node perturbation, stacked; Gemm/MatMul sites only: a Conv part is
-                recorded as its refusal)
+    fg node m=8 --estimator node --m 8 (node perturbation, stacked; Gemm/MatMul and Conv sites)
     torch BP    torch fp32 autograd of the same tensors (benchmarks/backprop.py's interpreter of the fp32
                 model; only those tensors require grad), an SGD step
     MeZO m=8    torch fp32 MeZO (benchmarks/mezo.py): 2 whole-model forwards per direction, perturbed in place
@@ -182,6 +182,9 @@ def run_row(name, label, options, path, fp32_path, source, fp32, work: pathlib.P
             continue
         trainer = Trainer(folder)
         row.setdefault("branches", {})[column] = trainer.contract.branches
+        row.setdefault("estimator", {})[column] = {"estimator": trainer.contract.spec.estimator,
+                                                   "m": trainer.contract.spec.m,
+                                                   "reason": trainer.contract.estimator_reason}
         state_names = [s.name for s in trainer.contract.state]
         trained = trained or accuracy.fp32_names(source, fp32, state_names)
         row["params"] = sum(int(np.prod(v.shape)) for v in trainer.initial_state.values())
@@ -252,7 +255,11 @@ def report(result) -> str:
         f"{m['packages']['torch']}, commit {m['commit']}, {m.get('date', '')}; batch {result['batch']}, one thread.",
         f"Command: `{result['command']}`", "",
         "## ms per step (× the int8 forward, × torch BP)", "", head, *time_rows, "",
-        "## Peak resident MB of a fresh process (× inference, × torch BP)", "", head, *mem_rows, ""]) + "\n"
+        "## Peak resident MB of a fresh process (× inference, × torch BP)", "", head, *mem_rows, "",
+        "## The estimator each fgcompile column compiled to (estimator, m: the contract's estimator_reason)", "",
+        *[f"- {r['model']} {r['trained']}: " + "; ".join(f"{c}: {e['estimator']}, m={e['m']} ({e['reason']})"
+                                                       for c, e in r.get("estimator", {}).items()) for r in result["rows"]],
+        ""]) + "\n"
 
 
 @click.command()
