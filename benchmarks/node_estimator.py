@@ -15,6 +15,7 @@ model; lr by 5-fold validation over 1e-3, 3e-3, 1e-2 on seed 0), scored as fp32.
     python benchmarks/node_estimator.py --model kws_dscnn --last 1 3 --out /tmp/kws.jsonl
 
 node-alternate: --node-schedule alternate (direction i perturbs trained layer i mod L only).
+head: --estimator head (the exact gradient at the logits; --last 1 only).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from adapt import files_of  # noqa: E402
 
 ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estimator="node", m=8, node_schedule="alternate"),
-              "sign": dict(estimator="sign"), "bp": dict()}
+              "sign": dict(estimator="sign"), "head": dict(estimator="head"), "bp": dict()}
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline
 
 

@@ -32,6 +32,9 @@ def describe_compile(contract: Contract) -> list[str]:
         f"sharpness-aware ascent of {sp.sharpness} LSB" if sp.sharpness else "") if part]
     if options:
         lines.append("; ".join(options))
+    if contract.branches == "none":      # --estimator head
+        lines.append("one clean forward a step (the exact gradient at the logits): no branches")
+        return lines
     lines.append(f"2m={2 * sp.m} branches {contract.branches}"
                  + {"stacked": "", "loop": " (an ONNX Loop over the 2m branches: one branch's weights and activations at a time)"}.get(
                      contract.branches, f" (one copy per branch: {contract.branches_reason})")

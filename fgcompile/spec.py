@@ -16,12 +16,15 @@ from fgcompile.errors import SpecError, wrong_type
 
 PERTURBATIONS = ("rademacher", "ternary", "gaussian")
 LOSSES = ("auto", "ce", "mse", "bce")   # auto: bce for a Sigmoid output, else ce (TrainSpec.for_head)
-ESTIMATORS = ("auto", "sign", "spsa", "node")   # node: per-example activity perturbation (passes/node.py);
+ESTIMATORS = ("auto", "sign", "spsa", "node", "head")   # node: per-example activity perturbation (passes/node.py);
+# head: the exact gradient of the output layer's loss at its logits (passes/head.py);
 # auto: node when it trains deeper than one layer and takes every site, else sign (passes/plan.py)
 # m when unset, per estimator: stacked branches make weight perturbation's m cheap, and m = 32 gained 4-9
 # points over m = 8 there (m = 64 with the cosine schedule another 2 on the transformer at 30 epochs);
 # node perturbation samples every example, and m = 8 trained fc1+fc2 as far (benchmarks/README.md)
-DEFAULT_M = {"sign": 64, "spsa": 64, "node": 8}
+DEFAULT_M = {"sign": 64, "spsa": 64, "node": 8, "head": 1}   # head draws nothing: m = 1 names its one forward
+# the estimators whose step reads the trained layers' own inputs: not replayable from the coefficients, no z
+READS_ACTIVATIONS = ("node", "head")
 ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
@@ -46,12 +49,16 @@ NODE_LR_DIVISOR = 256
 NODE_EPS = 1
 
 
+
 def lr_grid(grid_bits: int, estimator: str = "sign") -> tuple[float, ...]:
     """The learning rates worth trying on a training grid of `grid_bits` bits (others: the default ×¼…×4);
-    for the node estimator its default ×⅛…×8 (no lower than the fixed point's 2^-8)."""
-    if estimator == "node":
-        lr = TrainSpec(estimator="node").resolve(grid_bits).lr
-        return tuple(lr * 2.0 ** k for k in range(-3, 4) if lr * 2.0 ** k >= 2.0 ** -8)
+    for the node estimator its default ×⅛…×8, for head ×1/16…×128 (no lower than the fixed point's 2^-8;
+    tune drops what the graph's int32 bound cannot take)."""
+    if estimator in READS_ACTIVATIONS:
+        lr = TrainSpec(estimator=estimator).resolve(grid_bits).lr
+        # head: its best rate is 2^-4 of the default on a detector and 2^6 of it on digits' classifier
+        steps = range(-3, 4) if estimator == "node" else range(-4, 8)
+        return tuple(lr * 2.0 ** k for k in steps if lr * 2.0 ** k >= 2.0 ** -8)
     if grid_bits in LR_GRIDS:
         return LR_GRIDS[grid_bits]
     lr = TrainSpec().resolve(grid_bits).lr
@@ -150,8 +157,8 @@ class TrainSpec:
             eps, lr = (max(1, GRID_DEFAULTS[16][0] >> (16 - grid_bits)), GRID_DEFAULTS[16][1] / 2 ** (16 - grid_bits))
         else:
             eps, lr = GRID_DEFAULTS[16 if grid_bits >= 16 else 8]
-        if self.estimator == "node":
-            eps, lr = NODE_EPS, max(lr / NODE_LR_DIVISOR, 2.0 ** -self.lr_shift)
+        if self.estimator in READS_ACTIVATIONS:
+            eps, lr = NODE_EPS, max(lr / NODE_LR_DIVISOR, 2.0 ** -self.lr_shift)   # head: the same default (digits_cnn's best, 1-4 on its 14-bit grid)
         return dataclasses.replace(self, eps=self.eps if self.eps is not None else eps,
                                    lr=self.lr if self.lr is not None else lr)
 
@@ -202,8 +209,10 @@ class TrainSpec:
         need(self.node_schedule == "all" or self.estimator in ("node", "auto"),
              f"--node-schedule {self.node_schedule} applies to --estimator node only (weight perturbation perturbs "
              "every trained tensor in every direction). Add --estimator node, or drop --node-schedule.")
-        if self.estimator == "node":
+        if self.estimator in READS_ACTIVATIONS:
             self._validate_node()
+        need(self.estimator != "head" or self.m in (None, 1),
+             f"--m {self.m}: --estimator head draws no perturbation (one clean forward a step). Drop --m.")
         if self.eps is None or self.lr is None:
             return  # checked again once resolve() fills them
         need(1 <= self.eps <= 4096, f"--eps {self.eps}: ε is in weight LSBs and must be 1..4096.")
@@ -234,9 +243,10 @@ class TrainSpec:
     def _validate_node(self) -> None:
         refusal = self.node_refusal()
         if refusal:
-            raise SpecError(f"--estimator node does not take {refusal} yet: it perturbs trained Gemm/MatMul/Conv outputs "
-                            f"with ±1 noise in the stacked branch form. Drop {refusal.split()[0]}, or use "
-                            "--estimator sign.")
+            what = ("perturbs trained Gemm/MatMul/Conv outputs with ±1 noise in the stacked branch form"
+                    if self.estimator == "node" else "steps along the exact gradient at the logits in one forward")
+            raise SpecError(f"--estimator {self.estimator} does not take {refusal} yet: it {what}. Drop "
+                            f"{refusal.split()[0]}, or use --estimator sign.")
 
     def node_refusal(self) -> str | None:
         """The first option given that node perturbation does not take yet, or None."""

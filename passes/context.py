@@ -147,7 +147,7 @@ class Branches:         # pair
     w32: dict[str, gs.Tensor]           # int32 view of each state input (update reuses it)
     logits: gs.Tensor                   # float [2m, B, C]: branches +0..+(m-1), -0..-(m-1)
     logits_branch_axis: int             # 0, or 1 when `logits` is [B, 2m, C] (the wide product's layout)
-    form: Literal["stacked", "cloned", "loop"]
+    form: Literal["stacked", "cloned", "loop", "none"]   # none: --estimator head's one forward
     reason: str | None                  # why not stacked (the op and why), else None
 
 

@@ -52,7 +52,7 @@ NODE_GRAD_MAX = 1 << 20   # the node estimator saturates ĝ here (passes/node.py
 
 def grad_bound(spec) -> int:
     """max |ĝ| = m·c_max·z_max, before kernel-wise normalization (the node estimator: its saturation)."""
-    if spec.estimator == "node":
+    if spec.estimator in ("node", "head"):
         return NODE_GRAD_MAX
     return spec.m * coefficient_bound(spec) * Z_MAX[spec.perturbation]
 

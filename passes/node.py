@@ -70,7 +70,7 @@ def _refuse(site: str, why: str):
     raise SiteRefused(site, why)
 
 
-def _layer_parts(ctx: Context, node: gs.Node):
+def layer_parts(node: gs.Node):
     """(q, zero point, QuantizeLinear scale, layout, input scale, Patches or None) of a trained site, or a
     SpecError naming what is missing."""
     if node.op not in ("Gemm", "MatMul", "Conv") or node.op == "Gemm" and node.attrs.get("transA", 0):
@@ -110,7 +110,7 @@ def _conv_patches(node: gs.Node) -> Patches:
 def site_refusal(node: gs.Node) -> str | None:
     """Why the node estimator cannot perturb this trained site, or None (plan asks before choosing it)."""
     try:
-        _layer_parts(None, node)
+        layer_parts(node)
     except SiteRefused as exc:
         return exc.reason
     return None
@@ -121,7 +121,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     graph.toposort()
     nodes = {n.name: n for n in graph.nodes}
     sites = list(dict.fromkeys(tr.site for tr in ctx.trainables))
-    parts = {site: _layer_parts(ctx, nodes[site]) for site in sites}
+    parts = {site: layer_parts(nodes[site]) for site in sites}
     tap = ctx.io.loss_tap
     suffix = downstream_nodes(graph, list(ctx.state.inputs.values()))
     needed = upstream_nodes(suffix, tap)
@@ -220,11 +220,13 @@ def _grouped_product(b: Builder, a, v, zero, groups: int):
 
 
 def _position_mean(b: Builder, g, layer: NodeLayer):
-    """A Conv's ĝ divided by its H'·W' output positions, rounded half away from 0 (int32 Div truncates)."""
-    if layer.patches is None:
-        return g
-    n = _positions(layer)
-    return b.i32.Div(b.i32.Add(g, b.i32.Mul(b.i32.Sign(g), n // 2)), n, hint="position_mean")
+    """A Conv's ĝ divided by its H'·W' output positions."""
+    return g if layer.patches is None else divided(b, g, _positions(layer))
+
+
+def divided(b: Builder, g, n: int):
+    """int32 g / n rounded half away from 0 (int32 Div truncates)."""
+    return b.i32.Div(b.i32.Add(g, b.i32.Mul(b.i32.Sign(g), n // 2)), n, hint="divided")
 
 
 def _positions(layer: NodeLayer) -> int:
@@ -260,29 +262,38 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
             total = I.ReduceSum(rows, np.array([1], np.int64), keepdims=1)
             mean = I.Mul(I.Sign(total), I.Div(I.Add(I.Abs(total), out // 2), out), hint="mean")
             rows = b.clip_int32(I.Sub(rows, mean), -127, 127)
-        if layer.weight is not None:
-            a = _input_rows(b, layer)                                                         # [rows, in]
-            zero = [layer.zero_point]
-            if layer.whitening is not None:     # a' = quantize(a·P², s): int8, zero point 0
-                entry, matrix = layer.whitening
-                a = F.MatMul(b.op("DequantizeLinear", [a, layer.scale, layer.zero_point], dtype=np.float32), matrix)
-                a, zero = b.op("QuantizeLinear", [a, np.float32(entry.scale), np.int8(0)], dtype=np.int8), []
-            if layer.groups > 1:
-                g = _grouped_product(b, a, b.cast(rows, np.int8), zero, layer.groups)           # [G, out/G, in/G]
-            else:
-                a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                 # [in, rows]
-                g = b.op("MatMulInteger", [a_t, b.cast(rows, np.int8)] + zero, dtype=np.int32)  # [in, out]
-                g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
-            g = _position_mean(b, g, layer)
-            grad[layer.weight.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
-                                                np.array(layer.weight.shape, np.int64), hint="g")
-        if layer.bias is not None:
-            g = I.ReduceSum(rows, np.array([0], np.int64), keepdims=0)
-            g = _position_mean(b, g, layer)
-            grad[layer.bias.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
-                                              np.array(layer.bias.shape, np.int64), hint="g_bias")
+        grad.update(layer_gradient(b, layer, b.cast(rows, np.int8)))
     ctx.estimate = Estimate(c, grad)
     return graph
+
+
+def layer_gradient(b: Builder, layer: NodeLayer, rows) -> dict:
+    """ĝ_W = Σ_rows a ⊗ V and ĝ_bias = Σ_rows V of one trained layer from its int8 output signal V [rows, out]
+    (rows as _input_rows gives the input's), a Conv's over its output positions, each saturated to
+    ±NODE_GRAD_MAX: {tensor name: int32 ĝ of its shape}."""
+    F, I, grad = b.f32, b.i32, {}
+    if layer.weight is not None:
+        a = _input_rows(b, layer)                                                         # [rows, in]
+        zero = [layer.zero_point]
+        if layer.whitening is not None:     # a' = quantize(a·P², s): int8, zero point 0
+            entry, matrix = layer.whitening
+            a = F.MatMul(b.op("DequantizeLinear", [a, layer.scale, layer.zero_point], dtype=np.float32), matrix)
+            a, zero = b.op("QuantizeLinear", [a, np.float32(entry.scale), np.int8(0)], dtype=np.int8), []
+        if layer.groups > 1:
+            g = _grouped_product(b, a, rows, zero, layer.groups)                         # [G, out/G, in/G]
+        else:
+            a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                 # [in, rows]
+            g = b.op("MatMulInteger", [a_t, rows] + zero, dtype=np.int32)                # [in, out]
+            g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
+        g = _position_mean(b, g, layer)
+        grad[layer.weight.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
+                                            np.array(layer.weight.shape, np.int64), hint="g")
+    if layer.bias is not None:
+        g = I.ReduceSum(b.cast(rows, np.int32), np.array([0], np.int64), keepdims=0)
+        g = _position_mean(b, g, layer)
+        grad[layer.bias.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
+                                          np.array(layer.bias.shape, np.int64), hint="g_bias")
+    return grad
 
 
 PAIR = Pass("node", run, reads=("io", "trainables", "state", "perturbations"), adds=("branches", "node"))

@@ -19,9 +19,9 @@ from fgcompile import __version__, bounds, grid
 from fgcompile.artifact import Compiled, Contract, EvalContract, Inputs, LrNumerator, Outputs, Probes
 from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
-from fgcompile.spec import TrainSpec
-from . import (activations, analyze, canonicalize, estimate, finalize, floatgrid, kernelnorm, lift, loss, momentum,
-               node, opset, pair, plan, precondition, prng, prompts, select, sparsify, update, widen)
+from fgcompile.spec import READS_ACTIVATIONS, TrainSpec
+from . import (activations, analyze, canonicalize, estimate, finalize, floatgrid, head, kernelnorm, lift, loss,
+               momentum, node, opset, pair, plan, precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .dialects import quant_dtype
 from .formulas import TIE_TOLERANCE
@@ -94,22 +94,22 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
         model_output=ctx.io.output, loss_tap=ctx.io.loss_tap, head=ctx.io.head, branches=ctx.branches.form,
         branches_reason=ctx.branches.reason, tie_tolerance=TIE_TOLERANCE, stream=prng.STREAM,
         probes=Probes(ctx.estimate.coefficients.name,   # the loop form holds no whole z to probe
-                      [] if ctx.branches.form == "loop" or spec.estimator == "node" else
+                      [] if ctx.branches.form == "loop" or spec.estimator in READS_ACTIVATIONS else
                       [z[t.name].name for t in ctx.trainables]),
         precondition=ctx.preconditioned, step_whitening=[w for w, _ in ctx.step_whitening or []],
         estimator_reason=ctx.plan.reason, version=__version__)
     return graph
 
 
-def _by_estimator(weight: Pass, node_pass: Pass) -> Pass:
-    """The pass of weight perturbation, or the node estimator's (passes/node.py) under --estimator node; the
-    chosen pass's own reads and adds are checked inside. What only the node pass adds is left empty ([])
-    by weight perturbation."""
-    extra = tuple(f for f in node_pass.adds if f not in weight.adds)
+def _by_estimator(weight: Pass, others: dict[str, Pass]) -> Pass:
+    """The pass of weight perturbation, or under --estimator node or head that estimator's (passes/node.py,
+    passes/head.py); the chosen pass's own reads and adds are checked inside. What only the others add is
+    left empty ([]) by weight perturbation."""
+    extra = tuple(dict.fromkeys(f for p in others.values() for f in p.adds if f not in weight.adds))
 
     def run(graph, ctx):
-        if ctx.spec.estimator == "node":
-            return run_passes([node_pass], graph, ctx)
+        if ctx.spec.estimator in others:
+            return run_passes([others[ctx.spec.estimator]], graph, ctx)
         graph = weight.run(graph, ctx)
         for field in extra:
             setattr(ctx, field, [])
@@ -134,9 +134,9 @@ PASSES = [
     Pass("eval graph", _eval_graph, reads=("io", "trainables", "state"), adds=("eval_model",)),
     prng.PASS,
     momentum.PASS,        # --momentum / --sharpness (else nothing)
-    _by_estimator(pair.PASS, node.PAIR),
+    _by_estimator(pair.PASS, {"node": node.PAIR, "head": head.PAIR}),
     loss.PASS,
-    _by_estimator(estimate.PASS, node.ESTIMATE),
+    _by_estimator(estimate.PASS, {"node": node.ESTIMATE, "head": head.ESTIMATE}),
     momentum.UPDATE,      # the buffer's next value, from the raw ĝ
     kernelnorm.PASS,      # --kernel-norm (else nothing)
     sparsify.PASS,        # --sparsity (else nothing)

@@ -6,13 +6,16 @@
                        its variance grows with a layer's outputs, not its weights, and every example is
                        its own sample, where m weight directions spread over 27-59x more weights at depth
                        (benchmarks/README.md, "Node perturbation");
-               sign    otherwise: at the last layer alone Sign-m-SPSA trains as well, and it takes every
-                       site and option.
-    m          the one given, or 8 for node (2m + 2 suffix forwards; m = 8 trains as far as 64 there) and
-               64 for weight perturbation (stacked branches make m cheap).
+               head    when one layer trains and it writes the logits of a ce loss (passes/head.py): the
+                       exact gradient there costs one forward and trained as far as Sign-m-SPSA or further at
+                       the shipped classifiers (not at the Sigmoid detector: benchmarks/README.md, "The head
+                       estimator");
+               sign    otherwise (or where --m is given at one layer): it takes every site and option.
+    m          the one given, or 8 for node (2m + 2 suffix forwards; m = 8 trains as far as 64 there),
+               64 for weight perturbation (stacked branches make m cheap), 1 for head (no perturbation).
 
 Precondition: ctx.trainables (select); the graph as analyze left it.
-Postcondition: ctx.plan; ctx.spec.estimator is sign, spsa or node and ctx.spec.m is set. The graph is unchanged.
+Postcondition: ctx.plan; ctx.spec.estimator is sign, spsa, node or head and ctx.spec.m is set. The graph is unchanged.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import onnx_graphsurgeon as gs
 from fgcompile.errors import SpecError
 from fgcompile.spec import DEFAULT_M
 from .context import Context, Pass, Plan
+from . import head
 from .node import site_refusal
 
 
@@ -38,6 +42,21 @@ def _node_refusal(graph: gs.Graph, ctx: Context, sites: list[str]) -> str | None
     return next(filter(None, (site_refusal(nodes[site]) for site in sites)), None)
 
 
+def _one_layer(graph: gs.Graph, ctx: Context) -> tuple[str, str]:
+    """(estimator, reason) where one layer trains: the exact gradient where that layer writes the logits,
+    else weight perturbation (node trails it at every shipped head)."""
+    if ctx.spec.m is not None:
+        return "sign", f"one layer trains and --m {ctx.spec.m} is given (the head estimator draws no perturbation)"
+    loss = ctx.spec.for_head(ctx.io.head).loss
+    if loss == "bce":
+        return "sign", ("one layer trains, a Sigmoid detector's, where the head estimator trails weight "
+                        "perturbation (benchmarks/README.md, \"The head estimator\")")
+    why = head.refusal(graph, ctx, loss)
+    if why is None:
+        return "head", "the output layer trains alone: its loss gradient is exact in one forward"
+    return "sign", f"one layer trains, and the head estimator cannot: {why}"
+
+
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec = ctx.spec
     estimator, reason = spec.estimator, "given"
@@ -45,7 +64,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         sites = list(dict.fromkeys(t.site for t in ctx.trainables))
         refusal = _node_refusal(graph, ctx, sites) if len(sites) > 1 else None
         if len(sites) == 1:
-            estimator, reason = "sign", "one layer trains, where weight perturbation does as well"
+            estimator, reason = _one_layer(graph, ctx)
         elif refusal:
             estimator, reason = "sign", f"node perturbation: {refusal}"
         else:

@@ -21,7 +21,7 @@ Gemm (transA = 0) or MatMul with a 2-D weight is W'_t with scale s'; its node re
 ctx.preconditioned holds one contract entry per such site. A site downstream of another trained weight
 is whitened too: its a·P node lies in the trained suffix, and pair carries it onto the branches like any
 frozen op. Other sites are unchanged. Without calibration data, or (precondition "auto") without an
-eligible site, the graph is unchanged. Under --estimator node the weights are not reparametrized:
+eligible site, the graph is unchanged. Under --estimator node (or head) the weights are not reparametrized:
 ctx.step_whitening holds (StepWhitening, P² constant) per trained Gemm/MatMul site and per group-1 2-D Conv,
 whose rows are its im2col patches (K = C·kh·kw, P² per channel: P_c² ⊗ I); ctx.preconditioned is empty.
 """
@@ -34,6 +34,7 @@ from fgcompile.artifact import StepWhitening, Whitening
 from fgcompile.errors import CompileError
 from fgcompile.grid import round_half_away
 from fgcompile.session import make_session
+from fgcompile.spec import READS_ACTIVATIONS
 from .context import Context, Pass
 from .formulas import Patches, bias_stride
 from .graph_ops import Builder
@@ -123,7 +124,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                            "(scaled per output channel); compile with "
                            "--precondition none.")
     acts = _activations(graph, ctx, [node.inputs[0].name for _, node, _ in chosen])
-    if ctx.spec.estimator == "node":
+    if ctx.spec.estimator in READS_ACTIVATIONS:    # their step reads the input: whitened there, ΔW ∝ P²·ĝ
         return _step_whitening(graph, ctx, chosen, acts)
     b = Builder(graph, "precondition")
     for t, node, layout in chosen:

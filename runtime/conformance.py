@@ -24,6 +24,7 @@ from fgcompile.artifact import Contract
 from fgcompile.report import format_table
 from fgcompile.modelio import with_outputs
 from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
+from fgcompile.spec import READS_ACTIVATIONS
 from .replay import replay_graph
 from .step import scalar_feeds, step_feeds
 
@@ -338,8 +339,8 @@ def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs
     state, seed = trainer.initial_state, trainer.spec.seed
     batches, lrs, _ = trainer_batches(trainer, data, steps, epochs or RunDefaults.epochs, batch, schedule, lr)
     base = chain(train, contract, state, batches, BASELINE, seed, lrs)
-    # node perturbation's step also reads the trained layers' inputs: no graph from the cᵢ alone to check
-    part = integer_part(train, contract) if contract.spec.estimator != "node" else None
+    # node perturbation's and the head's step also read the trained layers' inputs: no graph from the cᵢ alone
+    part = integer_part(train, contract) if contract.spec.estimator not in READS_ACTIVATIONS else None
     coefficients = [r.coefficients for r in base]
     base_part = None if part is None else chain_integer_part(part, contract, state, coefficients, BASELINE, seed, lrs)
     params = {s.name for s in contract.parameters()}   # eval.onnx takes no training buffers

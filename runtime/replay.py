@@ -20,6 +20,7 @@ import onnx
 
 from fgcompile.artifact import METADATA_KEY, Contract
 from fgcompile.errors import SpecError
+from fgcompile.spec import READS_ACTIVATIONS
 from fgcompile.session import make_session
 
 REPLAY_FORMAT = "fgcompile-replay/1"
@@ -27,8 +28,9 @@ REPLAY_FORMAT = "fgcompile-replay/1"
 
 def replayable(contract: Contract) -> str | None:
     """None when a step of this graph replays from its coefficients, else why not."""
-    if contract.spec.estimator == "node":
-        return ("--estimator node: a step also depends on the trained layers' inputs, which stay on the device; "
+    if contract.spec.estimator in READS_ACTIVATIONS:
+        return (f"--estimator {contract.spec.estimator}: a step also depends on the trained layers' inputs, which "
+                "stay on the device; "
                 "send the integer update instead")
     if contract.probes is None:
         return "compiled by an fgcompile without conformance probes; compile it again"

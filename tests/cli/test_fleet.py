@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import MODELS
+from fgcompile.runtime.trainer import Trainer
 from test_adapt import fifo
 from test_bad_input_catalogue import CNN, invoke, refused, snapshot
 
@@ -26,6 +27,17 @@ def small(tmp_path_factory):
     np.savez(root / "fleet.npz", **{k: f[k][keep] for k in ("x", "y", "device", "split")}, shift=f["shift"][:3],
              shift_names=f["shift_names"])
     return root
+
+
+@pytest.mark.parametrize("upload, kind, estimator", [("auto", "signs", "sign"), ("update", "update", "head")])
+def test_fleet_defaults_keep_signs_at_the_last_layer(tmp_path, small, upload, kind, estimator):
+    """Left to auto, the fleet trains the last layer with weight perturbation, whose signs replay (the head
+    estimator's exact gradient is not replayable); --upload update keeps auto's head estimator."""
+    r = invoke("fleet", CNN, "--data", small / "fleet.npz", "--rounds", 1, "--lr", 1, "--modes", "federated",
+               "--upload", upload, "-o", tmp_path / "f", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["upload"]["kind"] == kind
+    assert Trainer(tmp_path / "f" / "compiled").contract.spec.estimator == estimator
 
 
 def test_fleet_reports_every_device_and_exports_the_federated_model(tmp_path, small):

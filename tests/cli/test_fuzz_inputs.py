@@ -386,9 +386,10 @@ def test_mutated_options(tmp_path, base, detector_data, i, rng):
     label = f"seed {SEED} case {i}: options on {model.parent.name}"
     freeze = [a for _ in range(rng.integers(0, 3)) for a in ("--freeze", FREEZE[rng.integers(len(FREEZE))])]
     last = ["--last", str(rng.integers(0, 6))] if rng.random() < 0.5 else []
-    estimator = ["--estimator", "node", *(["--branches", "loop"] if rng.random() < 0.2 else []),
-                 *(["--node-schedule", "alternate"] if rng.random() < 0.3 else [])] \
-        if rng.random() < 0.3 else []   # node perturbation refuses some sites (auto_pad Convs, attention) and forms
+    # node perturbation refuses some sites (auto_pad Convs, attention) and forms; head every layer but the output's
+    estimator = ["--estimator", ["node", "head"][rng.integers(2)], *(["--branches", "loop"] if rng.random() < 0.2 else []),
+                 *(["--node-schedule", "alternate"] if rng.random() < 0.3 else []),
+                 *(["--loss", "mse"] if rng.random() < 0.2 else [])] if rng.random() < 0.4 else []
     run_case(tmp_path, ["compile", model, "-o", tmp_path / "out", "--m", "1", *freeze, *last, *estimator], ["out"],
              label)
     detector, data = detector_data

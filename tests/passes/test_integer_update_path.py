@@ -43,7 +43,7 @@ def descendants(model, names):
     return nodes
 
 
-@pytest.mark.parametrize("spec", [TrainSpec(), TrainSpec(m=3, perturbation="ternary", density=0.1, bits=8),
+@pytest.mark.parametrize("spec", [TrainSpec(estimator="sign"), TrainSpec(m=3, perturbation="ternary", density=0.1, bits=8),
                                   TrainSpec(rounding="stochastic", perturbation="gaussian", last=2, estimator="sign"),
                                   TrainSpec(estimator="spsa", loss="mse"),
                                   TrainSpec(kernel_norm=True, sparsity=0.9, last=2, estimator="sign"),

@@ -14,9 +14,11 @@ from steps import Steps
 BATCH, SEED = 32, 1000
 
 
-def run_chain(model_file, spec, data, steps, optimization="disable", calibration=None, whitened=None):
-    """Chained steps of the compiled graph and of the reference from the same state: every state tensor
-    equal after every step; returns how many weight values the steps changed (so the test is not vacuous).
+def run_chain(model_file, spec, data, steps, optimization="disable", calibration=None, whitened=None,
+              reference=qzoff.node_step):
+    """Chained steps of the compiled graph and of the reference (node_step, or head_step) from the same
+    state: the coefficients (the per-example signs, or the head's V) and every state tensor equal after every
+    step; returns how many weight values the steps changed (so the test is not vacuous).
     whitened: how many sites whiten their step (default: every trained site with precondition whiten)."""
     compiled = compile_graph(shipped(model_file), spec, calibration)
     c = qzoff.contract(compiled.train)
@@ -25,15 +27,17 @@ def run_chain(model_file, spec, data, steps, optimization="disable", calibration
     assert len(c["step_whitening"]) == whitened
     oracle = qzoff.node_oracle(compiled.source, c, optimized=optimization == "all",
                                matrices=qzoff.matrices(compiled.train, c))
-    run = Steps(compiled, optimization=optimization, threads=1)     # as the oracle (qzoff.node_oracle says why)
+    coefficients = compiled.contract.probes.coefficients      # one thread, as the oracle (node_oracle says why)
+    run = Steps(compiled, optimization=optimization, threads=1, probes=[coefficients])
     graph_state, ref_state, changed = dict(compiled.state), dict(compiled.state), 0
     x, y = data
     for k in range(steps):
         idx = np.arange(k * BATCH, (k + 1) * BATCH) % len(y)
         lr = c["lr_numerator"]["default"]
         out = run(x[idx], y[idx], SEED, k, lr, graph_state)
-        ref_state, diag = qzoff.node_step(oracle, c, ref_state, x[idx], y[idx], SEED, k, lr)
+        ref_state, diag = reference(oracle, c, ref_state, x[idx], y[idx], SEED, k, lr)
         np.testing.assert_allclose(out["loss_plus"], diag["loss_plus"], rtol=1e-5)
+        np.testing.assert_array_equal(out[coefficients], diag["coef"], err_msg=f"step {k} coefficients")
         for s in c["state"]:
             np.testing.assert_array_equal(out[s["output"]], ref_state[s["name"]], err_msg=f"step {k} {s['name']}")
             changed += int((out[s["output"]] != graph_state[s["name"]]).sum())

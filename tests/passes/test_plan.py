@@ -1,5 +1,6 @@
 """plan: --estimator auto decides once, records why, and compiles exactly what the choice given by hand does."""
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from conftest import shipped
@@ -8,7 +9,12 @@ from fgcompile.spec import DEFAULT_M, TrainSpec
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    return a.graph.SerializeToString() == b.graph.SerializeToString()
+    """The same nodes, inputs, outputs and initializer values (a constant the plan read may be stored in
+    another of TensorProto's encodings)."""
+    def parts(m):
+        inits = sorted((i.name, i.data_type, numpy_helper.to_array(i).tobytes()) for i in m.graph.initializer)
+        return [n.SerializeToString() for n in m.graph.node], list(m.graph.input), list(m.graph.output), inits
+    return parts(a) == parts(b)
 
 
 @pytest.mark.parametrize("model_file, last", [("digits_cnn/w8a8.onnx", 2), ("digits_attn/w8a8.onnx", 3)])
@@ -21,11 +27,27 @@ def test_auto_trains_depth_with_node_perturbation(model_file, last):
     assert by_hand.contract.estimator_reason == "given"
 
 
-def test_auto_keeps_weight_perturbation_at_the_last_layer():
-    auto = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec())
-    by_hand = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="sign"))
-    assert (auto.contract.spec.estimator, auto.contract.spec.m) == ("sign", DEFAULT_M["sign"])
-    assert "one layer trains" in auto.contract.estimator_reason and _same_graph(auto.train, by_hand.train)
+@pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx", "kws_dscnn/w8a8.onnx"])
+def test_auto_trains_the_output_layer_with_its_exact_gradient(model_file):
+    auto = compile_graph(shipped(model_file), TrainSpec())
+    by_hand = compile_graph(shipped(model_file), TrainSpec(estimator="head"))
+    assert (auto.contract.spec.estimator, auto.contract.spec.m) == ("head", 1)
+    assert "output layer trains alone" in auto.contract.estimator_reason and _same_graph(auto.train, by_hand.train)
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(loss="mse"), "the head estimator cannot: --loss mse"),
+    (dict(train=("fc1",)), "the head estimator cannot: site 'fc1' does not write the logits"),
+    (dict(m=32), "--m 32 is given"),
+    (dict(momentum=0.25), "the head estimator cannot: it does not take --momentum"),
+])
+def test_auto_keeps_weight_perturbation_where_one_layer_is_not_the_head(options, why):
+    """Where the trained layer is not the output of a ce loss (the head estimator's, or one it measured worse
+    on) or the options ask for perturbations."""
+    auto = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(**options))
+    by_hand = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="sign", **options))
+    assert auto.contract.spec.estimator == "sign" and why in auto.contract.estimator_reason
+    assert _same_graph(auto.train, by_hand.train)
 
 
 @pytest.mark.parametrize("options, why", [
@@ -60,3 +82,8 @@ def test_auto_falls_back_at_a_site_node_refuses():
 def test_a_given_m_wins_over_the_estimators_default():
     contract = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=2, m=16)).contract
     assert (contract.spec.estimator, contract.spec.m) == ("node", 16)
+
+
+def test_auto_keeps_weight_perturbation_at_a_detector_head():
+    contract = compile_graph(shipped("kws_detect/w8a8.onnx"), TrainSpec()).contract
+    assert contract.spec.estimator == "sign" and "Sigmoid detector" in contract.estimator_reason

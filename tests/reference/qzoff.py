@@ -519,7 +519,20 @@ def _white_session(p2: np.ndarray, scale: float, optimized: bool) -> ort.Inferen
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-_LOG_SOFTMAX = None
+_ORT_OPS = {}
+
+
+def _ort_op(op: str, z: np.ndarray) -> np.ndarray:
+    """onnxruntime's LogSoftmax, Softmax or Sigmoid of z over its last axis: numpy's exp rounds differently
+    in the last bit, and a step that reads these through a sign or a rounding would flip on it."""
+    if op not in _ORT_OPS:
+        attrs = {} if op == "Sigmoid" else {"axis": -1}
+        graph = helper.make_graph([helper.make_node(op, ["z"], ["p"], **attrs)], op,
+                                  [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        _ORT_OPS[op] = ort.InferenceSession(model.SerializeToString(), unfused(), providers=["CPUExecutionProvider"])
+    return _ORT_OPS[op].run(["p"], {"z": np.ascontiguousarray(z, np.float32)})[0]
 
 
 def per_example_loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
@@ -529,14 +542,7 @@ def per_example_loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray
     differently and one sign flip; the logits themselves come from the oracle either way."""
     if kind != "ce":
         return np.array([loss(logits[b:b + 1], y[b:b + 1], kind) for b in range(len(logits))], np.float32)
-    global _LOG_SOFTMAX
-    if _LOG_SOFTMAX is None:
-        graph = helper.make_graph([helper.make_node("LogSoftmax", ["z"], ["p"], axis=-1)], "log_softmax",
-                                  [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
-                                  [helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        _LOG_SOFTMAX = ort.InferenceSession(model.SerializeToString(), unfused(), providers=["CPUExecutionProvider"])
-    logp = _LOG_SOFTMAX.run(["p"], {"z": np.ascontiguousarray(logits, np.float32)})[0]
+    logp = _ort_op("LogSoftmax", logits)
     return -logp[np.arange(len(y)), y]
 
 
@@ -592,31 +598,67 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         if layer.output == oracle.tap and spec["loss"] == "ce":     # ce cannot see a shift of every logit
             n, total = v.shape[-1], v.sum(axis=1, keepdims=True)
             v = np.clip(v - np.sign(total) * ((np.abs(total) + n // 2) // n), -127, 127)
-        a = clean[layer.q].astype(np.int64) - layer.zero_point
-        if layer.layout == "conv":
-            a = patches(a, layer)                                                        # [rows, C·kh·kw]
-            if layer.whitening is not None:
-                rows = a.astype(np.float32) * layer.in_scale
-                a = layer.white_session.run(["q"], {"rows": rows})[0].astype(np.int64)
-        elif layer.whitening is not None:
-            a = clean[layer.white].astype(np.int64)
-        a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
-        if layer.weight and layer.layout == "conv":   # group k: its O/G outputs, its C/G input channels' patches
-            G = layer.group
-            cols, outs = a.shape[1] // G, v.shape[1] // G
-            g = np.concatenate([(a[:, k * cols:(k + 1) * cols].T @ v[:, k * outs:(k + 1) * outs]).T for k in range(G)])
-            grads[layer.weight] = np.clip(_position_mean(g.reshape(state[layer.weight].shape), positions),
-                                          -NODE_GRAD_MAX, NODE_GRAD_MAX)
-        elif layer.weight:
-            g = a.T @ v                                                                  # [in, out]
-            g = g.T if layer.layout == "nk" else g
-            grads[layer.weight] = np.clip(g, -NODE_GRAD_MAX, NODE_GRAD_MAX)
-        if layer.bias:
-            grads[layer.bias] = np.clip(_position_mean(v.sum(axis=0), positions), -NODE_GRAD_MAX, NODE_GRAD_MAX)
+        grads.update(layer_gradient(layer, clean, v, state, positions))
     new = update(c, state, grads, lr, seed, step_no)
     ratio = np.abs(d) / (scale * c["tie_tolerance"] + 1e-30)
     return new, {"loss_plus": lp.mean(axis=1), "loss_minus": lm.mean(axis=1), "coef": s,
                  "near_tie": bool(((ratio > 0.5) & (ratio < 2.0)).any())}
+
+
+def layer_gradient(layer: NodeLayer, clean: dict, v: np.ndarray, state: dict, positions: int) -> dict:
+    """ĝ_W = Σ_rows a ⊗ V and ĝ_bias = Σ_rows V of one layer from its output signal V [rows, out] (node_step's
+    formulas: a from the clean run's q, or its whitened a'; a Conv's im2col patches and groups, its mean over
+    the `positions`), each saturated to ±NODE_GRAD_MAX."""
+    grads = {}
+    a = clean[layer.q].astype(np.int64) - layer.zero_point
+    if layer.layout == "conv":
+        a = patches(a, layer)                                                        # [rows, C·kh·kw]
+        if layer.whitening is not None:
+            rows = a.astype(np.float32) * layer.in_scale
+            a = layer.white_session.run(["q"], {"rows": rows})[0].astype(np.int64)
+    elif layer.whitening is not None:
+        a = clean[layer.white].astype(np.int64)
+    a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
+    if layer.weight and layer.layout == "conv":   # group k: its O/G outputs, its C/G input channels' patches
+        G = layer.group
+        cols, outs = a.shape[1] // G, v.shape[1] // G
+        g = np.concatenate([(a[:, k * cols:(k + 1) * cols].T @ v[:, k * outs:(k + 1) * outs]).T for k in range(G)])
+        grads[layer.weight] = np.clip(_position_mean(g.reshape(state[layer.weight].shape), positions),
+                                      -NODE_GRAD_MAX, NODE_GRAD_MAX)
+    elif layer.weight:
+        g = a.T @ v                                                                  # [in, out]
+        g = g.T if layer.layout == "nk" else g
+        grads[layer.weight] = np.clip(g, -NODE_GRAD_MAX, NODE_GRAD_MAX)
+    if layer.bias:
+        grads[layer.bias] = np.clip(_position_mean(v.sum(axis=0), positions), -NODE_GRAD_MAX, NODE_GRAD_MAX)
+    return grads
+
+
+# ---- the head's exact gradient: --estimator head ------------------------------------------------------
+
+def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no: int, lr: int):
+    """One head step (README: --estimator head), from the formulas alone, on node_oracle's one layer (the
+    trained output layer) without noise:
+        e_b = softmax(z_b) − onehot(y_b) (ce) or sigmoid(z_b) − y_b (bce), z_b the clean logits
+        V_b = clip(round_half_even(128·e_b), −128, 127)      (QuantizeLinear at scale 2^-7: 128·e is exact)
+        ĝ_W = Σ_b a_b ⊗ V_b, ĝ_bias = Σ_b V_b               (layer_gradient: a, its whitening, saturation)
+        ĝ ← round_half_away(ĝ / 16)
+    then the integer update; loss_plus = loss_minus = the clean batch loss."""
+    spec, layer = c["spec"], oracle.layers[0]
+    weights = {s["name"]: state[s["name"]] for s in parameters(c)}
+    names = [oracle.tap, layer.q] + ([layer.white] if layer.whitening is not None and layer.layout != "conv" else [])
+    feeds = {**(x if isinstance(x, dict) else {oracle.data: x}), **weights, layer.noise: np.zeros(1, np.float32)}
+    clean = dict(zip(names, oracle.sess.run(names, feeds)))
+    z = clean[oracle.tap]
+    if spec["loss"] == "ce":
+        e = _ort_op("Softmax", z) - np.eye(z.shape[-1], dtype=np.float32)[y]
+    else:
+        e = _ort_op("Sigmoid", z) - np.asarray(y, np.float32).reshape(z.shape)
+    v = np.clip(np.rint(e * np.float32(128)), -128, 127).astype(np.int64)
+    grads = {k: _position_mean(g, 16) for k, g in layer_gradient(layer, clean, v.reshape(-1, v.shape[-1]), state, 1).items()}
+    new = update(c, state, grads, lr, seed, step_no)
+    batch = np.float32(loss(z, y, spec["loss"]))
+    return new, {"loss_plus": np.array([batch]), "loss_minus": np.array([batch]), "coef": v}
 
 
 NODE_GRAD_MAX = 2 ** 20   # README: |ĝ| saturates there (binds only past m·rows·255 > 2^20)

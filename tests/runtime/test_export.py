@@ -70,7 +70,7 @@ def test_whitened_headroom_export_folds_back_to_the_source_structure(tmp_path, t
     (int8 rounding of weights trained at 14 bits costs up to ~2 points here; the README quotes it)."""
     source = shipped("digits_cnn/w8a8.onnx")
     out = tmp_path / "c"
-    write_compiled(compile_model(source, TrainSpec(headroom=4, precondition="whiten"), calibration=target_train[0]),
+    write_compiled(compile_model(source, TrainSpec(headroom=4, precondition="whiten", estimator="sign"), calibration=target_train[0]),
                    out)
     export_model(out, tmp_path / "start.onnx")
     src = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}

@@ -1,6 +1,6 @@
 """The replay graph (runtime/replay.py) applies a step from its coefficients alone: fed the cᵢ a training step
 computed, it gives that step's state bit for bit, equal to the numpy reference's replay, in every branch
-form and with the options that change the update; node perturbation and a graph without probes are refused."""
+form and with the options that change the update; node perturbation, the head estimator and a graph without probes are refused."""
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +20,7 @@ SEED, BATCH, STEPS = 77, 32, 6
 
 
 @pytest.mark.parametrize("model_file, options", [
-    ("digits_cnn/w8a8.onnx", {}),
+    ("digits_cnn/w8a8.onnx", {"estimator": "sign"}),
     ("digits_cnn/w8a8.onnx", {"branches": "loop", "last": 2}),
     ("digits_cnn/w8a8.onnx", {"branches": "cloned", "last": 2, "m": 4}),
     ("digits_cnn/w8a8.onnx", {"momentum": 0.5, "sharpness": 1, "kernel_norm": True, "rounding": "stochastic"}),
@@ -61,7 +61,7 @@ def test_replay_equals_the_trained_step_and_the_reference(model_file, options, t
 
 def test_replay_of_other_coefficients_moves_the_other_way(target_train):
     """The replay reads its coefficients: negated cᵢ step the weights the opposite way."""
-    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec())
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="sign"))
     contract = compiled.contract
     sess = make_session(replay_graph(compiled.train, contract))
     coef = np.where(np.arange(contract.spec.m) % 3 == 0, 1, -1).astype(np.int32)
@@ -77,7 +77,8 @@ def test_replay_of_other_coefficients_moves_the_other_way(target_train):
     np.testing.assert_array_equal((plus[0].astype(np.int64) - start)[inner], (start - minus[0].astype(np.int64))[inner])
 
 
-def test_node_perturbation_is_refused_with_the_reason():
-    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator="node", last=2))
-    with pytest.raises(SpecError, match="--estimator node.*integer update"):
+@pytest.mark.parametrize("estimator, last", [("node", 2), ("head", 1)])
+def test_activation_estimators_are_refused_with_the_reason(estimator, last):
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(estimator=estimator, last=last))
+    with pytest.raises(SpecError, match=f"--estimator {estimator}.*integer update"):
         replay_graph(compiled.train, compiled.contract)
