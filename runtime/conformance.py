@@ -73,9 +73,11 @@ def _openvino(precision: str | None) -> Callable[[onnx.ModelProto], Runner]:
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
         compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
+        # OpenVINO drops a graph input no node reads (the head estimator's seed and step) and refuses its feed
+        inputs = {name for port in compiled.inputs for name in port.get_names()}
 
         def run(outputs, feeds):
-            result = compiled(feeds)
+            result = compiled({k: v for k, v in feeds.items() if k in inputs})
             return [np.asarray(result[compiled.output(name)]) for name in outputs]
         return run
     return make
@@ -318,7 +320,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs
     """Run the trainer's steps 0..steps-1 of the compiled folder (from its initial state, with the batches,
     seed and lr numerators `fgcompile train` feeds: trainer_batches) on every installed runtime; one row each:
     runtime, config, identical (z, coefficients and state of every step), integer_part (the same with
-    the baseline's cᵢ fed in; None for node perturbation, whose step also reads the trained layers' inputs), eval (eval.onnx outputs on the first batch), first_divergence."""
+    the baseline's cᵢ fed in; None for node perturbation and the head estimator, whose steps also read the trained layers' inputs), eval (eval.onnx outputs on the first batch), first_divergence."""
     import pathlib
 
     from fgcompile import modelio

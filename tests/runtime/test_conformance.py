@@ -145,6 +145,21 @@ def test_verify_runs_node_perturbation_without_an_integer_part(tmp_path, monkeyp
     assert conformance.failing(rows) == rows[1:2]
 
 
+def test_verify_runs_the_head_estimator_on_every_installed_runtime(tmp_path, target_train):
+    """The defaults at the last layer (the head estimator): its graph reads no seed or step, which OpenVINO
+    drops from its inputs; on digits_cnn, 20 steps in train's order are identical on every supported runtime
+    installed (onnxruntime's levels and threads, the reference evaluator, OpenVINO f32)."""
+    from fgcompile.compiler import compile_model, write_compiled
+    from fgcompile.runtime.trainer import Trainer
+    write_compiled(compile_model(shipped("digits_cnn/w8a8.onnx"), TrainSpec(), calibration=target_train[0]),
+                   tmp_path / "out")
+    assert Trainer(tmp_path / "out").spec.estimator == "head"
+    np.savez(tmp_path / "d.npz", x=target_train[0], y=target_train[1])
+    rows = conformance.verify(tmp_path / "out", steps=20, data=tmp_path / "d.npz")
+    assert conformance.failing(rows) == [] and all(r["integer_part"] is None for r in rows if r["supported"])
+    assert sum(r["result"] == "identical" for r in rows) >= 10
+
+
 def shifted_state(supported: bool) -> conformance.Runtime:
     """onnxruntime, but the last output of a step (a state tensor) is one LSB off: a runtime that differs."""
     def make(model):
