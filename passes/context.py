@@ -166,6 +166,7 @@ class NodeLayer:        # node: one trained Gemm/MatMul/Conv as the node estimat
     patches: "Patches | None" = None    # a Conv: its im2col geometry (ĝ_W is a Gemm's on the patch rows)
     image: tuple[int, int, int] | None = None   # a Conv: its input's [C, H, W]
     groups: int = 1                     # a grouped Conv's groups: ĝ_W is one product per group
+    logits: gs.Tensor | None = None     # the output layer at depth: the clean logits its exact step reads (no noise)
 
 
 @dataclasses.dataclass

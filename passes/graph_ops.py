@@ -148,3 +148,21 @@ def bypass_requant(nodes):
             if q is not None and q.op == "QuantizeLinear" and not isinstance(q.inputs[0], gs.Constant):
                 node.inputs[k] = q.inputs[0]
     return nodes
+
+
+def writes_logits(graph: gs.Graph, node: gs.Node, tap: str) -> bool:
+    """Whether the node's output y is the tap up to a requantization and a bias Add: there dL/dy = dL/dtap
+    (the gradient passes a requantization straight through, as the branches read it: pair's requant bypass)."""
+    inputs = {id(t) for t in graph.inputs}
+    fixed = lambda t: isinstance(t, gs.Constant) or id(t) in inputs or bool(t.inputs) and t.inputs[0].op == \
+        "DequantizeLinear" and all(isinstance(i, gs.Constant) or id(i) in inputs for i in t.inputs[0].inputs)
+    t = node.outputs[0]
+    while t.name != tap:
+        if len(t.outputs) != 1:
+            return False
+        (c,) = t.outputs
+        if not (c.op in ("QuantizeLinear", "DequantizeLinear") or c.op == "Add" and all(
+                i is t or fixed(i) for i in c.inputs)):
+            return False
+        t = c.outputs[0]
+    return True

@@ -4,7 +4,7 @@ The trained layer is the one whose output y is the logits the loss reads (the lo
 gradient is local and exact, with no perturbation and no backpropagation:
 
     e_b = softmax(y_b) − onehot(label_b)    (ce)        e_b = sigmoid(y_b) − label_b    (bce)
-    V_b = QuantizeLinear(e_b, 2^-7, 0)      int8: round half to even, saturated to [−128, 127] (|e| <= 1)
+    V_b = QuantizeLinear(e_b, 2^-7, 0)      int8 (node.exact_gradient, which node perturbation also uses): round half to even, saturated to [−128, 127] (|e| <= 1)
     ĝ_W = Σ_b a_b ⊗ V_b,  ĝ_bias = Σ_b V_b  as node perturbation's from its V (passes/node.py layer_gradient:
                                           the clean integer input a = q − zp, whitened with --calibration)
     ĝ ← ĝ / 2^G_SHIFT                      rounded half away from 0
@@ -29,14 +29,9 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import SpecError
 from .context import Branches, Context, Estimate, NodeLayer, Pass
-from .graph_ops import Builder, bypass_requant, downstream_nodes
-from .node import divided, layer_gradient, layer_parts, site_refusal
+from .graph_ops import Builder, bypass_requant, downstream_nodes, writes_logits
+from .node import exact_gradient, layer_parts, site_refusal
 
-V_SCALE = np.float32(2.0 ** -7)    # e in [−1, 1] to int8 steps of 1/128 (exact in float: a power of two)
-# ĝ is summed at that resolution, then divided by 2^G_SHIFT: the rate's fixed point (numerator >= 1 of 2^8) then
-# reaches 16x lower steps, which a Sigmoid detector needs (at the lowest rate without it its weights ran to
-# the grid's bounds within an epoch), while digits' best rate stays below the int32 bound
-G_SHIFT = 4
 LOSSES = ("ce", "bce")
 
 
@@ -51,7 +46,7 @@ def refusal(graph: gs.Graph, ctx: Context, loss: str) -> str | None:
     why = site_refusal(node)      # it reads the layer's input as node perturbation does
     if why:
         return why
-    if not _writes_logits(graph, node, ctx.io.loss_tap):
+    if not writes_logits(graph, node, ctx.io.loss_tap):
         return f"site {sites[0]!r} does not write the logits the loss reads ({ctx.io.loss_tap!r})"
     classes = (graph.tensors()[ctx.io.loss_tap].shape or [None])[-1]
     if not isinstance(classes, int):
@@ -63,24 +58,6 @@ def refusal(graph: gs.Graph, ctx: Context, loss: str) -> str | None:
         return f"it does not take {option}"
     roles = sorted({t.role for t in ctx.trainables} - {"weight", "bias"})
     return f"it trains {roles[0]} tensors" if roles else None
-
-
-def _writes_logits(graph: gs.Graph, node: gs.Node, tap: str) -> bool:
-    """Whether the node's output y is the tap up to a requantization and a bias Add: there dL/dy = dL/dtap
-    (the gradient passes a requantization straight through, as the branches read it: pair's requant bypass)."""
-    inputs = {id(t) for t in graph.inputs}
-    fixed = lambda t: isinstance(t, gs.Constant) or id(t) in inputs or bool(t.inputs) and t.inputs[0].op == \
-        "DequantizeLinear" and all(isinstance(i, gs.Constant) or id(i) in inputs for i in t.inputs[0].inputs)
-    t = node.outputs[0]
-    while t.name != tap:
-        if len(t.outputs) != 1:
-            return False
-        (c,) = t.outputs
-        if not (c.op in ("QuantizeLinear", "DequantizeLinear") or c.op == "Add" and all(
-                i is t or fixed(i) for i in c.inputs)):
-            return False
-        t = c.outputs[0]
-    return True
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -108,24 +85,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
 
 def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "head_estimate")
-    F = b.f32
-    y = b.op("Squeeze", [ctx.branches.logits, np.array([0], np.int64)], dtype=np.float32,
-             shape=list(ctx.branches.logits.shape[1:]))                                   # [B, ..., out]
-    labels = ctx.losses.labels
-    if ctx.spec.loss == "ce":
-        # onehot as labels == 0..C−1 (the ONNX reference evaluator cannot run OneHot with these types)
-        hit = b.op("Equal", [b.op("Unsqueeze", [labels, np.array([1], np.int64)], dtype=np.int64),
-                             np.arange(y.shape[-1], dtype=np.int64)], dtype=bool)
-        target = b.cast(hit, np.float32)
-        p = F.Softmax(y, axis=-1)
-    else:
-        target = b.cast(labels if len(labels.shape) == 2 else b.op("Unsqueeze", [labels, np.array([1], np.int64)],
-                                                                    dtype=np.int64), np.float32)
-        p = F.Sigmoid(y)
-    v = b.op("QuantizeLinear", [F.Sub(p, target, hint="e"), V_SCALE, np.int8(0)], dtype=np.int8, hint="v")
-    layer = ctx.node[0]
-    rows = b.op("Reshape", [v, np.array([-1, y.shape[-1]], np.int64)], dtype=np.int8)    # [rows, out]
-    grad = {name: divided(b, g, 1 << G_SHIFT) for name, g in layer_gradient(b, layer, rows).items()}
+    logits = b.op("Squeeze", [ctx.branches.logits, np.array([0], np.int64)], dtype=np.float32,
+                  shape=list(ctx.branches.logits.shape[1:]))                              # [B, ..., out]
+    v, grad = exact_gradient(b, ctx.node[0], logits, ctx.losses.labels, ctx.spec.loss)
     ctx.estimate = Estimate(v, grad)
     return graph
 

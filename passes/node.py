@@ -32,6 +32,11 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
     is ΔW ∝ P²·ĝ_W; the weights stay on their grid
     both saturated to ±NODE_GRAD_MAX; then the integer update (update.py) unchanged.
 
+The output layer at depth: where more than one layer trains and one of them writes the logits of a ce or bce
+loss (up to a requantization and a bias Add), that layer gets no noise, and its step is the exact gradient of
+passes/head.py (exact_gradient) from the clean logits, which the clean copy then runs up to; the other layers'
+loss differences no longer carry its noise. --node-schedule alternate counts the perturbed layers only.
+
 The branches run the trained layers on their shared, unperturbed weights: the 2m noisy forwards are one
 stacked suffix (branch_rules) whose only branched inputs are the noise tensors; the trained layers' clean
 inputs come from an unperturbed copy of the suffix up to the deepest of them.
@@ -52,9 +57,14 @@ from fgcompile.errors import SpecError
 from .branch_rules import Refusal, stack_suffix
 from .context import Branches, Context, Estimate, NodeLayer, Pass
 from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE, Patches
-from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes
+from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes, writes_logits
 
 SUPPORTED = "trained Gemm/MatMul and 2-D Conv layers with a quantized input and a requantized output"
+V_SCALE = np.float32(2.0 ** -7)    # the exact gradient e in [−1, 1] to int8 steps of 1/128 (a power of two: exact)
+# its ĝ is summed at that resolution, then divided by 2^G_SHIFT: the rate's fixed point (numerator >= 1 of 2^8)
+# then reaches 16x lower steps, which a Sigmoid detector needs (at the lowest rate without it its weights ran
+# to the grid's bounds within an epoch), and ĝ is in node's units (|V| / 16 <= 8 = m)
+G_SHIFT = 4
 
 
 class SiteRefused(SpecError):
@@ -123,6 +133,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     sites = list(dict.fromkeys(tr.site for tr in ctx.trainables))
     parts = {site: layer_parts(nodes[site]) for site in sites}
     tap = ctx.io.loss_tap
+    exact = next((site for site in sites if writes_logits(graph, nodes[site], tap)), None) \
+        if len(sites) > 1 and ctx.spec.loss in ("ce", "bce") else None   # its step: the exact gradient
+    perturbed = [site for site in sites if site != exact]
     suffix = downstream_nodes(graph, list(ctx.state.inputs.values()))
     needed = upstream_nodes(suffix, tap)
     if ctx.spec.requant_bypass:
@@ -131,24 +144,33 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     noisy = {id(n) for n in downstream_nodes(graph, list(outputs.values()))}
     rewritten = [n for n in needed if id(n) in noisy]         # run on the branch axis, then removed
     # the clean forward up to each trained input made inside the noisy part, before the noise is wired in
-    upstream = {id(u) for q, *_ in parts.values() for u in upstream_nodes(rewritten, q.name)}
+    # (and up to the logits where the output layer's step is exact)
+    ends = [q.name for q, *_ in parts.values()] + ([tap] if exact else [])
+    upstream = {id(u) for end in ends for u in upstream_nodes(rewritten, end)}
     clean = [n for n in rewritten if id(n) in upstream]
     clean_of = clone_nodes(graph, clean, {}, "__clean")
     layers, stacked, order = [], {}, []
-    for t, site in enumerate(sites):
+    for site in sites:
         q, zp, unit, layout, scale, patches = parts[site]
         y = outputs[site]
+        q_clean = clean_of.get(q.name, q)      # its batch axis is the examples' (y is rewritten below)
+        tr = {tr.role: tr for tr in ctx.trainables if tr.site == site}
+        white = next((w for w in ctx.step_whitening or [] if w[0].site == site), None)
+        if site == exact:
+            layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), None, q_clean, zp, scale, white, layout,
+                                    logits=clean_of[tap]))
+            continue
+        t = perturbed.index(site)
         stream = next(k for k, tr in enumerate(ctx.trainables) if tr.site == site)
         per = [d for d in y.shape[1:]]
         if not all(isinstance(d, int) for d in per):
             _refuse(site, f"has an output of non-static shape {y.shape}")
-        q_clean = clean_of.get(q.name, q)      # its batch axis is the examples' (y is rewritten below)
         count = b.op("Mul", [b.op("Gather", [b.op("Shape", [q_clean], dtype=np.int64), np.array(0, np.int64)],
                                   dtype=np.int64), np.array(int(np.prod(per)), np.int64)], dtype=np.int64)
         u = b.op("Reshape", [ctx.perturbations.per_example(b, stream, count), np.array([m, -1] + per, np.int64)],
                  dtype=np.int8, shape=[m, y.shape[0]] + per, hint=f"{site}.u")
-        if ctx.spec.node_schedule == "alternate" and len(sites) > 1:    # direction i: layer i mod L only
-            mine = (np.arange(m) % len(sites) == t).astype(np.int8).reshape([m] + [1] * (len(per) + 1))
+        if ctx.spec.node_schedule == "alternate" and len(perturbed) > 1:    # direction i: layer i mod L only
+            mine = (np.arange(m) % len(perturbed) == t).astype(np.int8).reshape([m] + [1] * (len(per) + 1))
             u = b.op("Mul", [u, mine], dtype=np.int8, shape=[m, y.shape[0]] + per, hint=f"{site}.u_alternate")
         both = b.op("Concat", [u, b.op("Neg", [u], dtype=np.int8)], {"axis": 0}, dtype=np.int8)
         noise = b.f32.Mul(b.cast(both, np.float32), np.float32(ctx.spec.eps) * unit, hint=f"{site}.noise",
@@ -161,8 +183,6 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         tap = moved.name if y.name == tap else tap
         order.append((nodes[site], gs.Node("Add", f"node/{site}.add", {}, [y, placeholder], [moved])))
         centered = y.name == ctx.io.loss_tap and ctx.spec.loss == "ce"
-        tr = {tr.role: tr for tr in ctx.trainables if tr.site == site}
-        white = next((w for w in ctx.step_whitening or [] if w[0].site == site), None)
         image = tuple(nodes[site].inputs[0].shape[1:]) if patches else None
         layers.append(NodeLayer(site, tr.get("weight"), tr.get("bias"), u, q_clean, zp, scale, white, layout,
                                 centered, patches, image, nodes[site].attrs.get("group", 1)))
@@ -250,6 +270,9 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     s = b.cast(c, np.int8, hint="s")
     grad = {}
     for layer in ctx.node:
+        if layer.logits is not None:    # the output layer: its exact gradient from the clean logits
+            grad.update(exact_gradient(b, layer, layer.logits, ctx.losses.labels, ctx.spec.loss)[1])
+            continue
         rank = len(layer.noise.shape)                                         # [m, B, *out]
         si = b.op("Unsqueeze", [s, np.arange(2, rank, dtype=np.int64)], dtype=np.int8) if rank > 2 else s
         v = I.ReduceSum(b.cast(b.op("Mul", [layer.noise, si], dtype=np.int8), np.int32), np.array([0], np.int64),
@@ -294,6 +317,23 @@ def layer_gradient(b: Builder, layer: NodeLayer, rows) -> dict:
         grad[layer.bias.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
                                           np.array(layer.bias.shape, np.int64), hint="g_bias")
     return grad
+
+
+def exact_gradient(b: Builder, layer: NodeLayer, logits, labels, loss: str):
+    """(V, ĝ) of the layer that writes the logits, from their clean value [B, ..., out] (passes/head.py):
+    V = QuantizeLinear(softmax(z) − onehot(y), 2^-7) (bce: sigmoid(z) − y), int8; ĝ = layer_gradient's / 2^G_SHIFT."""
+    F = b.f32
+    if loss == "ce":    # onehot as labels == 0..C−1 (the ONNX reference evaluator cannot run OneHot with these types)
+        hit = b.op("Equal", [b.op("Unsqueeze", [labels, np.array([1], np.int64)], dtype=np.int64),
+                             np.arange(logits.shape[-1], dtype=np.int64)], dtype=bool)
+        target, p = b.cast(hit, np.float32), F.Softmax(logits, axis=-1)
+    else:
+        target = b.cast(labels if len(labels.shape) == 2 else b.op("Unsqueeze", [labels, np.array([1], np.int64)],
+                                                                    dtype=np.int64), np.float32)
+        p = F.Sigmoid(logits)
+    v = b.op("QuantizeLinear", [F.Sub(p, target, hint="e"), V_SCALE, np.int8(0)], dtype=np.int8, hint="v")
+    rows = b.op("Reshape", [v, np.array([-1, logits.shape[-1]], np.int64)], dtype=np.int8)    # [rows, out]
+    return v, {name: divided(b, g, 1 << G_SHIFT) for name, g in layer_gradient(b, layer, rows).items()}
 
 
 PAIR = Pass("node", run, reads=("io", "trainables", "state", "perturbations"), adds=("branches", "node"))

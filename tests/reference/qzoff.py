@@ -431,14 +431,37 @@ class NodeLayer:
         self.input = node.input[0]
         self.whitening = next((w for w in c.get("step_whitening") or [] if w["site"] == site), None)
         self.white = site + "__ref_white"
+        self.exact = False    # node_layers: the output layer at depth
 
 
 def node_layers(source: onnx.ModelProto, c: dict) -> list[NodeLayer]:
+    """The trained sites' layers; with more than one and a ce or bce loss, the one that writes the logits
+    (up to a requantization and a bias Add) is `exact`: no noise, its step the exact gradient (head_step's)."""
     sites = []
     for s in parameters(c):
         if s["site"] not in sites:
             sites.append(s["site"])
-    return [NodeLayer(source, c, site) for site in sites]
+    layers = [NodeLayer(source, c, site) for site in sites]
+    if len(layers) > 1 and c["spec"]["loss"] in ("ce", "bce"):
+        for layer in layers:
+            layer.exact = _writes_logits(source, layer.output, c["loss_tap"])
+    return layers
+
+
+def _writes_logits(model: onnx.ModelProto, name: str, tap: str) -> bool:
+    """Whether the tensor `name` reaches the loss tap through QuantizeLinear, DequantizeLinear and an Add of a
+    dequantized initializer only."""
+    inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    fixed = lambda t: t in inits or t in producer and producer[t].op_type == "DequantizeLinear" and \
+        all(i in inits for i in producer[t].input if i)
+    while name != tap:
+        readers = [n for n in model.graph.node if name in n.input]
+        if len(readers) != 1 or not (readers[0].op_type in ("QuantizeLinear", "DequantizeLinear") or
+                                     readers[0].op_type == "Add" and all(i == name or fixed(i) for i in readers[0].input)):
+            return False
+        name = readers[0].output[0]
+    return True
 
 
 def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None) -> InferenceOracle:
@@ -554,6 +577,8 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         s_{i,b}  = sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));  V_b = Σ_i s_{i,b}·u_{i,b}
         V_b ← V_b − round(mean_j V_b,j) (half away from 0, clipped to ±127) where the layer's output is the
               logits that the ce loss reads (the loss tap),
+        the layer that writes the logits, where more than one layer trains (node_layers: `exact`): no noise,
+              and its ĝ is exact_gradient's, from the clean logits;
         ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too; a whitened step
               takes a = QuantizeLinear(a_float·P², s) instead), ĝ_bias = Σ_b V_b,
         for a Conv the rows are its output positions (b, y, x) and a_b its im2col patches (`patches`):
@@ -574,10 +599,12 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     clean = run({layer.noise: np.zeros(1, np.float32) for layer in layers})
     shapes = {layer.site: clean[layer.output + "__ref_clean"].shape for layer in layers}
     u = {layer.site: [perturbation(seed, step_no, layer.stream, i, int(np.prod(shapes[layer.site])), "rademacher", 1.0)
-                      .reshape(shapes[layer.site]) for i in range(m)] for layer in layers}
+                      .reshape(shapes[layer.site]) if not layer.exact else np.zeros(shapes[layer.site], np.int64)
+                      for i in range(m)] for layer in layers}
+    perturbed = [layer for layer in layers if not layer.exact]
     if spec.get("node_schedule", "all") == "alternate":     # direction i perturbs layer i mod L only
-        for k, layer in enumerate(layers):
-            u[layer.site] = [ui if i % len(layers) == k else 0 * ui for i, ui in enumerate(u[layer.site])]
+        for k, layer in enumerate(perturbed):
+            u[layer.site] = [ui if i % len(perturbed) == k else 0 * ui for i, ui in enumerate(u[layer.site])]
     lp, lm = np.zeros((m, B), np.float32), np.zeros((m, B), np.float32)
     for i in range(m):
         for sign, out in ((1, lp), (-1, lm)):
@@ -590,6 +617,9 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     s = np.sign(np.where(tie, np.float32(0), d)).astype(np.int64)
     grads = {}
     for layer in layers:
+        if layer.exact:
+            grads.update(exact_gradient(layer, clean, clean[oracle.tap], y, spec["loss"], state)[1])
+            continue
         v = sum(s[i].reshape((B,) + (1,) * (len(shapes[layer.site]) - 1)) * u[layer.site][i] for i in range(m))
         positions = int(np.prod(v.shape[2:])) if layer.layout == "conv" else 1   # H'·W'
         if layer.layout == "conv":                                  # rows: the output positions (b, y, x)
@@ -650,15 +680,22 @@ def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     feeds = {**(x if isinstance(x, dict) else {oracle.data: x}), **weights, layer.noise: np.zeros(1, np.float32)}
     clean = dict(zip(names, oracle.sess.run(names, feeds)))
     z = clean[oracle.tap]
-    if spec["loss"] == "ce":
+    v, grads = exact_gradient(layer, clean, z, y, spec["loss"], state)
+    new = update(c, state, grads, lr, seed, step_no)
+    batch = np.float32(loss(z, y, spec["loss"]))
+    return new, {"loss_plus": np.array([batch]), "loss_minus": np.array([batch]), "coef": v}
+
+
+def exact_gradient(layer: NodeLayer, clean: dict, z: np.ndarray, y, kind: str, state: dict):
+    """(V, ĝ) of the layer that writes the logits z (head_step's formulas): V = clip(round_half_even(128·e),
+    −128, 127) for e = softmax(z) − onehot(y) (ce) or sigmoid(z) − y (bce); ĝ = round_half_away(layer_gradient / 16)."""
+    if kind == "ce":
         e = _ort_op("Softmax", z) - np.eye(z.shape[-1], dtype=np.float32)[y]
     else:
         e = _ort_op("Sigmoid", z) - np.asarray(y, np.float32).reshape(z.shape)
     v = np.clip(np.rint(e * np.float32(128)), -128, 127).astype(np.int64)
-    grads = {k: _position_mean(g, 16) for k, g in layer_gradient(layer, clean, v.reshape(-1, v.shape[-1]), state, 1).items()}
-    new = update(c, state, grads, lr, seed, step_no)
-    batch = np.float32(loss(z, y, spec["loss"]))
-    return new, {"loss_plus": np.array([batch]), "loss_minus": np.array([batch]), "coef": v}
+    grads = layer_gradient(layer, clean, v.reshape(-1, v.shape[-1]), state, 1)
+    return v, {k: _position_mean(g, 16) for k, g in grads.items()}
 
 
 NODE_GRAD_MAX = 2 ** 20   # README: |ĝ| saturates there (binds only past m·rows·255 > 2^20)
