@@ -123,7 +123,7 @@ def table(lines: list[dict]) -> str:
     groups = {}
     for r in lines:
         groups.setdefault((r["model"], r["last"], r["estimator"], r.get("spec", {}).get("m")), []).append(r)
-    label = {"node": "node, m = {m}", "sign": "sign, m = 64 (default)", "bp": "fp32 Adam backprop"}
+    label = {"node": "node, m = {m}", "sign": "sign, m = 64", "head": "head (exact gradient)", "bp": "fp32 Adam backprop"}
     out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]
     for (model, last, name, m), rs in groups.items():
         head = f"| {model} | `--last {last}` | {label.get(name, name).format(m=m)} | "
