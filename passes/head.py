@@ -4,11 +4,12 @@ The trained layer is the one whose output y is the logits the loss reads (the lo
 gradient is local and exact, with no perturbation and no backpropagation:
 
     e_b = softmax(y_b) − onehot(label_b)    (ce)        e_b = sigmoid(y_b) − label_b    (bce)
-    V_b = QuantizeLinear(e_b, 2^-7, 0)      int8 (node.exact_gradient, which node perturbation also uses): round half to even, saturated to [−128, 127] (|e| <= 1)
+    V_b = QuantizeLinear(e_b, 2^-7, 0)      int8: round half to even, saturated to [−128, 127] (|e| <= 1)
     ĝ_W = Σ_b a_b ⊗ V_b,  ĝ_bias = Σ_b V_b  as node perturbation's from its V (passes/node.py layer_gradient:
                                           the clean integer input a = q − zp, whitened with --calibration)
     ĝ ← ĝ / 2^G_SHIFT                      rounded half away from 0
-    then the integer update (update.py) unchanged.
+    then the integer update (update.py) unchanged. (node.exact_gradient; node perturbation steps its output
+    layer at depth the same way.)
 
 It is one clean forward of the graph as lifted (the trained weights read from the state): no branches and no
 perturbed copy, so a step costs a forward plus one [in, B]·[B, out] MatMulInteger. V is where the step leaves

@@ -133,8 +133,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     sites = list(dict.fromkeys(tr.site for tr in ctx.trainables))
     parts = {site: layer_parts(nodes[site]) for site in sites}
     tap = ctx.io.loss_tap
+    static = isinstance((graph.tensors()[tap].shape or [None])[-1], int)     # exact_gradient's class axis
     exact = next((site for site in sites if writes_logits(graph, nodes[site], tap)), None) \
-        if len(sites) > 1 and ctx.spec.loss in ("ce", "bce") else None   # its step: the exact gradient
+        if len(sites) > 1 and ctx.spec.loss in ("ce", "bce") and static else None   # its step: the exact gradient
     perturbed = [site for site in sites if site != exact]
     suffix = downstream_nodes(graph, list(ctx.state.inputs.values()))
     needed = upstream_nodes(suffix, tap)
