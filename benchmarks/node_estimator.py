@@ -11,7 +11,8 @@ model; lr by 5-fold validation over 1e-3, 3e-3, 1e-2 on seed 0), scored as fp32.
 `--train REGEX` (repeatable) trains the sites it matches (TrainSpec(train=(REGEX,))) instead of `--last N`,
 one set of rows per pattern; each row records it as "train" and --table groups by it. `--higher-rates K` adds
 K doublings above the top of tune's grid (the graph's fixed-point bound still drops what it cannot take), for
-when tune chooses its largest rate; rows then record "higher_rates".
+when tune chooses its largest rate; rows then record "higher_rates". `--rates LR ...` makes tune search exactly
+these (cosine still adds twice the largest; the bound still applies); rows record "rates".
 
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 2 1
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 3 4 --estimators node node-alternate sign
@@ -46,14 +47,15 @@ ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estima
               "sign": dict(estimator="sign"), "head": dict(estimator="head"), "bp": dict()}
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline
 HIGHER_RATES = 0   # --higher-rates
+RATES = None       # --rates
 
 
-def widen_grid(k: int) -> None:
-    """tune's rate grid with k doublings above its largest rate."""
+def set_grid(k: int = 0, rates: list[float] | None = None) -> None:
+    """tune's rate grid: exactly `rates`, else the estimator's with k doublings above its largest rate."""
     from fgcompile.runtime import tune as _tune
     base = _tune.lr_grid
-    _tune.lr_grid = lambda bits, estimator="sign": (g := base(bits, estimator)) + tuple(g[-1] * 2.0 ** i
-                                                                                      for i in range(1, k + 1))
+    _tune.lr_grid = lambda bits, estimator="sign": tuple(rates) if rates else (
+        (g := base(bits, estimator)) + tuple(g[-1] * 2.0 ** i for i in range(1, k + 1)))
 
 
 def splits(model: str, data: str | None) -> tuple[str, str, str]:
@@ -72,7 +74,7 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
     """Rows of one (depth or --train pattern, estimator): train=REGEX trains the sites it matches, not `last`."""
     path, train_path, test = splits(model, data)
     sites = dict(train=(train,)) if train else dict(last=last)
-    higher = {"higher_rates": HIGHER_RATES} if HIGHER_RATES else {}
+    higher = {"higher_rates": HIGHER_RATES} if HIGHER_RATES else {"rates": RATES} if RATES else {}
     xy = load_data(train_path)   # float32 x, also from integer codes with x_scale (the kws splits)
     rate = None
 
@@ -141,7 +143,8 @@ def table(lines: list[dict]) -> str:
     groups = {}
     for r in lines:
         where = f"--train {r['train']}" if "train" in r else f"--last {r['last']}"
-        where += f" (grid +{r['higher_rates']} doublings)" if r.get("higher_rates") else ""
+        where += f" (grid +{r['higher_rates']} doublings)" if r.get("higher_rates") else \
+            f" (rates {', '.join(f'{x:g}' for x in r['rates'])})" if r.get("rates") else ""
         groups.setdefault((r["model"], where, r["estimator"], r.get("spec", {}).get("m")), []).append(r)
     label = {"node": "node, m = {m}", "sign": "sign, m = 64 (default)", "bp": "fp32 Adam backprop"}
     out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]
@@ -173,13 +176,15 @@ if __name__ == "__main__":
     p.add_argument("--node-m", type=int, default=8, help="the node estimator's m (directions per step)")
     p.add_argument("--higher-rates", type=int, default=0, metavar="K",
                    help="add K doublings above the top of tune's rate grid")
+    p.add_argument("--rates", type=float, nargs="+", default=None, metavar="LR",
+                   help="tune searches exactly these rates (instead of the estimator's grid)")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
                    help="print the markdown table of these result files instead of running")
     a = p.parse_args()
     ESTIMATORS["node"]["m"] = ESTIMATORS["node-alternate"]["m"] = a.node_m
-    if a.higher_rates:
-        HIGHER_RATES = a.higher_rates
-        widen_grid(a.higher_rates)
+    if a.higher_rates or a.rates:
+        HIGHER_RATES, RATES = a.higher_rates, a.rates
+        set_grid(a.higher_rates, a.rates)
     if a.table:
         print(table([json.loads(line) for f in a.table for line in open(f) if line.strip()]), end="")
         raise SystemExit(0)
