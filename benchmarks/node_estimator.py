@@ -12,7 +12,8 @@ model; lr by 5-fold validation over 1e-3, 3e-3, 1e-2 on seed 0), scored as fp32.
 one set of rows per pattern; each row records it as "train" and --table groups by it. `--higher-rates K` adds
 K doublings above the top of tune's grid (the graph's fixed-point bound still drops what it cannot take), for
 when tune chooses its largest rate; rows then record "higher_rates". `--rates LR ...` makes tune search exactly
-these (cosine still adds twice the largest; the bound still applies); rows record "rates".
+these (cosine still adds twice the largest; the bound still applies); rows record "rates". `--lr LR` skips
+tune and trains every seed at LR (rows record "lr_given"; for when tune would take too long).
 
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 2 1
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 3 4 --estimators node node-alternate sign
@@ -48,6 +49,7 @@ ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estima
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline
 HIGHER_RATES = 0   # --higher-rates
 RATES = None       # --rates
+GIVEN_LR = None    # --lr
 
 
 def set_grid(k: int = 0, rates: list[float] | None = None) -> None:
@@ -75,8 +77,9 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
     path, train_path, test = splits(model, data)
     sites = dict(train=(train,)) if train else dict(last=last)
     higher = {"higher_rates": HIGHER_RATES} if HIGHER_RATES else {"rates": RATES} if RATES else {}
+    higher |= {"lr_given": True} if GIVEN_LR else {}
     xy = load_data(train_path)   # float32 x, also from integer codes with x_scale (the kws splits)
-    rate = None
+    rate = GIVEN_LR
 
     def emit(row: dict) -> None:
         where = {"train": train} if train else {"last": last}
@@ -144,7 +147,8 @@ def table(lines: list[dict]) -> str:
     for r in lines:
         where = f"--train {r['train']}" if "train" in r else f"--last {r['last']}"
         where += f" (grid +{r['higher_rates']} doublings)" if r.get("higher_rates") else \
-            f" (rates {', '.join(f'{x:g}' for x in r['rates'])})" if r.get("rates") else ""
+            f" (rates {', '.join(f'{x:g}' for x in r['rates'])})" if r.get("rates") else \
+            " (lr given, not tuned)" if r.get("lr_given") else ""
         groups.setdefault((r["model"], where, r["estimator"], r.get("spec", {}).get("m")), []).append(r)
     label = {"node": "node, m = {m}", "sign": "sign, m = 64 (default)", "bp": "fp32 Adam backprop"}
     out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]
@@ -178,6 +182,7 @@ if __name__ == "__main__":
                    help="add K doublings above the top of tune's rate grid")
     p.add_argument("--rates", type=float, nargs="+", default=None, metavar="LR",
                    help="tune searches exactly these rates (instead of the estimator's grid)")
+    p.add_argument("--lr", type=float, default=None, help="skip tune: train every seed at this rate")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
                    help="print the markdown table of these result files instead of running")
     a = p.parse_args()
@@ -185,6 +190,7 @@ if __name__ == "__main__":
     if a.higher_rates or a.rates:
         HIGHER_RATES, RATES = a.higher_rates, a.rates
         set_grid(a.higher_rates, a.rates)
+    GIVEN_LR = a.lr
     if a.table:
         print(table([json.loads(line) for f in a.table for line in open(f) if line.strip()]), end="")
         raise SystemExit(0)
