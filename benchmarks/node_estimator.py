@@ -8,11 +8,18 @@ per run on stdout (and appended to --out). --model is a shipped model's name (it
 picks them: benchmarks/adapt.py's files_of) or an .onnx path (then --data names the directory or the two
 npz files). `--estimators bp` is fp32 Adam backprop of the same tensors (the fp32.onnx beside the
 model; lr by 5-fold validation over 1e-3, 3e-3, 1e-2 on seed 0), scored as fp32. A depth node refuses (e.g. a Conv site) is one line with its SpecError.
+`--train REGEX` (repeatable) trains the sites it matches (TrainSpec(train=(REGEX,))) instead of `--last N`,
+one set of rows per pattern; each row records it as "train" and --table groups by it. `--higher-rates K` adds
+K doublings above the top of tune's grid (the graph's fixed-point bound still drops what it cannot take), for
+when tune chooses its largest rate; rows then record "higher_rates". `--rates LR ...` makes tune search exactly
+these (cosine still adds twice the largest; the bound still applies); rows record "rates". `--lr LR` skips
+tune and trains every seed at LR (rows record "lr_given"; for when tune would take too long).
 
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 2 1
     python benchmarks/node_estimator.py --epochs 30 --seeds 0 1 2 --last 3 4 --estimators node node-alternate sign
     python benchmarks/node_estimator.py --model digits_attn --last 3 7 1 --out /tmp/attn.jsonl
     python benchmarks/node_estimator.py --model kws_dscnn --last 1 3 --out /tmp/kws.jsonl
+    python benchmarks/node_estimator.py --train conv2 --train fc1 --estimators node sign   # one mid layer each
 
 node-alternate: --node-schedule alternate (direction i perturbs trained layer i mod L only).
 head: --estimator head (the exact gradient at the logits; --last 1 only).
@@ -40,6 +47,17 @@ from adapt import files_of  # noqa: E402
 ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estimator="node", m=8, node_schedule="alternate"),
               "sign": dict(estimator="sign"), "head": dict(estimator="head"), "bp": dict()}
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline
+HIGHER_RATES = 0   # --higher-rates
+RATES = None       # --rates
+GIVEN_LR = None    # --lr
+
+
+def set_grid(k: int = 0, rates: list[float] | None = None) -> None:
+    """tune's rate grid: exactly `rates`, else the estimator's with k doublings above its largest rate."""
+    from fgcompile.runtime import tune as _tune
+    base = _tune.lr_grid
+    _tune.lr_grid = lambda bits, estimator="sign": tuple(rates) if rates else (
+        (g := base(bits, estimator)) + tuple(g[-1] * 2.0 ** i for i in range(1, k + 1)))
 
 
 def splits(model: str, data: str | None) -> tuple[str, str, str]:
@@ -54,23 +72,28 @@ def splits(model: str, data: str | None) -> tuple[str, str, str]:
 
 
 def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: str | None = None,
-        whiten: bool = True, out: str | None = None) -> None:
+        whiten: bool = True, out: str | None = None, train: str | None = None) -> None:
+    """Rows of one (depth or --train pattern, estimator): train=REGEX trains the sites it matches, not `last`."""
     path, train_path, test = splits(model, data)
+    sites = dict(train=(train,)) if train else dict(last=last)
+    higher = {"higher_rates": HIGHER_RATES} if HIGHER_RATES else {"rates": RATES} if RATES else {}
+    higher |= {"lr_given": True} if GIVEN_LR else {}
     xy = load_data(train_path)   # float32 x, also from integer codes with x_scale (the kws splits)
-    rate = None
+    rate = GIVEN_LR
 
     def emit(row: dict) -> None:
-        line = json.dumps({"model": model, "last": last, "estimator": name, "spec": ESTIMATORS[name], **row})
+        where = {"train": train} if train else {"last": last}
+        line = json.dumps({"model": model, **where, "estimator": name, "spec": ESTIMATORS[name], **row})
         print(line, flush=True)
         if out:
             with open(out, "a") as f:
                 f.write(line + "\n")
 
     if name == "bp":
-        return backprop_rows(path, last, xy, load_data(test), seeds, epochs, emit)
+        return backprop_rows(path, sites, xy, load_data(test), seeds, epochs, emit)
     for seed in seeds:
         start = time.time()
-        spec = fgcompile.TrainSpec(last=last, seed=seed, **ESTIMATORS[name])
+        spec = fgcompile.TrainSpec(**sites, seed=seed, **ESTIMATORS[name])
         try:
             compiled = fgcompile.compile_model(onnx.load(path), spec, calibration=xy[0] if whiten else None)
         except SpecError as exc:
@@ -85,20 +108,20 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
         with tempfile.TemporaryDirectory() as tmp:
             fgcompile.export_model(trainer, f"{tmp}/adapted.onnx")
             acc = fgcompile.evaluate(f"{tmp}/adapted.onnx", test)
-        emit({"seed": seed, "trained": [s.name for s in compiled.contract.state],
+        emit({"seed": seed, "trained": [s.name for s in compiled.contract.state], **higher,
               "whitened": compiled.contract.spec.precondition == "whiten", "epochs": epochs, "lr": rate,
               "exported_accuracy": acc["accuracy"], "seconds": round(time.time() - start, 1),
               **({"tune": _scores(tuned)} if tuned else {})})
 
 
-def backprop_rows(path: str, last: int, xy, test, seeds: list[int], epochs: int, emit) -> None:
+def backprop_rows(path: str, sites: dict, xy, test, seeds: list[int], epochs: int, emit) -> None:
     """fp32 Adam backprop of the same tensors (the fp32.onnx beside the model), lr by 5-fold validation on
     seed 0 (benchmarks/accuracy.select, run.py's grid), scored as the fp32 model on the target test split."""
     import accuracy
     import backprop
     fp32_path = pathlib.Path(path).with_name("fp32.onnx")
     quantized, fp32 = onnx.load(path), onnx.load(fp32_path)
-    state = [s.name for s in fgcompile.compile_model(quantized, fgcompile.TrainSpec(last=last)).contract.state]
+    state = [s.name for s in fgcompile.compile_model(quantized, fgcompile.TrainSpec(**sites)).contract.state]
     names = accuracy.fp32_names(quantized, fp32, state)
 
     def bp(lr, seed, tr, te, ep, b):
@@ -122,11 +145,15 @@ def table(lines: list[dict]) -> str:
     (exported int8 for fgcompile, fp32 for bp), or the refusal."""
     groups = {}
     for r in lines:
-        groups.setdefault((r["model"], r["last"], r["estimator"], r.get("spec", {}).get("m")), []).append(r)
+        where = f"--train {r['train']}" if "train" in r else f"--last {r['last']}"
+        where += f" (grid +{r['higher_rates']} doublings)" if r.get("higher_rates") else \
+            f" (rates {', '.join(f'{x:g}' for x in r['rates'])})" if r.get("rates") else \
+            " (lr given, not tuned)" if r.get("lr_given") else ""
+        groups.setdefault((r["model"], where, r["estimator"], r.get("spec", {}).get("m")), []).append(r)
     label = {"node": "node, m = {m}", "sign": "sign, m = 64", "head": "head (exact gradient)", "bp": "fp32 Adam backprop"}
     out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]
-    for (model, last, name, m), rs in groups.items():
-        head = f"| {model} | `--last {last}` | {label.get(name, name).format(m=m)} | "
+    for (model, where, name, m), rs in groups.items():
+        head = f"| {model} | `{where}` | {label.get(name, name).format(m=m)} | "
         if "refused" in rs[0]:
             out.append(head + f"– | – | refused: {rs[0]['refused'].split('. It supports')[0]} | – |")
             continue
@@ -142,6 +169,8 @@ if __name__ == "__main__":
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--last", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--train", action="append", default=None, metavar="REGEX",
+                   help="train the sites this regex matches instead of --last (repeatable: rows per pattern)")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
     p.add_argument("--model", default="models/digits_cnn/w8a8.onnx",
                    help="a shipped model's name (digits_cnn, digits_attn, kws_dscnn, kws_detect) or an .onnx path")
@@ -149,13 +178,22 @@ if __name__ == "__main__":
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--no-whitening", action="store_true")
     p.add_argument("--node-m", type=int, default=8, help="the node estimator's m (directions per step)")
+    p.add_argument("--higher-rates", type=int, default=0, metavar="K",
+                   help="add K doublings above the top of tune's rate grid")
+    p.add_argument("--rates", type=float, nargs="+", default=None, metavar="LR",
+                   help="tune searches exactly these rates (instead of the estimator's grid)")
+    p.add_argument("--lr", type=float, default=None, help="skip tune: train every seed at this rate")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
                    help="print the markdown table of these result files instead of running")
     a = p.parse_args()
     ESTIMATORS["node"]["m"] = ESTIMATORS["node-alternate"]["m"] = a.node_m
+    if a.higher_rates or a.rates:
+        HIGHER_RATES, RATES = a.higher_rates, a.rates
+        set_grid(a.higher_rates, a.rates)
+    GIVEN_LR = a.lr
     if a.table:
         print(table([json.loads(line) for f in a.table for line in open(f) if line.strip()]), end="")
         raise SystemExit(0)
-    for last in a.last:
+    for last, train in [(1, t) for t in a.train] if a.train else [(n, None) for n in a.last]:
         for name in a.estimators:
-            run(last, name, a.seeds, a.epochs, a.model, a.data, not a.no_whitening, a.out)
+            run(last, name, a.seeds, a.epochs, a.model, a.data, not a.no_whitening, a.out, train)

@@ -174,3 +174,10 @@ def test_node_estimator_picks_each_models_target_splits_and_tables_refusals():
     text = node_estimator.table(rows)
     assert "| 90.0 / 80.0 | 85.0 ± 7.1 |" in text
     assert "refused: --estimator node: site 'block3.dw' is a Conv |" in text
+    mid = [{"model": "digits_cnn", "train": "conv2", "estimator": e, "spec": {"m": 8}, "seed": 0, "lr": 1.0,
+            "exported_accuracy": 0.75, **extra} for e, extra in (("node", {}), ("node", {"higher_rates": 3}),
+                                                                 ("node", {"rates": [0.5, 1.0]}), ("sign", {"lr_given": True}))]
+    text = node_estimator.table(mid)
+    assert "| digits_cnn | `--train conv2` | node, m = 8 | 1 |" in text
+    assert "| digits_cnn | `--train conv2 (grid +3 doublings)` | node, m = 8 | 1 |" in text
+    assert "`--train conv2 (rates 0.5, 1)` | node" in text and "`--train conv2 (lr given, not tuned)` | sign" in text
