@@ -156,12 +156,12 @@ def run_fleet(model, data, out=None, rounds: int = 20, local_epochs: int = 1, ba
     source_test = None if source is None else read_as(sess, source, "--source", head)
     _check_batch(sess, devices, batch, data)
     pooled = sim.pooled(devices)
-    if spec.estimator == "auto" and upload != "update":
-        # a device's signs replay on the server (m bits a step) only from weight perturbation: where auto would
-        # train the output layer with its exact gradient (an update upload), the fleet keeps Sign-m-SPSA
-        probe = compile_model(source_model, spec, calibration=pooled[0])
-        spec = dataclasses.replace(spec, estimator="sign") if probe.contract.spec.estimator == "head" else spec
     compiled = compile_model(source_model, spec, calibration=pooled[0])
+    if spec.estimator == "auto" and upload != "update" and compiled.contract.spec.estimator == "head":
+        # a device's signs replay on the server (m bits a step) only from weight perturbation: where auto
+        # trained the output layer with its exact gradient (an update upload), the fleet keeps Sign-m-SPSA
+        spec = dataclasses.replace(spec, estimator="sign")
+        compiled = compile_model(source_model, spec, calibration=pooled[0])
     kind = sim.upload_kind(compiled.contract, upload) if "federated" in modes else None
     top = compiled.contract.lr_numerator.max
     if lr is None and spec.lr is not None:
