@@ -284,8 +284,7 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
         rows = I.Reshape(v, np.array([-1, out], np.int64))                    # [rows, out]
         if layer.centered:
             total = I.ReduceSum(rows, np.array([1], np.int64), keepdims=1)
-            mean = I.Mul(I.Sign(total), I.Div(I.Add(I.Abs(total), out // 2), out), hint="mean")
-            rows = b.clip_int32(I.Sub(rows, mean), -127, 127)
+            rows = b.clip_int32(I.Sub(rows, divided(b, total, out)), -127, 127)
         grad.update(layer_gradient(b, layer, b.cast(rows, np.int8)))
     ctx.estimate = Estimate(c, grad)
     return graph
