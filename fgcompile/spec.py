@@ -18,7 +18,8 @@ PERTURBATIONS = ("rademacher", "ternary", "gaussian")
 LOSSES = ("auto", "ce", "mse", "bce")   # auto: bce for a Sigmoid output, else ce (TrainSpec.for_head)
 ESTIMATORS = ("auto", "sign", "spsa", "node", "head")   # node: per-example activity perturbation (passes/node.py);
 # head: the exact gradient of the output layer's loss at its logits (passes/head.py);
-# auto: node when it trains deeper than one layer and takes every site, else sign (passes/plan.py)
+# auto: node when it trains deeper than one layer and takes every site, head for a lone output layer of a ce
+# loss, else sign (passes/plan.py)
 # m when unset, per estimator: stacked branches make weight perturbation's m cheap, and m = 32 gained 4-9
 # points over m = 8 there (m = 64 with the cosine schedule another 2 on the transformer at 30 epochs);
 # node perturbation samples every example, and m = 8 trained fc1+fc2 as far (benchmarks/README.md)
@@ -47,7 +48,6 @@ LR_GRIDS = {16: (32.0, 64.0, 128.0, 256.0, 512.0), 14: (1.0, 2.0, 4.0, 8.0, 16.0
 # rate is this much smaller than weight perturbation's for the same weight steps; ε is in output LSBs.
 NODE_LR_DIVISOR = 256
 NODE_EPS = 1
-
 
 
 def lr_grid(grid_bits: int, estimator: str = "sign") -> tuple[float, ...]:

@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from fgcompile.errors import SpecError
 from .context import Branches, Context, Estimate, NodeLayer, Pass
 from .graph_ops import Builder, bypass_requant, downstream_nodes, writes_logits
-from .node import exact_gradient, layer_parts, site_refusal
+from .node import exact_gradient, layer_parts, option_refusal, site_refusal
 
 LOSSES = ("ce", "bce")
 
@@ -54,11 +54,7 @@ def refusal(graph: gs.Graph, ctx: Context, loss: str) -> str | None:
         return f"its logits {ctx.io.loss_tap!r} have no static class axis"
     if loss not in LOSSES:
         return f"--loss {loss} (its gradient at the logits is ce's or bce's only)"
-    option = ctx.spec.node_refusal()
-    if option:
-        return f"it does not take {option}"
-    roles = sorted({t.role for t in ctx.trainables} - {"weight", "bias"})
-    return f"it trains {roles[0]} tensors" if roles else None
+    return option_refusal(ctx)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:

@@ -117,6 +117,16 @@ def _conv_patches(node: gs.Node) -> Patches:
     return Patches.of_conv(node.attrs, shape)
 
 
+def option_refusal(ctx: Context) -> str | None:
+    """Why an estimator that reads the trained layers' outputs (node, head) cannot take this compile's options
+    or trained tensors, or None (plan and head.refusal ask it)."""
+    option = ctx.spec.node_refusal()
+    if option:
+        return f"it does not take {option} yet"
+    roles = sorted({t.role for t in ctx.trainables} - {"weight", "bias"})
+    return f"it trains {roles[0]} tensors, which are not a layer's outputs" if roles else None
+
+
 def site_refusal(node: gs.Node) -> str | None:
     """Why the node estimator cannot perturb this trained site, or None (plan asks before choosing it)."""
     try:

@@ -27,19 +27,13 @@ from fgcompile.errors import SpecError
 from fgcompile.spec import DEFAULT_M
 from .context import Context, Pass, Plan
 from . import head
-from .node import site_refusal
+from .node import option_refusal, site_refusal
 
 
 def _node_refusal(graph: gs.Graph, ctx: Context, sites: list[str]) -> str | None:
     """Why node perturbation cannot train this compile, or None."""
-    option = ctx.spec.node_refusal()
-    if option:
-        return f"it does not take {option} yet"
-    roles = sorted({t.role for t in ctx.trainables} - {"weight", "bias"})
-    if roles:
-        return f"it trains {roles[0]} tensors, which are not a layer's outputs"
     nodes = {n.name: n for n in graph.nodes}
-    return next(filter(None, (site_refusal(nodes[site]) for site in sites)), None)
+    return option_refusal(ctx) or next(filter(None, (site_refusal(nodes[site]) for site in sites)), None)
 
 
 def _one_layer(graph: gs.Graph, ctx: Context) -> tuple[str, str]:
