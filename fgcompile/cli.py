@@ -11,7 +11,7 @@ from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
 from fgcompile.runtime.conformance import MAX_STEPS
 from fgcompile.runtime.metrics import FALSE_ALARM
-from fgcompile.spec import (BITS, BRANCH_FORMS, DEFAULT_M, ESTIMATORS, GRID_DEFAULTS, HEADROOMS, LOSSES, NODE_SCHEDULES,
+from fgcompile.spec import (BITS, BRANCH_FORMS, DEFAULT_M, ESTIMATORS, FORWARDS, GRID_DEFAULTS, HEADROOMS, LOSSES, NODE_SCHEDULES,
                             PERTURBATIONS, PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
 
@@ -199,6 +199,10 @@ def spec_options(f):
                          "has no stacking rule)."),
         spec_option("--memory-budget", "memory_budget_mb", type=float, metavar="MB",
                     help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
+        spec_option("--forward", "forward", FORWARDS,
+                    help="qdq: the frozen layers run the source's QDQ ops, which each runtime fuses and rounds its own "
+                         "way (fastest); exact: their integer results are computed with ops every runtime evaluates "
+                         "identically, so steps match across runtimes (slower on onnxruntime)."),
         spec_option("--prompts", "prompts",
                     help="Append N trainable tokens at a transformer block's input (trained with the sites)."),
         spec_option("--prompt-at", "prompt_at", metavar="NODE",
@@ -234,7 +238,7 @@ def make_spec(kw) -> TrainSpec:
                      prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"), headroom=int(kw.pop("headroom")),
                      precondition=kw.pop("precondition"), kernel_norm=kw.pop("kernel_norm"),
                      sparsity=kw.pop("sparsity"), sparse_mode=kw.pop("sparse_mode"), momentum=kw.pop("momentum"),
-                     sharpness=kw.pop("sharpness"))
+                     sharpness=kw.pop("sharpness"), forward=kw.pop("forward"))
 
 
 @main.command(short_help="List a model's trainable parameters and what stays float.")

@@ -30,6 +30,7 @@ ROUNDINGS = ("nearest", "stochastic")
 BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
 SPARSE_MODES = ("topk", "random", "threshold")
+FORWARDS = ("qdq", "exact")   # exact: frozen quantized ops in integer arithmetic every runtime agrees on (passes/exact_forward.py)
 NODE_SCHEDULES = ("all", "alternate")   # node: which trained layers direction i perturbs (passes/node.py)
 HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BITS = (8, 16)   # 16: an 8-bit weight trains widened to 16 bits; 8: it keeps its grid
@@ -128,6 +129,7 @@ class TrainSpec:
     sparse_mode: str = "topk"     # which elements move: topk (largest |ĝ|), random (hashed), threshold (|ĝ| >= sparsity·max|ĝ|)
     momentum: float = 0.0         # momentum-guided sampling: share of z drawn as sign(momentum) (passes/momentum.py)
     sharpness: int = 0            # sharpness-aware: the ±εz pair is centred ρ LSBs up the momentum's slope
+    forward: str = "qdq"          # exact: the frozen quantized ops compute identically on every runtime
 
     def __post_init__(self):
         check_field_types(self)
@@ -204,6 +206,7 @@ class TrainSpec:
         need(0 <= self.sharpness <= 4096, f"--sharpness {self.sharpness}: ρ is in weight LSBs and must be 0..4096.")
         need(self.sparse_mode in SPARSE_MODES,
              f"--sparse-mode {self.sparse_mode!r}: choose one of {', '.join(SPARSE_MODES)}.")
+        need(self.forward in FORWARDS, f"--forward {self.forward!r}: choose one of {', '.join(FORWARDS)}.")
         need(self.node_schedule in NODE_SCHEDULES,
              f"--node-schedule {self.node_schedule!r}: choose one of {', '.join(NODE_SCHEDULES)}.")
         need(self.node_schedule == "all" or self.estimator in ("node", "auto"),

@@ -1,0 +1,260 @@
+"""exact_forward (--forward exact): the frozen quantized ops compute their integer results with ops that every
+runtime evaluates identically, so a step no longer depends on how a runtime rounds its requantizations.
+
+A QDQ op DQ(x)·DQ(w) → Q(y) leaves each runtime to compute the real product in float, in its own order,
+and round it: onnxruntime fuses it into an int8 kernel that requantizes one way, its unfused float Conv
+and the ONNX reference evaluator another, OpenVINO a third; they differ by 1 LSB on a few values per batch
+(`fgcompile verify` names the op), and a step reads those values. Here the same op becomes
+
+    acc = (x − z_x) ⊛ w  (+ b)                                           int32, exact
+    y   = QuantizeLinear(f32(acc) · M, 1, z_y),   M = f32(s_x·s_w / s_y)    one rounding of each kind
+
+Each line is exact or rounds once under IEEE rules, so every conforming runtime gets the same y. The
+product runs as a float Conv/Gemm/MatMul on integer values where no partial sum can reach 2^24 (255·Σ|w|
+per output, or 255²·K between two activations: then float addition is exact in any order), else as
+ConvInteger/MatMulInteger. Without a QuantizeLinear after it, y = f32(acc)·f32(s_x·s_w) as float. A mean
+(ReduceMean, GlobalAveragePool) sums x − z_x in int32 and requantizes by s_x/(N·s_y); an Add of two
+requantized tensors scales each by s/s_y once and adds once. A bias whose scale is not s_x·s_w is
+re-gridded to it once, at compile time (round half to even).
+
+What stays as the source gave it: the trained layers (their weights are inputs), float ops (Softmax,
+LayerNormalization, Sigmoid, …) and any op whose inputs are not 8-bit QDQ tensors; the compile's notes
+count both. The default (--forward qdq) keeps the source's QDQ ops, which runtimes fuse into int8 kernels
+(several times faster on onnxruntime: benchmarks/README.md, "Exact forward").
+
+Precondition: the training graph after `update` (every trained weight is a graph input, not a constant).
+Postcondition: with --forward exact, no Conv/Gemm/MatMul/ReduceMean/GlobalAveragePool/Add whose inputs
+are DequantizeLinear of constant-scale 8-bit tensors (an 8-bit constant weight) is left, in the graph or a
+Loop body; the graph is unchanged otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .context import Context, Pass
+from .graph_ops import Builder, onnx_dtype, optional_input
+
+EXACT = 2 ** 24          # float32 adds integers below this exactly, in any order
+SPAN = 255               # |q − z| of an 8-bit tensor with its zero point in range
+PRODUCTS = ("Conv", "Gemm", "MatMul")
+MEANS = ("ReduceMean", "GlobalAveragePool")
+
+
+def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    if ctx.spec.forward != "exact":
+        return graph
+    done = _rewrite(graph)
+    source = {n.name for n in ctx.source.graph.node}
+    kept = sorted({n.op for g in _graphs(graph) for n in g.nodes if n.name in source and _float_op(n)})
+    ctx.notes.append(f"--forward exact: {done} frozen quantized ops compute exactly"
+                     + (f"; these stay float, as the source computes them: {', '.join(kept)}" if kept else ""))
+    return graph
+
+
+def _graphs(graph: gs.Graph):
+    """The graph and every Loop/If body in it."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from _graphs(value)
+
+
+def _rewrite(graph: gs.Graph) -> int:
+    count = 0
+    for g in list(_graphs(graph)):
+        b = Builder(g, "exact")
+        for node in list(g.nodes):
+            made = _product(b, node) if node.op in PRODUCTS else _mean(b, node) if node.op in MEANS else \
+                _add(b, node) if node.op == "Add" else False
+            count += bool(made)
+    return count
+
+
+def _float_op(node: gs.Node) -> bool:
+    """A node that computes in float (reads a float tensor that is not a shape)."""
+    return node.op not in ("QuantizeLinear", "DequantizeLinear", "Reshape", "Transpose", "Flatten", "Squeeze",
+                           "Unsqueeze", "Identity", "Shape", "MaxPool", "Concat", "Slice", "Gather") and any(
+        np.dtype(t.dtype) == np.float32 for t in node.outputs if t.dtype is not None)
+
+
+def _quantized(t: gs.Tensor):
+    """(q, scale, zero point) when t = DequantizeLinear(q) of an 8-bit q with a constant per-tensor scale
+    (or, for a constant q, per-channel; a constant int32 q below 2^24, a bias, too), else None."""
+    dq = t.inputs[0] if len(t.inputs) == 1 else None
+    if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[1], gs.Constant):
+        return None
+    q, zp = dq.inputs[0], optional_input(dq, 2)
+    small = isinstance(q, gs.Constant) and q.values.dtype == np.int32 and np.abs(q.values).max(initial=0) < EXACT
+    if np.dtype(q.dtype) not in (np.int8, np.uint8) and not small or zp is not None and not isinstance(zp, gs.Constant):
+        return None
+    scale = dq.inputs[1].values.astype(np.float64)
+    if scale.size > 1 and not isinstance(q, gs.Constant):
+        return None
+    z = zp.values.astype(np.int64) if zp is not None else np.zeros(scale.shape, np.int64)
+    return q, scale, z
+
+
+def _requant_target(node: gs.Node):
+    """The QuantizeLinear that alone reads the node's output (constant per-tensor 8-bit scale/zp), or None."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1:
+        return None
+    q = out.outputs[0]
+    zp = optional_input(q, 2)
+    if q.op != "QuantizeLinear" or not isinstance(q.inputs[1], gs.Constant) or q.inputs[1].values.size != 1 or \
+            not isinstance(zp, gs.Constant) or zp.values.dtype not in (np.int8, np.uint8):
+        return None
+    return q
+
+
+def _finish(b: Builder, node: gs.Node, acc, scale: np.ndarray, channel_shape) -> None:
+    """acc (int32, exact) in units of `scale` → the node's requantized output (its QuantizeLinear's tensor), or
+    its float output when no QuantizeLinear alone reads it."""
+    accf = b.cast(acc, np.float32, hint="acc_f32")
+    q = _requant_target(node)
+    if q is None:
+        out = node.outputs[0]
+        _drop(b.graph, node)
+        b.graph.nodes.append(gs.Node("Mul", b.name("real"), {}, [accf, b.const(_shaped(scale, channel_shape))],
+                                     [out]))
+        return
+    multiplier = scale / q.inputs[1].values.astype(np.float64).reshape(())
+    y = b.f32.Mul(accf, b.const(_shaped(multiplier, channel_shape)), hint="requant")
+    _requantized(b, node, q, y)
+
+
+def _requantized(b: Builder, node: gs.Node, q: gs.Node, y) -> None:
+    """y (float, in output LSBs) rounded to the QuantizeLinear's zero point, written to its output tensor;
+    the node and that QuantizeLinear leave the graph."""
+    out, zp = q.outputs[0], q.inputs[2]
+    _drop(b.graph, node, q)
+    b.graph.nodes.append(gs.Node("QuantizeLinear", b.name("quantize"), {}, [y, b.const(np.float32(1.0)), zp], [out]))
+
+
+def _drop(graph: gs.Graph, *nodes: gs.Node) -> None:
+    for node in nodes:
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.remove(node)
+
+
+def _shaped(values: np.ndarray, channel_shape) -> np.ndarray:
+    v = values.astype(np.float32)
+    return v.reshape(channel_shape) if v.size > 1 else v.reshape(())
+
+
+def _product(b: Builder, node: gs.Node) -> bool:
+    x, w = _quantized(node.inputs[0]), _quantized(node.inputs[1])
+    if x is None or w is None or x[1].size != 1:
+        return False
+    xq, sx, zx = x
+    wq, sw, zw = w
+    activations = not isinstance(wq, gs.Constant)
+    if activations and (node.op != "MatMul" or sw.size != 1):
+        return False
+    if not activations and np.any(zw != 0):   # symmetric weights (every toolchain's int8 weights)
+        return False
+    attrs = dict(node.attrs)
+    if node.op == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+        return False
+    rank = len(wq.shape) if wq.shape else 0
+    out_axis = {"Conv": 0, "Gemm": 0 if attrs.get("transB", 0) else 1, "MatMul": rank - 1}[node.op]
+    if sw.size > 1 and node.inputs[1].inputs[0].attrs.get("axis", 1) % rank != out_axis:
+        return False    # a per-channel scale along an axis that is not the output's
+    channel_shape = [-1] + [1] * (rank - 2) if node.op == "Conv" else [-1]
+    bias = optional_input(node, 2)
+    if bias is not None:
+        qb = bias.inputs[0] if len(bias.inputs) == 1 else None
+        if qb is None or qb.op != "DequantizeLinear" or not all(isinstance(i, gs.Constant) for i in qb.inputs[:2]):
+            return False
+        units = sx * sw   # the bias re-gridded to the accumulator's units (the same values when its scale is s_x·s_w)
+        bias_units = np.rint(qb.inputs[0].values.astype(np.float64) * qb.inputs[1].values.astype(np.float64) /
+                             units.astype(np.float32).astype(np.float64))
+        if np.abs(bias_units).max(initial=0) >= 2 ** 31:
+            return False
+    zero = lambda q, z: b.const(z.astype(np.dtype(q.dtype)).reshape(()))
+    if activations:
+        bound = SPAN * SPAN * int(node.inputs[0].shape[-1]) if node.inputs[0].shape else EXACT
+    else:
+        w = wq.values.astype(np.int64)
+        bound = SPAN * int(np.abs(w).reshape(w.shape[out_axis], -1).sum(axis=1).max() if out_axis == 0 else
+                           np.abs(w).reshape(-1, w.shape[-1]).sum(axis=0).max())
+    if bound < EXACT:    # float kernels on integer values: every partial sum is exact
+        xf = b.op("DequantizeLinear", [xq, b.const(np.float32(1.0)), zero(xq, zx)], dtype=np.float32, hint="centred")
+        wf = b.op("DequantizeLinear", [wq, b.const(np.float32(1.0)), zero(wq, zw)], dtype=np.float32, hint="centred") \
+            if activations else b.const(wq.values.astype(np.float32), "weight")
+        attrs.pop("axis", None)
+        product = b.op(node.op, [xf, wf], attrs, dtype=np.float32, hint="product")
+        acc = b.cast(product, np.int32, hint="acc")
+    elif node.op == "Conv":
+        acc = b.op("ConvInteger", [xq, wq, zero(xq, zx)], attrs, dtype=np.int32, hint="acc")
+    else:
+        right = wq if node.op == "MatMul" else b.const(wq.values.T.copy() if attrs.get("transB", 0) else wq.values)
+        acc = b.op("MatMulInteger", [xq, right, zero(xq, zx)] + ([zero(wq, zw)] if activations else []),
+                   dtype=np.int32, hint="acc")
+    if bias is not None:
+        acc = b.i32.Add(acc, b.const(bias_units.astype(np.int32).reshape(channel_shape)), hint="bias")
+    _finish(b, node, acc, sx * sw, channel_shape)
+    return True
+
+
+def _mean(b: Builder, node: gs.Node) -> bool:
+    x = _quantized(node.inputs[0])
+    shape = node.inputs[0].shape
+    if x is None or _requant_target(node) is None or not shape:
+        return False
+    xq, sx, zx = x
+    if node.op == "GlobalAveragePool":
+        axes, keep = list(range(2, len(shape))), 1
+    else:
+        given = optional_input(node, 1)
+        axes = given.values.tolist() if isinstance(given, gs.Constant) else node.attrs.get("axes")
+        keep = node.attrs.get("keepdims", 1)
+        if axes is None or not isinstance(given, (gs.Constant, type(None))) or node.attrs.get("noop_with_empty_axes", 0):
+            return False
+    sizes = [shape[a] for a in axes]
+    if not all(isinstance(d, int) for d in sizes):
+        return False
+    count = int(np.prod(sizes))
+    centred = b.i32.Sub(b.as_int32(xq), b.const(zx.astype(np.int32).reshape(())), hint="centred")
+    total = b.op("ReduceSum", [centred, b.const(np.array(axes, np.int64))], {"keepdims": keep}, dtype=np.int32,
+                 hint="sum")
+    _finish(b, node, total, sx / count, [-1])
+    return True
+
+
+def _add(b: Builder, node: gs.Node) -> bool:
+    """y = round(r_a·(a − z_a) + r_c·(c − z_c)) + z_y with r = s/s_y, in int32 fixed point: each r becomes an
+    integer multiplier on 2^-K (K as large as keeps every sum below 2^28), a constant operand its exact value
+    on that grid, and the rounding is half up by one floor division. No step rounds but the last, so no
+    runtime's fusion (an FMA, a folded scale) can change it, as it could a float a·r_a + c·r_c."""
+    operands = [_quantized(t) for t in node.inputs[:2]]
+    q = _requant_target(node)
+    if q is None or any(o is None or o[1].size != 1 and not isinstance(o[0], gs.Constant) for o in operands):
+        return False
+    sy = q.inputs[1].values.astype(np.float64).reshape(())
+    fixed = sum(((o[0].values - o[2]) * o[1] / sy for o in operands if isinstance(o[0], gs.Constant)), np.float64(0))
+    moving = [o for o in operands if not isinstance(o[0], gs.Constant)]
+    span = SPAN * sum(float(o[1].reshape(()) / sy) for o in moving) + float(np.abs(fixed).max(initial=0))
+    k = min(24, int(np.floor(np.log2(2 ** 28 / max(span, 1e-30)))))
+    if k < 8:            # multipliers coarser than 2^-8: leave the Add as the source gives it
+        return False
+    offset = 2 ** 28     # a multiple of 2^K that makes the floor division's dividend non-negative
+    total = b.const((np.rint(fixed * 2.0 ** k) + 2 ** (k - 1) + offset).astype(np.int32), "fixed")
+    for qt, s, z in moving:
+        centred = b.i32.Sub(b.as_int32(qt), b.const(z.astype(np.int32).reshape(())), hint="centred")
+        term = b.i32.Mul(centred, b.const(np.int32(np.rint(s.reshape(()) / sy * 2.0 ** k))), hint="term")
+        total = b.i32.Add(total, term, hint="sum")
+    zp = q.inputs[2].values
+    info = np.iinfo(zp.dtype)
+    y = b.i32.Add(b.i32.Div(total, np.int32(2 ** k), hint="floor"), np.int32(int(zp) - offset // 2 ** k), hint="zero_point")
+    y = b.clip_int32(y, int(info.min), int(info.max))
+    out = q.outputs[0]
+    _drop(b.graph, node, q)
+    b.graph.nodes.append(gs.Node("Cast", b.name("quantized"), {"to": onnx_dtype(zp.dtype)}, [y], [out]))
+    return True
+
+
+PASS = Pass("exact forward", run, reads=("spec", "notes", "source"))
