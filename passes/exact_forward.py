@@ -39,6 +39,7 @@ EXACT = 2 ** 24          # float32 adds integers below this exactly, in any orde
 SPAN = 255               # |q − z| of an 8-bit tensor with its zero point in range
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 MEANS = ("ReduceMean", "GlobalAveragePool")
+PASSTHROUGH = ("MaxPool",)   # Q(max DQ(q)) = max q on the same grid: the op runs on the 8-bit tensor itself
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -63,11 +64,11 @@ def _graphs(graph: gs.Graph):
 
 def _rewrite(graph: gs.Graph) -> int:
     count = 0
-    for g in list(_graphs(graph)):
-        b = Builder(g, "exact")
+    for k, g in enumerate(list(_graphs(graph))):
+        b = Builder(g, "exact" if k == 0 else f"exact_body{k}")   # names are unique across a Loop's scopes
         for node in list(g.nodes):
             made = _product(b, node) if node.op in PRODUCTS else _mean(b, node) if node.op in MEANS else \
-                _add(b, node) if node.op == "Add" else False
+                _add(b, node) if node.op == "Add" else _on_grid(b, node) if node.op in PASSTHROUGH else False
             count += bool(made)
     return count
 
@@ -174,30 +175,67 @@ def _product(b: Builder, node: gs.Node) -> bool:
                              units.astype(np.float32).astype(np.float64))
         if np.abs(bias_units).max(initial=0) >= 2 ** 31:
             return False
-    zero = lambda q, z: b.const(z.astype(np.dtype(q.dtype)).reshape(()))
-    if activations:
-        bound = SPAN * SPAN * int(node.inputs[0].shape[-1]) if node.inputs[0].shape else EXACT
-    else:
-        w = wq.values.astype(np.int64)
-        bound = SPAN * int(np.abs(w).reshape(w.shape[out_axis], -1).sum(axis=1).max() if out_axis == 0 else
-                           np.abs(w).reshape(-1, w.shape[-1]).sum(axis=0).max())
-    if bound < EXACT:    # float kernels on integer values: every partial sum is exact
-        xf = b.op("DequantizeLinear", [xq, b.const(np.float32(1.0)), zero(xq, zx)], dtype=np.float32, hint="centred")
-        wf = b.op("DequantizeLinear", [wq, b.const(np.float32(1.0)), zero(wq, zw)], dtype=np.float32, hint="centred") \
-            if activations else b.const(wq.values.astype(np.float32), "weight")
-        attrs.pop("axis", None)
-        product = b.op(node.op, [xf, wf], attrs, dtype=np.float32, hint="product")
-        acc = b.cast(product, np.int32, hint="acc")
-    elif node.op == "Conv":
-        acc = b.op("ConvInteger", [xq, wq, zero(xq, zx)], attrs, dtype=np.int32, hint="acc")
-    else:
-        right = wq if node.op == "MatMul" else b.const(wq.values.T.copy() if attrs.get("transB", 0) else wq.values)
-        acc = b.op("MatMulInteger", [xq, right, zero(xq, zx)] + ([zero(wq, zw)] if activations else []),
-                   dtype=np.int32, hint="acc")
+    acc = _accumulate(b, node, x, w, attrs, out_axis)
     if bias is not None:
         acc = b.i32.Add(acc, b.const(bias_units.astype(np.int32).reshape(channel_shape)), hint="bias")
     _finish(b, node, acc, sx * sw, channel_shape)
     return True
+
+
+def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
+    """Σ (q_x − z_x)·(q_w − z_w) as int32. Float kernels on the integer values where every partial sum
+    stays below 2^24, the reduction split into pieces (input channels, or K) that each do, and the pieces
+    added in int32; ConvInteger/MatMulInteger where one channel alone could reach it (or, between two
+    activations, K > 258)."""
+    (xq, _, zx), (wq, _, zw) = x, w
+    zero = lambda q, z: b.const(z.astype(np.dtype(q.dtype)).reshape(()))
+    xf = lambda: b.op("DequantizeLinear", [xq, b.const(np.float32(1.0)), zero(xq, zx)], dtype=np.float32,
+                      hint="centred")
+    attrs.pop("axis", None)
+    if not isinstance(wq, gs.Constant):     # a MatMul of two activations
+        if node.inputs[0].shape and SPAN * SPAN * int(node.inputs[0].shape[-1]) < EXACT:
+            wf = b.op("DequantizeLinear", [wq, b.const(np.float32(1.0)), zero(wq, zw)], dtype=np.float32, hint="centred")
+            return b.cast(b.op("MatMul", [xf(), wf], dtype=np.float32, hint="product"), np.int32, hint="acc")
+        return b.op("MatMulInteger", [xq, wq, zero(xq, zx), zero(wq, zw)], dtype=np.int32, hint="acc")
+    w = wq.values
+    # each output's bound per reduction channel: [outputs, channels]
+    reduce_axis = 1 if node.op == "Conv" else 1 - out_axis
+    per_channel = SPAN * np.abs(w.astype(np.int64)).sum(axis=tuple(range(2, w.ndim))) if node.op == "Conv" else \
+        SPAN * np.abs(w.astype(np.int64)).transpose((out_axis, 1 - out_axis))
+    pieces = _pieces(per_channel) if node.op != "Conv" or attrs.get("group", 1) == 1 else \
+        ([w.shape[1]] if per_channel.sum(axis=1).max() < EXACT else None)
+    if pieces is None:
+        if node.op == "Conv":
+            return b.op("ConvInteger", [xq, wq, zero(xq, zx)], attrs, dtype=np.int32, hint="acc")
+        right = w.T.copy() if attrs.get("transB", 0) else w
+        return b.op("MatMulInteger", [xq, b.const(right), zero(xq, zx)], dtype=np.int32, hint="acc")
+    inputs = [xf()]
+    if len(pieces) > 1:
+        inputs = b.op("Split", [inputs[0], np.array(pieces, np.int64)], {"axis": 1 if node.op == "Conv" else -1},
+                      dtype=np.float32, hint="pieces", outputs=len(pieces))
+    acc, start = None, 0
+    for part, size in zip(inputs, pieces):
+        piece = np.take(w, np.arange(start, start + size), axis=reduce_axis).astype(np.float32)
+        start += size
+        term = b.cast(b.op(node.op, [part, b.const(piece, "weight")], attrs, dtype=np.float32, hint="product"),
+                      np.int32, hint="acc")
+        acc = term if acc is None else b.i32.Add(acc, term, hint="pieces_sum")
+    return acc
+
+
+def _pieces(per_channel: np.ndarray) -> list[int] | None:
+    """Contiguous channel counts whose summed bound stays below 2^24 for every output (greedy), or None
+    when one channel alone reaches it."""
+    if per_channel.max(initial=0) >= EXACT:
+        return None
+    pieces, total = [0], np.zeros(per_channel.shape[0], np.int64)
+    for column in per_channel.T:
+        if (total + column).max() >= EXACT:
+            pieces.append(0)
+            total[:] = 0
+        total += column
+        pieces[-1] += 1
+    return pieces
 
 
 def _mean(b: Builder, node: gs.Node) -> bool:
@@ -222,6 +260,20 @@ def _mean(b: Builder, node: gs.Node) -> bool:
     total = b.op("ReduceSum", [centred, b.const(np.array(axes, np.int64))], {"keepdims": keep}, dtype=np.int32,
                  hint="sum")
     _finish(b, node, total, sx / count, [-1])
+    return True
+
+
+def _on_grid(b: Builder, node: gs.Node) -> bool:
+    """DQ → MaxPool → Q with the same scale and zero point: MaxPool of the 8-bit tensor (exact; onnxruntime
+    runs it as its int8 kernel where the float one is 60x slower)."""
+    x, q = _quantized(node.inputs[0]), _requant_target(node)
+    if x is None or q is None or len(node.outputs) != 1 or isinstance(x[0], gs.Constant) or \
+            np.float32(x[1].reshape(())) != np.float32(q.inputs[1].values.reshape(())) or \
+            int(x[2].reshape(())) != int(q.inputs[2].values.reshape(())) or np.dtype(x[0].dtype) != q.inputs[2].values.dtype:
+        return False
+    out = q.outputs[0]
+    _drop(b.graph, node, q)
+    b.graph.nodes.append(gs.Node(node.op, b.name("on_grid"), dict(node.attrs), [x[0]], [out]))
     return True
 
 

@@ -125,10 +125,12 @@ class InferenceOracle:
                 name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
         model.graph.output.append(helper.make_tensor_value_info(c["loss_tap"], onnx.TensorProto.FLOAT, None))
         self.initial.update({s["name"]: np.zeros(s["shape"], np.int32) for s in buffers})   # v starts at 0
+        if c["spec"].get("forward") == "exact":   # after the trained tensors became inputs: they stay as they are
+            exact_forward(model)
         opts = ort.SessionOptions() if optimized else unfused()
         opts.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.tap = c["loss_tap"]
+        self.model, self.tap = model, c["loss_tap"]
 
     def _precondition(self, model, inits, c, pre, p, consumers, dq_by_init):
         """The site reads a·P; its weight becomes W' = P⁻¹·W (K×N) on a refit scale
@@ -202,6 +204,151 @@ def _bypass_requant(model: onnx.ModelProto, trained: list[str]) -> None:
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in reached:
                 node.input[k] = q.input[0]
+
+
+def exact_forward(model: onnx.ModelProto) -> None:
+    """docs/reference.md's exact forward, on the oracle's model: every Conv/Gemm/MatMul, ReduceMean/
+    GlobalAveragePool and Add whose operands are DequantizeLinear of 8-bit tensors (a product's weight a
+    constant with zero point 0, an Add's constant operand int32 below 2^24 too) computes its integer result:
+
+        product  acc = ConvInteger/MatMulInteger(q_x − z_x, q_w) + rint(q_b·s_b / f32(s_x·s_w))
+                 y = QuantizeLinear(f32(acc)·f32(s_x·s_w/s_y), 1, z_y) when one QuantizeLinear reads it,
+                 else y = f32(acc)·f32(s_x·s_w)
+        mean     y = QuantizeLinear(f32(Σ(q_x − z_x))·f32((s_x/N)/s_y), 1, z_y)
+        add      K = min(24, ⌊log2(2^28 / (255·Σ r + max|f|))⌋), r = s/s_y of each tensor operand, f the
+                 constant operands' (q − z)·s/s_y; y = clip(⌊(Σ rint(r·2^K)·(q − z) + rint(f·2^K) + 2^(K−1)) / 2^K⌋ + z_y)
+
+    Here the products run as onnxruntime's integer ops (the compiled graph uses float kernels where every
+    partial sum stays below 2^24: the same integers)."""
+    g = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    readers = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    fed = {i.name for i in g.input}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    fresh = iter(range(10 ** 9))
+
+    def const(value, hint):
+        name = f"{hint}_ref_exact_{next(fresh)}"
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(op, ins, **attrs):
+        out = f"{op}_ref_exact_{next(fresh)}"
+        new.append(helper.make_node(op, ins, [out], **attrs))
+        return out
+
+    def operand(name, weight=False):
+        """(q name, q value or None, scale, zero point) of DequantizeLinear(q) with a constant scale."""
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+            return None
+        q = dq.input[0]
+        value = None if q in fed else inits.get(q)    # a trained weight is fed, not a constant
+        zp = inits[dq.input[2]].astype(np.int64) if len(dq.input) > 2 and dq.input[2] else np.int64(0)
+        if len(dq.input) > 2 and dq.input[2] and dq.input[2] not in inits:
+            return None
+        made = producer.get(q)
+        dtype = value.dtype if value is not None else inits[made.input[2]].dtype if made is not None and \
+            made.op_type == "QuantizeLinear" and len(made.input) > 2 and made.input[2] in inits else None
+        if dtype is None:
+            return None
+        scale = inits[dq.input[1]].astype(np.float64)
+        small = value is not None and value.dtype == np.int32 and np.abs(value).max(initial=0) < 2 ** 24
+        if np.dtype(dtype) not in (np.int8, np.uint8) and not small or scale.size > 1 and value is None:
+            return None
+        return q, value, scale, zp
+
+    def requant(n):
+        rs = readers.get(n.output[0], [])
+        if n.output[0] in outputs or len(rs) != 1 or rs[0].op_type != "QuantizeLinear" or inits[rs[0].input[1]].size != 1:
+            return None
+        return rs[0]
+
+    replaced, new_for = set(), {}
+    for n in list(g.node):
+        new = []
+        ops = [operand(i) for i in n.input[:2]] if len(n.input) >= 2 else [operand(n.input[0])]
+        q = requant(n)
+        if n.op_type in ("Conv", "Gemm", "MatMul") and ops[0] is not None and ops[1] is not None \
+                and ops[0][2].size == 1:
+            (xq, _, sx, zx), (wq, wv, sw, zw) = ops
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if wv is None and (n.op_type != "MatMul" or sw.size != 1) or wv is not None and np.any(zw != 0) or \
+                    n.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1 or attrs.get("beta", 1.0) != 1):
+                continue
+            zero = const(zx.astype(inits[producer[n.input[0]].input[2]].dtype), "zx") if len(producer[n.input[0]].input) > 2 else None
+            if n.op_type == "Conv":
+                acc = node("ConvInteger", [xq, wq] + ([zero] if zero else []), **attrs)
+                shape = [-1] + [1] * (wv.ndim - 2)
+            else:
+                right = const(wv.T.copy(), "wt") if n.op_type == "Gemm" and attrs.get("transB", 0) else wq
+                zw_name = [const(zw.astype(inits[producer[n.input[1]].input[2]].dtype), "zw")] if wv is None and \
+                    len(producer[n.input[1]].input) > 2 else []
+                acc = node("MatMulInteger", [xq, right] + ([zero] if zero else [""] if zw_name else []) + zw_name)
+                shape = [-1]
+            units = (sx * sw).astype(np.float32).astype(np.float64)
+            if len(n.input) > 2 and n.input[2]:
+                bq, bv, bs, _ = operand(n.input[2])
+                acc = node("Add", [acc, const(np.rint(bv * bs / units).astype(np.int32).reshape(shape), "b")])
+            accf = node("Cast", [acc], to=onnx.TensorProto.FLOAT)
+            scale = sx * sw
+        elif n.op_type in ("ReduceMean", "GlobalAveragePool") and ops[0] is not None and q is not None:
+            xq, _, sx, zx = ops[0]
+            dims = shapes.get(n.input[0]) or next(([d.dim_value for d in v.type.tensor_type.shape.dim]
+                                                   for v in g.input if v.name == n.input[0]), None)
+            axes = list(range(2, len(dims))) if n.op_type == "GlobalAveragePool" else (
+                inits[n.input[1]].tolist() if len(n.input) > 1 else [a.ints for a in n.attribute if a.name == "axes"][0])
+            if not dims or any(not dims[a] for a in axes):
+                continue
+            keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
+            centred = node("Sub", [node("Cast", [xq], to=onnx.TensorProto.INT32), const(np.int32(zx), "zx")])
+            accf = node("Cast", [node("ReduceSum", [centred, const(np.array(axes, np.int64), "axes")], keepdims=keep)],
+                        to=onnx.TensorProto.FLOAT)
+            scale, shape = sx / int(np.prod([dims[a] for a in axes])), [-1]
+        elif n.op_type == "Add" and None not in ops and q is not None and all(
+                o[1] is not None or o[2].size == 1 for o in ops):
+            sy = float(inits[q.input[1]])
+            fixed = sum(((o[1] - o[3]) * o[2] / sy for o in ops if o[1] is not None), np.float64(0))
+            moving = [o for o in ops if o[1] is None]
+            k = min(24, int(np.floor(np.log2(2 ** 28 / max(255 * sum(float(o[2]) / sy for o in moving) +
+                                                          float(np.abs(fixed).max(initial=0)), 1e-30)))))
+            if k < 8:
+                continue
+            total = const((np.rint(fixed * 2.0 ** k) + 2 ** (k - 1) + 2 ** 28).astype(np.int32), "fixed")
+            for oq, _, os_, oz in moving:
+                centred = node("Sub", [node("Cast", [oq], to=onnx.TensorProto.INT32), const(np.int32(oz), "z")])
+                total = node("Add", [total, node("Mul", [centred, const(np.int32(np.rint(float(os_) / sy * 2.0 ** k)), "r")])])
+            zy = inits[q.input[2]]
+            y = node("Add", [node("Div", [total, const(np.int32(2 ** k), "k")]), const(np.int32(int(zy) - 2 ** (28 - k)), "zy")])
+            lo, hi = np.iinfo(zy.dtype).min, np.iinfo(zy.dtype).max
+            y = node("Clip", [y, const(np.int32(lo), "lo"), const(np.int32(hi), "hi")])
+            new.append(helper.make_node("Cast", [y], [q.output[0]], to=helper.np_dtype_to_tensor_dtype(zy.dtype)))
+            replaced |= {id(n), id(q)}
+            new_for[id(n)] = new
+            continue
+        else:
+            continue
+        if q is None:
+            new.append(helper.make_node("Mul", [accf, const(np.float32(scale).reshape(shape) if np.size(scale) > 1
+                                                            else np.float32(scale), "s")], [n.output[0]]))
+            replaced.add(id(n))
+        else:
+            m = (scale / float(inits[q.input[1]])).astype(np.float32)
+            y = node("Mul", [accf, const(m.reshape(shape) if m.size > 1 else m.reshape(()), "m")])
+            new.append(helper.make_node("QuantizeLinear", [y, const(np.float32(1), "one"), q.input[2]], [q.output[0]]))
+            replaced |= {id(n), id(q)}
+        new_for[id(n)] = new
+    rebuilt = []
+    for n in g.node:
+        rebuilt += new_for.get(id(n), [] if id(n) in replaced else [n])
+    del g.node[:]
+    g.node.extend(rebuilt)
 
 
 def loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.float32:

@@ -1,0 +1,94 @@
+"""--forward exact: the frozen quantized ops compute the reference's integer results (docs/reference.md,
+"Exact forward"), every runtime level agrees, and the results stay within one LSB of the source's QDQ ops."""
+import numpy as np
+import onnx
+import pytest
+
+from conftest import shipped
+from fgcompile import models
+from fgcompile.passes.pipeline import compile_graph
+from fgcompile.spec import TrainSpec
+from reference import qzoff
+from steps import Steps
+from test_node_estimator import run_chain as activation_chain
+from test_step_matches_reference import run_chain as weight_chain
+
+LEVELS = ["disable", "basic", "extended", "all"]
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize("model_file,options", [
+    ("digits_cnn/w8a8.onnx", dict(m=4)),                        # frozen Convs (float kernels) and fc1 (Gemm)
+    ("digits_attn/w8a8.onnx", dict(m=4)),                       # MatMuls of two activations, bias and residual Adds
+    ("digits_cnn/w8a8.onnx", dict(last=2, m=2, branches="cloned")),  # a frozen suffix in every branch copy
+    ("digits_cnn/w8a8.onnx", dict(train=("conv2",), m=2, branches="loop")),  # frozen fc1 inside a Loop body
+])
+def test_weight_perturbation_matches_reference(model_file, options, target_train):
+    weight_chain(model_file, TrainSpec(forward="exact", estimator="sign", **options), target_train, steps=6)
+
+
+@pytest.mark.parametrize("estimator,model_file,last", [("head", "digits_cnn/w8a8.onnx", 1),
+                                                       ("node", "digits_cnn/w8a8.onnx", 2),
+                                                       ("node", "digits_attn/w8a8.onnx", 3)])
+def test_activation_estimators_match_reference(estimator, model_file, last, target_train):
+    reference = qzoff.head_step if estimator == "head" else qzoff.node_step
+    assert activation_chain(model_file, TrainSpec(forward="exact", estimator=estimator, last=last), target_train, 4,
+                            reference=reference) > 0
+
+
+def test_keyword_spotter_matches_reference():
+    """Depthwise Convs (float kernels), a ReduceMean pool, the defaults' head estimator."""
+    data = models.split("kws_dscnn", "target_train")
+    assert activation_chain("kws_dscnn/w8a8.onnx", TrainSpec(forward="exact", estimator="head"), data, 3,
+                            reference=qzoff.head_step) > 0
+
+
+def test_the_reference_runs_integer_kernels(target_train):
+    """The reference's oracle computes the frozen products with onnxruntime's integer ops (ConvInteger,
+    MatMulInteger), not the float kernels the compiled graph uses: the chains above compare two routes."""
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(forward="exact", estimator="sign"))
+    c = qzoff.contract(compiled.train)
+    ops = _ops(qzoff.InferenceOracle(compiled.source, c).model)
+    assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 1 and "Conv" not in ops
+
+
+@pytest.mark.parametrize("limit,ops", [(2 ** 18, {"Split"}), (2 ** 10, {"ConvInteger", "MatMulInteger"})])
+def test_wide_sums_split_or_take_the_integer_kernels(limit, ops, monkeypatch):
+    """Where 255·Σ|w| of an output reaches 2^24 a float kernel could round: the reduction splits into pieces
+    that stay below it, or, where one input channel alone reaches it, ConvInteger/MatMulInteger run. Scaled
+    down here (the shipped models stay below 2^24): the steps are the same integers either way."""
+    from fgcompile.passes import exact_forward
+    source = shipped("digits_cnn/w8a8.onnx")
+    narrow = compile_graph(source, TrainSpec(forward="exact"))
+    monkeypatch.setattr(exact_forward, "EXACT", limit)
+    wide = compile_graph(source, TrainSpec(forward="exact"))
+    assert all(_ops(wide.train).count(op) > _ops(narrow.train).count(op) for op in ops)
+    x, y = models.split("digits_cnn", "target_train")
+    a, b = (Steps(c)(x[:32], y[:32], 7, 0, c.contract.lr_numerator.default, dict(c.state)) for c in (narrow, wide))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "kws_dscnn/w8a8.onnx", "digits_attn/w8a8.onnx"])
+def test_every_level_gives_the_same_step_and_the_source_is_kept(model_file):
+    """No frozen QDQ product is left; every onnxruntime level computes the same step; and the exact
+    requantizations compute the same model as the QDQ ops (the batch's loss within 1%)."""
+    name = model_file.split("/")[0]
+    x, y = models.split(name, "target_train")
+    x, y = x[:32], y[:32]
+    exact = compile_graph(shipped(model_file), TrainSpec(forward="exact"))
+    qdq = compile_graph(shipped(model_file), TrainSpec())
+    # the source's products left are the trained ones (the passes' own nodes are named prefix/op_k)
+    left = {n.name for n in exact.train.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and "/" not in n.name}
+    assert left == {s.site for s in exact.contract.state}
+    state = dict(exact.state)
+    runs = [Steps(exact, optimization=level)(x, y, 3, 0, exact.contract.lr_numerator.default, state)
+            for level in LEVELS]
+    for out in runs[1:]:
+        for key in out:
+            np.testing.assert_array_equal(out[key], runs[0][key], err_msg=key)
+    a, b = (Steps(c)(x, y, 3, 0, c.contract.lr_numerator.default, dict(c.state)) for c in (exact, qdq))
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-2)
