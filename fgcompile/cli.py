@@ -452,6 +452,10 @@ def verify(out, steps, data, epochs, batch, schedule, lr, as_json):
     rows = run_verify(out, steps, data, batch=batch, epochs=epochs, schedule=schedule, lr=lr)
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
     if failing(rows):   # a supported runtime differs; informational rows (OpenVINO's default precision, tract, TVM) never fail
+        from fgcompile.runtime.trainer import Trainer
+        if Trainer(out).spec.forward == "qdq":
+            click.echo("hint: runtimes round the frozen QDQ ops' requantizations each their own way; compile with "
+                       "--forward exact to compute them identically everywhere (slower on onnxruntime).", err=True)
         sys.exit(1)
 
 

@@ -112,6 +112,8 @@ COMPILE_CASES = {
     "head estimator in the loop form": (model_file(lambda t: onnx.load(CNN)),
                                         ["--estimator", "head", "--branches", "loop"],
                                         "--estimator head does not take --branches loop yet"),
+    "unknown forward": (model_file(lambda t: onnx.load(CNN)), ["--forward", "fast"],
+                        "'fast' is not one of 'qdq', 'exact'"),
     "unknown node schedule": (model_file(lambda t: onnx.load(CNN)), ["--estimator", "node", "--node-schedule", "each"],
                               "'each' is not one of 'all', 'alternate'"),
     "node estimator in the loop form": (model_file(lambda t: onnx.load(CNN)),

@@ -380,8 +380,8 @@ def detector_data(tmp_path_factory):
 
 @pytest.mark.parametrize("i,rng", cases(4, 30), ids=lambda v: str(v) if isinstance(v, int) else "")
 def test_mutated_options(tmp_path, base, detector_data, i, rng):
-    """--freeze patterns with --last, eval --false-alarm on a detector, export over the user's file with
-    and without --force: exit 0 or 2, and the user's file changes only under --force."""
+    """--freeze patterns with --last (and --estimator, --forward), eval --false-alarm on a detector, export over
+    the user's file with and without --force: exit 0 or 2, and the user's file changes only under --force."""
     model = SHIPPED[rng.integers(len(SHIPPED))]
     label = f"seed {SEED} case {i}: options on {model.parent.name}"
     freeze = [a for _ in range(rng.integers(0, 3)) for a in ("--freeze", FREEZE[rng.integers(len(FREEZE))])]
@@ -390,8 +390,9 @@ def test_mutated_options(tmp_path, base, detector_data, i, rng):
     estimator = ["--estimator", ["node", "head"][rng.integers(2)], *(["--branches", "loop"] if rng.random() < 0.2 else []),
                  *(["--node-schedule", "alternate"] if rng.random() < 0.3 else []),
                  *(["--loss", "mse"] if rng.random() < 0.2 else [])] if rng.random() < 0.4 else []
-    run_case(tmp_path, ["compile", model, "-o", tmp_path / "out", "--m", "1", *freeze, *last, *estimator], ["out"],
-             label)
+    forward = ["--forward", ["exact", "qdq", "EXACT", ""][rng.integers(4)]] if rng.random() < 0.3 else []
+    run_case(tmp_path, ["compile", model, "-o", tmp_path / "out", "--m", "1", *freeze, *last, *estimator, *forward],
+             ["out"], label)
     detector, data = detector_data
     run_case(tmp_path, ["eval", detector, "--data", data, "--false-alarm", FALSE_ALARM[rng.integers(len(FALSE_ALARM))],
                         *(["--json"] if rng.random() < 0.5 else [])], [], label)

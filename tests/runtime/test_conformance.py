@@ -219,3 +219,24 @@ def test_verify_feeds_the_trainers_steps(tmp_path, monkeypatch):
     assert len({int(t[contract.inputs.lr]) for t in trained}) > 1, "the cosine rate moves"
     assert int(trained[0][contract.inputs.seed]) == 7
     assert not np.array_equal(trained[0][contract.inputs.labels], d["y"][:32]), "shuffled, not slices"
+
+
+def test_exact_forward_makes_the_keyword_spotter_identical(tmp_path):
+    """At the defaults the keyword spotter's frozen QDQ Convs requantize differently on onnxruntime's fused
+    levels (1 LSB on 2 values of a batch, step 1), and verify says so, exits 1 and hints at --forward exact;
+    compiled with it, the trainer's 20 steps are identical on every supported runtime installed."""
+    from click.testing import CliRunner
+    from fgcompile import models
+    from fgcompile.cli import main
+    from fgcompile.compiler import compile_model, write_compiled
+    data = tmp_path / "kws.npz"
+    np.savez(data, **dict(zip("xy", models.split("kws_dscnn", "target_train"))))
+    source = shipped("kws_dscnn/w8a8.onnx")
+    for forward in ("qdq", "exact"):
+        write_compiled(compile_model(source, TrainSpec(forward=forward)), tmp_path / forward)
+    qdq = CliRunner().invoke(main, ["verify", str(tmp_path / "qdq"), "--data", str(data), "--steps", "3"])
+    assert qdq.exit_code == 1 and "ORT_ENABLE_EXTENDED, 1 thread   DIFFERS" in qdq.output, qdq.output
+    assert "--forward exact" in qdq.output
+    rows = conformance.verify(tmp_path / "exact", steps=STEPS, data=data)
+    assert not conformance.failing(rows), conformance.format_rows(rows)
+    assert sum(r["result"] == "identical" for r in rows) >= 1 + 4 * 2 + 1   # every onnxruntime row, the reference
