@@ -9,23 +9,28 @@ and the ONNX reference evaluator another, OpenVINO a third; they differ by 1 LSB
     acc = (x − z_x) ⊛ w  (+ b)                                           int32, exact
     y   = QuantizeLinear(f32(acc) · M, 1, z_y),   M = f32(s_x·s_w / s_y)    one rounding of each kind
 
-Each line is exact or rounds once under IEEE rules, so every conforming runtime gets the same y. The
-product runs as a float Conv/Gemm/MatMul on integer values where no partial sum can reach 2^24 (255·Σ|w|
-per output, or 255²·K between two activations: then float addition is exact in any order), else as
-ConvInteger/MatMulInteger. Without a QuantizeLinear after it, y = f32(acc)·f32(s_x·s_w) as float. A mean
-(ReduceMean, GlobalAveragePool) sums x − z_x in int32 and requantizes by s_x/(N·s_y); an Add of two
-requantized tensors scales each by s/s_y once and adds once. A bias whose scale is not s_x·s_w is
-re-gridded to it once, at compile time (round half to even).
+Every step is exact or rounds once under IEEE rules, and none is a float a·b + c that a runtime could
+fuse into one rounding; integers stay below 2^24 where a runtime might compute them in float32 (OpenVINO's
+CPU plugin does: its f32 Div is not IEEE either, so nothing divides in float). Per op (docs/reference.md,
+"The exact forward", has the formulas):
+    Conv, Gemm, MatMul   a float kernel on the integer values, the reduction split into pieces whose
+                         255·Σ|w| stays below 2^24 (any summation order is then exact); ConvInteger/
+                         MatMulInteger where one channel alone reaches it; a bias re-gridded to s_x·s_w
+    ReduceMean, GlobalAveragePool   Σ(x − z_x) in int32, one requantization
+    Add                  int32 fixed point on 2^-K, rounded half up by one floor division
+    LayerNormalization   integer sums, one Sqrt, and the output level found by bisection on comparisons
+    Softmax              exp by a 256-entry integer table of max − q, the level found by bisection
+    MaxPool              on the 8-bit tensor itself (same grid in and out)
 
-What stays as the source gave it: the trained layers (their weights are inputs), float ops (Softmax,
-LayerNormalization, Sigmoid, …) and any op whose inputs are not 8-bit QDQ tensors; the compile's notes
-count both. The default (--forward qdq) keeps the source's QDQ ops, which runtimes fuse into int8 kernels
-(several times faster on onnxruntime: benchmarks/README.md, "Exact forward").
+What stays as the source gave it: the trained layers (their weights are inputs), ops without these forms
+(Sigmoid, Gelu, …) and ops whose inputs are not 8-bit QDQ tensors; the compile's note lists them. The
+default (--forward qdq) keeps the source's QDQ ops, which onnxruntime fuses into int8 kernels, several times
+faster (benchmarks/README.md, "The exact forward").
 
 Precondition: the training graph after `update` (every trained weight is a graph input, not a constant).
-Postcondition: with --forward exact, no Conv/Gemm/MatMul/ReduceMean/GlobalAveragePool/Add whose inputs
-are DequantizeLinear of constant-scale 8-bit tensors (an 8-bit constant weight) is left, in the graph or a
-Loop body; the graph is unchanged otherwise.
+Postcondition: with --forward exact every frozen op of the forms above is rewritten, in the graph and in
+Loop bodies; it computes the same model (the QDQ ops' values up to one LSB on a few, where their float
+rounding fell on a tie: tests/passes/test_exact_forward.py); nothing changes otherwise.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from .context import Context, Pass
 from .graph_ops import Builder, onnx_dtype, optional_input
 
 EXACT = 2 ** 24          # float32 adds integers below this exactly, in any order
+LIMIT = 2 ** 22          # the fixed-point Add's |sums| + offset stay below 2^23 (< 2^24 with the rounding)
 SPAN = 255               # |q − z| of an 8-bit tensor with its zero point in range
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 MEANS = ("ReduceMean", "GlobalAveragePool")
@@ -68,7 +74,9 @@ def _rewrite(graph: gs.Graph) -> int:
         b = Builder(g, "exact" if k == 0 else f"exact_body{k}")   # names are unique across a Loop's scopes
         for node in list(g.nodes):
             made = _product(b, node) if node.op in PRODUCTS else _mean(b, node) if node.op in MEANS else \
-                _add(b, node) if node.op == "Add" else _on_grid(b, node) if node.op in PASSTHROUGH else False
+                _add(b, node) if node.op == "Add" else _on_grid(b, node) if node.op in PASSTHROUGH else \
+                _layer_norm(b, node) if node.op == "LayerNormalization" else \
+                _softmax(b, node) if node.op == "Softmax" else False
             count += bool(made)
     return count
 
@@ -263,6 +271,143 @@ def _mean(b: Builder, node: gs.Node) -> bool:
     return True
 
 
+def _constant_values(t) -> np.ndarray | None:
+    """A constant's values, or DequantizeLinear's of a constant (float64), else None."""
+    if isinstance(t, gs.Constant):
+        return t.values.astype(np.float64)
+    dq = t.inputs[0] if t is not None and len(t.inputs) == 1 else None
+    if dq is None or dq.op != "DequantizeLinear" or not all(isinstance(i, gs.Constant) for i in dq.inputs[:2]):
+        return None
+    zp = optional_input(dq, 2)
+    axis = dq.attrs.get("axis", 1)
+    q, s = dq.inputs[0].values.astype(np.float64), dq.inputs[1].values.astype(np.float64)
+    z = zp.values.astype(np.float64) if zp is not None else 0.0
+    if s.size > 1:     # per-channel: along `axis` of q
+        shape = [1] * q.ndim
+        shape[axis % q.ndim] = -1
+        s, z = s.reshape(shape), np.reshape(z, shape) if np.size(z) > 1 else z
+    return (q - z) * s
+
+
+def _layer_norm(b: Builder, node: gs.Node) -> bool:
+    """LayerNormalization over the last axis of a requantized tensor, read by one QuantizeLinear. With
+    X = q − z_x, S1 = ΣX, S2 = ΣX² (below 2^24: D <= 258), num = D·X − S1 (int32, exact) and
+    den = sqrt(f32(D·S2 − S1²) + f32(D²·ε/s_x²)) (_variance), y is the largest q of the output grid with
+        (f32(q) − f32(z_y + β/s_y + ½))·den ≤ f32(γ/s_y)·f32(num)
+    (else its lowest): round-half-up of γ·(x − μ)/σ / s_y + β/s_y + z_y, found bit by bit. No division (a
+    runtime may divide by reciprocal: OpenVINO's f32 Div differs from IEEE on a quarter of values) and no
+    a·b + c (an FMA would round once): Sqrt, Sub and Mul round once each, the comparisons are exact."""
+    x, q = _quantized(node.inputs[0]), _requant_target(node)
+    shape = node.inputs[0].shape
+    if x is None or q is None or isinstance(x[0], gs.Constant) or x[1].size != 1 or not shape or \
+            not isinstance(shape[-1], int) or node.attrs.get("axis", -1) % len(shape) != len(shape) - 1 or \
+            len([t for t in node.outputs if t.outputs]) > 1 or node.outputs[0] is not q.inputs[0]:
+        return False
+    d = int(shape[-1])
+    gamma = _constant_values(node.inputs[1])
+    beta = _constant_values(optional_input(node, 2)) if optional_input(node, 2) is not None else np.zeros(1)
+    if gamma is None or beta is None or d * SPAN * SPAN >= EXACT:   # S2 below 2^24
+        return False
+    xq, sx, zx = x
+    sy = q.inputs[1].values.astype(np.float64).reshape(())
+    zp = q.inputs[2].values
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    centred = b.i32.Sub(b.as_int32(xq), np.int32(zx.reshape(())), hint="centred")
+    axes = np.array([-1], np.int64)
+    s1 = b.op("ReduceSum", [centred, axes], {"keepdims": 1}, dtype=np.int32, hint="sum")
+    s2 = b.op("ReduceSum", [b.i32.Mul(centred, centred, hint="square"), axes], {"keepdims": 1}, dtype=np.int32,
+              hint="sum_squares")
+    num = b.i32.Sub(b.i32.Mul(centred, np.int32(d), hint="scaled"), s1, hint="num")
+    den = b.f32.Sqrt(b.f32.Add(_variance(b, s1, s2, d), np.float32(d * d * eps / float(sx.reshape(())) ** 2),
+                               hint="var_eps"), hint="den")
+    target = b.f32.Mul(b.cast(num, np.float32), b.const((gamma / sy).astype(np.float32).reshape(-1)), hint="gamma")
+    offset = b.const((int(zp) + beta / sy + 0.5).astype(np.float32).reshape(-1), "offset")
+    y = _search(b, q, lambda cand: b.op("LessOrEqual", [b.f32.Mul(b.f32.Sub(_as_f32(b, cand), offset, hint="level"), den,
+                                                                  hint="level_scaled"), target], dtype=np.bool_,
+                                        hint="below"), "search")
+    out = q.outputs[0]
+    _drop(b.graph, node, q)
+    b.graph.nodes.append(gs.Node("Cast", b.name("quantized"), {"to": onnx_dtype(zp.dtype)}, [y], [out]))
+    return True
+
+
+def _variance(b: Builder, s1, s2, d: int):
+    """f32(D·S2 − S1²), rounded once, with every integer below 2^24 on the way (OpenVINO's CPU plugin
+    computes int32 arithmetic through float32 in places): S1 = 64·h + l and S2 = 4096·H + L split, so
+    D·S2 − S1² = 4096·(D·H − h²) + (D·L − 128·h·l − l²), and 4096·A is exact, so even a fused a·b + c
+    rounds only the sum."""
+    l = b.i32.Mod(s1, np.int32(64), hint="s1_low")
+    h = b.i32.Div(b.i32.Sub(s1, l, hint="s1_high64"), np.int32(64), hint="s1_high")
+    big_l = b.i32.Mod(s2, np.int32(4096), hint="s2_low")
+    big_h = b.i32.Div(b.i32.Sub(s2, big_l, hint="s2_high4096"), np.int32(4096), hint="s2_high")
+    high = b.i32.Sub(b.i32.Mul(big_h, np.int32(d), hint="dh"), b.i32.Mul(h, h, hint="hh"), hint="var_high")
+    low = b.i32.Sub(b.i32.Sub(b.i32.Mul(big_l, np.int32(d), hint="dl"),
+                              b.i32.Mul(b.i32.Mul(h, l, hint="hl"), np.int32(128), hint="hl128"), hint="var_mid"),
+                    b.i32.Mul(l, l, hint="ll"), hint="var_low")
+    return b.f32.Add(b.f32.Mul(b.cast(high, np.float32), np.float32(4096), hint="var_high_scaled"),
+                     b.cast(low, np.float32), hint="var")
+
+
+def _as_f32(b: Builder, v):
+    return b.cast(v, np.float32) if isinstance(v, gs.Tensor) else np.float32(v)
+
+
+def _search(b: Builder, q: gs.Node, below, hint: str):
+    """The largest value y of the QuantizeLinear's grid with below(y) (a bool tensor, monotone: true up to
+    some level), else the grid's lowest: 8 bisection steps over the 256 levels, as int32."""
+    info = np.iinfo(q.inputs[2].values.dtype)
+    y = None
+    for bit in (128, 64, 32, 16, 8, 4, 2, 1):
+        candidate = b.i32.Add(y, np.int32(bit), hint="candidate") if y is not None else None
+        if y is None:     # the first step: lowest + 128 against the lowest, as constants broadcast by `below`
+            candidate = np.int32(info.min + bit)
+        ok = below(candidate)
+        y = b.op("Where", [ok, candidate, np.int32(info.min) if y is None else y], dtype=np.int32, hint=hint)
+    return y
+
+
+def _softmax(b: Builder, node: gs.Node) -> bool:
+    """Softmax over the last axis of c·x for a requantized x (c a constant scalar, 1 without it), read by one
+    QuantizeLinear. With d = max q − q (0..255) and E = T[d], T[d] = rint(2^k·exp(−d·s_x·c)) (int32, k
+    keeping ΣE below 2^24), S = ΣE, y is the largest q of the output grid with
+        (f32(q) − f32(z_y + ½))·f32(f32(S)·s_y) ≤ f32(E):
+    round-half-up of E/S/s_y + z_y, without a division (a runtime may divide by reciprocal)."""
+    q = _requant_target(node)
+    source, scale = node.inputs[0], 1.0
+    if len(source.inputs) == 1 and source.inputs[0].op == "Mul":
+        mul = source.inputs[0]
+        const = [t for t in mul.inputs if isinstance(t, gs.Constant)]
+        other = [t for t in mul.inputs if not isinstance(t, gs.Constant)]
+        if len(const) != 1 or len(other) != 1 or const[0].values.size != 1 or len(source.outputs) != 1:
+            return False
+        source, scale = other[0], float(const[0].values.reshape(()))
+    x, shape = _quantized(source), node.inputs[0].shape
+    if x is None or q is None or isinstance(x[0], gs.Constant) or x[1].size != 1 or not shape or \
+            not isinstance(shape[-1], int) or node.attrs.get("axis", -1) % len(shape) != len(shape) - 1:
+        return False
+    n = int(shape[-1])
+    k = min(20, int(np.floor(np.log2((EXACT - 1) / n))))
+    if k < 8:
+        return False
+    xq, sx = x[0], float(x[1].reshape(()))
+    table = np.rint(2.0 ** k * np.exp(-np.arange(256) * sx * scale)).astype(np.int32)
+    xi = b.as_int32(xq)
+    gap = b.i32.Sub(b.op("ReduceMax", [xi, np.array([-1], np.int64)], {"keepdims": 1}, dtype=np.int32, hint="max"),
+                    xi, hint="gap")
+    e = b.op("Gather", [b.const(table, "exp_table"), gap], {"axis": 0}, dtype=np.int32, hint="exp")
+    total = b.op("ReduceSum", [e, np.array([-1], np.int64)], {"keepdims": 1}, dtype=np.int32, hint="sum")
+    unit = b.f32.Mul(b.cast(total, np.float32), np.float32(q.inputs[1].values.reshape(())), hint="unit")
+    ef = b.cast(e, np.float32, hint="exp_f32")
+    offset = np.float32(int(q.inputs[2].values) + 0.5)
+    below = lambda cand: b.op("LessOrEqual", [b.f32.Mul(b.f32.Sub(_as_f32(b, cand), offset, hint="level"), unit,
+                                                        hint="level_scaled"), ef], dtype=np.bool_, hint="below")
+    y = _search(b, q, below, "search")
+    out, dtype = q.outputs[0], q.inputs[2].values.dtype
+    _drop(b.graph, node, q)
+    b.graph.nodes.append(gs.Node("Cast", b.name("quantized"), {"to": onnx_dtype(dtype)}, [y], [out]))
+    return True
+
+
 def _on_grid(b: Builder, node: gs.Node) -> bool:
     """DQ → MaxPool → Q with the same scale and zero point: MaxPool of the 8-bit tensor (exact; onnxruntime
     runs it as its int8 kernel where the float one is 60x slower)."""
@@ -279,9 +424,10 @@ def _on_grid(b: Builder, node: gs.Node) -> bool:
 
 def _add(b: Builder, node: gs.Node) -> bool:
     """y = round(r_a·(a − z_a) + r_c·(c − z_c)) + z_y with r = s/s_y, in int32 fixed point: each r becomes an
-    integer multiplier on 2^-K (K as large as keeps every sum below 2^28), a constant operand its exact value
-    on that grid, and the rounding is half up by one floor division. No step rounds but the last, so no
-    runtime's fusion (an FMA, a folded scale) can change it, as it could a float a·r_a + c·r_c."""
+    integer multiplier on 2^-K, a constant operand its value on that grid, and the rounding is half up by one
+    floor division. No step rounds but the last, so no runtime's fusion (an FMA, a folded scale) can change
+    it, as it could a float a·r_a + c·r_c. K is as large as keeps every integer below 2^24: OpenVINO's CPU
+    plugin computes integer Mul/Add/Div through float32, exact only there."""
     operands = [_quantized(t) for t in node.inputs[:2]]
     q = _requant_target(node)
     if q is None or any(o is None or o[1].size != 1 and not isinstance(o[0], gs.Constant) for o in operands):
@@ -290,10 +436,10 @@ def _add(b: Builder, node: gs.Node) -> bool:
     fixed = sum(((o[0].values - o[2]) * o[1] / sy for o in operands if isinstance(o[0], gs.Constant)), np.float64(0))
     moving = [o for o in operands if not isinstance(o[0], gs.Constant)]
     span = SPAN * sum(float(o[1].reshape(()) / sy) for o in moving) + float(np.abs(fixed).max(initial=0))
-    k = min(24, int(np.floor(np.log2(2 ** 28 / max(span, 1e-30)))))
+    k = min(20, int(np.floor(np.log2(LIMIT / 2 / max(span + 1, 1e-30)))))
     if k < 8:            # multipliers coarser than 2^-8: leave the Add as the source gives it
         return False
-    offset = 2 ** 28     # a multiple of 2^K that makes the floor division's dividend non-negative
+    offset = LIMIT // 2  # a multiple of 2^K that makes the floor division's dividend non-negative
     total = b.const((np.rint(fixed * 2.0 ** k) + 2 ** (k - 1) + offset).astype(np.int32), "fixed")
     for qt, s, z in moving:
         centred = b.i32.Sub(b.as_int32(qt), b.const(z.astype(np.int32).reshape(())), hint="centred")
@@ -301,7 +447,8 @@ def _add(b: Builder, node: gs.Node) -> bool:
         total = b.i32.Add(total, term, hint="sum")
     zp = q.inputs[2].values
     info = np.iinfo(zp.dtype)
-    y = b.i32.Add(b.i32.Div(total, np.int32(2 ** k), hint="floor"), np.int32(int(zp) - offset // 2 ** k), hint="zero_point")
+    y = b.i32.Add(b.i32.Div(total, np.int32(2 ** k), hint="floor"), np.int32(int(zp) - offset // 2 ** k),
+                  hint="zero_point")
     y = b.clip_int32(y, int(info.min), int(info.max))
     out = q.outputs[0]
     _drop(b.graph, node, q)

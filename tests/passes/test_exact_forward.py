@@ -48,11 +48,16 @@ def test_keyword_spotter_matches_reference():
 
 def test_the_reference_runs_integer_kernels(target_train):
     """The reference's oracle computes the frozen products with onnxruntime's integer ops (ConvInteger,
-    MatMulInteger), not the float kernels the compiled graph uses: the chains above compare two routes."""
+    MatMulInteger), not the float kernels the compiled graph uses, and LayerNormalization and Softmax by
+    trying every output level at once, not by bisection: the chains above compare two routes."""
     compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(forward="exact", estimator="sign"))
     c = qzoff.contract(compiled.train)
     ops = _ops(qzoff.InferenceOracle(compiled.source, c).model)
     assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 1 and "Conv" not in ops
+    compiled = compile_graph(shipped("digits_attn/w8a8.onnx"), TrainSpec(forward="exact", estimator="sign"))
+    c = qzoff.contract(compiled.train)
+    ops = _ops(qzoff.InferenceOracle(compiled.source, c).model)     # the layer norms and the attention's Softmax
+    assert "LayerNormalization" not in ops and "Softmax" not in ops and ops.count("Gather") == 1
 
 
 @pytest.mark.parametrize("limit,ops", [(2 ** 18, {"Split"}), (2 ** 10, {"ConvInteger", "MatMulInteger"})])

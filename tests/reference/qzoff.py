@@ -313,21 +313,32 @@ def exact_forward(model: onnx.ModelProto) -> None:
             scale, shape = sx / int(np.prod([dims[a] for a in axes])), [-1]
         elif n.op_type == "Add" and None not in ops and q is not None and all(
                 o[1] is not None or o[2].size == 1 for o in ops):
-            sy = float(inits[q.input[1]])
+            sy = float(inits[q.input[1]].reshape(()))
             fixed = sum(((o[1] - o[3]) * o[2] / sy for o in ops if o[1] is not None), np.float64(0))
             moving = [o for o in ops if o[1] is None]
-            k = min(24, int(np.floor(np.log2(2 ** 28 / max(255 * sum(float(o[2]) / sy for o in moving) +
-                                                          float(np.abs(fixed).max(initial=0)), 1e-30)))))
+            k = min(20, int(np.floor(np.log2(2 ** 21 / (255 * sum(float(o[2]) / sy for o in moving) +
+                                                      float(np.abs(fixed).max(initial=0)) + 1)))))
             if k < 8:
                 continue
-            total = const((np.rint(fixed * 2.0 ** k) + 2 ** (k - 1) + 2 ** 28).astype(np.int32), "fixed")
+            total = const((np.rint(fixed * 2.0 ** k) + 2 ** (k - 1)).astype(np.int32), "fixed")
             for oq, _, os_, oz in moving:
                 centred = node("Sub", [node("Cast", [oq], to=onnx.TensorProto.INT32), const(np.int32(oz), "z")])
                 total = node("Add", [total, node("Mul", [centred, const(np.int32(np.rint(float(os_) / sy * 2.0 ** k)), "r")])])
             zy = inits[q.input[2]]
-            y = node("Add", [node("Div", [total, const(np.int32(2 ** k), "k")]), const(np.int32(int(zy) - 2 ** (28 - k)), "zy")])
+            step = const(np.int32(2 ** k), "k")     # ⌊t / 2^K⌋ = (t − (t mod 2^K)) / 2^K, Mod's sign that of 2^K
+            y = node("Add", [node("Div", [node("Sub", [total, node("Mod", [total, step])]), step]), const(np.int32(int(zy)), "zy")])
             lo, hi = np.iinfo(zy.dtype).min, np.iinfo(zy.dtype).max
             y = node("Clip", [y, const(np.int32(lo), "lo"), const(np.int32(hi), "hi")])
+            new.append(helper.make_node("Cast", [y], [q.output[0]], to=helper.np_dtype_to_tensor_dtype(zy.dtype)))
+            replaced |= {id(n), id(q)}
+            new_for[id(n)] = new
+            continue
+        elif n.op_type in ("LayerNormalization", "Softmax") and q is not None:
+            y = (_exact_layer_norm if n.op_type == "LayerNormalization" else _exact_softmax)(
+                n, q, operand, inits, shapes, producer, node, const)
+            if y is None:
+                continue
+            zy = inits[q.input[2]]
             new.append(helper.make_node("Cast", [y], [q.output[0]], to=helper.np_dtype_to_tensor_dtype(zy.dtype)))
             replaced |= {id(n), id(q)}
             new_for[id(n)] = new
@@ -349,6 +360,87 @@ def exact_forward(model: onnx.ModelProto) -> None:
         rebuilt += new_for.get(id(n), [] if id(n) in replaced else [n])
     del g.node[:]
     g.node.extend(rebuilt)
+
+
+def _grid_count(levels_minus_offset: np.ndarray, scale: str, bound: str, zy: np.ndarray, rank: int, node, const) -> str:
+    """The largest q of z_y's grid with levels_minus_offset[q]·scale <= bound, else the grid's lowest: every
+    level tried at once on a new leading axis, the true ones counted (they are a prefix: the left side
+    grows with q), as int32."""
+    lo = int(np.iinfo(zy.dtype).min)
+    shape = [256] + [1] * (rank - 1) + [levels_minus_offset.shape[-1] if levels_minus_offset.ndim > 1 else 1]
+    level = node("Mul", [node("Reshape", [const(levels_minus_offset.astype(np.float32), "levels"),
+                                           const(np.array(shape, np.int64), "shape")]), scale])
+    count = node("ReduceSum", [node("Cast", [node("LessOrEqual", [level, bound])], to=onnx.TensorProto.INT32),
+                               const(np.array([0], np.int64), "axis0")], keepdims=0)
+    return node("Max", [node("Add", [count, const(np.int32(lo - 1), "lo")]), const(np.int32(lo), "lowest")])
+
+
+def _exact_layer_norm(n, q, operand, inits, shapes, producer, node, const):
+    """LayerNormalization over the last axis (docs/reference.md): y = the largest q of the grid with
+    (f32(q) − f32(z_y + β/s_y + ½))·sqrt(f32(D·S2 − S1²) + f32(D²ε/s_x²)) <= f32(γ/s_y)·f32(D·X − S1)."""
+    x = operand(n.input[0])
+    dims = shapes.get(n.input[0])
+    axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+    if x is None or x[1] is not None or x[2].size != 1 or not dims or not dims[-1] or axis not in (-1, len(dims) - 1) \
+            or len([o for o in n.output if o]) > 1 or len(dims) > 4:
+        return None
+    d = dims[-1]
+    if d * 255 * 255 >= 2 ** 24:
+        return None
+
+    def real(name):
+        if name in inits and name not in producer:
+            return inits[name].astype(np.float64)
+        o = operand(name)
+        return None if o is None or o[1] is None else (o[1].astype(np.float64) - o[3]) * o[2]
+    gamma = real(n.input[1])
+    beta = real(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(d)
+    if gamma is None or beta is None:
+        return None
+    xq, _, sx, zx = x
+    sy, zy = float(inits[q.input[1]].reshape(())), inits[q.input[2]].reshape(())
+    eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+    big_x = node("Sub", [node("Cast", [xq], to=onnx.TensorProto.INT32), const(np.int32(zx), "zx")])
+    axes = const(np.array([-1], np.int64), "axes")
+    s1 = node("ReduceSum", [big_x, axes], keepdims=1)
+    s2 = node("ReduceSum", [node("Mul", [big_x, big_x]), axes], keepdims=1)
+    var = node("Sub", [node("Mul", [s2, const(np.int32(d), "d")]), node("Mul", [s1, s1])])   # exact in int32 here
+    den = node("Sqrt", [node("Add", [node("Cast", [var], to=onnx.TensorProto.FLOAT),
+                                     const(np.float32(d * d * eps / float(sx) ** 2), "eps")])])
+    num = node("Sub", [node("Mul", [big_x, const(np.int32(d), "d")]), s1])
+    target = node("Mul", [node("Cast", [num], to=onnx.TensorProto.FLOAT), const((gamma / sy).astype(np.float32).reshape(-1), "g")])
+    grid = np.arange(np.iinfo(zy.dtype).min, np.iinfo(zy.dtype).max + 1).astype(np.float32)
+    levels = grid[:, None] - (int(zy) + beta / sy + 0.5).astype(np.float32).reshape(1, -1)    # float32 − float32
+    return _grid_count(levels, den, target, zy, len(dims), node, const)
+
+
+def _exact_softmax(n, q, operand, inits, shapes, producer, node, const):
+    """Softmax over the last axis of c·DQ(q_x) (docs/reference.md): E = rint(2^k·exp(−(max q − q)·s_x·c)),
+    S = ΣE, y = the largest q of the grid with (f32(q) − f32(z_y + ½))·f32(f32(S)·s_y) <= f32(E)."""
+    source, c = n.input[0], 1.0
+    mul = producer.get(source)
+    if mul is not None and mul.op_type == "Mul":
+        consts = [i for i in mul.input if i in inits and i not in producer]
+        if len(consts) != 1 or inits[consts[0]].size != 1:
+            return None
+        source, c = next(i for i in mul.input if i != consts[0]), float(inits[consts[0]].reshape(()))
+    x = operand(source)
+    dims = shapes.get(n.input[0])
+    axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+    if x is None or x[1] is not None or x[2].size != 1 or not dims or not dims[-1] or axis not in (-1, len(dims) - 1) \
+            or len(dims) > 4:
+        return None
+    k = min(20, int(np.floor(np.log2((2 ** 24 - 1) / dims[-1]))))
+    xq, _, sx, _ = x
+    sy, zy = float(inits[q.input[1]].reshape(())), inits[q.input[2]].reshape(())
+    xi = node("Cast", [xq], to=onnx.TensorProto.INT32)
+    gap = node("Sub", [node("ReduceMax", [xi, const(np.array([-1], np.int64), "axes")], keepdims=1), xi])
+    e = node("Gather", [const(np.rint(2.0 ** k * np.exp(-np.arange(256) * float(sx) * c)).astype(np.int32), "exp"), gap])
+    total = node("ReduceSum", [e, const(np.array([-1], np.int64), "axes")], keepdims=1)
+    unit = node("Mul", [node("Cast", [total], to=onnx.TensorProto.FLOAT), const(np.float32(sy), "sy")])
+    grid = np.arange(np.iinfo(zy.dtype).min, np.iinfo(zy.dtype).max + 1).astype(np.float32)
+    return _grid_count(grid - np.float32(int(zy) + 0.5), unit, node("Cast", [e], to=onnx.TensorProto.FLOAT), zy,
+                       len(dims), node, const)
 
 
 def loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.float32:

@@ -221,22 +221,32 @@ def test_verify_feeds_the_trainers_steps(tmp_path, monkeypatch):
     assert not np.array_equal(trained[0][contract.inputs.labels], d["y"][:32]), "shuffled, not slices"
 
 
-def test_exact_forward_makes_the_keyword_spotter_identical(tmp_path):
+def test_qdq_forward_differs_on_the_keyword_spotter_and_verify_hints(tmp_path):
     """At the defaults the keyword spotter's frozen QDQ Convs requantize differently on onnxruntime's fused
-    levels (1 LSB on 2 values of a batch, step 1), and verify says so, exits 1 and hints at --forward exact;
-    compiled with it, the trainer's 20 steps are identical on every supported runtime installed."""
+    levels (1 LSB on 2 values of a batch, step 1): verify says so, exits 1 and hints at --forward exact."""
     from click.testing import CliRunner
     from fgcompile import models
     from fgcompile.cli import main
     from fgcompile.compiler import compile_model, write_compiled
     data = tmp_path / "kws.npz"
     np.savez(data, **dict(zip("xy", models.split("kws_dscnn", "target_train"))))
-    source = shipped("kws_dscnn/w8a8.onnx")
-    for forward in ("qdq", "exact"):
-        write_compiled(compile_model(source, TrainSpec(forward=forward)), tmp_path / forward)
+    write_compiled(compile_model(shipped("kws_dscnn/w8a8.onnx"), TrainSpec()), tmp_path / "qdq")
     qdq = CliRunner().invoke(main, ["verify", str(tmp_path / "qdq"), "--data", str(data), "--steps", "3"])
     assert qdq.exit_code == 1 and "ORT_ENABLE_EXTENDED, 1 thread   DIFFERS" in qdq.output, qdq.output
     assert "--forward exact" in qdq.output
-    rows = conformance.verify(tmp_path / "exact", steps=STEPS, data=data)
+
+
+@pytest.mark.parametrize("name,options", [("kws_dscnn", {}), ("digits_cnn", {}), ("digits_attn", {}),
+                                          ("digits_attn", dict(branches="loop", estimator="sign"))])
+def test_exact_forward_is_identical_on_every_supported_runtime(tmp_path, name, options):
+    """With --forward exact the trainer's 20 steps are identical on every supported runtime installed
+    (onnxruntime's levels and threads, the reference evaluator, OpenVINO f32), the transformer's layer norms
+    and attention Softmax included."""
+    from fgcompile import models
+    from fgcompile.compiler import compile_model, write_compiled
+    data = tmp_path / "train.npz"
+    np.savez(data, **dict(zip("xy", models.split(name, "target_train"))))
+    write_compiled(compile_model(shipped(f"{name}/w8a8.onnx"), TrainSpec(forward="exact", **options)), tmp_path / "out")
+    rows = conformance.verify(tmp_path / "out", steps=STEPS, data=data)
     assert not conformance.failing(rows), conformance.format_rows(rows)
     assert sum(r["result"] == "identical" for r in rows) >= 1 + 4 * 2 + 1   # every onnxruntime row, the reference
