@@ -161,7 +161,7 @@ def spec_options(f):
         spec_option("--estimator", "estimator", ESTIMATORS,
                     help="sign: Sign-m-SPSA; spsa: quantized m-SPSA; node: perturb each trained Gemm/MatMul/Conv's "
                     "output per example (±ε output LSBs) and step by the sign of each example's loss difference "
-                    "times its clean input (stacked form; with --calibration the step is whitened); head: the exact "
+                    "times its clean input (stacked or loop form; with --calibration the step is whitened); head: the exact "
                     "loss gradient at the logits of the output layer, in one forward (ce or bce; whitened likewise); "
                     "auto: node when more than one layer trains and node takes every site and option, head when the "
                     "output layer trains alone, else sign."),

@@ -246,18 +246,20 @@ class TrainSpec:
     def _validate_node(self) -> None:
         refusal = self.node_refusal()
         if refusal:
-            what = ("perturbs trained Gemm/MatMul/Conv outputs with ±1 noise in the stacked branch form"
+            what = ("perturbs trained Gemm/MatMul/Conv outputs with ±1 noise in the stacked or loop branch form"
                     if self.estimator == "node" else "steps along the exact gradient at the logits in one forward")
             raise SpecError(f"--estimator {self.estimator} does not take {refusal} yet: it {what}. Drop "
                             f"{refusal.split()[0]}, or use --estimator sign.")
 
-    def node_refusal(self) -> str | None:
-        """The first option given that node perturbation does not take yet, or None."""
+    def node_refusal(self, estimator: str | None = None) -> str | None:
+        """The first option given that node perturbation (or the head estimator: `estimator`, else this
+        spec's) does not take yet, or None. Node runs its branches stacked or in a Loop; head has none."""
+        forms = ("auto", "stacked", "loop") if (estimator or self.estimator) == "node" else ("auto", "stacked")
         return next((flag for flag, on in (
             ("--perturbation " + self.perturbation, self.perturbation != "rademacher"),
             ("--momentum", self.momentum > 0), ("--sharpness", self.sharpness > 0),
             ("--kernel-norm", self.kernel_norm), ("--sparsity", self.sparsity > 0), ("--prompts", self.prompts > 0),
-            ("--branches " + self.branches, self.branches not in ("auto", "stacked"))) if on), None)
+            ("--branches " + self.branches, self.branches not in forms)) if on), None)
 
 
 def check_field_types(obj) -> None:

@@ -54,7 +54,7 @@ def refusal(graph: gs.Graph, ctx: Context, loss: str) -> str | None:
         return f"its logits {ctx.io.loss_tap!r} have no static class axis"
     if loss not in LOSSES:
         return f"--loss {loss} (its gradient at the logits is ce's or bce's only)"
-    return option_refusal(ctx)
+    return option_refusal(ctx, "head")
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:

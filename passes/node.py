@@ -117,10 +117,10 @@ def _conv_patches(node: gs.Node) -> Patches:
     return Patches.of_conv(node.attrs, shape)
 
 
-def option_refusal(ctx: Context) -> str | None:
-    """Why an estimator that reads the trained layers' outputs (node, head) cannot take this compile's options
+def option_refusal(ctx: Context, estimator: str) -> str | None:
+    """Why `estimator` (node or head: they read the trained layers' outputs) cannot take this compile's options
     or trained tensors, or None (plan and head.refusal ask it)."""
-    option = ctx.spec.node_refusal()
+    option = ctx.spec.node_refusal(estimator)
     if option:
         return f"it does not take {option} yet"
     roles = sorted({t.role for t in ctx.trainables} - {"weight", "bias"})
@@ -184,10 +184,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
             mine = (np.arange(m) % len(perturbed) == t).astype(np.int8).reshape([m] + [1] * (len(per) + 1))
             u = b.op("Mul", [u, mine], dtype=np.int8, shape=[m, y.shape[0]] + per, hint=f"{site}.u_alternate")
         both = b.op("Concat", [u, b.op("Neg", [u], dtype=np.int8)], {"axis": 0}, dtype=np.int8)
-        noise = b.f32.Mul(b.cast(both, np.float32), np.float32(ctx.spec.eps) * unit, hint=f"{site}.noise",
-                          shape=[2 * m, y.shape[0]] + per)
         placeholder = gs.Variable(f"node/{site}.noise", dtype=np.float32, shape=y.shape)
-        stacked[placeholder.name] = noise
+        stacked[placeholder.name] = (both, np.float32(ctx.spec.eps) * unit, [y.shape[0]] + per)
         moved = gs.Variable(f"node/{site}.noisy", dtype=np.float32, shape=y.shape)
         for consumer in rewritten:
             consumer.inputs = [moved if x is y else x for x in consumer.inputs]
@@ -204,18 +202,55 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
             branched.append(n)
         if id(n) in adds:
             branched.append(adds[id(n)])
-    mapping = stack_suffix(graph, branched, stacked, 2 * m, tap)
-    if isinstance(mapping, Refusal):
-        raise SpecError(f"--estimator node runs in the stacked branch form only, and the trained suffix cannot "
-                        f"run on a branch axis ({mapping}). Train other layers, or use --estimator sign.")
+    form = "loop" if ctx.spec.branches == "loop" else "stacked"
+    if form == "loop":
+        logits = _looped(b, graph, branched, stacked, m, tap)
+    else:
+        noise = {name: b.f32.Mul(b.cast(both, np.float32), scale, hint="noise", shape=[2 * m] + shape)
+                 for name, (both, scale, shape) in stacked.items()}
+        mapping = stack_suffix(graph, branched, noise, 2 * m, tap)
+        if isinstance(mapping, Refusal):
+            raise SpecError(f"--estimator node runs its branches stacked or in a Loop, and the trained suffix "
+                            f"cannot run on a branch axis ({mapping}). Train other layers, or use --estimator sign.")
+        logits = mapping[tap]
     kept = {id(n) for n in needed if id(n) not in noisy}     # the trained layers' clean products, weight DQs
     gone = {id(n) for n in suffix if id(n) not in kept}
     graph.nodes = [n for n in graph.nodes if id(n) not in gone]
     graph.outputs = []
     w32 = {tr.name: b.cast(ctx.state.inputs[tr.name], np.int32) for tr in ctx.trainables}
-    ctx.branches = Branches(w32, mapping[tap], 0, "stacked", None)
+    ctx.branches = Branches(w32, logits, 0, form, None)
     ctx.node = layers
     return graph
+
+
+def _looped(b: Builder, graph: gs.Graph, branched, noise: dict, m: int, tap: str):
+    """--branches loop: an ONNX Loop over the 2m branches; iteration k adds row k of each layer's ±ε·u noise
+    (int8 [2m, B, *out], scaled inside) and runs the noisy suffix once on the batch, its logits leaving as a
+    scan output [2m, 1, B, ...]: one branch's activations are alive at a time (pair's loop form does the same
+    for weight perturbation, whose frozen-weight handling it shares). Returns the logits [2m, B, ...]."""
+    from .pair import _frozen_weights_inside     # the suffix's frozen weights dequantized inside the body
+    body = gs.Graph(name="node_branch")
+    k = gs.Variable("node_loop/k", dtype=np.int64, shape=[])
+    cond = gs.Variable("node_loop/cond", dtype=bool, shape=[])
+    body.inputs = [k, cond]
+    bb = Builder(body, "node_loop")
+    row = bb.op("Unsqueeze", [k, np.array([0], np.int64)], dtype=np.int64)
+    one = {name: bb.f32.Mul(bb.cast(bb.op("Gather", [both, row], {"axis": 0}, dtype=np.int8), np.float32), scale,
+                            hint="noise", shape=[1] + shape) for name, (both, scale, shape) in noise.items()}
+    _frozen_weights_inside(body, branched)
+    mapping = stack_suffix(body, branched, one, 1, tap)
+    if isinstance(mapping, Refusal):
+        raise SpecError(f"--estimator node --branches loop: the trained suffix cannot run on a branch axis "
+                        f"({mapping}). Train other layers, or use --estimator sign.")
+    out = mapping[tap]
+    body.outputs = [bb.op("Identity", [cond], dtype=bool), bb.op("Identity", [out], dtype=np.float32)]
+    body.toposort()
+    scanned = gs.Variable("node/logits_branches", dtype=np.float32)
+    graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
+                               [b.const(np.array(2 * m, np.int64)), b.const(np.array(True))], [scanned]))
+    # [2m, 1, B, ...] -> [2m, B, ...] (onnx.reference concatenates scan outputs where onnxruntime stacks them)
+    return b.op("Reshape", [scanned, np.array([2 * m, -1] + list(out.shape[2:]), np.int64)], dtype=np.float32,
+                hint="logits_all")
 
 
 def _input_rows(b: Builder, layer: NodeLayer):

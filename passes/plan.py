@@ -33,7 +33,7 @@ from .node import option_refusal, site_refusal
 def _node_refusal(graph: gs.Graph, ctx: Context, sites: list[str]) -> str | None:
     """Why node perturbation cannot train this compile, or None."""
     nodes = {n.name: n for n in graph.nodes}
-    return option_refusal(ctx) or next(filter(None, (site_refusal(nodes[site]) for site in sites)), None)
+    return option_refusal(ctx, "node") or next(filter(None, (site_refusal(nodes[site]) for site in sites)), None)
 
 
 def _one_layer(graph: gs.Graph, ctx: Context) -> tuple[str, str]:

@@ -116,9 +116,9 @@ COMPILE_CASES = {
                         "'fast' is not one of 'qdq', 'exact'"),
     "unknown node schedule": (model_file(lambda t: onnx.load(CNN)), ["--estimator", "node", "--node-schedule", "each"],
                               "'each' is not one of 'all', 'alternate'"),
-    "node estimator in the loop form": (model_file(lambda t: onnx.load(CNN)),
-                                        ["--estimator", "node", "--branches", "loop"],
-                                        "does not take --branches loop yet"),
+    "node estimator in the cloned form": (model_file(lambda t: onnx.load(CNN)),
+                                          ["--estimator", "node", "--branches", "cloned"],
+                                          "does not take --branches cloned yet"),
 }
 
 

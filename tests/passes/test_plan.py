@@ -52,12 +52,18 @@ def test_auto_keeps_weight_perturbation_where_one_layer_is_not_the_head(options,
 
 @pytest.mark.parametrize("options, why", [
     (dict(momentum=0.25), "does not take --momentum"),
-    (dict(branches="loop"), "does not take --branches loop"),
+    (dict(branches="cloned"), "does not take --branches cloned"),
     (dict(perturbation="ternary"), "does not take --perturbation ternary"),
 ])
 def test_auto_falls_back_to_sign_and_says_why(options, why):
     contract = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=2, **options)).contract
     assert contract.spec.estimator == "sign" and why in contract.estimator_reason
+
+
+def test_auto_keeps_node_in_the_loop_form():
+    """--branches loop at depth: node perturbation runs its branches in the Loop (memory near inference)."""
+    contract = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(last=2, branches="loop")).contract
+    assert contract.spec.estimator == "node" and contract.branches == "loop"
 
 
 def test_auto_falls_back_where_node_cannot_perturb_a_site():
