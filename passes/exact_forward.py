@@ -52,10 +52,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if ctx.spec.forward != "exact":
         return graph
     done = _rewrite(graph)
-    source = {n.name for n in ctx.source.graph.node}
-    kept = sorted({n.op for g in _graphs(graph) for n in g.nodes if n.name in source and _float_op(n)})
-    ctx.notes.append(f"--forward exact: {done} frozen quantized ops compute exactly"
-                     + (f"; these stay float, as the source computes them: {', '.join(kept)}" if kept else ""))
+    frozen = {n.name for n in ctx.source.graph.node} - {t.site for t in ctx.trainables}
+    kept = sorted({n.op for g in _graphs(graph) for n in g.nodes
+                   if n.name in frozen and _float_op(n) and any(t.outputs for t in n.outputs)})   # not left dead
+    ctx.notes.append(f"--forward exact: {done} frozen quantized ops compute exactly; the trained layers compute in "
+                     "float" + (f", and so do these frozen ops: {', '.join(kept)}" if kept else ""))
     return graph
 
 
@@ -456,4 +457,4 @@ def _add(b: Builder, node: gs.Node) -> bool:
     return True
 
 
-PASS = Pass("exact forward", run, reads=("spec", "notes", "source"))
+PASS = Pass("exact forward", run, reads=("spec", "notes", "source", "trainables"))
