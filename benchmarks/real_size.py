@@ -10,8 +10,10 @@ conv), at batch 32 and one thread, the columns are
     fg default  fgcompile compiled with TrainSpec()'s defaults, only last/train set (--estimator auto: node
                 perturbation, m = 8, when more than one layer trains, else sign weight perturbation, m = 64;
                 no calibration, so no whitening). The estimator and reason auto chose are recorded per row.
-    fg m=8      the same with m = 8;  fg loop m=8: and --branches loop
+    fg m=8      the same with m = 8;  fg loop m=8: and --branches loop (auto still picks node at depth:
+                node takes the loop form, so this is node perturbation in the loop when more than one layer trains)
     fg node m=8 --estimator node --m 8 (node perturbation, stacked; Gemm/MatMul and Conv sites)
+    fg node loop m=8  the same with --branches loop: the 2m noisy branches one at a time in an ONNX Loop
     torch BP    torch fp32 autograd of the same tensors (benchmarks/backprop.py's interpreter of the fp32
                 model; only those tensors require grad), an SGD step
     MeZO m=8    torch fp32 MeZO (benchmarks/mezo.py): 2 whole-model forwards per direction, perturbed in place
@@ -53,7 +55,8 @@ from step_cost import step_feeds, timed  # noqa: E402
 MODELS = ("mobilenetv2_1000", "resnet18_1000", "resnet18_1000_224")
 PARTS = ("last 1", "last block", "mid")
 FG = {"fg default": {}, "fg m=8": {"m": 8}, "fg loop m=8": {"m": 8, "branches": "loop"},
-      "fg node m=8": {"estimator": "node", "m": 8}}
+      "fg node m=8": {"estimator": "node", "m": 8},
+      "fg node loop m=8": {"estimator": "node", "m": 8, "branches": "loop"}}
 MEZO_M = 8
 COLUMNS = ("forward", *FG, "torch BP", f"MeZO m={MEZO_M}", "ort-training")
 
