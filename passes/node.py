@@ -183,9 +183,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         if ctx.spec.node_schedule == "alternate" and len(perturbed) > 1:    # direction i: layer i mod L only
             mine = (np.arange(m) % len(perturbed) == t).astype(np.int8).reshape([m] + [1] * (len(per) + 1))
             u = b.op("Mul", [u, mine], dtype=np.int8, shape=[m, y.shape[0]] + per, hint=f"{site}.u_alternate")
-        both = b.op("Concat", [u, b.op("Neg", [u], dtype=np.int8)], {"axis": 0}, dtype=np.int8)
         placeholder = gs.Variable(f"node/{site}.noise", dtype=np.float32, shape=y.shape)
-        stacked[placeholder.name] = (both, np.float32(ctx.spec.eps) * unit, [y.shape[0]] + per)
+        stacked[placeholder.name] = (u, np.float32(ctx.spec.eps) * unit, [y.shape[0]] + per)
         moved = gs.Variable(f"node/{site}.noisy", dtype=np.float32, shape=y.shape)
         for consumer in rewritten:
             consumer.inputs = [moved if x is y else x for x in consumer.inputs]
@@ -206,8 +205,9 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if form == "loop":
         logits = _looped(b, graph, branched, stacked, m, tap)
     else:
-        noise = {name: b.f32.Mul(b.cast(both, np.float32), scale, hint="noise", shape=[2 * m] + shape)
-                 for name, (both, scale, shape) in stacked.items()}
+        both = lambda u: b.op("Concat", [u, b.op("Neg", [u], dtype=np.int8)], {"axis": 0}, dtype=np.int8)
+        noise = {name: b.f32.Mul(b.cast(both(u), np.float32), scale, hint="noise", shape=[2 * m] + shape)
+                 for name, (u, scale, shape) in stacked.items()}
         mapping = stack_suffix(graph, branched, noise, 2 * m, tap)
         if isinstance(mapping, Refusal):
             raise SpecError(f"--estimator node runs its branches stacked or in a Loop, and the trained suffix "
@@ -224,19 +224,24 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
 
 
 def _looped(b: Builder, graph: gs.Graph, branched, noise: dict, m: int, tap: str):
-    """--branches loop: an ONNX Loop over the 2m branches; iteration k adds row k of each layer's ±ε·u noise
-    (int8 [2m, B, *out], scaled inside) and runs the noisy suffix once on the batch, its logits leaving as a
-    scan output [2m, 1, B, ...]: one branch's activations are alive at a time (pair's loop form does the same
-    for weight perturbation, whose frozen-weight handling it shares). Returns the logits [2m, B, ...]."""
+    """--branches loop: an ONNX Loop over the 2m branches; iteration k adds ±ε·u of direction k mod m (+ for
+    k < m) to each layer's output (u int8 [m, B, *out], scaled inside) and runs the noisy suffix once on the
+    batch, its logits leaving as a scan output [2m, 1, B, ...]: one branch's activations are alive at a time
+    (pair's loop form does the same for weight perturbation, whose frozen-weight handling it shares).
+    Returns the logits [2m, B, ...]."""
     from .pair import _frozen_weights_inside     # the suffix's frozen weights dequantized inside the body
     body = gs.Graph(name="node_branch")
     k = gs.Variable("node_loop/k", dtype=np.int64, shape=[])
     cond = gs.Variable("node_loop/cond", dtype=bool, shape=[])
     body.inputs = [k, cond]
     bb = Builder(body, "node_loop")
-    row = bb.op("Unsqueeze", [k, np.array([0], np.int64)], dtype=np.int64)
-    one = {name: bb.f32.Mul(bb.cast(bb.op("Gather", [both, row], {"axis": 0}, dtype=np.int8), np.float32), scale,
-                            hint="noise", shape=[1] + shape) for name, (both, scale, shape) in noise.items()}
+    row = bb.op("Unsqueeze", [bb.op("Mod", [k, np.array(m, np.int64)], dtype=np.int64), np.array([0], np.int64)],
+                dtype=np.int64)
+    sign = bb.op("Where", [bb.op("Less", [k, np.array(m, np.int64)], dtype=bool), np.float32(1), np.float32(-1)],
+                 dtype=np.float32)
+    one = {name: bb.f32.Mul(bb.cast(bb.op("Gather", [u, row], {"axis": 0}, dtype=np.int8), np.float32),
+                            bb.f32.Mul(sign, scale), hint="noise", shape=[1] + shape)
+           for name, (u, scale, shape) in noise.items()}
     _frozen_weights_inside(body, branched)
     mapping = stack_suffix(body, branched, one, 1, tap)
     if isinstance(mapping, Refusal):
@@ -319,10 +324,8 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
         if layer.logits is not None:    # the output layer: its exact gradient from the clean logits
             grad.update(exact_gradient(b, layer, layer.logits, ctx.losses.labels, ctx.spec.loss)[1])
             continue
-        rank = len(layer.noise.shape)                                         # [m, B, *out]
-        si = b.op("Unsqueeze", [s, np.arange(2, rank, dtype=np.int64)], dtype=np.int8) if rank > 2 else s
-        v = I.ReduceSum(b.cast(b.op("Mul", [layer.noise, si], dtype=np.int8), np.int32), np.array([0], np.int64),
-                        keepdims=0, hint="v")                                 # [B, *out]
+        v = _signal_sum(graph, layer.noise, c, m, layer.site) if ctx.branches.form == "loop" else \
+            _signal(b, layer.noise, s)
         if layer.patches is not None:                                         # rows: the positions (b, y, x)
             v = I.Transpose(v, perm=[0, 2, 3, 1])
         out = layer.noise.shape[2 if layer.patches is not None else -1]
@@ -333,6 +336,41 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
         grad.update(layer_gradient(b, layer, b.cast(rows, np.int8)))
     ctx.estimate = Estimate(c, grad)
     return graph
+
+
+def _signal(b: Builder, noise, s):
+    """V = Σᵢ sᵢ·uᵢ int32 [B, *out] of the noise [m, B, *out] and the signs s int8 [m, B], at once."""
+    rank = len(noise.shape)
+    si = b.op("Unsqueeze", [s, np.arange(2, rank, dtype=np.int64)], dtype=np.int8) if rank > 2 else s
+    return b.i32.ReduceSum(b.cast(b.op("Mul", [noise, si], dtype=np.int8), np.int32), np.array([0], np.int64),
+                           keepdims=0, hint="v")
+
+
+def _signal_sum(graph: gs.Graph, noise, c, m: int, site: str):
+    """The same V as a Loop over the m directions adding cᵢ·uᵢ into an int32 [B, *out] carry: the loop form
+    holds no [m, B, *out] int32 product (4x the noise's bytes)."""
+    b, body = Builder(graph, f"node_signal/{site}"), gs.Graph(name=f"node_signal_sum/{site}")
+    bb = Builder(body, f"node_signal_body/{site}")
+    i = gs.Variable(bb.name("i"), dtype=np.int64, shape=[])
+    cond = gs.Variable(bb.name("cond"), dtype=bool, shape=[])
+    carried = gs.Variable(bb.name("v"), dtype=np.int32)
+    body.inputs = [i, cond, carried]
+    row = bb.op("Unsqueeze", [i, np.array([0], np.int64)], dtype=np.int64)
+    ui = bb.op("Squeeze", [bb.op("Gather", [noise, row], {"axis": 0}, dtype=np.int8), np.array([0], np.int64)],
+               dtype=np.int8)                                                              # [B, *out]
+    ci = bb.op("Squeeze", [bb.op("Gather", [c, row], {"axis": 0}, dtype=np.int32), np.array([0], np.int64)],
+               dtype=np.int32)                                                             # [B]
+    rank = len(noise.shape) - 1
+    ci = bb.op("Unsqueeze", [ci, np.arange(1, rank, dtype=np.int64)], dtype=np.int32) if rank > 1 else ci
+    body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[]),
+                    bb.i32.Add(carried, bb.i32.Mul(bb.cast(ui, np.int32), ci), hint="v_next")]
+    zero = b.op("Expand", [np.array(0, np.int32), b.op("Shape", [b.op("Gather", [noise, np.array(0, np.int64)],
+                                                                       {"axis": 0}, dtype=np.int8)],
+                                                        dtype=np.int64)], dtype=np.int32, hint="zero")
+    total = gs.Variable(b.name("v"), dtype=np.int32, shape=list(noise.shape[1:]))
+    graph.nodes.append(gs.Node("Loop", b.name("loop"), {"body": body},
+                               [b.const(np.array(m, np.int64)), b.const(np.array(True))] + [zero], [total]))
+    return total
 
 
 def layer_gradient(b: Builder, layer: NodeLayer, rows) -> dict:
