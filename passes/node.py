@@ -37,15 +37,17 @@ loss (up to a requantization and a bias Add), that layer gets no noise, and its 
 passes/head.py (exact_gradient) from the clean logits, which the clean copy then runs up to; the other layers'
 loss differences no longer carry its noise. --node-schedule alternate counts the perturbed layers only.
 
-The branches run the trained layers on their shared, unperturbed weights: the 2m noisy forwards are one
-stacked suffix (branch_rules) whose only branched inputs are the noise tensors; the trained layers' clean
-inputs come from an unperturbed copy of the suffix up to the deepest of them.
+The branches run the trained layers on their shared, unperturbed weights. By default (--branches auto or
+loop) they run in an ONNX Loop, one branch at a time on the batch, and V is summed in a second Loop (memory
+near inference); --branches stacked makes the 2m noisy forwards one stacked suffix (branch_rules) whose only
+branched inputs are the noise tensors. Both give the same steps. The trained layers' clean inputs come from
+an unperturbed copy of the suffix up to the deepest of them.
 
 Precondition (refused with a SpecError otherwise): every trained site is a Gemm (transA = 0) or MatMul with
 a 2-D weight, or a Conv with a static 2-D kernel, explicit pads and a static input [B, C, H, W];
 it reads a per-tensor DequantizeLinear of an integer activation, and its output is read by a per-tensor
 QuantizeLinear; ctx.perturbations.per_example from prng.
-Postcondition: like pair's (ctx.branches in the stacked form, the suffix replaced) plus ctx.node; then
+Postcondition: like pair's (ctx.branches in the loop or stacked form, the suffix replaced) plus ctx.node; then
 `estimate` (NODE_ESTIMATE here) gives ctx.estimate.grad[name] int32 [*shape] and .coefficients int32 [m, B].
 """
 from __future__ import annotations
@@ -201,7 +203,10 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
             branched.append(n)
         if id(n) in adds:
             branched.append(adds[id(n)])
-    form = "loop" if ctx.spec.branches == "loop" else "stacked"
+    # auto: the Loop; as fast as stacked on the real-size and shipped models (0.77-1.05x; 1.27x only on
+    # digits_cnn --last 2, 0.13 ms) at a fraction of the memory (benchmarks/README.md, "Node perturbation in
+    # the loop form")
+    form = "stacked" if ctx.spec.branches == "stacked" else "loop"
     if form == "loop":
         logits = _looped(b, graph, branched, stacked, m, tap)
     else:

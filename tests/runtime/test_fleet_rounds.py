@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("spec", [TrainSpec(m=8), TrainSpec(m=4, last=2, branches="loop"),
+@pytest.mark.parametrize("spec", [TrainSpec(m=8), TrainSpec(m=4, last=2, branches="loop", estimator="sign"),
                                   TrainSpec(m=4, momentum=0.5, rounding="stochastic")], ids=["stacked", "loop", "momentum"])
 def test_the_server_replays_each_device_to_its_own_model(setup, spec):
     compiled, program, devices = setup(spec)

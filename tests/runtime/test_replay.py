@@ -21,7 +21,7 @@ SEED, BATCH, STEPS = 77, 32, 6
 
 @pytest.mark.parametrize("model_file, options", [
     ("digits_cnn/w8a8.onnx", {"estimator": "sign"}),
-    ("digits_cnn/w8a8.onnx", {"branches": "loop", "last": 2}),
+    ("digits_cnn/w8a8.onnx", {"branches": "loop", "last": 2, "estimator": "sign"}),
     ("digits_cnn/w8a8.onnx", {"branches": "cloned", "last": 2, "m": 4}),
     ("digits_cnn/w8a8.onnx", {"momentum": 0.5, "sharpness": 1, "kernel_norm": True, "rounding": "stochastic"}),
     ("digits_cnn/w8a8.onnx", {"estimator": "spsa", "perturbation": "ternary", "density": 0.25}),
