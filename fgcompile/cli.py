@@ -196,7 +196,7 @@ def spec_options(f):
                     help="How the 2m branches run: stacked (one suffix on a branch-folded batch), cloned (one copy "
                          "per branch), loop (a Loop over the 2m branches, memory near inference), auto (stacked for a "
                          "small suffix; cloned where its activations reach 4096 values per example, or where an op "
-                         "has no stacking rule)."),
+                         "has no stacking rule; node perturbation: loop)."),
         spec_option("--memory-budget", "memory_budget_mb", type=float, metavar="MB",
                     help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
         spec_option("--forward", "forward", FORWARDS,

@@ -118,7 +118,7 @@ class TrainSpec:
     seed: int = 0
     requant_bypass: bool = True   # the branches read the activation Q→DQ pairs after the suffix's last
                                   # Conv/MatMul/Gemm as float (see passes/pair.py)
-    branches: str = "auto"        # auto: stacked for a small suffix, else cloned (passes/pair.py _form)
+    branches: str = "auto"        # auto: stacked for a small suffix, else cloned (passes/pair.py _form); node: loop
     memory_budget_mb: float | None = None   # auto picks the loop when stacked weights would exceed it
     prompts: int = 0              # trainable tokens appended at a transformer block's input (passes/prompts.py)
     prompt_at: str = ""           # that block's LayerNormalization (default: the first over [B, T, D])
