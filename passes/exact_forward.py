@@ -136,11 +136,20 @@ def _finish(b: Builder, node: gs.Node, acc, scale: np.ndarray, channel_shape) ->
 
 
 def _requantized(b: Builder, node: gs.Node, q: gs.Node, y) -> None:
-    """y (float, in output LSBs) rounded to the QuantizeLinear's zero point, written to its output tensor;
-    the node and that QuantizeLinear leave the graph."""
-    out, zp = q.outputs[0], q.inputs[2]
+    """y (float, in output LSBs) rounded to the QuantizeLinear's zero point, written to its output tensor."""
+    _replace(b, node, q, "QuantizeLinear", [y, b.const(np.float32(1.0)), q.inputs[2]])
+
+
+def _on_grid_int32(b: Builder, node: gs.Node, q: gs.Node, y) -> None:
+    """y (int32, already on the QuantizeLinear's grid) cast to its dtype, written to its output tensor."""
+    _replace(b, node, q, "Cast", [y], {"to": onnx_dtype(q.inputs[2].values.dtype)})
+
+
+def _replace(b: Builder, node: gs.Node, q: gs.Node, op: str, inputs, attrs=None) -> None:
+    """One `op` node writes the QuantizeLinear's output tensor; the node and that QuantizeLinear leave."""
+    out = q.outputs[0]
     _drop(b.graph, node, q)
-    b.graph.nodes.append(gs.Node("QuantizeLinear", b.name("quantize"), {}, [y, b.const(np.float32(1.0)), zp], [out]))
+    b.graph.nodes.append(gs.Node(op, b.name("quantized"), attrs or {}, inputs, [out]))
 
 
 def _drop(graph: gs.Graph, *nodes: gs.Node) -> None:
@@ -329,9 +338,7 @@ def _layer_norm(b: Builder, node: gs.Node) -> bool:
                                                                                    hint="level"), den,
                                                                          hint="level_scaled"), target],
                                                dtype=np.bool_, hint="below"))
-    out = q.outputs[0]
-    _drop(b.graph, node, q)
-    b.graph.nodes.append(gs.Node("Cast", b.name("quantized"), {"to": onnx_dtype(zp.dtype)}, [y], [out]))
+    _on_grid_int32(b, node, q, y)
     return True
 
 
@@ -403,9 +410,7 @@ def _softmax(b: Builder, node: gs.Node) -> bool:
     below = lambda cand: b.op("LessOrEqual", [b.f32.Mul(b.f32.Sub(b.cast(cand, np.float32), offset, hint="level"),
                                                         unit, hint="level_scaled"), ef], dtype=np.bool_, hint="below")
     y = _level(b, q, b.f32.Add(b.f32.Div(ef, unit, hint="share"), offset, hint="approx"), below)
-    out, dtype = q.outputs[0], q.inputs[2].values.dtype
-    _drop(b.graph, node, q)
-    b.graph.nodes.append(gs.Node("Cast", b.name("quantized"), {"to": onnx_dtype(dtype)}, [y], [out]))
+    _on_grid_int32(b, node, q, y)
     return True
 
 
@@ -417,9 +422,7 @@ def _on_grid(b: Builder, node: gs.Node) -> bool:
             np.float32(x[1].reshape(())) != np.float32(q.inputs[1].values.reshape(())) or \
             int(x[2].reshape(())) != int(q.inputs[2].values.reshape(())) or np.dtype(x[0].dtype) != q.inputs[2].values.dtype:
         return False
-    out = q.outputs[0]
-    _drop(b.graph, node, q)
-    b.graph.nodes.append(gs.Node(node.op, b.name("on_grid"), dict(node.attrs), [x[0]], [out]))
+    _replace(b, node, q, node.op, [x[0]], dict(node.attrs))
     return True
 
 
@@ -451,9 +454,7 @@ def _add(b: Builder, node: gs.Node) -> bool:
     y = b.i32.Add(b.i32.Div(total, np.int32(2 ** k), hint="floor"), np.int32(int(zp) - offset // 2 ** k),
                   hint="zero_point")
     y = b.clip_int32(y, int(info.min), int(info.max))
-    out = q.outputs[0]
-    _drop(b.graph, node, q)
-    b.graph.nodes.append(gs.Node("Cast", b.name("quantized"), {"to": onnx_dtype(zp.dtype)}, [y], [out]))
+    _on_grid_int32(b, node, q, y)
     return True
 
 
