@@ -60,6 +60,7 @@ from .branch_rules import Refusal, stack_suffix
 from .context import Branches, Context, Estimate, NodeLayer, Pass
 from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE, Patches
 from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes, writes_logits
+from .pair import frozen_weights_inside
 
 SUPPORTED = "trained Gemm/MatMul and 2-D Conv layers with a quantized input and a requantized output"
 V_SCALE = np.float32(2.0 ** -7)    # the exact gradient e in [−1, 1] to int8 steps of 1/128 (a power of two: exact)
@@ -232,9 +233,8 @@ def _looped(b: Builder, graph: gs.Graph, branched, noise: dict, m: int, tap: str
     """--branches loop: an ONNX Loop over the 2m branches; iteration k adds ±ε·u of direction k mod m (+ for
     k < m) to each layer's output (u int8 [m, B, *out], scaled inside) and runs the noisy suffix once on the
     batch, its logits leaving as a scan output [2m, 1, B, ...]: one branch's activations are alive at a time
-    (pair's loop form does the same for weight perturbation, whose frozen-weight handling it shares).
+    (pair's loop form does the same for weight perturbation, whose frozen_weights_inside it shares).
     Returns the logits [2m, B, ...]."""
-    from .pair import _frozen_weights_inside     # the suffix's frozen weights dequantized inside the body
     body = gs.Graph(name="node_branch")
     k = gs.Variable("node_loop/k", dtype=np.int64, shape=[])
     cond = gs.Variable("node_loop/cond", dtype=bool, shape=[])
@@ -247,7 +247,7 @@ def _looped(b: Builder, graph: gs.Graph, branched, noise: dict, m: int, tap: str
     one = {name: bb.f32.Mul(bb.cast(bb.op("Gather", [u, row], {"axis": 0}, dtype=np.int8), np.float32),
                             bb.f32.Mul(sign, scale), hint="noise", shape=[1] + shape)
            for name, (u, scale, shape) in noise.items()}
-    _frozen_weights_inside(body, branched)
+    frozen_weights_inside(body, branched)
     mapping = stack_suffix(body, branched, one, 1, tap)
     if isinstance(mapping, Refusal):
         raise SpecError(f"--estimator node --branches loop: the trained suffix cannot run on a branch axis "

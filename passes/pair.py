@@ -211,7 +211,7 @@ def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
         else:
             z32 = bb.cast(bb.op("Unsqueeze", [z[tr.name], np.array([0], np.int64)], dtype=np.int8), np.int32)
             perturbed[tr.name] = _perturbed(bb, ctx, w32, tr, z32, 1, sign)
-    _frozen_weights_inside(body, needed)
+    frozen_weights_inside(body, needed)
     mapping = stack_suffix(body, needed, perturbed, 1, ctx.io.loss_tap,
                            {perturbed[name].name: f for name, f in parts.items()})
     if isinstance(mapping, Refusal):
@@ -235,7 +235,7 @@ def _looped(b: Builder, graph: gs.Graph, ctx: Context, w32, needed):
     return b.op("Reshape", [branches, np.array([2 * m, -1] + tail, np.int64)], dtype=np.float32, hint="logits_all")
 
 
-def _frozen_weights_inside(body: gs.Graph, needed) -> None:
+def frozen_weights_inside(body: gs.Graph, needed) -> None:
     """Dequantize the suffix's frozen weights inside the Loop body: onnxruntime then sees DQ → Conv → Q
     there and runs QLinearConv on the int8 weights, as inference does. Read from outside the body, each
     weight arrives as a float tensor (the DequantizeLinear folded to a float initializer, 4 bytes per
