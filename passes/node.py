@@ -38,8 +38,9 @@ passes/head.py (exact_gradient) from the clean logits, which the clean copy then
 loss differences no longer carry its noise. --node-schedule alternate counts the perturbed layers only.
 
 The branches run the trained layers on their shared, unperturbed weights. By default (--branches auto or
-loop) they run in an ONNX Loop, one branch at a time on the batch, and V is summed in a second Loop (memory
-near inference); --branches stacked makes the 2m noisy forwards one stacked suffix (branch_rules) whose only
+loop) they run in an ONNX Loop, one branch at a time on the batch, V is summed in a second Loop and a weight
+over formulas.CHUNK elements gets ĝ_W a chunk of rows at a time inside the update's Loop (weight_rows;
+memory near inference); --branches stacked makes the 2m noisy forwards one stacked suffix (branch_rules) whose only
 branched inputs are the noise tensors. Both give the same steps. The trained layers' clean inputs come from
 an unperturbed copy of the suffix up to the deepest of them.
 
@@ -57,8 +58,8 @@ import onnx_graphsurgeon as gs
 
 from fgcompile.errors import SpecError
 from .branch_rules import Refusal, stack_suffix
-from .context import Branches, Context, Estimate, NodeLayer, Pass
-from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE, Patches
+from .context import Branches, Context, Estimate, GradRows, NodeLayer, Pass
+from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE, Patches, chunk_rows, chunked
 from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes, writes_logits
 from .pair import frozen_weights_inside
 
@@ -324,7 +325,7 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     informative = b.op("Greater", [F.Abs(d), F.Mul(scale, TIE_TOLERANCE)], dtype=bool)
     c = b.cast(F.Sign(F.Where(informative, d, 0.0)), np.int32, hint="c")     # [m, B]: where the step leaves float
     s = b.cast(c, np.int8, hint="s")
-    grad = {}
+    grad, by_rows = {}, {}
     for layer in ctx.node:
         if layer.logits is not None:    # the output layer: its exact gradient from the clean logits
             grad.update(exact_gradient(b, layer, layer.logits, ctx.losses.labels, ctx.spec.loss)[1])
@@ -338,8 +339,13 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
         if layer.centered:
             total = I.ReduceSum(rows, np.array([1], np.int64), keepdims=1)
             rows = b.clip_int32(I.Sub(rows, divided(b, total, out)), -127, 127)
-        grad.update(layer_gradient(b, layer, b.cast(rows, np.int8)))
-    ctx.estimate = Estimate(c, grad)
+        rows = b.cast(rows, np.int8)
+        count = chunk_rows(layer.weight.shape) if ctx.branches.form == "loop" and layer.weight is not None and \
+            layer.groups == 1 and chunked(layer.weight.shape) else None
+        if count:     # the update takes ĝ_W a chunk of rows at a time, inside its Loop: never whole
+            by_rows[layer.weight.name] = weight_rows(b, layer, rows, count)
+        grad.update(layer_gradient(b, layer, rows, weight=not count))
+    ctx.estimate = Estimate(c, grad, by_rows)
     return graph
 
 
@@ -378,18 +384,45 @@ def _signal_sum(graph: gs.Graph, noise, c, m: int, site: str):
     return total
 
 
-def layer_gradient(b: Builder, layer: NodeLayer, rows) -> dict:
+def _weight_input(b: Builder, layer: NodeLayer):
+    """(a [rows, in], its zero point as MatMulInteger's input list): the clean integer input rows, or with
+    whitening a' = quantize(a·P², s) (int8, zero point 0)."""
+    a, zero = _input_rows(b, layer), [layer.zero_point]
+    if layer.whitening is not None:
+        entry, matrix = layer.whitening
+        a = b.f32.MatMul(b.op("DequantizeLinear", [a, layer.scale, layer.zero_point], dtype=np.float32), matrix)
+        a, zero = b.op("QuantizeLinear", [a, np.float32(entry.scale), np.int8(0)], dtype=np.int8), []
+    return a, zero
+
+
+def weight_rows(b: Builder, layer: NodeLayer, rows, count: int) -> GradRows:
+    """ĝ_W of a group-1 layer as GradRows: chunk k is rows k·count .. (k+1)·count − 1 of the weight's leading
+    axis (output channels for [out, in], inputs for [in, out]), one MatMulInteger of the whole input with a
+    slice of V (or of a slice of the input with V), made inside the update's Loop; a and V are made once."""
+    a, zero = _weight_input(b, layer)
+    a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                       # [in, rows]
+    nk = layer.layout == "nk"
+
+    def at(bb: Builder, k):
+        lo = bb.op("Unsqueeze", [bb.op("Mul", [k, np.array(count, np.int64)], dtype=np.int64), np.array([0], np.int64)],
+                   dtype=np.int64)
+        hi = bb.op("Add", [lo, np.array([count], np.int64)], dtype=np.int64)
+        piece = lambda t, axis: bb.op("Slice", [t, lo, hi, np.array([axis], np.int64)], dtype=t.dtype)
+        g = bb.op("MatMulInteger", [a_t, piece(rows, 1)] + zero, dtype=np.int32) if nk else \
+            bb.op("MatMulInteger", [piece(a_t, 0), rows] + zero, dtype=np.int32)           # [in, c] or [c, out]
+        g = _position_mean(bb, bb.i32.Transpose(g, perm=[1, 0]) if nk else g, layer)
+        return bb.i32.Reshape(bb.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
+                              np.array([count] + list(layer.weight.shape[1:]), np.int64), hint="g")
+    return GradRows(count, at)
+
+
+def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True) -> dict:
     """ĝ_W = Σ_rows a ⊗ V and ĝ_bias = Σ_rows V of one trained layer from its int8 output signal V [rows, out]
     (rows as _input_rows gives the input's), a Conv's over its output positions, each saturated to
-    ±NODE_GRAD_MAX: {tensor name: int32 ĝ of its shape}."""
-    F, I, grad = b.f32, b.i32, {}
-    if layer.weight is not None:
-        a = _input_rows(b, layer)                                                         # [rows, in]
-        zero = [layer.zero_point]
-        if layer.whitening is not None:     # a' = quantize(a·P², s): int8, zero point 0
-            entry, matrix = layer.whitening
-            a = F.MatMul(b.op("DequantizeLinear", [a, layer.scale, layer.zero_point], dtype=np.float32), matrix)
-            a, zero = b.op("QuantizeLinear", [a, np.float32(entry.scale), np.int8(0)], dtype=np.int8), []
+    ±NODE_GRAD_MAX: {tensor name: int32 ĝ of its shape} (without ĝ_W when `weight` is false: weight_rows)."""
+    I, grad = b.i32, {}
+    if layer.weight is not None and weight:
+        a, zero = _weight_input(b, layer)
         if layer.groups > 1:
             g = _grouped_product(b, a, rows, zero, layer.groups)                         # [G, out/G, in/G]
         else:
