@@ -410,10 +410,16 @@ def weight_rows(b: Builder, layer: NodeLayer, rows, count: int) -> GradRows:
         piece = lambda t, axis: bb.op("Slice", [t, lo, hi, np.array([axis], np.int64)], dtype=t.dtype)
         g = bb.op("MatMulInteger", [a_t, piece(rows, 1)] + zero, dtype=np.int32) if nk else \
             bb.op("MatMulInteger", [piece(a_t, 0), rows] + zero, dtype=np.int32)           # [in, c] or [c, out]
-        g = _position_mean(bb, bb.i32.Transpose(g, perm=[1, 0]) if nk else g, layer)
-        return bb.i32.Reshape(bb.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
-                              np.array([count] + list(layer.weight.shape[1:]), np.int64), hint="g")
+        return _saturated(bb, bb.i32.Transpose(g, perm=[1, 0]) if nk else g, layer,
+                          [count] + list(layer.weight.shape[1:]))
     return GradRows(count, at)
+
+
+def _saturated(b: Builder, g, layer: NodeLayer, shape) -> gs.Tensor:
+    """A product's ĝ as the update takes it: a Conv's averaged over its output positions, saturated to
+    ±NODE_GRAD_MAX, in `shape`."""
+    return b.i32.Reshape(b.clip_int32(_position_mean(b, g, layer), -NODE_GRAD_MAX, NODE_GRAD_MAX),
+                         np.array(shape, np.int64), hint="g")
 
 
 def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True) -> dict:
@@ -429,14 +435,10 @@ def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True) -> d
             a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                 # [in, rows]
             g = b.op("MatMulInteger", [a_t, rows] + zero, dtype=np.int32)                # [in, out]
             g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
-        g = _position_mean(b, g, layer)
-        grad[layer.weight.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
-                                            np.array(layer.weight.shape, np.int64), hint="g")
+        grad[layer.weight.name] = _saturated(b, g, layer, layer.weight.shape)
     if layer.bias is not None:
         g = I.ReduceSum(b.cast(rows, np.int32), np.array([0], np.int64), keepdims=0)
-        g = _position_mean(b, g, layer)
-        grad[layer.bias.name] = I.Reshape(b.clip_int32(g, -NODE_GRAD_MAX, NODE_GRAD_MAX),
-                                          np.array(layer.bias.shape, np.int64), hint="g_bias")
+        grad[layer.bias.name] = _saturated(b, g, layer, layer.bias.shape)
     return grad
 
 
