@@ -173,8 +173,8 @@ def _product(b: Builder, node: gs.Node) -> bool:
     activations = not isinstance(wq, gs.Constant)
     if activations and (node.op != "MatMul" or sw.size != 1):
         return False
-    if not activations and np.any(zw != 0):   # symmetric weights (every toolchain's int8 weights)
-        return False
+    if not activations and (np.any(zw != 0) or (len(wq.shape) < 3 if node.op == "Conv" else len(wq.shape) != 2)):
+        return False     # symmetric weights (every toolchain's int8 weights); a Conv kernel, else a matrix
     attrs = dict(node.attrs)
     if node.op == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
         return False

@@ -97,3 +97,21 @@ def test_every_level_gives_the_same_step_and_the_source_is_kept(model_file):
             np.testing.assert_array_equal(out[key], runs[0][key], err_msg=key)
     a, b = (Steps(c)(x, y, 3, 0, c.contract.lr_numerator.default, dict(c.state)) for c in (exact, qdq))
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-2)
+
+
+def test_a_batched_constant_matmul_stays_as_given():
+    """A MatMul whose constant weight is 3-D (batched) has no exact form here: left as the source gives it,
+    not an internal error."""
+    import onnx_graphsurgeon as gs
+    from fgcompile.passes import exact_forward
+    x, d = gs.Variable("x", np.uint8, [2, 3, 4]), gs.Variable("d", np.float32, [2, 3, 4])
+    w, y, q = gs.Variable("w", np.float32, [2, 4, 5]), gs.Variable("y", np.float32, [2, 3, 5]), gs.Variable("q", np.uint8)
+    graph = gs.Graph(nodes=[
+        gs.Node("DequantizeLinear", "dx", {}, [x, gs.Constant("sx", np.array(0.1, np.float32)),
+                                               gs.Constant("zx", np.array(3, np.uint8))], [d]),
+        gs.Node("DequantizeLinear", "dw", {}, [gs.Constant("wq", np.ones([2, 4, 5], np.int8)),
+                                               gs.Constant("sw", np.array(0.1, np.float32))], [w]),
+        gs.Node("MatMul", "mm", {}, [d, w], [y]),
+        gs.Node("QuantizeLinear", "qy", {}, [y, gs.Constant("sy", np.array(0.2, np.float32)),
+                                             gs.Constant("zy", np.array(0, np.uint8))], [q])], inputs=[x], outputs=[q])
+    assert exact_forward._rewrite(graph) == 0 and [n.op for n in graph.nodes].count("MatMul") == 1
