@@ -22,7 +22,8 @@ CPU plugin does: its f32 Div is not IEEE either, so nothing divides in float). P
     Softmax              exp by a 256-entry integer table of max − q, the level decided likewise
     MaxPool              on the 8-bit tensor itself (same grid in and out)
 
-What stays as the source gave it: the trained layers (their weights are inputs), ops without these forms
+What stays as the source gave it: the trained layers (their weights are inputs; the node and head
+estimators' run on integer planes, passes/integer_products.py), ops without these forms
 (Sigmoid, Gelu, …) and ops whose inputs are not 8-bit QDQ tensors; the compile's note lists them. The
 default (--forward qdq) keeps the source's QDQ ops, which onnxruntime fuses into int8 kernels, several times
 faster (benchmarks/README.md, "The exact forward").
@@ -38,7 +39,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .context import Context, Pass
-from .graph_ops import Builder, onnx_dtype, optional_input
+from .graph_ops import Builder, graphs, onnx_dtype, optional_input
 
 EXACT = 2 ** 24          # float32 adds integers below this exactly, in any order
 LIMIT = 2 ** 22          # the fixed-point Add's |sums| + offset stay below 2^23 (< 2^24 with the rounding)
@@ -53,25 +54,17 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         return graph
     done = _rewrite(graph)
     frozen = {n.name for n in ctx.source.graph.node} - {t.site for t in ctx.trainables}
-    kept = sorted({n.op for g in _graphs(graph) for n in g.nodes
+    kept = sorted({n.op for g in graphs(graph) for n in g.nodes
                    if n.name in frozen and _float_op(n) and any(t.outputs for t in n.outputs)})   # not left dead
-    ctx.notes.append(f"--forward exact: {done} frozen quantized ops compute exactly; the trained layers compute in "
-                     "float" + (f", and so do these frozen ops: {', '.join(kept)}" if kept else ""))
+    trained = "on integer planes" if ctx.spec.estimator in ("node", "head") else "in float"
+    ctx.notes.append(f"--forward exact: {done} frozen quantized ops compute exactly; the trained layers compute "
+                     f"{trained}" + (f"; these frozen ops compute in float: {', '.join(kept)}" if kept else ""))
     return graph
-
-
-def _graphs(graph: gs.Graph):
-    """The graph and every Loop/If body in it."""
-    yield graph
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            if isinstance(value, gs.Graph):
-                yield from _graphs(value)
 
 
 def _rewrite(graph: gs.Graph) -> int:
     count = 0
-    for k, g in enumerate(list(_graphs(graph))):
+    for k, g in enumerate(list(graphs(graph))):
         b = Builder(g, "exact" if k == 0 else f"exact_body{k}")   # names are unique across a Loop's scopes
         for node in list(g.nodes):
             made = _product(b, node) if node.op in PRODUCTS else _mean(b, node) if node.op in MEANS else \

@@ -84,6 +84,15 @@ def optional_input(node: gs.Node, k: int):
     return node.inputs[k] if k < len(node.inputs) and node.inputs[k].name else None
 
 
+def graphs(graph: gs.Graph):
+    """The graph and every Loop/If body in it."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from graphs(value)
+
+
 def downstream_nodes(graph: gs.Graph, start: list[gs.Tensor]) -> list[gs.Node]:
     """Every node that depends on any tensor in `start`, in graph order."""
     seen, stack = set(), list(start)

@@ -272,16 +272,23 @@ def _input_rows(b: Builder, layer: NodeLayer):
     gather is exact, and costs kh·kw times one batch of the layer's input."""
     if layer.patches is None:
         return b.op("Reshape", [layer.q, np.array([-1, layer.q.shape[-1]], np.int64)], dtype=layer.q.dtype)
-    (c, h, w), (pt, pl, pb, pr) = layer.image, layer.patches.pads
-    zero = np.asarray(layer.zero_point.values).reshape(())
-    padded = b.op("Pad", [layer.q, np.array([0, 0, pt, pl, 0, 0, pb, pr], np.int64), zero], {"mode": "constant"},
-                  dtype=layer.q.dtype)
-    flat = b.op("Reshape", [padded, np.array([0, c, -1], np.int64)], dtype=layer.q.dtype)      # [B, C, Hp·Wp]
-    taken = b.op("Gather", [flat, layer.patches.indices(h, w)], {"axis": 2}, dtype=layer.q.dtype)  # [B, C, k, P]
-    cols = b.op("Reshape", [taken, np.array([0, -1, _positions(layer)], np.int64)], dtype=layer.q.dtype)
-    cols = b.op("Transpose", [cols], {"perm": [0, 2, 1]}, dtype=layer.q.dtype)                  # [B, P, C·k]
-    return b.op("Reshape", [cols, np.array([-1, c * int(np.prod(layer.patches.kernel))], np.int64)],
-                dtype=layer.q.dtype, hint="patches")
+    return patch_rows(b, layer.q, layer.zero_point, layer.patches, layer.image)
+
+
+def patch_rows(b: Builder, q, zero_point: gs.Constant, patches: Patches, image) -> gs.Tensor:
+    """The im2col rows [B·H'·W', C·kh·kw] of an integer image q [B, C, H, W] (image = (C, H, W)), padded with
+    its zero point: one Gather of precomputed indices."""
+    (c, h, w), (pt, pl, pb, pr) = image, patches.pads
+    zero = np.asarray(zero_point.values).reshape(())
+    padded = b.op("Pad", [q, np.array([0, 0, pt, pl, 0, 0, pb, pr], np.int64), zero], {"mode": "constant"},
+                  dtype=q.dtype)
+    flat = b.op("Reshape", [padded, np.array([0, c, -1], np.int64)], dtype=q.dtype)              # [B, C, Hp·Wp]
+    taken = b.op("Gather", [flat, patches.indices(h, w)], {"axis": 2}, dtype=q.dtype)            # [B, C, k, P]
+    positions = int(np.prod(patches.out_size(h, w)))
+    cols = b.op("Reshape", [taken, np.array([0, -1, positions], np.int64)], dtype=q.dtype)
+    cols = b.op("Transpose", [cols], {"perm": [0, 2, 1]}, dtype=q.dtype)                          # [B, P, C·k]
+    return b.op("Reshape", [cols, np.array([-1, c * int(np.prod(patches.kernel))], np.int64)], dtype=q.dtype,
+                hint="patches")
 
 
 def _grouped_product(b: Builder, a, v, zero, groups: int):
@@ -313,7 +320,7 @@ def _positions(layer: NodeLayer) -> int:
 
 def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b, m = Builder(graph, "node_estimate"), ctx.spec.m
-    F, I = b.f32, b.i32
+    F = b.f32
     per = ctx.losses.per_example                                              # [2m, B]
     plus = F.Slice(per, np.array([0], np.int64), np.array([m], np.int64), np.array([0], np.int64))
     minus = F.Slice(per, np.array([m], np.int64), np.array([2 * m], np.int64), np.array([0], np.int64))
@@ -327,26 +334,37 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     s = b.cast(c, np.int8, hint="s")
     grad, by_rows = {}, {}
     for layer in ctx.node:
-        if layer.logits is not None:    # the output layer: its exact gradient from the clean logits
-            grad.update(exact_gradient(b, layer, layer.logits, ctx.losses.labels, ctx.spec.loss)[1])
-            continue
-        v = _signal_sum(graph, layer.noise, c, m, layer.site) if ctx.branches.form == "loop" else \
-            _signal(b, layer.noise, s)
-        if layer.patches is not None:                                         # rows: the positions (b, y, x)
-            v = I.Transpose(v, perm=[0, 2, 3, 1])
-        out = layer.noise.shape[2 if layer.patches is not None else -1]
-        rows = I.Reshape(v, np.array([-1, out], np.int64))                    # [rows, out]
-        if layer.centered:
-            total = I.ReduceSum(rows, np.array([1], np.int64), keepdims=1)
-            rows = b.clip_int32(I.Sub(rows, divided(b, total, out)), -127, 127)
-        rows = b.cast(rows, np.int8)
+        exact = layer.logits is not None    # the output layer: its exact gradient from the clean logits
+        rows = _exact_rows(b, layer.logits, ctx.losses.labels, ctx.spec.loss)[1] if exact else \
+            _noise_rows(graph, b, layer, c, s, m, ctx.branches.form)
+        shift = G_SHIFT if exact else 0
         count = chunk_rows(layer.weight.shape) if ctx.branches.form == "loop" and layer.weight is not None and \
             layer.groups == 1 and chunked(layer.weight.shape) else None
         if count:     # the update takes ĝ_W a chunk of rows at a time, inside its Loop: never whole
-            by_rows[layer.weight.name] = weight_rows(b, layer, rows, count)
-        grad.update(layer_gradient(b, layer, rows, weight=not count))
+            by_rows[layer.weight.name] = weight_rows(b, layer, rows, count, shift)
+        grad.update(_shifted(b, layer_gradient(b, layer, rows, weight=not count), shift))
     ctx.estimate = Estimate(c, grad, by_rows)
     return graph
+
+
+def _noise_rows(graph: gs.Graph, b: Builder, layer: NodeLayer, c, s, m: int, form: str):
+    """A perturbed layer's output signal V = Σᵢ cᵢ·uᵢ as int8 rows [rows, out] (a Conv's rows are its output
+    positions), centred over the outputs where the layer writes the logits."""
+    I = b.i32
+    v = _signal_sum(graph, layer.noise, c, m, layer.site) if form == "loop" else _signal(b, layer.noise, s)
+    if layer.patches is not None:                                         # rows: the positions (b, y, x)
+        v = I.Transpose(v, perm=[0, 2, 3, 1])
+    out = layer.noise.shape[2 if layer.patches is not None else -1]
+    rows = I.Reshape(v, np.array([-1, out], np.int64))                    # [rows, out]
+    if layer.centered:
+        total = I.ReduceSum(rows, np.array([1], np.int64), keepdims=1)
+        rows = b.clip_int32(I.Sub(rows, divided(b, total, out)), -127, 127)
+    return b.cast(rows, np.int8)
+
+
+def _shifted(b: Builder, grad: dict, shift: int) -> dict:
+    """{name: ĝ / 2^shift} rounded half away from 0 (the exact output layer's G_SHIFT), or grad as given."""
+    return {name: divided(b, g, 1 << shift) for name, g in grad.items()} if shift else grad
 
 
 def _signal(b: Builder, noise, s):
@@ -395,7 +413,7 @@ def _weight_input(b: Builder, layer: NodeLayer):
     return a, zero
 
 
-def weight_rows(b: Builder, layer: NodeLayer, rows, count: int) -> GradRows:
+def weight_rows(b: Builder, layer: NodeLayer, rows, count: int, shift: int = 0) -> GradRows:
     """ĝ_W of a group-1 layer as GradRows: chunk k is rows k·count .. (k+1)·count − 1 of the weight's leading
     axis (output channels for [out, in], inputs for [in, out]), one MatMulInteger of the whole input with a
     slice of V (or of a slice of the input with V), made inside the update's Loop; a and V are made once."""
@@ -410,8 +428,8 @@ def weight_rows(b: Builder, layer: NodeLayer, rows, count: int) -> GradRows:
         piece = lambda t, axis: bb.op("Slice", [t, lo, hi, np.array([axis], np.int64)], dtype=t.dtype)
         g = bb.op("MatMulInteger", [a_t, piece(rows, 1)] + zero, dtype=np.int32) if nk else \
             bb.op("MatMulInteger", [piece(a_t, 0), rows] + zero, dtype=np.int32)           # [in, c] or [c, out]
-        return _saturated(bb, bb.i32.Transpose(g, perm=[1, 0]) if nk else g, layer,
-                          [count] + list(layer.weight.shape[1:]))
+        g = _saturated(bb, bb.i32.Transpose(g, perm=[1, 0]) if nk else g, layer, [count] + list(layer.weight.shape[1:]))
+        return divided(bb, g, 1 << shift) if shift else g
     return GradRows(count, at)
 
 
@@ -445,6 +463,12 @@ def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True) -> d
 def exact_gradient(b: Builder, layer: NodeLayer, logits, labels, loss: str):
     """(V, ĝ) of the layer that writes the logits, from their clean value [B, ..., out] (passes/head.py):
     V = QuantizeLinear(softmax(z) − onehot(y), 2^-7) (bce: sigmoid(z) − y), int8; ĝ = layer_gradient's / 2^G_SHIFT."""
+    v, rows = _exact_rows(b, logits, labels, loss)
+    return v, _shifted(b, layer_gradient(b, layer, rows), G_SHIFT)
+
+
+def _exact_rows(b: Builder, logits, labels, loss: str):
+    """(V [B, ..., out], its int8 rows [rows, out]) of the output layer from its clean logits."""
     F = b.f32
     if loss == "ce":    # onehot as labels == 0..C−1 (the ONNX reference evaluator cannot run OneHot with these types)
         hit = b.op("Equal", [b.op("Unsqueeze", [labels, np.array([1], np.int64)], dtype=np.int64),
@@ -455,8 +479,7 @@ def exact_gradient(b: Builder, layer: NodeLayer, logits, labels, loss: str):
                                                                     dtype=np.int64), np.float32)
         p = F.Sigmoid(logits)
     v = b.op("QuantizeLinear", [F.Sub(p, target, hint="e"), V_SCALE, np.int8(0)], dtype=np.int8, hint="v")
-    rows = b.op("Reshape", [v, np.array([-1, logits.shape[-1]], np.int64)], dtype=np.int8)    # [rows, out]
-    return v, {name: divided(b, g, 1 << G_SHIFT) for name, g in layer_gradient(b, layer, rows).items()}
+    return v, b.op("Reshape", [v, np.array([-1, logits.shape[-1]], np.int64)], dtype=np.int8)    # [rows, out]
 
 
 PAIR = Pass("node", run, reads=("io", "trainables", "state", "perturbations"), adds=("branches", "node"))

@@ -20,7 +20,8 @@ from fgcompile.artifact import Compiled, Contract, EvalContract, Inputs, LrNumer
 from fgcompile.errors import CompileError, FgcompileError, ModelError
 from fgcompile.session import make_session
 from fgcompile.spec import READS_ACTIVATIONS, TrainSpec
-from . import (activations, analyze, canonicalize, estimate, exact_forward, finalize, floatgrid, head, kernelnorm, lift, loss,
+from . import (activations, analyze, canonicalize, estimate, exact_forward, finalize, floatgrid, head, integer_products,
+               kernelnorm, lift, loss,
                momentum, node, opset, pair, plan, precondition, prng, prompts, select, sparsify, update, widen)
 from .context import Context, Pass
 from .dialects import quant_dtype
@@ -141,6 +142,7 @@ PASSES = [
     kernelnorm.PASS,      # --kernel-norm (else nothing)
     sparsify.PASS,        # --sparsity (else nothing)
     update.PASS,
+    integer_products.PASS,   # node/head: the trained products on int8 planes
     exact_forward.PASS,   # --forward exact (else nothing)
     Pass("contract", _contract, reads=("io", "plan", "trainables", "perturbations", "branches", "estimate", "update",
                                        "preconditioned", "buffers"), adds=("contract",)),

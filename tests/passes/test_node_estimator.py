@@ -92,20 +92,21 @@ def test_node_loop_form_matches_reference(model_file, options, optimization, tar
 
 
 @pytest.mark.parametrize("model_file,options", [
-    ("digits_cnn/w8a8.onnx", dict(last=3, precondition="whiten")),   # conv2 [out, in...] and fc1 by output rows
-    ("digits_attn/w8a8.onnx", dict(last=3)),                          # mlp1, mlp2 [in, out]: by input rows
+    ("digits_cnn/w8a8.onnx", dict(last=3, precondition="whiten")),   # conv2 [out, in...], fc1, fc2 by output rows
+    ("digits_attn/w8a8.onnx", dict(last=3)),                          # mlp1, mlp2, head [in, out]: by input rows
 ])
 def test_node_loop_form_steps_large_weights_a_chunk_at_a_time(model_file, options, target_train, monkeypatch):
     """In the loop form a weight over formulas.CHUNK elements gets its ĝ a chunk of rows at a time inside the
-    update's Loop, so neither ĝ nor its int32 temporaries exist whole (CHUNK shrinks here so the shipped
-    layers take that path, as ResNet-18's do): the same steps as the reference."""
+    update's Loop, so neither ĝ nor its int32 temporaries exist whole, the output layer's exact gradient too
+    (CHUNK shrinks here so the shipped layers take that path, as ResNet-18's and MobileNetV2's do): the same
+    steps as the reference."""
     from fgcompile.passes import formulas
-    monkeypatch.setattr(formulas, "CHUNK", 1000)
+    monkeypatch.setattr(formulas, "CHUNK", 300)
     spec = TrainSpec(estimator="node", m=4, branches="loop", **options)
     compiled = compile_graph(shipped(model_file), spec, target_train[0][:300] if "precondition" in options else None)
-    chunked_updates = [n for n in compiled.train.graph.node if n.op_type == "Loop" and
-                       any(x.op_type == "MatMulInteger" for x in n.attribute[0].g.node)]
-    assert len(chunked_updates) == 2
+    chunked_updates = [n for n in compiled.train.graph.node if n.op_type == "Loop" and n.name.startswith("update/")
+                       and any(x.op_type == "MatMulInteger" for x in n.attribute[0].g.node)]
+    assert len(chunked_updates) == 3
     calibration = target_train[0][:300] if "precondition" in options else None
     assert run_chain(model_file, spec, target_train, steps=4, calibration=calibration) > 0
 

@@ -127,6 +127,8 @@ class InferenceOracle:
         self.initial.update({s["name"]: np.zeros(s["shape"], np.int32) for s in buffers})   # v starts at 0
         if c["spec"].get("forward") == "exact":   # after the trained tensors became inputs: they stay as they are
             exact_forward(model)
+        if c["spec"].get("estimator") in ("node", "head"):
+            integer_products(model, c)
         opts = ort.SessionOptions() if optimized else unfused()
         opts.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -360,6 +362,90 @@ def exact_forward(model: onnx.ModelProto) -> None:
         rebuilt += new_for.get(id(n), [] if id(n) in replaced else [n])
     del g.node[:]
     g.node.extend(rebuilt)
+
+
+def integer_products(model: onnx.ModelProto, c: dict) -> None:
+    """docs/reference.md's trained products of the node and head estimators, on the oracle's model: a product
+    that reads a trained int8/int16 weight W (zero point 0, its scale per tensor or per output) through its
+    DequantizeLinear, and an input DequantizeLinear(q) of an 8-bit q with a constant per-tensor scale (a Conv of
+    group 1, a Gemm without transA/alpha/beta, a MatMul with a 2-D weight), computes
+
+        W_hi = ⌊W / 256⌋, W_lo = W − 256·W_hi ∈ [0, 255]
+        H = Σ (q − z_x)·W_hi, L = Σ (q − z_x)·W_lo        exact integers (onnxruntime's ConvInteger/MatMulInteger)
+        y = (f32(H)·256 + f32(L))·f32(f32(s_x)·f32(s_w))  (+ the product's bias input)
+    and an int8 W: y = f32(H)·f32(f32(s_x)·f32(s_w)) (+ bias). Here W's planes come from a float floor."""
+    g = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    trained = {s["name"] for s in parameters(c) if s["role"] == "weight"}
+    fresh = iter(range(10 ** 9))
+    new = []
+
+    def const(value, hint):
+        name = f"{hint}_ref_int_{next(fresh)}"
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(op, ins, **attrs):
+        out = f"{op}_ref_int_{next(fresh)}"
+        new.append(helper.make_node(op, ins, [out], **attrs))
+        return out
+
+    for n in list(g.node):
+        new.append(n)
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        wdq, xdq = producer.get(n.input[1]), producer.get(n.input[0])
+        if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in trained:
+            continue
+        if xdq is None or xdq.op_type != "DequantizeLinear" or xdq.input[1] not in inits or inits[xdq.input[1]].size != 1 \
+                or (len(xdq.input) > 2 and xdq.input[2] and xdq.input[2] not in inits):
+            continue
+        w = inits[wdq.input[0]]
+        wzp = inits.get(wdq.input[2]) if len(wdq.input) > 2 and wdq.input[2] else None
+        sw = inits.get(wdq.input[1])
+        if w.dtype not in (np.int8, np.int16) or wzp is not None and np.any(wzp != 0) or sw is None:
+            continue
+        out_axis = {"Conv": 0, "Gemm": 0 if attrs.get("transB", 0) else 1, "MatMul": 1}[n.op_type]
+        axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1) % w.ndim
+        if sw.size > 1 and axis != out_axis:
+            continue
+        if n.op_type == "Conv" and (attrs.get("group", 1) != 1 or w.ndim != 4 or attrs.get("auto_pad", b"NOTSET") not in
+                                    (b"NOTSET", "NOTSET")) or n.op_type == "Gemm" and (
+                attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0) \
+                or n.op_type == "MatMul" and w.ndim != 2:
+            continue
+        new.pop()
+        x_ins = [xdq.input[0]] + ([xdq.input[2]] if len(xdq.input) > 2 and xdq.input[2] else [])
+        wi = wdq.input[0]
+        if w.dtype == np.int16:
+            hi = node("Floor", [node("Div", [node("Cast", [wi], to=onnx.TensorProto.FLOAT), const(np.float32(256), "k")])])
+            hi32 = node("Cast", [hi], to=onnx.TensorProto.INT32)
+            lo = node("Sub", [node("Cast", [wi], to=onnx.TensorProto.INT32), node("Mul", [hi32, const(np.int32(256), "k")])])
+            planes = [node("Cast", [hi32], to=onnx.TensorProto.INT8), node("Cast", [lo], to=onnx.TensorProto.UINT8)]
+        else:
+            planes = [wi]
+        if n.op_type == "Conv":
+            conv = {k: v for k, v in attrs.items() if k in ("pads", "strides", "dilations", "kernel_shape")}
+            sums = [node("ConvInteger", [x_ins[0], p] + x_ins[1:], **conv) for p in planes]
+            shape = [-1, 1, 1]
+        else:
+            kn = (lambda p: node("Transpose", [p], perm=[1, 0])) if attrs.get("transB", 0) else (lambda p: p)
+            sums = [node("MatMulInteger", [x_ins[0], kn(p)] + x_ins[1:]) for p in planes]
+            shape = [-1]
+        acc = node("Cast", [sums[0]], to=onnx.TensorProto.FLOAT)
+        if len(sums) > 1:
+            acc = node("Add", [node("Mul", [acc, const(np.float32(256), "k")]),
+                               node("Cast", [sums[1]], to=onnx.TensorProto.FLOAT)])
+        scale = np.float32(inits[xdq.input[1]]) * sw.astype(np.float32).reshape(-1)
+        y = node("Mul", [acc, const(scale.reshape(shape) if scale.size > 1 else scale.reshape(()), "s")])
+        if len(n.input) > 2 and n.input[2]:
+            y = node("Add", [y, n.input[2] if n.op_type != "Conv" else
+                             node("Reshape", [n.input[2], const(np.array(shape, np.int64), "shape")])])
+        new[-1].output[0] = n.output[0]
+    g.ClearField("node")
+    g.node.extend(new)
 
 
 def _grid_count(levels_minus_offset: np.ndarray, scale: str, bound: str, zy: np.ndarray, rank: int, node, const) -> str:

@@ -1,0 +1,226 @@
+"""integer_products: the trained layers' products in integers, on int8 kernels (node and head estimators).
+
+A trained weight is training state (int16 at --bits 16), read through a DequantizeLinear, so DQ(x)·DQ(W) ran
+as a float Conv/Gemm/MatMul: onnxruntime has no int16 kernel, a Conv whose weight is an input is not
+prepacked, and the float sum's rounding is each runtime's own. The node and head estimators run their
+branches on the unperturbed weights, so here each such product becomes
+
+    W   = 256·W_hi + W_lo      W_hi = ⌊W / 256⌋ int8, W_lo ∈ [0, 255] held as int8 W_lo − 128 (zero point −128);
+                              made once per step from the state; an int8 weight is its own single plane
+    H   = Σ (x − z_x)·W_hi,   L = Σ (x − z_x)·W_lo     MatMulInteger, int32, exact (a Conv on its im2col rows)
+    y   = (f32(H)·256 + f32(L))·f32(s_x·s_w)  (+ bias)   (int8: f32(H)·f32(s_x·s_w))
+
+so the branches run int8 kernels (onnxruntime's u8s8 MatMulInteger; the same values everywhere: integer sums,
+then IEEE casts, one Mul, one Add and one Mul in that order). With --forward exact the reduction is split into
+pieces of K whose partial sums stay below 2^24, added in int32, because OpenVINO's CPU plugin accumulates
+MatMulInteger in float32 (verify's runtimes then agree); the integers are the same.
+
+Left as the source gives them (float): grouped Convs, products whose input is not a per-tensor 8-bit
+DequantizeLinear, weights with a zero point or a per-channel scale on another axis than the output's.
+
+Precondition: the training graph after node/head and update (trained weights are state inputs).
+Postcondition: with --estimator node or head, every product that reads a trained weight through its
+DequantizeLinear (in the graph and in Loop bodies) is rewritten as above and writes the same tensor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .context import Context, Pass
+from .exact_forward import EXACT
+from .formulas import Patches, chunk_rows, chunked
+from .graph_ops import Builder, graphs, optional_input
+from .node import patch_rows
+
+PRODUCTS = ("Conv", "Gemm", "MatMul")
+PLANE_SPAN = 255       # |W_lo − (−128)| and |W_hi| are at most this (a bound for OpenVINO's float partial sums)
+
+
+def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
+    if ctx.spec.estimator not in ("node", "head"):
+        return graph
+    weights = {ctx.state.inputs[t.name].name: t for t in ctx.trainables if t.role == "weight"}
+    images = {layer.weight.name: layer.image for layer in ctx.node or [] if layer.weight is not None}
+    main = Builder(graph, "integer_products")
+    planes, done, kept = {}, 0, []
+    for k, g in enumerate(list(graphs(graph))):
+        b = main if k == 0 else Builder(g, f"integer_products_body{k}")
+        for node in list(g.nodes):
+            if node.op not in PRODUCTS:
+                continue
+            found = _trained_weight(node, weights)
+            if found is None:
+                continue
+            why = _refusal(node, found)
+            if why:
+                kept.append(f"{found[1].site} ({why})")
+                continue
+            dq, tr = found
+            key = tr.name
+            if key not in planes:
+                planes[key] = _planes(graph, main, node, dq)
+            _rewrite(b, node, dq, planes[key], images.get(tr.name), ctx.spec.forward == "exact")
+            done += 1
+    if done or kept:
+        ctx.notes.append(f"the trained layers' products run on int8 kernels ({done} products)" +
+                         (f"; in float: {', '.join(sorted(set(kept)))}" if kept else ""))
+    return graph
+
+
+def _trained_weight(node: gs.Node, weights: dict):
+    """(its weight's DequantizeLinear, the Trainable) when the product reads a trained weight, else None."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    dq = w.inputs[0] if w is not None and len(w.inputs) == 1 else None
+    if dq is None or dq.op != "DequantizeLinear" or dq.inputs[0].name not in weights:
+        return None
+    return dq, weights[dq.inputs[0].name]
+
+
+def _input(node: gs.Node):
+    """(q, its zero point constant) when the product's input is DequantizeLinear(q) of an 8-bit q with a
+    constant per-tensor scale, else None."""
+    x = node.inputs[0]
+    dq = x.inputs[0] if len(x.inputs) == 1 else None
+    if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[1], gs.Constant) or \
+            dq.inputs[1].values.size != 1 or np.dtype(dq.inputs[0].dtype) not in (np.int8, np.uint8):
+        return None
+    zp = optional_input(dq, 2)
+    if zp is not None and not isinstance(zp, gs.Constant):
+        return None
+    return dq.inputs[0], dq.inputs[1].values.reshape(()).astype(np.float32), \
+        zp if zp is not None else gs.Constant(f"{dq.name}__zero", np.zeros((), np.dtype(dq.inputs[0].dtype)))
+
+
+def _out_axis(node: gs.Node) -> int:
+    return {"Conv": 0, "Gemm": 0 if node.attrs.get("transB", 0) else 1, "MatMul": 1}[node.op]
+
+
+def _refusal(node: gs.Node, found) -> str | None:
+    dq, tr = found
+    wq, scale, zp = dq.inputs[0], dq.inputs[1], optional_input(dq, 2)
+    if np.dtype(wq.dtype) not in (np.int8, np.int16):
+        return f"{wq.dtype} weight"
+    if zp is not None and (not isinstance(zp, gs.Constant) or np.any(zp.values != 0)):
+        return "weight zero point"
+    if not isinstance(scale, gs.Constant):
+        return "weight scale not constant"
+    rank = len(wq.shape or [])
+    if scale.values.size > 1 and dq.attrs.get("axis", 1) % max(rank, 1) != _out_axis(node):
+        return "per-channel scale off the output axis"
+    if _input(node) is None:
+        return "input not a per-tensor 8-bit activation"
+    if node.op == "Conv" and (node.attrs.get("group", 1) != 1 or rank != 4 or
+                              node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")):
+        return "grouped Conv" if node.attrs.get("group", 1) != 1 else "Conv form"
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or
+                              node.attrs.get("beta", 1.0) != 1.0):
+        return "Gemm form"
+    if node.op == "MatMul" and rank != 2:
+        return "batched MatMul"
+    return None
+
+
+def _planes(graph: gs.Graph, b: Builder, node: gs.Node, dq: gs.Node) -> list:
+    """The weight as int8 planes [K, O] (K: its reduction, O: its outputs): [W] for int8, else [W_hi, W_lo − 128],
+    split a chunk of rows at a time (a Loop) where the weight has more than formulas.CHUNK elements, so the
+    split's int32 temporaries hold one chunk."""
+    w = dq.inputs[0]
+    shape = list(w.shape)
+    if node.op == "Conv":
+        w = b.op("Reshape", [w, np.array([shape[0], -1], np.int64)], dtype=w.dtype)
+    kn = lambda t: b.op("Transpose", [t], {"perm": [1, 0]}, dtype=t.dtype, hint="kn") \
+        if node.op == "Conv" or node.op == "Gemm" and node.attrs.get("transB", 0) else t
+    if np.dtype(w.dtype) == np.int8:
+        return [kn(w)]
+    rows = [shape[0], int(np.prod(shape[1:]))]
+    count = chunk_rows(rows) if chunked(rows) else None
+    if count is None:
+        return [kn(plane) for plane in _split(b, w)]
+    body = gs.Graph(name="integer_products_split")
+    bb = Builder(body, b.name("split_body"))
+    k = gs.Variable(bb.name("k"), dtype=np.int64, shape=[])
+    cond = gs.Variable(bb.name("cond"), dtype=bool, shape=[])
+    body.inputs = [k, cond]
+    chunks = b.op("Reshape", [w, np.array([rows[0] // count, count, rows[1]], np.int64)], dtype=w.dtype)
+    body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[])] + _split(bb, bb.op("Gather", [chunks, k], {"axis": 0},
+                                                                                         dtype=w.dtype))
+    scanned = [gs.Variable(b.name("plane_chunks"), dtype=np.int8) for _ in range(2)]
+    graph.nodes.append(gs.Node("Loop", b.name("split"), {"body": body},
+                               [b.const(np.array(rows[0] // count, np.int64)), b.const(np.array(True))], scanned))
+    return [kn(b.op("Reshape", [t, np.array(rows, np.int64)], dtype=np.int8)) for t in scanned]
+
+
+def _split(b: Builder, w) -> list:
+    """[W_hi, W_lo − 128] int8 of an int16 W."""
+    w32 = b.cast(w, np.int32)
+    hi = b.i32.Sub(b.i32.Div(b.i32.Add(w32, 32768), 256), 128, hint="w_hi")          # ⌊W/256⌋: Div truncates, W + 2^15 >= 0
+    lo = b.i32.Sub(b.i32.Sub(w32, b.i32.Mul(hi, 256)), 128, hint="w_lo")             # W_lo − 128 ∈ [−128, 127]
+    return [b.cast(hi, np.int8, hint="w_hi8"), b.cast(lo, np.int8, hint="w_lo8")]
+
+
+def _piece(k: int, span: int) -> int:
+    """The largest divisor of K whose partial sums of |x − z|·|plane| <= span·PLANE_SPAN stay below 2^24."""
+    bound = max((EXACT - 1) // (span * PLANE_SPAN), 1)
+    return max(d for d in range(1, min(k, bound) + 1) if k % d == 0)
+
+
+def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact: bool) -> None:
+    q, sx, zx = _input(node)
+    out = node.outputs[0]
+    if node.op == "Conv":
+        shape = dq.inputs[0].shape
+        patches = Patches.of_conv(node.attrs, shape)
+        image = image or tuple(node.inputs[0].shape[1:])
+        rows = patch_rows(b, q, zx, patches, image)
+        k = int(np.prod(shape[1:]))
+    else:
+        k = int(dq.inputs[0].shape[1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0])
+        rows = b.op("Reshape", [q, np.array([-1, k], np.int64)], dtype=q.dtype, hint="rows")
+    zero_lo = np.int8(-128)
+    span = 255 if np.dtype(q.dtype) == np.uint8 else 128
+    piece = _piece(k, span) if exact else k
+    sums = [_product(b, rows, plane, zx, zero_lo if j else None, k, piece) for j, plane in enumerate(planes)]
+    acc = b.cast(sums[0], np.float32, hint="h")
+    if len(sums) > 1:
+        acc = b.f32.Add(b.f32.Mul(acc, 256.0), b.cast(sums[1], np.float32, hint="l"), hint="acc")
+    scale = np.float32(sx) * dq.inputs[1].values.astype(np.float32).reshape(-1)
+    y = b.f32.Mul(acc, b.const(scale if scale.size > 1 else scale.reshape(())), hint="real")
+    bias = optional_input(node, 2)
+    if bias is not None:
+        y = b.f32.Add(y, bias, hint="biased")
+    lead = len(q.shape or []) if node.op == "MatMul" else 2
+    node.outputs.clear()
+    node.inputs.clear()
+    b.graph.nodes.remove(node)
+    if node.op == "Conv":
+        ho, wo = patches.out_size(*image[1:])
+        nhwc = b.op("Reshape", [y, np.array([-1, ho, wo, shape[0]], np.int64)], dtype=np.float32)
+        b.graph.nodes.append(gs.Node("Transpose", b.name("nchw"), {"perm": [0, 3, 1, 2]}, [nhwc], [out]))
+    elif lead != 2:     # a MatMul of [..., K]: the rows back to [..., O]
+        size = b.op("Concat", [b.op("Slice", [b.op("Shape", [q], dtype=np.int64), np.array([0], np.int64),
+                                              np.array([-1], np.int64)], dtype=np.int64),
+                               np.array([dq.inputs[0].shape[1]], np.int64)], {"axis": 0}, dtype=np.int64)
+        b.graph.nodes.append(gs.Node("Reshape", b.name("shaped"), {}, [y, size], [out]))
+    else:
+        b.graph.nodes.append(gs.Node("Identity", b.name("out"), {}, [y], [out]))
+
+
+def _product(b: Builder, rows, plane, zx, zw, k: int, piece: int):
+    """Σ_K (rows − z_x)·(plane − z_w) int32 [R, O]; in pieces of K (added in int32) when piece < K."""
+    zeros = [zx] + ([np.asarray(zw)] if zw is not None else [])
+    if piece == k:
+        return b.op("MatMulInteger", [rows, plane] + zeros, dtype=np.int32, hint="plane")
+    n = k // piece
+    a = b.op("Transpose", [b.op("Reshape", [rows, np.array([0, n, piece], np.int64)], dtype=rows.dtype)],
+             {"perm": [1, 0, 2]}, dtype=rows.dtype)                                       # [n, R, piece]
+    w = b.op("Reshape", [plane, np.array([n, piece, -1], np.int64)], dtype=plane.dtype)  # [n, piece, O]
+    parts = b.op("Split", [b.op("MatMulInteger", [a, w] + zeros, dtype=np.int32, hint="plane_pieces"),
+                           np.ones(n, np.int64)], {"axis": 0}, dtype=np.int32, outputs=n)
+    total = None
+    for part in parts:
+        total = part if total is None else b.i32.Add(total, part, hint="pieces_sum")
+    return b.op("Squeeze", [total, np.array([0], np.int64)], dtype=np.int32)
+
+
+PASS = Pass("integer products", run, reads=("trainables", "state", "node"), adds=())
