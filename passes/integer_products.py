@@ -31,7 +31,6 @@ from .context import Context, Pass
 from .exact_forward import EXACT
 from .formulas import Patches, chunk_rows, chunked
 from .graph_ops import Builder, graphs, optional_input
-from .node import patch_rows
 
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 PLANE_SPAN = 255       # |W_lo − (−128)| and |W_hi| are at most this (a bound for OpenVINO's float partial sums)
@@ -122,29 +121,34 @@ def _refusal(node: gs.Node, found) -> str | None:
 
 
 def _planes(graph: gs.Graph, b: Builder, node: gs.Node, dq: gs.Node) -> list:
-    """The weight as int8 planes [K, O] (K: its reduction, O: its outputs): [W] for int8, else [W_hi, W_lo − 128],
-    split a chunk of rows at a time (a Loop) where the weight has more than formulas.CHUNK elements, so the
-    split's int32 temporaries hold one chunk."""
-    w = dq.inputs[0]
-    shape = list(w.shape)
-    if node.op == "Conv":
-        w = b.op("Reshape", [w, np.array([shape[0], -1], np.int64)], dtype=w.dtype)
-    kn = lambda t: b.op("Transpose", [t], {"perm": [1, 0]}, dtype=t.dtype, hint="kn") \
-        if node.op == "Conv" or node.op == "Gemm" and node.attrs.get("transB", 0) else t
-    if np.dtype(w.dtype) == np.int8:
-        return [kn(w)]
-    rows = [shape[0], int(np.prod(shape[1:]))]
-    count = chunk_rows(rows) if chunked(rows) else None
+    """The weight as int8 planes [K, O] (K: its reduction, a Conv's in its rows' (i, j, c) order; O: its
+    outputs): [W] for int8, else [W_hi, W_lo − 128]. A weight over formulas.CHUNK elements is split a chunk of
+    output rows at a time in a Loop, so the split's int32 temporaries hold one chunk and no int16 copy is made."""
+    w, shape = dq.inputs[0], list(dq.inputs[0].shape)
+    nk = node.op == "Conv" or node.op == "Gemm" and node.attrs.get("transB", 0)
+    rows = [shape[0], int(np.prod(shape[1:]))] if nk else shape                     # [O, K], or [K, O]
+
+    def planes(bb: Builder, t):     # a chunk [r, K'] (a Conv's as [r, C, kh, kw]) → its planes, (i, j, c) order
+        if node.op == "Conv":       # per output row [C, kh·kw] → [kh·kw, C]: a transpose onnxruntime runs fast
+            t = bb.op("Reshape", [t, np.array([-1, shape[1], int(np.prod(shape[2:]))], np.int64)], dtype=t.dtype)
+            t = bb.op("Reshape", [bb.op("Transpose", [t], {"perm": [0, 2, 1]}, dtype=t.dtype),
+                                  np.array([-1, rows[1]], np.int64)], dtype=t.dtype)
+        return [t] if np.dtype(t.dtype) == np.int8 else _split(bb, t)
+
+    # [O, K] → [K, O] after the Loop: inside it onnxruntime would merge the two transposes into one 4-D perm,
+    # which it runs 10x slower
+    kn = (lambda t: b.op("Transpose", [t], {"perm": [1, 0]}, dtype=t.dtype, hint="kn")) if nk else (lambda t: t)
+    count = chunk_rows(rows) if chunked(rows) and np.dtype(w.dtype) != np.int8 else None
     if count is None:
-        return [kn(plane) for plane in _split(b, w)]
+        return [kn(p) for p in planes(b, b.op("Reshape", [w, np.array(rows, np.int64)], dtype=w.dtype))]
     body = gs.Graph(name="integer_products_split")
     bb = Builder(body, b.name("split_body"))
     k = gs.Variable(bb.name("k"), dtype=np.int64, shape=[])
     cond = gs.Variable(bb.name("cond"), dtype=bool, shape=[])
     body.inputs = [k, cond]
     chunks = b.op("Reshape", [w, np.array([rows[0] // count, count, rows[1]], np.int64)], dtype=w.dtype)
-    body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[])] + _split(bb, bb.op("Gather", [chunks, k], {"axis": 0},
-                                                                                         dtype=w.dtype))
+    body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[])] + planes(
+        bb, bb.op("Gather", [chunks, k], {"axis": 0}, dtype=w.dtype))
     scanned = [gs.Variable(b.name("plane_chunks"), dtype=np.int8) for _ in range(2)]
     graph.nodes.append(gs.Node("Loop", b.name("split"), {"body": body},
                                [b.const(np.array(rows[0] // count, np.int64)), b.const(np.array(True))], scanned))
@@ -172,7 +176,7 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
         shape = dq.inputs[0].shape
         patches = Patches.of_conv(node.attrs, shape)
         image = image or tuple(node.inputs[0].shape[1:])
-        rows = patch_rows(b, q, zx, patches, image)
+        rows = _channels_last_rows(b, q, zx, patches, image)
         k = int(np.prod(shape[1:]))
     else:
         k = int(dq.inputs[0].shape[1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0])
@@ -204,6 +208,21 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
         b.graph.nodes.append(gs.Node("Reshape", b.name("shaped"), {}, [y, size], [out]))
     else:
         b.graph.nodes.append(gs.Node("Identity", b.name("out"), {}, [y], [out]))
+
+
+def _channels_last_rows(b: Builder, q, zero_point: gs.Constant, patches: Patches, image) -> gs.Tensor:
+    """The im2col rows [B·H'·W', kh·kw·C] of q [B, C, H, W], column (i, j, c): q made channels-last once, so the
+    Gather copies C contiguous values per tap (node.patch_rows's (c, i, j) order gathers single values and
+    transposes the result: 5-10x slower on onnxruntime for the same integers)."""
+    (c, h, w), (pt, pl, pb, pr) = image, patches.pads
+    zero = np.asarray(zero_point.values).reshape(())
+    nhwc = b.op("Transpose", [q], {"perm": [0, 2, 3, 1]}, dtype=q.dtype)
+    padded = b.op("Pad", [nhwc, np.array([0, pt, pl, 0, 0, pb, pr, 0], np.int64), zero], {"mode": "constant"},
+                  dtype=q.dtype)
+    flat = b.op("Reshape", [padded, np.array([0, -1, c], np.int64)], dtype=q.dtype)              # [B, Hp·Wp, C]
+    taken = b.op("Gather", [flat, patches.indices(h, w).T.copy()], {"axis": 1}, dtype=q.dtype)   # [B, P, k, C]
+    return b.op("Reshape", [taken, np.array([-1, c * int(np.prod(patches.kernel))], np.int64)], dtype=q.dtype,
+                hint="patches")
 
 
 def _product(b: Builder, rows, plane, zx, zw, k: int, piece: int):
