@@ -10,7 +10,9 @@ memory against inference and torch fp32 backprop of the same tensors.
 Per model (--source w8a8, or w16a8 where 16-bit weights are deployed) and trained depth (last 1 / last 2 /
 the last block / one mid-network site), m and batch:
     step      one training step (onnxruntime session of train.onnx, state fed back)
-    floor     t(prefix) + 2m · t(suffix): the model split at the trained tensors, each part its own call.
+    floor     t(prefix) + n · t(suffix): the model split at the trained tensors, each part its own call; n the
+              estimator's suffix forwards: 2m (weight perturbation), 2m + 2 (node: the branches, the clean
+              copy and the ĝ products), 1 (head)
               Its kernels are the source's: from w8a8 the suffix runs int8 QLinearConv, while a step trains
               16-bit weights, which onnxruntime's CPU provider runs as float Conv (it has no int16 kernel);
               from w16a8 the floor runs the same kernels as the step.
@@ -90,11 +92,15 @@ def cost(source, compiled, x, y, repeats: int, others=None) -> dict:
         session, other_feeds = make_session(other.train, 1), step_feeds(other.contract, x, y, 1, other.state)
         fns[key] = lambda session=session, other_feeds=other_feeds: session.run(outputs, other_feeds)
     t = timed(fns, repeats, calls, warmup=2)
-    m = contract.spec.m
-    floor = t["prefix"] + 2 * m * t["suffix"]
+    floor = t["prefix"] + suffix_forwards(contract.spec) * t["suffix"]
     return {"ms": {k: round(v / 1e3, 2) for k, v in (t | {"floor": floor}).items()},
             "step_over_floor": round(t["step"] / floor, 3), "step_over_forward": round(t["step"] / t["forward"], 3)} \
         | {f"{key}_over_step": round(t[key] / t["step"], 3) for key in (others or {})}
+
+
+def suffix_forwards(spec) -> int:
+    """The suffix forwards a step of this (resolved) estimator needs at least."""
+    return {"node": 2 * spec.m + 2, "head": 1}.get(spec.estimator, 2 * spec.m)
 
 
 def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathlib.Path) -> dict:
@@ -128,9 +134,13 @@ def peak_memory(path, fp32_path, source, fp32, compiled, batch: int, work: pathl
                    "the --keep-requant step beside the default one (column `kept`).")
 @click.option("--also", type=click.Choice(["stacked", "cloned", "loop"]), default=None,
               help="Time the same spec in this branch form beside the default one (column of that name).")
+@click.option("--estimator", default="auto", show_default=True,
+              help="TrainSpec.estimator (auto keeps weight perturbation when --ms gives m; node: perturbation "
+                   "of the trained layers' outputs, whose floor is 2m + 2 suffix forwards).")
 @click.option("--only-depth", default=None, help="Substring of the depth labels to run.")
 @click.option("--out", default=str(HERE / "results" / "deep"), show_default=True)
-def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, requant, also, only_depth, out):
+def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, requant, also, estimator, only_depth,
+         out):
     ms, batches = [int(v) for v in ms.split(",")], [int(v) for v in batches.split(",")]
     mem_rows = {tuple(int(v) for v in r.split(":")) for r in memory_at.split(",") if r}
     rows = []
@@ -144,7 +154,8 @@ def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, r
                 continue
             for m in ms:
                 t0 = time.perf_counter()
-                spec = TrainSpec(m=m, branches=branches, bits=bits, requant_bypass=requant != "keep", **options)
+                spec = TrainSpec(m=m, branches=branches, bits=bits, requant_bypass=requant != "keep",
+                                 estimator=estimator, **options)
                 compiled = compile_model(source, spec)
                 seconds = time.perf_counter() - t0
                 others = {"kept": compile_model(source, dataclasses.replace(spec, requant_bypass=False))} \
@@ -153,6 +164,7 @@ def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, r
                     others[also] = compile_model(source, dataclasses.replace(spec, branches=also))
                 for batch in batches:
                     row = {"model": name, "trained": label, "m": m, "batch": batch,
+                           "estimator": compiled.contract.spec.estimator,
                            "branches": compiled.contract.branches, "compile_s": round(seconds, 2),
                            "params": sum(int(np.prod(s.shape)) for s in compiled.contract.state)}
                     row |= cost(source, compiled, *data(source, batch), repeats, others)
@@ -161,7 +173,7 @@ def main(names, ms, batches, memory_at, branches, repeats, bits, quantization, r
                             row["memory"] = peak_memory(path, fp32_path, source, fp32, compiled, batch, pathlib.Path(tmp))
                     rows.append(row)
                     print(_line(row), flush=True)
-    result = {"machine": machine(), "source": quantization, "branches": branches, "bits": bits,
+    result = {"machine": machine(), "source": quantization, "branches": branches, "bits": bits, "estimator": estimator,
               "requant": requant, "also": also, "rows": rows}
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +207,8 @@ def report(result) -> str:
     m = result["machine"]
     both, also = result.get("requant") == "both", result.get("also")
     head = [f"# Deep training cost and memory (`benchmarks/deep.py`, source {result.get('source', 'w8a8')}, "
-            f"branches={result['branches']}, requant={result.get('requant', 'bypass')})", "",
+            f"branches={result['branches']}, estimator={result.get('estimator', 'auto')}, "
+            f"requant={result.get('requant', 'bypass')})", "",
             f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['packages']['onnxruntime']}, torch "
             f"{m['packages']['torch']}, commit {m['commit']}, {m.get('date', '')}; one thread per session.", "",
             "| model | trained | params | m | batch | form | step ms | floor ms | forward ms | step/floor | step/forward "
