@@ -77,8 +77,8 @@ def _trained_weight(node: gs.Node, weights: dict):
 
 
 def _input(node: gs.Node):
-    """(q, its zero point constant) when the product's input is DequantizeLinear(q) of an 8-bit q with a
-    constant per-tensor scale, else None."""
+    """(q, its scale as float32, its zero point constant) when the product's input is DequantizeLinear(q) of an
+    8-bit q with a constant per-tensor scale, else None."""
     x = node.inputs[0]
     dq = x.inputs[0] if len(x.inputs) == 1 else None
     if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[1], gs.Constant) or \
