@@ -208,6 +208,24 @@ def _bypass_requant(model: onnx.ModelProto, trained: list[str]) -> None:
                 node.input[k] = q.input[0]
 
 
+class _Edits:
+    """The constants and nodes a reference rewrite adds to graph g, with names unique under `tag`; node()
+    appends to .nodes (a rewrite may point it at a fresh list)."""
+
+    def __init__(self, g: onnx.GraphProto, tag: str):
+        self.g, self.tag, self.fresh, self.nodes = g, tag, iter(range(10 ** 9)), []
+
+    def const(self, value, hint: str) -> str:
+        name = f"{hint}_{self.tag}_{next(self.fresh)}"
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, ins, **attrs) -> str:
+        out = f"{op}_{self.tag}_{next(self.fresh)}"
+        self.nodes.append(helper.make_node(op, ins, [out], **attrs))
+        return out
+
+
 def exact_forward(model: onnx.ModelProto) -> None:
     """docs/reference.md's exact forward, on the oracle's model: every Conv/Gemm/MatMul, ReduceMean/
     GlobalAveragePool and Add whose operands are DequantizeLinear of 8-bit tensors (a product's weight a
@@ -233,17 +251,8 @@ def exact_forward(model: onnx.ModelProto) -> None:
     fed = {i.name for i in g.input}
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    fresh = iter(range(10 ** 9))
-
-    def const(value, hint):
-        name = f"{hint}_ref_exact_{next(fresh)}"
-        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(op, ins, **attrs):
-        out = f"{op}_ref_exact_{next(fresh)}"
-        new.append(helper.make_node(op, ins, [out], **attrs))
-        return out
+    edits = _Edits(g, "ref_exact")
+    const, node = edits.const, edits.node
 
     def operand(name, weight=False):
         """(q name, q value or None, scale, zero point) of DequantizeLinear(q) with a constant scale."""
@@ -274,7 +283,7 @@ def exact_forward(model: onnx.ModelProto) -> None:
 
     replaced, new_for = set(), {}
     for n in list(g.node):
-        new = []
+        new = edits.nodes = []
         ops = [operand(i) for i in n.input[:2]] if len(n.input) >= 2 else [operand(n.input[0])]
         q = requant(n)
         if n.op_type in ("Conv", "Gemm", "MatMul") and ops[0] is not None and ops[1] is not None \
@@ -378,18 +387,8 @@ def integer_products(model: onnx.ModelProto, c: dict) -> None:
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     trained = {s["name"] for s in parameters(c) if s["role"] == "weight"}
-    fresh = iter(range(10 ** 9))
-    new = []
-
-    def const(value, hint):
-        name = f"{hint}_ref_int_{next(fresh)}"
-        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(op, ins, **attrs):
-        out = f"{op}_ref_int_{next(fresh)}"
-        new.append(helper.make_node(op, ins, [out], **attrs))
-        return out
+    edits = _Edits(g, "ref_int")
+    const, node, new = edits.const, edits.node, edits.nodes
 
     for n in list(g.node):
         new.append(n)
