@@ -13,9 +13,12 @@ Every step is exact or rounds once under IEEE rules, and none is a float a·b + 
 fuse into one rounding; integers stay below 2^24 where a runtime might compute them in float32 (OpenVINO's
 CPU plugin does: its f32 Div is not IEEE either, so nothing divides in float). Per op (docs/reference.md,
 "The exact forward", has the formulas):
-    Conv, Gemm, MatMul   a float kernel on the integer values, the reduction split into pieces whose
-                         255·Σ|w| stays below 2^24 (any summation order is then exact); ConvInteger/
-                         MatMulInteger where one channel alone reaches it; a bias re-gridded to s_x·s_w
+    Conv, Gemm, MatMul   u8s8 MatMulInteger on the input (a Conv of group 1: its channels-last im2col
+                         rows), the reduction split into pieces whose 255·Σ|w| stays below 2^24 (OpenVINO
+                         accumulates it in float32), added in int32; a grouped Conv or a MatMul of [B, T, K]:
+                         a float kernel on the integer values, split likewise (any summation order is then
+                         exact); ConvInteger/MatMulInteger whole where one channel alone reaches it; a bias
+                         re-gridded to s_x·s_w
     ReduceMean, GlobalAveragePool   Σ(x − z_x) in int32, one requantization
     Add                  int32 fixed point on 2^-K, rounded half up by one floor division
     LayerNormalization   integer sums, one Sqrt, and the output level decided by two exact comparisons
@@ -39,7 +42,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .context import Context, Pass
-from .graph_ops import Builder, graphs, onnx_dtype, optional_input
+from .formulas import Patches
+from .graph_ops import Builder, channels_last_rows, graphs, onnx_dtype, optional_input
 
 EXACT = 2 ** 24          # float32 adds integers below this exactly, in any order
 LIMIT = 2 ** 22          # the fixed-point Add's |sums| + offset stay below 2^23 (< 2^24 with the rounding)
@@ -209,6 +213,9 @@ def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
             return b.cast(b.op("MatMul", [xf(), wf], dtype=np.float32, hint="product"), np.int32, hint="acc")
         return b.op("MatMulInteger", [xq, wq, zero(xq, zx), zero(wq, zw)], dtype=np.int32, hint="acc")
     w = wq.values
+    rows = _integer_rows(b, node, xq, zero(xq, zx), w, attrs)
+    if rows is not None:
+        return rows
     # each output's bound per reduction channel: [outputs, channels]
     reduce_axis = 1 if node.op == "Conv" else 1 - out_axis
     per_channel = SPAN * np.abs(w.astype(np.int64)).sum(axis=tuple(range(2, w.ndim))) if node.op == "Conv" else \
@@ -231,6 +238,43 @@ def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
         term = b.cast(b.op(node.op, [part, b.const(piece, "weight")], attrs, dtype=np.float32, hint="product"),
                       np.int32, hint="acc")
         acc = term if acc is None else b.i32.Add(acc, term, hint="pieces_sum")
+    return acc
+
+
+def _integer_rows(b: Builder, node: gs.Node, xq, zx, w: np.ndarray, attrs: dict):
+    """A constant-weight product as int32 from u8s8 MatMulInteger, the reduction in contiguous pieces whose
+    |partial sums| stay below 2^24 (OpenVINO accumulates MatMulInteger in float32), added in int32: a Gemm/
+    MatMul on its input, a Conv of group 1 with a static input on its channels-last im2col rows (then back to
+    [B, O, H', W']). None for other forms (grouped Convs), which keep the float kernels.
+    onnxruntime runs these integer GEMMs several times faster than the float kernels on the same integers."""
+    image = node.inputs[0].shape[1:] if node.inputs[0].shape else None
+    if node.op == "Conv":
+        if attrs.get("group", 1) != 1 or w.ndim != 4 or not image or not all(isinstance(d, int) for d in image) \
+                or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return None
+        patches = Patches.of_conv(attrs, w.shape)
+        right = w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])             # [kh·kw·C, O]: the rows' (i, j, c)
+        left = channels_last_rows(b, xq, zx, patches, tuple(image))
+    elif len(node.inputs[0].shape or []) == 2:
+        right = w.T if attrs.get("transB", 0) else w                          # [K, O]
+        left = xq
+    else:       # a MatMul of [B, T, K]: with MatMulInteger there OpenVINO f32 differed in the transformer's step
+        return None     # (where, inside its fused graph, is not isolated): it keeps the float kernels
+    pieces = _pieces(SPAN * np.abs(right.astype(np.int64)).T)
+    if pieces is None:
+        return None
+    acc, start = None, 0
+    for size in pieces:
+        part = left if len(pieces) == 1 else b.op(
+            "Slice", [left, np.array([start], np.int64), np.array([start + size], np.int64), np.array([-1], np.int64)],
+            dtype=left.dtype)
+        term = b.op("MatMulInteger", [part, b.const(np.ascontiguousarray(right[start:start + size]), "weight"), zx],
+                    dtype=np.int32, hint="acc")
+        start += size
+        acc = term if acc is None else b.i32.Add(acc, term, hint="pieces_sum")
+    if node.op == "Conv":
+        ho, wo = patches.out_size(*image[1:])
+        acc = b.i32.Transpose(b.i32.Reshape(acc, np.array([-1, ho, wo, w.shape[0]], np.int64)), perm=[0, 3, 1, 2])
     return acc
 
 

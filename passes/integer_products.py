@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from .context import Context, Pass
 from .exact_forward import EXACT
 from .formulas import Patches, chunk_rows, chunked
-from .graph_ops import Builder, graphs, optional_input
+from .graph_ops import Builder, channels_last_rows, graphs, optional_input
 
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 PLANE_SPAN = 255       # |W_lo − (−128)| and |W_hi| are at most this (a bound for OpenVINO's float partial sums)
@@ -176,7 +176,7 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
         shape = dq.inputs[0].shape
         patches = Patches.of_conv(node.attrs, shape)
         image = image or tuple(node.inputs[0].shape[1:])
-        rows = _channels_last_rows(b, q, zx, patches, image)
+        rows = channels_last_rows(b, q, zx, patches, image)
         k = int(np.prod(shape[1:]))
     else:
         k = int(dq.inputs[0].shape[1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0])
@@ -208,21 +208,6 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
         b.graph.nodes.append(gs.Node("Reshape", b.name("shaped"), {}, [y, size], [out]))
     else:
         b.graph.nodes.append(gs.Node("Identity", b.name("out"), {}, [y], [out]))
-
-
-def _channels_last_rows(b: Builder, q, zero_point: gs.Constant, patches: Patches, image) -> gs.Tensor:
-    """The im2col rows [B·H'·W', kh·kw·C] of q [B, C, H, W], column (i, j, c): q made channels-last once, so the
-    Gather copies C contiguous values per tap (node.patch_rows's (c, i, j) order gathers single values and
-    transposes the result: 5-10x slower on onnxruntime for the same integers)."""
-    (c, h, w), (pt, pl, pb, pr) = image, patches.pads
-    zero = np.asarray(zero_point.values).reshape(())
-    nhwc = b.op("Transpose", [q], {"perm": [0, 2, 3, 1]}, dtype=q.dtype)
-    padded = b.op("Pad", [nhwc, np.array([0, pt, pl, 0, 0, pb, pr, 0], np.int64), zero], {"mode": "constant"},
-                  dtype=q.dtype)
-    flat = b.op("Reshape", [padded, np.array([0, -1, c], np.int64)], dtype=q.dtype)              # [B, Hp·Wp, C]
-    taken = b.op("Gather", [flat, patches.indices(h, w).T.copy()], {"axis": 1}, dtype=q.dtype)   # [B, P, k, C]
-    return b.op("Reshape", [taken, np.array([-1, c * int(np.prod(patches.kernel))], np.int64)], dtype=q.dtype,
-                hint="patches")
 
 
 def _product(b: Builder, rows, plane, zx, zw, k: int, piece: int):
