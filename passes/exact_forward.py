@@ -116,25 +116,42 @@ def _requant_target(node: gs.Node):
     return q
 
 
-def _finish(b: Builder, node: gs.Node, acc, scale: np.ndarray, channel_shape) -> None:
+def _finish(b: Builder, node: gs.Node, acc, scale: np.ndarray, channel_shape, rows_of=None) -> None:
     """acc (int32, exact) in units of `scale` → the node's requantized output (its QuantizeLinear's tensor), or
-    its float output when no QuantizeLinear alone reads it."""
+    its float output when no QuantizeLinear alone reads it. rows_of = (H', W', O): acc is a Conv's rows
+    [B·H'·W', O], requantized as rows and only then made [B, O, H', W'] (a quarter of the bytes to move)."""
     accf = b.cast(acc, np.float32, hint="acc_f32")
     q = _requant_target(node)
     if q is None:
         out = node.outputs[0]
         _drop(b.graph, node)
-        b.graph.nodes.append(gs.Node("Mul", b.name("real"), {}, [accf, b.const(_shaped(scale, channel_shape))],
-                                     [out]))
+        if rows_of is None:
+            b.graph.nodes.append(gs.Node("Mul", b.name("real"), {}, [accf, b.const(_shaped(scale, channel_shape))],
+                                         [out]))
+        else:
+            real = b.f32.Mul(accf, b.const(_shaped(scale, channel_shape)), hint="real")
+            b.graph.nodes.append(gs.Node("Identity", b.name("real"), {}, [_nchw(b, real, rows_of)], [out]))
         return
     multiplier = scale / q.inputs[1].values.astype(np.float64).reshape(())
     y = b.f32.Mul(accf, b.const(_shaped(multiplier, channel_shape)), hint="requant")
-    _requantized(b, node, q, y)
+    _requantized(b, node, q, y, rows_of)
 
 
-def _requantized(b: Builder, node: gs.Node, q: gs.Node, y) -> None:
+def _nchw(b: Builder, rows, rows_of):
+    """Rows [B·H'·W', O] as [B, O, H', W']."""
+    ho, wo, o = rows_of
+    return b.op("Transpose", [b.op("Reshape", [rows, np.array([-1, ho, wo, o], np.int64)], dtype=rows.dtype)],
+                {"perm": [0, 3, 1, 2]}, dtype=rows.dtype, hint="nchw")
+
+
+def _requantized(b: Builder, node: gs.Node, q: gs.Node, y, rows_of=None) -> None:
     """y (float, in output LSBs) rounded to the QuantizeLinear's zero point, written to its output tensor."""
-    _replace(b, node, q, "QuantizeLinear", [y, b.const(np.float32(1.0)), q.inputs[2]])
+    inputs = [y, b.const(np.float32(1.0)), q.inputs[2]]
+    if rows_of is None:
+        _replace(b, node, q, "QuantizeLinear", inputs)
+    else:
+        _replace(b, node, q, "Identity", [_nchw(b, b.op("QuantizeLinear", inputs, dtype=q.inputs[2].values.dtype),
+                                                 rows_of)])
 
 
 def _on_grid_int32(b: Builder, node: gs.Node, q: gs.Node, y) -> None:
@@ -190,15 +207,17 @@ def _product(b: Builder, node: gs.Node) -> bool:
                              units.astype(np.float32).astype(np.float64))
         if np.abs(bias_units).max(initial=0) >= 2 ** 31:
             return False
-    acc = _accumulate(b, node, x, w, attrs, out_axis)
+    acc, rows_of = _accumulate(b, node, x, w, attrs, out_axis)
+    channel_shape = [-1] if rows_of else channel_shape     # a Conv's rows: the channels are the last axis
     if bias is not None:
         acc = b.i32.Add(acc, b.const(bias_units.astype(np.int32).reshape(channel_shape)), hint="bias")
-    _finish(b, node, acc, sx * sw, channel_shape)
+    _finish(b, node, acc, sx * sw, channel_shape, rows_of)
     return True
 
 
 def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
-    """Σ (q_x − z_x)·(q_w − z_w) as int32. Float kernels on the integer values where every partial sum
+    """(Σ (q_x − z_x)·(q_w − z_w) as int32, None), or (its rows, (H', W', O)) for a Conv on its im2col rows
+    (_integer_rows). Float kernels on the integer values where every partial sum
     stays below 2^24, the reduction split into pieces (input channels, or K) that each do, and the pieces
     added in int32; ConvInteger/MatMulInteger where one channel alone could reach it (or, between two
     activations, K > 258)."""
@@ -210,8 +229,8 @@ def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
     if not isinstance(wq, gs.Constant):     # a MatMul of two activations
         if node.inputs[0].shape and SPAN * SPAN * int(node.inputs[0].shape[-1]) < EXACT:
             wf = b.op("DequantizeLinear", [wq, b.const(np.float32(1.0)), zero(wq, zw)], dtype=np.float32, hint="centred")
-            return b.cast(b.op("MatMul", [xf(), wf], dtype=np.float32, hint="product"), np.int32, hint="acc")
-        return b.op("MatMulInteger", [xq, wq, zero(xq, zx), zero(wq, zw)], dtype=np.int32, hint="acc")
+            return b.cast(b.op("MatMul", [xf(), wf], dtype=np.float32, hint="product"), np.int32, hint="acc"), None
+        return b.op("MatMulInteger", [xq, wq, zero(xq, zx), zero(wq, zw)], dtype=np.int32, hint="acc"), None
     w = wq.values
     rows = _integer_rows(b, node, xq, zero(xq, zx), w, attrs)
     if rows is not None:
@@ -224,9 +243,9 @@ def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
         ([w.shape[1]] if per_channel.sum(axis=1).max() < EXACT else None)
     if pieces is None:
         if node.op == "Conv":
-            return b.op("ConvInteger", [xq, wq, zero(xq, zx)], attrs, dtype=np.int32, hint="acc")
+            return b.op("ConvInteger", [xq, wq, zero(xq, zx)], attrs, dtype=np.int32, hint="acc"), None
         right = w.T.copy() if attrs.get("transB", 0) else w
-        return b.op("MatMulInteger", [xq, b.const(right), zero(xq, zx)], dtype=np.int32, hint="acc")
+        return b.op("MatMulInteger", [xq, b.const(right), zero(xq, zx)], dtype=np.int32, hint="acc"), None
     inputs = [xf()]
     if len(pieces) > 1:
         inputs = b.op("Split", [inputs[0], np.array(pieces, np.int64)], {"axis": 1 if node.op == "Conv" else -1},
@@ -238,15 +257,16 @@ def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
         term = b.cast(b.op(node.op, [part, b.const(piece, "weight")], attrs, dtype=np.float32, hint="product"),
                       np.int32, hint="acc")
         acc = term if acc is None else b.i32.Add(acc, term, hint="pieces_sum")
-    return acc
+    return acc, None
 
 
 def _integer_rows(b: Builder, node: gs.Node, xq, zx, w: np.ndarray, attrs: dict):
-    """A constant-weight product as int32 from u8s8 MatMulInteger, the reduction in contiguous pieces whose
-    |partial sums| stay below 2^24 (OpenVINO accumulates MatMulInteger in float32), added in int32: a Gemm/
-    MatMul on its input, a Conv of group 1 with a static input on its channels-last im2col rows (then back to
-    [B, O, H', W']). None for other forms (grouped Convs), which keep the float kernels.
-    onnxruntime runs these integer GEMMs several times faster than the float kernels on the same integers."""
+    """(acc int32, rows_of): a constant-weight product from u8s8 MatMulInteger, the reduction in contiguous
+    pieces whose |partial sums| stay below 2^24 (OpenVINO accumulates MatMulInteger in float32), added in
+    int32: a Gemm or 2-D MatMul on its input (rows_of None), a Conv of group 1 with a static input on its
+    channels-last im2col rows (rows_of = (H', W', O): _finish makes them [B, O, H', W'] after the
+    requantization, in a quarter of the bytes). None for other forms (grouped Convs), which keep the float
+    kernels. onnxruntime runs these integer GEMMs several times faster than float kernels on the same integers."""
     image = node.inputs[0].shape[1:] if node.inputs[0].shape else None
     if node.op == "Conv":
         if attrs.get("group", 1) != 1 or w.ndim != 4 or not image or not all(isinstance(d, int) for d in image) \
@@ -272,10 +292,7 @@ def _integer_rows(b: Builder, node: gs.Node, xq, zx, w: np.ndarray, attrs: dict)
                     dtype=np.int32, hint="acc")
         start += size
         acc = term if acc is None else b.i32.Add(acc, term, hint="pieces_sum")
-    if node.op == "Conv":
-        ho, wo = patches.out_size(*image[1:])
-        acc = b.i32.Transpose(b.i32.Reshape(acc, np.array([-1, ho, wo, w.shape[0]], np.int64)), perm=[0, 3, 1, 2])
-    return acc
+    return acc, (*patches.out_size(*image[1:]), w.shape[0]) if node.op == "Conv" else None
 
 
 def _pieces(per_channel: np.ndarray) -> list[int] | None:
