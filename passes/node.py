@@ -272,23 +272,16 @@ def _input_rows(b: Builder, layer: NodeLayer):
     gather is exact, and costs kh·kw times one batch of the layer's input."""
     if layer.patches is None:
         return b.op("Reshape", [layer.q, np.array([-1, layer.q.shape[-1]], np.int64)], dtype=layer.q.dtype)
-    return patch_rows(b, layer.q, layer.zero_point, layer.patches, layer.image)
-
-
-def patch_rows(b: Builder, q, zero_point: gs.Constant, patches: Patches, image) -> gs.Tensor:
-    """The im2col rows [B·H'·W', C·kh·kw] of an integer image q [B, C, H, W] (image = (C, H, W)), padded with
-    its zero point: one Gather of precomputed indices."""
-    (c, h, w), (pt, pl, pb, pr) = image, patches.pads
-    zero = np.asarray(zero_point.values).reshape(())
-    padded = b.op("Pad", [q, np.array([0, 0, pt, pl, 0, 0, pb, pr], np.int64), zero], {"mode": "constant"},
-                  dtype=q.dtype)
-    flat = b.op("Reshape", [padded, np.array([0, c, -1], np.int64)], dtype=q.dtype)              # [B, C, Hp·Wp]
-    taken = b.op("Gather", [flat, patches.indices(h, w)], {"axis": 2}, dtype=q.dtype)            # [B, C, k, P]
-    positions = int(np.prod(patches.out_size(h, w)))
-    cols = b.op("Reshape", [taken, np.array([0, -1, positions], np.int64)], dtype=q.dtype)
-    cols = b.op("Transpose", [cols], {"perm": [0, 2, 1]}, dtype=q.dtype)                          # [B, P, C·k]
-    return b.op("Reshape", [cols, np.array([-1, c * int(np.prod(patches.kernel))], np.int64)], dtype=q.dtype,
-                hint="patches")
+    (c, h, w), (pt, pl, pb, pr) = layer.image, layer.patches.pads
+    zero = np.asarray(layer.zero_point.values).reshape(())
+    padded = b.op("Pad", [layer.q, np.array([0, 0, pt, pl, 0, 0, pb, pr], np.int64), zero], {"mode": "constant"},
+                  dtype=layer.q.dtype)
+    flat = b.op("Reshape", [padded, np.array([0, c, -1], np.int64)], dtype=layer.q.dtype)      # [B, C, Hp·Wp]
+    taken = b.op("Gather", [flat, layer.patches.indices(h, w)], {"axis": 2}, dtype=layer.q.dtype)  # [B, C, k, P]
+    cols = b.op("Reshape", [taken, np.array([0, -1, _positions(layer)], np.int64)], dtype=layer.q.dtype)
+    cols = b.op("Transpose", [cols], {"perm": [0, 2, 1]}, dtype=layer.q.dtype)                  # [B, P, C·k]
+    return b.op("Reshape", [cols, np.array([-1, c * int(np.prod(layer.patches.kernel))], np.int64)],
+                dtype=layer.q.dtype, hint="patches")
 
 
 def _grouped_product(b: Builder, a, v, zero, groups: int):
