@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 
 from .context import Context, Pass
 from .formulas import Patches
-from .graph_ops import Builder, channels_last_rows, graphs, onnx_dtype, optional_input
+from .graph_ops import Builder, channels_last_rows, graphs, onnx_dtype, optional_input, rows_to_nchw
 
 EXACT = 2 ** 24          # float32 adds integers below this exactly, in any order
 LIMIT = 2 ** 22          # the fixed-point Add's |sums| + offset stay below 2^23 (< 2^24 with the rounding)
@@ -129,19 +129,11 @@ def _finish(b: Builder, node: gs.Node, acc, scale: np.ndarray, channel_shape, ro
             b.graph.nodes.append(gs.Node("Mul", b.name("real"), {}, [accf, b.const(_shaped(scale, channel_shape))],
                                          [out]))
         else:
-            real = b.f32.Mul(accf, b.const(_shaped(scale, channel_shape)), hint="real")
-            b.graph.nodes.append(gs.Node("Identity", b.name("real"), {}, [_nchw(b, real, rows_of)], [out]))
+            rows_to_nchw(b, b.f32.Mul(accf, b.const(_shaped(scale, channel_shape)), hint="real"), rows_of, out)
         return
     multiplier = scale / q.inputs[1].values.astype(np.float64).reshape(())
     y = b.f32.Mul(accf, b.const(_shaped(multiplier, channel_shape)), hint="requant")
     _requantized(b, node, q, y, rows_of)
-
-
-def _nchw(b: Builder, rows, rows_of):
-    """Rows [B·H'·W', O] as [B, O, H', W']."""
-    ho, wo, o = rows_of
-    return b.op("Transpose", [b.op("Reshape", [rows, np.array([-1, ho, wo, o], np.int64)], dtype=rows.dtype)],
-                {"perm": [0, 3, 1, 2]}, dtype=rows.dtype, hint="nchw")
 
 
 def _requantized(b: Builder, node: gs.Node, q: gs.Node, y, rows_of=None) -> None:
@@ -150,8 +142,8 @@ def _requantized(b: Builder, node: gs.Node, q: gs.Node, y, rows_of=None) -> None
     if rows_of is None:
         _replace(b, node, q, "QuantizeLinear", inputs)
     else:
-        _replace(b, node, q, "Identity", [_nchw(b, b.op("QuantizeLinear", inputs, dtype=q.inputs[2].values.dtype),
-                                                 rows_of)])
+        _replace(b, node, q, "Identity", [rows_to_nchw(b, b.op("QuantizeLinear", inputs,
+                                                                dtype=q.inputs[2].values.dtype), rows_of)])
 
 
 def _on_grid_int32(b: Builder, node: gs.Node, q: gs.Node, y) -> None:

@@ -86,9 +86,9 @@ def optional_input(node: gs.Node, k: int):
 
 def channels_last_rows(b: Builder, q, zero_point: gs.Constant, patches, image) -> gs.Tensor:
     """The im2col rows [B·H'·W', kh·kw·C] of q [B, C, H, W] (image (C, H, W), patches a formulas.Patches), column
-    (i, j, c), padded with the zero point: q made channels-last once, so the
-    Gather copies C contiguous values per tap (node.patch_rows's (c, i, j) order gathers single values and
-    transposes the result: 5-10x slower on onnxruntime for the same integers)."""
+    (i, j, c), padded with the zero point: q made channels-last once, so the Gather copies C contiguous values
+    per tap (node._input_rows's (c, i, j) order gathers single values and transposes the result: 5-10x slower
+    on onnxruntime for the same integers). rows_to_nchw takes a product of these rows back."""
     (c, h, w), (pt, pl, pb, pr) = image, patches.pads
     zero = np.asarray(zero_point.values).reshape(())
     nhwc = b.op("Transpose", [q], {"perm": [0, 2, 3, 1]}, dtype=q.dtype)
@@ -98,6 +98,16 @@ def channels_last_rows(b: Builder, q, zero_point: gs.Constant, patches, image) -
     taken = b.op("Gather", [flat, patches.indices(h, w).T.copy()], {"axis": 1}, dtype=q.dtype)   # [B, P, k, C]
     return b.op("Reshape", [taken, np.array([-1, c * int(np.prod(patches.kernel))], np.int64)], dtype=q.dtype,
                 hint="patches")
+
+
+def rows_to_nchw(b: Builder, rows, out_size, out: gs.Variable | None = None) -> gs.Tensor:
+    """A Conv's output rows [B·H'·W', O] (out_size = (H', W', O)) as [B, O, H', W'], written to `out` if given."""
+    ho, wo, o = out_size
+    nhwc = b.op("Reshape", [rows, np.array([-1, ho, wo, o], np.int64)], dtype=rows.dtype)
+    if out is None:
+        return b.op("Transpose", [nhwc], {"perm": [0, 3, 1, 2]}, dtype=rows.dtype, hint="nchw")
+    b.graph.nodes.append(gs.Node("Transpose", b.name("nchw"), {"perm": [0, 3, 1, 2]}, [nhwc], [out]))
+    return out
 
 
 def graphs(graph: gs.Graph):

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from .context import Context, Pass
 from .exact_forward import EXACT
 from .formulas import Patches, chunk_rows, chunked
-from .graph_ops import Builder, channels_last_rows, graphs, optional_input
+from .graph_ops import Builder, channels_last_rows, graphs, optional_input, rows_to_nchw
 
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 PLANE_SPAN = 255       # |W_lo − (−128)| and |W_hi| are at most this (a bound for OpenVINO's float partial sums)
@@ -198,9 +198,7 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
     node.inputs.clear()
     b.graph.nodes.remove(node)
     if node.op == "Conv":
-        ho, wo = patches.out_size(*image[1:])
-        nhwc = b.op("Reshape", [y, np.array([-1, ho, wo, shape[0]], np.int64)], dtype=np.float32)
-        b.graph.nodes.append(gs.Node("Transpose", b.name("nchw"), {"perm": [0, 3, 1, 2]}, [nhwc], [out]))
+        rows_to_nchw(b, y, (*patches.out_size(*image[1:]), shape[0]), out)
     elif lead != 2:     # a MatMul of [..., K]: the rows back to [..., O]
         size = b.op("Concat", [b.op("Slice", [b.op("Shape", [q], dtype=np.int64), np.array([0], np.int64),
                                               np.array([-1], np.int64)], dtype=np.int64),
