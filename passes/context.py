@@ -176,6 +176,8 @@ class Losses:           # loss
     minus: gs.Tensor                    # float [m]
     metrics: list[gs.Tensor]            # loss, accuracy (float scalars)
     per_example: gs.Tensor | None = None   # float [2m, B]: each example's loss per branch (--estimator node)
+    difference: gs.Tensor | None = None    # int32 [m]: Σ_b L⁺ − L⁻ exact in sign (integer_loss; else None)
+    signs: gs.Tensor | None = None         # int32 [m, B]: each example's sign(L⁺ − L⁻) (node; integer_loss)
 
 
 @dataclasses.dataclass

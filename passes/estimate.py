@@ -1,6 +1,7 @@
 """estimate: the forward-gradient estimate ĝ, in int32.
 
     dᵢ = L⁺ᵢ − L⁻ᵢ                        (NaN → 0: a broken pair contributes nothing)
+    (the ce loss: dᵢ exact in sign from integers, passes/integer_loss.py, and no tie rule; else in float:)
     dᵢ = 0 where |dᵢ| <= 2^-19 · max(|L⁺ᵢ|, |L⁻ᵢ|)
         (a tie: equal logits can still give losses a few ULPs apart, because the runtime reduces each
         branch at a different memory offset; without the tolerance a tie would move W at random)
@@ -24,11 +25,27 @@ import onnx_graphsurgeon as gs
 from .context import Context, Estimate, GradRows, Pass
 from .formulas import SPSA_CLIP, TIE_TOLERANCE, chunk_rows, chunked, elements_per_word, narrow_grad_dtype
 from .graph_ops import Builder
+from .integer_loss import LOSS_BITS
 from .loop_sum import looped_sum
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b = Builder(graph, "estimate")
+    spec = ctx.spec
+    c = _integer_coefficients(b, ctx) if ctx.losses.difference is not None else _float_coefficients(b, ctx)
+    if ctx.branches.form == "loop":     # the memory-bounded form never holds all m zᵢ
+        rows = _by_rows(ctx, c)
+        whole = [tr for tr in ctx.trainables if tr.name not in rows]
+        grad = looped_sum(graph, c, spec.m, ctx.perturbations.z_at, whole, narrow_grad_dtype(spec)) if whole else {}
+        ctx.estimate = Estimate(c, grad, rows)
+        return graph
+    c8 = _row(b, c)
+    grad = {tr.name: weighted_sum(b, c8, ctx.perturbations.z[tr.name], tr.shape) for tr in ctx.trainables}
+    ctx.estimate = Estimate(c, grad)
+    return graph
+
+
+def _float_coefficients(b: Builder, ctx: Context):
     F, spec = b.f32, ctx.spec
     plus, minus = ctx.losses.plus, ctx.losses.minus
     d = F.Sub(plus, minus, hint="d")
@@ -40,17 +57,19 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         c = F.Sign(d)
     else:
         c = F.Clip(F.Round(F.Mul(d, spec.spsa_gain)), float(-SPSA_CLIP), float(SPSA_CLIP))
-    c = b.cast(c, np.int32, hint="c")
-    if ctx.branches.form == "loop":     # the memory-bounded form never holds all m zᵢ
-        rows = _by_rows(ctx, c)
-        whole = [tr for tr in ctx.trainables if tr.name not in rows]
-        grad = looped_sum(graph, c, spec.m, ctx.perturbations.z_at, whole, narrow_grad_dtype(spec)) if whole else {}
-        ctx.estimate = Estimate(c, grad, rows)
-        return graph
-    c8 = _row(b, c)
-    grad = {tr.name: weighted_sum(b, c8, ctx.perturbations.z[tr.name], tr.shape) for tr in ctx.trainables}
-    ctx.estimate = Estimate(c, grad)
-    return graph
+    return b.cast(c, np.int32, hint="c")
+
+
+def _integer_coefficients(b: Builder, ctx: Context):
+    """From integer_loss's dᵢ (Σ_b of L⁺ − L⁻ on 2^-F nats): sign(dᵢ), or for m-SPSA
+    clip(round(f32(dᵢ)·f32(gain·2^-F) / f32(B)), ±127) (the one float division: by the batch size)."""
+    d = ctx.losses.difference
+    if ctx.spec.estimator == "sign":
+        return b.i32.Sign(d, hint="c")
+    F = b.f32
+    batch = b.cast(b.op("Shape", [ctx.losses.labels], {"start": 0, "end": 1}, dtype=np.int64), np.float32)
+    mean = F.Div(F.Mul(b.cast(d, np.float32), np.float32(ctx.spec.spsa_gain * 2.0 ** -LOSS_BITS)), batch)
+    return b.cast(F.Clip(F.Round(mean), float(-SPSA_CLIP), float(SPSA_CLIP)), np.int32, hint="c")
 
 
 def _row(b: Builder, c):

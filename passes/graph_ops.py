@@ -65,6 +65,20 @@ class Builder:
         return self.i32.Clip(x, lo, hi, hint=hint)
 
 
+def grid_level(b: Builder, lo: int, hi: int, approx, below):
+    """The largest integer y in [lo, hi] with below(y) (a bool tensor, monotone: true up to some level), else
+    lo, as int32. `approx` (float) is ⌊that level⌋ up to a few ULPs: from y₀ = clip(⌊approx⌋),
+    y = y₀ − 1 + [below(y₀)] + [below(y₀ + 1)], clipped to [lo, hi] (y₀ is off by at most one, and
+    below(y₀ − 1) holds then). Two exact comparisons decide; the float guess (a division, which OpenVINO
+    does not round as IEEE does) only saves the eight of a bisection."""
+    lo, hi = np.int32(lo), np.int32(hi)
+    y0 = b.i32.Clip(b.cast(b.f32.Floor(b.f32.Clip(approx, np.float32(lo), np.float32(hi), hint="guess_in_grid"),
+                                       hint="guess"), np.int32), lo, hi, hint="guess")
+    ones = [b.cast(below(y), np.int32, hint="below") for y in (y0, b.i32.Add(y0, np.int32(1), hint="next"))]
+    y = b.i32.Add(b.i32.Add(b.i32.Sub(y0, np.int32(1), hint="previous"), ones[0], hint="level"), ones[1], hint="level")
+    return b.i32.Clip(y, lo, hi, hint="level")
+
+
 class Typed:
     """`b.i32.Add(x, 1)`: an op whose output has one dtype; Python numbers become constants of it
     (numpy arrays keep theirs, e.g. an int64 shape). Attributes go as keywords."""

@@ -14,13 +14,16 @@ Precondition: ctx.branches.logits from pair, float [2m, B, C] (or [B, 2m, C]: lo
 spec's loss resolved (not auto).
 Postcondition: input `labels` (int64 [B]; [B, K] for bce with K > 1 labels); ctx.losses.plus, .minus float
 [m] (`loss_plus`, `loss_minus`); .metrics holds `loss` and `accuracy` (float scalars); for --estimator node,
-.per_example float [2m, B]: each example's loss per branch (its mean over classes or labels).
+.per_example float [2m, B]: each example's loss per branch (its mean over classes or labels). The ce loss
+over a known number of classes also decides in integers (passes/integer_loss.py): .signs int32 [m, B] (node)
+or .difference int32 [m] (sign, spsa), which the estimates read instead of the float losses.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import integer_loss
 from .context import Context, Losses, Pass
 from .graph_ops import Builder, Typed
 
@@ -46,6 +49,13 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if ctx.spec.estimator == "node":
         per_example = F.ReduceMean(terms, i64(2), keepdims=0, hint="per_example")
         ctx.losses.per_example = per_example if bx == 0 else F.Transpose(per_example, perm=[1, 0])
+    if ctx.spec.estimator != "head" and integer_loss.applies(ctx.spec.loss, ctx.io.classes):
+        decide = integer_loss.example_signs if ctx.spec.estimator == "node" else integer_loss.branch_differences
+        result = decide(Builder(graph, "integer_loss"), ctx.branches.logits, labels, m, bx, ctx.io.classes)
+        if ctx.spec.estimator == "node":
+            ctx.losses.signs = result
+        else:
+            ctx.losses.difference = result
     return graph
 
 

@@ -57,6 +57,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import SpecError
+from . import integer_loss
 from .branch_rules import Refusal, stack_suffix
 from .context import Branches, Context, Estimate, GradRows, NodeLayer, Pass
 from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE, Patches, chunk_rows, chunked
@@ -313,17 +314,7 @@ def _positions(layer: NodeLayer) -> int:
 
 def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b, m = Builder(graph, "node_estimate"), ctx.spec.m
-    F = b.f32
-    per = ctx.losses.per_example                                              # [2m, B]
-    plus = F.Slice(per, np.array([0], np.int64), np.array([m], np.int64), np.array([0], np.int64))
-    minus = F.Slice(per, np.array([m], np.int64), np.array([2 * m], np.int64), np.array([0], np.int64))
-    d = F.Sub(plus, minus, hint="d")
-    # as estimate.py (a NaN d or an Inf loss compares false, like a tie, and gives 0), but relative to at least
-    # 1: one example's loss near 0 comes from a log-sum-exp near log(1), known to ~2^-23 there, so the runtime's
-    # and another's rounding could give two tiny losses either order
-    scale = F.Max(F.Max(F.Abs(plus), F.Abs(minus)), np.float32(1.0))
-    informative = b.op("Greater", [F.Abs(d), F.Mul(scale, TIE_TOLERANCE)], dtype=bool)
-    c = b.cast(F.Sign(F.Where(informative, d, 0.0)), np.int32, hint="c")     # [m, B]: where the step leaves float
+    c = ctx.losses.signs if ctx.losses.signs is not None else _float_signs(b, ctx.losses.per_example, m)  # [m, B]
     s = b.cast(c, np.int8, hint="s")
     grad, by_rows = {}, {}
     for layer in ctx.node:
@@ -453,6 +444,20 @@ def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True) -> d
     return grad
 
 
+def _float_signs(b: Builder, per, m: int):
+    """sign(L⁺ᵢ,b − L⁻ᵢ,b), int32 [m, B], of the float per-example losses [2m, B] (a loss without integer
+    decisions): as estimate.py (a NaN d or an Inf loss compares false, like a tie, and gives 0), but relative to
+    at least 1: one example's loss near 0 comes from a log-sum-exp near log(1), known to ~2^-23 there, so the
+    runtime's and another's rounding could give two tiny losses either order."""
+    F = b.f32
+    plus = F.Slice(per, np.array([0], np.int64), np.array([m], np.int64), np.array([0], np.int64))
+    minus = F.Slice(per, np.array([m], np.int64), np.array([2 * m], np.int64), np.array([0], np.int64))
+    d = F.Sub(plus, minus, hint="d")
+    scale = F.Max(F.Max(F.Abs(plus), F.Abs(minus)), np.float32(1.0))
+    informative = b.op("Greater", [F.Abs(d), F.Mul(scale, TIE_TOLERANCE)], dtype=bool)
+    return b.cast(F.Sign(F.Where(informative, d, 0.0)), np.int32, hint="c")
+
+
 def exact_gradient(b: Builder, layer: NodeLayer, logits, labels, loss: str):
     """(V, ĝ) of the layer that writes the logits, from their clean value [B, ..., out] (passes/head.py):
     V = QuantizeLinear(softmax(z) − onehot(y), 2^-7) (bce: sigmoid(z) − y), int8; ĝ = layer_gradient's / 2^G_SHIFT."""
@@ -463,6 +468,9 @@ def exact_gradient(b: Builder, layer: NodeLayer, logits, labels, loss: str):
 def _exact_rows(b: Builder, logits, labels, loss: str):
     """(V [B, ..., out], its int8 rows [rows, out]) of the output layer from its clean logits."""
     F = b.f32
+    if integer_loss.applies(loss, logits.shape[-1]) and len(logits.shape) == 2:
+        v = integer_loss.softmax_error(b, logits, labels)
+        return v, v
     if loss == "ce":    # onehot as labels == 0..C−1 (the ONNX reference evaluator cannot run OneHot with these types)
         hit = b.op("Equal", [b.op("Unsqueeze", [labels, np.array([1], np.int64)], dtype=np.int64),
                              np.arange(logits.shape[-1], dtype=np.int64)], dtype=bool)

@@ -544,6 +544,86 @@ def loss(logits: np.ndarray, y: np.ndarray, kind: str) -> np.float32:
     return np.float32(((p - onehot) ** 2).mean())
 
 
+# ---- ce loss decisions in integers (docs/reference.md, "Loss decisions in integers") ---------------------
+# Every integer below 2^24 (OpenVINO computes integer arithmetic through float32); no division but by 2^k.
+LOGIT_BITS, LOSS_BITS, LOG_BITS = 10, 16, 12     # G: logits on 2^-G; F: losses on 2^-F nats; M: log mantissa bits
+
+
+def _grid(z: np.ndarray):
+    """(q, finite): q = rint(z·2^G) clipped to ±2^21, int64 (0 where z is not finite)."""
+    z = np.asarray(z, np.float32)
+    finite = np.isfinite(z)
+    q = np.clip(np.rint(np.where(finite, z, 0) * np.float32(2 ** LOGIT_BITS)), -2 ** 21, 2 ** 21)
+    return q.astype(np.int64), finite
+
+
+def _exp_table(classes: int):
+    """(T, P): T[d] = rint(2^P·exp(−d·2^-G)) for d = 0..D, the first D past which it rounds to 0; P as large
+    as keeps classes·2^P below 2^24 (at most 20)."""
+    p = min(20, int(np.floor(np.log2((2 ** 24 - 1) / classes))))
+    d = np.arange(int(np.ceil((p + 1) * np.log(2) * 2 ** LOGIT_BITS)) + 1)
+    return np.rint(2.0 ** p * np.exp(-d / 2.0 ** LOGIT_BITS)).astype(np.int64), p
+
+
+def _exps(gap: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return table[np.minimum(gap, len(table) - 1)]
+
+
+def ce_example_signs(zp: np.ndarray, zm: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """s_b = sign(L⁺_b − L⁻_b) of two branches' logits [B, C] for one example each, exactly: with
+    r = q − q_y, L = log Σ_c exp(r_c·2^-G) up to the grid, so the sign is that of R⁺ − R⁻,
+    R = Σ_c T[o − r_c] with o = max(max r⁺, max r⁻) shared by the pair; 0 where a logit is not finite."""
+    table, _ = _exp_table(zp.shape[-1])
+    (qp, fp), (qm, fm) = _grid(zp), _grid(zm)
+    rp = qp - qp[np.arange(len(y)), y][:, None]
+    rm = qm - qm[np.arange(len(y)), y][:, None]
+    o = np.maximum(rp.max(-1), rm.max(-1))[:, None]
+    s = np.sign(_exps(o - rp, table).sum(-1) - _exps(o - rm, table).sum(-1))
+    return np.where(fp.all(-1) & fm.all(-1), s, 0)
+
+
+def ce_fixed(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each example's ce loss on 2^-F nats, int64 [B] (0 where a logit is not finite):
+    a·2^(F−G) + round(2^F·(e − P)·ln 2) + LT[⌊S / 2^(e−M)⌋ − 2^M], with a = min(max q − q_y, 2^16),
+    S = Σ_c T[max q − q_c], e = ⌊log2 S⌋, LT[j] = rint(2^F·ln(1 + j/2^M))."""
+    table, p = _exp_table(z.shape[-1])
+    q, finite = _grid(z)
+    gap = q.max(-1, keepdims=True) - q
+    total = _exps(gap, table).sum(-1)
+    e = np.floor(np.log2(total)).astype(np.int64)
+    mantissa = total // 2 ** (e - min(LOG_BITS, p))
+    bits = min(LOG_BITS, p)
+    log_table = np.rint(2.0 ** LOSS_BITS * np.log1p(np.arange(2 ** bits) / 2.0 ** bits)).astype(np.int64)
+    lg = np.rint(2.0 ** LOSS_BITS * (e - p) * np.log(2)).astype(np.int64) + log_table[mantissa - 2 ** bits]
+    a = np.minimum(gap[np.arange(len(y)), y], 2 ** 16)
+    return np.where(finite.all(-1), a * 2 ** (LOSS_BITS - LOGIT_BITS) + lg, 0)
+
+
+def ce_branch_difference(zp: np.ndarray, zm: np.ndarray, y: np.ndarray) -> int:
+    """Σ_b (L⁺_b − L⁻_b) of ce_fixed, exact in sign: each L = 2^12·hi + lo summed apart (each sum below
+    2^24 up to a batch of 4095), then d = clip(Σhi⁺ − Σhi⁻, ±2048)·2^12 + Σlo⁺ − Σlo⁻ (|d| < 2^24 for a
+    batch below 2048); 0 where either branch has a logit that is not finite."""
+    lp, lm = ce_fixed(zp, y), ce_fixed(zm, y)
+    if not (np.isfinite(zp).all() and np.isfinite(zm).all()):
+        return 0
+    hi = int(np.clip((lp // 4096).sum() - (lm // 4096).sum(), -2048, 2048))
+    return hi * 4096 + int((lp % 4096).sum() - (lm % 4096).sum())
+
+
+def ce_error(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """V = softmax(z) − onehot(y) on 2^-7, int64 [B, C], from integers: E = T[max q − q], S = ΣE,
+    e = E − onehot·S; V is the largest v in −128..127 with (f32(v) − ½)·f32(S) <= f32(128·e), else −128
+    (round half up of 128·e/S); 0 for an example with a logit that is not finite."""
+    table, _ = _exp_table(z.shape[-1])
+    q, finite = _grid(z)
+    exps = _exps(q.max(-1, keepdims=True) - q, table)
+    total = exps.sum(-1, keepdims=True)
+    e = exps - np.eye(z.shape[-1], dtype=np.int64)[y] * total
+    levels = np.arange(-127, 128).astype(np.float32) - np.float32(0.5)
+    below = levels[:, None, None] * total.astype(np.float32)[None] <= (128 * e).astype(np.float32)[None]
+    return np.where(finite.all(-1, keepdims=True), -128 + below.sum(0), 0)
+
+
 def kernel_normalized(g: np.ndarray, w: np.ndarray, axis) -> np.ndarray:
     """Kernel-wise normalization (README): each kernel's ĝ scaled by (mean|W_c| / mean|W|)·(mean|ĝ| /
     mean|ĝ_c|), a gain with 8 fraction bits capped at 16, rounded half away from zero."""
@@ -618,6 +698,20 @@ def momentum_next(c: dict, state: dict, coef, zs: dict) -> dict:
         g = sum(coef[i] * zs[s["name"]][i] for i in range(c["spec"]["m"]))
         new[s["name"] + "__momentum"] = np.clip(v - np.sign(v) * (np.abs(v) // 8) + g, -2 ** 30, 2 ** 30).astype(np.int32)
     return new
+
+
+def integer_decisions(kind: str, logits: np.ndarray) -> bool:
+    """ce over at most 2^14 classes decides in integers (ce_branch_difference, ce_example_signs, ce_error)."""
+    return kind == "ce" and logits.ndim == 2 and logits.shape[-1] <= 2 ** 14
+
+
+def integer_coefficients(d, batch: int, spec: dict) -> np.ndarray:
+    """The cᵢ from ce_branch_difference's dᵢ: sign(dᵢ), or clip(round(f32(dᵢ)·f32(gain·2^-F) / f32(B)), ±127)."""
+    d = np.array(d, np.int64)
+    if spec["estimator"] == "sign":
+        return np.sign(d)
+    gain = np.float32(spec["spsa_gain"] * 2.0 ** -LOSS_BITS)
+    return np.clip(np.round(d.astype(np.float32) * gain / np.float32(batch)), -127, 127).astype(np.int64)
 
 
 def coefficients(lp, lm, c: dict) -> np.ndarray:
@@ -696,12 +790,17 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
     if spec.get("momentum", 0) > 0:
         zs = momentum_guided(c, zs, state, seed, step_no)
     centre = centres(c, state)
-    lp, lm = [], []
+    lp, lm, zp, zm = [], [], [], []
     for i in range(m):
-        for sign, out in ((+1, lp), (-1, lm)):
+        for sign, out, logits in ((+1, lp, zp), (-1, lm, zm)):
             w = {s["name"]: np.clip(centre[s["name"]] + sign * eps * s["stride"] * zs[s["name"]][i],
                                     s["qmin"], s["qmax"]).astype(s["dtype"]) for s in parameters(c)}
-            out.append(loss(oracle.logits(x, w), y, spec["loss"]))
+            logits.append(oracle.logits(x, w))
+            out.append(loss(logits[-1], y, spec["loss"]))
+    if integer_decisions(spec["loss"], zp[0]):
+        coef = integer_coefficients([ce_branch_difference(a, b_, y) for a, b_ in zip(zp, zm)], len(y), spec)
+        new = applied(c, state, coef, zs, seed, step_no, lr)
+        return new, {"loss_plus": np.array(lp), "loss_minus": np.array(lm), "coef": coef, "near_tie": False}
     coef = coefficients(lp, lm, c)
     new = applied(c, state, coef, zs, seed, step_no, lr)
     # |d| / (τ·max|L|): between 1/2 and 2 a runtime's few-ULP rounding can land on either side of a tie
@@ -898,7 +997,8 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         u_{i,b}  = ±1 of the layer's output per example: stream i of the layer, element b·n + j (schedule
                    alternate: 0 unless i mod L is the layer's place among the L trained layers)
         L±_{i,b} = the loss of example b with every trained layer's output y ± ε·unit·u_{i,b}
-        s_{i,b}  = sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));  V_b = Σ_i s_{i,b}·u_{i,b}
+        s_{i,b}  = ce_example_signs (ce), else sign(L⁺ − L⁻) (0 where |L⁺ − L⁻| <= τ·max(|L⁺|, |L⁻|, 1));
+        V_b      = Σ_i s_{i,b}·u_{i,b}
         V_b ← V_b − round(mean_j V_b,j) (half away from 0, clipped to ±127) where the layer's output is the
               logits that the ce loss reads (the loss tap),
         the layer that writes the logits, where more than one layer trains (node_layers: `exact`): no noise,
@@ -930,15 +1030,22 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         for k, layer in enumerate(perturbed):
             u[layer.site] = [ui if i % len(perturbed) == k else 0 * ui for i, ui in enumerate(u[layer.site])]
     lp, lm = np.zeros((m, B), np.float32), np.zeros((m, B), np.float32)
+    s = np.zeros((m, B), np.int64)
+    integer = integer_decisions(spec["loss"], clean[oracle.tap])
     for i in range(m):
+        z = {}
         for sign, out in ((1, lp), (-1, lm)):
             noise = {layer.noise: (sign * u[layer.site][i]).astype(np.float32) * layer.unit for layer in layers}
-            out[i] = per_example_loss(run(noise)[oracle.tap], y, spec["loss"])
+            z[sign] = run(noise)[oracle.tap]
+            out[i] = per_example_loss(z[sign], y, spec["loss"])
+        if integer:
+            s[i] = ce_example_signs(z[1], z[-1], y)
     d = lp - lm
     d = np.where(np.isnan(d), np.float32(0), d)
     scale = np.maximum(np.maximum(np.abs(lp), np.abs(lm)), np.float32(1))     # a tie relative to at least 1
-    tie = np.abs(d) <= scale * np.float32(c["tie_tolerance"])
-    s = np.sign(np.where(tie, np.float32(0), d)).astype(np.int64)
+    if not integer:
+        tie = np.abs(d) <= scale * np.float32(c["tie_tolerance"])
+        s = np.sign(np.where(tie, np.float32(0), d)).astype(np.int64)
     grads = {}
     for layer in layers:
         if layer.exact:
@@ -956,7 +1063,7 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     new = update(c, state, grads, lr, seed, step_no)
     ratio = np.abs(d) / (scale * c["tie_tolerance"] + 1e-30)
     return new, {"loss_plus": lp.mean(axis=1), "loss_minus": lm.mean(axis=1), "coef": s,
-                 "near_tie": bool(((ratio > 0.5) & (ratio < 2.0)).any())}
+                 "near_tie": not integer and bool(((ratio > 0.5) & (ratio < 2.0)).any())}
 
 
 def layer_gradient(layer: NodeLayer, clean: dict, v: np.ndarray, state: dict, positions: int) -> dict:
@@ -994,7 +1101,7 @@ def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     """One head step (README: --estimator head), from the formulas alone, on node_oracle's one layer (the
     trained output layer) without noise:
         e_b = softmax(z_b) − onehot(y_b) (ce) or sigmoid(z_b) − y_b (bce), z_b the clean logits
-        V_b = clip(round_half_even(128·e_b), −128, 127)      (QuantizeLinear at scale 2^-7: 128·e is exact)
+        V_b = ce_error(z, y) (ce: integers), else clip(round_half_even(128·e_b), −128, 127)
         ĝ_W = Σ_b a_b ⊗ V_b, ĝ_bias = Σ_b V_b               (layer_gradient: a, its whitening, saturation)
         ĝ ← round_half_away(ĝ / 16)
     then the integer update; loss_plus = loss_minus = the clean batch loss."""
@@ -1011,13 +1118,16 @@ def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
 
 
 def exact_gradient(layer: NodeLayer, clean: dict, z: np.ndarray, y, kind: str, state: dict):
-    """(V, ĝ) of the layer that writes the logits z (head_step's formulas): V = clip(round_half_even(128·e),
-    −128, 127) for e = softmax(z) − onehot(y) (ce) or sigmoid(z) − y (bce); ĝ = round_half_away(layer_gradient / 16)."""
-    if kind == "ce":
-        e = _ort_op("Softmax", z) - np.eye(z.shape[-1], dtype=np.float32)[y]
+    """(V, ĝ) of the layer that writes the logits z (head_step's formulas): V = ce_error(z, y) (ce), or
+    clip(round_half_even(128·e), −128, 127) for e = sigmoid(z) − y (bce); ĝ = round_half_away(layer_gradient / 16)."""
+    if integer_decisions(kind, z):
+        v = ce_error(z, y)
     else:
-        e = _ort_op("Sigmoid", z) - np.asarray(y, np.float32).reshape(z.shape)
-    v = np.clip(np.rint(e * np.float32(128)), -128, 127).astype(np.int64)
+        if kind == "ce":
+            e = _ort_op("Softmax", z) - np.eye(z.shape[-1], dtype=np.float32)[y]
+        else:
+            e = _ort_op("Sigmoid", z) - np.asarray(y, np.float32).reshape(z.shape)
+        v = np.clip(np.rint(e * np.float32(128)), -128, 127).astype(np.int64)
     grads = layer_gradient(layer, clean, v.reshape(-1, v.shape[-1]), state, 1)
     return v, {k: _position_mean(g, 16) for k, g in grads.items()}
 
