@@ -80,7 +80,7 @@ def _assert_same_steps(model, spec, target_train):
 
 
 def test_a_trained_conv_runs_its_kernels_on_the_folded_batch():
-    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, last=3, estimator="sign"))
+    compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, last=3, estimator="sign", forward="qdq"))
     contract = qzoff.contract(compiled.train)
     assert contract["branches"] == "stacked" and contract["branches_reason"] is None
     ops = [n.op_type for n in compiled.train.graph.node]
@@ -153,7 +153,7 @@ def test_loop_dequantizes_frozen_weights_inside_its_body():
     onnxruntime fuses their ops to int8 kernels; dequantized outside, they would reach the body as float
     tensors (4 bytes per parameter) and run in float."""
     compiled = compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec(m=2, train=("conv2.weight",),
-                                                                        branches="loop"))
+                                                                        branches="loop", forward="qdq"))
     graph = compiled.train.graph
     body = next(a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body"
                 and any(x.op_type == "Gemm" or x.op_type == "MatMul" for x in a.g.node))

@@ -114,7 +114,7 @@ def test_node_loop_form_steps_large_weights_a_chunk_at_a_time(model_file, option
 def test_node_loop_form_on_the_keyword_spotter():
     """Depthwise and pointwise Convs in the Loop body; its frozen weights dequantized inside it."""
     from fgcompile import models
-    spec = TrainSpec(estimator="node", m=2, last=3, branches="loop")
+    spec = TrainSpec(estimator="node", m=2, last=3, branches="loop", forward="qdq")   # the QDQ ops as given
     compiled = compile_graph(shipped("kws_dscnn/w8a8.onnx"), spec)
     loop = next(n for n in compiled.train.graph.node if n.op_type == "Loop")
     assert any(n.op_type == "DequantizeLinear" for n in loop.attribute[0].g.node)

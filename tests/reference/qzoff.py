@@ -261,9 +261,9 @@ def exact_forward(model: onnx.ModelProto) -> None:
             return None
         q = dq.input[0]
         value = None if q in fed else inits.get(q)    # a trained weight is fed, not a constant
-        zp = inits[dq.input[2]].astype(np.int64) if len(dq.input) > 2 and dq.input[2] else np.int64(0)
         if len(dq.input) > 2 and dq.input[2] and dq.input[2] not in inits:
-            return None
+            return None                               # a zero point computed in the graph (dynamic quantization)
+        zp = inits[dq.input[2]].astype(np.int64) if len(dq.input) > 2 and dq.input[2] else np.int64(0)
         made = producer.get(q)
         dtype = value.dtype if value is not None else inits[made.input[2]].dtype if made is not None and \
             made.op_type == "QuantizeLinear" and len(made.input) > 2 and made.input[2] in inits else None
@@ -284,7 +284,7 @@ def exact_forward(model: onnx.ModelProto) -> None:
     replaced, new_for = set(), {}
     for n in list(g.node):
         new = edits.nodes = []
-        ops = [operand(i) for i in n.input[:2]] if len(n.input) >= 2 else [operand(n.input[0])]
+        ops = [operand(i) for i in n.input[:2]] if len(n.input) >= 2 else [operand(n.input[0]) if n.input else None]
         q = requant(n)
         if n.op_type in ("Conv", "Gemm", "MatMul") and ops[0] is not None and ops[1] is not None \
                 and ops[0][2].size == 1:
@@ -304,13 +304,21 @@ def exact_forward(model: onnx.ModelProto) -> None:
                 acc = node("MatMulInteger", [xq, right] + ([zero] if zero else [""] if zw_name else []) + zw_name)
                 shape = [-1]
             units = (sx * sw).astype(np.float32).astype(np.float64)
-            if len(n.input) > 2 and n.input[2]:
-                bq, bv, bs, _ = operand(n.input[2])
-                acc = node("Add", [acc, const(np.rint(bv * bs / units).astype(np.int32).reshape(shape), "b")])
+            if len(n.input) > 2 and n.input[2]:     # a bias: DequantizeLinear of constants, else the op stays
+                dqb = producer.get(n.input[2])
+                if dqb is None or dqb.op_type != "DequantizeLinear" or dqb.input[0] not in inits or \
+                        dqb.input[1] not in inits:
+                    continue
+                bias = np.rint(inits[dqb.input[0]].astype(np.float64) * inits[dqb.input[1]].astype(np.float64) / units)
+                if np.abs(bias).max(initial=0) >= 2 ** 31:
+                    continue
+                acc = node("Add", [acc, const(bias.astype(np.int32).reshape(shape), "b")])
             accf = node("Cast", [acc], to=onnx.TensorProto.FLOAT)
             scale = sx * sw
         elif n.op_type in ("ReduceMean", "GlobalAveragePool") and ops[0] is not None and q is not None:
             xq, _, sx, zx = ops[0]
+            if len(n.input) > 1 and n.input[1] and n.input[1] not in inits:
+                continue                                    # axes computed in the graph: the op stays
             dims = shapes.get(n.input[0]) or next(([d.dim_value for d in v.type.tensor_type.shape.dim]
                                                    for v in g.input if v.name == n.input[0]), None)
             axes = list(range(2, len(dims))) if n.op_type == "GlobalAveragePool" else (
