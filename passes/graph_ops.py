@@ -106,6 +106,8 @@ def channels_last_rows(b: Builder, q, zero_point: gs.Constant, patches, image) -
     (c, h, w), (pt, pl, pb, pr) = image, patches.pads
     zero = np.asarray(zero_point.values).reshape(())
     nhwc = b.op("Transpose", [q], {"perm": [0, 2, 3, 1]}, dtype=q.dtype)
+    if tuple(patches.kernel) == (1, 1) and tuple(patches.strides) == (1, 1) and not any(patches.pads):
+        return b.op("Reshape", [nhwc, np.array([-1, c], np.int64)], dtype=q.dtype, hint="patches")   # a pointwise Conv
     padded = b.op("Pad", [nhwc, np.array([0, pt, pl, 0, 0, pb, pr, 0], np.int64), zero], {"mode": "constant"},
                   dtype=q.dtype)
     flat = b.op("Reshape", [padded, np.array([0, -1, c], np.int64)], dtype=q.dtype)              # [B, Hp·Wp, C]
