@@ -101,11 +101,15 @@ class Whitening:
 @dataclasses.dataclass(frozen=True)
 class StepWhitening:
     """A node-perturbation site whose step is preconditioned (passes/node.py): ĝ_W correlates the noise with
-    a' = quantize(a·P², scale) (int8, zero point 0) instead of the integer input; the weights stay put."""
+    a' ≈ quantize(a·P², scale) (int8, zero point 0) instead of the integer input; the weights stay put. In
+    integers: a'_j = clip(⌊(Σ_i (q_i − z)·W_ij + d_j/2) / d_j⌋, −128, 127), W = 256·W_hi + W_lo ≈ P²·(s_in/scale)·d
+    (a Conv's W is [C, C], applied to each kernel tap's channels)."""
     site: str
     input: str
-    matrix: str        # the initializer P² [in, in]
+    matrix: str        # the initializer W_hi [in, in] (int8)
     scale: float       # the quantization scale of a·P²
+    low: str = ""      # the initializer W_lo − 128 [in, in] (int8)
+    divisors: str = ""  # the initializer d [in] (int32 powers of two)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,7 +160,7 @@ class NodeLayer:        # node: one trained Gemm/MatMul/Conv as the node estimat
     q: gs.Tensor                        # the clean integer input [B, ..., in] (uint8 or int8)
     zero_point: gs.Constant             # its zero point (a = q − zp)
     scale: gs.Constant                  # its scale
-    whitening: "tuple[StepWhitening, gs.Constant] | None"   # a' = quantize(a·P², scale) replaces q − zp
+    whitening: "tuple | None"   # (StepWhitening, W_hi, W_lo − 128, d) constants: a' replaces q − zp
     layout: Literal["kn", "nk"]         # the weight's [in, out] (MatMul, Gemm) or [out, in] (Gemm transB, Conv)
     centered: bool = False              # its output is the logits of the ce loss: V_b loses its mean over outputs
     patches: "Patches | None" = None    # a Conv: its im2col geometry (ĝ_W is a Gemm's on the patch rows)
@@ -218,7 +218,7 @@ class Context:
     plan: Plan | None = None
     preconditioned: list[Whitening] | None = None   # precondition: contract entries, one per whitened site
     # precondition, --estimator node: (contract entry, its P² constant) per whitened site
-    step_whitening: list[tuple[StepWhitening, gs.Constant]] | None = None
+    step_whitening: list[tuple] | None = None   # (StepWhitening, W_hi, W_lo − 128, d) constants
     state: State | None = None
     eval_model: onnx.ModelProto | None = None
     perturbations: Perturbations | None = None

@@ -27,9 +27,10 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
            a mean over positions, so each tensor's step is sized as a Gemm's, by its examples only. Summed, the
            shared rate let the Convs' steps outgrow the Gemms' (digits_cnn --last 4: conv1 has 64 positions,
            conv2 16; 30 epochs, seed 0: 94.6% summed, 95.6% over √(H'·W'), 97.0% over H'·W')
-    whitened (with --calibration): a_b → a'_b = quantize(a_b·P², s) int8, P = (M/(tr M/K) + λI)^(−1/2) of the
+    whitened (with --calibration): a_b → a'_b ≈ quantize(a_b·P², s) int8, P = (M/(tr M/K) + λI)^(−1/2) of the
     layer's input rows (a Conv's patches, P² = P_c² ⊗ I per channel; passes/precondition.py), so the step
-    is ΔW ∝ P²·ĝ_W; the weights stay on their grid
+    is ΔW ∝ P²·ĝ_W; the weights stay on their grid. In integers (_whitened): a'_j = clip(⌊(Σ_i (q_i − z)·W_ij
+    + d_j/2) / d_j⌋, −128, 127) with W ≈ P²·(s_in/s)·d on two int8 planes (precondition.integer_whitening)
     both saturated to ±NODE_GRAD_MAX; then the integer update (update.py) unchanged.
 
 The output layer at depth: where more than one layer trains and one of them writes the logits of a ce or bce
@@ -388,13 +389,56 @@ def _signal_sum(graph: gs.Graph, noise, c, m: int, site: str):
 
 def _weight_input(b: Builder, layer: NodeLayer):
     """(a [rows, in], its zero point as MatMulInteger's input list): the clean integer input rows, or with
-    whitening a' = quantize(a·P², s) (int8, zero point 0)."""
+    whitening a' (int8, zero point 0: _whitened)."""
     a, zero = _input_rows(b, layer), [layer.zero_point]
     if layer.whitening is not None:
-        entry, matrix = layer.whitening
-        a = b.f32.MatMul(b.op("DequantizeLinear", [a, layer.scale, layer.zero_point], dtype=np.float32), matrix)
-        a, zero = b.op("QuantizeLinear", [a, np.float32(entry.scale), np.int8(0)], dtype=np.int8), []
+        a, zero = _whitened(b, a, layer), []
     return a, zero
+
+
+WHITE_PIECE = 129      # inputs per MatMulInteger: each plane's sums stay below 2^23 (OpenVINO sums in float32)
+
+
+def _whitened(b: Builder, a, layer: NodeLayer):
+    """a' = clip(⌊(Σ_i (q_i − z)·W_ij + d_j/2) / d_j⌋, −128, 127), int8 [rows, K], of the input rows a (a Conv's
+    (c, i, j) patch rows: W [C, C] mixes each kernel tap's channels), W = 256·W_hi + W_lo and d = 256·e
+    (precondition.integer_whitening): per piece of WHITE_PIECE inputs H = Σ (q − z)·W_hi and L = Σ (q − z)·W_lo
+    by MatMulInteger, L = 256·⌊L/256⌋ + (L mod 256), and
+        a' = ⌊(ΣH + Σ⌊L/256⌋ + ⌊(Σ(L mod 256) + d/2) / 256⌋) / e⌋
+    (the same value: ⌊(256X + y)/(256e)⌋ = ⌊(X + ⌊y/256⌋)/e⌋), each floor a division of a non-negative integer
+    below 2^24 by a power of two."""
+    _, hi, lo, divisors = layer.whitening
+    I, channels = b.i32, hi.values.shape[0]
+    rows = a
+    if layer.patches is not None:     # [R, C·T] → [R·T, C]
+        taps = int(np.prod(layer.patches.kernel))
+        rows = b.op("Reshape", [b.op("Transpose", [b.op("Reshape", [a, np.array([-1, channels, taps], np.int64)],
+                                                             dtype=a.dtype)], {"perm": [0, 2, 1]}, dtype=a.dtype),
+                                np.array([-1, channels], np.int64)], dtype=a.dtype)
+    floor_div = lambda x, n, offset: I.Sub(I.Div(I.Add(x, np.int32(offset)), np.int32(n)), np.int32(offset // n))
+    high = low_hi = low_lo = None
+    add = lambda total, x: x if total is None else I.Add(total, x)
+    for start in range(0, channels, WHITE_PIECE):
+        stop = min(start + WHITE_PIECE, channels)
+        part = rows if stop - start == channels else b.op(
+            "Slice", [rows, np.array([start], np.int64), np.array([stop], np.int64), np.array([-1], np.int64)],
+            dtype=rows.dtype)
+        plane = lambda w: w if stop - start == channels else b.rows(w, start, stop)     # the contract's constants
+        h = b.op("MatMulInteger", [part, plane(hi), layer.zero_point], dtype=np.int32)
+        l = b.op("MatMulInteger", [part, plane(lo), layer.zero_point, np.int8(-128)], dtype=np.int32)
+        l_hi = floor_div(l, 256, 2 ** 23)
+        high, low_hi = add(high, h), add(low_hi, l_hi)
+        low_lo = add(low_lo, I.Sub(l, I.Mul(l_hi, np.int32(256))))
+    carry = I.Div(I.Add(low_lo, I.Div(divisors, np.int32(2))), np.int32(256))
+    inner = I.Clip(I.Add(I.Add(high, low_hi), carry), np.int32(-2 ** 23 + 2 ** 14), np.int32(2 ** 23 - 2 ** 14))
+    e = I.Div(divisors, np.int32(256), hint="e")
+    white = I.Sub(I.Div(I.Add(inner, np.int32(2 ** 23)), e), I.Div(np.int32(2 ** 23), e))
+    white = b.cast(I.Clip(white, np.int32(-128), np.int32(127), hint="white"), np.int8)
+    if layer.patches is not None:     # back to [R, C·T]
+        white = b.op("Reshape", [b.op("Transpose", [b.op("Reshape", [white, np.array([-1, taps, channels], np.int64)],
+                                                                  dtype=np.int8)], {"perm": [0, 2, 1]}, dtype=np.int8),
+                                 np.array([-1, channels * taps], np.int64)], dtype=np.int8)
+    return white
 
 
 def weight_rows(b: Builder, layer: NodeLayer, rows, count: int, shift: int = 0) -> GradRows:

@@ -97,7 +97,7 @@ def _contract(graph: gs.Graph, ctx: Context) -> gs.Graph:
         probes=Probes(ctx.estimate.coefficients.name,   # the loop form holds no whole z to probe
                       [] if ctx.branches.form == "loop" or spec.estimator in READS_ACTIVATIONS else
                       [z[t.name].name for t in ctx.trainables]),
-        precondition=ctx.preconditioned, step_whitening=[w for w, _ in ctx.step_whitening or []],
+        precondition=ctx.preconditioned, step_whitening=[w for w, *_ in ctx.step_whitening or []],
         estimator_reason=ctx.plan.reason, version=__version__)
     return graph
 

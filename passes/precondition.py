@@ -151,28 +151,49 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
 
 def _step_whitening(graph: gs.Graph, ctx: Context, chosen, acts) -> gs.Graph:
     """--estimator node: the weights stay on their deployed grid and the step is preconditioned instead,
-    ΔW ∝ P²·ĝ_W: the node estimator correlates its noise with a' = quantize(a·P², s) (int8), s = rms(a·P²)/32
+    ΔW ∝ P²·ĝ_W: the node estimator correlates its noise with a' ≈ quantize(a·P², s) (int8), s = rms(a·P²)/32
     over the calibration rows (saturating past 4 rms: max/127 left the typical a' at a few LSBs, since the
     whitened rows' max is ~18 rms on digits_cnn; measured 73% at 30 epochs against 83% unwhitened, at λ = 1e-3).
     A group-1 Conv's rows are its im2col patches [N·H'·W', C·kh·kw], and its P² is per channel,
     P² = P_c² ⊗ I_(kh·kw) with P_c from the input's channel second moment [C]² (every pixel a row): on
     digits_cnn --last 3 (30 epochs, 3 seeds, ĝ a mean over positions) it trained to 97.5%, the full patch
-    covariance [C·kh·kw]² to 96.9%, conv2 unwhitened to 94.4% (benchmarks/README.md). Only records it, with the
-    P² constant (passes/node.py builds the nodes)."""
+    covariance [C·kh·kw]² to 96.9%, conv2 unwhitened to 94.4% (benchmarks/README.md). P² becomes the integer
+    planes of integer_whitening on the integer input (P²·s_in/s: a' from q − z), so that a' is the same on every
+    runtime ([C, C] for a Conv, applied to each kernel tap; 7 bits instead of 15 lost 2.6 points of validation
+    accuracy on digits_cnn --last 3). Only records it, with those constants (passes/node.py builds the nodes)."""
     for t, node, layout in chosen:
         raw = acts[node.inputs[0].name]
         a = _rows(raw, node)
         if layout == "conv":
             p_c = whitening(raw.transpose(0, 2, 3, 1).reshape(-1, raw.shape[1]), STEP_RIDGE)
-            p2 = np.kron(p_c @ p_c, np.eye(a.shape[1] // raw.shape[1])).astype(np.float32)
+            p2 = p_c @ p_c
+            white = (a.reshape(len(a), raw.shape[1], -1).transpose(0, 2, 1) @ p2).reshape(len(a), -1)
         else:
             p = whitening(a, STEP_RIDGE)
-            p2 = (p @ p).astype(np.float32)
-        white = a @ p2.astype(np.float64)
+            p2 = p @ p
+            white = a @ p2
         scale = float(np.float32(max(np.sqrt((white ** 2).mean()), 1e-30) / STEP_RMS))
-        matrix = gs.Constant(f"{t.name}__step_whitening", p2)
-        ctx.step_whitening.append((StepWhitening(t.site, node.inputs[0].name, matrix.name, scale), matrix))
+        dq = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[1], gs.Constant) or \
+                dq.inputs[1].values.size != 1:
+            continue        # not an integer input: node perturbation refuses the site itself
+        hi, lo, divisors = integer_whitening(p2 * (float(dq.inputs[1].values.reshape(())) / scale))
+        hi, lo, divisors = (gs.Constant(f"{t.name}__step_whitening{suffix}", v)
+                            for suffix, v in (("", hi), ("_low", lo), ("_divisors", divisors)))
+        ctx.step_whitening.append((StepWhitening(t.site, node.inputs[0].name, hi.name, scale, lo.name,
+                                                 divisors.name), hi, lo, divisors))
     return graph
+
+
+def integer_whitening(m: np.ndarray):
+    """(W_hi, W_lo − 128, d): M ≈ W/d per column, W = 256·W_hi + W_lo int16 (W_hi = ⌊W/256⌋ and W_lo − 128 int8,
+    MatMulInteger's planes), W = clip(rint(M·d)), d_j = 2^k_j, k_j = clip(⌊log2(32767 / max_i |M_ij|)⌋, 8, 22): a
+    column keeps 15 bits, and d >= 256 lets passes/node.py divide the two planes' sums apart."""
+    top = np.maximum(np.abs(m).max(axis=0), 1e-30)
+    d = 2.0 ** np.clip(np.floor(np.log2(32767 / top)), 8, 22)
+    w = np.clip(np.rint(m * d), -32768, 32767).astype(np.int64)
+    hi = np.floor_divide(w, 256)
+    return hi.astype(np.int8), (w - 256 * hi - 128).astype(np.int8), d.astype(np.int32)
 
 
 PASS = Pass("precondition", run, reads=("io", "trainables"), adds=("preconditioned", "step_whitening"))

@@ -94,7 +94,6 @@ def test_demo_improves_target_accuracy_by_ten_points(tmp_path):
     assert meta["run"]["lr_numerator"] == choice["lr_numerator"]
 
 
-@pytest.mark.slow     # ~4 minutes on 2 cores with the exact forward; CI runs it after the default suite (.ci/run)
 def test_kws_demo_recovers_ten_points_and_keeps_the_structure(tmp_path):
     """`fgcompile demo --task kws`: last-layer QZO-FF on the keyword spotter heard through the target
     microphone gains >= 10 points on target test; the exported model has the input's nodes."""

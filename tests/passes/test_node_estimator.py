@@ -160,9 +160,13 @@ def test_node_whitens_its_step_by_default(target_train):
                              target_train[0][:300])
     (entry,) = compiled.contract.step_whitening
     assert compiled.contract.precondition == [] and entry.site == "logits"
-    p2 = qzoff.matrices(compiled.train, qzoff.contract(compiled.train))[entry.matrix]
-    # P²'s eigenvalues are 1/(σ + λ) for the input's normalized second moment σ (mean 1, at most K = 64)
-    assert np.linalg.cond(p2.astype(np.float64)) <= (64 + STEP_RIDGE) / STEP_RIDGE * 1.001
+    found = qzoff.matrices(compiled.train, qzoff.contract(compiled.train))
+    w = 256 * found[entry.matrix].astype(np.int64) + found[entry.low] + 128
+    d = found[entry.divisors]
+    assert (np.abs(w).max(axis=0) >= 2 ** 14).all()      # each column keeps its 15 bits
+    # W/d ∝ P², whose eigenvalues are 1/(σ + λ) for the input's normalized second moment σ (mean 1, at most
+    # K = 64): its condition number within the bound, up to W's rounding
+    assert np.linalg.cond(w / d.astype(np.float64)) <= (64 + STEP_RIDGE) / STEP_RIDGE * 1.01
 
 
 def test_node_defaults_and_rates():

@@ -174,7 +174,8 @@ def _set_input(model, node, k: int, value: np.ndarray, suffix: str) -> None:
 def matrices(train: onnx.ModelProto, c: dict) -> dict:
     """The whitening matrices the contract names, from the training graph's initializers (a Loop body's
     included)."""
-    names = {p["matrix"] for p in c.get("precondition", []) + c.get("step_whitening", [])}
+    names = {p["matrix"] for p in c.get("precondition", []) + c.get("step_whitening", [])} | \
+        {p[k] for p in c.get("step_whitening", []) for k in ("low", "divisors") if p.get(k)}
     graphs, found = [train.graph], {}
     while graphs:
         g = graphs.pop()
@@ -861,7 +862,6 @@ class NodeLayer:
         self.noise = site + "__ref_noise"
         self.input = node.input[0]
         self.whitening = next((w for w in c.get("step_whitening") or [] if w["site"] == site), None)
-        self.white = site + "__ref_white"
         self.exact = False    # node_layers: the output layer at depth
 
 
@@ -898,7 +898,7 @@ def _writes_logits(model: onnx.ModelProto, name: str, tap: str) -> bool:
 def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False, matrices: dict | None = None) -> InferenceOracle:
     """The inference oracle with, at each trained site, y ← y + noise (a float input [B, ...] shaped like
     the product's output) before whatever reads y, and the site's integer input q as an output (and, for a
-    whitened step, a' = quantize(a·P², s) with P² by name in `matrices`, from train.onnx)."""
+    whitened step, its integer W and divisors d by name in `matrices`, from train.onnx)."""
     layers = node_layers(source, c)
 
     def edit(model, c):
@@ -909,22 +909,10 @@ def node_oracle(source: onnx.ModelProto, c: dict, optimized: bool = False, matri
                                                              [layer.output]))
             model.graph.input.append(helper.make_tensor_value_info(layer.noise, onnx.TensorProto.FLOAT, None))
             model.graph.output.append(helper.make_tensor_value_info(layer.q, layer.q_type, None))
-            if layer.whitening is not None and layer.layout == "conv":   # a' from the patches (node_step)
-                layer.white_session = _white_session(matrices[layer.whitening["matrix"]], layer.whitening["scale"],
-                                                     optimized)
-            elif layer.whitening is not None:    # a' = QuantizeLinear(rows of a · P², s, int8 0)
-                w = layer.whitening
-                model.graph.initializer.extend([
-                    numpy_helper.from_array(matrices[w["matrix"]], w["matrix"] + "_ref"),
-                    numpy_helper.from_array(np.array([-1, matrices[w["matrix"]].shape[0]], np.int64), w["matrix"] + "_ref_rows"),
-                    numpy_helper.from_array(np.float32(w["scale"]), w["matrix"] + "_ref_scale"),
-                    numpy_helper.from_array(np.int8(0), w["matrix"] + "_ref_zero")])
-                model.graph.node.extend([
-                    helper.make_node("Reshape", [layer.input, w["matrix"] + "_ref_rows"], [layer.white + "_rows"]),
-                    helper.make_node("MatMul", [layer.white + "_rows", w["matrix"] + "_ref"], [layer.white + "_float"]),
-                    helper.make_node("QuantizeLinear", [layer.white + "_float", w["matrix"] + "_ref_scale",
-                                                        w["matrix"] + "_ref_zero"], [layer.white])])
-                model.graph.output.append(helper.make_tensor_value_info(layer.white, onnx.TensorProto.INT8, None))
+            if layer.whitening is not None:     # a' in integers from q (layer_gradient)
+                layer.white_matrix = 256 * matrices[layer.whitening["matrix"]].astype(np.int64) + \
+                    matrices[layer.whitening["low"]].astype(np.int64) + 128       # W = 256·W_hi + W_lo
+                layer.white_divisors = matrices[layer.whitening["divisors"]].astype(np.int64)
             model.graph.output.append(helper.make_tensor_value_info(layer.output + "__ref_clean", onnx.TensorProto.FLOAT,
                                                                     None))
     # one thread: with more, onnxruntime's float Gemm of a few rows splits its sum over K between threads
@@ -955,22 +943,6 @@ def patches(a: np.ndarray, layer: NodeLayer) -> np.ndarray:
             out[:, :, :, :, i, j] = padded[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
                                            j * dw:j * dw + sw * (wo - 1) + 1:sw].transpose(0, 2, 3, 1)
     return out.reshape(B * ho * wo, C * kh * kw)
-
-
-def _white_session(p2: np.ndarray, scale: float, optimized: bool) -> ort.InferenceSession:
-    """QuantizeLinear(rows · P², s, int8 0): the whitened Conv patches, in onnxruntime as the Gemm sites'
-    a' is (the float MatMul's rounding is the runtime's)."""
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["rows", "p2"], ["white"]),
-         helper.make_node("QuantizeLinear", ["white", "scale", "zero"], ["q"])], "white",
-        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("q", onnx.TensorProto.INT8, None)],
-        [numpy_helper.from_array(np.asarray(p2, np.float32), "p2"),
-         numpy_helper.from_array(np.float32(scale), "scale"), numpy_helper.from_array(np.int8(0), "zero")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions() if optimized else unfused()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 _ORT_OPS = {}
@@ -1022,8 +994,7 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     spec, m, layers = c["spec"], c["spec"]["m"], oracle.layers
     weights = {s["name"]: state[s["name"]] for s in parameters(c)}
     B = len(y)
-    names = [oracle.tap] + [k for layer in layers for k in (layer.q, layer.output + "__ref_clean")] + \
-        [layer.white for layer in layers if layer.whitening is not None and layer.layout != "conv"]
+    names = [oracle.tap] + [k for layer in layers for k in (layer.q, layer.output + "__ref_clean")]
 
     def run(noise):
         feeds = {**(x if isinstance(x, dict) else {oracle.data: x}), **weights, **noise}
@@ -1082,12 +1053,12 @@ def layer_gradient(layer: NodeLayer, clean: dict, v: np.ndarray, state: dict, po
     a = clean[layer.q].astype(np.int64) - layer.zero_point
     if layer.layout == "conv":
         a = patches(a, layer)                                                        # [rows, C·kh·kw]
-        if layer.whitening is not None:
-            rows = a.astype(np.float32) * layer.in_scale
-            a = layer.white_session.run(["q"], {"rows": rows})[0].astype(np.int64)
-    elif layer.whitening is not None:
-        a = clean[layer.white].astype(np.int64)
     a = a.reshape(-1, a.shape[-1])                                                   # [rows, in]
+    if layer.whitening is not None:     # a'_j = clip(⌊(Σ_i a_i·W_ij + d_j/2) / d_j⌋, −128, 127)
+        w, d = layer.white_matrix, layer.white_divisors
+        taps = a.reshape(len(a), w.shape[0], -1)                                     # a Conv: each tap's channels
+        white = np.einsum("rct,cj->rjt", taps, w)
+        a = np.clip((white + (d // 2)[:, None]) // d[:, None], -128, 127).reshape(len(a), -1)
     if layer.weight and layer.layout == "conv":   # group k: its O/G outputs, its C/G input channels' patches
         G = layer.group
         cols, outs = a.shape[1] // G, v.shape[1] // G
@@ -1115,7 +1086,7 @@ def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     then the integer update; loss_plus = loss_minus = the clean batch loss."""
     spec, layer = c["spec"], oracle.layers[0]
     weights = {s["name"]: state[s["name"]] for s in parameters(c)}
-    names = [oracle.tap, layer.q] + ([layer.white] if layer.whitening is not None and layer.layout != "conv" else [])
+    names = [oracle.tap, layer.q]
     feeds = {**(x if isinstance(x, dict) else {oracle.data: x}), **weights, layer.noise: np.zeros(1, np.float32)}
     clean = dict(zip(names, oracle.sess.run(names, feeds)))
     z = clean[oracle.tap]
