@@ -76,7 +76,7 @@ def _merge(cells: list[tuple[str, str]]) -> str:
     return f"{first[0]} ({first[1]})" if len(cells) > 1 else first[0]
 
 
-def measure(steps: int) -> dict:
+def measure(steps: int, only: tuple[str, ...] = ()) -> dict:
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
@@ -93,7 +93,9 @@ def measure(steps: int) -> dict:
                 except Exception as exc:             # a form the model does not take
                     table[(name, form)] = {c: f"not compiled: {type(exc).__name__}" for c in COLUMNS}
                     continue
-                rows = conformance.verify(out, steps=steps, data=data)
+                runtimes = [r for r in conformance.installed() if not only or _column({"runtime": r.name,
+                                                                                        "config": r.config}) in only]
+                rows = conformance.verify(out, steps=steps, data=data, runtimes=runtimes)
                 cells = {c: [] for c in COLUMNS}
                 for row in rows:
                     cells.setdefault(_column(row), []).append((_cell(row), row["config"].replace("ORT_ENABLE_", "")
@@ -145,10 +147,15 @@ def _block(text: str) -> str:
 @click.command()
 @click.option("--steps", default=20, show_default=True)
 @click.option("--write", "write", type=click.Path(exists=True), help="Replace the table between the markers of this file.")
-@click.option("--check", "check", type=click.Path(exists=True), help="Exit 1 where this file's table differs, in the "
-              "columns of the runtimes installed here.")
-def main(steps, write, check):
-    table = measure(steps)
+@click.option("--check", "check", type=click.Path(exists=True),
+              help="Exit 1 where a cell this file's table calls identical is not, in the runtimes measured here.")
+@click.option("--runtimes", default="", help="Only these columns, comma-separated (e.g. 'onnxruntime,reference "
+              "evaluator': what CI checks); the others read `not installed`.")
+def main(steps, write, check, runtimes):
+    only = tuple(r.strip() for r in runtimes.split(",") if r.strip())
+    if unknown := set(only) - set(COLUMNS):
+        raise click.BadParameter(f"{sorted(unknown)}: not among {', '.join(COLUMNS)}", param_hint="--runtimes")
+    table = measure(steps, only)
     text = markdown(table)
     click.echo(text)
     if write:
@@ -157,17 +164,25 @@ def main(steps, write, check):
         head, rest = old.split(BEGIN, 1)
         path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
     if check:       # a regression check: every cell the file calls identical must still be, here
-        documented = {}
-        for line in _block(pathlib.Path(check).read_text()).splitlines()[2:]:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) > 1 and cells[0] in FORMS:
-                documented.update({(name, cells[0]): cell for name, cell in zip(table_names(table), cells[1:])})
-        measured = {(name, form): cell for form, row in _cells(table).items() for name, cell in row.items()}
-        worse = [f"{form} on {name}: {check} says identical, measured {measured.get((name, form))}"
-                 for (name, form), cell in documented.items() if cell == "identical" and measured.get((name, form)) != "identical"]
-        if worse or not documented:
-            click.echo("conformance regressed:\n" + "\n".join(worse or [f"no table in {check}"]), err=True)
+        worse = regressions(pathlib.Path(check).read_text(), table)
+        if worse:
+            click.echo(f"conformance regressed against {check}:\n" + "\n".join(worse), err=True)
             sys.exit(1)
+
+
+def regressions(text: str, table: dict) -> list[str]:
+    """The cells that `text`'s table (between the markers) calls identical and `table` measures otherwise."""
+    if BEGIN not in text or END not in text:
+        return ["no conformance table between its markers"]
+    documented = {}
+    for line in _block(text).splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 1 and cells[0] in FORMS:
+            documented.update({(name, cells[0]): cell for name, cell in zip(table_names(table), cells[1:])})
+    measured = {(name, form): cell for form, row in _cells(table).items() for name, cell in row.items()}
+    return [f"{form} on {name}: identical there, measured {measured.get((name, form))!r}"
+            for (name, form), cell in documented.items() if cell == "identical" and measured.get((name, form)) != "identical"] \
+        or ([] if documented else ["no rows in the conformance table"])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ ctx.preconditioned holds one contract entry per such site. A site downstream of 
 is whitened too: its a·P node lies in the trained suffix, and pair carries it onto the branches like any
 frozen op. Other sites are unchanged. Without calibration data, or (precondition "auto") without an
 eligible site, the graph is unchanged. Under --estimator node (or head) the weights are not reparametrized:
-ctx.step_whitening holds (StepWhitening, P² constant) per trained Gemm/MatMul site and per group-1 2-D Conv,
+ctx.step_whitening holds (StepWhitening, W_hi, W_lo − 128, d constants: integer_whitening) per trained
+Gemm/MatMul site and per group-1 2-D Conv,
 whose rows are its im2col patches (K = C·kh·kw, P² per channel: P_c² ⊗ I); ctx.preconditioned is empty.
 """
 from __future__ import annotations
@@ -159,8 +160,8 @@ def _step_whitening(graph: gs.Graph, ctx: Context, chosen, acts) -> gs.Graph:
     digits_cnn --last 3 (30 epochs, 3 seeds, ĝ a mean over positions) it trained to 97.5%, the full patch
     covariance [C·kh·kw]² to 96.9%, conv2 unwhitened to 94.4% (benchmarks/README.md). P² becomes the integer
     planes of integer_whitening on the integer input (P²·s_in/s: a' from q − z), so that a' is the same on every
-    runtime ([C, C] for a Conv, applied to each kernel tap; 7 bits instead of 15 lost 2.6 points of validation
-    accuracy on digits_cnn --last 3). Only records it, with those constants (passes/node.py builds the nodes)."""
+    runtime ([C, C] for a Conv, applied to each kernel tap; one 7-bit plane instead of two lost 2 points of test
+    accuracy on digits_cnn --last 3, benchmarks/README.md). Only records it, with those constants (passes/node.py builds the nodes)."""
     for t, node, layout in chosen:
         raw = acts[node.inputs[0].name]
         a = _rows(raw, node)
