@@ -17,15 +17,15 @@ from reference import qzoff
 LEVELS = ["disable", "basic", "extended", "all"]
 
 
-def _graph(kind: str, shape, m: int, bx: int, classes: int) -> onnx.ModelProto:
+def _graph(kind: str, shape, m: int, bx: int, classes: int, loss: str = "ce") -> onnx.ModelProto:
     graph = gs.Graph(opset=18)
     z = gs.Variable("z", dtype=np.float32, shape=list(shape))
     y = gs.Variable("y", dtype=np.int64, shape=[shape[1 - bx] if kind != "error" else shape[0]])
     graph.inputs = [z, y]
     b = Builder(graph, "t")
-    out = {"signs": lambda: integer_loss.example_signs(b, z, y, m, bx, classes),
-           "difference": lambda: integer_loss.branch_differences(b, z, y, m, bx, classes),
-           "error": lambda: integer_loss.softmax_error(b, z, y)}[kind]()
+    out = {"signs": lambda: integer_loss.example_signs(b, z, y, m, bx, classes, loss),
+           "difference": lambda: integer_loss.branch_differences(b, z, y, m, bx, classes, loss),
+           "error": lambda: (integer_loss.softmax_error if loss == "ce" else integer_loss.sigmoid_error)(b, z, y)}[kind]()
     out.shape = [None] * (1 if kind == "difference" else 2)
     graph.outputs = [out]
     graph.cleanup().toposort()
@@ -47,12 +47,13 @@ def _logits(rng, n: int, batch: int, classes: int) -> np.ndarray:
     return z
 
 
-def _expected(kind: str, z: np.ndarray, y: np.ndarray, m: int) -> np.ndarray:
+def _expected(kind: str, z: np.ndarray, y: np.ndarray, m: int, loss: str = "ce") -> np.ndarray:
     if kind == "signs":
-        return np.stack([qzoff.ce_example_signs(z[i], z[m + i], y) for i in range(m)])
+        signs = qzoff.ce_example_signs if loss == "ce" else qzoff.bce_example_signs
+        return np.stack([signs(z[i], z[m + i], y) for i in range(m)])
     if kind == "difference":
-        return np.array([qzoff.ce_branch_difference(z[i], z[m + i], y) for i in range(m)])
-    return qzoff.ce_error(z[0], y)
+        return np.array([qzoff.branch_difference(z[i], z[m + i], y, loss) for i in range(m)])
+    return (qzoff.ce_error if loss == "ce" else qzoff.bce_error)(z[0], y)
 
 
 def _runs(model: onnx.ModelProto, feeds: dict):
@@ -62,44 +63,47 @@ def _runs(model: onnx.ModelProto, feeds: dict):
 
 
 @pytest.mark.parametrize("kind", ["signs", "difference", "error"])
-@pytest.mark.parametrize("classes,bx", [(10, 0), (10, 1), (2, 0), (1000, 0)])
-def test_decisions_match_the_reference_everywhere(kind, classes, bx):
+@pytest.mark.parametrize("classes,bx,loss", [(10, 0, "ce"), (10, 1, "ce"), (2, 0, "ce"), (1000, 0, "ce"),
+                                             (1, 0, "bce"), (1, 1, "bce")])
+def test_decisions_match_the_reference_everywhere(kind, classes, bx, loss):
     rng = np.random.default_rng(classes + bx)
     m, batch = 3, 9
     z = _logits(rng, 2 * m, batch, classes)
-    y = rng.integers(0, classes, batch).astype(np.int64)
-    expected = _expected(kind, z, y, m)
+    y = rng.integers(0, max(classes, 2), batch).astype(np.int64)
+    expected = _expected(kind, z, y, m, loss)
     feed = z if bx == 0 or kind == "error" else z.transpose(1, 0, 2)
     feed = feed[0] if kind == "error" else feed
     shape = feed.shape
-    model = _graph(kind, shape, m, bx, classes)
+    model = _graph(kind, shape, m, bx, classes, loss)
     for where, got in _runs(model, {"z": np.ascontiguousarray(feed), "y": y}):
         np.testing.assert_array_equal(got, expected, err_msg=where)
     if kind == "signs":
         assert (expected[:, 0] == 0).all() and expected[1, 1] == 0 and expected[0, 2] == 0   # ties, non-finite: 0
     if kind == "difference":
         assert expected[1] == 0 and expected[0] == 0                                         # a non-finite pair: 0
-    if kind == "error":
+    if kind == "error" and loss == "ce":
         assert (expected[2] == 0).all() and (expected[5] != 0).any()
+    if loss == "bce" and kind == "signs":      # the detector's sign follows z's order, turned by the label
+        assert (expected[:, 6:] != 0).all()
 
 
-@pytest.mark.parametrize("classes,batch", [(2 ** 14, 8), (16, 2047)])
-def test_every_integer_stays_below_2_24(classes, batch):
+@pytest.mark.parametrize("classes,batch,loss", [(2 ** 14, 8, "ce"), (16, 2047, "ce"), (1, 2047, "bce")])
+def test_every_integer_stays_below_2_24(classes, batch, loss):
     """Every int32 tensor the decisions make, on logits beyond the grid's clip, at the most classes and at
     the largest batch the branch sums are exact for."""
     m = 1
     rng = np.random.default_rng(0)
     z = rng.choice([-1e9, 1e9, 0.0], (2 * m, batch, classes)).astype(np.float32)
-    y = rng.integers(0, classes, batch).astype(np.int64)
+    y = rng.integers(0, max(classes, 2), batch).astype(np.int64)
     for kind in ("signs", "difference", "error"):
-        model = _graph(kind, z.shape if kind != "error" else z.shape[1:], m, 0, classes)
+        model = _graph(kind, z.shape if kind != "error" else z.shape[1:], m, 0, classes, loss)
         ints = [v.name for v in onnx.shape_inference.infer_shapes(model).graph.value_info
                 if v.type.tensor_type.elem_type == onnx.TensorProto.INT32]
         for name in ints:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, None))
         feeds = {"z": z if kind != "error" else z[0], "y": y}
         outs = make_session(model, 1, SessionSettings(optimization="disable")).run(None, feeds)
-        assert len(outs) > 5
+        assert len(outs) > 3
         for name, value in zip([o.name for o in model.graph.output], outs):
             if value.dtype == np.int32:
                 assert np.abs(value.astype(np.int64)).max() < 2 ** 24, (kind, name)
@@ -129,7 +133,7 @@ def test_signs_are_the_true_ones_where_the_difference_is_clear():
         agree_examples.append((s[clear] == np.sign(d[clear])).all())
         total = d.sum()
         if abs(total) > 3e-3 * batch:
-            agree_branches.append(np.sign(qzoff.ce_branch_difference(zp, zm, y)) == np.sign(total))
+            agree_branches.append(np.sign(qzoff.branch_difference(zp, zm, y)) == np.sign(total))
     assert all(agree_examples) and len(agree_branches) > 20 and all(agree_branches)
 
 

@@ -608,11 +608,43 @@ def ce_fixed(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(finite.all(-1), a * 2 ** (LOSS_BITS - LOGIT_BITS) + lg, 0)
 
 
-def ce_branch_difference(zp: np.ndarray, zm: np.ndarray, y: np.ndarray) -> int:
-    """Σ_b (L⁺_b − L⁻_b) of ce_fixed, exact in sign: each L = 2^12·hi + lo summed apart (each sum below
-    2^24 up to a batch of 4095), then d = clip(Σhi⁺ − Σhi⁻, ±2048)·2^12 + Σlo⁺ − Σlo⁻ (|d| < 2^24 for a
-    batch below 2048); 0 where either branch has a logit that is not finite."""
-    lp, lm = ce_fixed(zp, y), ce_fixed(zm, y)
+def bce_fixed(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each example's bce loss (one label: z [B, 1] or [B], y 0/1 [B]) on 2^-F nats, int64 [B] (0 where z is
+    not finite): (max(q, 0) − q·y)·2^(F−G) + SP[min(|q|, D)] with q clipped to ±2^16 and
+    SP[j] = rint(2^F·ln(1 + exp(−j·2^-G))) up to the first D where it rounds to 0."""
+    q, finite = _grid(np.asarray(z).reshape(len(y)))
+    q = np.clip(q, -2 ** 16, 2 ** 16)
+    j = np.arange(int(np.ceil((LOSS_BITS + 1) * np.log(2) * 2 ** LOGIT_BITS)) + 1)
+    softplus = np.rint(2.0 ** LOSS_BITS * np.log1p(np.exp(-j / 2.0 ** LOGIT_BITS))).astype(np.int64)
+    y = np.asarray(y, np.int64).reshape(q.shape)
+    fixed = (np.maximum(q, 0) - q * y) * 2 ** (LOSS_BITS - LOGIT_BITS) + softplus[np.minimum(np.abs(q), len(j) - 1)]
+    return np.where(finite, fixed, 0)
+
+
+def bce_example_signs(zp: np.ndarray, zm: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """s_b = sign(L⁺_b − L⁻_b) for one label: the loss falls with z where y = 1 and rises where y = 0, so
+    s = sign(z⁺ − z⁻)·(1 − 2y), by comparisons; 0 where a logit is not finite."""
+    zp, zm = np.asarray(zp, np.float32).reshape(len(y)), np.asarray(zm, np.float32).reshape(len(y))
+    s = (zp > zm).astype(np.int64) - (zp < zm).astype(np.int64)
+    return np.where(np.isfinite(zp) & np.isfinite(zm), s * (1 - 2 * np.asarray(y, np.int64)), 0)
+
+
+def bce_error(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """V = sigmoid(z) − y on 2^-7, int64 shaped as z, for one label: VT[clip(q, ±D) + D] − 128·y clipped to
+    127, VT[j] = rint(128·σ((j − D)·2^-G)), D the first where it rounds to 0 (and 128 at +D)."""
+    q, finite = _grid(np.asarray(z))
+    reach = int(np.ceil(np.log(255) * 2 ** LOGIT_BITS)) + 1
+    table = np.rint(128 / (1 + np.exp(-np.arange(-reach, reach + 1) / 2.0 ** LOGIT_BITS))).astype(np.int64)
+    v = table[np.clip(q, -reach, reach) + reach] - 128 * np.asarray(y, np.int64).reshape(q.shape)
+    return np.where(finite, np.minimum(v, 127), 0)
+
+
+def branch_difference(zp: np.ndarray, zm: np.ndarray, y: np.ndarray, kind: str = "ce") -> int:
+    """Σ_b (L⁺_b − L⁻_b) of ce_fixed (bce_fixed), exact in sign: each L = 2^12·hi + lo summed apart (each sum
+    below 2^24 up to a batch of 4095), then d = clip(Σhi⁺ − Σhi⁻, ±2048)·2^12 + Σlo⁺ − Σlo⁻ (|d| < 2^24 for
+    a batch below 2048); 0 where either branch has a logit that is not finite."""
+    fixed = ce_fixed if kind == "ce" else bce_fixed
+    lp, lm = fixed(zp, y), fixed(zm, y)
     if not (np.isfinite(zp).all() and np.isfinite(zm).all()):
         return 0
     hi = int(np.clip((lp // 4096).sum() - (lm // 4096).sum(), -2048, 2048))
@@ -710,8 +742,9 @@ def momentum_next(c: dict, state: dict, coef, zs: dict) -> dict:
 
 
 def integer_decisions(kind: str, logits: np.ndarray) -> bool:
-    """ce over at most 2^14 classes decides in integers (ce_branch_difference, ce_example_signs, ce_error)."""
-    return kind == "ce" and logits.ndim == 2 and logits.shape[-1] <= 2 ** 14
+    """ce over at most 2^14 classes, and bce of one label, decide in integers (branch_difference,
+    ce_/bce_example_signs, ce_/bce_error)."""
+    return logits.ndim == 2 and (kind == "ce" and logits.shape[-1] <= 2 ** 14 or kind == "bce" and logits.shape[-1] == 1)
 
 
 def integer_coefficients(d, batch: int, spec: dict) -> np.ndarray:
@@ -807,7 +840,7 @@ def step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, step_no
             logits.append(oracle.logits(x, w))
             out.append(loss(logits[-1], y, spec["loss"]))
     if integer_decisions(spec["loss"], zp[0]):
-        coef = integer_coefficients([ce_branch_difference(a, b_, y) for a, b_ in zip(zp, zm)], len(y), spec)
+        coef = integer_coefficients([branch_difference(a, b_, y, spec["loss"]) for a, b_ in zip(zp, zm)], len(y), spec)
         new = applied(c, state, coef, zs, seed, step_no, lr)
         return new, {"loss_plus": np.array(lp), "loss_minus": np.array(lm), "coef": coef, "near_tie": False}
     coef = coefficients(lp, lm, c)
@@ -1018,7 +1051,7 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
             z[sign] = run(noise)[oracle.tap]
             out[i] = per_example_loss(z[sign], y, spec["loss"])
         if integer:
-            s[i] = ce_example_signs(z[1], z[-1], y)
+            s[i] = (ce_example_signs if spec["loss"] == "ce" else bce_example_signs)(z[1], z[-1], y)
     d = lp - lm
     d = np.where(np.isnan(d), np.float32(0), d)
     scale = np.maximum(np.maximum(np.abs(lp), np.abs(lm)), np.float32(1))     # a tie relative to at least 1
@@ -1080,7 +1113,7 @@ def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     """One head step (README: --estimator head), from the formulas alone, on node_oracle's one layer (the
     trained output layer) without noise:
         e_b = softmax(z_b) − onehot(y_b) (ce) or sigmoid(z_b) − y_b (bce), z_b the clean logits
-        V_b = ce_error(z, y) (ce: integers), else clip(round_half_even(128·e_b), −128, 127)
+        V_b = ce_error(z, y) or bce_error(z, y) (integers; bce of one label), else clip(round_half_even(128·e_b), −128, 127)
         ĝ_W = Σ_b a_b ⊗ V_b, ĝ_bias = Σ_b V_b               (layer_gradient: a, its whitening, saturation)
         ĝ ← round_half_away(ĝ / 16)
     then the integer update; loss_plus = loss_minus = the clean batch loss."""
@@ -1097,10 +1130,10 @@ def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
 
 
 def exact_gradient(layer: NodeLayer, clean: dict, z: np.ndarray, y, kind: str, state: dict):
-    """(V, ĝ) of the layer that writes the logits z (head_step's formulas): V = ce_error(z, y) (ce), or
-    clip(round_half_even(128·e), −128, 127) for e = sigmoid(z) − y (bce); ĝ = round_half_away(layer_gradient / 16)."""
+    """(V, ĝ) of the layer that writes the logits z (head_step's formulas): V = ce_error(z, y) (ce) or
+    bce_error(z, y) (bce, one label), else clip(round_half_even(128·e), −128, 127) for e = sigmoid(z) − y; ĝ = round_half_away(layer_gradient / 16)."""
     if integer_decisions(kind, z):
-        v = ce_error(z, y)
+        v = (ce_error if kind == "ce" else bce_error)(z, y)
     else:
         if kind == "ce":
             e = _ort_op("Softmax", z) - np.eye(z.shape[-1], dtype=np.float32)[y]
