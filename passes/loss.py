@@ -15,7 +15,7 @@ spec's loss resolved (not auto).
 Postcondition: input `labels` (int64 [B]; [B, K] for bce with K > 1 labels); ctx.losses.plus, .minus float
 [m] (`loss_plus`, `loss_minus`); .metrics holds `loss` and `accuracy` (float scalars); for --estimator node,
 .per_example float [2m, B]: each example's loss per branch (its mean over classes or labels). The ce loss
-over a known number of classes also decides in integers (passes/integer_loss.py): .signs int32 [m, B] (node)
+over a known number of classes, and bce of one label, also decide in integers (passes/integer_loss.py): .signs int32 [m, B] (node)
 or .difference int32 [m] (sign, spsa), which the estimates read instead of the float losses.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         ctx.losses.per_example = per_example if bx == 0 else F.Transpose(per_example, perm=[1, 0])
     if ctx.spec.estimator != "head" and integer_loss.applies(ctx.spec.loss, ctx.io.classes):
         decide = integer_loss.example_signs if ctx.spec.estimator == "node" else integer_loss.branch_differences
-        result = decide(Builder(graph, "integer_loss"), ctx.branches.logits, labels, m, bx, ctx.io.classes)
+        result = decide(Builder(graph, "integer_loss"), ctx.branches.logits, labels, m, bx, ctx.io.classes,
+                        ctx.spec.loss)
         if ctx.spec.estimator == "node":
             ctx.losses.signs = result
         else:

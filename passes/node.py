@@ -512,8 +512,8 @@ def exact_gradient(b: Builder, layer: NodeLayer, logits, labels, loss: str):
 def _exact_rows(b: Builder, logits, labels, loss: str):
     """(V [B, ..., out], its int8 rows [rows, out]) of the output layer from its clean logits."""
     F = b.f32
-    if integer_loss.applies(loss, logits.shape[-1]) and len(logits.shape) == 2:
-        v = integer_loss.softmax_error(b, logits, labels)
+    if integer_loss.applies(loss, logits.shape[-1]) and len(logits.shape) == 2 and len(labels.shape) == 1:
+        v = (integer_loss.softmax_error if loss == "ce" else integer_loss.sigmoid_error)(b, logits, labels)
         return v, v
     if loss == "ce":    # onehot as labels == 0..C−1 (the ONNX reference evaluator cannot run OneHot with these types)
         hit = b.op("Equal", [b.op("Unsqueeze", [labels, np.array([1], np.int64)], dtype=np.int64),

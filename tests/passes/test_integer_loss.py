@@ -42,7 +42,7 @@ def _logits(rng, n: int, batch: int, classes: int) -> np.ndarray:
     z[1, 1, 0] = np.nan                                  # a broken branch
     z[0, 2, -1] = np.inf
     z[:, 3] *= 1e5                                       # far beyond the grid's clip
-    z[:, 4, 0] = z[:, 4, 1]                              # two classes equal
+    z[:, 4, 0] = z[:, 4, -1]                             # two classes equal (or one class)
     z[:, 5] = 0                                          # every class equal
     return z
 

@@ -226,3 +226,13 @@ def test_node_grouped_conv_chain_matches_reference(target_train, tmp_path):
     import onnx
     onnx.save(grouped_conv2(), tmp_path / "grouped.onnx")
     assert run_chain(tmp_path / "grouped.onnx", TrainSpec(estimator="node", m=4, last=3), target_train, steps=4) > 0
+
+
+@pytest.mark.parametrize("branches", ["stacked", "loop"])
+def test_node_chain_on_the_detector(branches):
+    """The keyword detector (bce, one label) at --last 2: its hidden layer's per-example signs come from
+    sign(z⁺ − z⁻)·(1 − 2y) and its output layer steps along sigmoid(z) − y from a table (integer_loss):
+    the same steps as the reference's bce_example_signs and bce_error."""
+    from fgcompile import models
+    spec = TrainSpec(estimator="node", m=4, last=2, branches=branches)
+    assert run_chain("kws_detect/w8a8.onnx", spec, models.split("kws_detect", "target_train"), steps=4) > 0
