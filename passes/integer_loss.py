@@ -61,10 +61,17 @@ def _grid(b: Builder, z):
     return b.cast(q, np.int32, hint="q"), rows
 
 
+def _lookup(b: Builder, table: np.ndarray, index, hint: str):
+    """table[index] (int32, index's shape), gathered from flattened indices: the ONNX reference evaluator of
+    onnx 1.16 fails on indices that are not C-contiguous (a transposed branch axis leaves them so)."""
+    flat = b.op("Reshape", [index, np.array([-1], np.int64)], dtype=np.int32)
+    taken = b.op("Gather", [b.const(table, hint + "_table"), flat], {"axis": 0}, dtype=np.int32, hint=hint)
+    return b.op("Reshape", [taken, b.op("Shape", [index], dtype=np.int64)], dtype=np.int32)
+
+
 def _exps(b: Builder, table: np.ndarray, gap):
     """T[min(gap, D)]."""
-    return b.op("Gather", [b.const(table, "exp_table"), b.i32.Min(gap, np.int32(len(table) - 1))], {"axis": 0},
-                dtype=np.int32, hint="exp")
+    return _lookup(b, table, b.i32.Min(gap, np.int32(len(table) - 1)), "exp")
 
 
 def _sum(b: Builder, x, axis: int, keepdims=0):
@@ -132,8 +139,7 @@ def _fixed_bce_losses(b: Builder, logits, labels, bx: int):
     q, finite = _grid(b, logits)
     q = I.Clip(q, np.int32(-2 ** 16), np.int32(2 ** 16))
     table = _softplus_table()
-    softplus = b.op("Gather", [b.const(table, "softplus_table"), I.Min(I.Abs(q), np.int32(len(table) - 1))],
-                    {"axis": 0}, dtype=np.int32, hint="softplus")
+    softplus = _lookup(b, table, I.Min(I.Abs(q), np.int32(len(table) - 1)), "softplus")
     y = I.Unsqueeze(b.cast(labels, np.int32), np.array([bx, 2], np.int64))
     linear = I.Mul(I.Sub(I.Max(q, np.int32(0)), I.Mul(q, y)), np.int32(2 ** (LOSS_BITS - LOGIT_BITS)))
     ok = I.Squeeze(finite, np.array([2], np.int64))
@@ -151,13 +157,11 @@ def _fixed_losses(b: Builder, logits, labels, bx: int, n: int, classes: int):
     powers = 2 ** np.arange(1, 24, dtype=np.int32)
     e = _sum(b, b.cast(b.op("GreaterOrEqual", [I.Unsqueeze(S, np.array([-1], np.int64)), powers], dtype=np.bool_),
                        np.int32), -1)                                                       # ⌊log2 S⌋
-    mantissa = I.Div(S, b.op("Gather", [b.const(2 ** np.arange(24 - bits, dtype=np.int32), "powers"),
-                                        I.Sub(e, np.int32(bits))], {"axis": 0}, dtype=np.int32), hint="mantissa")
+    mantissa = I.Div(S, _lookup(b, 2 ** np.arange(24 - bits, dtype=np.int32), I.Sub(e, np.int32(bits)), "powers"),
+                     hint="mantissa")
     ln2 = np.rint(2.0 ** LOSS_BITS * (np.arange(24) - p) * np.log(2)).astype(np.int32)
     lt = np.rint(2.0 ** LOSS_BITS * np.log1p(np.arange(2 ** bits) / 2.0 ** bits)).astype(np.int32)
-    lg = I.Add(b.op("Gather", [b.const(ln2, "ln2"), e], {"axis": 0}, dtype=np.int32),
-               b.op("Gather", [b.const(lt, "log_table"), I.Sub(mantissa, np.int32(2 ** bits))], {"axis": 0},
-                    dtype=np.int32), hint="log")
+    lg = I.Add(_lookup(b, ln2, e, "ln2"), _lookup(b, lt, I.Sub(mantissa, np.int32(2 ** bits)), "log"), hint="log")
     a = I.Min(I.Squeeze(_at_label(b, gap, labels, bx, classes), np.array([2], np.int64)), np.int32(2 ** 16))
     ok = I.Squeeze(finite, np.array([2], np.int64))
     return I.Mul(I.Add(I.Mul(a, np.int32(2 ** (LOSS_BITS - LOGIT_BITS))), lg), ok, hint="fixed_loss"), ok
@@ -185,8 +189,7 @@ def sigmoid_error(b: Builder, logits, labels):
     reach = int(np.ceil(np.log(255) * 2 ** LOGIT_BITS)) + 1
     table = np.rint(128 / (1 + np.exp(-np.arange(-reach, reach + 1) / 2.0 ** LOGIT_BITS))).astype(np.int32)
     q, finite = _grid(b, logits)
-    p = b.op("Gather", [b.const(table, "sigmoid_table"), I.Add(I.Clip(q, np.int32(-reach), np.int32(reach)),
-                                                               np.int32(reach))], {"axis": 0}, dtype=np.int32)
+    p = _lookup(b, table, I.Add(I.Clip(q, np.int32(-reach), np.int32(reach)), np.int32(reach)), "sigmoid")
     y = I.Unsqueeze(b.cast(labels, np.int32), np.array([1], np.int64))
     v = I.Min(I.Sub(p, I.Mul(y, np.int32(128))), np.int32(127))
     return b.cast(I.Mul(v, finite), np.int8, hint="v")
