@@ -24,6 +24,10 @@ CPU plugin does: its f32 Div is not IEEE either, so nothing divides in float). P
     LayerNormalization   integer sums, one Sqrt, and the output level decided by two exact comparisons
     Softmax              exp by a 256-entry integer table of max − q, the level decided likewise
     MaxPool              on the 8-bit tensor itself (same grid in and out)
+Each rewritten op whose intermediates would pass CHUNK_BYTES at NOMINAL_BATCH examples ((2m + 1)× that in a
+stacked suffix) runs in slices of the batch (passes/batch_chunks.py), one slice's intermediates at a time:
+without them this form took 2-3.7x the inference peak on the 1000-class bench models, QLinearConv's tiling
+~1x (benchmarks/README.md, "The exact forward").
 
 What stays as the source gave it: the trained layers (their weights are inputs; the node and head
 estimators' run on integer planes, passes/integer_products.py), ops without these forms
@@ -38,12 +42,16 @@ rounding fell on a tie: tests/passes/test_exact_forward.py); nothing changes oth
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .batch_chunks import chunks_for, in_chunks
 from .context import Context, Pass
 from .formulas import Patches
-from .graph_ops import Builder, channels_last_rows, graphs, grid_level, onnx_dtype, optional_input, rows_to_nchw
+from .graph_ops import (Builder, channels_last_rows, downstream_nodes, graphs, grid_level, onnx_dtype, optional_input,
+                        rows_to_nchw)
 
 EXACT = 2 ** 24          # float32 adds integers below this exactly, in any order
 LIMIT = 2 ** 22          # the fixed-point Add's |sums| + offset stay below 2^23 (< 2^24 with the rounding)
@@ -51,12 +59,18 @@ SPAN = 255               # |q − z| of an 8-bit tensor with its zero point in r
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 MEANS = ("ReduceMean", "GlobalAveragePool")
 PASSTHROUGH = ("MaxPool",)   # Q(max DQ(q)) = max q on the same grid: the op runs on the 8-bit tensor itself
+CHUNK_BYTES = 8 * 2 ** 20   # a rewritten op's transients per batch slice (batch_chunks): 4 MB halved nothing more
+NOMINAL_BATCH = 32          # the batch the slices are sized for (train's default; the graph takes any)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if ctx.spec.forward != "exact":
         return graph
-    done = _rewrite(graph)
+    stacked = set()
+    if ctx.branches.form == "stacked":     # the branches run along the batch axis: (2m + 1)·B examples there
+        weights = {t.name for t in ctx.trainables}
+        stacked = set(map(id, downstream_nodes(graph, [t for t in graph.inputs if t.name in weights])))
+    done = _rewrite(graph, stacked, 2 * ctx.spec.m + 1)
     frozen = {n.name for n in ctx.source.graph.node} - {t.site for t in ctx.trainables}
     kept = sorted({n.op for g in graphs(graph) for n in g.nodes
                    if n.name in frozen and _float_op(n) and any(t.outputs for t in n.outputs)})   # not left dead
@@ -66,17 +80,49 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     return graph
 
 
-def _rewrite(graph: gs.Graph) -> int:
+def _rewrite(graph: gs.Graph, stacked: set, branches: int) -> int:
+    """Rewrite every op of the forms above; each in batch slices (batch_chunks) where its transients at
+    NOMINAL_BATCH examples (times `branches` for the nodes in `stacked`) pass CHUNK_BYTES."""
     count = 0
     for k, g in enumerate(list(graphs(graph))):
         b = Builder(g, "exact" if k == 0 else f"exact_body{k}")   # names are unique across a Loop's scopes
+        known = set(map(id, g.nodes))
         for node in list(g.nodes):
+            if not node.outputs:    # a QuantizeLinear an earlier rewrite took
+                continue
+            out, per_example = _output(node), _transient_bytes(node)
+            examples = NOMINAL_BATCH * (branches if id(node) in stacked else 1)
             made = _product(b, node) if node.op in PRODUCTS else _mean(b, node) if node.op in MEANS else \
                 _add(b, node) if node.op == "Add" else _on_grid(b, node) if node.op in PASSTHROUGH else \
                 _layer_norm(b, node) if node.op == "LayerNormalization" else \
                 _softmax(b, node) if node.op == "Softmax" else False
             count += bool(made)
+            if made and per_example:
+                in_chunks(b, _added(g, known), out, chunks_for(examples, per_example, CHUNK_BYTES))
+            known.update(map(id, _added(g, known)))
     return count
+
+
+def _added(g: gs.Graph, known: set) -> list[gs.Node]:
+    """The nodes at the end of g that are not in `known` (a rewrite appends its nodes), in order."""
+    return list(reversed(list(itertools.takewhile(lambda n: id(n) not in known, reversed(g.nodes)))))
+
+
+def _output(node: gs.Node) -> gs.Variable:
+    """The tensor a rewrite of `node` writes: its QuantizeLinear's output, else its own."""
+    q = _requant_target(node)
+    return (q or node).outputs[0]
+
+
+def _transient_bytes(node: gs.Node) -> float | None:
+    """Bytes per example of the intermediates a rewrite of `node` makes (None without static shapes): a
+    Conv's rows (taps × its 8-bit input) and, per output value, an int32 accumulator and two float32 tensors."""
+    x, y = node.inputs[0].shape, _output(node).shape
+    if not x or not y or not all(isinstance(d, int) for d in [*x[1:], *y[1:]]):
+        return None
+    w = node.inputs[1].shape if node.op == "Conv" and len(node.inputs) > 1 else None
+    taps = int(np.prod(w[2:])) if w and all(isinstance(d, int) for d in w) else 1
+    return float(taps * np.prod(x[1:]) + 12 * np.prod(y[1:]))
 
 
 def _float_op(node: gs.Node) -> bool:
@@ -500,4 +546,4 @@ def _add(b: Builder, node: gs.Node) -> bool:
     return True
 
 
-PASS = Pass("exact forward", run, reads=("spec", "notes", "source", "trainables"))
+PASS = Pass("exact forward", run, reads=("spec", "notes", "source", "trainables", "branches"))

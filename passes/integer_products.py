@@ -209,20 +209,17 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
 
 
 def _product(b: Builder, rows, plane, zx, zw, k: int, piece: int):
-    """Σ_K (rows − z_x)·(plane − z_w) int32 [R, O]; in pieces of K (added in int32) when piece < K."""
+    """Σ_K (rows − z_x)·(plane − z_w) int32 [R, O]; in pieces of K added in int32 when piece < K, one product
+    at a time (a batched [K/piece, R, O] product held K/piece accumulators at once)."""
     zeros = [zx] + ([np.asarray(zw)] if zw is not None else [])
-    if piece == k:
-        return b.op("MatMulInteger", [rows, plane] + zeros, dtype=np.int32, hint="plane")
-    n = k // piece
-    a = b.op("Transpose", [b.op("Reshape", [rows, np.array([0, n, piece], np.int64)], dtype=rows.dtype)],
-             {"perm": [1, 0, 2]}, dtype=rows.dtype)                                       # [n, R, piece]
-    w = b.op("Reshape", [plane, np.array([n, piece, -1], np.int64)], dtype=plane.dtype)  # [n, piece, O]
-    parts = b.op("Split", [b.op("MatMulInteger", [a, w] + zeros, dtype=np.int32, hint="plane_pieces"),
-                           np.ones(n, np.int64)], {"axis": 0}, dtype=np.int32, outputs=n)
     total = None
-    for part in parts:
-        total = part if total is None else b.i32.Add(total, part, hint="pieces_sum")
-    return b.op("Squeeze", [total, np.array([0], np.int64)], dtype=np.int32)
+    for lo in range(0, k, piece):
+        part = lambda x, axis: x if piece == k else b.op(
+            "Slice", [x, np.array([lo], np.int64), np.array([lo + piece], np.int64), np.array([axis], np.int64)],
+            dtype=x.dtype, hint="piece")
+        term = b.op("MatMulInteger", [part(rows, -1), part(plane, 0)] + zeros, dtype=np.int32, hint="plane")
+        total = term if total is None else b.i32.Add(total, term, hint="pieces_sum")
+    return total
 
 
 PASS = Pass("integer products", run, reads=("trainables", "state", "node"), adds=())

@@ -115,4 +115,31 @@ def test_a_batched_constant_matmul_stays_as_given():
         gs.Node("MatMul", "mm", {}, [d, w], [y]),
         gs.Node("QuantizeLinear", "qy", {}, [y, gs.Constant("sy", np.array(0.2, np.float32)),
                                              gs.Constant("zy", np.array(0, np.uint8))], [q])], inputs=[x], outputs=[q])
-    assert exact_forward._rewrite(graph) == 0 and [n.op for n in graph.nodes].count("MatMul") == 1
+    assert exact_forward._rewrite(graph, set(), 1) == 0 and [n.op for n in graph.nodes].count("MatMul") == 1
+
+
+@pytest.mark.parametrize("model_file,options", [
+    ("kws_dscnn/w8a8.onnx", dict(last=2)),        # rows and depthwise Convs, a mean; node's stacked suffix
+    ("digits_attn/w8a8.onnx", dict()),            # layer norms, Softmax, MatMuls of two activations, Adds
+])
+def test_batch_slices_give_the_same_steps_everywhere(model_file, options, monkeypatch):
+    """Every exact op in 5 slices of the batch (batch_chunks; at real sizes only the large ones are sliced):
+    its transients a slice at a time, the same integers. 3 chained steps at batch 32 (slices of 6-7) and one
+    at batch 3 (two empty slices) equal the unsliced compile's on every supported runtime here, and at batch
+    32 onnxruntime's unoptimized baseline's."""
+    from fgcompile.passes import batch_chunks, exact_forward
+    from fgcompile.runtime import conformance
+    spec = TrainSpec(forward="exact", **options)
+    whole = compile_graph(shipped(model_file), spec)
+    monkeypatch.setattr(exact_forward, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(batch_chunks, "MAX_CHUNKS", 5)
+    sliced = compile_graph(shipped(model_file), spec)
+    assert sum("/chunks_" in n.name for n in sliced.train.graph.node) >= 8
+    x, y = models.split(model_file.split("/")[0], "target_train")
+    batches = [(x[k * 32:(k + 1) * 32], y[k * 32:(k + 1) * 32]) for k in range(3)] + [(x[:3], y[:3])]
+    base = conformance.chain(whole.train, whole.contract, whole.state, batches[:3], conformance.BASELINE)
+    for runtime in [r for r in conformance.installed() if r.supported]:
+        got = conformance.chain(sliced.train, sliced.contract, sliced.state, batches, runtime)
+        assert conformance.first_difference(base, got[:3]) is None, f"{runtime.name} {runtime.config}"
+        same = conformance.chain(whole.train, whole.contract, whole.state, batches, runtime)
+        assert conformance.first_difference(same, got) is None, f"{runtime.name} {runtime.config}"

@@ -85,7 +85,7 @@ def test_the_pieces_of_the_exact_forward_give_the_same_step(monkeypatch):
     pieced = compile_graph(shipped("digits_cnn/w8a8.onnx"), spec)
     monkeypatch.setattr(integer_products, "_piece", lambda k, span: k)
     whole = compile_graph(shipped("digits_cnn/w8a8.onnx"), spec)
-    count = lambda c: sum(n.op_type == "Split" and "integer_products" in n.name for n in c.train.graph.node)
+    count = lambda c: sum(n.op_type == "Slice" and "integer_products" in n.name for n in c.train.graph.node)
     assert count(pieced) > count(whole) == 0       # fc1's K = 512 is two pieces at uint8 inputs
     x, y = models.split("digits_cnn", "target_train")
     a, b = (Steps(c)(x[:32], y[:32], 5, 0, c.contract.lr_numerator.default, dict(c.state)) for c in (pieced, whole))
