@@ -33,13 +33,13 @@ MODELS = ["digits_cnn", "kws_dscnn", "digits_attn", "kws_detect"]
 FORMS = {                                   # the README's name of the form → its compile options
     "defaults": {},
     "`--last 2`": {"last": 2},
+    "`--last 2 --branches stacked`": {"last": 2, "branches": "stacked"},
+    "`--last 2 --calibration`": {"last": 2, "calibrate": True},
     "`--branches loop`": {"branches": "loop"},
-    "`--forward exact`": {"forward": "exact"},
-    "`--forward exact --last 2`": {"forward": "exact", "last": 2},
-    "`--forward exact --last 2 --branches stacked`": {"forward": "exact", "last": 2, "branches": "stacked"},
-    "`--forward exact --last 2 --calibration`": {"forward": "exact", "last": 2, "calibrate": True},
-    "`--forward exact --branches loop`": {"forward": "exact", "branches": "loop"},
-    "`--forward exact --branches cloned --m 8`": {"forward": "exact", "branches": "cloned", "m": 8, "estimator": "sign"},
+    "`--branches cloned --m 8`": {"branches": "cloned", "m": 8, "estimator": "sign"},
+    "`--forward qdq`": {"forward": "qdq"},
+    "`--forward qdq --last 2`": {"forward": "qdq", "last": 2},
+    "`--forward qdq --branches loop`": {"forward": "qdq", "branches": "loop"},
 }
 COLUMNS = ["onnxruntime", "reference evaluator", "OpenVINO f32", "OpenVINO default", "tract", "TVM"]
 BEGIN, END = "<!-- conformance table: benchmarks/conformance_table.py -->", "<!-- end of conformance table -->"

@@ -10,6 +10,8 @@ conv), at batch 32 and one thread, the columns are
     fg default  fgcompile compiled with TrainSpec()'s defaults, only last/train set (--estimator auto: node
                 perturbation, m = 8, when more than one layer trains, else sign weight perturbation, m = 64;
                 no calibration, so no whitening). The estimator and reason auto chose are recorded per row.
+    fg exact    the defaults with --forward exact (every frozen op in integers: the same step on every runtime)
+    fg qdq      the defaults with --forward qdq (the source's QDQ ops, fused and rounded as each runtime does)
     fg m=8      the same with m = 8;  fg loop m=8: and --branches loop (auto still picks node at depth:
                 node takes the loop form, so this is node perturbation in the loop when more than one layer trains)
     fg node m=8 --estimator node --m 8 (node perturbation, stacked; Gemm/MatMul and Conv sites)
@@ -54,7 +56,7 @@ from step_cost import step_feeds, timed  # noqa: E402
 
 MODELS = ("mobilenetv2_1000", "resnet18_1000", "resnet18_1000_224")
 PARTS = ("last 1", "last block", "mid")
-FG = {"fg default": {}, "fg m=8": {"m": 8}, "fg loop m=8": {"m": 8, "branches": "loop"},
+FG = {"fg default": {}, "fg exact": {"forward": "exact"}, "fg qdq": {"forward": "qdq"}, "fg m=8": {"m": 8}, "fg loop m=8": {"m": 8, "branches": "loop"},
       "fg node m=8": {"estimator": "node", "m": 8},
       "fg node loop m=8": {"estimator": "node", "m": 8, "branches": "loop"}}
 MEZO_M = 8

@@ -200,10 +200,9 @@ def spec_options(f):
         spec_option("--memory-budget", "memory_budget_mb", type=float, metavar="MB",
                     help="With --branches auto: use the loop when the stacked branch weights would exceed MB."),
         spec_option("--forward", "forward", FORWARDS,
-                    help="qdq: the frozen layers run the source's QDQ ops, which each runtime fuses and rounds its own "
-                         "way (fastest, least memory); exact: their integer results are computed with ops every "
-                         "runtime evaluates identically, so steps match bit for bit across runtimes (1.1-3.5x the "
-                         "time and about 2x the memory of qdq on onnxruntime)."),
+                    help="exact: the frozen layers' integer results are computed with ops every runtime evaluates "
+                         "identically, so steps match bit for bit across runtimes; qdq: they run the source's QDQ "
+                         "ops, which each runtime fuses and rounds its own way (faster on onnxruntime, less memory)."),
         spec_option("--prompts", "prompts",
                     help="Append N trainable tokens at a transformer block's input (trained with the sites)."),
         spec_option("--prompt-at", "prompt_at", metavar="NODE",

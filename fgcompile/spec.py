@@ -129,7 +129,7 @@ class TrainSpec:
     sparse_mode: str = "topk"     # which elements move: topk (largest |ĝ|), random (hashed), threshold (|ĝ| >= sparsity·max|ĝ|)
     momentum: float = 0.0         # momentum-guided sampling: share of z drawn as sign(momentum) (passes/momentum.py)
     sharpness: int = 0            # sharpness-aware: the ±εz pair is centred ρ LSBs up the momentum's slope
-    forward: str = "qdq"          # exact: the frozen quantized ops compute identically on every runtime
+    forward: str = "exact"        # qdq: the source's QDQ ops, fused and rounded as each runtime does (faster on onnxruntime)
 
     def __post_init__(self):
         check_field_types(self)

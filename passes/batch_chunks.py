@@ -3,9 +3,11 @@ transient tensors (im2col rows, int32 accumulators, float requantizations) exist
 
 The exact forward writes each frozen op as a chain of standard ops whose intermediates are 4-16x the bytes of
 its 8-bit output (QLinearConv tiles them inside one kernel); on a real-size model at batch 32 they doubled the
-inference peak. A region here is such a chain: nodes that read 8-bit activations [B, ...] and constants and
-write one tensor [B, ...]. `in_chunks` slices every activation it reads along the batch, clones the chain per
-slice and concatenates the slices' outputs into the original tensor. Every op in it treats examples
+inference peak. A region here is such a chain: nodes that read 8-bit activations [N, ...] and constants and
+write one tensor [N, ...], N the batch (or a stacked suffix's branches × batch, or its branch axis). `in_chunks`
+slices every activation of the output's rank along that leading axis (one of lower rank broadcasts: every
+slice reads it whole), clones the chain per slice and concatenates the slices' outputs into the original
+tensor. Every op in it treats examples
 independently (`separable`), so the values are the same integers, bit for bit. onnxruntime runs a chain's
 nodes in depth-first order from the Concat, one slice's chain after another, and frees each slice's
 intermediates before the next.
@@ -49,9 +51,30 @@ def separable(node: gs.Node) -> bool:
     return False
 
 
-def chunks_for(batch: int, bytes_per_example: float, cap: float) -> int:
-    """How many slices keep a slice's transients under `cap` bytes at `batch` examples (at most MAX_CHUNKS)."""
-    return int(min(MAX_CHUNKS, batch, max(1, np.ceil(batch * bytes_per_example / cap))))
+SAME_RANK = ELEMENTWISE | {"Relu", "Concat", "Slice", "Transpose", "Pad", "Split", "AveragePool"}
+
+
+def rank_of(t: gs.Tensor, depth: int = 64) -> int | None:
+    """t's rank: its shape's, else its producer's where that op keeps its inputs' rank (the branch stacking
+    leaves the suffix's tensors without shapes), else None."""
+    if t.shape is not None:
+        return len(t.shape)
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    if node is None or depth == 0:
+        return None
+    if node.op == "Reshape" and isinstance(node.inputs[1], gs.Constant):
+        return int(node.inputs[1].values.size)
+    if node.op not in SAME_RANK:
+        return None
+    ranks = [rank_of(i, depth - 1) if isinstance(i, gs.Variable) else len(i.shape) for i in node.inputs[:2]
+             if not (node.op in ("Slice", "Pad", "Split") and i is not node.inputs[0])]
+    return None if not ranks or None in ranks else max(ranks)
+
+
+def chunks_for(leading: int, bytes_per_item: float, cap: float) -> int:
+    """How many slices of a leading axis of `leading` items keep a slice's transients under `cap` bytes (at most
+    MAX_CHUNKS)."""
+    return int(min(MAX_CHUNKS, leading, max(1, np.ceil(leading * bytes_per_item / cap))))
 
 
 def in_chunks(b: Builder, nodes: list[gs.Node], out: gs.Variable, chunks: int) -> bool:
@@ -61,16 +84,21 @@ def in_chunks(b: Builder, nodes: list[gs.Node], out: gs.Variable, chunks: int) -
     made = {id(t) for n in nodes for t in n.outputs}
     outside = list({id(t): t for n in nodes for t in n.inputs
                     if isinstance(t, gs.Variable) and id(t) not in made}.values())
-    if chunks < 2 or not outside or not all(map(separable, nodes)) or any(t.shape and t.shape[0] == 1 for t in outside):
-        return False     # (a leading axis of 1 broadcasts: it is not the examples')
-    batch = b.op("Shape", [outside[0]], {"start": 0, "end": 1}, dtype=np.int64, hint="batch")
+    rank, ranks = len(out.shape) if out.shape else None, [rank_of(t) for t in outside]
+    if chunks < 2 or rank is None or any(r is None or r > rank for r in ranks) or not all(map(separable, nodes)):
+        return False     # (without every input's rank, which of them carry the examples' axis is unknown)
+    # an input of lower rank, or with a leading axis of 1, broadcasts over the examples: every slice reads it whole
+    sliced = [t for t, r in zip(outside, ranks) if r == rank and not (t.shape and t.shape[0] == 1)]
+    if not sliced:
+        return False
+    batch = b.op("Shape", [sliced[0]], {"start": 0, "end": 1}, dtype=np.int64, hint="batch")
     bound = lambda k: b.op("Div", [b.op("Mul", [batch, np.array([k], np.int64)], dtype=np.int64),
                                    np.array([chunks], np.int64)], dtype=np.int64, hint="chunk_bound")
     bounds = [bound(k) for k in range(chunks + 1)]
     parts = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         copy = {id(t): b.op("Slice", [t, lo, hi, np.array([0], np.int64)], dtype=t.dtype, hint="chunk")
-                for t in outside}
+                for t in sliced}
         for n in nodes:
             outputs = [gs.Variable(b.name("chunk"), dtype=t.dtype) for t in n.outputs]
             ins = [copy.get(id(t), t) for t in n.inputs]

@@ -59,6 +59,7 @@ SPAN = 255               # |q − z| of an 8-bit tensor with its zero point in r
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 MEANS = ("ReduceMean", "GlobalAveragePool")
 PASSTHROUGH = ("MaxPool",)   # Q(max DQ(q)) = max q on the same grid: the op runs on the 8-bit tensor itself
+REWRITTEN = (*PRODUCTS, *MEANS, *PASSTHROUGH, "Add", "LayerNormalization", "Softmax")
 CHUNK_BYTES = 8 * 2 ** 20   # a rewritten op's transients per batch slice (batch_chunks): 4 MB halved nothing more
 NOMINAL_BATCH = 32          # the batch the slices are sized for (train's default; the graph takes any)
 
@@ -88,17 +89,18 @@ def _rewrite(graph: gs.Graph, stacked: set, branches: int) -> int:
         b = Builder(g, "exact" if k == 0 else f"exact_body{k}")   # names are unique across a Loop's scopes
         known = set(map(id, g.nodes))
         for node in list(g.nodes):
-            if not node.outputs:    # a QuantizeLinear an earlier rewrite took
+            if not node.outputs or not node.inputs or node.op not in REWRITTEN:  # (or a QuantizeLinear one took)
                 continue
-            out, per_example = _output(node), _transient_bytes(node)
-            examples = NOMINAL_BATCH * (branches if id(node) in stacked else 1)
+            out, per_item = _output(node), _transient_bytes(node)
+            leading = out.shape[0] if out.shape and isinstance(out.shape[0], int) else \
+                NOMINAL_BATCH * (branches if id(node) in stacked else 1)
             made = _product(b, node) if node.op in PRODUCTS else _mean(b, node) if node.op in MEANS else \
                 _add(b, node) if node.op == "Add" else _on_grid(b, node) if node.op in PASSTHROUGH else \
                 _layer_norm(b, node) if node.op == "LayerNormalization" else \
                 _softmax(b, node) if node.op == "Softmax" else False
             count += bool(made)
-            if made and per_example:
-                in_chunks(b, _added(g, known), out, chunks_for(examples, per_example, CHUNK_BYTES))
+            if made and per_item:
+                in_chunks(b, _added(g, known), out, chunks_for(leading, per_item, CHUNK_BYTES))
             known.update(map(id, _added(g, known)))
     return count
 
@@ -115,14 +117,18 @@ def _output(node: gs.Node) -> gs.Variable:
 
 
 def _transient_bytes(node: gs.Node) -> float | None:
-    """Bytes per example of the intermediates a rewrite of `node` makes (None without static shapes): a
-    Conv's rows (taps × its 8-bit input) and, per output value, an int32 accumulator and two float32 tensors."""
-    x, y = node.inputs[0].shape, _output(node).shape
-    if not x or not y or not all(isinstance(d, int) for d in [*x[1:], *y[1:]]):
+    """Bytes per item of the output's leading axis of the intermediates a rewrite of `node` makes (None when
+    the output's rank is unknown): a Conv's rows (taps × its 8-bit input; the output's size where the input's
+    is unknown) and, per output value, an int32 accumulator and two float32 tensors. A batch axis after the
+    first counts NOMINAL_BATCH."""
+    y = _output(node).shape
+    if not y:
         return None
+    x = node.inputs[0].shape if node.inputs[0].shape and len(node.inputs[0].shape) == len(y) else y
+    size = lambda shape: float(np.prod([d if isinstance(d, int) else NOMINAL_BATCH for d in shape[1:]]))
     w = node.inputs[1].shape if node.op == "Conv" and len(node.inputs) > 1 else None
     taps = int(np.prod(w[2:])) if w and all(isinstance(d, int) for d in w) else 1
-    return float(taps * np.prod(x[1:]) + 12 * np.prod(y[1:]))
+    return taps * size(x) + 12 * size(y)
 
 
 def _float_op(node: gs.Node) -> bool:
@@ -329,7 +335,7 @@ def _integer_rows(b: Builder, node: gs.Node, xq, zx, w: np.ndarray, attrs: dict)
     acc, start = None, 0
     for size in pieces:
         part = left if len(pieces) == 1 else b.op(
-            "Slice", [left, np.array([start], np.int64), np.array([start + size], np.int64), np.array([-1], np.int64)],
+            "Slice", [left, np.array([start], np.int64), np.array([start + size], np.int64), np.array([1], np.int64)],
             dtype=left.dtype)
         term = b.op("MatMulInteger", [part, b.const(np.ascontiguousarray(right[start:start + size]), "weight"), zx],
                     dtype=np.int32, hint="acc")
@@ -421,7 +427,7 @@ def _layer_norm(b: Builder, node: gs.Node) -> bool:
     zp = q.inputs[2].values
     eps = float(node.attrs.get("epsilon", 1e-5))
     centred = b.i32.Sub(b.as_int32(xq), np.int32(zx.reshape(())), hint="centred")
-    axes = np.array([-1], np.int64)
+    axes = np.array([len(shape) - 1], np.int64)     # the last axis, named positively (batch_chunks.separable)
     s1 = b.op("ReduceSum", [centred, axes], {"keepdims": 1}, dtype=np.int32, hint="sum")
     s2 = b.op("ReduceSum", [b.i32.Mul(centred, centred, hint="square"), axes], {"keepdims": 1}, dtype=np.int32,
               hint="sum_squares")
@@ -488,10 +494,11 @@ def _softmax(b: Builder, node: gs.Node) -> bool:
     xq, sx = x[0], float(x[1].reshape(()))
     table = np.rint(2.0 ** k * np.exp(-np.arange(256) * sx * scale)).astype(np.int32)
     xi = b.as_int32(xq)
-    gap = b.i32.Sub(b.op("ReduceMax", [xi, np.array([-1], np.int64)], {"keepdims": 1}, dtype=np.int32, hint="max"),
+    last = np.array([len(shape) - 1], np.int64)     # named positively (batch_chunks.separable)
+    gap = b.i32.Sub(b.op("ReduceMax", [xi, last], {"keepdims": 1}, dtype=np.int32, hint="max"),
                     xi, hint="gap")
     e = b.op("Gather", [b.const(table, "exp_table"), gap], {"axis": 0}, dtype=np.int32, hint="exp")
-    total = b.op("ReduceSum", [e, np.array([-1], np.int64)], {"keepdims": 1}, dtype=np.int32, hint="sum")
+    total = b.op("ReduceSum", [e, last], {"keepdims": 1}, dtype=np.int32, hint="sum")
     unit = b.f32.Mul(b.cast(total, np.float32), np.float32(q.inputs[1].values.reshape(())), hint="unit")
     ef = b.cast(e, np.float32, hint="exp_f32")
     offset = np.float32(int(q.inputs[2].values) + 0.5)

@@ -143,3 +143,34 @@ def test_batch_slices_give_the_same_steps_everywhere(model_file, options, monkey
         assert conformance.first_difference(base, got[:3]) is None, f"{runtime.name} {runtime.config}"
         same = conformance.chain(whole.train, whole.contract, whole.state, batches, runtime)
         assert conformance.first_difference(same, got) is None, f"{runtime.name} {runtime.config}"
+
+
+def test_an_input_of_lower_rank_is_read_whole_by_every_slice(monkeypatch):
+    """A stacked suffix adds the clean [B, ...] side branch to the branches' [n, B, ...]: sliced along n, the
+    slices each read the lower-rank operand whole (sliced along its own first axis it would be wrong)."""
+    import onnx_graphsurgeon as gs
+    from fgcompile.passes import batch_chunks, exact_forward
+    from fgcompile.session import make_session
+
+    def graph():
+        a, c = gs.Variable("a", np.uint8, [6, 4, 5]), gs.Variable("c", np.uint8, [4, 5])
+        da, dc = gs.Variable("da", np.float32, [6, 4, 5]), gs.Variable("dc", np.float32, [4, 5])
+        s, q = gs.Variable("s", np.float32, [6, 4, 5]), gs.Variable("q", np.uint8, [6, 4, 5])
+        const = lambda name, v: gs.Constant(name, np.array(v))
+        return gs.Graph(nodes=[
+            gs.Node("DequantizeLinear", "dqa", {}, [a, const("sa", np.float32(0.05)), const("za", np.uint8(7))], [da]),
+            gs.Node("DequantizeLinear", "dqc", {}, [c, const("sc", np.float32(0.03)), const("zc", np.uint8(3))], [dc]),
+            gs.Node("Add", "add", {}, [da, dc], [s]),
+            gs.Node("QuantizeLinear", "qs", {}, [s, const("ss", np.float32(0.07)), const("zs", np.uint8(11))], [q])],
+            inputs=[a, c], outputs=[q], opset=21)
+
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.integers(0, 256, (6, 4, 5), dtype=np.uint8), "c": rng.integers(0, 256, (4, 5), dtype=np.uint8)}
+    whole = graph()
+    assert exact_forward._rewrite(whole, set(), 1) == 1
+    monkeypatch.setattr(exact_forward, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(batch_chunks, "MAX_CHUNKS", 4)
+    sliced = graph()
+    assert exact_forward._rewrite(sliced, set(), 1) == 1 and sum(n.op == "Concat" for n in sliced.nodes) == 1
+    run = lambda g: make_session(gs.export_onnx(g.cleanup().toposort())).run(None, feeds)[0]
+    np.testing.assert_array_equal(run(sliced), run(whole))
