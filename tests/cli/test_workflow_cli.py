@@ -94,6 +94,7 @@ def test_demo_improves_target_accuracy_by_ten_points(tmp_path):
     assert meta["run"]["lr_numerator"] == choice["lr_numerator"]
 
 
+@pytest.mark.slow   # 3.5 minutes (11 rates x 5 folds of the keyword spotter through its exact forward); -m slow
 def test_kws_demo_recovers_ten_points_and_keeps_the_structure(tmp_path):
     """`fgcompile demo --task kws`: last-layer QZO-FF on the keyword spotter heard through the target
     microphone gains >= 10 points on target test; the exported model has the input's nodes."""
