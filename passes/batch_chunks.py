@@ -7,10 +7,9 @@ inference peak. A region here is such a chain: nodes that read 8-bit activations
 write one tensor [N, ...], N the batch (or a stacked suffix's branches × batch, or its branch axis). `in_chunks`
 slices every activation of the output's rank along that leading axis (one of lower rank broadcasts: every
 slice reads it whole), clones the chain per slice and concatenates the slices' outputs into the original
-tensor. Every op in it treats examples
-independently (`separable`), so the values are the same integers, bit for bit. onnxruntime runs a chain's
-nodes in depth-first order from the Concat, one slice's chain after another, and frees each slice's
-intermediates before the next.
+tensor. Every op in it treats examples independently (`separable`), so the values are the same integers,
+bit for bit. onnxruntime runs a chain's nodes in depth-first order from the Concat, one slice's chain after
+another, and frees each slice's intermediates before the next.
 """
 from __future__ import annotations
 
@@ -97,8 +96,7 @@ def in_chunks(b: Builder, nodes: list[gs.Node], out: gs.Variable, chunks: int) -
     bounds = [bound(k) for k in range(chunks + 1)]
     parts = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        copy = {id(t): b.op("Slice", [t, lo, hi, np.array([0], np.int64)], dtype=t.dtype, hint="chunk")
-                for t in sliced}
+        copy = {id(t): b.rows(t, lo, hi) for t in sliced}
         for n in nodes:
             outputs = [gs.Variable(b.name("chunk"), dtype=t.dtype) for t in n.outputs]
             ins = [copy.get(id(t), t) for t in n.inputs]

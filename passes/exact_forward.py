@@ -27,7 +27,7 @@ CPU plugin does: its f32 Div is not IEEE either, so nothing divides in float). P
 Each rewritten op whose intermediates would pass CHUNK_BYTES at NOMINAL_BATCH examples ((2m + 1)× that in a
 stacked suffix) runs in slices of the batch (passes/batch_chunks.py), one slice's intermediates at a time:
 without them this form took 2-3.7x the inference peak on the 1000-class bench models, QLinearConv's tiling
-~1x (benchmarks/README.md, "The exact forward").
+~1x (benchmarks/README.md, "The exact forward as the default, in batch slices").
 
 What stays as the source gave it: the trained layers (their weights are inputs; the node and head
 estimators' run on integer planes, passes/integer_products.py), ops without these forms

@@ -51,10 +51,10 @@ class Builder:
         return self.op("Reshape", [x, np.array(shape, np.int64)], dtype=dtype or x.dtype, hint=hint, name=name,
                        shape=list(shape))
 
-    def rows(self, x, lo: int, hi: int):
-        """Rows lo:hi of x's leading axis."""
-        return self.op("Slice", [x, np.array([lo], np.int64), np.array([hi], np.int64), np.array([0], np.int64)],
-                       dtype=x.dtype)
+    def rows(self, x, lo, hi):
+        """Rows lo:hi of x's leading axis (ints, or int64 [1] tensors computed in the graph)."""
+        bound = lambda v: v if isinstance(v, gs.Tensor) else np.array([v], np.int64)
+        return self.op("Slice", [x, bound(lo), bound(hi), np.array([0], np.int64)], dtype=x.dtype)
 
     def as_int32(self, x, hint="int32"):
         """x itself when int32, else its Cast (an int8/int16 ĝ of the loop form widened for arithmetic)."""
