@@ -65,8 +65,9 @@ def rank_of(t: gs.Tensor, depth: int = 64) -> int | None:
         return int(node.inputs[1].values.size)
     if node.op not in SAME_RANK:
         return None
-    ranks = [rank_of(i, depth - 1) if isinstance(i, gs.Variable) else len(i.shape) for i in node.inputs[:2]
-             if not (node.op in ("Slice", "Pad", "Split") and i is not node.inputs[0])]
+    # the data inputs (not a Slice's bounds, nor an omitted optional input, named "")
+    data = node.inputs[:1] if node.op in ("Slice", "Pad", "Split") else [i for i in node.inputs if i.name]
+    ranks = [rank_of(i, depth - 1) if isinstance(i, gs.Variable) else len(i.shape) for i in data]
     return None if not ranks or None in ranks else max(ranks)
 
 

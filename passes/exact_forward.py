@@ -59,7 +59,6 @@ SPAN = 255               # |q − z| of an 8-bit tensor with its zero point in r
 PRODUCTS = ("Conv", "Gemm", "MatMul")
 MEANS = ("ReduceMean", "GlobalAveragePool")
 PASSTHROUGH = ("MaxPool",)   # Q(max DQ(q)) = max q on the same grid: the op runs on the 8-bit tensor itself
-REWRITTEN = (*PRODUCTS, *MEANS, *PASSTHROUGH, "Add", "LayerNormalization", "Softmax")
 CHUNK_BYTES = 8 * 2 ** 20   # a rewritten op's transients per batch slice (batch_chunks): 4 MB halved nothing more
 NOMINAL_BATCH = 32          # the batch the slices are sized for (train's default; the graph takes any)
 
@@ -89,15 +88,13 @@ def _rewrite(graph: gs.Graph, stacked: set, branches: int) -> int:
         b = Builder(g, "exact" if k == 0 else f"exact_body{k}")   # names are unique across a Loop's scopes
         known = set(map(id, g.nodes))
         for node in list(g.nodes):
-            if not node.outputs or not node.inputs or node.op not in REWRITTEN:  # (or a QuantizeLinear one took)
+            rewrite = REWRITES.get(node.op)
+            if rewrite is None or not node.outputs or not node.inputs:    # (or a QuantizeLinear one took)
                 continue
             out, per_item = _output(node), _transient_bytes(node)
             leading = out.shape[0] if out.shape and isinstance(out.shape[0], int) else \
                 NOMINAL_BATCH * (branches if id(node) in stacked else 1)
-            made = _product(b, node) if node.op in PRODUCTS else _mean(b, node) if node.op in MEANS else \
-                _add(b, node) if node.op == "Add" else _on_grid(b, node) if node.op in PASSTHROUGH else \
-                _layer_norm(b, node) if node.op == "LayerNormalization" else \
-                _softmax(b, node) if node.op == "Softmax" else False
+            made = rewrite(b, node)
             count += bool(made)
             if made and per_item:
                 in_chunks(b, _added(g, known), out, chunks_for(leading, per_item, CHUNK_BYTES))
@@ -552,5 +549,9 @@ def _add(b: Builder, node: gs.Node) -> bool:
     _on_grid_int32(b, node, q, y)
     return True
 
+
+REWRITES = {**dict.fromkeys(PRODUCTS, _product), **dict.fromkeys(MEANS, _mean),
+            **dict.fromkeys(PASSTHROUGH, _on_grid), "Add": _add, "LayerNormalization": _layer_norm,
+            "Softmax": _softmax}     # op → its rewrite (False where the node has no exact form)
 
 PASS = Pass("exact forward", run, reads=("spec", "notes", "source", "trainables", "branches"))
