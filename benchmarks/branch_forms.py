@@ -23,7 +23,7 @@ def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int 
     cloned = compile_model(source, dataclasses.replace(spec, branches="cloned"))
     runs = {}
     for name, c in (("stacked", stacked), ("cloned", cloned)):
-        sess = make_session(c.train, threads)
+        sess = make_session(c.train, threads, training=True)
         outputs = [o.name for o in sess.get_outputs()]
         feeds = step_feeds(c.contract, x, y, 1, c.state)
         runs[name] = (lambda s=sess, o=outputs, f=feeds: s.run(o, f))

@@ -77,7 +77,7 @@ def cost(source, compiled, x, y, repeats: int, others=None) -> dict:
     that every step shares the machine's load."""
     contract = compiled.contract
     name = contract.inputs.data
-    infer, train = make_session(source, 1), make_session(compiled.train, 1)
+    infer, train = make_session(source, 1), make_session(compiled.train, 1, training=True)
     prefix_model, suffix_model, boundary = split(source, [s.name for s in contract.state])
     prefix, suffix = make_session(prefix_model, 1), make_session(suffix_model, 1)
     mid = dict(zip(boundary, prefix.run(boundary, {name: x})))
@@ -89,7 +89,7 @@ def cost(source, compiled, x, y, repeats: int, others=None) -> dict:
     fns = {"forward": lambda: infer.run(None, {name: x}), "step": lambda: train.run(outputs, feeds),
            "prefix": lambda: prefix.run(boundary, {name: x}), "suffix": lambda: suffix.run(None, mid)}
     for key, other in (others or {}).items():
-        session, other_feeds = make_session(other.train, 1), step_feeds(other.contract, x, y, 1, other.state)
+        session, other_feeds = make_session(other.train, 1, training=True), step_feeds(other.contract, x, y, 1, other.state)
         fns[key] = lambda session=session, other_feeds=other_feeds: session.run(outputs, other_feeds)
     t = timed(fns, repeats, calls, warmup=2)
     floor = t["prefix"] + suffix_forwards(contract.spec) * t["suffix"]

@@ -47,7 +47,7 @@ def one(arch, dialect, data, test, steps, batch, tmp) -> dict:
     export_model(out, tmp / f"{arch}_{dialect}.onnx")
     exported = onnx.load(str(tmp / f"{arch}_{dialect}.onnx"))
     xb, yb = x[:batch], y[:batch]
-    infer, train = make_session(source, 1), make_session(compiled.train, 1)
+    infer, train = make_session(source, 1), make_session(compiled.train, 1, training=True)
     feeds = step_feeds(compiled.contract, xb, yb, 1, dict(compiled.state))
     t = timed({"forward": lambda: infer.run(None, {"x": xb}), "step": lambda: train.run(None, feeds)},
               repeats=15, calls=40)

@@ -64,7 +64,7 @@ def inputs(source, npz):
 def stepper(compiled, x, y):
     """One training step per call, as the Trainer runs it (step_cost.measure's loop)."""
     contract = compiled.contract
-    train = make_session(compiled.train, 1)
+    train = make_session(compiled.train, 1, training=True)
     outputs, state, step_no = [o.name for o in train.get_outputs()], dict(compiled.state), [0]
 
     def step():

@@ -82,11 +82,13 @@ def _batch(data: str, batch: int):
     return d["x"][:batch], d["y"][:batch]
 
 
-def _session(path: str):
+def _session(path: str, training: bool = False):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
+    if training:   # as fgcompile's runtime runs train.onnx (fgcompile.session.TRAINING_MEMORY_PATTERN; not
+        opts.enable_mem_pattern = False   # imported here: onnx would join this job's resident set)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -107,7 +109,7 @@ def _training(compiled: str, data: str, batch: int, iterations: int = ITERATIONS
     import onnxruntime  # noqa: F401
     base = _rss_mb()
     x, y = _batch(data, batch)
-    sess = _session(str(pathlib.Path(compiled) / "train.onnx"))
+    sess = _session(str(pathlib.Path(compiled) / "train.onnx"), training=True)
     contract = json.loads(sess.get_modelmeta().custom_metadata_map["fgcompile"])
     with np.load(pathlib.Path(compiled) / "state.npz") as f:
         state = {s["name"]: f[s["name"]] for s in contract["state"]}

@@ -92,7 +92,7 @@ def peak(job: str, limit_mb: float, **args) -> dict:
 def fg_step(folder: pathlib.Path, x, y):
     trainer = Trainer(folder, threads=1)
     contract, state = trainer.contract, dict(trainer.initial_state)
-    session = make_session(str(folder / "train.onnx"), 1)
+    session = make_session(str(folder / "train.onnx"), 1, training=True)
     outputs, step_no = [o.name for o in session.get_outputs()], [0]
 
     def step():   # as the Trainer runs it: a new step number, the previous step's state fed back

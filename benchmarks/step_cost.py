@@ -47,7 +47,7 @@ def measure(source, spec: TrainSpec, x: np.ndarray, y: np.ndarray, threads: int 
     contract = compiled.contract
     data = contract.inputs.data
     infer = make_session(source, threads)
-    train = make_session(compiled.train, threads)
+    train = make_session(compiled.train, threads, training=True)
     prefix_model, suffix_model, boundary = split(source, [s.name for s in contract.state])
     prefix, suffix = make_session(prefix_model, threads), make_session(suffix_model, threads)
     mid = dict(zip(boundary, prefix.run(boundary, {data: x})))

@@ -32,6 +32,13 @@ def _usable_cpus() -> int:
 MAX_THREADS = 4 * _usable_cpus()
 
 
+# onnxruntime's memory pattern plans one block for all of a run's intermediates from the first run's sizes; a
+# training step's graph (batch slices, Loop bodies, branches) peaked 9-25% higher with it and ran no faster
+# without it (1000-class MobileNetV2 / ResNet-18, batch 32: benchmarks/README.md, "Memory pattern").
+# benchmarks/memory.py's training job mirrors it.
+TRAINING_MEMORY_PATTERN = False
+
+
 @dataclasses.dataclass(frozen=True)
 class SessionSettings:
     """How train and eval run their graphs (`--threads`, `--optimization`, `--provider`). The defaults
@@ -56,13 +63,16 @@ class SessionSettings:
 
 
 def make_session(model: onnx.ModelProto | str, threads: int = 0, settings: SessionSettings | None = None,
-                 optimized_path: str | None = None) -> ort.InferenceSession:
+                 optimized_path: str | None = None, training: bool = False) -> ort.InferenceSession:
     """A session of `model` (a ModelProto, or a path) with `settings` (default: onnxruntime's, `threads`
-    intra-op threads); optimized_path: where onnxruntime writes the graph it optimized."""
+    intra-op threads); optimized_path: where onnxruntime writes the graph it optimized. training: the
+    session runs a training step (train.onnx), so it allocates on demand (TRAINING_MEMORY_PATTERN)."""
     settings = settings or SessionSettings(threads=threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[settings.optimization])
     opts.log_severity_level = 3
+    if training:
+        opts.enable_mem_pattern = TRAINING_MEMORY_PATTERN
     if settings.threads:
         opts.intra_op_num_threads = settings.threads
     if optimized_path:

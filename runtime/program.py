@@ -49,7 +49,7 @@ class Program:
             raise ModelError(f"{out}: no {LAYOUT.train} here. Run `fgcompile compile MODEL.onnx -o {out}` first.")
         train_model, contract, sha = open_train_graph(out)
         train = session_of(modelio.with_outputs(train_model, list(probes)) if probes else train_model, out / LAYOUT.train,
-                           session=session)
+                           session=session, training=True)
         eval_model = modelio.load_model(out / LAYOUT.eval)
         eval_session = session_of(eval_model, out / LAYOUT.eval, session=session)
         initial, _ = checkpoint.load(out / LAYOUT.state, contract, sha)
@@ -62,7 +62,7 @@ class Program:
         """The Program of compile_model's result (nothing is read or written)."""
         contract = validate.parse_contract(compiled.train, "the in-memory training graph")
         where = {"train": "the in-memory training graph", "eval": "the in-memory eval graph"}
-        return cls(contract, contract.spec, session_of(compiled.train, where["train"], session=session),
+        return cls(contract, contract.spec, session_of(compiled.train, where["train"], session=session, training=True),
                    session_of(compiled.eval, where["eval"], session=session), MappingProxyType(dict(compiled.state)),
                    where, None, heads.head_of(compiled.eval).probabilities)
 
@@ -101,9 +101,10 @@ def open_train_graph(out: pathlib.Path):
     return model, validate.parse_contract(model, out / LAYOUT.train), validate.file_sha256(out / LAYOUT.train)
 
 
-def session_of(model: onnx.ModelProto, path, threads: int = 0, session: SessionSettings | None = None):
+def session_of(model: onnx.ModelProto, path, threads: int = 0, session: SessionSettings | None = None,
+               training: bool = False):
     try:
-        return make_session(model, threads, session)
+        return make_session(model, threads, session, training=training)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]}). The file "
                          "was edited or damaged; recompile the model.") from None

@@ -181,3 +181,12 @@ def test_node_estimator_picks_each_models_target_splits_and_tables_refusals():
     assert "| digits_cnn | `--train conv2` | node, m = 8 | 1 |" in text
     assert "| digits_cnn | `--train conv2 (grid +3 doublings)` | node, m = 8 | 1 |" in text
     assert "`--train conv2 (rates 0.5, 1)` | node" in text and "`--train conv2 (lr given, not tuned)` | sign" in text
+
+
+def test_memory_probe_runs_training_as_the_runtime_does(tmp_path):
+    # benchmarks/memory.py mirrors the runtime's session options for train.onnx (it does not import fgcompile)
+    from fgcompile.session import TRAINING_MEMORY_PATTERN
+    path = str(MODELS / "digits_cnn/w8a8.onnx")
+    assert memory._session(path, training=True).get_session_options().enable_mem_pattern is TRAINING_MEMORY_PATTERN
+    assert make_session(path, training=True).get_session_options().enable_mem_pattern is TRAINING_MEMORY_PATTERN
+    assert memory._session(path).get_session_options().enable_mem_pattern is True

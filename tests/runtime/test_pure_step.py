@@ -119,3 +119,14 @@ def test_in_memory_and_folder_runs_are_identical(compiled, data, tmp_path):
     drop = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]
     assert drop(in_memory) == drop(in_folder) and len(in_memory) == EPOCHS
     assert (tmp_path / "out" / "train_log.jsonl").read_text().count("\n") == EPOCHS
+
+
+def test_train_sessions_allocate_on_demand(compiled, tmp_path):
+    # the training step's session skips onnxruntime's memory pattern (fgcompile.session.TRAINING_MEMORY_PATTERN);
+    # eval keeps onnxruntime's default, as the deployed model runs
+    from fgcompile.compiler import write_compiled
+    from fgcompile.session import TRAINING_MEMORY_PATTERN
+    write_compiled(compiled, tmp_path / "out")
+    for program in (Program.of_compiled(compiled, ONE_THREAD), Program.of_folder(tmp_path / "out", ONE_THREAD)):
+        assert program.train.get_session_options().enable_mem_pattern is TRAINING_MEMORY_PATTERN
+        assert program.eval.get_session_options().enable_mem_pattern is True
