@@ -81,7 +81,7 @@ def weighted_sum(b: Builder, c8, z, shape):
     """ĝ = Σᵢ cᵢ·zᵢ, int32 [*shape], for the int8 [1, m] row c8 and int8 z [m, ...]: one MatMulInteger
     (int8 in, int32 sums), instead of widening all m·n zᵢ to int32 for a Mul and a ReduceSum."""
     flat = b.op("Reshape", [z, np.array([0, -1], np.int64)], dtype=np.int8)           # [m, n]
-    g = b.op("MatMulInteger", [c8, flat], dtype=np.int32)
+    g = b.integer_product("MatMulInteger", c8, flat, hint="g_sum")
     return b.i32.Reshape(g, np.array(list(shape), np.int64), hint="g")
 
 

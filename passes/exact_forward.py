@@ -13,7 +13,7 @@ Every step is exact or rounds once under IEEE rules, and none is a float a·b + 
 fuse into one rounding; integers stay below 2^24 where a runtime might compute them in float32 (OpenVINO's
 CPU plugin does: its f32 Div is not IEEE either, so nothing divides in float). Per op (docs/reference.md,
 "The exact forward", has the formulas):
-    Conv, Gemm, MatMul   u8s8 MatMulInteger on the input (a Conv of group 1: its channels-last im2col
+    Conv, Gemm, MatMul   8-bit MatMulInteger on the input (a Conv of group 1: its channels-last im2col
                          rows), the reduction split into pieces whose 255·Σ|w| stays below 2^24 (OpenVINO
                          accumulates it in float32), added in int32; a grouped Conv or a MatMul of [B, T, K]:
                          a float kernel on the integer values, split likewise (any summation order is then
@@ -271,7 +271,7 @@ def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
         if node.inputs[0].shape and SPAN * SPAN * int(node.inputs[0].shape[-1]) < EXACT:
             wf = b.op("DequantizeLinear", [wq, b.const(np.float32(1.0)), zero(wq, zw)], dtype=np.float32, hint="centred")
             return b.cast(b.op("MatMul", [xf(), wf], dtype=np.float32, hint="product"), np.int32, hint="acc"), None
-        return b.op("MatMulInteger", [xq, wq, zero(xq, zx), zero(wq, zw)], dtype=np.int32, hint="acc"), None
+        return b.integer_product("MatMulInteger", xq, wq, zero(xq, zx), zero(wq, zw)), None
     w = wq.values
     rows = _integer_rows(b, node, xq, zero(xq, zx), w, attrs)
     if rows is not None:
@@ -284,9 +284,9 @@ def _accumulate(b: Builder, node: gs.Node, x, w, attrs: dict, out_axis: int):
         ([w.shape[1]] if per_channel.sum(axis=1).max() < EXACT else None)
     if pieces is None:
         if node.op == "Conv":
-            return b.op("ConvInteger", [xq, wq, zero(xq, zx)], attrs, dtype=np.int32, hint="acc"), None
+            return b.integer_product("ConvInteger", xq, wq, zero(xq, zx), attrs=attrs), None
         right = w.T.copy() if attrs.get("transB", 0) else w
-        return b.op("MatMulInteger", [xq, b.const(right), zero(xq, zx)], dtype=np.int32, hint="acc"), None
+        return b.integer_product("MatMulInteger", xq, b.const(right), zero(xq, zx)), None
     inputs = [xf()]
     if len(pieces) > 1:
         inputs = b.op("Split", [inputs[0], np.array(pieces, np.int64)], {"axis": 1 if node.op == "Conv" else -1},
@@ -307,7 +307,7 @@ FEW_CHANNELS = 8
 
 
 def _integer_rows(b: Builder, node: gs.Node, xq, zx, w: np.ndarray, attrs: dict):
-    """(acc int32, rows_of): a constant-weight product from u8s8 MatMulInteger, the reduction in contiguous
+    """(acc int32, rows_of): a constant-weight product from 8-bit MatMulInteger, the reduction in contiguous
     pieces whose |partial sums| stay below 2^24 (OpenVINO accumulates MatMulInteger in float32), added in
     int32: a Gemm or 2-D MatMul on its input (rows_of None), a Conv of group 1 with a static input on its
     channels-last im2col rows (rows_of = (H', W', O): _finish makes them [B, O, H', W'] after the
@@ -334,8 +334,8 @@ def _integer_rows(b: Builder, node: gs.Node, xq, zx, w: np.ndarray, attrs: dict)
         part = left if len(pieces) == 1 else b.op(
             "Slice", [left, np.array([start], np.int64), np.array([start + size], np.int64), np.array([1], np.int64)],
             dtype=left.dtype)
-        term = b.op("MatMulInteger", [part, b.const(np.ascontiguousarray(right[start:start + size]), "weight"), zx],
-                    dtype=np.int32, hint="acc")
+        term = b.integer_product("MatMulInteger", part, b.const(np.ascontiguousarray(right[start:start + size]), "weight"),
+                                 zx)
         start += size
         acc = term if acc is None else b.i32.Add(acc, term, hint="pieces_sum")
     return acc, (*patches.out_size(*image[1:]), w.shape[0]) if node.op == "Conv" else None

@@ -5,12 +5,14 @@ as a float Conv/Gemm/MatMul: onnxruntime has no int16 kernel, a Conv whose weigh
 prepacked, and the float sum's rounding is each runtime's own. The node and head estimators run their
 branches on the unperturbed weights, so here each such product becomes
 
-    W   = 256·W_hi + W_lo      W_hi = ⌊W / 256⌋ int8, W_lo ∈ [0, 255] held as int8 W_lo − 128 (zero point −128);
+    W   = 256·W_hi + W_lo      W_hi = ⌊W / 256⌋, held as uint8 W_hi + 128 (zero point 128), W_lo ∈ [0, 255] uint8;
                               made once per step from the state; an int8 weight is its own single plane
+                              (uint8 W + 128, zero point 128): uint8 × uint8 products, which onnxruntime sums
+                              exactly on every CPU (graph_ops.Builder.integer_product)
     H   = Σ (x − z_x)·W_hi,   L = Σ (x − z_x)·W_lo     MatMulInteger, int32, exact (a Conv on its im2col rows)
     y   = (f32(H)·256 + f32(L))·f32(s_x·s_w)  (+ bias)   (int8: f32(H)·f32(s_x·s_w))
 
-so the branches run int8 kernels (onnxruntime's u8s8 MatMulInteger; the same values everywhere: integer sums,
+so the branches run 8-bit kernels (onnxruntime's u8u8 MatMulInteger; the same values everywhere: integer sums,
 then IEEE casts, one Mul, one Add and one Mul in that order). With --forward exact the reduction is split into
 pieces of K whose partial sums stay below 2^24, added in int32, because OpenVINO's CPU plugin accumulates
 MatMulInteger in float32 (verify's runtimes then agree); the integers are the same.
@@ -33,7 +35,8 @@ from .formulas import Patches, chunk_rows, chunked
 from .graph_ops import Builder, channels_last_rows, graphs, optional_input, rows_to_nchw
 
 PRODUCTS = ("Conv", "Gemm", "MatMul")
-PLANE_SPAN = 255       # |W_lo − (−128)| and |W_hi| are at most this (a bound for OpenVINO's float partial sums)
+PLANE_SPAN = 255       # |W_lo| and |W_hi| are at most this (a bound for OpenVINO's float partial sums)
+UNSIGNED_ZERO = np.uint8(128)   # the zero point of W_hi + 128 (and of an int8 W + 128)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -121,8 +124,8 @@ def _refusal(node: gs.Node, found) -> str | None:
 
 
 def _planes(graph: gs.Graph, b: Builder, node: gs.Node, dq: gs.Node) -> list:
-    """The weight as int8 planes [K, O] (K: its reduction, a Conv's in its rows' (i, j, c) order; O: its
-    outputs): [W] for int8, else [W_hi, W_lo − 128]. A weight over formulas.CHUNK elements is split a chunk of
+    """The weight as uint8 planes [K, O] (K: its reduction, a Conv's in its rows' (i, j, c) order; O: its
+    outputs): [W + 128] for int8, else [W_hi + 128, W_lo]. A weight over formulas.CHUNK elements is split a chunk of
     output rows at a time in a Loop, so the split's int32 temporaries hold one chunk and no int16 copy is made."""
     w, shape = dq.inputs[0], list(dq.inputs[0].shape)
     nk = node.op == "Conv" or node.op == "Gemm" and node.attrs.get("transB", 0)
@@ -133,7 +136,7 @@ def _planes(graph: gs.Graph, b: Builder, node: gs.Node, dq: gs.Node) -> list:
             t = bb.op("Reshape", [t, np.array([-1, shape[1], int(np.prod(shape[2:]))], np.int64)], dtype=t.dtype)
             t = bb.op("Reshape", [bb.op("Transpose", [t], {"perm": [0, 2, 1]}, dtype=t.dtype),
                                   np.array([-1, rows[1]], np.int64)], dtype=t.dtype)
-        return [t] if np.dtype(t.dtype) == np.int8 else _split(bb, t)
+        return [_offset(bb, t)] if np.dtype(t.dtype) == np.int8 else _split(bb, t)
 
     # [O, K] → [K, O] after the Loop: inside it onnxruntime would merge the two transposes into one 4-D perm,
     # which it runs 10x slower
@@ -149,18 +152,23 @@ def _planes(graph: gs.Graph, b: Builder, node: gs.Node, dq: gs.Node) -> list:
     chunks = b.op("Reshape", [w, np.array([rows[0] // count, count, rows[1]], np.int64)], dtype=w.dtype)
     body.outputs = [bb.op("Identity", [cond], dtype=bool, shape=[])] + planes(
         bb, bb.op("Gather", [chunks, k], {"axis": 0}, dtype=w.dtype))
-    scanned = [gs.Variable(b.name("plane_chunks"), dtype=np.int8) for _ in range(2)]
+    scanned = [gs.Variable(b.name("plane_chunks"), dtype=np.uint8) for _ in range(2)]
     graph.nodes.append(gs.Node("Loop", b.name("split"), {"body": body},
                                [b.const(np.array(rows[0] // count, np.int64)), b.const(np.array(True))], scanned))
-    return [kn(b.op("Reshape", [t, np.array(rows, np.int64)], dtype=np.int8)) for t in scanned]
+    return [kn(b.op("Reshape", [t, np.array(rows, np.int64)], dtype=np.uint8)) for t in scanned]
+
+
+def _offset(b: Builder, w) -> gs.Tensor:
+    """uint8 W + 128 of an int8 W."""
+    return b.cast(b.i32.Add(b.cast(w, np.int32), 128, hint="w_offset"), np.uint8, hint="w_u8")
 
 
 def _split(b: Builder, w) -> list:
-    """[W_hi, W_lo − 128] int8 of an int16 W."""
+    """[W_hi + 128, W_lo] uint8 of an int16 W."""
     w32 = b.cast(w, np.int32)
-    hi = b.i32.Sub(b.i32.Div(b.i32.Add(w32, 32768), 256), 128, hint="w_hi")          # ⌊W/256⌋: Div truncates, W + 2^15 >= 0
-    lo = b.i32.Sub(b.i32.Sub(w32, b.i32.Mul(hi, 256)), 128, hint="w_lo")             # W_lo − 128 ∈ [−128, 127]
-    return [b.cast(hi, np.int8, hint="w_hi8"), b.cast(lo, np.int8, hint="w_lo8")]
+    hi = b.i32.Div(b.i32.Add(w32, 32768), 256, hint="w_hi")                           # ⌊W/256⌋ + 128: Div truncates, W + 2^15 >= 0
+    lo = b.i32.Sub(w32, b.i32.Mul(b.i32.Sub(hi, 128), 256), hint="w_lo")               # W_lo ∈ [0, 255]
+    return [b.cast(hi, np.uint8, hint="w_hi8"), b.cast(lo, np.uint8, hint="w_lo8")]
 
 
 def _piece(k: int, span: int) -> int:
@@ -181,10 +189,9 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
     else:
         k = int(dq.inputs[0].shape[1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0])
         rows = b.op("Reshape", [q, np.array([-1, k], np.int64)], dtype=q.dtype, hint="rows")
-    zero_lo = np.int8(-128)
     span = 255 if np.dtype(q.dtype) == np.uint8 else 128
     piece = _piece(k, span) if exact else k
-    sums = [_product(b, rows, plane, zx, zero_lo if j else None, k, piece) for j, plane in enumerate(planes)]
+    sums = [_product(b, rows, plane, zx, None if j else UNSIGNED_ZERO, k, piece) for j, plane in enumerate(planes)]
     acc = b.cast(sums[0], np.float32, hint="h")
     if len(sums) > 1:
         acc = b.f32.Add(b.f32.Mul(acc, 256.0), b.cast(sums[1], np.float32, hint="l"), hint="acc")
@@ -211,13 +218,12 @@ def _rewrite(b: Builder, node: gs.Node, dq: gs.Node, planes: list, image, exact:
 def _product(b: Builder, rows, plane, zx, zw, k: int, piece: int):
     """Σ_K (rows − z_x)·(plane − z_w) int32 [R, O]; in pieces of K added in int32 when piece < K, one product
     at a time (a batched [K/piece, R, O] product held K/piece accumulators at once)."""
-    zeros = [zx] + ([np.asarray(zw)] if zw is not None else [])
     total = None
     for lo in range(0, k, piece):
         part = lambda x, axis: x if piece == k else b.op(
             "Slice", [x, np.array([lo], np.int64), np.array([lo + piece], np.int64), np.array([axis], np.int64)],
             dtype=x.dtype, hint="piece")
-        term = b.op("MatMulInteger", [part(rows, -1), part(plane, 0)] + zeros, dtype=np.int32, hint="plane")
+        term = b.integer_product("MatMulInteger", part(rows, -1), part(plane, 0), zx, zw, hint="plane")
         total = term if total is None else b.i32.Add(total, term, hint="pieces_sum")
     return total
 

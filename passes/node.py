@@ -294,7 +294,7 @@ def _grouped_product(b: Builder, a, v, zero, groups: int):
                {"perm": [1, 2, 0]}, dtype=a.dtype)                                      # [G, C/G·k, rows]
     v_g = b.op("Transpose", [b.op("Reshape", [v, np.array([0, groups, -1], np.int64)], dtype=v.dtype)],
                {"perm": [1, 0, 2]}, dtype=v.dtype)                                      # [G, rows, O/G]
-    g = b.op("MatMulInteger", [a_g, v_g] + zero, dtype=np.int32)                       # [G, C/G·k, O/G]
+    g = b.integer_product("MatMulInteger", a_g, v_g, *zero)                               # [G, C/G·k, O/G]
     return b.i32.Transpose(g, perm=[0, 2, 1])
 
 
@@ -423,9 +423,11 @@ def _whitened(b: Builder, a, layer: NodeLayer):
         part = rows if stop - start == channels else b.op(
             "Slice", [rows, np.array([start], np.int64), np.array([stop], np.int64), np.array([-1], np.int64)],
             dtype=rows.dtype)
-        plane = lambda w: w if stop - start == channels else b.rows(w, start, stop)     # the contract's constants
-        h = b.op("MatMulInteger", [part, plane(hi), layer.zero_point], dtype=np.int32)
-        l = b.op("MatMulInteger", [part, plane(lo), layer.zero_point, np.int8(-128)], dtype=np.int32)
+        # the contract names these constants, so they stay in the graph (Builder.integer_product would fold a
+        # constant into a new one): whole planes pass through an Identity
+        plane = lambda w: b.op("Identity", [w], dtype=w.dtype) if stop - start == channels else b.rows(w, start, stop)
+        h = b.integer_product("MatMulInteger", part, plane(hi), layer.zero_point)
+        l = b.integer_product("MatMulInteger", part, plane(lo), layer.zero_point, np.int8(-128))
         l_hi = floor_div(l, 256, 2 ** 23)
         high, low_hi = add(high, h), add(low_hi, l_hi)
         low_lo = add(low_lo, I.Sub(l, I.Mul(l_hi, np.int32(256))))
@@ -454,8 +456,8 @@ def weight_rows(b: Builder, layer: NodeLayer, rows, count: int, shift: int = 0) 
                    dtype=np.int64)
         hi = bb.op("Add", [lo, np.array([count], np.int64)], dtype=np.int64)
         piece = lambda t, axis: bb.op("Slice", [t, lo, hi, np.array([axis], np.int64)], dtype=t.dtype)
-        g = bb.op("MatMulInteger", [a_t, piece(rows, 1)] + zero, dtype=np.int32) if nk else \
-            bb.op("MatMulInteger", [piece(a_t, 0), rows] + zero, dtype=np.int32)           # [in, c] or [c, out]
+        g = bb.integer_product("MatMulInteger", a_t, piece(rows, 1), *zero) if nk else \
+            bb.integer_product("MatMulInteger", piece(a_t, 0), rows, *zero)                # [in, c] or [c, out]
         g = _saturated(bb, bb.i32.Transpose(g, perm=[1, 0]) if nk else g, layer, [count] + list(layer.weight.shape[1:]))
         return divided(bb, g, 1 << shift) if shift else g
     return GradRows(count, at)
@@ -479,7 +481,7 @@ def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True) -> d
             g = _grouped_product(b, a, rows, zero, layer.groups)                         # [G, out/G, in/G]
         else:
             a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                 # [in, rows]
-            g = b.op("MatMulInteger", [a_t, rows] + zero, dtype=np.int32)                # [in, out]
+            g = b.integer_product("MatMulInteger", a_t, rows, *zero)                     # [in, out]
             g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
         grad[layer.weight.name] = _saturated(b, g, layer, layer.weight.shape)
     if layer.bias is not None:

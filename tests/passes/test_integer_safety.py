@@ -53,3 +53,26 @@ def test_extremes_saturate_like_int64_reference(dtype, bits, options):
             assert out[s["output"]].min() >= s["qmin"] and out[s["output"]].max() <= s["qmax"]
         state = {s["name"]: out[s["output"]] for s in c["state"]}
     assert any((state[k] != compiled.state[k]).any() for k in state)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_integer_products_are_exact_at_the_byte_extremes(dynamic, zero_points):
+    # uint8 x int8 near 255 x ±127: onnxruntime's u8s8 kernel on x86 without AVX-VNNI adds byte-product pairs in
+    # saturating int16, so Builder.integer_product reads such a weight as uint8 w + 128 (exact on every CPU)
+    import onnx_graphsurgeon as gs
+    from fgcompile.passes.graph_ops import Builder
+    from fgcompile.session import make_session
+    rng = np.random.default_rng(0)
+    a = rng.integers(200, 256, (64, 96)).astype(np.uint8)
+    w = np.where(rng.random((96, 24)) < 0.5, rng.integers(100, 128, (96, 24)), rng.integers(-128, -100, (96, 24))).astype(np.int8)
+    za, zw = (np.uint8(3), np.int8(-5)) if zero_points else (None, None)
+    graph = gs.Graph(opset=21)
+    x = gs.Variable("a", dtype=np.uint8, shape=list(a.shape))
+    right = gs.Variable("w", dtype=np.int8, shape=list(w.shape)) if dynamic else gs.Constant("w", w)
+    graph.inputs = [x] + ([right] if dynamic else [])
+    graph.outputs = [Builder(graph, "t").integer_product("MatMulInteger", x, right, za, zw)]
+    feeds = {"a": a} | ({"w": w} if dynamic else {})
+    got = make_session(gs.export_onnx(graph).SerializeToString(), 1).run(None, feeds)[0]
+    want = (a.astype(np.int64) - (za or 0)) @ (w.astype(np.int64) - (zw or 0))
+    np.testing.assert_array_equal(got, want)

@@ -227,6 +227,29 @@ class _Edits:
         return out
 
 
+def _unsigned(edits: _Edits, w: str, value: np.ndarray | None = None, zw=None) -> tuple[str, str]:
+    """(w', z') that read an int8 operand w of ConvInteger/MatMulInteger (zero point zw, default 0) as uint8
+    w + 128 with zero point zw + 128, for a product whose other operand is uint8: onnxruntime's uint8 × int8
+    kernels add pairs of byte products in saturating int16 on x86 CPUs without AVX-VNNI, its uint8 × uint8
+    kernels widen first (int8 × int8 is exact; its ConvInteger of int8 x and uint8 w is wrong, so only there).
+    value: w's constant values, else w is a tensor of the graph."""
+    z = edits.const(np.asarray(np.int32(0 if zw is None else np.asarray(zw).reshape(())) + 128, np.uint8), "zw_u8")
+    if value is not None:
+        return edits.const((value.astype(np.int32) + 128).astype(np.uint8), "w_u8"), z
+    wide = edits.node("Add", [edits.node("Cast", [w], to=onnx.TensorProto.INT32), edits.const(np.int32(128), "k")])
+    return edits.node("Cast", [wide], to=onnx.TensorProto.UINT8), z
+
+
+def _dtype8(name: str, inits: dict, producer: dict) -> np.dtype:
+    """The dtype of an 8-bit tensor: an initializer's, else its QuantizeLinear's zero point's (uint8 without one)."""
+    if name in inits:
+        return inits[name].dtype
+    q = producer.get(name)
+    if q is not None and q.op_type == "QuantizeLinear" and len(q.input) > 2 and q.input[2] in inits:
+        return inits[q.input[2]].dtype
+    return np.dtype(np.uint8)
+
+
 def exact_forward(model: onnx.ModelProto) -> None:
     """docs/reference.md's exact forward, on the oracle's model: every Conv/Gemm/MatMul, ReduceMean/
     GlobalAveragePool and Add whose operands are DequantizeLinear of 8-bit tensors (a product's weight a
@@ -295,14 +318,24 @@ def exact_forward(model: onnx.ModelProto) -> None:
                     n.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1 or attrs.get("beta", 1.0) != 1):
                 continue
             zero = const(zx.astype(inits[producer[n.input[0]].input[2]].dtype), "zx") if len(producer[n.input[0]].input) > 2 else None
+            x_zero = zero or ""
+            x_unsigned = _dtype8(xq, inits, producer) == np.uint8
             if n.op_type == "Conv":
-                acc = node("ConvInteger", [xq, wq] + ([zero] if zero else []), **attrs)
+                w_in = list(_unsigned(edits, wq, wv)) if wv.dtype == np.int8 and x_unsigned else [wq, ""]
+                acc = node("ConvInteger", [xq, w_in[0], x_zero] + w_in[1:], **attrs)
                 shape = [-1] + [1] * (wv.ndim - 2)
             else:
-                right = const(wv.T.copy(), "wt") if n.op_type == "Gemm" and attrs.get("transB", 0) else wq
-                zw_name = [const(zw.astype(inits[producer[n.input[1]].input[2]].dtype), "zw")] if wv is None and \
-                    len(producer[n.input[1]].input) > 2 else []
-                acc = node("MatMulInteger", [xq, right] + ([zero] if zero else [""] if zw_name else []) + zw_name)
+                w_dq = producer[n.input[1]]
+                zw_dtype = inits[w_dq.input[2]].dtype if len(w_dq.input) > 2 and w_dq.input[2] else None
+                if wv is not None:          # a constant weight (zero point 0), transposed for Gemm's transB
+                    value = wv.T.copy() if n.op_type == "Gemm" and attrs.get("transB", 0) else wv
+                    right, zw_name = _unsigned(edits, wq, value) if value.dtype == np.int8 and x_unsigned else \
+                        (const(value, "wt"), "")
+                elif zw_dtype == np.int8 and x_unsigned:   # an int8 activation
+                    right, zw_name = _unsigned(edits, wq, None, zw)
+                else:
+                    right, zw_name = wq, const(zw.astype(zw_dtype), "zw") if zw_dtype is not None else ""
+                acc = node("MatMulInteger", [xq, right, x_zero] + ([zw_name] if zw_name else []))
                 shape = [-1]
             units = (sx * sw).astype(np.float32).astype(np.float64)
             if len(n.input) > 2 and n.input[2]:     # a bias: DequantizeLinear of constants, else the op stays
@@ -431,16 +464,19 @@ def integer_products(model: onnx.ModelProto, c: dict) -> None:
             hi = node("Floor", [node("Div", [node("Cast", [wi], to=onnx.TensorProto.FLOAT), const(np.float32(256), "k")])])
             hi32 = node("Cast", [hi], to=onnx.TensorProto.INT32)
             lo = node("Sub", [node("Cast", [wi], to=onnx.TensorProto.INT32), node("Mul", [hi32, const(np.int32(256), "k")])])
-            planes = [node("Cast", [hi32], to=onnx.TensorProto.INT8), node("Cast", [lo], to=onnx.TensorProto.UINT8)]
+            planes = [(node("Cast", [hi32], to=onnx.TensorProto.INT8), ""), (node("Cast", [lo], to=onnx.TensorProto.UINT8), "")]
         else:
-            planes = [wi]
+            planes = [(wi, "")]
+        if _dtype8(x_ins[0], inits, producer) == np.uint8:
+            planes = [_unsigned(edits, p) if k == 0 else (p, z) for k, (p, z) in enumerate(planes)]
+        x_zero = x_ins[1:] or [""]
         if n.op_type == "Conv":
             conv = {k: v for k, v in attrs.items() if k in ("pads", "strides", "dilations", "kernel_shape")}
-            sums = [node("ConvInteger", [x_ins[0], p] + x_ins[1:], **conv) for p in planes]
+            sums = [node("ConvInteger", [x_ins[0], p] + x_zero + ([z] if z else []), **conv) for p, z in planes]
             shape = [-1, 1, 1]
         else:
             kn = (lambda p: node("Transpose", [p], perm=[1, 0])) if attrs.get("transB", 0) else (lambda p: p)
-            sums = [node("MatMulInteger", [x_ins[0], kn(p)] + x_ins[1:]) for p in planes]
+            sums = [node("MatMulInteger", [x_ins[0], kn(p)] + x_zero + ([z] if z else [])) for p, z in planes]
             shape = [-1]
         acc = node("Cast", [sums[0]], to=onnx.TensorProto.FLOAT)
         if len(sums) > 1:
