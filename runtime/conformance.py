@@ -25,6 +25,7 @@ from fgcompile.report import format_table
 from fgcompile.modelio import with_outputs
 from fgcompile.session import OPTIMIZATION, SessionSettings, make_session
 from fgcompile.spec import READS_ACTIVATIONS
+from .program import scores_arithmetic
 from .replay import replay_graph
 from .step import scalar_feeds, step_feeds
 
@@ -58,6 +59,18 @@ def _ort(level: str, threads: int = 0) -> Runtime:
         return lambda outputs, feeds: sess.run(outputs, feeds)
     config = level + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
     return Runtime("onnxruntime", config, make, settings)
+
+
+def _scoring(runtime: Runtime, contract: Contract) -> Runtime:
+    """The runtime as eval runs on it: onnxruntime's level capped where eval scores the model's own arithmetic
+    (runtime/program.py, scores_arithmetic)."""
+    if runtime.settings is None or not scores_arithmetic(contract):
+        return runtime
+
+    def make(model):
+        sess = make_session(model, settings=runtime.settings, arithmetic=True)
+        return lambda outputs, feeds: sess.run(outputs, feeds)
+    return dataclasses.replace(runtime, make=make)
 
 
 def _reference(model) -> Runner:
@@ -348,7 +361,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs
     params = {s.name for s in contract.parameters()}   # eval.onnx takes no training buffers
     eval_feeds = {**feeds(contract.inputs.data, batches[0][0]), **{k: v for k, v in state.items() if k in params}}
     eval_out = [eval_model.graph.output[0].name]
-    base_eval = BASELINE.make(eval_model)(eval_out, eval_feeds)[0]
+    base_eval = _scoring(BASELINE, contract).make(eval_model)(eval_out, eval_feeds)[0]
     rows = []
     for runtime in installed() if runtimes is None else runtimes:
         row = {"runtime": runtime.name, "config": runtime.config, "supported": runtime.supported}
@@ -358,7 +371,7 @@ def verify(out_dir, steps: int = 20, data=None, batch: int | None = None, epochs
             row["identical"] = diff is None
             row["integer_part"] = None if part is None else first_difference(
                 base_part, chain_integer_part(part, contract, state, coefficients, runtime, seed, lrs)) is None
-            row["eval"] = _same(runtime.make(eval_model)(eval_out, eval_feeds)[0], base_eval)
+            row["eval"] = _same(_scoring(runtime, contract).make(eval_model)(eval_out, eval_feeds)[0], base_eval)
             if diff is not None:
                 k, what = diff
                 step_in = step_feeds(contract, *batches[k], seed, k, lrs[k], state if k == 0 else base[k - 1].state)

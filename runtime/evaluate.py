@@ -15,7 +15,7 @@ from fgcompile.errors import ModelError, SpecError, wrong_type
 from .data import read
 from fgcompile.session import SessionSettings, class_count, input_dtype, input_shape, running
 from .metrics import FALSE_ALARM, score
-from .program import open_train_graph, session_of
+from .program import open_train_graph, scores_arithmetic, session_of
 from .sink import latest_state
 
 
@@ -30,8 +30,8 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
         if not (target / LAYOUT.eval).is_file():
             raise ModelError(f"{target}: no {LAYOUT.eval} here; pass a model file or a folder from `fgcompile compile`.")
         model = modelio.load_model(target / LAYOUT.eval)
-        sess = session_of(model, target / LAYOUT.eval, session=session)
         contract = open_train_graph(target)[1]
+        sess = session_of(model, target / LAYOUT.eval, session=session, arithmetic=scores_arithmetic(contract))
         state, head = latest_state(target, contract), contract.head
     else:
         model = modelio.load_model(target)
@@ -42,7 +42,8 @@ def evaluate(model_or_out, data, batch: int = 512, session: SessionSettings | No
                     f"(fgcompile eval {target.parent} --data ...).")
             raise ModelError(f"{target}: the model takes {len(inputs)} inputs ({', '.join(inputs[:4])}"
                              f"{', ...' if len(inputs) > 4 else ''}) but eval feeds only the data.{hint}")
-        sess, state, head = session_of(model, target, session=session), {}, heads.head_of(model).kind
+        # a model file is scored as ONNX defines it (fgcompile.session.ARITHMETIC_LEVEL), as a deployment computes it
+        sess, state, head = session_of(model, target, session=session, arithmetic=True), {}, heads.head_of(model).kind
         heads.check_classes(head, class_count(sess), sess.get_outputs()[0].name)
     data_input = sess.get_inputs()[0]
     x, y = read_as(sess, data, "evaluate(data)", head, state)

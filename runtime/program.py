@@ -51,7 +51,7 @@ class Program:
         train = session_of(modelio.with_outputs(train_model, list(probes)) if probes else train_model, out / LAYOUT.train,
                            session=session, training=True)
         eval_model = modelio.load_model(out / LAYOUT.eval)
-        eval_session = session_of(eval_model, out / LAYOUT.eval, session=session)
+        eval_session = session_of(eval_model, out / LAYOUT.eval, session=session, arithmetic=scores_arithmetic(contract))
         initial, _ = checkpoint.load(out / LAYOUT.state, contract, sha)
         return cls(contract, contract.spec, train, eval_session, MappingProxyType(initial),
                    {"train": out / LAYOUT.train, "eval": out / LAYOUT.eval}, sha,
@@ -63,7 +63,8 @@ class Program:
         contract = validate.parse_contract(compiled.train, "the in-memory training graph")
         where = {"train": "the in-memory training graph", "eval": "the in-memory eval graph"}
         return cls(contract, contract.spec, session_of(compiled.train, where["train"], session=session, training=True),
-                   session_of(compiled.eval, where["eval"], session=session), MappingProxyType(dict(compiled.state)),
+                   session_of(compiled.eval, where["eval"], session=session, arithmetic=scores_arithmetic(contract)),
+                   MappingProxyType(dict(compiled.state)),
                    where, None, heads.head_of(compiled.eval).probabilities)
 
     def with_seed(self, seed: int) -> Program:
@@ -101,10 +102,16 @@ def open_train_graph(out: pathlib.Path):
     return model, validate.parse_contract(model, out / LAYOUT.train), validate.file_sha256(out / LAYOUT.train)
 
 
+def scores_arithmetic(contract) -> bool:
+    """Whether eval scores the model's own ONNX arithmetic (fgcompile.session.ARITHMETIC_LEVEL): when the step
+    computes it too (--forward exact); under --forward qdq eval runs the runtime's own kernels, as the step does."""
+    return contract.spec.forward == "exact"
+
+
 def session_of(model: onnx.ModelProto, path, threads: int = 0, session: SessionSettings | None = None,
-               training: bool = False):
+               training: bool = False, arithmetic: bool = False):
     try:
-        return make_session(model, threads, session, training=training)
+        return make_session(model, threads, session, training=training, arithmetic=arithmetic)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]}). The file "
                          "was edited or damaged; recompile the model.") from None

@@ -38,3 +38,18 @@ def shipped(name: str):
 @pytest.fixture
 def tmp_out(tmp_path) -> pathlib.Path:
     return tmp_path / "out"
+
+
+def int8_kernels_saturate() -> bool:
+    """Whether onnxruntime's uint8 × int8 kernels saturate on this CPU (x86 without AVX-VNNI: byte-product pairs
+    summed in int16), so its fused int8 kernels do not compute a quantized model's ONNX arithmetic."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    a, w = np.full((1, 2), 255, np.uint8), np.full((2, 1), 127, np.int8)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return int(sess.run(None, {"a": a})[0][0, 0]) != 2 * 255 * 127

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fgcompile
 import qdq_graphs
-from conftest import MODELS, shipped
+from conftest import MODELS, int8_kernels_saturate, shipped
 from fgcompile.cli import main
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.runtime.data import load_data
@@ -208,8 +208,10 @@ def test_reencoded_shipped_models_compile_to_the_uint8_graph(name, options):
     x = x[:64]
     compiled = compile_graph(source, TrainSpec(**options))
     np.testing.assert_array_equal(eval_outputs(compiled, x), source_outputs(source, x))
-    np.testing.assert_array_equal(make_session(compiled.eval).run(None, {"x": x, **compiled.state})[0],
-                                  make_session(source).run(None, {"x": x})[0])
+    # with onnxruntime's optimizations that keep the arithmetic (fgcompile.session.ARITHMETIC_LEVEL): past them
+    # its fused int8 kernels saturate on x86 CPUs without AVX-VNNI, on the source and not on the widened eval graph
+    np.testing.assert_array_equal(make_session(compiled.eval, arithmetic=True).run(None, {"x": x, **compiled.state})[0],
+                                  make_session(source, arithmetic=True).run(None, {"x": x})[0])
     assert activation_zero_point_dtypes(compiled.source) == {TensorProto.INT8}
     uint8 = compile_graph(original, TrainSpec(**options))
     assert _ops_and_constants(compiled.train) == _ops_and_constants(uint8.train)
@@ -260,6 +262,9 @@ def test_quantize_static_int8_activations(name, form, digits_x):
     """quantize_static(activation_type=QInt8) models compile; the eval graph equals the source bit for bit
     (QOperator under onnxruntime's default optimizations, where the canonical QDQ fuses back into its
     kernels)."""
+    if form == "QOperator" and int8_kernels_saturate():
+        pytest.skip("the QOperator source runs onnxruntime's int8 kernels at every level, and on this CPU they "
+                    "saturate (conftest.int8_kernels_saturate): the eval graph's exact arithmetic differs from them")
     source = quantize_static_int8(name, form)
     if form == "QDQ":
         assert activation_zero_point_dtypes(source) == {TensorProto.INT8}
