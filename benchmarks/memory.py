@@ -104,12 +104,13 @@ def _inference(model: str, data: str, batch: int, iterations: int = ITERATIONS):
     return base
 
 
-def _training(compiled: str, data: str, batch: int, iterations: int = ITERATIONS):
+def _training(compiled: str, data: str, batch: int, iterations: int = ITERATIONS, planned: bool = False):
+    """planned: onnxruntime's memory pattern on (its default), as the runtime ran train.onnx before"""
     import numpy as np
     import onnxruntime  # noqa: F401
     base = _rss_mb()
     x, y = _batch(data, batch)
-    sess = _session(str(pathlib.Path(compiled) / "train.onnx"), training=True)
+    sess = _session(str(pathlib.Path(compiled) / "train.onnx"), training=not planned)
     contract = json.loads(sess.get_modelmeta().custom_metadata_map["fgcompile"])
     with np.load(pathlib.Path(compiled) / "state.npz") as f:
         state = {s["name"]: f[s["name"]] for s in contract["state"]}

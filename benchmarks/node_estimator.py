@@ -183,10 +183,15 @@ if __name__ == "__main__":
     p.add_argument("--rates", type=float, nargs="+", default=None, metavar="LR",
                    help="tune searches exactly these rates (instead of the estimator's grid)")
     p.add_argument("--lr", type=float, default=None, help="skip tune: train every seed at this rate")
+    p.add_argument("--lr-shift", type=int, default=None,
+                   help="the rate's fixed point (TrainSpec.lr_shift, default 8): a lower shift lets rates reach 2047/2^shift")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
                    help="print the markdown table of these result files instead of running")
     a = p.parse_args()
     ESTIMATORS["node"]["m"] = ESTIMATORS["node-alternate"]["m"] = a.node_m
+    if a.lr_shift is not None:
+        for name, options in ESTIMATORS.items():
+            options.update({"lr_shift": a.lr_shift} if name != "bp" else {})
     if a.higher_rates or a.rates:
         HIGHER_RATES, RATES = a.higher_rates, a.rates
         set_grid(a.higher_rates, a.rates)

@@ -16,6 +16,8 @@ conv), at batch 32 and one thread, the columns are
                 node takes the loop form, so this is node perturbation in the loop when more than one layer trains)
     fg node m=8 --estimator node --m 8 (node perturbation, stacked; Gemm/MatMul and Conv sites)
     fg node loop m=8  the same with --branches loop: the 2m noisy branches one at a time in an ONNX Loop
+    fg planned memory  the defaults' graph in a session with onnxruntime's memory pattern on (its default; the
+                runtime turns it off for train.onnx: fgcompile.session.TRAINING_MEMORY_PATTERN)
     torch BP    torch fp32 autograd of the same tensors (benchmarks/backprop.py's interpreter of the fp32
                 model; only those tensors require grad), an SGD step
     MeZO m=8    torch fp32 MeZO (benchmarks/mezo.py): 2 whole-model forwards per direction, perturbed in place
@@ -58,7 +60,9 @@ MODELS = ("mobilenetv2_1000", "resnet18_1000", "resnet18_1000_224")
 PARTS = ("last 1", "last block", "mid")
 FG = {"fg default": {}, "fg exact": {"forward": "exact"}, "fg qdq": {"forward": "qdq"}, "fg m=8": {"m": 8}, "fg loop m=8": {"m": 8, "branches": "loop"},
       "fg node m=8": {"estimator": "node", "m": 8},
-      "fg node loop m=8": {"estimator": "node", "m": 8, "branches": "loop"}}
+      "fg node loop m=8": {"estimator": "node", "m": 8, "branches": "loop"},
+      "fg planned memory": {}}
+PLANNED = {"fg planned memory"}   # its session plans memory as onnxruntime's default does (the previous form)
 MEZO_M = 8
 COLUMNS = ("forward", *FG, "torch BP", f"MeZO m={MEZO_M}", "ort-training")
 
@@ -89,10 +93,10 @@ def peak(job: str, limit_mb: float, **args) -> dict:
         return {"error": str(exc).strip().splitlines()[-1][:200]}
 
 
-def fg_step(folder: pathlib.Path, x, y):
+def fg_step(folder: pathlib.Path, x, y, planned: bool = False):
     trainer = Trainer(folder, threads=1)
     contract, state = trainer.contract, dict(trainer.initial_state)
-    session = make_session(str(folder / "train.onnx"), 1, training=True)
+    session = make_session(str(folder / "train.onnx"), 1, training=not planned)
     outputs, step_no = [o.name for o in session.get_outputs()], [0]
 
     def step():   # as the Trainer runs it: a new step number, the previous step's state fed back
@@ -180,7 +184,7 @@ def run_row(name, label, options, path, fp32_path, source, fp32, work: pathlib.P
             row["ms"][column] = row["memory"][column] = {"error": compiled["error"]}
             continue
         mem = peak("training", limit_mb, compiled=str(folder), data=str(npz), batch=args["batch"],
-                   iterations=args["iterations"])
+                   iterations=args["iterations"], planned=column in PLANNED)
         row["memory"][column] = mem
         if "error" in mem:
             row["ms"][column] = {"error": mem["error"]}
@@ -193,7 +197,7 @@ def run_row(name, label, options, path, fp32_path, source, fp32, work: pathlib.P
         state_names = [s.name for s in trainer.contract.state]
         trained = trained or accuracy.fp32_names(source, fp32, state_names)
         row["params"] = sum(int(np.prod(v.shape)) for v in trainer.initial_state.values())
-        fns[column] = fg_step(folder, x, y)
+        fns[column] = fg_step(folder, x, y, column in PLANNED)
     if trained is None:   # no fgcompile column compiled: the torch peers still need the tensors' names
         row["ms"]["torch BP"] = row["memory"]["torch BP"] = {"error": "no fgcompile compile to name the tensors"}
         return row

@@ -74,8 +74,8 @@ class Builder:
         uint8 × int8 kernel on x86 without AVX-VNNI adds byte-product pairs in saturating int16 (VPMADDUBSW),
         wrong once |w| > 64 (a [4096, 576]·[576, 256] product was off by 149,238); its uint8 × uint8 kernel
         widens first. So an int8 w with values past U8S8_SAFE (`bound`, else a constant's own max |w|; unknown:
-        assumed past) is read as uint8 w + 128 with zero point w_zero + 128: the same integers, 10% slower
-        there. a_zero/w_zero: None, or an 8-bit constant (array or gs.Constant)."""
+        assumed past) is read as uint8 w + 128 with zero point w_zero + 128: the same integers, in 1.3x the
+        time there (benchmarks/integer_kernels.py). a_zero/w_zero: None, or an 8-bit constant (array or gs.Constant)."""
         zero = lambda z, dtype: z if isinstance(z, gs.Tensor) else self.const(np.asarray(z).astype(dtype))
         signed = np.dtype(a.dtype) == np.uint8 and np.dtype(w.dtype) == np.int8
         if signed and bound is None and isinstance(w, gs.Constant):
