@@ -34,7 +34,8 @@ MAX_THREADS = 4 * _usable_cpus()
 
 # onnxruntime's memory pattern plans one block for all of a run's intermediates from the first run's sizes; a
 # training step's graph (batch slices, Loop bodies, branches) peaked 9-25% higher with it and ran no faster
-# without it (1000-class MobileNetV2 / ResNet-18, batch 32: benchmarks/README.md, "Memory pattern").
+# without it (1000-class MobileNetV2 / ResNet-18, batch 32: benchmarks/README.md, "Training sessions without
+# onnxruntime's memory pattern").
 # benchmarks/memory.py's training job mirrors it.
 TRAINING_MEMORY_PATTERN = False
 
