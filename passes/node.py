@@ -286,7 +286,7 @@ def _input_rows(b: Builder, layer: NodeLayer):
                 dtype=layer.q.dtype, hint="patches")
 
 
-def _grouped_product(b: Builder, a, v, zero, groups: int):
+def _grouped_product(b: Builder, a, v, zero, groups: int, bound: int | None):
     """A grouped Conv's ĝ_W [G, O/G, C/G·kh·kw]: group k's output channels correlate with its own input
     channels only, one batched MatMulInteger [G, C/G·kh·kw, rows]·[G, rows, O/G] (the patch columns (c, i, j)
     of a group are contiguous)."""
@@ -294,7 +294,7 @@ def _grouped_product(b: Builder, a, v, zero, groups: int):
                {"perm": [1, 2, 0]}, dtype=a.dtype)                                      # [G, C/G·k, rows]
     v_g = b.op("Transpose", [b.op("Reshape", [v, np.array([0, groups, -1], np.int64)], dtype=v.dtype)],
                {"perm": [1, 0, 2]}, dtype=v.dtype)                                      # [G, rows, O/G]
-    g = b.integer_product("MatMulInteger", a_g, v_g, *zero)                               # [G, C/G·k, O/G]
+    g = b.integer_product("MatMulInteger", a_g, v_g, *zero, bound=bound)                  # [G, C/G·k, O/G]
     return b.i32.Transpose(g, perm=[0, 2, 1])
 
 
@@ -323,11 +323,12 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
         rows = _exact_rows(b, layer.logits, ctx.losses.labels, ctx.spec.loss)[1] if exact else \
             _noise_rows(graph, b, layer, c, s, m, ctx.branches.form)
         shift = G_SHIFT if exact else 0
+        bound = None if exact else 127 if layer.centered else m     # |V| (the exact layer's spans int8)
         count = chunk_rows(layer.weight.shape) if ctx.branches.form == "loop" and layer.weight is not None and \
             layer.groups == 1 and chunked(layer.weight.shape) else None
         if count:     # the update takes ĝ_W a chunk of rows at a time, inside its Loop: never whole
-            by_rows[layer.weight.name] = weight_rows(b, layer, rows, count, shift)
-        grad.update(_shifted(b, layer_gradient(b, layer, rows, weight=not count), shift))
+            by_rows[layer.weight.name] = weight_rows(b, layer, rows, count, shift, bound)
+        grad.update(_shifted(b, layer_gradient(b, layer, rows, weight=not count, bound=bound), shift))
     ctx.estimate = Estimate(c, grad, by_rows)
     return graph
 
@@ -443,7 +444,7 @@ def _whitened(b: Builder, a, layer: NodeLayer):
     return white
 
 
-def weight_rows(b: Builder, layer: NodeLayer, rows, count: int, shift: int = 0) -> GradRows:
+def weight_rows(b: Builder, layer: NodeLayer, rows, count: int, shift: int = 0, bound: int | None = None) -> GradRows:
     """ĝ_W of a group-1 layer as GradRows: chunk k is rows k·count .. (k+1)·count − 1 of the weight's leading
     axis (output channels for [out, in], inputs for [in, out]), one MatMulInteger of the whole input with a
     slice of V (or of a slice of the input with V), made inside the update's Loop; a and V are made once."""
@@ -456,8 +457,8 @@ def weight_rows(b: Builder, layer: NodeLayer, rows, count: int, shift: int = 0) 
                    dtype=np.int64)
         hi = bb.op("Add", [lo, np.array([count], np.int64)], dtype=np.int64)
         piece = lambda t, axis: bb.op("Slice", [t, lo, hi, np.array([axis], np.int64)], dtype=t.dtype)
-        g = bb.integer_product("MatMulInteger", a_t, piece(rows, 1), *zero) if nk else \
-            bb.integer_product("MatMulInteger", piece(a_t, 0), rows, *zero)                # [in, c] or [c, out]
+        g = bb.integer_product("MatMulInteger", a_t, piece(rows, 1), *zero, bound=bound) if nk else \
+            bb.integer_product("MatMulInteger", piece(a_t, 0), rows, *zero, bound=bound)   # [in, c] or [c, out]
         g = _saturated(bb, bb.i32.Transpose(g, perm=[1, 0]) if nk else g, layer, [count] + list(layer.weight.shape[1:]))
         return divided(bb, g, 1 << shift) if shift else g
     return GradRows(count, at)
@@ -470,18 +471,19 @@ def _saturated(b: Builder, g, layer: NodeLayer, shape) -> gs.Tensor:
                          np.array(shape, np.int64), hint="g")
 
 
-def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True) -> dict:
+def layer_gradient(b: Builder, layer: NodeLayer, rows, weight: bool = True, bound: int | None = None) -> dict:
     """ĝ_W = Σ_rows a ⊗ V and ĝ_bias = Σ_rows V of one trained layer from its int8 output signal V [rows, out]
     (rows as _input_rows gives the input's), a Conv's over its output positions, each saturated to
-    ±NODE_GRAD_MAX: {tensor name: int32 ĝ of its shape} (without ĝ_W when `weight` is false: weight_rows)."""
+    ±NODE_GRAD_MAX: {tensor name: int32 ĝ of its shape} (without ĝ_W when `weight` is false: weight_rows).
+    bound: the largest |V| where known (Builder.integer_product then keeps a small V signed)."""
     I, grad = b.i32, {}
     if layer.weight is not None and weight:
         a, zero = _weight_input(b, layer)
         if layer.groups > 1:
-            g = _grouped_product(b, a, rows, zero, layer.groups)                         # [G, out/G, in/G]
+            g = _grouped_product(b, a, rows, zero, layer.groups, bound)                  # [G, out/G, in/G]
         else:
             a_t = b.op("Transpose", [a], {"perm": [1, 0]}, dtype=a.dtype)                 # [in, rows]
-            g = b.integer_product("MatMulInteger", a_t, rows, *zero)                     # [in, out]
+            g = b.integer_product("MatMulInteger", a_t, rows, *zero, bound=bound)        # [in, out]
             g = I.Transpose(g, perm=[1, 0]) if layer.layout == "nk" else g
         grad[layer.weight.name] = _saturated(b, g, layer, layer.weight.shape)
     if layer.bias is not None:

@@ -76,3 +76,25 @@ def test_integer_products_are_exact_at_the_byte_extremes(dynamic, zero_points):
     got = make_session(gs.export_onnx(graph).SerializeToString(), 1).run(None, feeds)[0]
     want = (a.astype(np.int64) - (za or 0)) @ (w.astype(np.int64) - (zw or 0))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bound", [None, 64, 127])
+def test_a_computed_operand_within_its_bound_stays_signed_and_exact(bound):
+    # node's signal V (|V| <= m <= 64) skips the unsigned offset; at |w| = 64 the pair sum 2·255·64 still fits int16
+    import onnx_graphsurgeon as gs
+    from fgcompile.passes.graph_ops import Builder
+    from fgcompile.session import make_session
+    rng = np.random.default_rng(1)
+    top = 64 if bound == 64 else 127
+    a = rng.integers(250, 256, (64, 96)).astype(np.uint8)
+    w = np.where(rng.random((96, 24)) < 0.5, top, -top).astype(np.int8)
+    graph = gs.Graph(opset=21)
+    x, right = gs.Variable("a", dtype=np.uint8, shape=list(a.shape)), gs.Variable("w", dtype=np.int8, shape=list(w.shape))
+    graph.inputs = [x, right]
+    graph.outputs = [Builder(graph, "t").integer_product("MatMulInteger", x, right, bound=bound)]
+    model = gs.export_onnx(graph)
+    import onnx
+    unsigned = [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.UINT8]
+    assert len(unsigned) == (1 if bound in (None, 127) else 0)
+    got = make_session(model.SerializeToString(), 1).run(None, {"a": a, "w": w})[0]
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
