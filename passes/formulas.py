@@ -14,7 +14,9 @@
                  8·rows and the ascent 8 (fgcompile/inspection.py explains the terms; pair's --memory-budget
                  and inspect's estimate use it)
     lr_max       (2^31 − 1 − 2^s) // (m · c_max · z_max · gain): lr_numerator·ĝ never wraps int32, since
-                 |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1)
+                 |ĝ| <= m·c_max·z_max·gain (gain: KERNEL_GAIN_MAX with --kernel-norm, else 1). Node and head
+                 (ĝ has no static bound): LR_NUMERATOR_MAX, and the update saturates ĝ to
+                 ±(2^31 − 1 − 2^s) // lr_numerator instead, so the rare ĝ near NODE_GRAD_MAX caps no rate
 """
 from __future__ import annotations
 
@@ -41,13 +43,29 @@ def coefficient_bound(spec) -> int:
     return 1 if spec.estimator in ("sign", "node") else SPSA_CLIP
 
 
+LR_NUMERATOR_MAX = (1 << 20) - 1   # TrainSpec.validate's bound on round(lr·2^s)
+
+
 def lr_bound(spec) -> int:
+    if saturates_at_rate(spec):
+        return LR_NUMERATOR_MAX
     gain = KERNEL_GAIN_MAX if spec.kernel_norm else 1
-    return (2 ** 31 - 1 - (1 << spec.lr_shift)) // (grad_bound(spec) * gain)
+    return update_room(spec.lr_shift) // (grad_bound(spec) * gain)
+
+
+def update_room(lr_shift: int) -> int:
+    """2^31 − 1 − 2^s: the largest |lr_numerator·ĝ| that the update's rounding keeps inside int32."""
+    return 2 ** 31 - 1 - (1 << lr_shift)
+
+
+def saturates_at_rate(spec) -> bool:
+    """Node and head: the update saturates ĝ to ±update_room // lr_numerator (a static ĝ bound of 2^20 capped
+    the rate at 2047/256, below where a lone Conv trains best: benchmarks/README.md, "One hidden layer alone")."""
+    return spec.estimator in ("node", "head")
 
 
 NODE_GRAD_MAX = 1 << 20   # the node estimator saturates ĝ here (passes/node.py): its sum over examples has no
-                          # static bound, and the rate still reaches 2047/256 LSBs per unit of ĝ
+                          # static bound (the update then saturates it again by the rate: saturates_at_rate)
 
 
 def grad_bound(spec) -> int:

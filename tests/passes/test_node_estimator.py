@@ -15,11 +15,12 @@ BATCH, SEED = 32, 1000
 
 
 def run_chain(model_file, spec, data, steps, optimization="disable", calibration=None, whitened=None,
-              reference=qzoff.node_step):
+              reference=qzoff.node_step, lr=None):
     """Chained steps of the compiled graph and of the reference (node_step, or head_step) from the same
     state: the coefficients (the per-example signs, or the head's V) and every state tensor equal after every
     step; returns how many weight values the steps changed (so the test is not vacuous).
-    whitened: how many sites whiten their step (default: every trained site with precondition whiten)."""
+    whitened: how many sites whiten their step (default: every trained site with precondition whiten).
+    lr: the rate numerator of every step (default: the contract's)."""
     compiled = compile_graph(shipped(model_file), spec, calibration)
     c = qzoff.contract(compiled.train)
     if whitened is None:
@@ -33,7 +34,7 @@ def run_chain(model_file, spec, data, steps, optimization="disable", calibration
     x, y = data
     for k in range(steps):
         idx = np.arange(k * BATCH, (k + 1) * BATCH) % len(y)
-        lr = c["lr_numerator"]["default"]
+        lr = c["lr_numerator"]["default"] if lr is None else lr
         out = run(x[idx], y[idx], SEED, k, lr, graph_state)
         ref_state, diag = reference(oracle, c, ref_state, x[idx], y[idx], SEED, k, lr)
         np.testing.assert_allclose(out["loss_plus"], diag["loss_plus"], rtol=1e-5)
@@ -89,6 +90,19 @@ def test_node_loop_form_matches_reference(model_file, options, optimization, tar
     spec = TrainSpec(estimator="node", m=4, branches="loop", **options)
     calibration = target_train[0][:300] if options.get("precondition") == "whiten" else None
     assert run_chain(model_file, spec, target_train, steps=5, optimization=optimization, calibration=calibration) > 0
+
+
+@pytest.mark.parametrize("estimator,options", [
+    ("node", dict(last=3)), ("node", dict(last=3, branches="loop")), ("head", dict(last=1))])
+def test_the_top_rate_saturates_the_gradient_as_the_reference(estimator, options, target_train):
+    """Node and head have no static lr_max: at the top numerator (2^20 − 1) the update saturates ĝ to
+    ±(2^31 − 1 − 2^16) // (2^20 − 1) = ±2047 first, as the reference does, and nothing wraps (at shift 16 a
+    saturated ĝ moves a weight 2^15 LSBs, inside the 16-bit grid, so the saturation shows in the state)."""
+    spec = TrainSpec(estimator=estimator, lr_shift=16, **({"m": 4} if estimator == "node" else {}), **options)
+    top = compile_graph(shipped("digits_cnn/w8a8.onnx"), spec).contract.lr_numerator.max
+    assert top == 2 ** 20 - 1
+    reference = qzoff.node_step if estimator == "node" else qzoff.head_step
+    assert run_chain("digits_cnn/w8a8.onnx", spec, target_train, steps=3, reference=reference, lr=top) > 0
 
 
 @pytest.mark.parametrize("model_file,options", [

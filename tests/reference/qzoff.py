@@ -820,12 +820,15 @@ def gradient(c: dict, coef, zs: dict, state: dict, seed: int, step_no: int) -> d
 
 
 def update(c: dict, state: dict, grads: dict, lr: int, seed: int, step_no: int) -> dict:
-    """update: W − stride·round(lr·ĝ / 2^s), saturated; lr clipped to [0, lr_max]."""
+    """update: W − stride·round(lr·ĝ / 2^s), saturated; lr clipped to [0, lr_max]. Node and head (ĝ has no
+    static bound): ĝ saturated first to ±(2^31 − 1 − 2^s) // max(lr, 1), so lr·ĝ fits int32."""
     spec, shift = c["spec"], c["lr_numerator"]["shift"]
     lr = int(np.clip(lr, 0, c["lr_numerator"]["max"]))
+    room = (2 ** 31 - 1 - (1 << shift)) // max(lr, 1)
     new = {}
     for t, s in enumerate(parameters(c)):
-        tt = lr * np.asarray(grads[s["name"]], np.int64)
+        g = np.asarray(grads[s["name"]], np.int64)
+        tt = lr * (np.clip(g, -room, room) if spec["estimator"] in ("node", "head") else g)
         if shift == 0:
             r = tt
         else:
