@@ -22,7 +22,8 @@ tune and trains every seed at LR (rows record "lr_given"; for when tune would ta
     python benchmarks/node_estimator.py --train conv2 --train fc1 --estimators node sign   # one mid layer each
 
 node-alternate: --node-schedule alternate (direction i perturbs trained layer i mod L only).
-head: --estimator head (the exact gradient at the logits; --last 1 only).
+head: --estimator head (the exact gradient at the logits; --last 1 only). auto: the default estimator and m
+(passes/plan.py), as a user's compile gets them.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from adapt import files_of  # noqa: E402
 
 ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estimator="node", m=8, node_schedule="alternate"),
-              "sign": dict(estimator="sign"), "head": dict(estimator="head"), "bp": dict()}
+              "sign": dict(estimator="sign"), "head": dict(estimator="head"), "auto": dict(estimator="auto"),
+              "bp": dict()}
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline
 HIGHER_RATES = 0   # --higher-rates
 RATES = None       # --rates

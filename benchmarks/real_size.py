@@ -8,8 +8,10 @@ Per model and trained part (the classifier `--last 1`, the last block and the cl
 conv), at batch 32 and one thread, the columns are
     forward     one int8 forward of the inference model (onnxruntime)
     fg default  fgcompile compiled with TrainSpec()'s defaults, only last/train set (--estimator auto: node
-                perturbation, m = 8, when more than one layer trains, else sign weight perturbation, m = 64;
-                no calibration, so no whitening). The estimator and reason auto chose are recorded per row.
+                perturbation, m = 8, when more than one layer trains, m = 16 at one hidden Conv; the head
+                estimator at the classifier alone; no calibration, so no whitening). The estimator and reason
+                auto chose are recorded per row.
+    fg sign     --estimator sign (Sign-m-SPSA, m = 64): auto's choice at one hidden layer before node took it
     fg exact    the defaults with --forward exact (every frozen op in integers: the same step on every runtime)
     fg qdq      the defaults with --forward qdq (the source's QDQ ops, fused and rounded as each runtime does)
     fg m=8      the same with m = 8;  fg loop m=8: and --branches loop (auto still picks node at depth:
@@ -61,7 +63,7 @@ PARTS = ("last 1", "last block", "mid")
 FG = {"fg default": {}, "fg exact": {"forward": "exact"}, "fg qdq": {"forward": "qdq"}, "fg m=8": {"m": 8}, "fg loop m=8": {"m": 8, "branches": "loop"},
       "fg node m=8": {"estimator": "node", "m": 8},
       "fg node loop m=8": {"estimator": "node", "m": 8, "branches": "loop"},
-      "fg planned memory": {}}
+      "fg planned memory": {}, "fg sign": {"estimator": "sign"}}
 PLANNED = {"fg planned memory"}   # its session plans memory as onnxruntime's default does (the previous form)
 MEZO_M = 8
 COLUMNS = ("forward", *FG, "torch BP", f"MeZO m={MEZO_M}", "ort-training")

@@ -96,7 +96,7 @@ COMPILE_CASES = {
                                                  ["--node-schedule", "alternate", "--estimator", "sign"],
                                                  "applies to --estimator node only"),
     "node schedule where auto chose sign": (model_file(lambda t: onnx.load(CNN)),
-                                            ["--node-schedule", "alternate", "--train", "fc1"],
+                                            ["--node-schedule", "alternate", "--train", "fc1", "--m", "32"],
                                             "--estimator auto chose sign here (one layer trains"),
     "node schedule where auto chose head": (model_file(lambda t: onnx.load(CNN)), ["--node-schedule", "alternate"],
                                             "--estimator auto chose head here (the output layer trains alone"),
