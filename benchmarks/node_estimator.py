@@ -112,7 +112,8 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
             acc = fgcompile.evaluate(f"{tmp}/adapted.onnx", test)
         emit({"seed": seed, "trained": [s.name for s in compiled.contract.state], **higher,
               "whitened": compiled.contract.spec.precondition == "whiten", "epochs": epochs, "lr": rate,
-              "exported_accuracy": acc["accuracy"], "seconds": round(time.time() - start, 1),
+              "exported_accuracy": acc["accuracy"], **{k: acc[k] for k in ("auc", "miss_rate") if k in acc},
+              "seconds": round(time.time() - start, 1),
               **({"tune": _scores(tuned)} if tuned else {})})
 
 
