@@ -66,11 +66,18 @@ def splits(model: str, data: str | None) -> tuple[str, str, str]:
     """(model path, target-train npz, target-test npz) of a shipped model's name or of an .onnx path."""
     if not model.endswith(".onnx"):
         f = files_of(model)
-        return str(f["model"]), str(f["target_train"]), str(f["target_test"])
+        named = lambda v: v if isinstance(v, tuple) else str(v)    # a detector's splits: (x, y) in memory
+        return str(f["model"]), named(f["target_train"]), named(f["target_test"])
     if data is None:
         return model, "models/data/digits_target_train.npz", "models/data/digits_target_test.npz"
     train, _, test = data.partition(",")
     return model, train, test
+
+
+def _data(split):
+    """(x, y) of a split: a detector's relabelled arrays as given (demo.task_files), else its npz file (float32 x,
+    also from integer codes with x_scale: the kws splits)."""
+    return split if isinstance(split, tuple) else load_data(split)
 
 
 def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: str | None = None,
@@ -80,7 +87,7 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
     sites = dict(train=(train,)) if train else dict(last=last)
     higher = {"higher_rates": HIGHER_RATES} if HIGHER_RATES else {"rates": RATES} if RATES else {}
     higher |= {"lr_given": True} if GIVEN_LR else {}
-    xy = load_data(train_path)   # float32 x, also from integer codes with x_scale (the kws splits)
+    xy = _data(train_path)
     rate = GIVEN_LR
 
     def emit(row: dict) -> None:
@@ -92,7 +99,7 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
                 f.write(line + "\n")
 
     if name == "bp":
-        return backprop_rows(path, sites, xy, load_data(test), seeds, epochs, emit)
+        return backprop_rows(path, sites, xy, _data(test), seeds, epochs, emit)
     for seed in seeds:
         start = time.time()
         spec = fgcompile.TrainSpec(**sites, seed=seed, **ESTIMATORS[name])
