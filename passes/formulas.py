@@ -60,7 +60,8 @@ def update_room(lr_shift: int) -> int:
 
 def saturates_at_rate(spec) -> bool:
     """Node and head: the update saturates ĝ to ±update_room // lr_numerator (a static ĝ bound of 2^20 capped
-    the rate at 2047/256, below where a lone Conv trains best: benchmarks/README.md, "One hidden layer alone")."""
+    the rate at 2047/256, below where a lone Conv trains best: benchmarks/README.md, "One hidden layer by
+    default")."""
     return spec.estimator in ("node", "head")
 
 

@@ -5,9 +5,9 @@
     r = sign(t) · ((|t| + h) div 2^s)    h = 2^(s−1) (nearest, ties away from 0) | u ∈ [0, 2^s) (stochastic)
     W ← clip(W − stride · r, qmin, qmax)
 
-lr_max keeps t inside int32 (passes/formulas.py); for node and head, whose ĝ has no static bound, ĝ is first
-saturated to ±(2^31 − 1 − 2^s) // max(lr_numerator, 1) instead (formulas.saturates_at_rate). r is saturated to (2^30 − 1) // stride before the
-stride multiply, so W − stride·r never wraps. In the memory-bounded form (--branches loop) a tensor of
+lr_max keeps t inside int32 (passes/formulas.py); for node and head, whose ĝ has no static bound, ĝ is
+first saturated to ±(2^31 − 1 − 2^s) // max(lr_numerator, 1) instead (formulas.saturates_at_rate). r is
+saturated to (2^30 − 1) // stride before the stride multiply, so W − stride·r never wraps. In the memory-bounded form (--branches loop) a tensor of
 more than formulas.CHUNK elements is updated in row chunks (a Loop over slices of its leading axis),
 so its int32 temporaries hold one chunk, not the whole tensor; where estimate gives ĝ by rows
 (ctx.estimate.rows), each chunk also draws its own zᵢ and sums its ĝ, which then never exists whole.
