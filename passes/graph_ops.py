@@ -72,14 +72,14 @@ class Builder:
         """int32 MatMulInteger/ConvInteger (`op`) of (a − a_zero)·(w − w_zero), exact on every CPU. onnxruntime's
         uint8 × int8 kernel on x86 without AVX-VNNI adds byte-product pairs in saturating int16 (VPMADDUBSW),
         wrong once |w| > 64 (a [4096, 576]·[576, 256] product was off by 149,238); its uint8 × uint8 kernel
-        widens first. So an int8 w that can pass U8S8_SAFE (a constant by its own max |w|, a computed tensor
-        always) is read as uint8 w + 128 with zero point w_zero + 128: the same integers, in 1.3x the
+        widens first. So an int8 w with values past U8S8_SAFE (`bound`, else a constant's own max |w|; unknown:
+        assumed past) is read as uint8 w + 128 with zero point w_zero + 128: the same integers, in 1.3x the
         time there (benchmarks/integer_kernels.py). a_zero/w_zero: None, or an 8-bit constant (array or gs.Constant).
-        bound: the largest |w| a computed w can take, where the caller knows it (node's signal V: m)."""
+        bound: the largest |w| where the caller knows it (node's signal V: m)."""
         zero = lambda z, dtype: z if isinstance(z, gs.Tensor) else self.const(np.asarray(z).astype(dtype))
         signed = np.dtype(a.dtype) == np.uint8 and np.dtype(w.dtype) == np.int8
-        if isinstance(w, gs.Constant):
-            bound = np.abs(w.values.astype(np.int32)).max(initial=0)
+        if signed and bound is None and isinstance(w, gs.Constant):
+            bound = int(np.abs(w.values.astype(np.int32)).max(initial=0))
         if signed and (bound is None or bound > U8S8_SAFE):
             shift = lambda v: (np.asarray(v).astype(np.int32) + 128).astype(np.uint8)
             w_zero = shift(0 if w_zero is None else (w_zero.values if isinstance(w_zero, gs.Constant) else w_zero))
