@@ -9,6 +9,12 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
              for the layer's place l among the L trained layers (one trained layer per direction)
     sᵢ,b   = sign(L⁺ᵢ,b − L⁻ᵢ,b)          per-example losses (loss.per_example); 0 for a tie: |d| <= 2^-19·max(|L⁺|, |L⁻|, 1)
     V_b    = Σᵢ sᵢ,b·uᵢ,b                int8 (|V| <= m <= 64)
+    weighed, where the output layer is exact (below) and writes one logit (a one-label bce detector):
+           V_b ← round_half_away(V_b·|V*_b| / 2m)    V*_b: that layer's exact V (e_b = sigmoid(z_b) − y_b on 2^-7),
+                                                    so |V| <= 64 (WEIGHED_BOUND)
+           one logit's loss difference is e_b times the logit's, and its sign drops e_b: unweighed, each easy
+           negative of a detector pushed as hard as a missed positive, and at --last 2 the scores all drifted
+           down (AUC 0.957 before and after 30 epochs; weighed: benchmarks/README.md, "Depth on the detector")
     centred, where y is the logits the ce loss reads (y = the loss tap):
            V_b ← V_b − ⌊mean_j V_b,j⌉      (n outputs; mean rounded half away from 0; clipped to ±127, int8)
            the ce loss is blind to a shift of every logit, so its gradient has mean 0 over the outputs; V's
@@ -71,6 +77,7 @@ V_SCALE = np.float32(2.0 ** -7)    # the exact gradient e in [−1, 1] to int8 s
 # then reaches 16x lower steps, which a Sigmoid detector needs (at the lowest rate without it its weights ran
 # to the grid's bounds within an epoch), and ĝ is in node's units (|V| / 16 <= 8 = m)
 G_SHIFT = 4
+WEIGHED_BOUND = 64      # |V_b·|V*_b| / 2m| <= m·128 / 2m: a weighed signal stays a signed int8 product
 
 
 class SiteRefused(SpecError):
@@ -317,13 +324,18 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b, m = Builder(graph, "node_estimate"), ctx.spec.m
     c = ctx.losses.signs if ctx.losses.signs is not None else _float_signs(b, ctx.losses.per_example, m)  # [m, B]
     s = b.cast(c, np.int8, hint="s")
+    # the output layer's exact V (from the clean logits); where it is one logit, |V| weighs the other layers' V
+    outputs = [layer for layer in ctx.node if layer.logits is not None]
+    exact_v = {layer.site: _exact_rows(b, layer.logits, ctx.losses.labels, ctx.spec.loss) for layer in outputs}
+    weight = next((b.i32.Abs(b.cast(exact_v[layer.site][0], np.int32), hint="example_weight") for layer in outputs
+                   if ctx.spec.loss == "bce" and layer.logits.shape[-1] == 1), None)      # [B, 1]
     grad, by_rows = {}, {}
     for layer in ctx.node:
         exact = layer.logits is not None    # the output layer: its exact gradient from the clean logits
-        rows = _exact_rows(b, layer.logits, ctx.losses.labels, ctx.spec.loss)[1] if exact else \
-            _noise_rows(graph, b, layer, c, s, m, ctx.branches.form)
+        rows = exact_v[layer.site][1] if exact else _noise_rows(graph, b, layer, c, s, m, ctx.branches.form, weight)
         shift = G_SHIFT if exact else 0
-        bound = None if exact else 127 if layer.centered else m     # |V| (the exact layer's spans int8)
+        # |V| (the exact layer's spans int8)
+        bound = None if exact else 127 if layer.centered else WEIGHED_BOUND if weight is not None else m
         count = chunk_rows(layer.weight.shape) if ctx.branches.form == "loop" and layer.weight is not None and \
             layer.groups == 1 and chunked(layer.weight.shape) else None
         if count:     # the update takes ĝ_W a chunk of rows at a time, inside its Loop: never whole
@@ -333,11 +345,15 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     return graph
 
 
-def _noise_rows(graph: gs.Graph, b: Builder, layer: NodeLayer, c, s, m: int, form: str):
+def _noise_rows(graph: gs.Graph, b: Builder, layer: NodeLayer, c, s, m: int, form: str, weight=None):
     """A perturbed layer's output signal V = Σᵢ cᵢ·uᵢ as int8 rows [rows, out] (a Conv's rows are its output
-    positions), centred over the outputs where the layer writes the logits."""
+    positions), centred over the outputs where the layer writes the logits; with `weight` (int32 [B, 1]: the
+    exact output layer's |V*| where it writes one logit) V_b ← V_b·|V*_b| / 2m, rounded half away from 0."""
     I = b.i32
     v = _signal_sum(graph, layer.noise, c, m, layer.site) if form == "loop" else _signal(b, layer.noise, s)
+    if weight is not None:
+        w = I.Reshape(weight, np.array([-1] + [1] * (len(layer.noise.shape) - 2), np.int64))   # [B, 1, ...]
+        v = divided(b, I.Mul(v, w), 2 * m)
     if layer.patches is not None:                                         # rows: the positions (b, y, x)
         v = I.Transpose(v, perm=[0, 2, 3, 1])
     out = layer.noise.shape[2 if layer.patches is not None else -1]

@@ -1054,7 +1054,10 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         V_b ← V_b − round(mean_j V_b,j) (half away from 0, clipped to ±127) where the layer's output is the
               logits that the ce loss reads (the loss tap),
         the layer that writes the logits, where more than one layer trains (node_layers: `exact`): no noise,
-              and its ĝ is exact_gradient's, from the clean logits;
+              and its ĝ is exact_gradient's, from the clean logits; where it writes one logit (bce of one
+              label), V_b ← round_half_away(V_b·|V*_b| / (2m)) with V*_b its exact V (e_b on 2^-7): the
+              loss difference of one logit is e_b times that of the logit, so the sign keeps the logit's
+              direction and |e_b| restores how much example b's loss asks (|V| <= 64),
         ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too; a whitened step
               takes a = QuantizeLinear(a_float·P², s) instead), ĝ_bias = Σ_b V_b,
         for a Conv the rows are its output positions (b, y, x) and a_b its im2col patches (`patches`):
@@ -1097,12 +1100,18 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     if not integer:
         tie = np.abs(d) <= scale * np.float32(c["tie_tolerance"])
         s = np.sign(np.where(tie, np.float32(0), d)).astype(np.int64)
-    grads = {}
+    grads, weight = {}, None
     for layer in layers:
         if layer.exact:
-            grads.update(exact_gradient(layer, clean, clean[oracle.tap], y, spec["loss"], state)[1])
+            v_exact, g_exact = exact_gradient(layer, clean, clean[oracle.tap], y, spec["loss"], state)
+            grads.update(g_exact)
+            weight = np.abs(v_exact).reshape(B) if v_exact.shape[-1] == 1 and spec["loss"] == "bce" else None
+    for layer in layers:
+        if layer.exact:
             continue
         v = sum(s[i].reshape((B,) + (1,) * (len(shapes[layer.site]) - 1)) * u[layer.site][i] for i in range(m))
+        if weight is not None:
+            v = _position_mean(v * weight.reshape((B,) + (1,) * (v.ndim - 1)), 2 * m)
         positions = int(np.prod(v.shape[2:])) if layer.layout == "conv" else 1   # H'·W'
         if layer.layout == "conv":                                  # rows: the output positions (b, y, x)
             v = v.transpose(0, 2, 3, 1)
