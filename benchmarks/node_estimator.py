@@ -52,6 +52,7 @@ BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline
 HIGHER_RATES = 0   # --higher-rates
 RATES = None       # --rates
 GIVEN_LR = None    # --lr
+HEADROOM = None    # --headroom
 
 
 def set_grid(k: int = 0, rates: list[float] | None = None) -> None:
@@ -87,6 +88,7 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
     sites = dict(train=(train,)) if train else dict(last=last)
     higher = {"higher_rates": HIGHER_RATES} if HIGHER_RATES else {"rates": RATES} if RATES else {}
     higher |= {"lr_given": True} if GIVEN_LR else {}
+    higher |= {"headroom": HEADROOM} if HEADROOM else {}
     xy = _data(train_path)
     rate = GIVEN_LR
 
@@ -102,7 +104,7 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
         return backprop_rows(path, sites, xy, _data(test), seeds, epochs, emit)
     for seed in seeds:
         start = time.time()
-        spec = fgcompile.TrainSpec(**sites, seed=seed, **ESTIMATORS[name])
+        spec = fgcompile.TrainSpec(**sites, seed=seed, **ESTIMATORS[name], **({"headroom": HEADROOM} if HEADROOM else {}))
         try:
             compiled = fgcompile.compile_model(onnx.load(path), spec, calibration=xy[0] if whiten else None)
         except SpecError as exc:
@@ -195,6 +197,7 @@ if __name__ == "__main__":
     p.add_argument("--lr", type=float, default=None, help="skip tune: train every seed at this rate")
     p.add_argument("--lr-shift", type=int, default=None,
                    help="the rate's fixed point (TrainSpec.lr_shift, default 8): a lower shift lets rates reach 2047/2^shift")
+    p.add_argument("--headroom", type=int, default=None, help="TrainSpec(headroom=H) for every compile (rows record it)")
     p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
                    help="print the markdown table of these result files instead of running")
     a = p.parse_args()
@@ -205,7 +208,7 @@ if __name__ == "__main__":
     if a.higher_rates or a.rates:
         HIGHER_RATES, RATES = a.higher_rates, a.rates
         set_grid(a.higher_rates, a.rates)
-    GIVEN_LR = a.lr
+    GIVEN_LR, HEADROOM = a.lr, a.headroom
     if a.table:
         print(table([json.loads(line) for f in a.table for line in open(f) if line.strip()]), end="")
         raise SystemExit(0)
