@@ -11,7 +11,7 @@ from fgcompile import __version__, config
 from fgcompile.errors import FgcompileError
 from fgcompile.runtime.conformance import MAX_STEPS
 from fgcompile.runtime.metrics import FALSE_ALARM
-from fgcompile.spec import (BITS, BRANCH_FORMS, DEFAULT_M, ESTIMATORS, FORWARDS, GRID_DEFAULTS, HEADROOMS, LOSSES, NODE_SCHEDULES,
+from fgcompile.spec import (BITS, BRANCH_FORMS, DEFAULT_HEADROOM, DEFAULT_M, DETECTOR_HEADROOM, ESTIMATORS, FORWARDS, GRID_DEFAULTS, HEADROOMS, LOSSES, NODE_SCHEDULES,
                             PERTURBATIONS, PRECONDITIONS, ROUNDINGS, SCHEDULES, SPARSE_MODES, RunDefaults, TrainSpec)
 
 
@@ -129,11 +129,17 @@ def _grid_defaults(i: int) -> str:
 
 
 def spec_option(flag: str, field: str, choices=None, **kw):
-    """A compile option whose default is TrainSpec's `field` (choices are shown as strings)."""
+    """A compile option whose default is TrainSpec's `field` (choices are shown as strings; a choice left to
+    the plan, None in TrainSpec, is "auto")."""
     default = getattr(TrainSpec, field)
     if choices is not None:
-        kw["type"], default = click.Choice([str(c) for c in choices]), str(default)
+        kw["type"], default = click.Choice([str(c) for c in choices]), "auto" if default is None else str(default)
     return click.option(flag, field, default=default, show_default=default not in (None, ""), **kw)
+
+
+def _auto_int(value: str) -> int | None:
+    """A numeric choice as TrainSpec takes it: "auto" is None (the plan decides)."""
+    return None if value == "auto" else int(value)
 
 
 def spec_options(f):
@@ -172,9 +178,10 @@ def spec_options(f):
         spec_option("--rounding", "rounding", ROUNDINGS),
         spec_option("--bits", "bits", BITS, help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),
         spec_option("--seed", "seed", help="Seed of the perturbations and the data order, in [0, 2**32)."),
-        spec_option("--headroom", "headroom", HEADROOMS,
+        spec_option("--headroom", "headroom", ("auto",) + HEADROOMS,
                     help="Train on a grid with H x the pretrained weight range; export re-quantizes to the deployed "
-                         "grid."),
+                         f"grid. auto: {DEFAULT_HEADROOM}, or {DETECTOR_HEADROOM} where the head estimator trains a "
+                         "one-logit detector's output layer."),
         spec_option("--precondition", "precondition", PRECONDITIONS, help="Whiten the trained layer's input (frozen, "
                     "folded back on export); auto: when --calibration is given."),
         click.option("--kernel-norm", is_flag=True, default=TrainSpec.kernel_norm,
@@ -235,7 +242,7 @@ def make_spec(kw) -> TrainSpec:
                      estimator=kw.pop("estimator"), node_schedule=kw.pop("node_schedule"), spsa_gain=kw.pop("spsa_gain"), rounding=kw.pop("rounding"),
                      bits=int(kw.pop("bits")), seed=kw.pop("seed"), requant_bypass=not kw.pop("keep_requant"),
                      branches=kw.pop("branches"), memory_budget_mb=kw.pop("memory_budget_mb"),
-                     prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"), headroom=int(kw.pop("headroom")),
+                     prompts=kw.pop("prompts"), prompt_at=kw.pop("prompt_at"), headroom=_auto_int(kw.pop("headroom")),
                      precondition=kw.pop("precondition"), kernel_norm=kw.pop("kernel_norm"),
                      sparsity=kw.pop("sparsity"), sparse_mode=kw.pop("sparse_mode"), momentum=kw.pop("momentum"),
                      sharpness=kw.pop("sharpness"), forward=kw.pop("forward"))

@@ -14,7 +14,7 @@ from fgcompile import models, modelio
 from fgcompile.adapt import run_adapt
 from fgcompile.inspection import format_inspection, inspect_model
 from fgcompile.errors import SpecError
-from fgcompile.spec import DEFAULT_M, TrainSpec
+from fgcompile.spec import DEFAULT_HEADROOM, DEFAULT_M, TrainSpec
 
 
 TASKS = {"digits": None, "kws": "kws_dscnn", "detect": "kws_detect"}   # task -> shipped model (None: the default)
@@ -48,7 +48,7 @@ def run_demo(out_dir, epochs: int | None = None, batch: int = 32, spec: TrainSpe
     detail = (lambda _s: None) if quiet else echo
     detail(f"model: {files['model'].relative_to(models.ROOT.parent)}\n")
     inspected = inspect_model(modelio.load_model(files["model"]), m=spec.m or DEFAULT_M["sign"], bits=spec.bits,
-                              headroom=spec.headroom)
+                              headroom=spec.headroom or DEFAULT_HEADROOM)
     detail(format_inspection(inspected) + "\n")
     return run_adapt(files["model"], files["target_train"], out_dir, epochs=epochs, batch=batch, spec=spec,
                      val=files["target_test"], source=files["source_test"],

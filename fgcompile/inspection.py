@@ -42,7 +42,7 @@ import onnx_graphsurgeon as gs
 from fgcompile.modelio import human_bytes
 from fgcompile.grid import WIDENING, training_grid
 from fgcompile.report import format_table
-from fgcompile.spec import DEFAULT_M, TrainSpec
+from fgcompile.spec import DEFAULT_HEADROOM, DEFAULT_M, TrainSpec
 from fgcompile.passes import canonicalize, floatgrid
 from fgcompile.passes.analyze import check_quantized, find_weight_sites
 from fgcompile.passes.dialects import unsupported
@@ -137,7 +137,7 @@ def float_layers(graph: gs.Graph, sites=()) -> list[FloatLayer]:
 
 
 def inspect_graph(model: onnx.ModelProto, m: int = DEFAULT_M["sign"], bits: int = TrainSpec.bits,
-                  headroom: int = TrainSpec.headroom, momentum: float = TrainSpec.momentum,
+                  headroom: int = DEFAULT_HEADROOM, momentum: float = TrainSpec.momentum,
                   sharpness: int = TrainSpec.sharpness) -> tuple[list[ParamRow], list[FloatLayer]]:
     TrainSpec(m=m, momentum=momentum, sharpness=sharpness)   # the same checks and messages as compile
     check_source(model)   # what compile refuses first (an invalid graph, opset), inspect refuses too
@@ -156,7 +156,7 @@ def inspect_graph(model: onnx.ModelProto, m: int = DEFAULT_M["sign"], bits: int 
 
 
 def inspect_model(model: onnx.ModelProto, m: int = DEFAULT_M["sign"], bits: int = TrainSpec.bits,
-                  headroom: int = TrainSpec.headroom, momentum: float = TrainSpec.momentum,
+                  headroom: int = DEFAULT_HEADROOM, momentum: float = TrainSpec.momentum,
                   sharpness: int = TrainSpec.sharpness) -> list[ParamRow]:
     return inspect_graph(model, m, bits, headroom, momentum, sharpness)[0]
 

@@ -88,6 +88,8 @@ COMPILE_CASES = {
                           ["--lr", "4000", "--m", "64", "--perturbation", "gaussian", "--estimator", "spsa"],
                           "would overflow int32"),
     "lr below resolution": (model_file(lambda t: onnx.load(CNN)), ["--lr", "0.001"], "fixed-point resolution"),
+    "headroom not a power of two": (model_file(lambda t: onnx.load(CNN)), ["--headroom", "3"],
+                                    "'3' is not one of 'auto', '1'"),
     "train pattern matches nothing": (model_file(lambda t: onnx.load(CNN)), ["--train", "^nothing$"],
                                       "matches no weight site"),
     "node estimator on an auto_pad Conv": (model_file(lambda t: conv2_auto_pad()), ["--estimator", "node", "--last", "3"],

@@ -4,9 +4,10 @@ from onnx import numpy_helper
 import pytest
 
 from conftest import shipped
+from fgcompile.errors import SpecError
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.passes.plan import LONE_CONV_M
-from fgcompile.spec import DEFAULT_M, TrainSpec
+from fgcompile.spec import DEFAULT_HEADROOM, DEFAULT_M, DETECTOR_HEADROOM, TrainSpec
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
@@ -104,6 +105,18 @@ def test_a_given_m_wins_over_the_estimators_default():
     assert (contract.spec.estimator, contract.spec.m) == ("node", 16)
 
 
-def test_auto_keeps_weight_perturbation_at_a_detector_head():
-    contract = compile_graph(shipped("kws_detect/w8a8.onnx"), TrainSpec()).contract
-    assert contract.spec.estimator == "sign" and "Sigmoid detector" in contract.estimator_reason
+def test_auto_trains_a_detector_head_by_its_exact_gradient_on_a_wide_grid():
+    """A one-logit detector's lone output layer: head, at headroom 128 unless --headroom is given; a head of
+    several Sigmoid labels keeps Sign-m-SPSA (unmeasured there), and other compiles keep headroom 4."""
+    import qdq_graphs
+    detector = shipped("kws_detect/w8a8.onnx")
+    contract = compile_graph(detector, TrainSpec()).contract
+    assert (contract.spec.estimator, contract.spec.headroom) == ("head", DETECTOR_HEADROOM)
+    assert compile_graph(detector, TrainSpec(headroom=8)).contract.spec.headroom == 8
+    assert compile_graph(detector, TrainSpec(estimator="sign")).contract.spec.headroom == DEFAULT_HEADROOM
+    assert compile_graph(detector, TrainSpec(last=2)).contract.spec.headroom == DEFAULT_HEADROOM
+    multi = compile_graph(qdq_graphs.dense_chain(0, widths=(6, 8, 3), sigmoid=True), TrainSpec()).contract
+    assert multi.spec.estimator == "sign" and "several Sigmoid labels" in multi.estimator_reason
+    assert compile_graph(shipped("digits_cnn/w8a8.onnx"), TrainSpec()).contract.spec.headroom == DEFAULT_HEADROOM
+    with pytest.raises(SpecError, match=r"--headroom 3: choose a power of two 1\.\.256, or auto"):
+        TrainSpec(headroom=3)
