@@ -5,6 +5,7 @@ shipped model in each form, on every runtime installed here, against onnxruntime
     python benchmarks/conformance_table.py --write README.md # replace the table between its markers
     python benchmarks/conformance_table.py --check README.md # exit 1 where a cell the README calls
                                                             # identical is not, here (CI, after the default suite)
+    python benchmarks/conformance_table.py --models kws_detect  # one model's column (print only)
 
 A cell names each supported runtime that differs, with the first step whose z, coefficients or state differ
 (onnxruntime's four optimization levels with 1 and 2 threads count as one, the first that differs named), or
@@ -76,10 +77,10 @@ def _merge(cells: list[tuple[str, str]]) -> str:
     return f"{first[0]} ({first[1]})" if len(cells) > 1 else first[0]
 
 
-def measure(steps: int, only: tuple[str, ...] = ()) -> dict:
+def measure(steps: int, only: tuple[str, ...] = (), names: list[str] = MODELS) -> dict:
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
+        for name in names:
             x, y = models.split(name, "target_train")
             data = pathlib.Path(tmp) / f"{name}.npz"
             np.savez(data, x=x, y=y)
@@ -151,11 +152,18 @@ def _block(text: str) -> str:
               help="Exit 1 where a cell this file's table calls identical is not, in the runtimes measured here.")
 @click.option("--runtimes", default="", help="Only these columns, comma-separated (e.g. 'onnxruntime,reference "
               "evaluator': what CI checks); the others read `not installed`.")
-def main(steps, write, check, runtimes):
+@click.option("--models", default="", help="Only these models' columns, comma-separated (not with --write or --check, "
+              "which read the whole table).")
+def main(steps, write, check, runtimes, models):
     only = tuple(r.strip() for r in runtimes.split(",") if r.strip())
     if unknown := set(only) - set(COLUMNS):
         raise click.BadParameter(f"{sorted(unknown)}: not among {', '.join(COLUMNS)}", param_hint="--runtimes")
-    table = measure(steps, only)
+    names = [m.strip() for m in models.split(",") if m.strip()] or MODELS
+    if unknown := set(names) - set(MODELS):
+        raise click.BadParameter(f"{sorted(unknown)}: not among {', '.join(MODELS)}", param_hint="--models")
+    if names != MODELS and (write or check):
+        raise click.BadParameter("--write and --check read every model's column; drop --models", param_hint="--models")
+    table = measure(steps, only, names)
     text = markdown(table)
     click.echo(text)
     if write:

@@ -161,6 +161,7 @@ def table(lines: list[dict]) -> str:
         where += f" (grid +{r['higher_rates']} doublings)" if r.get("higher_rates") else \
             f" (rates {', '.join(f'{x:g}' for x in r['rates'])})" if r.get("rates") else \
             " (lr given, not tuned)" if r.get("lr_given") else ""
+        where += f" (headroom {r['headroom']})" if r.get("headroom") else ""
         groups.setdefault((r["model"], where, r["estimator"], r.get("spec", {}).get("m")), []).append(r)
     label = {"node": "node, m = {m}", "sign": "sign, m = 64", "head": "head (exact gradient)", "bp": "fp32 Adam backprop"}
     out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]
@@ -171,8 +172,10 @@ def table(lines: list[dict]) -> str:
             continue
         acc = [100 * r.get("exported_accuracy", r.get("fp32_accuracy")) for r in rs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        detector = f" (AUC {statistics.mean(r['auc'] for r in rs):.4f}, miss @ 5% FA " \
+                   f"{100 * statistics.mean(r['miss_rate'] for r in rs):.1f}%)" if "auc" in rs[0] else ""
         out.append(head + f"{rs[0]['lr']:g} | {','.join(str(r['seed']) for r in rs)} | "
-                   f"{' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} ± {sd:.1f} |")
+                   f"{' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} ± {sd:.1f}{detector} |")
     return "\n".join(out) + "\n"
 
 
