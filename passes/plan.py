@@ -19,9 +19,10 @@
     m          the one given, or 8 for node (2m + 2 suffix forwards; m = 8 trains as far as 64 there; 16 at a
                lone Conv, LONE_CONV_M), 64 for weight perturbation (stacked branches make m cheap), 1 for head
                (no perturbation).
-    headroom   the one given, or DETECTOR_HEADROOM (128) where head trains the output layer of a one-logit
-               bce (a detector: its whitened exact step needs weights far past 4x their pretrained range),
-               else DEFAULT_HEADROOM (4) (fgcompile/spec.py says what each measured).
+    headroom   the one given, or DETECTOR_HEADROOM (128) where the output layer of a one-logit bce (a
+               detector) steps by its exact gradient, alone (head) or under node at depth: its whitened exact
+               step needs weights far past 4x their pretrained range; else DEFAULT_HEADROOM (4)
+               (fgcompile/spec.py says what each measured).
 
 Precondition: ctx.trainables (select); the graph as analyze left it.
 Postcondition: ctx.plan; ctx.spec.estimator is sign, spsa, node or head, ctx.spec.m and ctx.spec.headroom are
@@ -79,6 +80,14 @@ def _one_logit_bce(graph: gs.Graph, ctx: Context) -> bool:
     return ctx.spec.for_head(ctx.io.head).loss == "bce" and (graph.tensors()[ctx.io.loss_tap].shape or [None])[-1] == 1
 
 
+def _exact_detector_output(graph: gs.Graph, ctx: Context, estimator: str) -> bool:
+    """Whether a one-logit detector's output layer trains by its exact gradient: alone under head, or as node's
+    output layer among several (passes/node.py steps it exactly there)."""
+    sites = set(t.site for t in ctx.trainables)
+    writes = any(writes_logits(graph, n, ctx.io.loss_tap) for n in graph.nodes if n.name in sites)
+    return _one_logit_bce(graph, ctx) and writes and (estimator == "head" or estimator == "node" and len(sites) > 1)
+
+
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec = ctx.spec
     estimator, reason, m = spec.estimator, "given", spec.m
@@ -96,7 +105,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                         f"chose {estimator} here ({reason}). Add --estimator node, or drop --node-schedule.")
     m = m if m is not None else DEFAULT_M[estimator]
     headroom = spec.headroom if spec.headroom is not None else \
-        DETECTOR_HEADROOM if estimator == "head" and _one_logit_bce(graph, ctx) else DEFAULT_HEADROOM
+        DETECTOR_HEADROOM if _exact_detector_output(graph, ctx, estimator) else DEFAULT_HEADROOM
     ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m, headroom=headroom)
     ctx.plan = Plan(estimator, reason, m)
     return graph
