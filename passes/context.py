@@ -112,6 +112,7 @@ class Plan:             # plan: how the step is estimated, decided once
     estimator: str                      # sign | spsa | node (--estimator auto resolved)
     reason: str                         # why: "given", or auto's reason
     m: int
+    exact: str | None = None            # the site stepped by its exact gradient: head's, or node's output layer
 
 
 @dataclasses.dataclass

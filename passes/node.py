@@ -14,7 +14,7 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
                                                     so |V| <= 64 (WEIGHED_BOUND)
            one logit's loss difference is e_b times the logit's, and its sign drops e_b: unweighed, each easy
            negative of a detector pushed as hard as a missed positive, and at --last 2 the scores all drifted
-           down (AUC 0.957 before and after 30 epochs; weighed: benchmarks/README.md, "Depth on the detector")
+           down (AUC 0.957 before and after 30 epochs; weighed: benchmarks/README.md, "The detector")
     centred, where y is the logits the ce loss reads (y = the loss tap):
            V_b ← V_b − ⌊mean_j V_b,j⌉      (n outputs; mean rounded half away from 0; clipped to ±127, int8)
            the ce loss is blind to a shift of every logit, so its gradient has mean 0 over the outputs; V's
@@ -68,7 +68,7 @@ from . import integer_loss
 from .branch_rules import Refusal, stack_suffix
 from .context import Branches, Context, Estimate, GradRows, NodeLayer, Pass
 from .formulas import NODE_GRAD_MAX, TIE_TOLERANCE, Patches, chunk_rows, chunked
-from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes, writes_logits
+from .graph_ops import Builder, bypass_requant, clone_nodes, downstream_nodes, upstream_nodes
 from .pair import frozen_weights_inside
 
 SUPPORTED = "trained Gemm/MatMul and 2-D Conv layers with a quantized input and a requantized output"
@@ -156,9 +156,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     sites = list(dict.fromkeys(tr.site for tr in ctx.trainables))
     parts = {site: layer_parts(nodes[site]) for site in sites}
     tap = ctx.io.loss_tap
-    static = isinstance((graph.tensors()[tap].shape or [None])[-1], int)     # exact_gradient's class axis
-    exact = next((site for site in sites if writes_logits(graph, nodes[site], tap)), None) \
-        if len(sites) > 1 and ctx.spec.loss in ("ce", "bce") and static else None   # its step: the exact gradient
+    exact = ctx.plan.exact      # the output layer at depth: its step is the exact gradient (passes/plan.py)
     perturbed = [site for site in sites if site != exact]
     suffix = downstream_nodes(graph, list(ctx.state.inputs.values()))
     needed = upstream_nodes(suffix, tap)
@@ -547,5 +545,5 @@ def _exact_rows(b: Builder, logits, labels, loss: str):
     return v, b.op("Reshape", [v, np.array([-1, logits.shape[-1]], np.int64)], dtype=np.int8)    # [rows, out]
 
 
-PAIR = Pass("node", run, reads=("io", "trainables", "state", "perturbations"), adds=("branches", "node"))
+PAIR = Pass("node", run, reads=("io", "plan", "trainables", "state", "perturbations"), adds=("branches", "node"))
 ESTIMATE = Pass("node estimate", estimate, reads=("trainables", "branches", "losses", "node"), adds=("estimate",))

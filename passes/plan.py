@@ -25,8 +25,10 @@
                (fgcompile/spec.py says what each measured).
 
 Precondition: ctx.trainables (select); the graph as analyze left it.
-Postcondition: ctx.plan; ctx.spec.estimator is sign, spsa, node or head, ctx.spec.m and ctx.spec.headroom are
-set. The graph is unchanged.
+    exact      the site stepped by its exact gradient (head's; node's output layer at depth), or None.
+
+Postcondition: ctx.plan (with .exact); ctx.spec.estimator is sign, spsa, node or head, ctx.spec.m and
+ctx.spec.headroom are set. The graph is unchanged.
 """
 from __future__ import annotations
 
@@ -80,12 +82,17 @@ def _one_logit_bce(graph: gs.Graph, ctx: Context) -> bool:
     return ctx.spec.for_head(ctx.io.head).loss == "bce" and (graph.tensors()[ctx.io.loss_tap].shape or [None])[-1] == 1
 
 
-def _exact_detector_output(graph: gs.Graph, ctx: Context, estimator: str) -> bool:
-    """Whether a one-logit detector's output layer trains by its exact gradient: alone under head, or as node's
-    output layer among several (passes/node.py steps it exactly there)."""
-    sites = set(t.site for t in ctx.trainables)
-    writes = any(writes_logits(graph, n, ctx.io.loss_tap) for n in graph.nodes if n.name in sites)
-    return _one_logit_bce(graph, ctx) and writes and (estimator == "head" or estimator == "node" and len(sites) > 1)
+def _exact_site(graph: gs.Graph, ctx: Context, estimator: str) -> str | None:
+    """The site stepped by its exact gradient: head's one site; under node, where more than one layer trains
+    and one writes the logits of a ce or bce loss with a static class axis, that one (passes/node.py)."""
+    sites = list(dict.fromkeys(t.site for t in ctx.trainables))
+    if estimator == "head":
+        return sites[0]
+    static = isinstance((graph.tensors()[ctx.io.loss_tap].shape or [None])[-1], int)
+    if estimator != "node" or len(sites) < 2 or ctx.spec.for_head(ctx.io.head).loss not in ("ce", "bce") or not static:
+        return None
+    nodes = {n.name: n for n in graph.nodes}
+    return next((site for site in sites if writes_logits(graph, nodes[site], ctx.io.loss_tap)), None)
 
 
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
@@ -104,10 +111,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
         raise SpecError(f"--node-schedule {spec.node_schedule} applies to --estimator node only, and --estimator auto "
                         f"chose {estimator} here ({reason}). Add --estimator node, or drop --node-schedule.")
     m = m if m is not None else DEFAULT_M[estimator]
+    exact = _exact_site(graph, ctx, estimator)
     headroom = spec.headroom if spec.headroom is not None else \
-        DETECTOR_HEADROOM if _exact_detector_output(graph, ctx, estimator) else DEFAULT_HEADROOM
+        DETECTOR_HEADROOM if exact and _one_logit_bce(graph, ctx) else DEFAULT_HEADROOM
     ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m, headroom=headroom)
-    ctx.plan = Plan(estimator, reason, m)
+    ctx.plan = Plan(estimator, reason, m, exact)
     return graph
 
 
