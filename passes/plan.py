@@ -23,10 +23,9 @@
                detector) steps by its exact gradient, alone (head) or under node at depth: its whitened exact
                step needs weights far past 4x their pretrained range; else DEFAULT_HEADROOM (4)
                (fgcompile/spec.py says what each measured).
-
-Precondition: ctx.trainables (select); the graph as analyze left it.
     exact      the site stepped by its exact gradient (head's; node's output layer at depth), or None.
 
+Precondition: ctx.trainables (select); the graph as analyze left it.
 Postcondition: ctx.plan (with .exact); ctx.spec.estimator is sign, spsa, node or head, ctx.spec.m and
 ctx.spec.headroom are set. The graph is unchanged.
 """
