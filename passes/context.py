@@ -113,6 +113,7 @@ class Plan:             # plan: how the step is estimated, decided once
     reason: str                         # why: "given", or auto's reason
     m: int
     exact: str | None = None            # the site stepped by its exact gradient: head's, or node's output layer
+    weighed: bool = False               # node: the other layers' signs weighed by the exact one logit's |V|
 
 
 @dataclasses.dataclass

@@ -325,8 +325,8 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     # the output layer's exact V (from the clean logits); where it is one logit, |V| weighs the other layers' V
     outputs = [layer for layer in ctx.node if layer.logits is not None]
     exact_v = {layer.site: _exact_rows(b, layer.logits, ctx.losses.labels, ctx.spec.loss) for layer in outputs}
-    weight = next((b.i32.Abs(b.cast(exact_v[layer.site][0], np.int32), hint="example_weight") for layer in outputs
-                   if ctx.spec.loss == "bce" and layer.logits.shape[-1] == 1), None)      # [B, 1]
+    weight = b.i32.Abs(b.cast(exact_v[ctx.plan.exact][0], np.int32), hint="example_weight") \
+        if ctx.plan.weighed else None      # [B, 1]
     grad, by_rows = {}, {}
     for layer in ctx.node:
         exact = layer.logits is not None    # the output layer: its exact gradient from the clean logits

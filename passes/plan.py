@@ -24,9 +24,11 @@
                step needs weights far past 4x their pretrained range; else DEFAULT_HEADROOM (4)
                (fgcompile/spec.py says what each measured).
     exact      the site stepped by its exact gradient (head's; node's output layer at depth), or None.
+    weighed    node's perturbed layers weigh their signs by the exact output layer's |V| (it writes one logit of a
+               bce loss: passes/node.py).
 
 Precondition: ctx.trainables (select); the graph as analyze left it.
-Postcondition: ctx.plan (with .exact); ctx.spec.estimator is sign, spsa, node or head, ctx.spec.m and
+Postcondition: ctx.plan (with .exact and .weighed); ctx.spec.estimator is sign, spsa, node or head, ctx.spec.m and
 ctx.spec.headroom are set. The graph is unchanged.
 """
 from __future__ import annotations
@@ -111,10 +113,10 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
                         f"chose {estimator} here ({reason}). Add --estimator node, or drop --node-schedule.")
     m = m if m is not None else DEFAULT_M[estimator]
     exact = _exact_site(graph, ctx, estimator)
-    headroom = spec.headroom if spec.headroom is not None else \
-        DETECTOR_HEADROOM if exact and _one_logit_bce(graph, ctx) else DEFAULT_HEADROOM
+    detector = exact is not None and _one_logit_bce(graph, ctx)
+    headroom = spec.headroom if spec.headroom is not None else DETECTOR_HEADROOM if detector else DEFAULT_HEADROOM
     ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m, headroom=headroom)
-    ctx.plan = Plan(estimator, reason, m, exact)
+    ctx.plan = Plan(estimator, reason, m, exact, weighed=detector and estimator == "node")
     return graph
 
 
