@@ -45,7 +45,7 @@ from fgcompile.session import SessionSettings
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from adapt import files_of  # noqa: E402
 
-ESTIMATORS = {"node": dict(estimator="node", m=8), "node-alternate": dict(estimator="node", m=8, node_schedule="alternate"),
+ESTIMATORS = {"node": dict(estimator="node", m=8, node_schedule="all"), "node-alternate": dict(estimator="node", m=8, node_schedule="alternate"),
               "sign": dict(estimator="sign"), "head": dict(estimator="head"), "auto": dict(estimator="auto"),
               "bp": dict()}
 BACKPROP_LR = [1e-3, 3e-3, 1e-2]   # Adam, as benchmarks/run.py's baseline

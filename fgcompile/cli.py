@@ -173,7 +173,8 @@ def spec_options(f):
                     "output layer trains alone, else sign."),
         spec_option("--node-schedule", "node_schedule", NODE_SCHEDULES,
                     help="--estimator node: all (every direction perturbs every trained layer) or alternate "
-                         "(direction i perturbs trained layer i mod L only)."),
+                         "(direction i perturbs trained layer i mod L only); auto: alternate where L >= 2 perturbed "
+                         "layers run over a transformer's tokens and m/L >= 4."),
         spec_option("--spsa-gain", "spsa_gain", help="m-SPSA: c = round(gain·ΔL)."),
         spec_option("--rounding", "rounding", ROUNDINGS),
         spec_option("--bits", "bits", BITS, help="16 widens int8 trained weights to int16 for training; 8 keeps int8."),

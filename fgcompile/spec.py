@@ -31,7 +31,8 @@ BRANCH_FORMS = ("auto", "stacked", "cloned", "loop")
 PRECONDITIONS = ("auto", "whiten", "none")
 SPARSE_MODES = ("topk", "random", "threshold")
 FORWARDS = ("qdq", "exact")   # exact: frozen quantized ops in integer arithmetic every runtime agrees on (passes/exact_forward.py)
-NODE_SCHEDULES = ("all", "alternate")   # node: which trained layers direction i perturbs (passes/node.py)
+NODE_SCHEDULES = ("auto", "all", "alternate")   # node: which trained layers direction i perturbs (passes/node.py;
+# auto: passes/plan.py)
 HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # --headroom when unset (passes/plan.py): 4, or 128 where the exact gradient trains a one-logit detector's output
 # layer, alone or at depth (its whitened step needed weights ~90x the pretrained range: alone, at 4 it stalled at
@@ -124,7 +125,7 @@ class TrainSpec:
     density: float = 1.0
     loss: str = "auto"
     estimator: str = "auto"
-    node_schedule: str = "all"    # --estimator node: all trained layers per direction, or alternate: layer i mod L
+    node_schedule: str = "auto"   # node: all trained layers per direction, or alternate: layer i mod L (auto: plan)
     spsa_gain: float = 64.0
     rounding: str = "nearest"
     bits: int = 16  # 16: widen int8 trainable weights to int16 for training; 8: keep int8
@@ -224,7 +225,7 @@ class TrainSpec:
         need(self.forward in FORWARDS, f"--forward {self.forward!r}: choose one of {', '.join(FORWARDS)}.")
         need(self.node_schedule in NODE_SCHEDULES,
              f"--node-schedule {self.node_schedule!r}: choose one of {', '.join(NODE_SCHEDULES)}.")
-        need(self.node_schedule == "all" or self.estimator in ("node", "auto"),
+        need(self.node_schedule != "alternate" or self.estimator in ("node", "auto"),
              f"--node-schedule {self.node_schedule} applies to --estimator node only (weight perturbation perturbs "
              "every trained tensor in every direction). Add --estimator node, or drop --node-schedule.")
         if self.estimator in READS_ACTIVATIONS:

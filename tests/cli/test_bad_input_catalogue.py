@@ -117,7 +117,7 @@ COMPILE_CASES = {
     "unknown forward": (model_file(lambda t: onnx.load(CNN)), ["--forward", "fast"],
                         "'fast' is not one of 'qdq', 'exact'"),
     "unknown node schedule": (model_file(lambda t: onnx.load(CNN)), ["--estimator", "node", "--node-schedule", "each"],
-                              "'each' is not one of 'all', 'alternate'"),
+                              "'each' is not one of 'auto', 'all', 'alternate'"),
     "node estimator in the cloned form": (model_file(lambda t: onnx.load(CNN)),
                                           ["--estimator", "node", "--branches", "cloned"],
                                           "does not take --branches cloned yet"),

@@ -6,7 +6,7 @@ import pytest
 from conftest import shipped
 from fgcompile.errors import SpecError
 from fgcompile.passes.pipeline import compile_graph
-from fgcompile.passes.plan import LONE_CONV_M
+from fgcompile.passes.plan import LONE_CONV_M, TOKEN_M
 from fgcompile.spec import DEFAULT_HEADROOM, DEFAULT_M, DETECTOR_HEADROOM, TrainSpec
 
 
@@ -19,14 +19,30 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     return parts(a) == parts(b)
 
 
-@pytest.mark.parametrize("model_file, last", [("digits_cnn/w8a8.onnx", 2), ("digits_attn/w8a8.onnx", 3)])
-def test_auto_trains_depth_with_node_perturbation(model_file, last):
+@pytest.mark.parametrize("model_file, last, m, schedule", [
+    ("digits_cnn/w8a8.onnx", 2, DEFAULT_M["node"], "all"),          # one layer perturbed (the output's is exact)
+    ("digits_cnn/w8a8.onnx", 3, DEFAULT_M["node"], "all"),          # conv2 and fc1: not over tokens
+    ("digits_attn/w8a8.onnx", 3, TOKEN_M, "alternate"),             # mlp1 and mlp2, over 8 tokens
+])
+def test_auto_trains_depth_with_node_perturbation(model_file, last, m, schedule):
     auto = compile_graph(shipped(model_file), TrainSpec(last=last))
-    by_hand = compile_graph(shipped(model_file), TrainSpec(last=last, estimator="node"))
-    assert (auto.contract.spec.estimator, auto.contract.spec.m) == ("node", DEFAULT_M["node"])
-    assert auto.contract.estimator_reason == f"{last} layers train"
+    by_hand = compile_graph(shipped(model_file), TrainSpec(last=last, estimator="node", m=m, node_schedule=schedule))
+    assert (auto.contract.spec.estimator, auto.contract.spec.m, auto.contract.spec.node_schedule) == \
+        ("node", m, schedule)
+    assert auto.contract.estimator_reason.startswith(f"{last} layers train")
+    assert ("token axis" in auto.contract.estimator_reason) == (m == TOKEN_M)
     assert auto.contract.spec.lr == by_hand.contract.spec.lr and _same_graph(auto.train, by_hand.train)
     assert by_hand.contract.estimator_reason == "given"
+
+
+@pytest.mark.parametrize("last, m, schedule", [(3, None, "alternate"), (3, 4, "all"), (7, None, "all"), (7, 32, "alternate")])
+def test_node_alternates_over_tokens_where_each_layer_keeps_four_directions(last, m, schedule):
+    """--node-schedule auto resolves for node given by hand too: alternate where m // L >= 4 of the L perturbed
+    layers (the output layer's step is exact), m the one given or node's default."""
+    spec = compile_graph(shipped("digits_attn/w8a8.onnx"), TrainSpec(last=last, estimator="node", m=m)).contract.spec
+    assert (spec.m, spec.node_schedule) == (m or DEFAULT_M["node"], schedule)
+    every = compile_graph(shipped("digits_attn/w8a8.onnx"), TrainSpec(last=3, estimator="node", node_schedule="all"))
+    assert every.contract.spec.node_schedule == "all"
 
 
 @pytest.mark.parametrize("model_file", ["digits_cnn/w8a8.onnx", "digits_attn/w8a8.onnx", "kws_dscnn/w8a8.onnx"])
