@@ -29,7 +29,9 @@ def describe_compile(contract: Contract) -> list[str]:
         "kernel-wise normalized ĝ" if sp.kernel_norm else "",
         f"sparse update ({sp.sparse_mode}): {sp.sparsity:.0%} of each tensor unchanged per step" if sp.sparsity else "",
         f"momentum-guided sampling ({sp.momentum:.0%} of z)" if sp.momentum else "",
-        f"sharpness-aware ascent of {sp.sharpness} LSB" if sp.sharpness else "") if part]
+        f"sharpness-aware ascent of {sp.sharpness} LSB" if sp.sharpness else "",
+        "node schedule alternate: direction i perturbs layer i mod L alone" if sp.node_schedule == "alternate"
+        else "") if part]
     if options:
         lines.append("; ".join(options))
     if contract.branches == "none":      # --estimator head

@@ -7,6 +7,7 @@ from conftest import shipped
 from fgcompile.errors import SpecError
 from fgcompile.passes.pipeline import compile_graph
 from fgcompile.passes.plan import LONE_CONV_M, TOKEN_M
+from fgcompile.report import describe_compile
 from fgcompile.spec import DEFAULT_HEADROOM, DEFAULT_M, DETECTOR_HEADROOM, TrainSpec
 
 
@@ -39,8 +40,10 @@ def test_auto_trains_depth_with_node_perturbation(model_file, last, m, schedule)
 def test_node_alternates_over_tokens_where_each_layer_keeps_four_directions(last, m, schedule):
     """--node-schedule auto resolves for node given by hand too: alternate where m // L >= 4 of the L perturbed
     layers (the output layer's step is exact), m the one given or node's default."""
-    spec = compile_graph(shipped("digits_attn/w8a8.onnx"), TrainSpec(last=last, estimator="node", m=m)).contract.spec
-    assert (spec.m, spec.node_schedule) == (m or DEFAULT_M["node"], schedule)
+    contract = compile_graph(shipped("digits_attn/w8a8.onnx"), TrainSpec(last=last, estimator="node", m=m)).contract
+    assert (contract.spec.m, contract.spec.node_schedule) == (m or DEFAULT_M["node"], schedule)
+    said = "\n".join(describe_compile(contract))     # compile says which
+    assert ("node schedule alternate" in said) == (schedule == "alternate")
     every = compile_graph(shipped("digits_attn/w8a8.onnx"), TrainSpec(last=3, estimator="node", node_schedule="all"))
     assert every.contract.spec.node_schedule == "all"
 
