@@ -99,10 +99,9 @@ def _over_tokens(graph: gs.Graph, site: str) -> bool:
     return node.op == "MatMul" and len(node.inputs[0].shape or []) >= 3
 
 
-def _exact_site(graph: gs.Graph, ctx: Context, estimator: str) -> str | None:
+def _exact_site(graph: gs.Graph, ctx: Context, estimator: str, sites: list[str]) -> str | None:
     """The site stepped by its exact gradient: head's one site; under node, where more than one layer trains
     and one writes the logits of a ce or bce loss with a static class axis, that one (passes/node.py)."""
-    sites = list(dict.fromkeys(t.site for t in ctx.trainables))
     if estimator == "head":
         return sites[0]
     static = isinstance((graph.tensors()[ctx.io.loss_tap].shape or [None])[-1], int)
@@ -115,8 +114,8 @@ def _exact_site(graph: gs.Graph, ctx: Context, estimator: str) -> str | None:
 def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     spec = ctx.spec
     estimator, reason, m = spec.estimator, "given", spec.m
+    sites = list(dict.fromkeys(t.site for t in ctx.trainables))
     if estimator == "auto":
-        sites = list(dict.fromkeys(t.site for t in ctx.trainables))
         refusal = _node_refusal(graph, ctx, sites) if len(sites) > 1 else None
         if len(sites) == 1:
             estimator, reason, m = _one_layer(graph, ctx, sites[0])
@@ -127,8 +126,8 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     if estimator != "node" and spec.node_schedule == "alternate":
         raise SpecError(f"--node-schedule {spec.node_schedule} applies to --estimator node only, and --estimator auto "
                         f"chose {estimator} here ({reason}). Add --estimator node, or drop --node-schedule.")
-    exact = _exact_site(graph, ctx, estimator)
-    perturbed = [s for s in dict.fromkeys(t.site for t in ctx.trainables) if s != exact] if estimator == "node" else []
+    exact = _exact_site(graph, ctx, estimator, sites)
+    perturbed = [s for s in sites if s != exact] if estimator == "node" else []
     tokens = len(perturbed) > 1 and any(_over_tokens(graph, s) for s in perturbed)
     if spec.estimator == "auto" and m is None and tokens:
         m, reason = TOKEN_M, f"{reason}; m = {TOKEN_M}: they run over a token axis"
