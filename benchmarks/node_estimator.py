@@ -39,6 +39,7 @@ import onnx
 
 import fgcompile
 from fgcompile.errors import SpecError
+from fgcompile.heads import head_of
 from fgcompile.runtime.data import load_data
 from fgcompile.session import SessionSettings
 
@@ -128,13 +129,27 @@ def run(last: int, name: str, seeds: list[int], epochs: int, model: str, data: s
 
 def backprop_rows(path: str, sites: dict, xy, test, seeds: list[int], epochs: int, emit) -> None:
     """fp32 Adam backprop of the same tensors (the fp32.onnx beside the model), lr by 5-fold validation on
-    seed 0 (benchmarks/accuracy.select, run.py's grid), scored as the fp32 model on the target test split."""
+    seed 0 (benchmarks/accuracy.select, run.py's grid), scored as the fp32 model on the target test split; a
+    one-logit detector's by its logistic loss, lr by validation AUC (benchmarks/detect.py's grid), with AUC and
+    miss rate."""
     import accuracy
     import backprop
     fp32_path = pathlib.Path(path).with_name("fp32.onnx")
     quantized, fp32 = onnx.load(path), onnx.load(fp32_path)
     state = [s.name for s in fgcompile.compile_model(quantized, fgcompile.TrainSpec(**sites)).contract.state]
     names = accuracy.fp32_names(quantized, fp32, state)
+
+    if head_of(fp32).kind == "sigmoid":    # a one-logit detector: benchmarks/detect.py's protocol
+        import detect
+        detect.SEEDS = seeds
+        start = time.time()
+        r = detect.backprop_runs(fp32, names, xy, test, epochs)
+        for seed, run in zip(seeds, r["runs"]):
+            emit({"seed": seed, "trained": names, "optimizer": "adam", "epochs": epochs, "lr": r["lr"],
+                  "fp32_accuracy": run["accuracy"], "auc": run["auc"], "miss_rate": run["miss_rate"],
+                  "seconds": round(time.time() - start, 1),
+                  **({"tune": r["validation_auc"]} if seed == seeds[0] else {})})
+        return
 
     def bp(lr, seed, tr, te, ep, b):
         return backprop.accuracy(backprop.fine_tune(fp32, names, *tr, ep, b, lr, seed), *te)
@@ -162,6 +177,7 @@ def table(lines: list[dict]) -> str:
             f" (rates {', '.join(f'{x:g}' for x in r['rates'])})" if r.get("rates") else \
             " (lr given, not tuned)" if r.get("lr_given") else ""
         where += f" (headroom {r['headroom']})" if r.get("headroom") else ""
+        where += f" ({r['epochs']} epochs)" if r.get("epochs", 30) != 30 else ""
         groups.setdefault((r["model"], where, r["estimator"], r.get("spec", {}).get("m")), []).append(r)
     label = {"node": "node, m = {m}", "sign": "sign, m = 64", "head": "head (exact gradient)", "bp": "fp32 Adam backprop"}
     out = ["| model | trained | estimator | lr | seeds | per seed | mean ± std |", "|---|---|---|---|---|---|---|"]

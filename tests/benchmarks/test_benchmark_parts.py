@@ -181,6 +181,11 @@ def test_node_estimator_picks_each_models_target_splits_and_tables_refusals():
     assert "| digits_cnn | `--train conv2` | node, m = 8 | 1 |" in text
     assert "| digits_cnn | `--train conv2 (grid +3 doublings)` | node, m = 8 | 1 |" in text
     assert "`--train conv2 (rates 0.5, 1)` | node" in text and "`--train conv2 (lr given, not tuned)` | sign" in text
+    # a run at another budget is its own row, not averaged into the 30-epoch one
+    spans = [{"model": "kws_detect", "last": 2, "estimator": "auto", "spec": {}, "seed": 0, "lr": 0.125, "epochs": e,
+              "exported_accuracy": a, "auc": 0.99, "miss_rate": 0.05} for e, a in ((30, 0.96), (300, 0.90))]
+    text = node_estimator.table(spans)
+    assert "| `--last 2` | auto | 0.125 | 0 | 96.0 |" in text and "| `--last 2 (300 epochs)` | auto | 0.125 | 0 | 90.0 |" in text
 
 
 def test_memory_probe_runs_training_as_the_runtime_does(tmp_path):
