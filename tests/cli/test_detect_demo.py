@@ -16,7 +16,10 @@ def table(output: str) -> dict:
 
 
 def test_detect_demo_halves_the_target_miss_rate(tmp_path):
-    r = invoke("demo", "--task", "detect", "-o", tmp_path / "d", "--epochs", 3)
+    # 4 of the demo's 10 epochs: at 3 the miss rate sat on the bar, under it on an AVX2 CPU and one positive of 128
+    # over it (12.5% against 12.1%) on an AVX-512 VNNI one (same packages; its training graph matched the reference
+    # evaluator there, so the CPU moved something before it, e.g. a float kernel in calibration); at 4: 9.4%
+    r = invoke("demo", "--task", "detect", "-o", tmp_path / "d", "--epochs", 4)
     assert r.exit_code == 0, r.output
     rows = table(r.output)
     shipped = models.manifest()["models"]["kws_detect"]["variants"]["w8a8"]
