@@ -113,7 +113,7 @@ class Plan:             # plan: how the step is estimated, decided once
     reason: str                         # why: "given", or auto's reason
     m: int
     exact: str | None = None            # the site stepped by its exact gradient: head's, or node's output layer
-    weighed: bool = False               # node: the other layers' signs weighed by the exact one logit's |V|
+    weighed: bool = False               # node: the perturbed layers' signs weighed by the clean one logit's |V|
 
 
 @dataclasses.dataclass
@@ -151,6 +151,7 @@ class Branches:         # pair
     logits_branch_axis: int             # 0, or 1 when `logits` is [B, 2m, C] (the wide product's layout)
     form: Literal["stacked", "cloned", "loop", "none"]   # none: --estimator head's one forward
     reason: str | None                  # why not stacked (the op and why), else None
+    clean_logits: gs.Tensor | None = None   # node, where plan.weighed: the clean logits whose |V| weighs the signs
 
 
 @dataclasses.dataclass

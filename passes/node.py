@@ -9,9 +9,9 @@ a Gemm's bias, before any requantization) moves by ±ε output LSBs along intege
              for the layer's place l among the L trained layers (one trained layer per direction)
     sᵢ,b   = sign(L⁺ᵢ,b − L⁻ᵢ,b)          per-example losses (loss.per_example); 0 for a tie: |d| <= 2^-19·max(|L⁺|, |L⁻|, 1)
     V_b    = Σᵢ sᵢ,b·uᵢ,b                int8 (|V| <= m <= 64)
-    weighed, where the output layer is exact (below) and writes one logit (a one-label bce detector):
-           V_b ← round_half_away(V_b·|V*_b| / 2m)    V*_b: that layer's exact V (e_b = sigmoid(z_b) − y_b on 2^-7),
-                                                    so |V| <= 64 (WEIGHED_BOUND)
+    weighed, where the loss is bce of one logit (a one-label detector), at any depth:
+           V_b ← round_half_away(V_b·|V*_b| / 2m)    V*_b: the clean logit's V (e_b = sigmoid(z_b) − y_b on 2^-7,
+                                                    the exact output layer's where it trains), so |V| <= 64
            one logit's loss difference is e_b times the logit's, and its sign drops e_b: unweighed, each easy
            negative of a detector pushed as hard as a missed positive, and at --last 2 the scores all drifted
            down (AUC 0.957 before and after 30 epochs; weighed: benchmarks/README.md, "The detector")
@@ -166,11 +166,13 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     noisy = {id(n) for n in downstream_nodes(graph, list(outputs.values()))}
     rewritten = [n for n in needed if id(n) in noisy]         # run on the branch axis, then removed
     # the clean forward up to each trained input made inside the noisy part, before the noise is wired in
-    # (and up to the logits where the output layer's step is exact)
-    ends = [q.name for q, *_ in parts.values()] + ([tap] if exact else [])
+    # (and up to the logits where the output layer's step is exact or their |V| weighs the signs)
+    ends = [q.name for q, *_ in parts.values()] + ([tap] if exact or ctx.plan.weighed else [])
     upstream = {id(u) for end in ends for u in upstream_nodes(rewritten, end)}
     clean = [n for n in rewritten if id(n) in upstream]
     clean_of = clone_nodes(graph, clean, {}, "__clean")
+    # a perturbed layer's own output stays clean (its noise is added after it)
+    clean_logits = clean_of.get(tap, graph.tensors()[tap]) if ctx.plan.weighed else None
     layers, stacked, order = [], {}, []
     for site in sites:
         q, zp, unit, layout, scale, patches = parts[site]
@@ -232,7 +234,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     graph.nodes = [n for n in graph.nodes if id(n) not in gone]
     graph.outputs = []
     w32 = {tr.name: b.cast(ctx.state.inputs[tr.name], np.int32) for tr in ctx.trainables}
-    ctx.branches = Branches(w32, logits, 0, form, None)
+    ctx.branches = Branches(w32, logits, 0, form, None, clean_logits)
     ctx.node = layers
     return graph
 
@@ -322,11 +324,15 @@ def estimate(graph: gs.Graph, ctx: Context) -> gs.Graph:
     b, m = Builder(graph, "node_estimate"), ctx.spec.m
     c = ctx.losses.signs if ctx.losses.signs is not None else _float_signs(b, ctx.losses.per_example, m)  # [m, B]
     s = b.cast(c, np.int8, hint="s")
-    # the output layer's exact V (from the clean logits); where it is one logit, |V| weighs the other layers' V
+    # the output layer's exact V (from the clean logits); where the loss is one logit's, |V| weighs the others' V
     outputs = [layer for layer in ctx.node if layer.logits is not None]
     exact_v = {layer.site: _exact_rows(b, layer.logits, ctx.losses.labels, ctx.spec.loss) for layer in outputs}
-    weight = b.i32.Abs(b.cast(exact_v[ctx.plan.exact][0], np.int32), hint="example_weight") \
-        if ctx.plan.weighed else None      # [B, 1]
+    if ctx.plan.weighed:      # [B, 1]: |V| of the clean logit, the exact output layer's where it trains
+        v_star = exact_v[ctx.plan.exact][0] if ctx.plan.exact in exact_v else \
+            _exact_rows(b, ctx.branches.clean_logits, ctx.losses.labels, ctx.spec.loss)[0]
+        weight = b.i32.Abs(b.cast(v_star, np.int32), hint="example_weight")
+    else:
+        weight = None
     grad, by_rows = {}, {}
     for layer in ctx.node:
         exact = layer.logits is not None    # the output layer: its exact gradient from the clean logits
@@ -546,4 +552,5 @@ def _exact_rows(b: Builder, logits, labels, loss: str):
 
 
 PAIR = Pass("node", run, reads=("io", "plan", "trainables", "state", "perturbations"), adds=("branches", "node"))
-ESTIMATE = Pass("node estimate", estimate, reads=("trainables", "branches", "losses", "node"), adds=("estimate",))
+ESTIMATE = Pass("node estimate", estimate, reads=("plan", "trainables", "branches", "losses", "node"),
+                adds=("estimate",))

@@ -28,8 +28,9 @@
                step needs weights far past 4x their pretrained range; else DEFAULT_HEADROOM (4)
                (fgcompile/spec.py says what each measured).
     exact      the site stepped by its exact gradient (head's; node's output layer at depth), or None.
-    weighed    node's perturbed layers weigh their signs by the exact output layer's |V| (it writes one logit of a
-               bce loss: passes/node.py).
+    weighed    node's perturbed layers weigh their signs by |V| of the clean logit where the loss is bce of one
+               logit (a detector), at any depth (passes/node.py): unweighed, a lone hidden Conv of the detector
+               did not learn (AUC 0.957 before and after 30 epochs).
 
 Precondition: ctx.trainables (select); the graph as analyze left it.
 Postcondition: ctx.plan (with .exact and .weighed); ctx.spec.estimator is sign, spsa, node or head, ctx.spec.m,
@@ -136,7 +137,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     detector = exact is not None and _one_logit_bce(graph, ctx)
     headroom = spec.headroom if spec.headroom is not None else DETECTOR_HEADROOM if detector else DEFAULT_HEADROOM
     ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m, headroom=headroom, node_schedule=schedule)
-    ctx.plan = Plan(estimator, reason, m, exact, weighed=detector and estimator == "node")
+    ctx.plan = Plan(estimator, reason, m, exact, weighed=estimator == "node" and _one_logit_bce(graph, ctx))
     return graph
 
 

@@ -243,10 +243,12 @@ def test_node_grouped_conv_chain_matches_reference(target_train, tmp_path):
 
 
 @pytest.mark.parametrize("branches", ["stacked", "loop"])
-def test_node_chain_on_the_detector(branches):
+@pytest.mark.parametrize("sites", [dict(last=2), dict(train=("block2.pw",))])
+def test_node_chain_on_the_detector(branches, sites):
     """The keyword detector (bce, one label) at --last 2: its hidden layer's per-example signs come from
     sign(z⁺ − z⁻)·(1 − 2y) and its output layer steps along sigmoid(z) − y from a table (integer_loss):
-    the same steps as the reference's bce_example_signs and bce_error."""
+    the same steps as the reference's bce_example_signs and bce_error. Alone (block2.pw), the hidden layer's
+    signs are weighed by the clean logit's |sigmoid(z) − y| as at depth."""
     from fgcompile import models
-    spec = TrainSpec(estimator="node", m=4, last=2, branches=branches)
+    spec = TrainSpec(estimator="node", m=4, branches=branches, **sites)
     assert run_chain("kws_detect/w8a8.onnx", spec, models.split("kws_detect", "target_train"), steps=4) > 0

@@ -1054,10 +1054,11 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
         V_b ← V_b − round(mean_j V_b,j) (half away from 0, clipped to ±127) where the layer's output is the
               logits that the ce loss reads (the loss tap),
         the layer that writes the logits, where more than one layer trains (node_layers: `exact`): no noise,
-              and its ĝ is exact_gradient's, from the clean logits; where it writes one logit (bce of one
-              label), V_b ← round_half_away(V_b·|V*_b| / (2m)) with V*_b its exact V (e_b on 2^-7): the
-              loss difference of one logit is e_b times that of the logit, so the sign keeps the logit's
-              direction and |e_b| restores how much example b's loss asks (|V| <= 64),
+              and its ĝ is exact_gradient's, from the clean logits,
+        where the loss is bce of one logit (a detector), at any depth: V_b ← round_half_away(V_b·|V*_b| / (2m))
+              with V*_b = logit_error of the clean logit (e_b on 2^-7): the loss difference of one logit is e_b
+              times that of the logit, so the sign keeps the logit's direction and |e_b| restores how much
+              example b's loss asks (|V| <= 64),
         ĝ_W = Σ_b a_b ⊗ V_b (a = q − zp, the clean integer input; rows of tokens summed too; a whitened step
               takes a = QuantizeLinear(a_float·P², s) instead), ĝ_bias = Σ_b V_b,
         for a Conv the rows are its output positions (b, y, x) and a_b its im2col patches (`patches`):
@@ -1100,12 +1101,11 @@ def node_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
     if not integer:
         tie = np.abs(d) <= scale * np.float32(c["tie_tolerance"])
         s = np.sign(np.where(tie, np.float32(0), d)).astype(np.int64)
-    grads, weight = {}, None
+    grads, z = {}, clean[oracle.tap]
+    weight = np.abs(logit_error(z, y, "bce")).reshape(B) if spec["loss"] == "bce" and z.shape[-1] == 1 else None
     for layer in layers:
         if layer.exact:
-            v_exact, g_exact = exact_gradient(layer, clean, clean[oracle.tap], y, spec["loss"], state)
-            grads.update(g_exact)
-            weight = np.abs(v_exact).reshape(B) if v_exact.shape[-1] == 1 and spec["loss"] == "bce" else None
+            grads.update(exact_gradient(layer, clean, z, y, spec["loss"], state)[1])
     for layer in layers:
         if layer.exact:
             continue
@@ -1178,18 +1178,23 @@ def head_step(oracle: InferenceOracle, c: dict, state: dict, x, y, seed: int, st
 
 
 def exact_gradient(layer: NodeLayer, clean: dict, z: np.ndarray, y, kind: str, state: dict):
-    """(V, ĝ) of the layer that writes the logits z (head_step's formulas): V = ce_error(z, y) (ce) or
-    bce_error(z, y) (bce, one label), else clip(round_half_even(128·e), −128, 127) for e = sigmoid(z) − y; ĝ = round_half_away(layer_gradient / 16)."""
-    if integer_decisions(kind, z):
-        v = (ce_error if kind == "ce" else bce_error)(z, y)
-    else:
-        if kind == "ce":
-            e = _ort_op("Softmax", z) - np.eye(z.shape[-1], dtype=np.float32)[y]
-        else:
-            e = _ort_op("Sigmoid", z) - np.asarray(y, np.float32).reshape(z.shape)
-        v = np.clip(np.rint(e * np.float32(128)), -128, 127).astype(np.int64)
+    """(V, ĝ) of the layer that writes the logits z (head_step's formulas): V = logit_error(z, y, kind);
+    ĝ = round_half_away(layer_gradient / 16)."""
+    v = logit_error(z, y, kind)
     grads = layer_gradient(layer, clean, v.reshape(-1, v.shape[-1]), state, 1)
     return v, {k: _position_mean(g, 16) for k, g in grads.items()}
+
+
+def logit_error(z: np.ndarray, y, kind: str) -> np.ndarray:
+    """V of the logits z: ce_error(z, y) (ce) or bce_error(z, y) (bce, one label), else
+    clip(round_half_even(128·e), −128, 127) for e = softmax(z) − onehot(y) or sigmoid(z) − y."""
+    if integer_decisions(kind, z):
+        return (ce_error if kind == "ce" else bce_error)(z, y)
+    if kind == "ce":
+        e = _ort_op("Softmax", z) - np.eye(z.shape[-1], dtype=np.float32)[y]
+    else:
+        e = _ort_op("Sigmoid", z) - np.asarray(y, np.float32).reshape(z.shape)
+    return np.clip(np.rint(e * np.float32(128)), -128, 127).astype(np.int64)
 
 
 NODE_GRAD_MAX = 2 ** 20   # README: |ĝ| saturates there (binds only past m·rows·255 > 2^20)
