@@ -134,10 +134,11 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     m = m if m is not None else DEFAULT_M[estimator]
     alternate = tokens and m // len(perturbed) >= ALTERNATE_MIN_DIRECTIONS
     schedule = spec.node_schedule if spec.node_schedule != "auto" else "alternate" if alternate else "all"
-    detector = exact is not None and _one_logit_bce(graph, ctx)
+    one_logit = _one_logit_bce(graph, ctx)
+    detector = exact is not None and one_logit
     headroom = spec.headroom if spec.headroom is not None else DETECTOR_HEADROOM if detector else DEFAULT_HEADROOM
     ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m, headroom=headroom, node_schedule=schedule)
-    ctx.plan = Plan(estimator, reason, m, exact, weighed=estimator == "node" and _one_logit_bce(graph, ctx))
+    ctx.plan = Plan(estimator, reason, m, exact, weighed=estimator == "node" and one_logit)
     return graph
 
 
