@@ -89,15 +89,15 @@ def scores(net, x, y) -> dict:
     return {"auc": roc_auc(z, y), "miss_rate": miss_rate_at(z, y, FALSE_ALARM), "accuracy": float(((z > 0) == (y == 1)).mean())}
 
 
-def backprop_runs(fp32, names, train, test, epochs: int) -> dict:
+def backprop_runs(fp32, names, train, test, epochs: int, seeds: list[int] = SEEDS) -> dict:
     def fit(lr, seed, data):
         return backprop.fine_tune(fp32, names, *data, epochs, BATCH, lr, seed, loss="bce")
 
     folds = [accuracy.holdout(*train, f) for f in range(FOLDS)]
     val = {lr: statistics.mean(scores(fit(lr, 0, tr), *va)["auc"] for tr, va in folds) for lr in BACKPROP_LR}
     lr = max(BACKPROP_LR, key=val.get)
-    runs = [judged(scores(fit(lr, s, train), *test)) for s in SEEDS]
-    for s, r in zip(SEEDS, runs):
+    runs = [judged(scores(fit(lr, s, train), *test)) for s in seeds]
+    for s, r in zip(seeds, runs):
         log(f"backprop seed {s}: {r}")
     return {"epochs": epochs, "lr": lr, "validation_auc": {f"{k:g}": round(v, 4) for k, v in val.items()}, "runs": runs}
 

@@ -141,9 +141,8 @@ def backprop_rows(path: str, sites: dict, xy, test, seeds: list[int], epochs: in
 
     if head_of(fp32).kind == "sigmoid":    # a one-logit detector: benchmarks/detect.py's protocol
         import detect
-        detect.SEEDS = seeds
         start = time.time()
-        r = detect.backprop_runs(fp32, names, xy, test, epochs)
+        r = detect.backprop_runs(fp32, names, xy, test, epochs, seeds)
         for seed, run in zip(seeds, r["runs"]):
             emit({"seed": seed, "trained": names, "optimizer": "adam", "epochs": epochs, "lr": r["lr"],
                   "fp32_accuracy": run["accuracy"], "auc": run["auc"], "miss_rate": run["miss_rate"],
