@@ -181,8 +181,8 @@ def spec_options(f):
         spec_option("--seed", "seed", help="Seed of the perturbations and the data order, in [0, 2**32)."),
         spec_option("--headroom", "headroom", ("auto",) + HEADROOMS,
                     help="Train on a grid with H x the pretrained weight range; export re-quantizes to the deployed "
-                         f"grid. auto: {DEFAULT_HEADROOM}, or {DETECTOR_HEADROOM} where a one-logit detector's output "
-                         "layer steps by its exact gradient (alone or at depth)."),
+                         f"grid. auto: {DEFAULT_HEADROOM}, or {DETECTOR_HEADROOM} where head or node trains a one-logit "
+                         "detector (its layers' steps need weights far past their pretrained range)."),
         spec_option("--precondition", "precondition", PRECONDITIONS, help="Whiten the trained layer's input (frozen, "
                     "folded back on export); auto: when --calibration is given."),
         click.option("--kernel-norm", is_flag=True, default=TrainSpec.kernel_norm,

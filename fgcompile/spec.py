@@ -34,11 +34,11 @@ FORWARDS = ("qdq", "exact")   # exact: frozen quantized ops in integer arithmeti
 NODE_SCHEDULES = ("auto", "all", "alternate")   # node: which trained layers direction i perturbs (passes/node.py;
 # auto: passes/plan.py)
 HEADROOMS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# --headroom when unset (passes/plan.py): 4, or 128 where the exact gradient trains a one-logit detector's output
-# layer, alone or at depth (its whitened step needed weights ~90x the pretrained range: alone, at 4 it stalled at
+# --headroom when unset (passes/plan.py): 4, or 128 where head or node trains a one-logit detector, at any depth
+# (the exact step of its output layer needed weights ~90x the pretrained range: alone, at 4 it stalled at
 # AUC 0.971, miss rate 20%; at 128 0.986, 3.9%, against Sign-m-SPSA's 0.985, 5.7%; node at --last 2: 0.980 /
-# 12.5% at 4, 0.988 / ~6% at 32 and 128; benchmarks/README.md, "The detector"); at 128 the classifiers'
-# heads lost 0.3-0.4 points
+# 12.5% at 4, 0.988 / ~6% at 32 and 128; node at block2.pw alone: 0.985 / 8.1% at 4, 0.988 / 4.7% at 32 and
+# 128; benchmarks/README.md, "The detector"); at 128 the classifiers' heads lost 0.3-0.4 points
 DEFAULT_HEADROOM = 4
 DETECTOR_HEADROOM = 128
 BITS = (8, 16)   # 16: an 8-bit weight trains widened to 16 bits; 8: it keeps its grid

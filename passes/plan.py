@@ -23,10 +23,11 @@
     schedule   node: the one given, or (auto) alternate where L >= 2 perturbed layers run over tokens and
                each keeps m // L >= 4 directions (ALTERNATE_MIN_DIRECTIONS): direction i perturbs layer i mod L
                only (the transformer's --last 3: 84.2% against 83.2% for all at m = 8), else all.
-    headroom   the one given, or DETECTOR_HEADROOM (128) where the output layer of a one-logit bce (a
-               detector) steps by its exact gradient, alone (head) or under node at depth: its whitened exact
-               step needs weights far past 4x their pretrained range; else DEFAULT_HEADROOM (4)
-               (fgcompile/spec.py says what each measured).
+    headroom   the one given, or DETECTOR_HEADROOM (128) wherever the loss is a one-logit bce (a detector) and
+               the step reads the layers' own inputs (head, node), at any depth: the whitened exact step of
+               its output layer needs weights far past 4x their pretrained range, and so does node's step of a
+               lone hidden layer (block2.pw alone: AUC 0.9876, 4.7% missed at 128; 0.9852, 8.1% at 4); else
+               DEFAULT_HEADROOM (4) (fgcompile/spec.py says what each measured).
     exact      the site stepped by its exact gradient (head's; node's output layer at depth), or None.
     weighed    node's perturbed layers weigh their signs by |V| of the clean logit where the loss is bce of one
                logit (a detector), at any depth (passes/node.py): unweighed, a lone hidden Conv of the detector
@@ -43,7 +44,7 @@ import dataclasses
 import onnx_graphsurgeon as gs
 
 from fgcompile.errors import SpecError
-from fgcompile.spec import DEFAULT_HEADROOM, DEFAULT_M, DETECTOR_HEADROOM
+from fgcompile.spec import DEFAULT_HEADROOM, DEFAULT_M, DETECTOR_HEADROOM, READS_ACTIVATIONS
 from .context import Context, Pass, Plan
 from . import head
 from .graph_ops import writes_logits
@@ -135,7 +136,7 @@ def run(graph: gs.Graph, ctx: Context) -> gs.Graph:
     alternate = tokens and m // len(perturbed) >= ALTERNATE_MIN_DIRECTIONS
     schedule = spec.node_schedule if spec.node_schedule != "auto" else "alternate" if alternate else "all"
     one_logit = _one_logit_bce(graph, ctx)
-    detector = exact is not None and one_logit
+    detector = one_logit and estimator in READS_ACTIVATIONS
     headroom = spec.headroom if spec.headroom is not None else DETECTOR_HEADROOM if detector else DEFAULT_HEADROOM
     ctx.spec = dataclasses.replace(spec, estimator=estimator, m=m, headroom=headroom, node_schedule=schedule)
     ctx.plan = Plan(estimator, reason, m, exact, weighed=estimator == "node" and one_logit)

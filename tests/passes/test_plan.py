@@ -127,8 +127,8 @@ def test_a_given_m_wins_over_the_estimators_default():
 
 def test_auto_trains_a_detector_head_by_its_exact_gradient_on_a_wide_grid():
     """A one-logit detector's lone output layer: head, at headroom 128 unless --headroom is given, as at depth
-    where node steps that layer exactly; a head of several Sigmoid labels keeps Sign-m-SPSA (unmeasured
-    there), and other compiles keep headroom 4."""
+    and at a lone hidden layer where node trains; a head of several Sigmoid labels keeps Sign-m-SPSA (unmeasured
+    there), and other compiles (Sign-m-SPSA's included) keep headroom 4."""
     import qdq_graphs
     detector = shipped("kws_detect/w8a8.onnx")
     contract = compile_graph(detector, TrainSpec()).contract
@@ -136,7 +136,10 @@ def test_auto_trains_a_detector_head_by_its_exact_gradient_on_a_wide_grid():
     assert compile_graph(detector, TrainSpec(headroom=8)).contract.spec.headroom == 8
     assert compile_graph(detector, TrainSpec(estimator="sign")).contract.spec.headroom == DEFAULT_HEADROOM
     assert compile_graph(detector, TrainSpec(last=2)).contract.spec.headroom == DETECTOR_HEADROOM
-    assert compile_graph(detector, TrainSpec(train=("block2.pw",))).contract.spec.headroom == DEFAULT_HEADROOM
+    lone = compile_graph(detector, TrainSpec(train=("block2.pw",))).contract.spec
+    assert (lone.estimator, lone.headroom) == ("node", DETECTOR_HEADROOM)
+    assert compile_graph(detector, TrainSpec(train=("block2.pw",), estimator="sign")).contract.spec.headroom == \
+        DEFAULT_HEADROOM
     assert compile_graph(detector, TrainSpec(last=2, estimator="sign")).contract.spec.headroom == DEFAULT_HEADROOM
     multi = compile_graph(qdq_graphs.dense_chain(0, widths=(6, 8, 3), sigmoid=True), TrainSpec()).contract
     assert multi.spec.estimator == "sign" and "several Sigmoid labels" in multi.estimator_reason
