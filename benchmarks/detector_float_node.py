@@ -85,11 +85,13 @@ class Detector:
         auc = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
         return float(auc), float((pos <= np.quantile(neg, 0.95)).mean())
 
-    def quantized_loss(self, out, f, fb, y):
+    def quantized_loss(self, out, f, fb, y, pool_rounding: bool = True):
         """Each example's logistic loss with block2.pw's output requantized and the pool requantized, as the
-        int8 graph computes it (a perturbation of one output LSB survives the first, not always the second)."""
+        int8 graph computes it (a perturbation of one output LSB survives the first, not always the second);
+        without pool_rounding the pool is read in float (clipped to its range)."""
         r = np.clip(np.round(out / self.relu_scale), 0, 255) * self.relu_scale
-        z = np.clip(np.round(r.mean(2) / self.pool_scale), 0, 255) * self.pool_scale @ f + fb
+        pooled = r.mean(2) / self.pool_scale
+        z = np.clip(np.round(pooled) if pool_rounding else pooled, 0, 255) * self.pool_scale @ f + fb
         return np.logaddexp(0, z) - y * z
 
     def fit(self, seed: int, lr_fc: float, lr_pw: float, epochs: int = EPOCHS, pw_bias: bool = True,
@@ -138,6 +140,26 @@ class Detector:
         return self.score(w, b, f, fb)
 
 
+def sign_agreement(d: Detector, batches: int = 20) -> tuple[float, float]:
+    """The share of node's signs (d from the ± forwards through the int8 activations, ±1 output LSB) that agree
+    with the first-order ones at the pretrained point: with the pool requantized as deployed, and read in float."""
+    rng = np.random.default_rng(0)
+    a_all, y_all = d.train
+    agree = []
+    for _ in range(batches):
+        pick = rng.choice(len(y_all), BATCH, replace=False)
+        a, y = a_all[pick], y_all[pick]
+        _, delta, _ = d.chain(d.w0, d.b0, d.f0, d.fb0, a, y)
+        out = np.einsum("ck,bkp->bcp", d.w0, a) + d.b0[None, :, None]
+        u = rng.choice([-1.0, 1.0], size=(M, *delta.shape))
+        first = np.sign(np.einsum("bcp,ibcp->ib", delta, u))
+        signs = [np.sign([d.quantized_loss(out + d.relu_scale * ui, d.f0, d.fb0, y, rounding) -
+                          d.quantized_loss(out - d.relu_scale * ui, d.f0, d.fb0, y, rounding) for ui in u])
+                 for rounding in (True, False)]
+        agree.append([(s == first).mean() for s in signs])
+    return tuple(np.mean(agree, axis=0))
+
+
 def main() -> None:
     d = Detector()
     auc, miss = d.score(d.w0, d.b0, d.f0, d.fb0)
@@ -159,6 +181,9 @@ def main() -> None:
         runs = np.array([d.fit(seed, LR_FC, LR_PW, **options) for seed in SEEDS])
         print(f"| {label} | {LR_FC:g} / {LR_PW:g} | {runs[:, 0].mean():.4f} | {100 * runs[:, 1].mean():.1f}% |",
               flush=True)
+    quantized, floated = sign_agreement(d)
+    print(f"\nnode's signs that agree with the first-order ones at the pretrained point: {100 * quantized:.0f}% with "
+          f"the pool requantized, {100 * floated:.0f}% with it read in float")
 
 
 if __name__ == "__main__":

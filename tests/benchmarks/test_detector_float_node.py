@@ -39,3 +39,11 @@ def test_a_short_run_trains_past_the_untrained_model(detector):
     before = detector.score(detector.w0, detector.b0, detector.f0, detector.fb0)
     after = detector.fit(0, detector_float_node.LR_FC, detector_float_node.LR_PW, epochs=2)
     assert after[0] > before[0] + 0.005
+
+
+def test_one_lsb_loss_differences_follow_the_first_order_signs_until_the_pool_rounds(detector):
+    """The ± forwards through the int8 activations give the first-order sign for most examples and directions
+    when the pool is read in float; its requantization flips more of them (it rounds a ~0.5 LSB move)."""
+    rounded, floated = detector_float_node.sign_agreement(detector, batches=3)
+    assert floated > 0.9
+    assert rounded < floated - 0.05
