@@ -1,6 +1,7 @@
 """The float simulation of node perturbation on the detector (benchmarks/detector_float_node.py): its chain
 rule through block2.pw's Relu, the clipped mean over positions and fc is the loss's gradient (a central
-difference of the summed logistic loss agrees), and node's first-order sign step points along it."""
+difference of the summed logistic loss agrees), a short run of its node step trains, and its one-LSB loss
+differences through the int8 activations keep the first-order signs as measured."""
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ def _loss(d, w, b, f, fb, a, y):
     return float((np.logaddexp(0, z) - y * z).sum())
 
 
-def test_the_chain_rule_is_the_logistic_losss_gradient(detector):
+def test_the_chain_rule_is_the_logistic_loss_gradient(detector):
     d = detector
     a, y = d.train[0][:32], d.train[1][:32]
     e, delta, pooled = d.chain(d.w0, d.b0, d.f0, d.fb0, a, y)
