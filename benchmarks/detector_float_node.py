@@ -27,6 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import backprop  # noqa: E402
 from fgcompile import modelio, models  # noqa: E402
 from fgcompile.passes.precondition import STEP_RIDGE, whitening  # noqa: E402
+from fgcompile.runtime.metrics import miss_rate_at, roc_auc  # noqa: E402
 
 M, EPOCHS, BATCH, SEEDS = 8, 30, 32, (0, 1, 2)
 LR_FC, LR_PW = 0.25, 256.0
@@ -60,9 +61,14 @@ class Detector:
         _, _, pooled = self.forward(self.w0, self.b0, a)
         self.pf2 = np.linalg.matrix_power(whitening(pooled, STEP_RIDGE), 2)
 
+    @staticmethod
+    def pre_activation(w, b, a):
+        """block2.pw's output [B, C, P] before its Relu."""
+        return np.einsum("ck,bkp->bcp", w, a) + b[None, :, None]
+
     def forward(self, w, b, a):
         """(pre-activation [B, C, P], its live mask (dL/d through Relu and both clips), pooled [B, C])."""
-        out = np.einsum("ck,bkp->bcp", w, a) + b[None, :, None]
+        out = self.pre_activation(w, b, a)
         top = 255 * self.relu_scale
         raw = np.clip(out, 0, top).mean(2)
         live = (out > 0) & (out < top) & (raw < 255 * self.pool_scale)[:, :, None]
@@ -74,28 +80,28 @@ class Detector:
         e = 1 / (1 + np.exp(-(pooled @ f + fb))) - y
         return e, e[:, None, None] * f[None, :, None] * live / out.shape[2], pooled
 
-    def score(self, w, b, f, fb) -> tuple[float, float]:
-        """(AUC, miss rate at 5% false alarms) on the test split, activations quantized as deployed."""
-        a, y = self.test
-        out = np.einsum("ck,bkp->bcp", w, a) + b[None, :, None]
-        r = np.clip(np.round(out / self.relu_scale), 0, 255) * self.relu_scale
-        pooled = np.clip(np.round(r.mean(2) / self.pool_scale), 0, 255) * self.pool_scale
-        z = pooled @ f + fb
-        pos, neg = z[y == 1], z[y == 0]
-        auc = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
-        return float(auc), float((pos <= np.quantile(neg, 0.95)).mean())
-
-    def quantized_loss(self, out, f, fb, y, pool_rounding: bool = True):
-        """Each example's logistic loss with block2.pw's output requantized and the pool requantized, as the
-        int8 graph computes it (a perturbation of one output LSB survives the first, not always the second);
-        without pool_rounding the pool is read in float (clipped to its range)."""
+    def quantized_logits(self, out, f, fb, pool_rounding: bool = True):
+        """The logit [B] with block2.pw's output requantized and the pool requantized, as the int8 graph
+        computes it (a perturbation of one output LSB survives the first, not always the second); without
+        pool_rounding the pool is read in float (clipped to its range)."""
         r = np.clip(np.round(out / self.relu_scale), 0, 255) * self.relu_scale
         pooled = r.mean(2) / self.pool_scale
-        z = np.clip(np.round(pooled) if pool_rounding else pooled, 0, 255) * self.pool_scale @ f + fb
+        return np.clip(np.round(pooled) if pool_rounding else pooled, 0, 255) * self.pool_scale @ f + fb
+
+    def score(self, w, b, f, fb) -> tuple[float, float]:
+        """(AUC, miss rate at 5% false alarms: the tool's metrics) on the test split, activations quantized as
+        deployed."""
+        a, y = self.test
+        z = self.quantized_logits(self.pre_activation(w, b, a), f, fb)
+        return roc_auc(z, y), miss_rate_at(z, y)
+
+    def quantized_loss(self, out, f, fb, y, pool_rounding: bool = True):
+        """Each example's logistic loss on quantized_logits."""
+        z = self.quantized_logits(out, f, fb, pool_rounding)
         return np.logaddexp(0, z) - y * z
 
     def fit(self, seed: int, lr_fc: float, lr_pw: float, epochs: int = EPOCHS, pw_bias: bool = True,
-            tool_v: bool = False, quantized_signs: bool = False, clip_white: float | None = None,
+            tool_v: bool = False, quantized_signs: bool = False, int8_white: bool = False,
             grid: float | None = None, tool_e: bool = False) -> tuple[float, float]:
         rng = np.random.default_rng(seed)
         w, b, f, fb = self.w0.copy(), self.b0.copy(), self.f0.copy(), self.fb0
@@ -110,7 +116,7 @@ class Detector:
                 e, delta, pooled = self.chain(w, b, f, fb, a, y)
                 u = rng.choice([-1.0, 1.0], size=(M, *delta.shape))
                 if quantized_signs:    # d from the ± forwards through the int8 activations, ±1 output LSB
-                    out = np.einsum("ck,bkp->bcp", w, a) + b[None, :, None]
+                    out = self.pre_activation(w, b, a)
                     signs = np.sign(np.array([self.quantized_loss(out + self.relu_scale * ui, f, fb, y) -
                                               self.quantized_loss(out - self.relu_scale * ui, f, fb, y) for ui in u]))
                 else:
@@ -124,7 +130,7 @@ class Detector:
                 eta = 0.5 * (1 + np.cos(np.pi * t / steps))
                 t += 1
                 white = a.transpose(0, 2, 1) @ self.p2                            # [B, P, K]: a·P²
-                if clip_white is not None:   # the tool's int8 a': rms 32 LSBs, saturating at 127 (~4 rms)
+                if int8_white:               # the tool's int8 a': rms 32 LSBs, saturating at 127 (~4 rms)
                     rms = np.sqrt((white ** 2).mean())
                     white = np.clip(np.round(white / rms * 32), -128, 127) * rms / 32
                 step = eta * lr_pw * np.einsum("bcp,bpk->ck", v, white) / positions / BATCH
@@ -150,7 +156,7 @@ def sign_agreement(d: Detector, batches: int = 20) -> tuple[float, float]:
         pick = rng.choice(len(y_all), BATCH, replace=False)
         a, y = a_all[pick], y_all[pick]
         _, delta, _ = d.chain(d.w0, d.b0, d.f0, d.fb0, a, y)
-        out = np.einsum("ck,bkp->bcp", d.w0, a) + d.b0[None, :, None]
+        out = d.pre_activation(d.w0, d.b0, a)
         u = rng.choice([-1.0, 1.0], size=(M, *delta.shape))
         first = np.sign(np.einsum("bcp,ibcp->ib", delta, u))
         signs = [np.sign([d.quantized_loss(out + d.relu_scale * ui, d.f0, d.fb0, y, rounding) -
@@ -167,10 +173,10 @@ def main() -> None:
           f"miss {100 * miss:.1f}%\n")
     print("| block2.pw + fc | lr fc / block2.pw | AUC | miss @ 5% FA |")
     print("|---|---|---|---|")
-    tool = {"quantized_signs": True, "clip_white": 4, "tool_v": True, "grid": 1 / 254}
+    tool = {"quantized_signs": True, "int8_white": True, "tool_v": True, "grid": 1 / 254}
     rows = [("node, weighed signs (float V, d to first order)", {}),
             ("d from the ± forwards through the int8 activations", {"quantized_signs": True}),
-            ("a·P² as the tool's int8 a' (rms 32, saturating at 127)", {"clip_white": 4}),
+            ("a·P² as the tool's int8 a' (rms 32, saturating at 127)", {"int8_white": True}),
             ("V weighed and rounded as the tool's", {"tool_v": True}),
             ("steps rounded to the weight grid (headroom 128: max|W_c| / 254)", {"grid": 1 / 254}),
             ("all four of the tool's integer effects", tool),
